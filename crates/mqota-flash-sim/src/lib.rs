@@ -1,0 +1,2 @@
+//! Host models for mqota: a NOR flash and the ESP-IDF bootloader.
+#![deny(missing_docs)]

@@ -1,0 +1,4 @@
+//! The subcommands, one module each.
+pub mod flash;
+pub mod image;
+pub mod partitions;

@@ -1,0 +1,45 @@
+//! `mqota`: the command-line face of mqota.
+//!
+//! Every subcommand lives in its own module under `cmd/`; this file only
+//! parses the command line and reports errors as one line with a non-zero exit.
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// Over-the-air firmware updates for ESP32 devices, driven over MQTT.
+#[derive(Parser)]
+#[command(name = "mqota", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect and build ESP-IDF app images.
+    #[command(subcommand)]
+    Image(cmd::image::ImageCommand),
+    /// Show an ESP-IDF partition table (binary or CSV) or convert it.
+    Partitions(cmd::partitions::PartitionsArgs),
+    /// Inspect whole flash dumps.
+    #[command(subcommand)]
+    Flash(cmd::flash::FlashCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Image(c) => c.run(),
+        Command::Partitions(c) => c.run(),
+        Command::Flash(c) => c.run(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes joined, never a panic or a backtrace.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! `cargo xtask`: the project's own automation (CI, benchmarks, firmware builds).
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        _ => {
+            eprintln!("usage: cargo xtask <ci>");
+            eprintln!("  ci    fmt check, clippy, no_std build of the core, all tests");
+            bail!("unknown or missing task")
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs a command in `dir`, echoing it, failing on a non-zero exit.
+fn run(dir: &Path, program: &str, args: &[&str]) -> Result<()> {
+    eprintln!("$ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .with_context(|| format!("starting {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    let root = root();
+    run(&root, "cargo", &["fmt", "--all", "--", "--check"])?;
+    run(&root, "cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    run(
+        &root,
+        "cargo",
+        &["build", "-p", "mqota-core", "--target", "riscv32imc-unknown-none-elf"],
+    )?;
+    run(&root, "cargo", &["test", "--workspace"])?;
+    Ok(())
+}
