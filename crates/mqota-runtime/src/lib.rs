@@ -1,0 +1,28 @@
+#![doc = include_str!("../README.md")]
+#![no_std]
+#![deny(missing_docs)]
+
+#[cfg(test)]
+extern crate std;
+
+#[macro_use]
+mod fmt;
+
+pub mod backoff;
+mod conn;
+pub mod http;
+pub mod mqtt;
+pub mod platform;
+
+pub use backoff::{Backoff, Jitter, XorShift32};
+pub use conn::MQTT_TX_BUFFER;
+pub use http::{
+    Abort, BodySink, ContentRange, DownloadError, Downloader, ResponseInfo, BODY_CHUNK,
+    HTTP_RX_BUFFER,
+};
+pub use mqtt::{
+    Connected, Delivery, Message, MqttBuffers, MqttConfig, MqttError, MqttSession, QoS,
+    INBOX_DEPTH, MAX_INCOMING_PAYLOAD, MAX_INFLIGHT, MAX_QOS1_PAYLOAD, MAX_SUBSCRIPTIONS,
+    MAX_TOPIC_LEN, MQTT_RX_BUFFER,
+};
+pub use platform::{Link, Platform, Slot};

@@ -1,0 +1,68 @@
+//! What only the board knows: the radio link and the chip's reset, slots and identity.
+//!
+//! The chip glue implements these two traits (around a hundred lines per
+//! concern); the virtual device implements them over host facilities. The
+//! runtime never names a concrete board.
+
+/// Control of the network link underneath TCP (WiFi on the ESP32 boards).
+///
+/// The MQTT session asks [`Link::is_connected`] between packets; when it turns
+/// false the session drops its TCP connection, calls [`Link::reconnect`] and
+/// rejoins the broker once the link is back.
+#[allow(async_fn_in_trait)]
+pub trait Link {
+    /// Why the link could not be brought up.
+    type Error: core::fmt::Debug;
+
+    /// Bring the link up for the first time (associate, obtain an address).
+    async fn connect(&mut self) -> Result<(), Self::Error>;
+
+    /// Bring a lost link back. Called after [`Link::is_connected`] turned
+    /// false; the caller paces repeated failures with its backoff.
+    async fn reconnect(&mut self) -> Result<(), Self::Error>;
+
+    /// Whether the link is currently up. Must be cheap: it is polled.
+    fn is_connected(&self) -> bool;
+}
+
+/// The two application slots of an ESP-IDF OTA layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Slot {
+    /// The `ota_0` partition.
+    Ota0,
+    /// The `ota_1` partition.
+    Ota1,
+}
+
+impl Slot {
+    /// The other slot: where the next update is written.
+    pub fn other(self) -> Self {
+        match self {
+            Slot::Ota0 => Slot::Ota1,
+            Slot::Ota1 => Slot::Ota0,
+        }
+    }
+}
+
+/// The chip's identity and power control.
+#[allow(async_fn_in_trait)]
+pub trait Platform {
+    /// Restart the chip. The bootloader then picks the slot that otadata
+    /// selects. Never completes: a simulated device signals its harness and
+    /// stays pending until the harness drops the task.
+    async fn reboot(&mut self) -> !;
+
+    /// The slot the running firmware was booted from.
+    fn running_slot(&self) -> Slot;
+
+    /// A stable identifier of this device (e.g. derived from the WiFi MAC),
+    /// used as MQTT client id and in topic names.
+    fn device_id(&self) -> &str;
+
+    /// An application-specific self-check run after an update before the new
+    /// image is confirmed. The default has nothing to check and passes.
+    async fn health_check(&mut self) -> bool {
+        true
+    }
+}
