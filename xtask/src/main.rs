@@ -1,5 +1,7 @@
 //! `cargo xtask`: the project's own automation (CI, benchmarks, firmware builds).
 
+mod firmware;
+
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,9 +10,17 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("firmware") => firmware::firmware(&args[1..]),
+        Some("flash") => firmware::flash(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <ci>");
+            eprintln!("usage: cargo xtask <ci|firmware|flash>");
             eprintln!("  ci    fmt check, clippy, no_std build of the core, all tests");
+            eprintln!(
+                "  firmware --chip esp32c3|esp32c6   build, clippy, app image, checks, size report"
+            );
+            eprintln!(
+                "  flash --chip CHIP [--port PORT] [--monitor]   flash with the partition table"
+            );
             bail!("unknown or missing task")
         }
     }
@@ -18,7 +28,10 @@ fn main() -> Result<()> {
 
 /// The workspace root (xtask lives one level below it).
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Runs a command in `dir`, echoing it, failing on a non-zero exit.
@@ -38,11 +51,28 @@ fn run(dir: &Path, program: &str, args: &[&str]) -> Result<()> {
 fn ci() -> Result<()> {
     let root = root();
     run(&root, "cargo", &["fmt", "--all", "--", "--check"])?;
-    run(&root, "cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     run(
         &root,
         "cargo",
-        &["build", "-p", "mqota-core", "--target", "riscv32imc-unknown-none-elf"],
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    run(
+        &root,
+        "cargo",
+        &[
+            "build",
+            "-p",
+            "mqota-core",
+            "--target",
+            "riscv32imc-unknown-none-elf",
+        ],
     )?;
     run(&root, "cargo", &["test", "--workspace"])?;
     Ok(())

@@ -1,0 +1,754 @@
+//! `cargo xtask firmware` and `cargo xtask flash`: build the esp-hal firmware
+//! in `firmware/` for one chip, turn it into an ESP-IDF app image, check the
+//! image with the vendor tools and against the OTA slot, and report its size.
+//!
+//! The ELF section table is read here directly rather than through the
+//! `object` crate: only the 32-bit little-endian section headers are needed,
+//! and every `cargo xtask` run would otherwise compile a large parser.
+
+use anyhow::{bail, ensure, Context, Result};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Name of the firmware binary, its app descriptor's project name, and the image file stem.
+const PROJECT: &str = "mqota-firmware";
+
+/// A chip the firmware can be built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chip {
+    Esp32c3,
+    Esp32c6,
+}
+
+impl Chip {
+    fn parse(name: &str) -> Result<Chip> {
+        match name {
+            "esp32c3" => Ok(Chip::Esp32c3),
+            "esp32c6" => Ok(Chip::Esp32c6),
+            "esp32" | "esp32s3" => bail!(
+                "{name} is an Xtensa chip: it needs the espup toolchain, which cannot be \
+                 installed here; see firmware/README.md"
+            ),
+            other => bail!("unknown chip `{other}` (expected esp32c3 or esp32c6)"),
+        }
+    }
+
+    /// Also the cargo feature and espflash/esptool's chip name.
+    fn name(self) -> &'static str {
+        match self {
+            Chip::Esp32c3 => "esp32c3",
+            Chip::Esp32c6 => "esp32c6",
+        }
+    }
+
+    fn target(self) -> &'static str {
+        match self {
+            Chip::Esp32c3 => "riscv32imc-unknown-none-elf",
+            Chip::Esp32c6 => "riscv32imac-unknown-none-elf",
+        }
+    }
+}
+
+/// Command-line options shared by both tasks.
+#[derive(Debug, PartialEq, Eq)]
+struct Options {
+    chip: Chip,
+    port: Option<String>,
+    monitor: bool,
+}
+
+fn parse_options(args: &[String]) -> Result<Options> {
+    let mut chip = None;
+    let mut port = None;
+    let mut monitor = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) => (flag, Some(value.to_string())),
+            None => (arg.as_str(), None),
+        };
+        let mut value = || -> Result<String> {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .with_context(|| format!("{flag} needs a value"))
+        };
+        match flag {
+            "--chip" => chip = Some(Chip::parse(&value()?)?),
+            "--port" => port = Some(value()?),
+            "--monitor" => monitor = true,
+            other => bail!("unknown argument `{other}`"),
+        }
+    }
+    let chip = chip.context("--chip esp32c3|esp32c6 is required")?;
+    Ok(Options {
+        chip,
+        port,
+        monitor,
+    })
+}
+
+/// `cargo xtask firmware --chip CHIP`: release build, clippy, app image, checks, size report.
+pub fn firmware(args: &[String]) -> Result<()> {
+    let opts = parse_options(args)?;
+    ensure!(
+        opts.port.is_none() && !opts.monitor,
+        "--port and --monitor belong to `cargo xtask flash`"
+    );
+    let chip = opts.chip;
+    let root = root();
+    let fw = root.join("firmware");
+    let elf = build(chip)?;
+    run(
+        &fw,
+        "cargo",
+        &cargo_args("clippy", chip, &["--", "-D", "warnings"]),
+    )?;
+
+    let espflash = espflash()?;
+    let out_dir = root.join("target/firmware").join(chip.name());
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let image = out_dir.join(format!("{PROJECT}.bin"));
+    let partitions = fw.join("partitions.csv");
+    run(
+        &fw,
+        &espflash,
+        &[
+            "save-image",
+            "--chip",
+            chip.name(),
+            "--flash-size",
+            "4mb",
+            "--partition-table",
+            path_str(&partitions)?,
+            path_str(&elf)?,
+            path_str(&image)?,
+        ],
+    )?;
+
+    eprintln!(
+        "$ esptool --chip {} image-info {}",
+        chip.name(),
+        image.display()
+    );
+    let info = Command::new("esptool")
+        .args(["--chip", chip.name(), "image-info"])
+        .arg(&image)
+        .output()
+        .context("running esptool (install it with `pip install esptool`)")?;
+    ensure!(
+        info.status.success(),
+        "esptool image-info failed: {}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let info = String::from_utf8(info.stdout).context("esptool printed non-UTF-8")?;
+    let version = crate_version(&std::fs::read_to_string(fw.join("Cargo.toml"))?)?;
+    check_image_info(&info, PROJECT, &version)?;
+
+    let image_bytes = std::fs::metadata(&image)?.len();
+    let slot = smallest_ota_slot(&std::fs::read_to_string(&partitions)?)?;
+    ensure!(
+        image_bytes <= slot,
+        "image is {image_bytes} bytes but an OTA slot of firmware/partitions.csv holds only {slot}"
+    );
+
+    let sizes =
+        elf_sizes(&std::fs::read(&elf).with_context(|| format!("reading {}", elf.display()))?)?;
+    let report = size_report(chip, image_bytes, slot, &sizes);
+    let report_path = out_dir.join("size-report.json");
+    std::fs::write(&report_path, &report)?;
+    println!("{} image OK: {}", chip.name(), image.display());
+    println!(
+        "  image   {image_bytes:>9} bytes ({:.1}% of the {slot}-byte OTA slot)",
+        percent(image_bytes, slot)
+    );
+    println!("  .text   {:>9}", sizes.text);
+    println!("  .rodata {:>9}", sizes.rodata);
+    println!("  .data   {:>9}", sizes.data);
+    println!("  .bss    {:>9}", sizes.bss);
+    println!("  report  {}", report_path.display());
+    Ok(())
+}
+
+/// `cargo xtask flash --chip CHIP [--port PORT] [--monitor]`: build, then
+/// write bootloader, partition table and app (into `ota_0`) with espflash.
+pub fn flash(args: &[String]) -> Result<()> {
+    let opts = parse_options(args)?;
+    let fw = root().join("firmware");
+    let elf = build(opts.chip)?;
+    let espflash = espflash()?;
+    let mut cmd = vec![
+        "flash".to_string(),
+        "--chip".into(),
+        opts.chip.name().into(),
+        "--partition-table".into(),
+        "partitions.csv".into(),
+        "--target-app-partition".into(),
+        "ota_0".into(),
+        // A blank otadata makes the bootloader start ota_0 with no stale
+        // trial state left from whatever ran before.
+        "--erase-parts".into(),
+        "otadata".into(),
+    ];
+    if let Some(port) = &opts.port {
+        cmd.extend(["--port".into(), port.clone()]);
+    }
+    if opts.monitor {
+        cmd.push("--monitor".into());
+    }
+    cmd.push(path_str(&elf)?.to_string());
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    run(&fw, &espflash, &cmd)
+}
+
+/// Release build for `chip`; returns the ELF.
+fn build(chip: Chip) -> Result<PathBuf> {
+    let fw = root().join("firmware");
+    run(&fw, "cargo", &cargo_args("build", chip, &[]))?;
+    Ok(fw
+        .join("target")
+        .join(chip.target())
+        .join("release")
+        .join(PROJECT))
+}
+
+fn cargo_args<'a>(sub: &'a str, chip: Chip, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        sub,
+        "--release",
+        "--target",
+        chip.target(),
+        "--features",
+        chip.name(),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// espflash from PATH or ~/.cargo/bin, installed with cargo if missing.
+fn espflash() -> Result<String> {
+    let found = |p: &str| {
+        Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if found("espflash") {
+        return Ok("espflash".into());
+    }
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let local = home.join("bin/espflash");
+    let local = path_str(&local)?.to_string();
+    if !found(&local) {
+        // Needs libudev-dev and pkg-config (Debian) and a few minutes.
+        run(&root(), "cargo", &["install", "espflash", "--locked"])?;
+    }
+    Ok(local)
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
+}
+
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str()
+        .with_context(|| format!("non-UTF-8 path {}", path.display()))
+}
+
+/// Runs a command in `dir`, echoing it, failing on a non-zero exit.
+fn run(dir: &Path, program: &str, args: &[&str]) -> Result<()> {
+    eprintln!("$ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .with_context(|| format!("starting {program}"))?;
+    ensure!(
+        status.success(),
+        "`{program} {}` failed: {status}",
+        args.join(" ")
+    );
+    Ok(())
+}
+
+/// The `version` of the `[package]` section of a Cargo.toml.
+fn crate_version(manifest: &str) -> Result<String> {
+    let mut in_package = false;
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_package = line == "[package]";
+        } else if let Some(rest) = line.strip_prefix("version").filter(|_| in_package) {
+            if let Some(value) = rest.trim_start().strip_prefix('=') {
+                return Ok(value.trim().trim_matches('"').to_string());
+            }
+        }
+    }
+    bail!("no [package] version in firmware/Cargo.toml")
+}
+
+/// Checks esptool's `image-info` report: checksum and SHA-256 valid, and the
+/// app descriptor names this project and version. (esptool exits 0 even for
+/// a corrupt image, so its words are what counts.)
+fn check_image_info(info: &str, project: &str, version: &str) -> Result<()> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|r| r.strip_prefix(':'))
+                    .map(str::trim)
+            })
+            .with_context(|| format!("esptool image-info shows no `{name}`"))
+    };
+    let checksum = field("Checksum")?;
+    ensure!(
+        checksum.ends_with("(valid)"),
+        "image checksum is not valid: {checksum}"
+    );
+    let hash = field("Validation hash")?;
+    ensure!(
+        hash.ends_with("(valid)"),
+        "image SHA-256 is not valid: {hash}"
+    );
+    let name = field("Project name")?;
+    ensure!(
+        name == project,
+        "app descriptor names project `{name}`, expected `{project}`"
+    );
+    let app_version = field("App version")?;
+    ensure!(
+        app_version == version,
+        "app descriptor has version `{app_version}`, expected `{version}`"
+    );
+    Ok(())
+}
+
+/// The size of the smallest `ota_N` app partition in an ESP-IDF partition CSV:
+/// an image must fit whichever slot it is downloaded into.
+fn smallest_ota_slot(csv: &str) -> Result<u64> {
+    let mut smallest: Option<u64> = None;
+    for (n, line) in csv.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let cols: Vec<&str> = line.split(',').map(str::trim).collect();
+        ensure!(
+            cols.len() >= 5,
+            "partitions.csv line {}: expected at least 5 columns",
+            n + 1
+        );
+        if cols[1] == "app" && cols[2].starts_with("ota_") {
+            let size =
+                parse_size(cols[4]).with_context(|| format!("partitions.csv line {}", n + 1))?;
+            smallest = Some(smallest.map_or(size, |s| s.min(size)));
+        }
+    }
+    smallest.context("partitions.csv has no ota_N app partition")
+}
+
+/// A partition size as ESP-IDF's gen_esp32part.py accepts it: hex, decimal, K or M suffix.
+fn parse_size(text: &str) -> Result<u64> {
+    let (digits, scale) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], 1024),
+        Some((i, 'M' | 'm')) => (&text[..i], 1024 * 1024),
+        _ => (text, 1),
+    };
+    let value = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => digits.parse(),
+    }
+    .with_context(|| format!("bad partition size `{text}`"))?;
+    Ok(value * scale)
+}
+
+/// One allocated section of the ELF.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Section {
+    name: String,
+    size: u64,
+    kind: Kind,
+}
+
+/// Where a section's bytes go, in the Berkeley `size` sense, split finer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Executable code.
+    Text,
+    /// Read-only data, flash-mapped.
+    Rodata,
+    /// Initialised RAM, copied from the image.
+    Data,
+    /// Zeroed RAM, not in the image.
+    Bss,
+    /// Address space the linker script reserves (stack, alignment dummies), not data.
+    Reserved,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Text => "text",
+            Kind::Rodata => "rodata",
+            Kind::Data => "data",
+            Kind::Bss => "bss",
+            Kind::Reserved => "reserved",
+        }
+    }
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Sizes {
+    text: u64,
+    rodata: u64,
+    data: u64,
+    bss: u64,
+    sections: Vec<Section>,
+}
+
+const SHT_NOBITS: u32 = 8;
+const SHF_WRITE: u32 = 0x1;
+const SHF_ALLOC: u32 = 0x2;
+const SHF_EXECINSTR: u32 = 0x4;
+
+/// Sums the allocated sections of a 32-bit little-endian ELF by kind.
+fn elf_sizes(elf: &[u8]) -> Result<Sizes> {
+    ensure!(
+        elf.len() >= 52 && elf[..4] == *b"\x7fELF",
+        "not an ELF file"
+    );
+    ensure!(elf[4] == 1 && elf[5] == 1, "not a 32-bit little-endian ELF");
+    let u16_at = |o: usize| -> Result<u64> {
+        let b = elf.get(o..o + 2).context("ELF truncated")?;
+        Ok(u64::from(u16::from_le_bytes([b[0], b[1]])))
+    };
+    let u32_at = |o: usize| -> Result<u32> {
+        let b = elf.get(o..o + 4).context("ELF truncated")?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let (shoff, shentsize) = (u32_at(0x20)? as usize, u16_at(0x2e)? as usize);
+    let (shnum, shstrndx) = (u16_at(0x30)? as usize, u16_at(0x32)? as usize);
+    ensure!(shentsize >= 40, "ELF section header entries are too small");
+    ensure!(
+        shoff + shnum * shentsize <= elf.len(),
+        "ELF truncated: section headers run past the end"
+    );
+    let header = |i: usize| shoff + i * shentsize;
+    let names_at = u32_at(header(shstrndx) + 16)? as usize;
+    let name = |off: u32| -> Result<String> {
+        let start = names_at + off as usize;
+        let rest = elf.get(start..).context("ELF section name out of range")?;
+        let end = rest
+            .iter()
+            .position(|&b| b == 0)
+            .context("unterminated ELF section name")?;
+        Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
+    };
+    let mut sizes = Sizes::default();
+    for i in 0..shnum {
+        let h = header(i);
+        let (sh_type, flags, size) = (u32_at(h + 4)?, u32_at(h + 8)?, u64::from(u32_at(h + 20)?));
+        if flags & SHF_ALLOC == 0 || size == 0 {
+            continue;
+        }
+        let kind = match (
+            sh_type == SHT_NOBITS,
+            flags & SHF_WRITE != 0,
+            flags & SHF_EXECINSTR != 0,
+        ) {
+            (true, true, _) => Kind::Bss,
+            (true, false, _) => Kind::Reserved,
+            (false, _, true) => Kind::Text,
+            (false, true, false) => Kind::Data,
+            (false, false, false) => Kind::Rodata,
+        };
+        match kind {
+            Kind::Text => sizes.text += size,
+            Kind::Rodata => sizes.rodata += size,
+            Kind::Data => sizes.data += size,
+            Kind::Bss => sizes.bss += size,
+            Kind::Reserved => {}
+        }
+        sizes.sections.push(Section {
+            name: name(u32_at(h)?)?,
+            size,
+            kind,
+        });
+    }
+    Ok(sizes)
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    part as f64 * 100.0 / whole as f64
+}
+
+/// The JSON size report (written by hand: flat, with names the linker chose).
+fn size_report(chip: Chip, image: u64, slot: u64, sizes: &Sizes) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{{");
+    let _ = writeln!(s, "  \"chip\": \"{}\",", chip.name());
+    let _ = writeln!(s, "  \"target\": \"{}\",", chip.target());
+    let _ = writeln!(s, "  \"image_bytes\": {image},");
+    let _ = writeln!(s, "  \"ota_slot_bytes\": {slot},");
+    let _ = writeln!(
+        s,
+        "  \"ota_slot_used_percent\": {:.1},",
+        percent(image, slot)
+    );
+    let _ = writeln!(s, "  \"text\": {},", sizes.text);
+    let _ = writeln!(s, "  \"rodata\": {},", sizes.rodata);
+    let _ = writeln!(s, "  \"data\": {},", sizes.data);
+    let _ = writeln!(s, "  \"bss\": {},", sizes.bss);
+    let _ = writeln!(s, "  \"sections\": [");
+    for (i, sec) in sizes.sections.iter().enumerate() {
+        let comma = if i + 1 < sizes.sections.len() {
+            ","
+        } else {
+            ""
+        };
+        let name: String = sec
+            .name
+            .chars()
+            .filter(|c| !matches!(c, '"' | '\\') && !c.is_control())
+            .collect();
+        let _ = writeln!(
+            s,
+            "    {{ \"name\": \"{name}\", \"bytes\": {}, \"kind\": \"{}\" }}{comma}",
+            sec.size,
+            sec.kind.name()
+        );
+    }
+    let _ = writeln!(s, "  ]");
+    let _ = writeln!(s, "}}");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn testdata(path: &str) -> String {
+        std::fs::read_to_string(root().join("testdata").join(path)).unwrap()
+    }
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_firmware_partition_table_is_mqota_cores_default() {
+        // testdata/partitions/default_4mb.csv is asserted equal to
+        // mqota_core::partition::DEFAULT_4MB_CSV by the core's own tests.
+        let firmware = std::fs::read_to_string(root().join("firmware/partitions.csv")).unwrap();
+        assert_eq!(firmware, testdata("partitions/default_4mb.csv"));
+    }
+
+    #[test]
+    fn the_ota_slot_is_the_smallest_ota_app_partition() {
+        let csv = "factory, app, factory, 0x10000, 3M,\n\
+                   ota_0, app, ota_0, , 0x100000, # first\n\
+                   ota_1, app, ota_1, , 960K,\n\
+                   spiffs, data, spiffs, , 64K,\n";
+        assert_eq!(smallest_ota_slot(csv).unwrap(), 960 * 1024);
+    }
+
+    #[test]
+    fn sizes_in_hex_decimal_and_with_suffixes_parse() {
+        assert_eq!(
+            smallest_ota_slot(&testdata("partitions/blank_offsets.csv")).unwrap(),
+            0x100000
+        );
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("0x1e0000").unwrap(), 0x1e0000);
+        assert_eq!(parse_size("8K").unwrap(), 8192);
+        assert!(parse_size("12Q").is_err());
+    }
+
+    #[test]
+    fn a_table_without_ota_slots_is_an_error() {
+        assert!(smallest_ota_slot("factory, app, factory, 0x10000, 1M,\n").is_err());
+    }
+
+    #[test]
+    fn a_valid_image_of_the_expected_project_passes_the_esptool_check() {
+        check_image_info(
+            &testdata("images/sample-esp32c3.txt"),
+            "mqota-sample",
+            "0.1.0",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn an_image_of_another_project_or_version_is_rejected() {
+        let info = testdata("images/sample-esp32c3.txt");
+        assert!(check_image_info(&info, PROJECT, "0.1.0").is_err());
+        assert!(check_image_info(&info, "mqota-sample", "0.2.0").is_err());
+    }
+
+    #[test]
+    fn a_corrupt_segment_fails_the_checksum_check() {
+        let err = check_image_info(
+            &testdata("images/sample-esp32c3-corrupt-segment.txt"),
+            "mqota-sample",
+            "0.1.0",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn a_corrupt_digest_fails_the_hash_check() {
+        let err = check_image_info(
+            &testdata("images/sample-esp32c3-corrupt-hash.txt"),
+            "mqota-sample",
+            "0.1.0",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("SHA-256"), "{err}");
+    }
+
+    #[test]
+    fn an_image_without_a_digest_is_rejected() {
+        let info = testdata("images/esp32c3-esptool-nodigest.txt");
+        assert!(check_image_info(&info, "golden-esp32c3", "1.2.3").is_err());
+    }
+
+    #[test]
+    fn the_package_version_is_read_from_the_package_section_only() {
+        let manifest =
+            "[package]\nname = \"x\"\nversion = \"1.4.0\"\n[dependencies]\nversion = \"9\"\n";
+        assert_eq!(crate_version(manifest).unwrap(), "1.4.0");
+        assert!(crate_version("[dependencies]\nversion = \"9\"\n").is_err());
+    }
+
+    #[test]
+    fn xtensa_chips_are_refused_with_a_pointer_to_the_readme() {
+        let err = parse_options(&args(&["--chip", "esp32s3"])).unwrap_err();
+        assert!(err.to_string().contains("README"), "{err}");
+    }
+
+    #[test]
+    fn options_accept_separate_and_inline_values() {
+        let opts = parse_options(&args(&[
+            "--chip=esp32c6",
+            "--port",
+            "/dev/ttyACM0",
+            "--monitor",
+        ]))
+        .unwrap();
+        assert_eq!(
+            opts,
+            Options {
+                chip: Chip::Esp32c6,
+                port: Some("/dev/ttyACM0".into()),
+                monitor: true
+            }
+        );
+        assert_eq!(opts.chip.target(), "riscv32imac-unknown-none-elf");
+        assert!(parse_options(&args(&["--port", "/dev/x"])).is_err());
+        assert!(parse_options(&args(&["--chip"])).is_err());
+    }
+
+    /// A minimal ELF32 LE with a NULL section, the given sections and a
+    /// section-name table, laid out as the ELF spec says (headers at the end).
+    fn elf32(sections: &[(&str, u32, u32, u32)]) -> Vec<u8> {
+        let mut names = vec![0u8];
+        let mut name_offsets = Vec::new();
+        for (name, ..) in sections {
+            name_offsets.push(names.len() as u32);
+            names.extend_from_slice(name.as_bytes());
+            names.push(0);
+        }
+        let shstrtab_name = names.len() as u32;
+        names.extend_from_slice(b".shstrtab\0");
+        let names_off = 52u32;
+        let shoff = names_off + names.len() as u32;
+        let shnum = sections.len() as u16 + 2;
+        let mut elf = vec![0u8; 52];
+        elf[..6].copy_from_slice(b"\x7fELF\x01\x01");
+        elf[0x20..0x24].copy_from_slice(&shoff.to_le_bytes());
+        elf[0x2e..0x30].copy_from_slice(&40u16.to_le_bytes());
+        elf[0x30..0x32].copy_from_slice(&shnum.to_le_bytes());
+        elf[0x32..0x34].copy_from_slice(&(shnum - 1).to_le_bytes());
+        elf.extend_from_slice(&names);
+        let header = |name: u32, ty: u32, flags: u32, off: u32, size: u32| {
+            let mut h = [0u8; 40];
+            for (i, v) in [name, ty, flags, 0, off, size].into_iter().enumerate() {
+                h[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            h
+        };
+        elf.extend_from_slice(&[0u8; 40]);
+        for ((_, ty, flags, size), name) in sections.iter().zip(&name_offsets) {
+            elf.extend_from_slice(&header(*name, *ty, *flags, 0, *size));
+        }
+        elf.extend_from_slice(&header(shstrtab_name, 3, 0, names_off, names.len() as u32));
+        elf
+    }
+
+    #[test]
+    fn allocated_sections_are_summed_by_kind_and_reservations_left_out() {
+        const PROGBITS: u32 = 1;
+        let elf = elf32(&[
+            (".text", PROGBITS, SHF_ALLOC | SHF_EXECINSTR, 1000),
+            (
+                ".rwtext",
+                PROGBITS,
+                SHF_ALLOC | SHF_EXECINSTR | SHF_WRITE,
+                24,
+            ),
+            (".rodata", PROGBITS, SHF_ALLOC, 300),
+            (".flash.appdesc", PROGBITS, SHF_ALLOC, 256),
+            (".data", PROGBITS, SHF_ALLOC | SHF_WRITE, 40),
+            (".bss", SHT_NOBITS, SHF_ALLOC | SHF_WRITE, 500),
+            (".stack", SHT_NOBITS, SHF_ALLOC, 65536),
+            (".debug_info", PROGBITS, 0, 99999),
+            (".empty", PROGBITS, SHF_ALLOC, 0),
+        ]);
+        let sizes = elf_sizes(&elf).unwrap();
+        assert_eq!(
+            (sizes.text, sizes.rodata, sizes.data, sizes.bss),
+            (1024, 556, 40, 500)
+        );
+        let names: Vec<_> = sizes.sections.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                ".text",
+                ".rwtext",
+                ".rodata",
+                ".flash.appdesc",
+                ".data",
+                ".bss",
+                ".stack"
+            ]
+        );
+        assert_eq!(sizes.sections[6].kind, Kind::Reserved);
+        let report = size_report(Chip::Esp32c3, 2048, 4096, &sizes);
+        assert!(
+            report.contains("\"text\": 1024,")
+                && report.contains("\"ota_slot_used_percent\": 50.0,")
+        );
+    }
+
+    #[test]
+    fn a_64_bit_or_truncated_elf_is_an_error() {
+        let mut elf = elf32(&[(".text", 1, SHF_ALLOC | SHF_EXECINSTR, 10)]);
+        let cut = elf.len() - 10;
+        assert!(elf_sizes(&elf[..cut]).is_err());
+        elf[4] = 2;
+        assert!(elf_sizes(&elf).is_err());
+        assert!(elf_sizes(b"not an elf at all, but long enough to have a header........").is_err());
+    }
+}
