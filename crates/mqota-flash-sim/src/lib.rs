@@ -1,2 +1,6 @@
-//! Host models for mqota: a NOR flash and the ESP-IDF bootloader.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
+
+pub mod nor;
+
+pub use nor::{FileStore, Memory, SimError, SimFlash, Stats, Timing};
