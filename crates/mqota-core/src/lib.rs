@@ -13,3 +13,4 @@ mod fmt;
 pub mod image;
 pub mod otadata;
 pub mod partition;
+pub mod protocol;
