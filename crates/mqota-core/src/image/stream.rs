@@ -276,6 +276,19 @@ pub struct StreamValidator {
     error: Option<ImageError>,
 }
 
+// Hand-written: the buffers and hasher state say nothing useful.
+impl fmt::Debug for StreamValidator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamValidator")
+            .field("phase", &self.phase)
+            .field("seen", &self.seen)
+            .field("expected_len", &self.expected_len)
+            .field("chip", &self.chip)
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
 impl StreamValidator {
     /// A validator for an image of at most `max_len` bytes (the slot size).
     /// With `expected_chip`, an image for any other chip is refused; without,
