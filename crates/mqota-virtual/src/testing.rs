@@ -1,0 +1,288 @@
+//! Real peers for tests: a private Mosquitto broker per test and a static
+//! file server that answers `Range` requests.
+//!
+//! Every test starts its own broker on a free port with its own config file,
+//! so tests run in parallel and a test may kill and restart its broker
+//! without disturbing others. The Mosquitto command-line clients
+//! (`mosquitto_pub`, `mosquitto_sub`) act as independent peers.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where Debian installs the broker; `MOSQUITTO` overrides it.
+pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+/// A Mosquitto broker on 127.0.0.1, killed when dropped.
+pub struct Mosquitto {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    /// Starts a broker on a free port and waits until it accepts connections.
+    ///
+    /// # Panics
+    /// If the broker cannot be started or does not listen within 10 s.
+    pub fn start() -> Self {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("temp dir for mosquitto");
+        let mut broker = Self {
+            port,
+            dir,
+            child: None,
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// The port the broker listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the broker at once (SIGKILL): clients see their connection reset,
+    /// nothing is persisted.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port, with empty state.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let config: PathBuf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
+                self.port
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let program = std::env::var("MOSQUITTO").unwrap_or_else(|_| MOSQUITTO.to_owned());
+        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).expect("log file");
+        let child = Command::new(program)
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mosquitto (apt-get install mosquitto)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.dir.path().join("mosquitto.log"));
+                panic!("mosquitto did not listen on {addr}: {log:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Publishes one message with `mosquitto_pub` (QoS 1).
+    ///
+    /// # Panics
+    /// If `mosquitto_pub` fails.
+    pub async fn publish(&self, topic: &str, payload: &[u8], retain: bool) {
+        let mut cmd = tokio::process::Command::new("mosquitto_pub");
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-s",
+        ]);
+        if retain {
+            cmd.arg("-r");
+        }
+        cmd.stdin(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .expect("mosquitto_pub (apt-get install mosquitto-clients)");
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(payload).await.expect("write payload");
+        }
+        let status = child.wait().await.expect("mosquitto_pub");
+        assert!(status.success(), "mosquitto_pub failed: {status}");
+    }
+
+    /// Subscribes with `mosquitto_sub` and returns the first `count` messages
+    /// (retained ones included) within `timeout`.
+    pub async fn collect(&self, filter: &str, count: usize, timeout: Duration) -> Vec<Received> {
+        let output = tokio::process::Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-q",
+                "1",
+                "-t",
+                filter,
+                "-C",
+                &count.to_string(),
+                "-W",
+                &timeout.as_secs().max(1).to_string(),
+                "-F",
+                "%r %t %x",
+            ])
+            .output()
+            .await
+            .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(Received::parse)
+            .collect()
+    }
+
+    /// Starts `mosquitto_sub` in the background; [`Subscriber::wait`]
+    /// collects what it received. Returns once the subscription is in place
+    /// (give it the returned value's moment: it waits for the broker to
+    /// count the new client).
+    pub async fn subscriber(&self, filter: &str, count: usize, timeout: Duration) -> Subscriber {
+        let child = tokio::process::Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-q",
+                "1",
+                "-t",
+                filter,
+                "-C",
+                &count.to_string(),
+                "-W",
+                &timeout.as_secs().max(1).to_string(),
+                "-F",
+                "%r %t %x",
+            ])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+        // mosquitto_sub has no readiness signal; its CONNECT and SUBSCRIBE
+        // take a few milliseconds on loopback.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Subscriber { child }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A background `mosquitto_sub`.
+pub struct Subscriber {
+    child: tokio::process::Child,
+}
+
+impl Subscriber {
+    /// Waits for it to finish (count reached or timeout) and returns what it got.
+    pub async fn wait(self) -> Vec<Received> {
+        let output = self.child.wait_with_output().await.expect("mosquitto_sub");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(Received::parse)
+            .collect()
+    }
+}
+
+/// One message seen by `mosquitto_sub`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// Whether it came from the broker's retained store.
+    pub retained: bool,
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
+impl Received {
+    fn parse(line: &str) -> Option<Self> {
+        let mut parts = line.splitn(3, ' ');
+        let retained = parts.next()? == "1";
+        let topic = parts.next()?.to_owned();
+        let hex_payload = parts.next().unwrap_or("");
+        let payload = (0..hex_payload.len() / 2)
+            .map(|i| u8::from_str_radix(&hex_payload[2 * i..2 * i + 2], 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        Some(Self {
+            retained,
+            topic,
+            payload,
+        })
+    }
+}
+
+/// A port nobody listens on right now (the OS picked it; a tiny race with
+/// other processes remains).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A static-file HTTP server (tower-http `ServeDir`, which answers `Range`
+/// with 206) on 127.0.0.1, stopped when dropped.
+pub struct FileServer {
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FileServer {
+    /// Serves `files` (name, content) from a fresh directory.
+    ///
+    /// # Panics
+    /// If the directory or the listener cannot be created.
+    pub async fn start(files: &[(&str, &[u8])]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for files");
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).expect("write served file");
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind http listener");
+        let addr = listener.local_addr().expect("local addr");
+        let app =
+            axum::Router::new().fallback_service(tower_http::services::ServeDir::new(dir.path()));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            addr,
+            _dir: dir,
+            task,
+        }
+    }
+
+    /// The URL of a served file.
+    pub fn url(&self, name: &str) -> String {
+        format!("http://{}/{}", self.addr, name)
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
