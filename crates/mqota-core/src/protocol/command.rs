@@ -507,7 +507,7 @@ impl<'de> de::Visitor<'de> for ObjectVisitor<'_, '_> {
         // fails only at the next key; this names the number's field then.
         let mut number_field: Option<&'static str> = None;
         loop {
-            let key = match map.next_key::<&'de str>() {
+            let raw_key = match map.next_key::<&'de str>() {
                 Ok(Some(key)) => key,
                 Ok(None) => break,
                 Err(e) => {
@@ -518,6 +518,12 @@ impl<'de> de::Visitor<'de> for ObjectVisitor<'_, '_> {
                 }
             };
             number_field = None;
+            // Keys are compared unescaped, as any other JSON reader would:
+            // `"u\u0072l"` is `url`, not an unknown field that a second
+            // reader might take for the real one. A key too long for a known
+            // name, or with a bad escape, is simply unknown.
+            let key: String<16> = unescape(EscapedStr(raw_key), "", "").unwrap_or_default();
+            let key = key.as_str();
             let device_id = match self.mode {
                 Mode::Start { device_id } => device_id,
                 Mode::JobOnly if key == "job" => "",

@@ -84,6 +84,7 @@ fn accepted_start_commands_read_as_documented() {
             r#"{"url":"http:\/\/h\/f\u0077.bin"}"#.into(),
             job("http://h/fw.bin"),
         ),
+        (r#"{"\u0075rl":"http://h/"}"#.into(), job("http://h/")),
         // Every field.
         (
             format!(
@@ -224,6 +225,11 @@ fn rejected_start_cases() -> Vec<(Vec<u8>, &'static str)> {
         ),
         (
             format!(r#"{{"url":"http://h/","sha256":"{SHA}","sha256":null}}"#),
+            reason::DUPLICATE,
+        ),
+        // An escaped key is the same key.
+        (
+            r#"{"url":"http://h/","u\u0072l":"http://evil/"}"#.into(),
             reason::DUPLICATE,
         ),
         ("{}".into(), reason::URL_MISSING),
