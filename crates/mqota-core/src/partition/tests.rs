@@ -353,7 +353,7 @@ fn an_empty_label_is_refused() {
 
 #[test]
 fn labels_that_csv_cannot_carry_are_refused() {
-    for bad in ["a,b", " a", "a ", "#a", "a\nb", "a\0b"] {
+    for bad in ["a,b", " a", "a ", "#a", "a\nb", "a\0b", "\u{3000}a"] {
         assert_eq!(Label::new(bad), Err(LabelError::BadChar), "{bad:?}");
     }
     assert_eq!(Label::new("seventeen_chars_x"), Err(LabelError::TooLong));
