@@ -9,15 +9,18 @@
 
 use embassy_executor::Spawner;
 use embassy_net::StackResources;
+use embassy_time::{Duration, Timer};
 use esp_backtrace as _;
 use esp_hal::{clock::CpuClock, rng::Rng, timer::timg::TimerGroup};
 use log::{error, info, warn};
 use mqota_firmware::{
     config::{self, Config},
-    flash, platform,
+    flash,
+    platform::{self, EspPlatform},
     watchdog::TrialWatchdog,
     wifi::{self, WifiLink, SOCKETS},
 };
+use mqota_runtime::{Backoff, Jitter, Link, Platform};
 use static_cell::StaticCell;
 
 // Project name and version come from Cargo.toml ("mqota-firmware", the crate
@@ -36,8 +39,8 @@ async fn main(spawner: Spawner) -> ! {
     // `config.trial_timeout_secs`; a rollback ends in `platform::reset()`.
     // Nothing before this line may depend on the new image being healthy.
     let mut flash = flash::storage(peripherals.FLASH);
-    let watchdog = TrialWatchdog::new(peripherals.RTC_TIMER);
-    boot_guard_hook(&mut flash, &watchdog);
+    let mut watchdog = TrialWatchdog::new(peripherals.RTC_TIMER);
+    boot_guard_hook(&mut flash, &mut watchdog);
     // ---- end of BOOT GUARD HOOK ----
 
     // The radio blobs allocate; the reclaimed bootloader RAM is free by now.
@@ -53,15 +56,26 @@ async fn main(spawner: Spawner) -> ! {
         env!("CARGO_PKG_VERSION"),
         device_id
     );
-    match flash::booted_slot(&mut flash) {
-        Ok(slot) => info!(
-            "running from {:?} at {:#x} ({} KiB)",
-            slot.kind,
-            slot.offset,
-            slot.size / 1024
-        ),
-        Err(e) => warn!("running slot unknown: {e:?}"),
-    }
+    let slot = match flash::booted_slot(&mut flash) {
+        Ok(booted) => {
+            info!(
+                "running from {:?} at {:#x} ({} KiB)",
+                booted.kind,
+                booted.offset,
+                booted.size / 1024
+            );
+            booted.slot()
+        }
+        Err(e) => {
+            warn!("running slot unknown: {e:?}");
+            None
+        }
+    };
+    let Some(slot) = slot else {
+        error!("not running from ota_0/ota_1: flash with `cargo xtask flash` (partitions.csv)");
+        park().await
+    };
+    let platform = EspPlatform::new(device_id, slot, watchdog);
 
     if config.wifi_ssid.is_empty() {
         error!("built without MQOTA_WIFI_SSID: no network, no updates");
@@ -84,36 +98,58 @@ async fn main(spawner: Spawner) -> ! {
         }
     };
     spawner.spawn(wifi::net_task(runner).expect("net_task spawned once"));
-    spawner.spawn(device_task(link, config).expect("device_task spawned once"));
+    spawner.spawn(device_task(link, platform, config).expect("device_task spawned once"));
 
     park().await
 }
 
 /// Placeholder for mqota-core's boot guard; see the hook in `main`.
-fn boot_guard_hook(_flash: &mut flash::FlashStorage<'static>, watchdog: &TrialWatchdog) {
+fn boot_guard_hook(_flash: &mut flash::FlashStorage<'static>, watchdog: &mut TrialWatchdog) {
     // Until the guard lands no boot is treated as a trial, so the watchdog stays off.
-    debug_assert!(!watchdog.is_armed());
+    watchdog.disarm();
 }
 
 /// The device runtime's task.
 ///
 /// DEVICE RUNTIME HOOK: once mqota-runtime's main loop exists, this becomes
-/// one call handing it `link`, `link.stack()`, the flash and the watchdog.
-/// Until then it only keeps the link up, so the network path can be tried
-/// on hardware.
+/// one call handing it `link`, `link.stack()` (for `TcpClient`/`DnsSocket`),
+/// `platform`, the flash and `config`. Until then it only keeps the link up,
+/// paced by the runtime's backoff, so the network path can be tried on hardware.
 #[embassy_executor::task]
-async fn device_task(mut link: WifiLink, config: Config) {
+async fn device_task(mut link: WifiLink, platform: EspPlatform, config: Config) {
     info!(
-        "broker {} (prefix {}), runtime not wired yet",
-        config.broker_url, config.topic_prefix
+        "{} in {:?}: broker {} (prefix {}), runtime loop not wired yet",
+        platform.device_id(),
+        platform.running_slot(),
+        config.broker_url,
+        config.topic_prefix
     );
+    let rng = Rng::new();
+    let mut backoff = Backoff::new(
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+        Jitter::Full,
+    );
+    let mut first = true;
     loop {
-        if let Err(e) = link.reconnect().await {
-            error!("wifi: {e:?}; giving up");
-            return;
+        let attempt = if first {
+            link.connect().await
+        } else {
+            link.reconnect().await
+        };
+        match attempt {
+            Ok(()) => {
+                first = false;
+                backoff.reset();
+                info!("link up");
+                link.wait_for_disconnect().await;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay(rng.random());
+                warn!("wifi: {e:?}, next attempt in {} ms", delay.as_millis());
+                Timer::after(delay).await;
+            }
         }
-        info!("link up");
-        link.wait_for_disconnect().await;
     }
 }
 

@@ -1,11 +1,13 @@
-//! Glues the chip's identity and reset to the device runtime: the device id
-//! from the factory MAC in eFuse, and a software reset.
+//! Glues the chip's identity and reset to the device runtime's
+//! [`mqota_runtime::Platform`]: the device id from the factory MAC in eFuse,
+//! the booted slot, a software reset, and the trial watchdog.
 
 use core::fmt::Write as _;
 
 use esp_hal::efuse::{self, InterfaceMacAddress};
+use mqota_runtime::{Platform, Slot};
 
-use crate::config::Config;
+use crate::{config::Config, watchdog::TrialWatchdog};
 
 /// Longest device id: `mqota-` plus 12 hex digits fits, and so does any
 /// `MQOTA_DEVICE_ID` up to this length (a longer one is cut).
@@ -50,4 +52,44 @@ pub fn device_id(config: &Config) -> DeviceId {
 /// otadata selects.
 pub fn reset() -> ! {
     esp_hal::system::software_reset()
+}
+
+/// The chip as the runtime sees it.
+pub struct EspPlatform {
+    device_id: DeviceId,
+    slot: Slot,
+    watchdog: TrialWatchdog,
+}
+
+impl EspPlatform {
+    /// `slot` comes from [`crate::flash::booted_slot`], read once at boot:
+    /// it cannot change until the next reset.
+    pub fn new(device_id: DeviceId, slot: Slot, watchdog: TrialWatchdog) -> Self {
+        Self {
+            device_id,
+            slot,
+            watchdog,
+        }
+    }
+
+    /// The trial watchdog, for the boot guard to feed or disarm.
+    pub fn watchdog(&mut self) -> &mut TrialWatchdog {
+        &mut self.watchdog
+    }
+}
+
+impl Platform for EspPlatform {
+    async fn reboot(&mut self) -> ! {
+        // Give the UART a moment to drain the last log lines before the reset.
+        embassy_time::Timer::after_millis(50).await;
+        reset()
+    }
+
+    fn running_slot(&self) -> Slot {
+        self.slot
+    }
+
+    fn device_id(&self) -> &str {
+        &self.device_id
+    }
 }

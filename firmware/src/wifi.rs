@@ -1,27 +1,25 @@
 //! Glues esp-radio's WiFi station and embassy-net (DHCPv4, DNS, TCP) into the
-//! runtime's link control: `connect`, `reconnect`, `is_connected`.
+//! runtime's link control, [`mqota_runtime::Link`]: `connect`, `reconnect`,
+//! `is_connected`. Retry pacing is the runtime's (`mqota_runtime::Backoff`),
+//! so every method here is a single attempt.
 //!
 //! The network stack itself is driven by [`net_task`], which the caller spawns;
 //! sockets, `TcpClient` and `DnsSocket` are then made from the returned `Stack`.
 
 use embassy_net::{Config as NetConfig, Runner, Stack, StackResources};
-use embassy_time::{with_timeout, Duration, Timer};
+use embassy_time::{with_timeout, Duration};
 use esp_hal::peripherals::WIFI;
 use esp_radio::wifi::{
     sta::StationConfig, AuthenticationMethodConfig, Config as WifiConfig, ControllerConfig,
     Interface, WifiController,
 };
 use log::{info, warn};
+use mqota_runtime::Link;
 
 use crate::config::Config;
 
 /// Sockets the stack can hold: DHCP, DNS, the MQTT connection, one HTTP download.
 pub const SOCKETS: usize = 4;
-
-/// First wait after a failed attempt; doubled up to [`BACKOFF_MAX`].
-const BACKOFF_START: Duration = Duration::from_secs(1);
-/// Longest wait between attempts, so an AP that comes back is found within a minute.
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// Why the link is not up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,8 +97,20 @@ impl WifiLink {
         self.stack
     }
 
-    /// One attempt: associate (unless already associated) and wait for a lease.
-    pub async fn connect(&mut self) -> Result<(), LinkError> {
+    /// Resolves when the access point drops us (at once if not associated).
+    pub async fn wait_for_disconnect(&self) {
+        if let Ok(info) = self.controller.wait_for_disconnect_async().await {
+            warn!("wifi: disconnected: {:?}", info.reason);
+        }
+    }
+}
+
+impl Link for WifiLink {
+    type Error = LinkError;
+
+    /// Associates (unless already associated) and waits for a DHCP lease,
+    /// each within the configured connect timeout.
+    async fn connect(&mut self) -> Result<(), LinkError> {
         if !self.controller.is_connected() {
             match with_timeout(self.timeout, self.controller.connect_async()).await {
                 Ok(Ok(info)) => info!("wifi: associated on channel {}", info.channel),
@@ -120,33 +130,17 @@ impl WifiLink {
         Ok(())
     }
 
-    /// Drops any half-dead association and retries with exponential backoff
-    /// until the link is up again. Bad credentials are not retried.
-    pub async fn reconnect(&mut self) -> Result<(), LinkError> {
-        // Not connected is the usual case here; any other error shows in connect().
+    /// Drops a half-dead association (the driver may still believe in it)
+    /// and makes one fresh attempt.
+    async fn reconnect(&mut self) -> Result<(), LinkError> {
+        // NotConnected is the usual answer here and not a failure.
         let _ = self.controller.disconnect_async().await;
-        let mut wait = BACKOFF_START;
-        loop {
-            match self.connect().await {
-                Ok(()) => return Ok(()),
-                Err(LinkError::InvalidCredentials) => return Err(LinkError::InvalidCredentials),
-                Err(e) => warn!("wifi: {e:?}, next attempt in {} s", wait.as_secs()),
-            }
-            Timer::after(wait).await;
-            wait = (wait * 2).min(BACKOFF_MAX);
-        }
+        self.connect().await
     }
 
     /// Associated and holding a DHCP lease.
-    pub fn is_connected(&self) -> bool {
+    fn is_connected(&self) -> bool {
         self.controller.is_connected() && self.stack.is_config_up()
-    }
-
-    /// Resolves when the access point drops us (at once if not associated).
-    pub async fn wait_for_disconnect(&self) {
-        if let Ok(info) = self.controller.wait_for_disconnect_async().await {
-            warn!("wifi: disconnected: {:?}", info.reason);
-        }
     }
 }
 
