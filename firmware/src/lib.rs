@@ -11,7 +11,10 @@
 compile_error!("enable one chip feature: esp32c3, esp32c6, esp32 or esp32s3");
 
 #[cfg(any(
-    all(feature = "esp32c3", any(feature = "esp32c6", feature = "esp32", feature = "esp32s3")),
+    all(
+        feature = "esp32c3",
+        any(feature = "esp32c6", feature = "esp32", feature = "esp32s3")
+    ),
     all(feature = "esp32c6", any(feature = "esp32", feature = "esp32s3")),
     all(feature = "esp32", feature = "esp32s3"),
 ))]
