@@ -10,7 +10,10 @@ extern crate std;
 #[macro_use]
 mod fmt;
 
+pub mod bootguard;
+pub mod engine;
 pub mod image;
+pub mod journal;
 pub mod otadata;
 pub mod partition;
 pub mod protocol;

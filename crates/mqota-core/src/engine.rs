@@ -1,0 +1,904 @@
+//! The update engine: a sans-IO state machine that takes a command, streams a
+//! firmware into the inactive slot, verifies it and activates it.
+//!
+//! The split follows rumqttc's `state.rs`: the engine holds state and decides;
+//! the caller performs the I/O. Every call takes the current time in
+//! milliseconds as an input, so tests drive it with a fake clock and the
+//! engine never reads one. It returns [`Actions`]: progress to publish, a fetch
+//! to start (from a byte offset), a fetch to stop, a reboot to perform.
+//!
+//! Flash is the exception, on purpose: the engine takes the caller's flash as a
+//! generic `embedded_storage::nor_flash::NorFlash` argument and programs it
+//! directly, as embassy-boot's `FirmwareUpdater` does. Flash operations are
+//! synchronous on every ESP32 (the cache is off while they run), and returning
+//! each 4 KiB page as an action would only add a copy and a round trip. The
+//! engine still never names a flash type: the caller chooses it.
+//!
+//! One update, front to back:
+//!
+//! 1. [`Event::Command`] with a start command: the job is checked against the
+//!    running image and the slot size, the target slot's [journal] is started,
+//!    and the engine asks for a fetch from offset 0 (`accepted`).
+//! 2. [`Event::Response`]: the status and length are checked (`too_large`,
+//!    `size_mismatch`, `http_status`; a 200 to a ranged request restarts).
+//! 3. [`Event::Body`] chunks fill a 4 KiB page buffer. Each full page goes
+//!    through the incremental image validator (so a wrong chip or a bad header
+//!    is refused before anything is erased), then the flash ahead of it is
+//!    erased (64 KiB blocks where aligned), the page is programmed and marked
+//!    in the journal: the resume point. Progress is throttled.
+//! 4. [`Event::BodyEnd`]: the last page is written, the image is verified from
+//!    flash (structure, checksum, appended SHA-256, the job's `sha256`, the
+//!    [`Config::verify_hook`] where signatures plug in), the journal records
+//!    the activation, otadata selects the slot, and the engine asks for a
+//!    reboot (`verifying`, `rebooting`).
+//!
+//! Failures of the network (reset, 5xx, a stall) are retried with exponential
+//! backoff, resuming from the last page written with a Range request. Every
+//! other failure ends the job with a `failed` event and its error code; the
+//! running slot is never touched, so the device keeps its firmware.
+//!
+//! [journal]: crate::journal
+
+use crate::image::{self, Chip, ImageError, StreamValidator};
+use crate::journal::{Flag, JobRecord, Journal, JOURNAL_SIZE, PAGE_SIZE};
+use crate::otadata::{self, OtaState};
+use crate::protocol::{
+    Command, ErrorCode, Job, JobId, Phase, Progress, MAX_DEVICE_ID_LEN, MAX_MESSAGE_LEN,
+};
+use core::fmt::Write as _;
+use embedded_storage::nor_flash::NorFlash;
+use heapless::{String, Vec};
+
+/// Erase-ahead unit where alignment allows: one 64 KiB block erase costs about
+/// as much as five sector erases and replaces sixteen.
+pub const BLOCK_SIZE: u32 = 64 * 1024;
+
+/// Milliseconds since some fixed point (boot); only differences matter.
+pub type Millis = u64;
+
+/// One OTA app slot: where it is on flash and how large.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// Flash offset of the partition.
+    pub offset: u32,
+    /// Partition size in bytes.
+    pub size: u32,
+}
+
+impl Slot {
+    /// The largest image the slot takes: its last sector is the [journal](crate::journal).
+    pub fn max_image_len(&self) -> u32 {
+        self.size.saturating_sub(JOURNAL_SIZE)
+    }
+
+    /// The slot's journal.
+    pub fn journal(&self) -> Journal {
+        Journal::for_slot(self.offset, self.size)
+    }
+}
+
+/// Where things are on this device's flash, and which slot is running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Flash offset of the otadata partition.
+    pub otadata: u32,
+    /// The OTA app slots, `ota_0` first.
+    pub slots: Vec<Slot, 16>,
+    /// Index of the slot the running firmware was booted from.
+    pub running: usize,
+}
+
+impl Layout {
+    /// The layout of a partition table, or `None` if it lacks otadata or has
+    /// fewer than two OTA slots (then there is nowhere to update into).
+    pub fn from_table(table: &crate::partition::PartitionTable, running: usize) -> Option<Self> {
+        let otadata = table.otadata()?.offset;
+        let slots: Vec<Slot, 16> = table
+            .ota_slots()
+            .map(|p| Slot {
+                offset: p.offset,
+                size: p.size,
+            })
+            .collect();
+        (slots.len() >= 2 && running < slots.len()).then_some(Self {
+            otadata,
+            slots,
+            running,
+        })
+    }
+
+    /// The slot updates go into: the one after the running slot, as
+    /// `esp_ota_get_next_update_partition` picks it.
+    pub fn target(&self) -> usize {
+        (self.running + 1) % self.slots.len()
+    }
+}
+
+/// Tunables of the engine. [`Config::new`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This device's id, named in every progress event.
+    pub device: String<MAX_DEVICE_ID_LEN>,
+    /// The chip images must be built for.
+    pub chip: Chip,
+    /// Version of the running firmware (from its app descriptor).
+    pub running_version: String<32>,
+    /// Overall deadline of an update, unless the job sets `timeout_s`.
+    pub timeout_ms: Millis,
+    /// A fetch that delivers no bytes for this long is treated as a failed
+    /// connection and retried.
+    pub stall_timeout_ms: Millis,
+    /// How many times a transient failure is retried before the job fails.
+    pub max_retries: u8,
+    /// First retry delay; doubles on each retry.
+    pub retry_base_ms: Millis,
+    /// Cap of the retry delay.
+    pub retry_max_ms: Millis,
+    /// At most one `downloading` event per this many milliseconds (and at most
+    /// one per whole percent). Phase changes are always sent.
+    pub progress_interval_ms: Millis,
+    /// Extra verification of a downloaded image before it is activated: where
+    /// a signature check plugs in. Returns the error code to fail with.
+    pub verify_hook: Option<fn(&image::ImageInfo, &JobRecord) -> Result<(), ErrorCode>>,
+}
+
+impl Config {
+    /// Defaults: 10 minute deadline, 15 s stall timeout, 5 retries from 1 s up
+    /// to 16 s, progress at most every 250 ms.
+    pub fn new(device: &str, chip: Chip, running_version: &str) -> Self {
+        Self {
+            device: truncated(device),
+            chip,
+            running_version: truncated(running_version),
+            timeout_ms: 600_000,
+            stall_timeout_ms: 15_000,
+            max_retries: 5,
+            retry_base_ms: 1_000,
+            retry_max_ms: 16_000,
+            progress_interval_ms: 250,
+            verify_hook: None,
+        }
+    }
+}
+
+fn truncated<const N: usize>(s: &str) -> String<N> {
+    let mut out = String::new();
+    for c in s.chars() {
+        if out.push(c).is_err() {
+            break;
+        }
+    }
+    out
+}
+
+/// What the caller tells the engine.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A command arrived on one of the device's command topics.
+    Command(Command),
+    /// The HTTP response head of the current fetch arrived.
+    Response(Response),
+    /// A chunk of the response body.
+    Body(&'a [u8]),
+    /// The response body ended (the server closed or sent all it announced).
+    BodyEnd,
+    /// The fetch failed below HTTP (connect refused, reset, DNS, TLS); the
+    /// text names it for the operator.
+    FetchFailed(&'static str),
+    /// Nothing happened; lets the engine check its deadlines.
+    Tick,
+}
+
+/// The head of an HTTP response, as far as the engine cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// `Content-Length`, if sent.
+    pub content_length: Option<u32>,
+    /// First byte of a `Content-Range`, if sent (206 responses).
+    pub range_start: Option<u32>,
+}
+
+/// What the engine asks the caller to do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Publish this progress event on the progress topic.
+    Publish(Progress),
+    /// Start fetching the job's URL ([`Engine::url`]) from byte `from` (with
+    /// `Range: bytes=from-` when `from > 0`). Any fetch in flight is dropped.
+    Fetch {
+        /// First byte wanted.
+        from: u32,
+    },
+    /// Drop the fetch in flight, if any.
+    StopFetch,
+    /// Reboot now: the new image is selected in otadata.
+    Reboot,
+}
+
+/// The actions of one step (never more than four).
+pub type Actions = Vec<Action, 4>;
+
+fn push(actions: &mut Actions, a: Action) {
+    // Capacity is sized for the longest sequence a step produces.
+    let _ = actions.push(a);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fetch {
+    /// Waiting for the response head.
+    Head,
+    /// Streaming the body.
+    Body,
+    /// Waiting to retry until the given time.
+    Backoff(Millis),
+}
+
+struct Download {
+    record: JobRecord,
+    target: usize,
+    slot: Slot,
+    /// Bytes programmed and marked in the journal: the resume point.
+    written: u32,
+    /// Slot-relative end of the erased area ahead of `written`.
+    erased_to: u32,
+    /// Announced size of the whole file, once known.
+    total: Option<u32>,
+    /// Bytes received in the current fetch, counted from its first byte.
+    fetch: Fetch,
+    deadline: Millis,
+    last_data: Millis,
+    retries: u8,
+    percent: u8,
+    last_publish: Millis,
+    validator: StreamValidator,
+}
+
+/// The update engine. See the [module docs](self).
+pub struct Engine {
+    cfg: Config,
+    layout: Layout,
+    dl: Option<Download>,
+    page: [u8; PAGE_SIZE as usize],
+    fill: usize,
+}
+
+/// Ends the job in flight with an error code and one line for the operator.
+struct Fail(ErrorCode, String<MAX_MESSAGE_LEN>);
+
+/// A [`Fail`] with a fixed message.
+fn fail(code: ErrorCode, why: &str) -> Fail {
+    Fail(code, truncated(why))
+}
+
+impl Engine {
+    /// An idle engine.
+    pub fn new(cfg: Config, layout: Layout) -> Self {
+        Self {
+            cfg,
+            layout,
+            dl: None,
+            page: [0xFF; PAGE_SIZE as usize],
+            fill: 0,
+        }
+    }
+
+    /// Whether an update is in flight.
+    pub fn is_busy(&self) -> bool {
+        self.dl.is_some()
+    }
+
+    /// The URL of the update in flight.
+    pub fn url(&self) -> Option<&str> {
+        self.dl.as_ref().map(|d| d.record.url.as_str())
+    }
+
+    /// The job id of the update in flight.
+    pub fn job(&self) -> Option<&JobId> {
+        self.dl.as_ref().and_then(|d| d.record.job.as_ref())
+    }
+
+    /// The flash layout the engine works on.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Seed API: sets the overall deadline of updates started from now on
+    /// (a job's `timeout_s` still wins).
+    pub fn set_timeout(&mut self, timeout_ms: Millis) {
+        self.cfg.timeout_ms = timeout_ms;
+    }
+
+    /// Seed API: start an update from a bare URL.
+    pub fn begin_ota<F: NorFlash>(&mut self, flash: &mut F, now: Millis, url: &str) -> Actions {
+        let mut job = Job {
+            url: String::new(),
+            version: None,
+            sha256: None,
+            size: None,
+            job: None,
+            timeout_s: None,
+            force: false,
+        };
+        if job.url.push_str(url).is_err() {
+            let mut a = Actions::new();
+            push(
+                &mut a,
+                Action::Publish(self.event(None, Phase::Failed, 0, None, 0)),
+            );
+            return a;
+        }
+        self.handle(flash, now, Event::Command(Command::Start(job)))
+    }
+
+    /// Seed API: checks the deadlines (the overall timeout, a stalled fetch, a
+    /// retry that is due). Same as [`Event::Tick`].
+    pub fn check_for_timeout<F: NorFlash>(&mut self, flash: &mut F, now: Millis) -> Actions {
+        self.handle(flash, now, Event::Tick)
+    }
+
+    /// Seed API: the percentage of `current` in `total` that progress events
+    /// carry (0 when the total is unknown, never above 100).
+    pub fn handle_progress(current: u32, total: Option<u32>) -> u8 {
+        match total {
+            Some(t) if t > 0 => ((current as u64 * 100) / t as u64).min(100) as u8,
+            _ => 0,
+        }
+    }
+
+    /// Feeds one event; returns what the caller must do, in order.
+    pub fn handle<F: NorFlash>(&mut self, flash: &mut F, now: Millis, event: Event<'_>) -> Actions {
+        let mut actions = Actions::new();
+        let result = match event {
+            Event::Command(Command::Start(job)) => self.start(flash, now, job, &mut actions),
+            Event::Command(Command::Cancel { .. }) => {
+                if self.dl.is_some() {
+                    self.finish(
+                        flash,
+                        Phase::Cancelled,
+                        Some(ErrorCode::Cancelled),
+                        "cancelled by operator",
+                        &mut actions,
+                    );
+                }
+                Ok(())
+            }
+            // Rollback is the boot guard's business; the runtime routes it
+            // there. Refuse it here only while busy.
+            Event::Command(Command::Rollback { job }) => {
+                push(
+                    &mut actions,
+                    Action::Publish(self.event(job, Phase::Failed, 0, Some(ErrorCode::Busy), 0)),
+                );
+                Ok(())
+            }
+            Event::Response(r) => self.on_response(flash, now, r, &mut actions),
+            Event::Body(data) => self.on_body(flash, now, data, &mut actions),
+            Event::BodyEnd => self.on_end(flash, now, &mut actions),
+            Event::FetchFailed(why) => self.transient(now, ErrorCode::Network, why, &mut actions),
+            Event::Tick => self.on_tick(now, &mut actions),
+        };
+        if let Err(Fail(code, why)) = result {
+            self.finish(flash, Phase::Failed, Some(code), &why, &mut actions);
+        }
+        actions
+    }
+
+    /// Resumes a download that a reboot interrupted, from what the target
+    /// slot's journal says was written. Returns `None` (and does nothing) if
+    /// there is nothing to resume.
+    pub fn resume<F: NorFlash>(&mut self, flash: &mut F, now: Millis) -> Option<Actions> {
+        if self.dl.is_some() {
+            return None;
+        }
+        let target = self.layout.target();
+        let slot = self.layout.slots[target];
+        let journal = slot.journal();
+        let record = journal.job(flash).ok()??;
+        if journal.has(flash, Flag::Abandoned).ok()? || journal.has(flash, Flag::Activated).ok()? {
+            return None;
+        }
+        let pages = journal.pages_done(flash).ok()?;
+        let mut written = pages.saturating_mul(PAGE_SIZE).min(slot.max_image_len());
+        if let Some(size) = record.size {
+            written = written.min(size);
+        }
+        let mut dl = self.new_download(now, record, target);
+        // The validator must have seen every byte before the resume point:
+        // read them back from flash. Nothing beyond `written` is trusted, not
+        // even as erased: a cut may have hit an erase or a page program there.
+        let mut at = 0;
+        while at < written {
+            let n = (written - at).min(PAGE_SIZE) as usize;
+            if flash.read(slot.offset + at, &mut self.page[..n]).is_err()
+                || dl.validator.feed(&self.page[..n]).is_err()
+            {
+                return None;
+            }
+            at += n as u32;
+        }
+        dl.written = written;
+        dl.erased_to = written;
+        info!("resuming job at byte {} after reboot", written);
+        self.dl = Some(dl);
+        self.fill = 0;
+        let mut actions = Actions::new();
+        push(
+            &mut actions,
+            Action::Publish(self.progress_event(Phase::Downloading, None, "resumed after reboot")),
+        );
+        push(&mut actions, Action::Fetch { from: written });
+        Some(actions)
+    }
+
+    fn new_download(&self, now: Millis, record: JobRecord, target: usize) -> Download {
+        let slot = self.layout.slots[target];
+        let timeout = record
+            .timeout_s
+            .map(|s| s as Millis * 1000)
+            .unwrap_or(self.cfg.timeout_ms);
+        Download {
+            total: record.size,
+            record,
+            target,
+            slot,
+            written: 0,
+            erased_to: 0,
+            fetch: Fetch::Head,
+            deadline: now + timeout,
+            last_data: now,
+            retries: 0,
+            percent: 0,
+            last_publish: now,
+            validator: StreamValidator::new(Some(self.cfg.chip), slot.max_image_len()),
+        }
+    }
+
+    fn start<F: NorFlash>(
+        &mut self,
+        flash: &mut F,
+        now: Millis,
+        job: Job,
+        actions: &mut Actions,
+    ) -> Result<(), Fail> {
+        if self.dl.is_some() {
+            push(
+                actions,
+                Action::Publish(self.event(job.job, Phase::Failed, 0, Some(ErrorCode::Busy), 0)),
+            );
+            return Ok(());
+        }
+        let target = self.layout.target();
+        let slot = self.layout.slots[target];
+        if !job.force && job.version.as_deref() == Some(self.cfg.running_version.as_str()) {
+            push(
+                actions,
+                Action::Publish(self.event_msg(
+                    job.job,
+                    Phase::Done,
+                    100,
+                    None,
+                    "already running this version",
+                )),
+            );
+            return Ok(());
+        }
+        let record = JobRecord::from_job(&job);
+        self.dl = Some(self.new_download(now, record, target));
+        self.fill = 0;
+        if let Some(size) = job.size {
+            if size > slot.max_image_len() {
+                return Err(fail(ErrorCode::TooLarge, "job size exceeds the OTA slot"));
+            }
+        }
+        let dl = self.dl.as_mut().expect("just set");
+        dl.slot
+            .journal()
+            .begin(flash, &dl.record)
+            .map_err(|_| fail(ErrorCode::Flash, "journal write failed"))?;
+        info!("job accepted into slot {}", target);
+        push(
+            actions,
+            Action::Publish(self.progress_event(Phase::Accepted, None, "")),
+        );
+        push(actions, Action::Fetch { from: 0 });
+        Ok(())
+    }
+
+    fn on_response<F: NorFlash>(
+        &mut self,
+        flash: &mut F,
+        now: Millis,
+        r: Response,
+        actions: &mut Actions,
+    ) -> Result<(), Fail> {
+        let Some(dl) = self.dl.as_mut() else {
+            return Ok(());
+        };
+        if dl.fetch != Fetch::Head {
+            return Ok(());
+        }
+        dl.last_data = now;
+        match r.status {
+            200 if dl.written > 0 => {
+                // The server ignored our Range: start over cleanly. The pages
+                // already programmed must be erased again before they are
+                // rewritten, and the journal's page marks cleared with them.
+                warn!("server ignored Range; restarting from byte 0");
+                dl.written = 0;
+                dl.erased_to = 0;
+                dl.validator = StreamValidator::new(Some(self.cfg.chip), dl.slot.max_image_len());
+                self.fill = 0;
+                dl.slot
+                    .journal()
+                    .begin(flash, &dl.record)
+                    .map_err(|_| fail(ErrorCode::Flash, "journal write failed"))?;
+            }
+            200 => {}
+            206 => {
+                if r.range_start != Some(dl.written) {
+                    return self.transient(
+                        now,
+                        ErrorCode::HttpStatus,
+                        "Content-Range does not start where asked",
+                        actions,
+                    );
+                }
+            }
+            500..=599 => {
+                return self.transient(now, ErrorCode::HttpStatus, "server error (5xx)", actions)
+            }
+            _ => return Err(fail(ErrorCode::HttpStatus, "unexpected HTTP status")),
+        }
+        if let Some(len) = r.content_length {
+            let total = dl.written.saturating_add(len);
+            if total > dl.slot.max_image_len() {
+                return Err(fail(
+                    ErrorCode::TooLarge,
+                    "Content-Length exceeds the OTA slot",
+                ));
+            }
+            match dl.total {
+                Some(t) if t != total => {
+                    return Err(fail(
+                        ErrorCode::SizeMismatch,
+                        "Content-Length differs from the job's size",
+                    ))
+                }
+                _ => dl.total = Some(total),
+            }
+        }
+        dl.fetch = Fetch::Body;
+        push(
+            actions,
+            Action::Publish(self.progress_event(Phase::Downloading, None, "")),
+        );
+        Ok(())
+    }
+
+    fn received(&self) -> u32 {
+        self.dl.as_ref().map_or(0, |d| d.written + self.fill as u32)
+    }
+
+    fn on_body<F: NorFlash>(
+        &mut self,
+        flash: &mut F,
+        now: Millis,
+        mut data: &[u8],
+        actions: &mut Actions,
+    ) -> Result<(), Fail> {
+        let received = self.received();
+        let Some(dl) = self.dl.as_mut() else {
+            return Ok(());
+        };
+        if dl.fetch != Fetch::Body {
+            return Ok(());
+        }
+        dl.last_data = now;
+        let limit = dl.total.unwrap_or(dl.slot.max_image_len());
+        if received as u64 + data.len() as u64 > limit as u64 {
+            return Err(if dl.total.is_some() {
+                fail(
+                    ErrorCode::SizeMismatch,
+                    "server sent more than the announced size",
+                )
+            } else {
+                fail(ErrorCode::TooLarge, "image exceeds the OTA slot")
+            });
+        }
+        while !data.is_empty() {
+            let n = data.len().min(self.page.len() - self.fill);
+            self.page[self.fill..self.fill + n].copy_from_slice(&data[..n]);
+            self.fill += n;
+            data = &data[n..];
+            if self.fill == self.page.len() {
+                self.flush_page(flash)?;
+            }
+        }
+        self.maybe_progress(now, actions);
+        Ok(())
+    }
+
+    /// Validates, erases ahead, programs and journals the buffered page.
+    fn flush_page<F: NorFlash>(&mut self, flash: &mut F) -> Result<(), Fail> {
+        let dl = self.dl.as_mut().expect("flush without download");
+        let data = &self.page[..self.fill];
+        dl.validator.feed(data).map_err(image_fail)?;
+        let need = dl.written + PAGE_SIZE;
+        let erase_end = match dl.total {
+            Some(t) => round_up(t, PAGE_SIZE),
+            None => dl.slot.max_image_len(),
+        };
+        while dl.erased_to < need {
+            let from = dl.erased_to;
+            let to = if from % BLOCK_SIZE == 0 && from + BLOCK_SIZE <= erase_end {
+                from + BLOCK_SIZE
+            } else {
+                from + PAGE_SIZE
+            };
+            flash
+                .erase(dl.slot.offset + from, dl.slot.offset + to)
+                .map_err(|_| fail(ErrorCode::Flash, "erase failed"))?;
+            dl.erased_to = to;
+        }
+        // Program whole write units; the padding is 0xFF, which NOR leaves as it is.
+        let len = round_up(self.fill as u32, F::WRITE_SIZE as u32) as usize;
+        self.page[self.fill..len].fill(0xFF);
+        flash
+            .write(dl.slot.offset + dl.written, &self.page[..len])
+            .map_err(|_| fail(ErrorCode::Flash, "write failed"))?;
+        dl.slot
+            .journal()
+            .mark_page(flash, dl.written / PAGE_SIZE)
+            .map_err(|_| fail(ErrorCode::Flash, "journal write failed"))?;
+        dl.written += self.fill as u32;
+        self.fill = 0;
+        self.page.fill(0xFF);
+        Ok(())
+    }
+
+    fn on_end<F: NorFlash>(
+        &mut self,
+        flash: &mut F,
+        now: Millis,
+        actions: &mut Actions,
+    ) -> Result<(), Fail> {
+        let received = self.received();
+        let Some(dl) = self.dl.as_ref() else {
+            return Ok(());
+        };
+        if dl.fetch != Fetch::Body {
+            return Ok(());
+        }
+        if let Some(total) = dl.total {
+            if received < total {
+                // The connection ended early: resume from the last whole page.
+                return self.transient(
+                    now,
+                    ErrorCode::Network,
+                    "connection closed before the end",
+                    actions,
+                );
+            }
+        }
+        if self.fill > 0 {
+            self.flush_page(flash)?;
+        }
+        let dl = self.dl.as_mut().expect("checked above");
+        dl.total = Some(dl.written);
+        dl.percent = 100;
+        push(
+            actions,
+            Action::Publish(self.progress_event(Phase::Verifying, None, "")),
+        );
+        self.verify_and_activate(flash, actions)
+    }
+
+    fn verify_and_activate<F: NorFlash>(
+        &mut self,
+        flash: &mut F,
+        actions: &mut Actions,
+    ) -> Result<(), Fail> {
+        let dl = self.dl.as_mut().expect("verify without download");
+        let validator = core::mem::replace(&mut dl.validator, StreamValidator::new(None, 0));
+        validator.finish().map_err(image_fail)?;
+        // What counts is what is on flash, not what went past in RAM: read it
+        // back, as esp_image_verify does before esp_ota_set_boot_partition.
+        let info = image::validate_flash(flash, dl.slot.offset, dl.slot.max_image_len())
+            .map_err(image_fail)?;
+        if info.chip != self.cfg.chip {
+            return Err(fail(ErrorCode::WrongChip, "image is for another chip"));
+        }
+        info.verify().map_err(image_fail)?;
+        if dl
+            .record
+            .sha256
+            .is_some_and(|want| want != info.file_sha256)
+        {
+            return Err(fail(
+                ErrorCode::HashMismatch,
+                "SHA-256 differs from the job's",
+            ));
+        }
+        if let Some(hook) = self.cfg.verify_hook {
+            if let Err(code) = hook(&info, &dl.record) {
+                return Err(fail(code, "rejected by the verification hook"));
+            }
+        }
+        // Journal first, then otadata: a cut between the two leaves an
+        // activated journal that the boot guard finishes activating.
+        let journal = dl.slot.journal();
+        journal
+            .set(flash, Flag::Activated)
+            .map_err(|_| fail(ErrorCode::Flash, "journal write failed"))?;
+        otadata::set_boot_slot(
+            flash,
+            self.layout.otadata,
+            dl.target,
+            self.layout.slots.len(),
+            OtaState::New,
+        )
+        .map_err(|_| fail(ErrorCode::Flash, "otadata write failed"))?;
+        info!("image verified; slot {} selected, rebooting", dl.target);
+        let ev = self.progress_event(Phase::Rebooting, None, "");
+        self.dl = None;
+        push(actions, Action::Publish(ev));
+        push(actions, Action::Reboot);
+        Ok(())
+    }
+
+    fn on_tick(&mut self, now: Millis, actions: &mut Actions) -> Result<(), Fail> {
+        let Some(dl) = self.dl.as_mut() else {
+            return Ok(());
+        };
+        if now >= dl.deadline {
+            return Err(fail(ErrorCode::Timeout, "update deadline passed"));
+        }
+        match dl.fetch {
+            Fetch::Backoff(until) if now >= until => {
+                dl.fetch = Fetch::Head;
+                dl.last_data = now;
+                self.fill = 0;
+                let from = dl.written;
+                push(actions, Action::Fetch { from });
+            }
+            Fetch::Head | Fetch::Body
+                if now.saturating_sub(dl.last_data) >= self.cfg.stall_timeout_ms =>
+            {
+                return self.transient(
+                    now,
+                    ErrorCode::Timeout,
+                    "no data within the stall timeout",
+                    actions,
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A failure worth retrying: back off, then resume from the last page.
+    fn transient(
+        &mut self,
+        now: Millis,
+        code: ErrorCode,
+        why: &'static str,
+        actions: &mut Actions,
+    ) -> Result<(), Fail> {
+        let Some(dl) = self.dl.as_mut() else {
+            return Ok(());
+        };
+        if matches!(dl.fetch, Fetch::Backoff(_)) {
+            return Ok(());
+        }
+        if dl.retries >= self.cfg.max_retries {
+            return Err(fail(code, why));
+        }
+        let delay = (self.cfg.retry_base_ms << dl.retries.min(16)).min(self.cfg.retry_max_ms);
+        dl.retries += 1;
+        dl.fetch = Fetch::Backoff(now + delay);
+        // Bytes past the last whole page are dropped and fetched again.
+        self.fill = 0;
+        warn!("{}; retry {} in {} ms", why, dl.retries, delay);
+        push(actions, Action::StopFetch);
+        Ok(())
+    }
+
+    fn finish<F: NorFlash>(
+        &mut self,
+        flash: &mut F,
+        phase: Phase,
+        code: Option<ErrorCode>,
+        why: &str,
+        actions: &mut Actions,
+    ) {
+        let Some(dl) = self.dl.as_ref() else { return };
+        // A download that failed must not be resumed at the next boot. If even
+        // this write fails, the resume will fail the same way and end here.
+        let _ = dl.slot.journal().set(flash, Flag::Abandoned);
+        let ev = self.progress_event(phase, code, why);
+        warn!("job ended: {}", why);
+        self.dl = None;
+        self.fill = 0;
+        push(actions, Action::StopFetch);
+        push(actions, Action::Publish(ev));
+    }
+
+    fn maybe_progress(&mut self, now: Millis, actions: &mut Actions) {
+        let received = self.received();
+        let interval = self.cfg.progress_interval_ms;
+        let Some(dl) = self.dl.as_mut() else { return };
+        let pct = Self::handle_progress(received, dl.total).min(99);
+        if pct > dl.percent && now.saturating_sub(dl.last_publish) >= interval {
+            dl.percent = pct;
+            dl.last_publish = now;
+            push(
+                actions,
+                Action::Publish(self.progress_event(Phase::Downloading, None, "")),
+            );
+        }
+    }
+
+    fn progress_event(&self, phase: Phase, error: Option<ErrorCode>, msg: &str) -> Progress {
+        let (job, total, pct) = match &self.dl {
+            Some(d) => (d.record.job.clone(), d.total, d.percent),
+            None => (None, None, 0),
+        };
+        let mut ev = self.event_msg(job, phase, pct, error, msg);
+        ev.bytes = self.received();
+        ev.total = total;
+        ev
+    }
+
+    fn event(
+        &self,
+        job: Option<JobId>,
+        phase: Phase,
+        percent: u8,
+        error: Option<ErrorCode>,
+        bytes: u32,
+    ) -> Progress {
+        let mut ev = self.event_msg(job, phase, percent, error, "");
+        ev.bytes = bytes;
+        ev
+    }
+
+    fn event_msg(
+        &self,
+        job: Option<JobId>,
+        phase: Phase,
+        percent: u8,
+        error: Option<ErrorCode>,
+        msg: &str,
+    ) -> Progress {
+        Progress {
+            device: self.cfg.device.clone(),
+            job,
+            phase,
+            bytes: 0,
+            total: None,
+            percent,
+            error,
+            message: (!msg.is_empty()).then(|| truncated(msg)),
+        }
+    }
+}
+
+fn round_up(v: u32, to: u32) -> u32 {
+    v.div_ceil(to) * to
+}
+
+fn image_fail(e: ImageError) -> Fail {
+    match e {
+        ImageError::WrongChip { .. } => fail(ErrorCode::WrongChip, "image is for another chip"),
+        ImageError::TooLarge { .. } => fail(ErrorCode::TooLarge, "image exceeds the OTA slot"),
+        ImageError::Flash(_) => fail(ErrorCode::Flash, "flash read failed during verification"),
+        _ => {
+            let mut why = String::new();
+            // A message cut short is still the right message.
+            let _ = write!(why, "{e}");
+            Fail(ErrorCode::BadImage, why)
+        }
+    }
+}

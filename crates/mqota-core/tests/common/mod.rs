@@ -1,0 +1,172 @@
+//! A device on the simulated flash: the default partition table, version 1.0.0
+//! in `ota_0`, blank otadata. Shared by the engine and boot guard tests.
+#![allow(dead_code)]
+
+use embedded_storage::nor_flash::{NorFlash, ReadNorFlash};
+use mqota_core::engine::{Action, Actions, Config, Engine, Event, Layout, Response};
+use mqota_core::image::{Chip, ImageBuilder};
+use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
+use mqota_core::protocol::{Command, ErrorCode, Job, Phase, Progress};
+use mqota_flash_sim::SimFlash;
+
+pub const FLASH_SIZE: usize = 4 * 1024 * 1024;
+pub const CHUNK: usize = 1024;
+
+pub fn image(chip: Chip, version: &str, size: u32) -> Vec<u8> {
+    ImageBuilder::new(chip)
+        .version(version)
+        .project("mqota-test")
+        .size(size)
+        .build()
+        .expect("image builds")
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+pub struct Rig {
+    pub flash: SimFlash,
+    pub layout: Layout,
+    pub engine: Engine,
+    pub now: u64,
+    pub published: Vec<Progress>,
+    pub fetches: Vec<u32>,
+    pub rebooted: bool,
+}
+
+/// A fresh device running 1.0.0 from `ota_0`.
+pub fn device() -> Rig {
+    let mut flash = SimFlash::new(FLASH_SIZE);
+    let table = PartitionTable::from_csv(DEFAULT_4MB_CSV).unwrap();
+    flash.write(TABLE_OFFSET, &table.to_bytes()).unwrap();
+    let layout = Layout::from_table(&table, 0).unwrap();
+    let v1 = image(Chip::Esp32c3, "1.0.0", 200_000);
+    let slot0 = layout.slots[0];
+    flash
+        .erase(
+            slot0.offset,
+            slot0.offset + (v1.len() as u32).div_ceil(4096) * 4096,
+        )
+        .unwrap();
+    flash.write(slot0.offset, &padded(&v1)).unwrap();
+    rig_on(flash, layout)
+}
+
+pub fn padded(b: &[u8]) -> Vec<u8> {
+    let mut v = b.to_vec();
+    v.resize(b.len().div_ceil(4) * 4, 0xFF);
+    v
+}
+
+pub fn rig_on(flash: SimFlash, layout: Layout) -> Rig {
+    let mut cfg = Config::new("dev-1", Chip::Esp32c3, "1.0.0");
+    cfg.progress_interval_ms = 0;
+    Rig {
+        engine: Engine::new(cfg, layout.clone()),
+        flash,
+        layout,
+        now: 1_000,
+        published: Vec::new(),
+        fetches: Vec::new(),
+        rebooted: false,
+    }
+}
+
+pub fn job(url: &str) -> Job {
+    Job {
+        url: url.try_into().unwrap(),
+        version: None,
+        sha256: None,
+        size: None,
+        job: Some("job-1".try_into().unwrap()),
+        timeout_s: None,
+        force: false,
+    }
+}
+
+impl Rig {
+    pub fn apply(&mut self, actions: Actions) {
+        for a in actions {
+            match a {
+                Action::Publish(p) => self.published.push(p),
+                Action::Fetch { from } => self.fetches.push(from),
+                Action::StopFetch => {}
+                Action::Reboot => self.rebooted = true,
+            }
+        }
+    }
+
+    pub fn event(&mut self, ev: Event<'_>) {
+        let a = self.engine.handle(&mut self.flash, self.now, ev);
+        self.apply(a);
+    }
+
+    pub fn start(&mut self, job: Job) {
+        self.event(Event::Command(Command::Start(job)));
+    }
+
+    pub fn respond(&mut self, status: u16, content_length: Option<u32>, range_start: Option<u32>) {
+        self.event(Event::Response(Response {
+            status,
+            content_length,
+            range_start,
+        }));
+    }
+
+    /// Streams `body` in chunks, advancing the clock 1 ms per chunk.
+    pub fn body(&mut self, body: &[u8]) {
+        for c in body.chunks(CHUNK) {
+            self.now += 1;
+            self.event(Event::Body(c));
+            if !self.engine.is_busy() {
+                return;
+            }
+        }
+    }
+
+    /// Serves `file` as a plain server would for the last fetch asked for.
+    pub fn serve(&mut self, file: &[u8]) {
+        let from = *self.fetches.last().expect("a fetch was asked for") as usize;
+        if from == 0 {
+            self.respond(200, Some(file.len() as u32), None);
+        } else {
+            self.respond(206, Some((file.len() - from) as u32), Some(from as u32));
+        }
+        self.body(&file[from..]);
+        if self.engine.is_busy() {
+            self.event(Event::BodyEnd);
+        }
+    }
+
+    pub fn tick(&mut self, advance_ms: u64) {
+        self.now += advance_ms;
+        self.event(Event::Tick);
+    }
+
+    pub fn phases(&self) -> Vec<Phase> {
+        let mut v: Vec<Phase> = self.published.iter().map(|p| p.phase).collect();
+        v.dedup();
+        v
+    }
+
+    pub fn last(&self) -> &Progress {
+        self.published.last().expect("something was published")
+    }
+
+    pub fn failed_with(&self) -> Option<ErrorCode> {
+        self.published
+            .iter()
+            .find(|p| p.phase == Phase::Failed)
+            .and_then(|p| p.error)
+    }
+
+    pub fn slot_bytes(&mut self, slot: usize, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        self.flash
+            .read(self.layout.slots[slot].offset, &mut b)
+            .unwrap();
+        b
+    }
+}

@@ -1,0 +1,478 @@
+//! The update engine, driven by hand with a fake clock on the simulated flash.
+
+mod common;
+
+use common::*;
+use embedded_storage::nor_flash::ReadNorFlash;
+use mqota_core::engine::{Engine, Event};
+use mqota_core::image::Chip;
+use mqota_core::journal::{Flag, PAGE_SIZE};
+use mqota_core::otadata::{OtaState, Otadata};
+use mqota_core::protocol::{Command, ErrorCode, Phase};
+
+const URL: &str = "http://fw.example/fw.bin";
+
+#[test]
+fn a_bare_url_update_streams_verifies_and_selects_the_new_slot() {
+    let mut d = device();
+    let v2 = image(Chip::Esp32c3, "1.1.0", 300_000);
+    let slot0_before = d.slot_bytes(0, 200_000);
+    let a = d.engine.begin_ota(&mut d.flash, d.now, URL);
+    d.apply(a);
+    assert_eq!(d.fetches, vec![0]);
+    d.serve(&v2);
+    assert_eq!(
+        d.phases(),
+        vec![
+            Phase::Accepted,
+            Phase::Downloading,
+            Phase::Verifying,
+            Phase::Rebooting
+        ]
+    );
+    assert!(d.rebooted);
+    assert_eq!(d.slot_bytes(1, v2.len()), v2);
+    assert_eq!(
+        d.slot_bytes(0, 200_000),
+        slot0_before,
+        "the running slot is never touched"
+    );
+    let ota = Otadata::read(&mut d.flash, d.layout.otadata).unwrap();
+    let active = ota.active_entry().unwrap();
+    assert_eq!(active.slot(2), Some(1));
+    assert_eq!(active.state(), OtaState::New);
+    assert!(d.layout.slots[1]
+        .journal()
+        .has(&mut d.flash, Flag::Activated)
+        .unwrap());
+    assert!(!d.engine.is_busy());
+}
+
+#[test]
+fn percent_never_goes_down_and_reaches_100() {
+    let mut d = device();
+    let v2 = image(Chip::Esp32c3, "1.1.0", 300_000);
+    d.start(job(URL));
+    d.serve(&v2);
+    let percents: Vec<u8> = d.published.iter().map(|p| p.percent).collect();
+    assert!(percents.windows(2).all(|w| w[0] <= w[1]), "{percents:?}");
+    assert_eq!(*percents.last().unwrap(), 100);
+    assert!(
+        d.published
+            .iter()
+            .filter(|p| p.phase == Phase::Downloading)
+            .count()
+            > 10
+    );
+    assert!(d
+        .published
+        .iter()
+        .all(|p| p.job.as_deref() == Some("job-1")));
+}
+
+#[test]
+fn progress_is_throttled_to_the_configured_interval() {
+    let mut d = device();
+    let mut cfg = mqota_core::engine::Config::new("dev-1", Chip::Esp32c3, "1.0.0");
+    cfg.progress_interval_ms = 50;
+    d.engine = Engine::new(cfg, d.layout.clone());
+    let v2 = image(Chip::Esp32c3, "1.1.0", 300_000);
+    d.start(job(URL));
+    d.serve(&v2);
+    // ~293 chunks 1 ms apart: at most one event per 50 ms.
+    let downloading = d
+        .published
+        .iter()
+        .filter(|p| p.phase == Phase::Downloading)
+        .count();
+    assert!(
+        (2..=8).contains(&downloading),
+        "{downloading} downloading events"
+    );
+}
+
+#[test]
+fn a_job_with_the_right_sha256_and_size_succeeds() {
+    let mut d = device();
+    let v2 = image(Chip::Esp32c3, "1.1.0", 100_000);
+    let mut j = job(URL);
+    j.sha256 = Some(sha256(&v2));
+    j.size = Some(v2.len() as u32);
+    d.start(j);
+    d.serve(&v2);
+    assert!(d.rebooted);
+    assert_eq!(d.last().phase, Phase::Rebooting);
+    assert_eq!(d.last().total, Some(v2.len() as u32));
+}
+
+/// One failure per row: how the job is set up, what the server does, the
+/// error the job must end with.
+#[test]
+fn every_failure_ends_with_its_own_error_and_keeps_the_old_firmware() {
+    type Setup = fn(&mut Rig, &mut mqota_core::protocol::Job) -> Vec<u8>;
+    let good = || image(Chip::Esp32c3, "1.1.0", 100_000);
+    let cases: Vec<(&str, Setup, ErrorCode)> = vec![
+        (
+            "wrong sha256",
+            |_, j| {
+                j.sha256 = Some([0x11; 32]);
+                image(Chip::Esp32c3, "1.1.0", 100_000)
+            },
+            ErrorCode::HashMismatch,
+        ),
+        (
+            "wrong chip",
+            |_, _| image(Chip::Esp32c6, "1.1.0", 100_000),
+            ErrorCode::WrongChip,
+        ),
+        (
+            "not an image",
+            |_, _| vec![0x42; 50_000],
+            ErrorCode::BadImage,
+        ),
+        (
+            "job larger than the slot",
+            |_, j| {
+                j.size = Some(0x1e0000);
+                image(Chip::Esp32c3, "1.1.0", 100_000)
+            },
+            ErrorCode::TooLarge,
+        ),
+        (
+            "size differs from the job",
+            |_, j| {
+                j.size = Some(99_000);
+                image(Chip::Esp32c3, "1.1.0", 100_000)
+            },
+            ErrorCode::SizeMismatch,
+        ),
+        (
+            "truncated image",
+            |_, _| {
+                let mut v = image(Chip::Esp32c3, "1.1.0", 100_000);
+                v.truncate(60_000);
+                v
+            },
+            ErrorCode::BadImage,
+        ),
+        (
+            "corrupted byte",
+            |_, _| {
+                let mut v = image(Chip::Esp32c3, "1.1.0", 100_000);
+                v[50_000] ^= 0x01;
+                v
+            },
+            ErrorCode::BadImage,
+        ),
+    ];
+    for (name, setup, code) in cases {
+        let mut d = device();
+        let before = d.slot_bytes(0, 200_000);
+        let mut j = job(URL);
+        let file = setup(&mut d, &mut j);
+        d.start(j);
+        if d.engine.is_busy() {
+            d.serve(&file);
+        }
+        assert_eq!(d.failed_with(), Some(code), "{name}: {:?}", d.published);
+        assert!(!d.rebooted, "{name}");
+        assert!(!d.engine.is_busy(), "{name}: the device is free again");
+        assert_eq!(d.slot_bytes(0, 200_000), before, "{name}");
+        let ota = Otadata::read(&mut d.flash, d.layout.otadata).unwrap();
+        assert_eq!(ota.selected_slot(2), None, "{name}: otadata untouched");
+        // And the next command works.
+        d.published.clear();
+        d.fetches.clear();
+        d.start(job(URL));
+        d.serve(&good());
+        assert!(d.rebooted, "{name}: the next command succeeds");
+    }
+}
+
+#[test]
+fn a_wrong_chip_is_refused_before_the_slot_is_erased() {
+    let mut d = device();
+    // Something recognisable in the first sector of ota_1.
+    let slot1 = d.layout.slots[1].offset;
+    embedded_storage::nor_flash::NorFlash::write(&mut d.flash, slot1, &[0x12, 0x34, 0x56, 0x78])
+        .unwrap();
+    d.start(job(URL));
+    d.serve(&image(Chip::Esp32c6, "1.1.0", 100_000));
+    assert_eq!(d.failed_with(), Some(ErrorCode::WrongChip));
+    assert_eq!(d.slot_bytes(1, 4), vec![0x12, 0x34, 0x56, 0x78]);
+}
+
+#[test]
+fn content_length_beyond_the_slot_is_refused_at_once() {
+    let mut d = device();
+    d.start(job(URL));
+    d.respond(200, Some(0x1e0000), None);
+    assert_eq!(d.failed_with(), Some(ErrorCode::TooLarge));
+}
+
+#[test]
+fn a_server_that_sends_endless_data_is_cut_off() {
+    let mut d = device();
+    let v2 = image(Chip::Esp32c3, "1.1.0", 100_000);
+    d.start(job(URL));
+    d.respond(200, Some(v2.len() as u32), None);
+    d.body(&v2);
+    d.body(&[0u8; 4096]);
+    assert_eq!(d.failed_with(), Some(ErrorCode::SizeMismatch));
+}
+
+#[test]
+fn without_a_length_an_image_larger_than_the_slot_is_too_large() {
+    let mut d = device();
+    d.start(job(URL));
+    d.respond(200, None, None);
+    let mut sent = 0;
+    while d.engine.is_busy() && sent < 3 * 1024 * 1024 {
+        // A valid header first, then filler, without end.
+        let head = image(Chip::Esp32c3, "1.1.0", 100_000);
+        let chunk = if sent == 0 {
+            head[..4096].to_vec()
+        } else {
+            vec![0u8; 4096]
+        };
+        d.body(&chunk);
+        sent += 4096;
+    }
+    assert!(
+        matches!(
+            d.failed_with(),
+            Some(ErrorCode::TooLarge | ErrorCode::BadImage)
+        ),
+        "{:?}",
+        d.published.last()
+    );
+    assert!(sent <= 0x1e0000 + 4096);
+}
+
+#[test]
+fn http_404_fails_with_http_status() {
+    let mut d = device();
+    d.start(job(URL));
+    d.respond(404, Some(10), None);
+    assert_eq!(d.failed_with(), Some(ErrorCode::HttpStatus));
+}
+
+#[test]
+fn server_errors_are_retried_with_growing_backoff_then_fail() {
+    let mut d = device();
+    d.start(job(URL));
+    let mut gaps = Vec::new();
+    for _ in 0..6 {
+        d.respond(503, None, None);
+        let asked = d.fetches.len();
+        let mut waited = 0;
+        while d.fetches.len() == asked && d.engine.is_busy() {
+            d.tick(100);
+            waited += 100;
+        }
+        gaps.push(waited);
+    }
+    assert_eq!(d.failed_with(), Some(ErrorCode::HttpStatus));
+    assert!(gaps.windows(2).take(4).all(|w| w[0] < w[1]), "{gaps:?}");
+    assert_eq!(d.fetches.len(), 6, "the first fetch and five retries");
+}
+
+#[test]
+fn a_dropped_connection_resumes_from_the_last_whole_page_with_range() {
+    let mut d = device();
+    let v2 = image(Chip::Esp32c3, "1.1.0", 300_000);
+    d.start(job(URL));
+    d.respond(200, Some(v2.len() as u32), None);
+    d.body(&v2[..150_500]);
+    d.event(Event::FetchFailed("connection reset"));
+    d.tick(5_000);
+    let from = *d.fetches.last().unwrap();
+    assert_eq!(from, (150_500 / PAGE_SIZE) * PAGE_SIZE);
+    d.serve(&v2);
+    assert!(d.rebooted);
+    assert_eq!(d.slot_bytes(1, v2.len()), v2);
+}
+
+#[test]
+fn a_body_that_ends_early_is_resumed_not_failed() {
+    let mut d = device();
+    let v2 = image(Chip::Esp32c3, "1.1.0", 300_000);
+    d.start(job(URL));
+    d.respond(200, Some(v2.len() as u32), None);
+    d.body(&v2[..100_000]);
+    d.event(Event::BodyEnd);
+    d.tick(5_000);
+    assert!(*d.fetches.last().unwrap() > 0);
+    d.serve(&v2);
+    assert!(d.rebooted);
+}
+
+#[test]
+fn a_server_that_ignores_range_is_restarted_cleanly() {
+    let mut d = device();
+    let v2 = image(Chip::Esp32c3, "1.1.0", 300_000);
+    d.start(job(URL));
+    d.respond(200, Some(v2.len() as u32), None);
+    d.body(&v2[..200_000]);
+    d.event(Event::FetchFailed("connection reset"));
+    d.tick(5_000);
+    assert!(*d.fetches.last().unwrap() > 0);
+    // The server answers the ranged request with the whole file.
+    d.respond(200, Some(v2.len() as u32), None);
+    d.body(&v2);
+    d.event(Event::BodyEnd);
+    assert!(d.rebooted, "{:?}", d.published.last());
+    assert_eq!(d.slot_bytes(1, v2.len()), v2);
+}
+
+#[test]
+fn a_stalled_server_ends_with_timeout_after_the_retries() {
+    let mut d = device();
+    d.start(job(URL));
+    d.respond(200, Some(300_000), None);
+    let mut elapsed = 0;
+    while d.engine.is_busy() {
+        d.tick(1_000);
+        elapsed += 1_000;
+        assert!(elapsed < 600_000);
+    }
+    assert_eq!(d.failed_with(), Some(ErrorCode::Timeout));
+    // 6 stalls of 15 s plus the backoff between them (1+2+4+8+16 s).
+    assert!(elapsed <= 6 * 15_000 + 31_000 + 6_000, "{elapsed} ms");
+}
+
+#[test]
+fn the_overall_deadline_ends_the_update_with_timeout() {
+    let mut d = device();
+    let mut j = job(URL);
+    j.timeout_s = Some(10);
+    d.start(j);
+    d.respond(200, Some(300_000), None);
+    let v2 = image(Chip::Esp32c3, "1.1.0", 300_000);
+    // A slow but steady server: a chunk every second.
+    for c in v2.chunks(1024).take(20) {
+        d.now += 1_000;
+        d.event(Event::Body(c));
+        d.event(Event::Tick);
+    }
+    assert_eq!(d.failed_with(), Some(ErrorCode::Timeout));
+    assert!(!d.engine.is_busy());
+}
+
+#[test]
+fn set_timeout_sets_the_deadline_of_later_updates() {
+    let mut d = device();
+    d.engine.set_timeout(3_000);
+    d.start(job(URL));
+    d.respond(200, Some(300_000), None);
+    d.tick(1_000);
+    assert!(d.engine.is_busy());
+    d.tick(2_000);
+    assert_eq!(d.failed_with(), Some(ErrorCode::Timeout));
+}
+
+#[test]
+fn a_second_start_during_an_update_is_refused_busy() {
+    let mut d = device();
+    let v2 = image(Chip::Esp32c3, "1.1.0", 300_000);
+    d.start(job(URL));
+    d.respond(200, Some(v2.len() as u32), None);
+    d.body(&v2[..50_000]);
+    let mut other = job("http://elsewhere/fw.bin");
+    other.job = Some("job-2".try_into().unwrap());
+    d.start(other);
+    let busy = d
+        .published
+        .iter()
+        .find(|p| p.error == Some(ErrorCode::Busy))
+        .unwrap();
+    assert_eq!(busy.job.as_deref(), Some("job-2"));
+    assert_eq!(d.engine.url(), Some(URL));
+    d.body(&v2[50_000..]);
+    d.event(Event::BodyEnd);
+    assert!(d.rebooted);
+}
+
+#[test]
+fn cancel_stops_the_update_and_frees_the_device() {
+    let mut d = device();
+    let v2 = image(Chip::Esp32c3, "1.1.0", 300_000);
+    d.start(job(URL));
+    d.respond(200, Some(v2.len() as u32), None);
+    d.body(&v2[..50_000]);
+    d.event(Event::Command(Command::Cancel { job: None }));
+    assert_eq!(d.last().phase, Phase::Cancelled);
+    assert_eq!(d.last().error, Some(ErrorCode::Cancelled));
+    assert!(!d.engine.is_busy());
+    assert!(d.layout.slots[1]
+        .journal()
+        .has(&mut d.flash, Flag::Abandoned)
+        .unwrap());
+    // A cancelled download is not resumed after a reboot.
+    assert!(d.engine.resume(&mut d.flash, d.now).is_none());
+}
+
+#[test]
+fn a_download_cut_by_a_reboot_resumes_from_the_journal() {
+    let mut d = device();
+    let v2 = image(Chip::Esp32c3, "1.1.0", 300_000);
+    d.start(job(URL));
+    d.respond(200, Some(v2.len() as u32), None);
+    d.body(&v2[..170_000]);
+    // Reboot: a new engine on the same flash.
+    let flash = std::mem::replace(&mut d.flash, mqota_flash_sim::SimFlash::new(16));
+    let mut d = rig_on(flash, d.layout.clone());
+    let a = d
+        .engine
+        .resume(&mut d.flash, d.now)
+        .expect("something to resume");
+    d.apply(a);
+    let from = *d.fetches.last().unwrap();
+    assert_eq!(from, (170_000 / PAGE_SIZE) * PAGE_SIZE);
+    assert_eq!(d.engine.job().map(|j| j.as_str()), Some("job-1"));
+    d.serve(&v2);
+    assert!(d.rebooted, "{:?}", d.published.last());
+    assert_eq!(d.slot_bytes(1, v2.len()), v2);
+}
+
+#[test]
+fn the_running_version_is_not_downloaded_again_unless_forced() {
+    let mut d = device();
+    let mut j = job(URL);
+    j.version = Some("1.0.0".try_into().unwrap());
+    d.start(j.clone());
+    assert_eq!(d.last().phase, Phase::Done);
+    assert!(d.fetches.is_empty());
+    j.force = true;
+    d.start(j);
+    assert_eq!(d.fetches, vec![0]);
+}
+
+#[test]
+fn the_verify_hook_can_refuse_an_image() {
+    let mut d = device();
+    let mut cfg = mqota_core::engine::Config::new("dev-1", Chip::Esp32c3, "1.0.0");
+    cfg.verify_hook = Some(|_, _| Err(ErrorCode::BadSignature));
+    d.engine = Engine::new(cfg, d.layout.clone());
+    d.start(job(URL));
+    d.serve(&image(Chip::Esp32c3, "1.1.0", 100_000));
+    assert_eq!(d.failed_with(), Some(ErrorCode::BadSignature));
+    assert!(!d.rebooted);
+}
+
+#[test]
+fn erases_ahead_in_64k_blocks_where_aligned() {
+    let mut d = device();
+    let v2 = image(Chip::Esp32c3, "1.1.0", 1_000_000);
+    d.start(job(URL));
+    d.flash.reset_stats();
+    d.serve(&v2);
+    let s = d.flash.stats();
+    // ota_1 starts 64 KiB aligned: 15 whole blocks, then 4 KiB sectors for the rest,
+    // plus the otadata sector.
+    assert!(s.block_erases >= 15, "{s:?}");
+    assert!(s.sector_erases <= 17, "{s:?}");
+    let mut back = vec![0u8; v2.len()];
+    d.flash.read(d.layout.slots[1].offset, &mut back).unwrap();
+    assert_eq!(back, v2);
+}
