@@ -114,6 +114,10 @@ impl Layout {
     }
 }
 
+/// Extra verification of an image that passed every built-in check: gets the
+/// image's description and the job, returns the error code to fail with.
+pub type VerifyHook = fn(&image::ImageInfo, &JobRecord) -> Result<(), ErrorCode>;
+
 /// Tunables of the engine. [`Config::new`] gives the defaults.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -139,7 +143,7 @@ pub struct Config {
     pub progress_interval_ms: Millis,
     /// Extra verification of a downloaded image before it is activated: where
     /// a signature check plugs in. Returns the error code to fail with.
-    pub verify_hook: Option<fn(&image::ImageInfo, &JobRecord) -> Result<(), ErrorCode>>,
+    pub verify_hook: Option<VerifyHook>,
 }
 
 impl Config {
@@ -172,6 +176,8 @@ fn truncated<const N: usize>(s: &str) -> String<N> {
 }
 
 /// What the caller tells the engine.
+// Events are built and consumed at once, never stored: no allocator to box in.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Event<'a> {
     /// A command arrived on one of the device's command topics.
@@ -201,6 +207,8 @@ pub struct Response {
 }
 
 /// What the engine asks the caller to do, in order.
+// A progress event is the common case; boxing it would need an allocator.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Publish this progress event on the progress topic.
