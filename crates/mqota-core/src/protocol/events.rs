@@ -124,8 +124,8 @@ pub enum ErrorCode {
     /// message names what is wrong. Sent with `failed` instead of starting;
     /// whatever the device was doing carries on.
     BadCommand,
-    /// A start command arrived while another update is in flight. The running
-    /// update carries on; the new command is dropped.
+    /// A start or rollback command arrived while an update is in flight. The
+    /// running update carries on; the new command is dropped.
     Busy,
     /// The firmware server answered with a status other than 200 (or 206 for
     /// a resumed range request); the message carries the status.
