@@ -75,10 +75,7 @@ impl Backoff {
             Jitter::Full => {
                 // Shifts past 63 would overflow; by then the cap has long won.
                 let shift = self.attempt.min(62);
-                self.base_ms
-                    .checked_mul(1u64 << shift)
-                    .unwrap_or(u64::MAX)
-                    .min(self.max_ms)
+                self.base_ms.saturating_mul(1u64 << shift).min(self.max_ms)
             }
             Jitter::Decorrelated => self.previous_ms.saturating_mul(3).min(self.max_ms),
         }

@@ -272,3 +272,29 @@ async fn a_link_drop_triggers_link_reconnect_and_mqtt_follows() {
         })
         .await;
 }
+
+#[tokio::test]
+async fn keep_alive_pings_hold_an_idle_connection_open() {
+    let broker = Mosquitto::start();
+    let net = TokioNet;
+    let mut arena = [0u8; MQTT_RX_BUFFER];
+    let mut buffers = MqttBuffers::new(&mut arena);
+    let mut cfg = config(broker.port());
+    // Mosquitto drops a client silent for 1.5 keep-alives (3 s here) but
+    // checks coarsely, so idle long enough that it surely would have.
+    cfg.keep_alive_secs = 2;
+    let mut session = MqttSession::new(&net, &net, &mut buffers, cfg);
+    session.connect().await.expect("connect");
+
+    let idle = session
+        .poll(Instant::now() + Duration::from_secs(9))
+        .await
+        .expect("still connected after 4.5 keep-alives");
+    assert!(idle.is_none());
+    assert!(session.is_connected());
+    let delivery = session
+        .publish(STATUS, b"alive", QoS::AtLeastOnce, false)
+        .await
+        .expect("publish on the kept connection");
+    assert_eq!(delivery, Delivery::Acknowledged);
+}
