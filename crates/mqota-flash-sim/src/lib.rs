@@ -1,6 +1,9 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+pub mod bootloader;
 pub mod nor;
+pub mod sweep;
 
+pub use bootloader::{BootConfig, BootError, BootOutcome, Booted, Bootloader};
 pub use nor::{FileStore, Memory, SimError, SimFlash, Stats, Timing};

@@ -354,6 +354,29 @@ impl<B: Backing> SimFlash<B> {
         self.cut = None;
     }
 
+    /// What `esptool write_flash` does: erase the sectors `bytes` covers, then
+    /// program them (padded with `0xFF` to a whole word). The rest of those
+    /// sectors ends up erased. Counts as ordinary operations.
+    pub fn write_flash(&mut self, offset: u32, bytes: &[u8]) -> Result<(), SimError> {
+        if offset % SECTOR_SIZE != 0 {
+            return Err(SimError::NotAligned);
+        }
+        let end = offset as u64 + bytes.len() as u64;
+        let erase_end = end.div_ceil(SECTOR_SIZE as u64) * SECTOR_SIZE as u64;
+        if erase_end > self.data.len() as u64 {
+            return Err(SimError::OutOfBounds);
+        }
+        NorFlash::erase(self, offset, erase_end as u32)?;
+        let whole = bytes.len() - bytes.len() % WORD_SIZE as usize;
+        NorFlash::write(self, offset, &bytes[..whole])?;
+        if whole < bytes.len() {
+            let mut last = [0xFF; WORD_SIZE as usize];
+            last[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
+            NorFlash::write(self, offset + whole as u32, &last)?;
+        }
+        Ok(())
+    }
+
     fn check_powered(&self) -> Result<(), SimError> {
         if self.powered {
             Ok(())
