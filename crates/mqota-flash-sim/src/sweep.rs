@@ -256,8 +256,7 @@ where
         if done {
             return RunEnd::Completed;
         }
-        // Idle and not done: the operator sends the command (again).
-        log.commands += 1;
+        // Idle and not done: the next cycle sends the command (again).
     }
     RunEnd::Incomplete(format!("after {MAX_BOOTS} boots"))
 }
@@ -312,10 +311,8 @@ fn cycle<F: NorFlash>(
         // old image. A cut during a trial is indistinguishable from a crash, so
         // it is rolled back (`boot_failed`) and needs the command again; in the
         // failed-trial scenario the rollback is the expected end.
-        None if log.commands > 0
-            && version == OLD
-            && (cfg.scenario == Scenario::Update || !*reported_rollback) =>
-        {
+        None if version == OLD && (cfg.scenario == Scenario::Update || !*reported_rollback) => {
+            log.commands += 1;
             let job = Job {
                 url: "http://sweep/fw.bin".try_into().expect("short url"),
                 version: Some(fx.new_version.as_str().try_into().expect("short version")),
@@ -390,10 +387,7 @@ pub fn sweep(cfg: &SweepConfig) -> Summary {
         inner: &mut clean,
         ops: Vec::new(),
     };
-    let mut log = RunLog {
-        commands: 1,
-        ..RunLog::default()
-    };
+    let mut log = RunLog::default();
     let end = run(
         &mut rec,
         |r| r.inner.is_powered(),
@@ -415,10 +409,7 @@ pub fn sweep(cfg: &SweepConfig) -> Summary {
             } else {
                 flash.cut_power_after_ops(i as u64);
             }
-            let mut log = RunLog {
-                commands: 1,
-                ..RunLog::default()
-            };
+            let mut log = RunLog::default();
             let end = run(&mut flash, sim_powered, sim_power_on, cfg, &fx, &mut log);
             summary.cut_points += 1;
             let what = if mid { "in the middle of" } else { "before" };
@@ -502,10 +493,7 @@ mod tests {
         let op: u64 = std::env::var("MQOTA_SWEEP_CUT").unwrap().parse().unwrap();
         let mut flash = SimFlash::from_bytes(fx.flash.data().to_vec());
         flash.cut_power_after_ops(op);
-        let mut log = RunLog {
-            commands: 1,
-            ..RunLog::default()
-        };
+        let mut log = RunLog::default();
         let end = run(&mut flash, sim_powered, sim_power_on, &cfg, &fx, &mut log);
         eprintln!("{end:?} {log:?}");
     }

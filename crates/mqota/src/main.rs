@@ -25,6 +25,8 @@ enum Command {
     /// Inspect whole flash dumps.
     #[command(subcommand)]
     Flash(cmd::flash::FlashCommand),
+    /// Run virtual devices; sweep power cuts over the device logic.
+    Sim(cmd::sim::SimArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,6 +35,7 @@ fn main() -> std::process::ExitCode {
         Command::Image(c) => c.run(),
         Command::Partitions(c) => c.run(),
         Command::Flash(c) => c.run(),
+        Command::Sim(c) => c.run(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

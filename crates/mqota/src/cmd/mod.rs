@@ -2,3 +2,4 @@
 pub mod flash;
 pub mod image;
 pub mod partitions;
+pub mod sim;
