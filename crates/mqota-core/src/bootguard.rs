@@ -25,6 +25,9 @@
 //!      failed, by the guard's hand or the rollback bootloader's (which turns
 //!      a `PENDING_VERIFY` found at boot into `ABORTED`). Report
 //!      `rolled_back` with the recorded reason, `boot_failed` if none.
+//!    - `confirmed`, and otadata once selected it later than the running
+//!      image: the confirmation was cut between the journal and otadata and
+//!      the rollback bootloader aborted the entry. Finish the confirmation.
 //!    - `activated` but otadata never selected it: power was cut between the
 //!      journal write and the otadata write. Re-verify and finish activating.
 //!    - neither `activated` nor `abandoned`: a download was cut short by a
@@ -209,10 +212,6 @@ pub fn on_boot<F: NorFlash>(flash: &mut F, layout: &Layout) -> Result<Boot, Guar
     let confirmed = other.has(flash, Flag::Confirmed)?;
     let rolled_back = other.rollback_reason(flash)?;
     if other.has(flash, Flag::Activated)? {
-        if confirmed && rolled_back.is_none() {
-            // The image before the running one: its story is told.
-            return Ok(boot);
-        }
         let running_seq = entry.map_or(0, |e| e.seq);
         let selected_later = ota.entries.iter().any(|e| {
             e.seq != SEQ_BLANK
@@ -220,6 +219,29 @@ pub fn on_boot<F: NorFlash>(flash: &mut F, layout: &Layout) -> Result<Boot, Guar
                 && e.slot(layout.slots.len()) == Some(target)
                 && e.seq > running_seq
         });
+        if confirmed && rolled_back.is_none() && selected_later {
+            // The image passed its trial, but the confirmation was cut
+            // between the journal and otadata, and the rollback bootloader
+            // then aborted the entry still PENDING_VERIFY. The trial's verdict
+            // stands: select the image again, valid this time.
+            let slot = layout.slots[target];
+            if image::validate_flash(flash, slot.offset, slot.max_image_len()).is_ok() {
+                info!("finishing a confirmation the bootloader aborted");
+                otadata::set_boot_slot(
+                    flash,
+                    layout.otadata,
+                    target,
+                    layout.slots.len(),
+                    OtaState::Valid,
+                )?;
+                boot.verdict = Verdict::Reboot;
+                return Ok(boot);
+            }
+        }
+        if confirmed && rolled_back.is_none() {
+            // The image before the running one: its story is told.
+            return Ok(boot);
+        }
         if !selected_later && rolled_back.is_none() && !confirmed {
             // Cut between the journal's `activated` and otadata: finish the
             // activation if the image is still sound.
@@ -290,7 +312,9 @@ fn previous_slot<F: NorFlash>(flash: &mut F, layout: &Layout) -> Result<usize, G
     {
         return Err(GuardError::NoPreviousImage);
     }
-    if journal.job(flash)?.is_some() && !journal.has(flash, Flag::Activated)? {
+    // Nor is one that never passed it: a partial download, or a trial that
+    // the rollback bootloader aborted (which leaves no rollback mark).
+    if journal.job(flash)?.is_some() && !journal.has(flash, Flag::Confirmed)? {
         return Err(GuardError::NoPreviousImage);
     }
     image::validate_flash(flash, slot.offset, slot.max_image_len())
