@@ -1,0 +1,208 @@
+//! The firmware directory: each regular file is read through the same image
+//! validator the device runs, so the catalogue says what a device would
+//! accept. Files that are not valid images stay listed with an `error`, and
+//! `deploy` refuses them.
+//!
+//! Results are cached by (size, modification time): the firmware server
+//! answers `ETag` from the cached SHA-256 without hashing the file on every
+//! request.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::UNIX_EPOCH;
+
+use mqota_core::image::validate_bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// One file of the firmware directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareEntry {
+    /// File name, also the last part of its URL.
+    pub name: String,
+    /// Chip of the image, e.g. `esp32c3`; `None` if not a valid image.
+    pub chip: Option<String>,
+    /// `project_name` of the app descriptor.
+    pub project: Option<String>,
+    /// `version` of the app descriptor.
+    pub version: Option<String>,
+    /// File size in bytes.
+    pub size: u64,
+    /// SHA-256 of the file, hex: what an OTA job carries.
+    pub sha256: String,
+    /// Why the file is not a valid image; `None` when it is.
+    pub error: Option<String>,
+    /// Modification time, Unix seconds.
+    pub mtime: i64,
+}
+
+impl FirmwareEntry {
+    /// Reads and checks one image.
+    pub fn from_bytes(name: &str, bytes: &[u8], mtime: i64) -> Self {
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let mut e = FirmwareEntry {
+            name: name.to_owned(),
+            chip: None,
+            project: None,
+            version: None,
+            size: bytes.len() as u64,
+            sha256,
+            error: None,
+            mtime,
+        };
+        match validate_bytes(bytes).and_then(|info| info.verify().map(|()| info)) {
+            Ok(info) if info.len as usize == bytes.len() => {
+                e.chip = Some(info.chip.to_string());
+                e.project = Some(info.app.project_name.to_string());
+                e.version = Some(info.app.version.to_string());
+            }
+            Ok(info) => {
+                e.error = Some(format!(
+                    "{} bytes after the end of the image (at {})",
+                    bytes.len() - info.len as usize,
+                    info.len
+                ))
+            }
+            Err(err) => e.error = Some(format!("not a valid app image: {err}")),
+        }
+        e
+    }
+
+    /// Whether devices can be sent this file.
+    pub fn is_valid(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+/// A firmware directory and what was read from it.
+#[derive(Debug)]
+pub struct Catalogue {
+    dir: PathBuf,
+    cache: Mutex<HashMap<String, FirmwareEntry>>,
+}
+
+/// A served file's name is one path component of ordinary characters, so a
+/// request can never leave the directory.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'))
+}
+
+impl Catalogue {
+    /// A catalogue of `dir` (read on the first [`Catalogue::scan`]).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            cache: Mutex::default(),
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads the directory again (only new or changed files are hashed) and
+    /// returns every entry, by name.
+    pub fn scan(&self) -> std::io::Result<Vec<FirmwareEntry>> {
+        let mut names = Vec::new();
+        for ent in std::fs::read_dir(&self.dir)? {
+            let ent = ent?;
+            let Ok(name) = ent.file_name().into_string() else {
+                continue;
+            };
+            if is_plain_name(&name) && ent.file_type()?.is_file() {
+                names.push(name);
+            }
+        }
+        names.sort();
+        let mut out = Vec::with_capacity(names.len());
+        for name in &names {
+            if let Some(e) = self.entry(name)? {
+                out.push(e);
+            }
+        }
+        self.cache
+            .lock()
+            .unwrap()
+            .retain(|n, _| names.binary_search(n).is_ok());
+        Ok(out)
+    }
+
+    /// One entry, read again if the file changed; `None` if there is no such
+    /// file.
+    pub fn entry(&self, name: &str) -> std::io::Result<Option<FirmwareEntry>> {
+        if !is_plain_name(name) {
+            return Ok(None);
+        }
+        let path = self.dir.join(name);
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        if let Some(e) = self.cache.lock().unwrap().get(name) {
+            if e.size == meta.len() && e.mtime == mtime {
+                return Ok(Some(e.clone()));
+            }
+        }
+        let bytes = std::fs::read(&path)?;
+        let e = FirmwareEntry::from_bytes(name, &bytes, mtime);
+        self.cache
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), e.clone());
+        Ok(Some(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqota_core::image::{Chip, ImageBuilder};
+
+    #[test]
+    fn a_valid_image_is_described_and_garbage_is_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = ImageBuilder::new(Chip::Esp32c3)
+            .version("1.2.3")
+            .project("blinky")
+            .size(8192)
+            .build()
+            .unwrap();
+        std::fs::write(dir.path().join("blinky.bin"), &img).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"hello").unwrap();
+        std::fs::write(dir.path().join(".hidden"), b"x").unwrap();
+        let c = Catalogue::new(dir.path());
+        let list = c.scan().unwrap();
+        assert_eq!(list.len(), 2);
+        let b = &list[0];
+        assert_eq!(b.name, "blinky.bin");
+        assert_eq!(b.chip.as_deref(), Some("esp32c3"));
+        assert_eq!(b.version.as_deref(), Some("1.2.3"));
+        assert_eq!(b.project.as_deref(), Some("blinky"));
+        assert_eq!(b.size, 8192);
+        assert_eq!(b.sha256, hex::encode(Sha256::digest(&img)));
+        assert!(b.is_valid());
+        assert!(!list[1].is_valid(), "{:?}", list[1]);
+    }
+
+    #[test]
+    fn names_that_could_leave_the_directory_are_not_plain() {
+        for bad in ["", "..", "../x", "a/b", ".env", "a\\b", "a b"] {
+            assert!(!is_plain_name(bad), "{bad:?}");
+        }
+        assert!(is_plain_name("app-1.2.0+unhealthy.bin"));
+    }
+}

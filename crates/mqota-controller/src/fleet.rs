@@ -1,0 +1,392 @@
+//! The controller's view of the fleet over MQTT (rumqttc v5): every device's
+//! retained status and latest progress event, kept current by one
+//! subscription, and the commands the controller sends.
+//!
+//! A controller that starts later learns the whole fleet from the retained
+//! statuses the broker hands out right after the subscription; [`Fleet::settle`]
+//! waits for that burst to end.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mqota_core::protocol::{Progress, Status};
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+
+use crate::url::BrokerUrl;
+
+/// What the controller knows about one device.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceView {
+    /// The device id (the status topic's level).
+    pub id: String,
+    /// Its retained status, if it published one.
+    pub status: Option<Status>,
+    /// The latest progress event seen from it since the controller started.
+    pub progress: Option<Progress>,
+}
+
+/// Something that happened in the fleet.
+#[derive(Debug, Clone)]
+pub enum FleetEvent {
+    /// A device published (or the broker handed out) a status.
+    Status(Status),
+    /// A device published a progress event.
+    Progress(Progress),
+    /// A device's retained status was cleared.
+    Removed(String),
+}
+
+/// A start command as the controller sends it; `docs/PROTOCOL.md` "Start
+/// command". `mqota_core::protocol::Job` is the device's reading of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct StartCommand {
+    /// Where the device downloads the image.
+    pub url: String,
+    /// The version the image carries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// SHA-256 of the whole image file, 64 hex digits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Image size in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u32>,
+    /// The job id echoed in every event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// Give up after this many seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u32>,
+}
+
+/// Why talking to the broker failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FleetError {
+    /// The broker could not be reached or refused the connection: check
+    /// `--broker`, credentials, and that the broker runs.
+    #[error("cannot connect to the broker at {url}: {reason}")]
+    Connect {
+        /// The broker (without password).
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The connection is gone and a command could not be queued: retry.
+    #[error("the broker connection is closed")]
+    Closed,
+    /// Commands were queued but the broker did not acknowledge all of them in
+    /// time: they may or may not have been delivered; check `mqota status`.
+    #[error("the broker did not acknowledge {0} command(s) in time")]
+    Unacknowledged(u64),
+}
+
+type Devices = Arc<Mutex<BTreeMap<String, DeviceView>>>;
+
+/// A connection to the broker that follows the fleet.
+pub struct Fleet {
+    client: AsyncClient,
+    prefix: String,
+    devices: Devices,
+    events: broadcast::Sender<FleetEvent>,
+    sent: Arc<AtomicU64>,
+    acked: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Fleet {
+    /// Connects as `client_id`, subscribes to `{prefix}/+/status` and
+    /// `{prefix}/progress`, and returns once the subscription is in place.
+    pub async fn connect(
+        url: &BrokerUrl,
+        prefix: &str,
+        client_id: &str,
+    ) -> Result<Self, FleetError> {
+        let mut o = MqttOptions::new(client_id, url.host.clone(), url.port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_start(true);
+        // rumqttc's default caps incoming packets at 10 KiB; statuses are
+        // smaller, but a generous cap avoids dropping the link over one odd
+        // retained message under the same prefix.
+        o.set_max_packet_size(Some(1024 * 1024));
+        if let Some(u) = &url.username {
+            o.set_credentials(u.clone(), url.password.clone().unwrap_or_default());
+        }
+        // Big enough that a rollout to thousands of devices queues its
+        // commands without waiting on the event loop.
+        let (client, mut ev) = AsyncClient::new(o, 4096);
+        let devices: Devices = Arc::default();
+        let (events, _) = broadcast::channel(8192);
+        let sent = Arc::new(AtomicU64::new(0));
+        let acked = Arc::new(AtomicU64::new(0));
+        let (ready_tx, mut ready_rx) = watch::channel(None::<Result<(), String>>);
+
+        let filters = [format!("{prefix}/+/status"), format!("{prefix}/progress")];
+        let task = {
+            let client = client.clone();
+            let devices = devices.clone();
+            let events = events.clone();
+            let acked = acked.clone();
+            let prefix = prefix.to_owned();
+            tokio::spawn(async move {
+                let mut ever_ready = false;
+                loop {
+                    match ev.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            // A clean start loses subscriptions: renew them on
+                            // every (re)connect.
+                            for f in &filters {
+                                let _ = client.try_subscribe(f.clone(), QoS::AtLeastOnce);
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            if !ever_ready {
+                                ever_ready = true;
+                                let _ = ready_tx.send(Some(Ok(())));
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::PubAck(_))) => {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            let topic = String::from_utf8_lossy(&p.topic);
+                            handle_publish(&prefix, &topic, &p.payload, &devices, &events);
+                        }
+                        Ok(Event::Incoming(Packet::Disconnect(_))) => {
+                            tracing::warn!("broker disconnected the controller");
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            if !ever_ready {
+                                let _ = ready_tx.send(Some(Err(e.to_string())));
+                                return;
+                            }
+                            tracing::warn!("broker connection lost: {e}; reconnecting");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            })
+        };
+
+        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(r) = ready_rx.borrow_and_update().clone() {
+                    return r;
+                }
+                if ready_rx.changed().await.is_err() {
+                    return Err("event loop ended".to_owned());
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err("no answer within 10 s".to_owned()));
+        if let Err(reason) = outcome {
+            task.abort();
+            return Err(FleetError::Connect {
+                url: url.to_string(),
+                reason,
+            });
+        }
+        Ok(Self {
+            client,
+            prefix: prefix.to_owned(),
+            devices,
+            events,
+            sent,
+            acked,
+            task,
+        })
+    }
+
+    /// Waits until retained statuses stop arriving (`quiet` without one), at
+    /// most `max`: after this, [`Fleet::devices`] holds the whole fleet.
+    pub async fn settle(&self, quiet: Duration, max: Duration) {
+        let mut rx = self.events.subscribe();
+        let _ = tokio::time::timeout(max, async {
+            while let Ok(Ok(_)) = tokio::time::timeout(quiet, rx.recv()).await {}
+        })
+        .await;
+    }
+
+    /// Every device seen, by id.
+    pub fn devices(&self) -> Vec<DeviceView> {
+        self.devices.lock().unwrap().values().cloned().collect()
+    }
+
+    /// One device, if seen.
+    pub fn device(&self, id: &str) -> Option<DeviceView> {
+        self.devices.lock().unwrap().get(id).cloned()
+    }
+
+    /// Events from now on.
+    pub fn events(&self) -> broadcast::Receiver<FleetEvent> {
+        self.events.subscribe()
+    }
+
+    /// The topic prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Sends a start command to one device (`{prefix}/{id}/ota/start`, QoS 1).
+    pub async fn start(&self, id: &str, cmd: &StartCommand) -> Result<(), FleetError> {
+        let payload = serde_json::to_vec(cmd).expect("a start command serialises");
+        self.publish(format!("{}/{id}/ota/start", self.prefix), payload)
+            .await
+    }
+
+    /// Sends `cancel` to one device, for `job` if given.
+    pub async fn cancel(&self, id: &str, job: Option<&str>) -> Result<(), FleetError> {
+        self.publish(format!("{}/{id}/ota/cancel", self.prefix), job_payload(job))
+            .await
+    }
+
+    /// Sends `rollback` to one device, reported under `job` if given.
+    pub async fn rollback(&self, id: &str, job: Option<&str>) -> Result<(), FleetError> {
+        self.publish(
+            format!("{}/{id}/ota/rollback", self.prefix),
+            job_payload(job),
+        )
+        .await
+    }
+
+    async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), FleetError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .map_err(|_| FleetError::Closed)?;
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Waits until the broker acknowledged every command sent so far, at
+    /// most `max`.
+    pub async fn flush(&self, max: Duration) -> Result<(), FleetError> {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let sent = self.sent.load(Ordering::Relaxed);
+            let acked = self.acked.load(Ordering::Relaxed);
+            if acked >= sent {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(FleetError::Unacknowledged(sent - acked));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Flushes, then disconnects politely.
+    pub async fn close(self) -> Result<(), FleetError> {
+        let flushed = self.flush(Duration::from_secs(10)).await;
+        let _ = self.client.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.task.abort();
+        flushed
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn job_payload(job: Option<&str>) -> Vec<u8> {
+    match job {
+        Some(j) => serde_json::to_vec(&serde_json::json!({ "job": j })).expect("json"),
+        None => Vec::new(),
+    }
+}
+
+fn handle_publish(
+    prefix: &str,
+    topic: &str,
+    payload: &[u8],
+    devices: &Devices,
+    events: &broadcast::Sender<FleetEvent>,
+) {
+    let Some(rest) = topic.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+        return;
+    };
+    if rest == "progress" {
+        match serde_json::from_slice::<Progress>(payload) {
+            Ok(p) => {
+                let id = p.device.to_string();
+                let mut d = devices.lock().unwrap();
+                let entry = d.entry(id.clone()).or_insert_with(|| DeviceView {
+                    id,
+                    status: None,
+                    progress: None,
+                });
+                entry.progress = Some(p.clone());
+                drop(d);
+                let _ = events.send(FleetEvent::Progress(p));
+            }
+            Err(e) => tracing::debug!("ignoring a progress event that does not parse: {e}"),
+        }
+        return;
+    }
+    let Some(id) = rest.strip_suffix("/status") else {
+        return;
+    };
+    if id.contains('/') {
+        return;
+    }
+    if payload.is_empty() {
+        devices.lock().unwrap().remove(id);
+        let _ = events.send(FleetEvent::Removed(id.to_owned()));
+        return;
+    }
+    match serde_json::from_slice::<Status>(payload) {
+        Ok(s) => {
+            let mut d = devices.lock().unwrap();
+            let entry = d.entry(id.to_owned()).or_insert_with(|| DeviceView {
+                id: id.to_owned(),
+                status: None,
+                progress: None,
+            });
+            entry.status = Some(s.clone());
+            drop(d);
+            let _ = events.send(FleetEvent::Status(s));
+        }
+        Err(e) => tracing::debug!("ignoring a status of {id} that does not parse: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqota_core::protocol::{parse_command, Command, CommandOutcome, TopicKind};
+
+    #[test]
+    fn the_start_command_is_read_by_the_device_parser_field_for_field() {
+        let cmd = StartCommand {
+            url: "http://10.0.0.2:8080/firmware/app-1.1.0.bin".into(),
+            version: Some("1.1.0".into()),
+            sha256: Some("ab".repeat(32)),
+            size: Some(262_144),
+            job: Some("d-1700000000-42".into()),
+            timeout_s: Some(300),
+        };
+        let payload = serde_json::to_vec(&cmd).unwrap();
+        match parse_command(TopicKind::Start, &payload, "c3-1") {
+            Ok(CommandOutcome::Command(Command::Start(job))) => {
+                assert_eq!(job.url.as_str(), cmd.url);
+                assert_eq!(job.version.as_deref(), Some("1.1.0"));
+                assert_eq!(job.sha256, Some([0xab; 32]));
+                assert_eq!(job.size, Some(262_144));
+                assert_eq!(job.job.as_deref(), Some("d-1700000000-42"));
+                assert_eq!(job.timeout_s, Some(300));
+            }
+            other => panic!("device refused the controller's command: {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,18 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+pub mod broker;
+pub mod catalogue;
+pub mod fleet;
+pub mod http;
+pub mod rollout;
+pub mod store;
+pub mod url;
+
+/// Seconds since the Unix epoch, the timestamps kept in the store.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

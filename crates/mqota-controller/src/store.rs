@@ -1,0 +1,615 @@
+//! The controller's state in SQLite: the firmware catalogue, the devices with
+//! a history of their status changes, and every deployment with each device's
+//! result.
+//!
+//! One file, `mqota.sqlite3` in the data directory, opened in WAL mode with a
+//! busy timeout so `serve` and `deploy` can have it open at the same time.
+//!
+//! | table | key | holds |
+//! |---|---|---|
+//! | `firmware` | `name` | what [`crate::catalogue`] read from each file |
+//! | `devices` | `id` | the latest retained status (JSON) |
+//! | `device_history` | row id | every status change and every terminal progress event |
+//! | `deployments` | `id` (the job id) | firmware, job fields, options, state |
+//! | `deployment_devices` | `(deployment, device)` | stage, result, error, the version before |
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::catalogue::FirmwareEntry;
+use crate::unix_now;
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "mqota.sqlite3";
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The data directory cannot be created or the database opened: check
+    /// `--data-dir` and its permissions.
+    #[error("cannot open the database {path}: {source}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// A query failed (disk full, database locked for too long, corrupt
+    /// file): report it; the operation did not happen.
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A deployment id that the database does not know: check the id
+    /// (`mqota deploy --list`, `/api/deployments`).
+    #[error("no deployment {0:?}")]
+    UnknownDeployment(String),
+}
+
+/// Where a deployment stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentState {
+    /// Stages are still being sent or waited for.
+    Running,
+    /// Every selected device runs the new firmware.
+    Succeeded,
+    /// Stopped because failures passed the threshold.
+    Failed,
+}
+
+impl DeploymentState {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+    fn parse(s: &str) -> Self {
+        match s {
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            _ => Self::Running,
+        }
+    }
+}
+
+/// Where one device of a deployment stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    /// Its stage has not been sent yet.
+    Pending,
+    /// The job was sent; no result yet.
+    Sent,
+    /// It reported `done` or its status shows the new version.
+    Done,
+    /// It reported `failed`.
+    Failed,
+    /// The new firmware was abandoned (health check or boot failed).
+    RolledBack,
+    /// A cancel command stopped it.
+    Cancelled,
+    /// No result within the per-device timeout.
+    TimedOut,
+    /// Never sent: the rollout stopped before its stage.
+    Skipped,
+    /// It had updated, and the controller rolled it back after the rollout
+    /// stopped (`--auto-rollback`).
+    Reverted,
+    /// The controller's rollback did not confirm in time or failed.
+    RevertFailed,
+}
+
+impl DeviceState {
+    /// Every state.
+    pub const ALL: [DeviceState; 10] = [
+        Self::Pending,
+        Self::Sent,
+        Self::Done,
+        Self::Failed,
+        Self::RolledBack,
+        Self::Cancelled,
+        Self::TimedOut,
+        Self::Skipped,
+        Self::Reverted,
+        Self::RevertFailed,
+    ];
+
+    /// The name in the database, the API and the summary.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sent => "sent",
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::RolledBack => "rolled_back",
+            Self::Cancelled => "cancelled",
+            Self::TimedOut => "timed_out",
+            Self::Skipped => "skipped",
+            Self::Reverted => "reverted",
+            Self::RevertFailed => "revert_failed",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .unwrap_or(Self::Pending)
+    }
+
+    /// A job that ended without the new firmware running.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            Self::Failed | Self::RolledBack | Self::Cancelled | Self::TimedOut
+        )
+    }
+
+    /// The device's job is over (whatever the result).
+    pub fn is_finished(self) -> bool {
+        !matches!(self, Self::Pending | Self::Sent)
+    }
+}
+
+/// One device in a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentDevice {
+    /// Device id.
+    pub device: String,
+    /// Stage index: 0 is the canary when there is one.
+    pub stage: u32,
+    /// Where it stands.
+    pub state: DeviceState,
+    /// The device's error code or the controller's reason, if any.
+    pub error: Option<String>,
+    /// The version it ran when the deployment was planned.
+    pub from_version: Option<String>,
+    /// Last change, Unix seconds.
+    pub updated_at: i64,
+}
+
+/// A deployment and its devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// The job id sent to devices.
+    pub id: String,
+    /// What the operator named: a catalogue name or a URL.
+    pub firmware: String,
+    /// The start command's URL.
+    pub url: String,
+    /// Version of the image.
+    pub version: String,
+    /// SHA-256 of the image file, hex.
+    pub sha256: String,
+    /// Image size in bytes.
+    pub size: u32,
+    /// The rollout options, as JSON (see [`crate::rollout::RolloutOptions`]).
+    pub options: serde_json::Value,
+    /// Where it stands.
+    pub state: DeploymentState,
+    /// Why it stopped, when it failed.
+    pub reason: Option<String>,
+    /// Created, Unix seconds.
+    pub created_at: i64,
+    /// Last change, Unix seconds.
+    pub updated_at: i64,
+    /// Its devices, by stage then id.
+    pub devices: Vec<DeploymentDevice>,
+}
+
+/// A device as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredDevice {
+    /// Device id.
+    pub id: String,
+    /// Its latest status document.
+    pub status: serde_json::Value,
+    /// When it last changed, Unix seconds.
+    pub updated_at: i64,
+}
+
+/// One entry of a device's history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryEntry {
+    /// Unix seconds.
+    pub at: i64,
+    /// `status` or `progress`.
+    pub kind: String,
+    /// The document.
+    pub data: serde_json::Value,
+}
+
+/// The database.
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS firmware (
+    name TEXT PRIMARY KEY, chip TEXT, project TEXT, version TEXT,
+    size INTEGER NOT NULL, sha256 TEXT NOT NULL, error TEXT, mtime INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY, status TEXT NOT NULL, updated_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS device_history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, at INTEGER NOT NULL,
+    kind TEXT NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS device_history_by_device ON device_history(device, seq);
+CREATE TABLE IF NOT EXISTS deployments (
+    id TEXT PRIMARY KEY, firmware TEXT NOT NULL, url TEXT NOT NULL, version TEXT NOT NULL,
+    sha256 TEXT NOT NULL, size INTEGER NOT NULL, options TEXT NOT NULL, state TEXT NOT NULL,
+    reason TEXT, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS deployment_devices (
+    deployment TEXT NOT NULL, device TEXT NOT NULL, stage INTEGER NOT NULL,
+    state TEXT NOT NULL, error TEXT, from_version TEXT, updated_at INTEGER NOT NULL,
+    PRIMARY KEY (deployment, device));
+";
+
+impl Store {
+    /// Opens (creating if needed) the database in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join(DB_FILE);
+        let open_err = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| open_err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        let conn = Connection::open(&path).map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(open_err)?;
+        // WAL lets `serve` read while `deploy` writes; NORMAL sync is
+        // durable across process crashes, which is what a restart needs.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Replaces the firmware catalogue with `entries`.
+    pub fn replace_firmware(&self, entries: &[FirmwareEntry]) -> Result<(), StoreError> {
+        let mut c = self.conn.lock().unwrap();
+        let tx = c.transaction()?;
+        tx.execute("DELETE FROM firmware", [])?;
+        let now = unix_now();
+        for e in entries {
+            tx.execute(
+                "INSERT INTO firmware (name, chip, project, version, size, sha256, error, mtime, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![e.name, e.chip, e.project, e.version, e.size, e.sha256, e.error, e.mtime, now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The firmware catalogue, by name.
+    pub fn firmware(&self) -> Result<Vec<FirmwareEntry>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c.prepare(
+            "SELECT name, chip, project, version, size, sha256, error, mtime FROM firmware ORDER BY name",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(FirmwareEntry {
+                name: r.get(0)?,
+                chip: r.get(1)?,
+                project: r.get(2)?,
+                version: r.get(3)?,
+                size: r.get(4)?,
+                sha256: r.get(5)?,
+                error: r.get(6)?,
+                mtime: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records a device's status; a change is added to its history.
+    pub fn record_status(&self, id: &str, status: &serde_json::Value) -> Result<(), StoreError> {
+        let text = status.to_string();
+        let c = self.conn.lock().unwrap();
+        let old: Option<String> = c
+            .query_row("SELECT status FROM devices WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if old.as_deref() == Some(text.as_str()) {
+            return Ok(());
+        }
+        let now = unix_now();
+        c.execute(
+            "INSERT INTO devices (id, status, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
+            params![id, text, now],
+        )?;
+        c.execute(
+            "INSERT INTO device_history (device, at, kind, data) VALUES (?1, ?2, 'status', ?3)",
+            params![id, now, text],
+        )?;
+        Ok(())
+    }
+
+    /// Adds a progress event (the controller keeps the terminal ones) to a
+    /// device's history.
+    pub fn record_progress(&self, id: &str, event: &serde_json::Value) -> Result<(), StoreError> {
+        let c = self.conn.lock().unwrap();
+        c.execute(
+            "INSERT INTO device_history (device, at, kind, data) VALUES (?1, ?2, 'progress', ?3)",
+            params![id, unix_now(), event.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Every device with its latest status, by id.
+    pub fn devices(&self) -> Result<Vec<StoredDevice>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c.prepare("SELECT id, status, updated_at FROM devices ORDER BY id")?;
+        let rows = st.query_map([], |r| {
+            let text: String = r.get(1)?;
+            Ok(StoredDevice {
+                id: r.get(0)?,
+                status: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+                updated_at: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A device's history, oldest first.
+    pub fn history(&self, id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st =
+            c.prepare("SELECT at, kind, data FROM device_history WHERE device = ?1 ORDER BY seq")?;
+        let rows = st.query_map([id], |r| {
+            let text: String = r.get(2)?;
+            Ok(HistoryEntry {
+                at: r.get(0)?,
+                kind: r.get(1)?,
+                data: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stores a new deployment with its devices.
+    pub fn create_deployment(&self, d: &Deployment) -> Result<(), StoreError> {
+        let mut c = self.conn.lock().unwrap();
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT INTO deployments (id, firmware, url, version, sha256, size, options, state, reason, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                d.id, d.firmware, d.url, d.version, d.sha256, d.size, d.options.to_string(),
+                d.state.as_str(), d.reason, d.created_at, d.updated_at
+            ],
+        )?;
+        for dev in &d.devices {
+            tx.execute(
+                "INSERT INTO deployment_devices (deployment, device, stage, state, error, from_version, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![d.id, dev.device, dev.stage, dev.state.as_str(), dev.error, dev.from_version, dev.updated_at],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Sets one device's state in a deployment.
+    pub fn set_device_state(
+        &self,
+        deployment: &str,
+        device: &str,
+        state: DeviceState,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let c = self.conn.lock().unwrap();
+        let now = unix_now();
+        c.execute(
+            "UPDATE deployment_devices SET state = ?3, error = ?4, updated_at = ?5
+             WHERE deployment = ?1 AND device = ?2",
+            params![deployment, device, state.as_str(), error, now],
+        )?;
+        c.execute(
+            "UPDATE deployments SET updated_at = ?2 WHERE id = ?1",
+            params![deployment, now],
+        )?;
+        Ok(())
+    }
+
+    /// Sets a deployment's state and reason.
+    pub fn set_deployment_state(
+        &self,
+        id: &str,
+        state: DeploymentState,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let c = self.conn.lock().unwrap();
+        let n = c.execute(
+            "UPDATE deployments SET state = ?2, reason = ?3, updated_at = ?4 WHERE id = ?1",
+            params![id, state.as_str(), reason, unix_now()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownDeployment(id.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// One deployment with its devices.
+    pub fn deployment(&self, id: &str) -> Result<Deployment, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let d = c
+            .query_row(
+                "SELECT id, firmware, url, version, sha256, size, options, state, reason, created_at, updated_at
+                 FROM deployments WHERE id = ?1",
+                [id],
+                row_to_deployment,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::UnknownDeployment(id.to_owned()))?;
+        with_devices(&c, d)
+    }
+
+    /// Every deployment, newest first, with their devices.
+    pub fn deployments(&self) -> Result<Vec<Deployment>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c.prepare(
+            "SELECT id, firmware, url, version, sha256, size, options, state, reason, created_at, updated_at
+             FROM deployments ORDER BY created_at DESC, id DESC",
+        )?;
+        let list = st
+            .query_map([], row_to_deployment)?
+            .collect::<Result<Vec<_>, _>>()?;
+        list.into_iter().map(|d| with_devices(&c, d)).collect()
+    }
+}
+
+fn row_to_deployment(r: &rusqlite::Row<'_>) -> rusqlite::Result<Deployment> {
+    let options: String = r.get(6)?;
+    let state: String = r.get(7)?;
+    Ok(Deployment {
+        id: r.get(0)?,
+        firmware: r.get(1)?,
+        url: r.get(2)?,
+        version: r.get(3)?,
+        sha256: r.get(4)?,
+        size: r.get(5)?,
+        options: serde_json::from_str(&options).unwrap_or(serde_json::Value::Null),
+        state: DeploymentState::parse(&state),
+        reason: r.get(8)?,
+        created_at: r.get(9)?,
+        updated_at: r.get(10)?,
+        devices: Vec::new(),
+    })
+}
+
+fn with_devices(c: &Connection, mut d: Deployment) -> Result<Deployment, StoreError> {
+    let mut st = c.prepare(
+        "SELECT device, stage, state, error, from_version, updated_at FROM deployment_devices
+         WHERE deployment = ?1 ORDER BY stage, device",
+    )?;
+    let rows = st.query_map([&d.id], |r| {
+        let state: String = r.get(2)?;
+        Ok(DeploymentDevice {
+            device: r.get(0)?,
+            stage: r.get(1)?,
+            state: DeviceState::parse(&state),
+            error: r.get(3)?,
+            from_version: r.get(4)?,
+            updated_at: r.get(5)?,
+        })
+    })?;
+    d.devices = rows.collect::<Result<_, _>>()?;
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(id: &str) -> Deployment {
+        Deployment {
+            id: id.into(),
+            firmware: "app-1.1.0.bin".into(),
+            url: "http://h/firmware/app-1.1.0.bin".into(),
+            version: "1.1.0".into(),
+            sha256: "00".repeat(32),
+            size: 4096,
+            options: serde_json::json!({"canary": 1}),
+            state: DeploymentState::Running,
+            reason: None,
+            created_at: 1,
+            updated_at: 1,
+            devices: vec![
+                DeploymentDevice {
+                    device: "a".into(),
+                    stage: 0,
+                    state: DeviceState::Sent,
+                    error: None,
+                    from_version: Some("1.0.0".into()),
+                    updated_at: 1,
+                },
+                DeploymentDevice {
+                    device: "b".into(),
+                    stage: 1,
+                    state: DeviceState::Pending,
+                    error: None,
+                    from_version: Some("1.0.0".into()),
+                    updated_at: 1,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_deployment_and_its_results_survive_reopening_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.create_deployment(&deployment("d-1")).unwrap();
+            s.set_device_state(
+                "d-1",
+                "a",
+                DeviceState::RolledBack,
+                Some("health_check_failed"),
+            )
+            .unwrap();
+            s.set_deployment_state("d-1", DeploymentState::Failed, Some("1 of 1 failed"))
+                .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let d = s.deployment("d-1").unwrap();
+        assert_eq!(d.state, DeploymentState::Failed);
+        assert_eq!(d.reason.as_deref(), Some("1 of 1 failed"));
+        assert_eq!(d.devices[0].state, DeviceState::RolledBack);
+        assert_eq!(d.devices[0].error.as_deref(), Some("health_check_failed"));
+        assert_eq!(d.devices[1].state, DeviceState::Pending);
+        assert_eq!(s.deployments().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn only_status_changes_enter_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let v1 = serde_json::json!({"version": "1.0.0"});
+        let v2 = serde_json::json!({"version": "1.1.0"});
+        s.record_status("a", &v1).unwrap();
+        s.record_status("a", &v1).unwrap();
+        s.record_status("a", &v2).unwrap();
+        let h = s.history("a").unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[1].data, v2);
+        assert_eq!(s.devices().unwrap()[0].status, v2);
+    }
+
+    #[test]
+    fn an_unknown_deployment_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(matches!(
+            s.deployment("nope"),
+            Err(StoreError::UnknownDeployment(id)) if id == "nope"
+        ));
+    }
+}

@@ -1,0 +1,177 @@
+//! Broker addresses: `mqtt://[user[:password]@]host[:port]`.
+//!
+//! Kept to the subset the controller needs rather than pulling in a URL
+//! crate: a scheme, optional credentials and a host with an optional port.
+//! `mqtts://` is recognised so the error can say TLS is not built in yet.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The port MQTT brokers listen on without TLS.
+pub const DEFAULT_MQTT_PORT: u16 = 1883;
+
+/// Where the broker is and how to log in.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// User name, if the URL has one.
+    pub username: Option<String>,
+    /// Password, if the URL has one.
+    pub password: Option<String>,
+}
+
+/// Why a broker URL was refused. Fix the URL and try again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerUrlError {
+    /// Not `mqtt://`: give a URL like `mqtt://127.0.0.1:1883`.
+    #[error("broker URL must start with mqtt:// (got {0:?})")]
+    Scheme(String),
+    /// `mqtts://` needs TLS, which this build does not have: use `mqtt://`
+    /// or a TLS-terminating proxy.
+    #[error("mqtts:// is not supported yet; use mqtt://")]
+    TlsUnsupported,
+    /// Nothing between `://` and the port.
+    #[error("broker URL has no host")]
+    NoHost,
+    /// The port is not a number in 1..=65535.
+    #[error("broker URL has a bad port: {0:?}")]
+    Port(String),
+}
+
+impl FromStr for BrokerUrl {
+    type Err = BrokerUrlError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let rest = if let Some(r) = strip_prefix_ci(s, "mqtt://") {
+            r
+        } else if let Some(r) = strip_prefix_ci(s, "tcp://") {
+            r
+        } else if strip_prefix_ci(s, "mqtts://").is_some() {
+            return Err(BrokerUrlError::TlsUnsupported);
+        } else {
+            return Err(BrokerUrlError::Scheme(s.to_owned()));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (userinfo, hostport) = match rest.rfind('@') {
+            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+            None => (None, rest),
+        };
+        let (username, password) = match userinfo {
+            None => (None, None),
+            Some(u) => match u.split_once(':') {
+                Some((user, pass)) => (Some(user.to_owned()), Some(pass.to_owned())),
+                None => (Some(u.to_owned()), None),
+            },
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let end = v6.find(']').ok_or(BrokerUrlError::NoHost)?;
+            let after = &v6[end + 1..];
+            let port = match after.strip_prefix(':') {
+                Some(p) => parse_port(p)?,
+                None if after.is_empty() => DEFAULT_MQTT_PORT,
+                None => return Err(BrokerUrlError::Port(after.to_owned())),
+            };
+            (v6[..end].to_owned(), port)
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_owned(), parse_port(p)?),
+                None => (hostport.to_owned(), DEFAULT_MQTT_PORT),
+            }
+        };
+        if host.is_empty() {
+            return Err(BrokerUrlError::NoHost);
+        }
+        Ok(BrokerUrl {
+            host,
+            port,
+            username,
+            password,
+        })
+    }
+}
+
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    (s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix))
+        .then(|| &s[prefix.len()..])
+}
+
+fn parse_port(p: &str) -> Result<u16, BrokerUrlError> {
+    match p.parse::<u16>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(BrokerUrlError::Port(p.to_owned())),
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    /// Never prints the password, so the URL can go into logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("mqtt://")?;
+        if let Some(u) = &self.username {
+            write!(f, "{u}@")?;
+        }
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_host_and_port_are_split() {
+        let u: BrokerUrl = "mqtt://alice:s3cr:et@broker.lan:1884".parse().unwrap();
+        assert_eq!(u.username.as_deref(), Some("alice"));
+        assert_eq!(u.password.as_deref(), Some("s3cr:et"));
+        assert_eq!(u.host, "broker.lan");
+        assert_eq!(u.port, 1884);
+    }
+
+    #[test]
+    fn the_port_defaults_to_1883_and_ipv6_hosts_keep_their_colons() {
+        let u: BrokerUrl = "MQTT://[::1]".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 1883));
+        let u: BrokerUrl = "mqtt://host".parse().unwrap();
+        assert_eq!(u.port, DEFAULT_MQTT_PORT);
+    }
+
+    #[test]
+    fn display_hides_the_password() {
+        let u: BrokerUrl = "mqtt://bob:pw@h:1".parse().unwrap();
+        assert_eq!(u.to_string(), "mqtt://bob@h:1");
+    }
+
+    #[test]
+    fn other_schemes_tls_and_bad_ports_are_refused() {
+        assert_eq!(
+            "mqtts://h".parse::<BrokerUrl>(),
+            Err(BrokerUrlError::TlsUnsupported)
+        );
+        assert!(matches!(
+            "http://h".parse::<BrokerUrl>(),
+            Err(BrokerUrlError::Scheme(_))
+        ));
+        assert!(matches!(
+            "mqtt://h:0".parse::<BrokerUrl>(),
+            Err(BrokerUrlError::Port(_))
+        ));
+        assert_eq!(
+            "mqtt://:1883".parse::<BrokerUrl>(),
+            Err(BrokerUrlError::NoHost)
+        );
+    }
+}
