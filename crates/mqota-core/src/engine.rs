@@ -191,6 +191,9 @@ pub enum Event<'a> {
     /// The fetch failed below HTTP (connect refused, reset, DNS, TLS); the
     /// text names it for the operator.
     FetchFailed(&'static str),
+    /// The fetch delivered nothing for the transport's I/O timeout: treated
+    /// like the engine's own stall timeout (retried, `timeout` in the end).
+    Stalled,
     /// Nothing happened; lets the engine check its deadlines.
     Tick,
 }
@@ -258,6 +261,9 @@ struct Download {
     deadline: Millis,
     last_data: Millis,
     retries: u8,
+    /// The transient failure being retried, reported if the deadline passes
+    /// while backing off: it says more than `timeout` would.
+    last_failure: Option<(ErrorCode, &'static str)>,
     percent: u8,
     last_publish: Millis,
     validator: StreamValidator,
@@ -305,6 +311,17 @@ impl Engine {
     /// The job id of the update in flight.
     pub fn job(&self) -> Option<&JobId> {
         self.dl.as_ref().and_then(|d| d.record.job.as_ref())
+    }
+
+    /// When the update in flight must be over: the caller should tick the
+    /// engine by then even if the fetch is silent.
+    pub fn deadline(&self) -> Option<Millis> {
+        self.dl.as_ref().map(|d| d.deadline)
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
     }
 
     /// The flash layout the engine works on.
@@ -385,6 +402,12 @@ impl Engine {
             Event::Body(data) => self.on_body(flash, now, data, &mut actions),
             Event::BodyEnd => self.on_end(flash, now, &mut actions),
             Event::FetchFailed(why) => self.transient(now, ErrorCode::Network, why, &mut actions),
+            Event::Stalled => self.transient(
+                now,
+                ErrorCode::Timeout,
+                "no data within the stall timeout",
+                &mut actions,
+            ),
             Event::Tick => self.on_tick(now, &mut actions),
         };
         if let Err(Fail(code, why)) = result {
@@ -457,6 +480,7 @@ impl Engine {
             deadline: now + timeout,
             last_data: now,
             retries: 0,
+            last_failure: None,
             percent: 0,
             last_publish: now,
             validator: StreamValidator::new(Some(self.cfg.chip), slot.max_image_len()),
@@ -761,7 +785,10 @@ impl Engine {
             return Ok(());
         };
         if now >= dl.deadline {
-            return Err(fail(ErrorCode::Timeout, "update deadline passed"));
+            return Err(match (dl.fetch, dl.last_failure) {
+                (Fetch::Backoff(_), Some((code, why))) => fail(code, why),
+                _ => fail(ErrorCode::Timeout, "update deadline passed"),
+            });
         }
         match dl.fetch {
             Fetch::Backoff(until) if now >= until => {
@@ -805,6 +832,7 @@ impl Engine {
         }
         let delay = (self.cfg.retry_base_ms << dl.retries.min(16)).min(self.cfg.retry_max_ms);
         dl.retries += 1;
+        dl.last_failure = Some((code, why));
         dl.fetch = Fetch::Backoff(now + delay);
         // Bytes past the last whole page are dropped and fetched again.
         self.fill = 0;
@@ -901,6 +929,12 @@ fn image_fail(e: ImageError) -> Fail {
     match e {
         ImageError::WrongChip { .. } => fail(ErrorCode::WrongChip, "image is for another chip"),
         ImageError::TooLarge { .. } => fail(ErrorCode::TooLarge, "image exceeds the OTA slot"),
+        // The image's own length is the declared size when the server
+        // announced none: more data after it is an endless (or wrong) body.
+        ImageError::TrailingData { .. } => fail(
+            ErrorCode::SizeMismatch,
+            "server sent data past the end of the image",
+        ),
         ImageError::Flash(_) => fail(ErrorCode::Flash, "flash read failed during verification"),
         _ => {
             let mut why = String::new();

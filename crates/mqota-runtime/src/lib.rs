@@ -10,12 +10,14 @@ mod fmt;
 
 pub mod backoff;
 mod conn;
+pub mod device;
 pub mod http;
 pub mod mqtt;
 pub mod platform;
 
 pub use backoff::{Backoff, Jitter, XorShift32};
 pub use conn::MQTT_TX_BUFFER;
+pub use device::{early_boot, run, BootError, Booted, DeviceConfig, PROGRESS_QUEUE};
 pub use http::{
     Abort, BodySink, ContentRange, DownloadError, Downloader, ResponseInfo, BODY_CHUNK,
     HTTP_RX_BUFFER,

@@ -65,4 +65,8 @@ pub trait Platform {
     async fn health_check(&mut self) -> bool {
         true
     }
+
+    /// The trial passed and the image is confirmed: the board can stand down
+    /// whatever guards a trial boot (e.g. disarm the trial watchdog).
+    fn confirmed(&mut self) {}
 }

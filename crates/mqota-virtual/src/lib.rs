@@ -1,10 +1,12 @@
 //! The virtual device: mqota's device runtime running on the host.
 //!
-//! For now only the network adapter that lets the `no_std` runtime talk
-//! through tokio, and (feature `testing`) helpers that start real peers for
-//! tests.
+//! [`device`] runs one virtual device (see its docs); [`net`] is the network
+//! adapter that lets the `no_std` runtime talk through tokio; with the
+//! `testing` feature, [`testing`] starts real peers (Mosquitto, an HTTP
+//! server) for tests.
 #![deny(missing_docs)]
 
+pub mod device;
 pub mod net;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -73,3 +73,119 @@ impl Dns for TokioNet {
         ))
     }
 }
+
+/// The network of one virtual device: [`TokioNet`] behind the device's power
+/// rail and WiFi link. Connections refuse to open while the link is down or
+/// the power is off, and a connection dies when the power goes or the link
+/// drops after it was opened, as a real radio's would.
+#[derive(Debug, Clone)]
+pub struct VirtualNet {
+    handle: crate::device::Handle,
+}
+
+impl VirtualNet {
+    /// The network of the device controlled by `handle`.
+    pub fn new(handle: crate::device::Handle) -> Self {
+        Self { handle }
+    }
+
+    fn check(&self, epoch: Option<u64>) -> Result<(), std::io::Error> {
+        let (up, now) = self.handle.link();
+        if !self.handle.powered() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "power is off",
+            ));
+        }
+        if !up || epoch.is_some_and(|e| e != now) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "WiFi link lost",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A TCP connection of a virtual device.
+pub struct VirtualConn {
+    inner: FromTokio<TcpStream>,
+    net: VirtualNet,
+    epoch: u64,
+}
+
+impl embedded_io_async::ErrorType for VirtualConn {
+    type Error = std::io::Error;
+}
+
+impl embedded_io_async::Read for VirtualConn {
+    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
+        self.net.check(Some(self.epoch))?;
+        // Also wake up when the link or power goes while waiting for data.
+        loop {
+            tokio::select! {
+                r = embedded_io_async::Read::read(&mut self.inner, buf) => {
+                    self.net.check(Some(self.epoch))?;
+                    return r;
+                }
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
+                    self.net.check(Some(self.epoch))?;
+                }
+            }
+        }
+    }
+}
+
+impl embedded_io_async::Write for VirtualConn {
+    async fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+        self.net.check(Some(self.epoch))?;
+        embedded_io_async::Write::write(&mut self.inner, buf).await
+    }
+    async fn flush(&mut self) -> Result<(), Self::Error> {
+        self.net.check(Some(self.epoch))?;
+        embedded_io_async::Write::flush(&mut self.inner).await
+    }
+}
+
+impl TcpConnect for VirtualNet {
+    type Error = std::io::Error;
+    type Connection<'a>
+        = VirtualConn
+    where
+        Self: 'a;
+
+    async fn connect<'a>(
+        &'a self,
+        remote: SocketAddr,
+    ) -> Result<Self::Connection<'a>, Self::Error> {
+        self.check(None)?;
+        let epoch = self.handle.link().1;
+        let inner = TokioNet.connect(remote).await?;
+        Ok(VirtualConn {
+            inner,
+            net: self.clone(),
+            epoch,
+        })
+    }
+}
+
+impl Dns for VirtualNet {
+    type Error = std::io::Error;
+
+    async fn get_host_by_name(
+        &self,
+        host: &str,
+        addr_type: AddrType,
+    ) -> Result<IpAddr, Self::Error> {
+        self.check(None)?;
+        TokioNet.get_host_by_name(host, addr_type).await
+    }
+
+    async fn get_host_by_address(
+        &self,
+        addr: IpAddr,
+        result: &mut [u8],
+    ) -> Result<usize, Self::Error> {
+        TokioNet.get_host_by_address(addr, result).await
+    }
+}

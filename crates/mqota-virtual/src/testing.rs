@@ -286,3 +286,232 @@ impl Drop for FileServer {
         self.task.abort();
     }
 }
+
+/// Everything the broker carries on a topic filter, recorded by a
+/// long-running `mosquitto_sub`, with waits on what has arrived.
+pub struct Observer {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    _child: tokio::process::Child,
+    _reader: tokio::task::JoinHandle<()>,
+}
+
+impl Mosquitto {
+    /// Starts recording everything published on `filter` (retained messages
+    /// included). Returns once the subscription is in place.
+    pub async fn observe(&self, filter: &str) -> Observer {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-q",
+                "1",
+                "-t",
+                filter,
+                "-F",
+                "%r %t %x",
+            ])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+        let stdout = child.stdout.take().expect("stdout");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let reader = tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(r) = Received::parse(&line) {
+                    sink.lock().expect("observer lock").push(r);
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Observer {
+            seen,
+            _child: child,
+            _reader: reader,
+        }
+    }
+}
+
+impl Observer {
+    /// Everything recorded so far.
+    pub fn all(&self) -> Vec<Received> {
+        self.seen.lock().expect("observer lock").clone()
+    }
+
+    /// Waits until `pred` holds for what was recorded, up to `timeout`.
+    /// Returns whether it did.
+    pub async fn wait_until(&self, timeout: Duration, pred: impl Fn(&[Received]) -> bool) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if pred(&self.all()) {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// How [`FaultServer`] misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// A correct server that honours `Range` with 206.
+    None,
+    /// Answers every request with 404.
+    NotFound,
+    /// Closes the connection after this fraction (percent) of the file, once;
+    /// later requests are served correctly.
+    DropOnceAt(u8),
+    /// Sends the headers and this many bytes, then nothing, forever.
+    StallAfter(u64),
+    /// Announces no length and sends the file followed by endless zeros.
+    Endless,
+    /// Ignores `Range` and always answers 200 with the whole file.
+    IgnoreRange,
+}
+
+async fn send_counted(
+    sock: &mut tokio::net::TcpStream,
+    sent: &std::sync::atomic::AtomicU64,
+    data: Vec<u8>,
+) -> bool {
+    use tokio::io::AsyncWriteExt;
+    let ok = sock.write_all(&data).await.is_ok();
+    if ok {
+        sent.fetch_add(data.len() as u64, std::sync::atomic::Ordering::SeqCst);
+    }
+    ok
+}
+
+/// A small HTTP/1.1 server on real sockets that serves one file and can
+/// misbehave on purpose; it counts the body bytes it sent.
+pub struct FaultServer {
+    addr: SocketAddr,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ranges: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultServer {
+    /// Serves `file` at every path with `fault`.
+    pub async fn start(file: Vec<u8>, fault: Fault) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let sent = std::sync::Arc::new(AtomicU64::new(0));
+        let ranges = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let file = std::sync::Arc::new(file);
+        let dropped = std::sync::Arc::new(AtomicBool::new(false));
+        let (s, r) = (sent.clone(), ranges.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (file, sent, ranges, dropped) =
+                    (file.clone(), s.clone(), r.clone(), dropped.clone());
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&req).to_ascii_lowercase();
+                    let start = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("range: bytes="))
+                        .and_then(|v| v.trim().trim_end_matches('-').parse::<u64>().ok())
+                        .unwrap_or(0);
+                    ranges.lock().expect("lock").push(start);
+                    let len = file.len() as u64;
+                    match fault {
+                        Fault::NotFound => {
+                            let _ = sock.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found").await;
+                        }
+                        Fault::Endless => {
+                            let _ = sock
+                                .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                                .await;
+                            if !send_counted(&mut sock, &sent, file.to_vec()).await {
+                                return;
+                            }
+                            let zeros = vec![0u8; 16 * 1024];
+                            while send_counted(&mut sock, &sent, zeros.clone()).await {}
+                        }
+                        Fault::StallAfter(n) => {
+                            let _ = sock.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n").as_bytes()).await;
+                            let n = n.min(len) as usize;
+                            send_counted(&mut sock, &sent, file[..n].to_vec()).await;
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                        _ => {
+                            let honour = fault != Fault::IgnoreRange && start > 0 && start < len;
+                            let from = if honour { start } else { 0 };
+                            let head = if honour {
+                                format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{len}\r\nConnection: close\r\n\r\n", len - from, len - 1)
+                            } else {
+                                format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+                            };
+                            let _ = sock.write_all(head.as_bytes()).await;
+                            let mut body = &file[from as usize..];
+                            if let Fault::DropOnceAt(pct) = fault {
+                                if !dropped.swap(true, Ordering::SeqCst) {
+                                    let cut = (len * u64::from(pct) / 100) as usize;
+                                    body = &file[..cut];
+                                    send_counted(&mut sock, &sent, body.to_vec()).await;
+                                    let _ = sock.shutdown().await;
+                                    return;
+                                }
+                            }
+                            for chunk in body.chunks(16 * 1024) {
+                                if !send_counted(&mut sock, &sent, chunk.to_vec()).await {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            sent,
+            ranges,
+            task,
+        }
+    }
+
+    /// The URL of the file.
+    pub fn url(&self) -> String {
+        format!("http://{}/fw.bin", self.addr)
+    }
+
+    /// Body bytes sent so far, over all requests.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The first byte each request asked for (0 without `Range`).
+    pub fn range_starts(&self) -> Vec<u64> {
+        self.ranges.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for FaultServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,714 @@
+//! The device: the seed design's three parts — link control, the MQTT client
+//! and the OTA handler — run as one loop over the core's engine and boot guard.
+//!
+//! The same code runs on the chip (embassy-net, esp-storage) and in the
+//! virtual device (tokio sockets, the simulated flash). The board supplies
+//! [`Platform`] and [`Link`]; everything else is here or in `mqota-core`.
+//!
+//! # One boot, front to back
+//!
+//! 1. [`early_boot`], before anything that could fail: read the partition
+//!    table, describe the running image, run the boot guard. On
+//!    [`Verdict::Reboot`] the caller resets at once.
+//! 2. [`run`]: bring up the link and the broker (a last will marks the device
+//!    offline in its retained status), subscribe to the command topics.
+//! 3. On a trial boot: the health check — broker reached and topics
+//!    subscribed within [`DeviceConfig::health_timeout`], then the platform's
+//!    own hook. Pass: confirm, publish `confirming` and `done`. Fail: roll
+//!    back and reboot; the old firmware reports `rolled_back`.
+//! 4. Publish any outcome the boot guard found (once), resume an interrupted
+//!    download, then serve commands.
+//!
+//! # A download and the broker at the same time
+//!
+//! While the body streams into the engine (and through it into flash), the
+//! MQTT side keeps running in the same task: it publishes the progress the
+//! engine produced (QoS 0, so a publish costs one socket write and never
+//! waits for an ack), answers `busy` to other start and rollback commands,
+//! keeps the session alive, and rejoins a broker that went away. A `cancel`
+//! ends the download at once, even when the server is silent. Progress waits
+//! in a bounded queue ([`PROGRESS_QUEUE`]); when it is full the oldest
+//! `downloading` event is dropped, phase changes never are.
+
+use core::cell::RefCell;
+
+use embassy_futures::select::{select3, Either3};
+use embassy_time::{with_timeout, Duration, Instant, Timer};
+use embedded_nal_async::{Dns, TcpConnect};
+use embedded_storage::nor_flash::NorFlash;
+use heapless::{Deque, String};
+use mqota_core::bootguard::{self, Boot, Verdict};
+use mqota_core::engine::{
+    Action, Actions, Config as EngineConfig, Engine, Event, Layout, Response,
+};
+use mqota_core::image::{self, Chip};
+use mqota_core::journal::RollbackReason;
+use mqota_core::partition::{PartitionTable, TABLE_OFFSET};
+use mqota_core::protocol::{
+    parse_command, Command, CommandOutcome, ErrorCode, LastResult, Phase, Progress, Status, Topics,
+    MAX_PROGRESS_JSON, MAX_STATUS_JSON, MAX_URL_LEN,
+};
+
+use crate::backoff::{Backoff, Jitter, XorShift32};
+use crate::http::{Abort, BodySink, DownloadError, Downloader, ResponseInfo};
+use crate::mqtt::{Message, MqttBuffers, MqttConfig, MqttSession, QoS, MQTT_RX_BUFFER};
+use crate::platform::{Link, Platform, Slot};
+
+/// Progress events waiting to be published during a download.
+pub const PROGRESS_QUEUE: usize = 8;
+
+/// What the board tells the runtime; [`DeviceConfig::new`] gives defaults.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig<'a> {
+    /// Broker host name or address.
+    pub broker_host: &'a str,
+    /// Broker port.
+    pub broker_port: u16,
+    /// Topic prefix (`device` by default).
+    pub prefix: &'a str,
+    /// A trial boot must reach the broker and subscribe within this time.
+    pub health_timeout: Duration,
+    /// Overall deadline of an update unless the job sets `timeout_s`.
+    pub update_timeout: Duration,
+    /// A download that delivers nothing for this long is retried.
+    pub stall_timeout: Duration,
+    /// At most one `downloading` event per this interval.
+    pub progress_interval: Duration,
+    /// MQTT keep-alive in seconds.
+    pub keep_alive_secs: u16,
+    /// Seed for reconnect jitter (use something device-specific, e.g. the MAC).
+    pub seed: u32,
+}
+
+impl<'a> DeviceConfig<'a> {
+    /// Defaults: prefix `device`, 60 s health check, 10 min update deadline,
+    /// 15 s stall timeout, progress at most every 250 ms, keep-alive 30 s.
+    pub fn new(broker_host: &'a str, broker_port: u16) -> Self {
+        Self {
+            broker_host,
+            broker_port,
+            prefix: mqota_core::protocol::DEFAULT_PREFIX,
+            health_timeout: Duration::from_secs(60),
+            update_timeout: Duration::from_secs(600),
+            stall_timeout: Duration::from_secs(15),
+            progress_interval: Duration::from_millis(250),
+            keep_alive_secs: 30,
+            seed: 0x6d71_6f74,
+        }
+    }
+}
+
+/// The running firmware, as [`early_boot`] found it.
+#[derive(Debug, Clone)]
+pub struct Booted {
+    /// Where the slots and otadata are, and which slot runs.
+    pub layout: Layout,
+    /// What the boot guard decided.
+    pub boot: Boot,
+    /// The chip the running image is built for.
+    pub chip: Chip,
+    /// Version of the running image (from its app descriptor).
+    pub version: String<32>,
+    /// Project name of the running image.
+    pub project: String<32>,
+}
+
+/// Why [`early_boot`] could not describe the running firmware. The device
+/// cannot take updates; report it on the console and keep running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BootError {
+    /// The partition table is missing or broken.
+    PartitionTable,
+    /// The table has no otadata or fewer than two OTA slots.
+    NoOtaLayout,
+    /// The running slot does not hold a valid image (it is running, so the
+    /// flash read failed or the slot lookup is wrong).
+    RunningImage,
+    /// The boot guard could not read or write flash.
+    Guard,
+}
+
+/// Runs as early as possible at every boot: reads the partition table,
+/// describes the running image and runs the boot guard. On
+/// [`Verdict::Reboot`] reset at once; otherwise hand the result to [`run`].
+pub fn early_boot<F: NorFlash>(flash: &mut F, running: Slot) -> Result<Booted, BootError> {
+    let table =
+        PartitionTable::read_from(flash, TABLE_OFFSET).map_err(|_| BootError::PartitionTable)?;
+    let index = match running {
+        Slot::Ota0 => 0,
+        Slot::Ota1 => 1,
+    };
+    let layout = Layout::from_table(&table, index).ok_or(BootError::NoOtaLayout)?;
+    let slot = layout.slots[index];
+    let info = image::validate_flash(flash, slot.offset, slot.size)
+        .map_err(|_| BootError::RunningImage)?;
+    let boot = bootguard::on_boot(flash, &layout).map_err(|_| BootError::Guard)?;
+    Ok(Booted {
+        layout,
+        boot,
+        chip: info.chip,
+        version: info.app.version.clone(),
+        project: info.app.project_name.clone(),
+    })
+}
+
+fn now_ms() -> u64 {
+    Instant::now().as_millis()
+}
+
+/// Runs the device until it reboots. Never returns: a reboot goes through
+/// [`Platform::reboot`].
+pub async fn run<P, L, T, D, F>(
+    cfg: &DeviceConfig<'_>,
+    booted: Booted,
+    platform: &mut P,
+    link: &mut L,
+    tcp: &T,
+    dns: &D,
+    flash: &mut F,
+) -> !
+where
+    P: Platform,
+    L: Link,
+    T: TcpConnect,
+    D: Dns,
+    F: NorFlash,
+{
+    let device_id: String<{ mqota_core::protocol::MAX_DEVICE_ID_LEN }> =
+        truncated(platform.device_id());
+    let topics = match Topics::new(cfg.prefix, &device_id) {
+        Ok(t) => t,
+        Err(_) => {
+            warn!("device id or topic prefix unusable in topics; updates disabled");
+            loop {
+                Timer::after(Duration::from_secs(3600)).await;
+            }
+        }
+    };
+    let mut status = Status {
+        device: device_id.clone(),
+        online: false,
+        chip: truncated(booted.chip.name()),
+        project: booted.project.clone(),
+        version: booted.version.clone(),
+        slot: Some(booted.layout.running as u8),
+        state: truncated(booted.boot.state.name()),
+        last: booted.boot.last.clone(),
+    };
+    let mut will = [0u8; MAX_STATUS_JSON];
+    let will_len = status.to_json(&mut will).unwrap_or(0);
+    let status_topic = topics.status();
+    let mut mqtt_cfg = MqttConfig::new(
+        cfg.broker_host,
+        cfg.broker_port,
+        &device_id,
+        &status_topic,
+        &will[..will_len],
+    );
+    mqtt_cfg.keep_alive_secs = cfg.keep_alive_secs;
+    let mut rx = [0u8; MQTT_RX_BUFFER];
+    let mut buffers = MqttBuffers::new(&mut rx);
+    let mut session = MqttSession::new(tcp, dns, &mut buffers, mqtt_cfg);
+    let subs = topics.subscriptions();
+    let sub_refs: [&str; 4] = [&subs[0], &subs[1], &subs[2], &subs[3]];
+    let mut backoff = Backoff::new(
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+        Jitter::Full,
+    );
+    let mut rng = XorShift32::new(cfg.seed ^ now_ms() as u32);
+    let mut random = move || rng.next_u32();
+
+    let mut engine_cfg = EngineConfig::new(&device_id, booted.chip, &booted.version);
+    engine_cfg.timeout_ms = cfg.update_timeout.as_millis();
+    engine_cfg.stall_timeout_ms = cfg.stall_timeout.as_millis();
+    engine_cfg.progress_interval_ms = cfg.progress_interval.as_millis();
+    let layout = booted.layout.clone();
+    let mut engine = Engine::new(engine_cfg, layout.clone());
+
+    let mut dev = Device {
+        topics: &topics,
+        status: &mut status,
+        fetch: None,
+        reboot: false,
+    };
+
+    // The trial, if this boot is one: reach the broker and subscribe within
+    // the health timeout, then the platform's hook in what time is left.
+    if booted.boot.verdict == Verdict::Trial {
+        let job = booted.boot.trial_job.clone();
+        let deadline = Instant::now() + cfg.health_timeout;
+        let reached = with_timeout(cfg.health_timeout, async {
+            loop {
+                if session
+                    .maintain(link, &mut backoff, &mut random)
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+                if session.subscribe(&sub_refs).await.is_ok() {
+                    return true;
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        let mut healthy = reached;
+        if reached {
+            dev.status.online = true;
+            dev.publish_status(&mut session).await;
+            let mut confirming = Progress::new(&topics, job.clone(), Phase::Confirming);
+            // The download reached 100 before the reboot; percent never goes down.
+            confirming.percent = 100;
+            dev.publish(&mut session, confirming).await;
+            let left = deadline.saturating_duration_since(Instant::now());
+            healthy = with_timeout(left, platform.health_check())
+                .await
+                .unwrap_or(false);
+        }
+        if healthy {
+            match bootguard::confirm(flash, &layout) {
+                Ok(report) => {
+                    info!("trial passed: image confirmed");
+                    platform.confirmed();
+                    dev.status.state = truncated("valid");
+                    dev.report(&mut session, &report).await;
+                    let _ = bootguard::mark_reported(flash, &report);
+                }
+                Err(_) => warn!("could not confirm the image"),
+            }
+        } else {
+            warn!("trial failed: rolling back");
+            if bootguard::reject(flash, &layout, RollbackReason::HealthCheckFailed).is_ok() {
+                session.disconnect().await;
+                platform.reboot().await;
+            }
+        }
+    }
+
+    if let Some(report) = &booted.boot.report {
+        // Published once the broker is reached, then marked so no later boot
+        // publishes it again.
+        let _ = session.maintain(link, &mut backoff, &mut random).await;
+        dev.report(&mut session, report).await;
+        let _ = bootguard::mark_reported(flash, report);
+    }
+    if booted.boot.resume {
+        if let Some(actions) = engine.resume(flash, now_ms()) {
+            dev.apply(&mut session, actions).await;
+        }
+    }
+
+    let mut downloader = Downloader::new(tcp, dns).with_io_timeout(cfg.stall_timeout);
+    let mut subscribed = session.is_connected();
+    loop {
+        if dev.reboot {
+            info!("rebooting into the new image");
+            session.disconnect().await;
+            platform.reboot().await;
+        }
+        if let Some(from) = dev.fetch.take() {
+            let actions = download(
+                &mut dev,
+                &mut session,
+                &mut downloader,
+                &mut engine,
+                flash,
+                from,
+                link,
+                &mut backoff,
+                &mut random,
+            )
+            .await;
+            dev.apply(&mut session, actions).await;
+            continue;
+        }
+        // Idle (or backing off before a retry): serve the broker.
+        if !session.is_connected() || !subscribed {
+            if session
+                .maintain(link, &mut backoff, &mut random)
+                .await
+                .is_err()
+            {
+                Timer::after(Duration::from_secs(5)).await;
+                continue;
+            }
+            subscribed = session.subscribe(&sub_refs).await.is_ok();
+            if !subscribed {
+                continue;
+            }
+            dev.status.online = true;
+            dev.publish_status(&mut session).await;
+        }
+        let wait = if engine.is_busy() { 200 } else { 1_000 };
+        let until = Instant::now() + Duration::from_millis(wait);
+        match session.poll(until).await {
+            Ok(Some(msg)) => {
+                let actions = dev.on_message(&msg, &mut engine, flash, &layout).await;
+                dev.apply(&mut session, actions).await;
+            }
+            Ok(None) => {}
+            Err(_) => subscribed = false,
+        }
+        if !link.is_connected() {
+            subscribed = false;
+        }
+        let actions = engine.check_for_timeout(flash, now_ms());
+        dev.apply(&mut session, actions).await;
+    }
+}
+
+/// What the loop carries between steps.
+struct Device<'d> {
+    topics: &'d Topics,
+    status: &'d mut Status,
+    /// A fetch the engine asked for.
+    fetch: Option<u32>,
+    /// The engine asked for a reboot.
+    reboot: bool,
+}
+
+impl Device<'_> {
+    async fn publish<T: TcpConnect, D: Dns>(
+        &mut self,
+        session: &mut MqttSession<'_, T, D>,
+        p: Progress,
+    ) {
+        let mut buf = [0u8; MAX_PROGRESS_JSON];
+        if let Ok(n) = p.to_json(&mut buf) {
+            // QoS 0: progress must never wait on the broker. A lost event is
+            // superseded by the next; results also land in the retained status.
+            let _ = session
+                .publish(&self.topics.progress(), &buf[..n], QoS::AtMostOnce, false)
+                .await;
+        }
+        if p.phase.is_terminal() {
+            self.status.last = Some(LastResult {
+                job: p.job.clone(),
+                result: p.phase,
+                error: p.error,
+            });
+            self.publish_status(session).await;
+        }
+    }
+
+    async fn publish_status<T: TcpConnect, D: Dns>(&mut self, session: &mut MqttSession<'_, T, D>) {
+        let mut buf = [0u8; MAX_STATUS_JSON];
+        if let Ok(n) = self.status.to_json(&mut buf) {
+            let _ = session
+                .publish(&self.topics.status(), &buf[..n], QoS::AtLeastOnce, true)
+                .await;
+        }
+    }
+
+    async fn report<T: TcpConnect, D: Dns>(
+        &mut self,
+        session: &mut MqttSession<'_, T, D>,
+        r: &bootguard::Report,
+    ) {
+        let mut p = Progress::new(self.topics, r.job.clone(), r.phase);
+        p.percent = 100;
+        p.error = r.error;
+        self.publish(session, p).await;
+    }
+
+    /// Performs the engine's actions that are not about the fetch in flight.
+    async fn apply<T: TcpConnect, D: Dns>(
+        &mut self,
+        session: &mut MqttSession<'_, T, D>,
+        actions: Actions,
+    ) {
+        for a in actions {
+            match a {
+                Action::Publish(p) => self.publish(session, p).await,
+                Action::Fetch { from } => self.fetch = Some(from),
+                Action::StopFetch => self.fetch = None,
+                Action::Reboot => self.reboot = true,
+            }
+        }
+    }
+
+    /// A command arrived while no download runs.
+    async fn on_message<F: NorFlash>(
+        &mut self,
+        msg: &Message,
+        engine: &mut Engine,
+        flash: &mut F,
+        layout: &Layout,
+    ) -> Actions {
+        let Some(kind) = self.topics.classify(&msg.topic) else {
+            return Actions::new();
+        };
+        let mut out = Actions::new();
+        match parse_command(kind, &msg.payload, self.topics.device_id()) {
+            Ok(CommandOutcome::NotForMe) => {}
+            Ok(CommandOutcome::Command(Command::Rollback { job })) if !engine.is_busy() => {
+                let p = match bootguard::rollback(flash, layout) {
+                    Ok(()) => {
+                        self.reboot = true;
+                        let mut p = Progress::new(self.topics, job, Phase::RolledBack);
+                        p.message = Some(truncated("rolling back to the previous image"));
+                        p
+                    }
+                    Err(e) => Progress::new(self.topics, job, Phase::Failed)
+                        .with_error(e.code(), Some("no valid previous image to roll back to")),
+                };
+                let _ = out.push(Action::Publish(p));
+            }
+            Ok(CommandOutcome::Command(cmd)) => {
+                out = engine.handle(flash, now_ms(), Event::Command(cmd))
+            }
+            Err(bad) => {
+                let _ = out.push(Action::Publish(bad.to_progress(self.topics)));
+            }
+        }
+        out
+    }
+}
+
+/// The engine side of a download: feeds the body into the engine (and
+/// through it into flash); hands the engine's events to the MQTT side.
+struct EngineSink<'e, F> {
+    engine: &'e mut Engine,
+    flash: &'e mut F,
+    outbox: &'e RefCell<Deque<Progress, PROGRESS_QUEUE>>,
+    /// Actions that end this fetch (another fetch, a reboot, a stop).
+    ending: Actions,
+}
+
+impl<F: NorFlash> EngineSink<'_, F> {
+    fn feed(&mut self, event: Event<'_>) -> Result<(), Abort> {
+        let actions = self.engine.handle(self.flash, now_ms(), event);
+        let mut end = false;
+        for a in actions {
+            match a {
+                Action::Publish(p) => queue(self.outbox, p),
+                other => {
+                    end = true;
+                    let _ = self.ending.push(other);
+                }
+            }
+        }
+        if end || !self.engine.is_busy() {
+            Err(Abort)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn queue(outbox: &RefCell<Deque<Progress, PROGRESS_QUEUE>>, p: Progress) {
+    let mut q = outbox.borrow_mut();
+    if q.is_full() {
+        // Drop the oldest `downloading` event; never a phase change.
+        if let Some(i) = q.iter().position(|e| e.phase == Phase::Downloading) {
+            let mut kept: Deque<Progress, PROGRESS_QUEUE> = Deque::new();
+            for (j, e) in q.iter().enumerate() {
+                if j != i {
+                    let _ = kept.push_back(e.clone());
+                }
+            }
+            *q = kept;
+        } else {
+            q.pop_front();
+        }
+    }
+    let _ = q.push_back(p);
+}
+
+impl<F: NorFlash> BodySink for EngineSink<'_, F> {
+    async fn begin(&mut self, info: &ResponseInfo) -> Result<(), Abort> {
+        self.feed(Event::Response(Response {
+            status: info.status,
+            content_length: info.content_length.map(|l| l.min(u32::MAX as u64) as u32),
+            range_start: info
+                .content_range
+                .map(|r| r.start.min(u32::MAX as u64) as u32),
+        }))
+    }
+
+    async fn chunk(&mut self, data: &[u8]) -> Result<(), Abort> {
+        self.feed(Event::Body(data))?;
+        // Let the MQTT side run between chunks: flash writes block the
+        // executor, so without this a fast server would starve it.
+        embassy_futures::yield_now().await;
+        Ok(())
+    }
+}
+
+/// One fetch: the body streams into the engine while the MQTT side keeps
+/// the session and publishes progress. Returns the engine's next actions.
+#[allow(clippy::too_many_arguments)]
+async fn download<T, D, F, L>(
+    dev: &mut Device<'_>,
+    session: &mut MqttSession<'_, T, D>,
+    downloader: &mut Downloader<'_, T, D>,
+    engine: &mut Engine,
+    flash: &mut F,
+    from: u32,
+    link: &mut L,
+    backoff: &mut Backoff,
+    random: &mut impl FnMut() -> u32,
+) -> Actions
+where
+    T: TcpConnect,
+    D: Dns,
+    F: NorFlash,
+    L: Link,
+{
+    let Some(url) = engine.url().map(truncated::<MAX_URL_LEN>) else {
+        return Actions::new();
+    };
+    let deadline = engine.deadline().unwrap_or(u64::MAX);
+    let outbox = RefCell::new(Deque::new());
+    let (result, cancel, ending) = {
+        let mut sink = EngineSink {
+            engine,
+            flash,
+            outbox: &outbox,
+            ending: Actions::new(),
+        };
+        let topics = dev.topics;
+        let mqtt_side = async {
+            loop {
+                let next = outbox.borrow_mut().pop_front();
+                if let Some(p) = next {
+                    publish_progress(session, topics, &p).await;
+                    continue;
+                }
+                if !session.is_connected() && session.maintain(link, backoff, random).await.is_err()
+                {
+                    Timer::after(Duration::from_secs(1)).await;
+                    continue;
+                }
+                let until = Instant::now() + Duration::from_millis(50);
+                match session.poll(until).await {
+                    Ok(Some(msg)) => {
+                        if let Some(cmd) = during_download(&msg, topics, &outbox) {
+                            return cmd;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => {}
+                }
+            }
+        };
+        let timer = Timer::at(Instant::from_millis(deadline));
+        let outcome = select3(
+            downloader.download(&url, u64::from(from), &mut sink),
+            mqtt_side,
+            timer,
+        )
+        .await;
+        let (result, cancel) = match outcome {
+            Either3::First(r) => (Some(r), None),
+            Either3::Second(cmd) => (None, Some(cmd)),
+            Either3::Third(()) => (None, None),
+        };
+        (result, cancel, sink.ending)
+    };
+    // Publish what the engine produced during the fetch, in order.
+    loop {
+        let next = outbox.borrow_mut().pop_front();
+        match next {
+            Some(p) => dev.publish(session, p).await,
+            None => break,
+        }
+    }
+    let now = now_ms();
+    let mut actions = ending;
+    let event = match (result, cancel) {
+        (_, Some(cmd)) => Some(Event::Command(cmd)),
+        (Some(Ok(_)), None) => Some(Event::BodyEnd),
+        (Some(Err(DownloadError::Aborted)), None) => None,
+        (Some(Err(DownloadError::Status(status))), None) => Some(Event::Response(Response {
+            status,
+            content_length: None,
+            range_start: None,
+        })),
+        (Some(Err(DownloadError::Timeout)), None) => Some(Event::Stalled),
+        (Some(Err(e)), None) => Some(Event::FetchFailed(match e {
+            DownloadError::Dns => "DNS lookup failed",
+            DownloadError::InvalidUrl => "URL not usable",
+            DownloadError::Protocol => "malformed HTTP response",
+            _ => "connection failed",
+        })),
+        // The overall deadline passed while the fetch was silent.
+        (None, None) => Some(Event::Tick),
+    };
+    if let Some(ev) = event {
+        for a in engine.handle(flash, now, ev) {
+            let _ = actions.push(a);
+        }
+    }
+    if engine.is_busy()
+        && !actions
+            .iter()
+            .any(|a| matches!(a, Action::Fetch { .. } | Action::StopFetch | Action::Reboot))
+    {
+        // Neither finished nor failed: make sure the engine gets its ticks.
+        for a in engine.check_for_timeout(flash, now) {
+            let _ = actions.push(a);
+        }
+    }
+    actions
+}
+
+async fn publish_progress<T: TcpConnect, D: Dns>(
+    session: &mut MqttSession<'_, T, D>,
+    topics: &Topics,
+    p: &Progress,
+) {
+    let mut buf = [0u8; MAX_PROGRESS_JSON];
+    if let Ok(n) = p.to_json(&mut buf) {
+        let _ = session
+            .publish(&topics.progress(), &buf[..n], QoS::AtMostOnce, false)
+            .await;
+    }
+}
+
+/// A command during a download: `cancel` ends the download (returned);
+/// `start` and `rollback` are answered `busy`; bad commands `bad_command`.
+fn during_download(
+    msg: &Message,
+    topics: &Topics,
+    outbox: &RefCell<Deque<Progress, PROGRESS_QUEUE>>,
+) -> Option<Command> {
+    let kind = topics.classify(&msg.topic)?;
+    match parse_command(kind, &msg.payload, topics.device_id()) {
+        Ok(CommandOutcome::Command(cmd @ Command::Cancel { .. })) => Some(cmd),
+        Ok(CommandOutcome::Command(Command::Start(job))) => {
+            queue(
+                outbox,
+                Progress::new(topics, job.job, Phase::Failed)
+                    .with_error(ErrorCode::Busy, Some("an update is in flight")),
+            );
+            None
+        }
+        Ok(CommandOutcome::Command(Command::Rollback { job })) => {
+            queue(
+                outbox,
+                Progress::new(topics, job, Phase::Failed)
+                    .with_error(ErrorCode::Busy, Some("an update is in flight")),
+            );
+            None
+        }
+        Ok(CommandOutcome::NotForMe) => None,
+        Err(bad) => {
+            queue(outbox, bad.to_progress(topics));
+            None
+        }
+    }
+}
+
+fn truncated<const N: usize>(s: &str) -> String<N> {
+    let mut out = String::new();
+    for c in s.chars() {
+        if out.push(c).is_err() {
+            break;
+        }
+    }
+    out
+}

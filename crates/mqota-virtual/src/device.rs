@@ -1,0 +1,504 @@
+//! A virtual ESP32: the device runtime of `mqota-runtime`, unchanged, on a
+//! simulated NOR flash with the real ESP-IDF layout, booted by the model of
+//! the ESP-IDF bootloader, talking to a real broker over tokio sockets.
+//!
+//! A reboot is real in the sense that matters: the runtime's future is
+//! dropped, the bootloader model picks a slot from the flash, and the device
+//! comes back up running "the firmware in that slot": it reports the version
+//! from that image's app descriptor, and the image decides how the firmware
+//! behaves:
+//!
+//! | version ends in | behaviour |
+//! |---|---|
+//! | `+crash` | dies during a trial boot, right after the boot guard's first step |
+//! | `+hang` | never gets going on a trial boot; the trial watchdog resets it |
+//! | `+unhealthy` | runs, but its health check fails |
+//!
+//! Faults on request ([`Handle`]): drop the WiFi link for a while (open TCP
+//! connections die and new ones are refused), cut the power now or after a
+//! number of flash operations (the flash keeps what the cut left, the network
+//! goes dead at the same instant).
+
+use std::cell::{Cell, RefCell};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration as StdDuration;
+
+use embedded_storage::nor_flash::{ErrorType, NorFlash, ReadNorFlash};
+use mqota_core::bootguard::Verdict;
+use mqota_core::image::{Chip, ImageBuilder};
+use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
+use mqota_flash_sim::{BootConfig, Bootloader, FileStore, Memory, SimError, SimFlash};
+use mqota_runtime::{early_boot, DeviceConfig, Link, Platform, Slot};
+use tokio::sync::Notify;
+
+use crate::net::VirtualNet;
+
+/// Flash size of every virtual device: 4 MiB, as on most ESP32-C3 modules.
+pub const FLASH_SIZE: usize = 4 * 1024 * 1024;
+
+/// How a virtual device is set up.
+#[derive(Debug, Clone)]
+pub struct VirtualConfig {
+    /// Device id (MQTT client id and topic level).
+    pub id: String,
+    /// Flash file; `None` keeps the flash in memory.
+    pub flash: Option<PathBuf>,
+    /// The chip the device is.
+    pub chip: Chip,
+    /// Version of the image put into `ota_0` when the flash is created.
+    pub initial_version: String,
+    /// Size of that image.
+    pub initial_size: u32,
+    /// Which bootloader build boots the device.
+    pub bootloader: BootConfig,
+    /// Broker host.
+    pub broker_host: String,
+    /// Broker port.
+    pub broker_port: u16,
+    /// Topic prefix.
+    pub prefix: String,
+    /// Health check budget of a trial boot.
+    pub health_timeout: StdDuration,
+    /// Overall update deadline.
+    pub update_timeout: StdDuration,
+    /// Download stall timeout.
+    pub stall_timeout: StdDuration,
+    /// Progress throttle.
+    pub progress_interval: StdDuration,
+    /// How long a hung trial boot runs before the watchdog resets it.
+    pub watchdog: StdDuration,
+    /// MQTT keep-alive.
+    pub keep_alive_secs: u16,
+}
+
+impl VirtualConfig {
+    /// A device on `broker_host:broker_port` with an in-memory flash holding
+    /// 1.0.0 for the ESP32-C3 and the stock bootloader.
+    pub fn new(id: &str, broker_host: &str, broker_port: u16) -> Self {
+        Self {
+            id: id.to_string(),
+            flash: None,
+            chip: Chip::Esp32c3,
+            initial_version: "1.0.0".to_string(),
+            initial_size: 128 * 1024,
+            bootloader: BootConfig::Stock,
+            broker_host: broker_host.to_string(),
+            broker_port,
+            prefix: mqota_core::protocol::DEFAULT_PREFIX.to_string(),
+            health_timeout: StdDuration::from_secs(20),
+            update_timeout: StdDuration::from_secs(600),
+            stall_timeout: StdDuration::from_secs(15),
+            progress_interval: StdDuration::from_millis(250),
+            watchdog: StdDuration::from_secs(3),
+            keep_alive_secs: 30,
+        }
+    }
+}
+
+/// What one boot of a virtual device was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootRecord {
+    /// Slot booted, `None` when nothing was bootable.
+    pub slot: Option<usize>,
+    /// Version of the image booted.
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    Ops(u64),
+    Bytes(u64),
+}
+
+/// Shared between a running device and whoever controls it.
+#[derive(Debug, Default)]
+struct Shared {
+    powered: Cell<bool>,
+    link_up: Cell<bool>,
+    /// Bumped on every link drop: connections opened before it are dead.
+    link_epoch: Cell<u64>,
+    cut: Cell<Option<Cut>>,
+    stopped: Cell<bool>,
+    boots: RefCell<Vec<BootRecord>>,
+    wake: Notify,
+}
+
+/// Controls a running virtual device (faults, stop) and reads its boots.
+#[derive(Debug, Clone)]
+pub struct Handle(Rc<Shared>);
+
+impl Default for Handle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Handle {
+    /// A handle for a device not yet started.
+    pub fn new() -> Self {
+        let s = Shared::default();
+        s.powered.set(true);
+        s.link_up.set(true);
+        Handle(Rc::new(s))
+    }
+
+    /// Cut the power now; the device boots again at once.
+    pub fn cut_power(&self) {
+        self.0.powered.set(false);
+        self.0.wake.notify_waiters();
+    }
+
+    /// Cut the power when `n` more flash writes/erases have completed, as the
+    /// next one starts (from the next boot on if the device is running).
+    pub fn cut_power_after_ops(&self, n: u64) {
+        self.0.cut.set(Some(Cut::Ops(n)));
+    }
+
+    /// Cut the power when `n` more bytes have been programmed or erased: the
+    /// operation that crosses the budget is torn (a half-written page, a
+    /// half-erased sector). Takes effect at the next boot.
+    pub fn cut_power_after_bytes(&self, n: u64) {
+        self.0.cut.set(Some(Cut::Bytes(n)));
+    }
+
+    /// Drop the WiFi link: open connections die, new ones are refused until
+    /// [`Handle::restore_link`].
+    pub fn drop_link(&self) {
+        self.0.link_up.set(false);
+        self.0.link_epoch.set(self.0.link_epoch.get() + 1);
+    }
+
+    /// Bring the WiFi link back.
+    pub fn restore_link(&self) {
+        self.0.link_up.set(true);
+    }
+
+    /// Stop the device (at its next await point).
+    pub fn stop(&self) {
+        self.0.stopped.set(true);
+        self.0.wake.notify_waiters();
+    }
+
+    /// Every boot so far, oldest first.
+    pub fn boots(&self) -> Vec<BootRecord> {
+        self.0.boots.borrow().clone()
+    }
+
+    pub(crate) fn powered(&self) -> bool {
+        self.0.powered.get()
+    }
+
+    pub(crate) fn link(&self) -> (bool, u64) {
+        (self.0.link_up.get(), self.0.link_epoch.get())
+    }
+}
+
+/// The flash of a virtual device: in memory or file-backed.
+pub enum DeviceFlash {
+    /// Kept in memory.
+    Memory(SimFlash<Memory>),
+    /// Kept in a file that survives the process.
+    File(SimFlash<FileStore>),
+}
+
+impl DeviceFlash {
+    fn is_powered(&self) -> bool {
+        match self {
+            DeviceFlash::Memory(f) => f.is_powered(),
+            DeviceFlash::File(f) => f.is_powered(),
+        }
+    }
+    fn power_on(&mut self) {
+        match self {
+            DeviceFlash::Memory(f) => f.power_on(),
+            DeviceFlash::File(f) => f.power_on(),
+        }
+    }
+    fn arm(&mut self, cut: Cut) {
+        match (self, cut) {
+            (DeviceFlash::Memory(f), Cut::Ops(n)) => f.cut_power_after_ops(n),
+            (DeviceFlash::Memory(f), Cut::Bytes(n)) => f.cut_power_after_bytes(n),
+            (DeviceFlash::File(f), Cut::Ops(n)) => f.cut_power_after_ops(n),
+            (DeviceFlash::File(f), Cut::Bytes(n)) => f.cut_power_after_bytes(n),
+        }
+    }
+    /// Creates or opens the flash of `cfg`; a new flash gets the default
+    /// partition table and the initial image in `ota_0`.
+    pub fn open(cfg: &VirtualConfig) -> std::io::Result<Self> {
+        let (mut flash, fresh) = match &cfg.flash {
+            None => (DeviceFlash::Memory(SimFlash::new(FLASH_SIZE)), true),
+            Some(path) => {
+                let fresh = !path.exists();
+                (
+                    DeviceFlash::File(SimFlash::open_file(path, FLASH_SIZE, false)?),
+                    fresh,
+                )
+            }
+        };
+        if fresh {
+            provision(&mut flash, cfg)
+                .map_err(|e| std::io::Error::other(format!("provisioning the flash: {e}")))?;
+        }
+        Ok(flash)
+    }
+}
+
+fn provision(flash: &mut DeviceFlash, cfg: &VirtualConfig) -> Result<(), String> {
+    let table = PartitionTable::from_csv(DEFAULT_4MB_CSV).map_err(|e| format!("{e:?}"))?;
+    let image = ImageBuilder::new(cfg.chip)
+        .version(&cfg.initial_version)
+        .project("mqota-virtual")
+        .size(cfg.initial_size)
+        .build()
+        .map_err(|e| format!("initial image: {e:?}"))?;
+    let slot0 = table.ota_slots().next().ok_or("no ota_0")?.offset;
+    let mut padded = image;
+    padded.resize(padded.len().div_ceil(4) * 4, 0xFF);
+    let table = table.to_bytes();
+    let result = match flash {
+        DeviceFlash::Memory(f) => f
+            .write_flash(TABLE_OFFSET, &table)
+            .and_then(|_| f.write_flash(slot0, &padded)),
+        DeviceFlash::File(f) => f
+            .write_flash(TABLE_OFFSET, &table)
+            .and_then(|_| f.write_flash(slot0, &padded)),
+    };
+    result.map_err(|e| format!("{e}"))
+}
+
+/// The device's view of its flash: every operation notices a power cut and
+/// takes the network down with it, as losing power does.
+struct Powered<'a> {
+    flash: &'a mut DeviceFlash,
+    handle: Handle,
+}
+
+impl Powered<'_> {
+    fn after<T>(&mut self, r: Result<T, SimError>) -> Result<T, SimError> {
+        if !self.flash.is_powered() {
+            self.handle.0.powered.set(false);
+            self.handle.0.wake.notify_waiters();
+        }
+        r
+    }
+}
+
+impl ErrorType for Powered<'_> {
+    type Error = SimError;
+}
+
+impl ReadNorFlash for Powered<'_> {
+    const READ_SIZE: usize = 1;
+    fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), SimError> {
+        if !self.handle.powered() {
+            return Err(SimError::PowerCut);
+        }
+        let r = match self.flash {
+            DeviceFlash::Memory(f) => f.read(offset, bytes),
+            DeviceFlash::File(f) => f.read(offset, bytes),
+        };
+        self.after(r)
+    }
+    fn capacity(&self) -> usize {
+        FLASH_SIZE
+    }
+}
+
+impl NorFlash for Powered<'_> {
+    const WRITE_SIZE: usize = 4;
+    const ERASE_SIZE: usize = 4096;
+    fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), SimError> {
+        if !self.handle.powered() {
+            return Err(SimError::PowerCut);
+        }
+        let r = match self.flash {
+            DeviceFlash::Memory(f) => f.write(offset, bytes),
+            DeviceFlash::File(f) => f.write(offset, bytes),
+        };
+        self.after(r)
+    }
+    fn erase(&mut self, from: u32, to: u32) -> Result<(), SimError> {
+        if !self.handle.powered() {
+            return Err(SimError::PowerCut);
+        }
+        let r = match self.flash {
+            DeviceFlash::Memory(f) => f.erase(from, to),
+            DeviceFlash::File(f) => f.erase(from, to),
+        };
+        self.after(r)
+    }
+}
+
+/// The WiFi link of a virtual device.
+pub struct VirtualLink {
+    handle: Handle,
+}
+
+impl Link for VirtualLink {
+    type Error = ();
+    async fn connect(&mut self) -> Result<(), ()> {
+        self.reconnect().await
+    }
+    async fn reconnect(&mut self) -> Result<(), ()> {
+        if self.handle.link().0 {
+            Ok(())
+        } else {
+            tokio::time::sleep(StdDuration::from_millis(200)).await;
+            Err(())
+        }
+    }
+    fn is_connected(&self) -> bool {
+        self.handle.link().0
+    }
+}
+
+/// The board of a virtual device.
+struct VirtualPlatform {
+    id: String,
+    slot: Slot,
+    unhealthy: bool,
+    reboot: Rc<Notify>,
+}
+
+impl Platform for VirtualPlatform {
+    async fn reboot(&mut self) -> ! {
+        self.reboot.notify_one();
+        loop {
+            std::future::pending::<()>().await;
+        }
+    }
+    fn running_slot(&self) -> Slot {
+        self.slot
+    }
+    fn device_id(&self) -> &str {
+        &self.id
+    }
+    async fn health_check(&mut self) -> bool {
+        !self.unhealthy
+    }
+}
+
+/// Runs the device until [`Handle::stop`]. Errors only when the flash file
+/// cannot be created or opened.
+pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<()> {
+    let mut flash = DeviceFlash::open(&cfg)?;
+    let net = VirtualNet::new(handle.clone());
+    let bootloader = Bootloader::new(cfg.bootloader).for_chip(cfg.chip);
+    let mut dcfg = DeviceConfig::new(&cfg.broker_host, cfg.broker_port);
+    dcfg.prefix = &cfg.prefix;
+    dcfg.health_timeout =
+        embassy_time::Duration::from_millis(cfg.health_timeout.as_millis() as u64);
+    dcfg.update_timeout =
+        embassy_time::Duration::from_millis(cfg.update_timeout.as_millis() as u64);
+    dcfg.stall_timeout = embassy_time::Duration::from_millis(cfg.stall_timeout.as_millis() as u64);
+    dcfg.progress_interval =
+        embassy_time::Duration::from_millis(cfg.progress_interval.as_millis() as u64);
+    dcfg.keep_alive_secs = cfg.keep_alive_secs;
+    dcfg.seed = cfg.id.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    });
+
+    while !handle.0.stopped.get() {
+        // Power on.
+        flash.power_on();
+        handle.0.powered.set(true);
+        if let Some(cut) = handle.0.cut.take() {
+            flash.arm(cut);
+        }
+        let mut pflash = Powered {
+            flash: &mut flash,
+            handle: handle.clone(),
+        };
+        let outcome = match bootloader.boot(&mut pflash) {
+            Ok(o) => o,
+            // The power went while the bootloader wrote otadata.
+            Err(_) => continue,
+        };
+        let version = outcome
+            .image
+            .as_ref()
+            .map(|i| i.app.version.as_str().to_string());
+        handle.0.boots.borrow_mut().push(BootRecord {
+            slot: outcome.slot,
+            version: version.clone(),
+        });
+        let (Some(slot_index), Some(version)) = (outcome.slot, version) else {
+            log::error!("{}: nothing bootable on the flash", cfg.id);
+            while !handle.0.stopped.get() {
+                handle.0.wake.notified().await;
+            }
+            break;
+        };
+        let slot = if slot_index == 0 {
+            Slot::Ota0
+        } else {
+            Slot::Ota1
+        };
+        let booted = match early_boot(&mut pflash, slot) {
+            Ok(b) => b,
+            Err(e) => {
+                if handle.powered() {
+                    log::error!("{}: early boot failed: {e:?}", cfg.id);
+                    tokio::time::sleep(StdDuration::from_secs(1)).await;
+                }
+                continue;
+            }
+        };
+        log::debug!(
+            "{}: booted {version} from slot {slot_index}: {:?}",
+            cfg.id,
+            booted.boot.verdict
+        );
+        match booted.boot.verdict {
+            Verdict::Reboot => continue,
+            Verdict::Trial if version.ends_with("+crash") => {
+                // Dies right after the guard marked the trial.
+                tokio::time::sleep(StdDuration::from_millis(50)).await;
+                continue;
+            }
+            Verdict::Trial if version.ends_with("+hang") => {
+                // Never gets anywhere; the trial watchdog resets it.
+                tokio::time::sleep(cfg.watchdog).await;
+                continue;
+            }
+            _ => {}
+        }
+        let reboot = Rc::new(Notify::new());
+        let mut platform = VirtualPlatform {
+            id: cfg.id.clone(),
+            slot,
+            unhealthy: version.ends_with("+unhealthy"),
+            reboot: reboot.clone(),
+        };
+        let mut link = VirtualLink {
+            handle: handle.clone(),
+        };
+        let runtime = mqota_runtime::run(
+            &dcfg,
+            booted,
+            &mut platform,
+            &mut link,
+            &net,
+            &net,
+            &mut pflash,
+        );
+        let power_or_stop = async {
+            loop {
+                if !handle.powered() || handle.0.stopped.get() {
+                    return;
+                }
+                tokio::select! {
+                    _ = handle.0.wake.notified() => {}
+                    _ = tokio::time::sleep(StdDuration::from_millis(100)) => {}
+                }
+            }
+        };
+        tokio::select! {
+            _ = runtime => {}
+            _ = reboot.notified() => {}
+            _ = power_or_stop => {}
+        }
+    }
+    Ok(())
+}

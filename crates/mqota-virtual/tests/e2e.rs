@@ -1,0 +1,373 @@
+//! End to end: virtual devices (the real device runtime on the simulated
+//! flash and bootloader) against a real Mosquitto and real HTTP servers.
+//! Every test starts its own broker and server.
+
+use std::time::Duration;
+
+use mqota_core::image::{Chip, ImageBuilder};
+use mqota_core::protocol::{ErrorCode, Phase, Progress, Status};
+use mqota_virtual::device::{run_device, Handle, VirtualConfig};
+use mqota_virtual::testing::{Fault, FaultServer, FileServer, Mosquitto, Observer, Received};
+use sha2::Digest;
+use tokio::task::LocalSet;
+
+fn image(version: &str, size: u32) -> Vec<u8> {
+    image_for(Chip::Esp32c3, version, size)
+}
+
+fn image_for(chip: Chip, version: &str, size: u32) -> Vec<u8> {
+    ImageBuilder::new(chip)
+        .version(version)
+        .project("e2e")
+        .size(size)
+        .build()
+        .unwrap()
+}
+
+fn config(broker: &Mosquitto, id: &str) -> VirtualConfig {
+    let mut c = VirtualConfig::new(id, "127.0.0.1", broker.port());
+    c.health_timeout = Duration::from_secs(10);
+    c.stall_timeout = Duration::from_secs(2);
+    c.progress_interval = Duration::from_millis(20);
+    c.watchdog = Duration::from_millis(500);
+    c.update_timeout = Duration::from_secs(60);
+    c
+}
+
+fn start(cfg: VirtualConfig) -> Handle {
+    let handle = Handle::new();
+    let h = handle.clone();
+    tokio::task::spawn_local(async move {
+        run_device(cfg, h).await.expect("device runs");
+    });
+    handle
+}
+
+fn progress_of(seen: &[Received], id: &str) -> Vec<Progress> {
+    seen.iter()
+        .filter(|r| r.topic == "device/progress")
+        .filter_map(|r| serde_json::from_slice::<Progress>(&r.payload).ok())
+        .filter(|p| p.device.as_str() == id)
+        .collect()
+}
+
+fn status_of(seen: &[Received], id: &str) -> Option<Status> {
+    seen.iter()
+        .rev()
+        .find(|r| r.topic == format!("device/{id}/status"))
+        .and_then(|r| serde_json::from_slice(&r.payload).ok())
+}
+
+fn is_online_on(seen: &[Received], id: &str, version: &str) -> bool {
+    status_of(seen, id).is_some_and(|s| s.online && s.version.as_str() == version)
+}
+
+fn ended_with(seen: &[Received], id: &str, phase: Phase) -> bool {
+    progress_of(seen, id).iter().any(|p| p.phase == phase)
+}
+
+async fn online(obs: &Observer, id: &str, version: &str) {
+    assert!(
+        obs.wait_until(Duration::from_secs(20), |s| is_online_on(s, id, version))
+            .await,
+        "{id} never came online on {version}: {:?}",
+        status_of(&obs.all(), id)
+    );
+}
+
+fn job(url: &str, fields: serde_json::Value) -> Vec<u8> {
+    let mut j = serde_json::json!({ "url": url });
+    j.as_object_mut()
+        .unwrap()
+        .extend(fields.as_object().unwrap().clone());
+    serde_json::to_vec(&j).unwrap()
+}
+
+async fn local<F: std::future::Future<Output = ()>>(f: F) {
+    LocalSet::new().run_until(f).await
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_bare_url_on_the_broadcast_topic_updates_the_device() {
+    local(async {
+        let broker = Mosquitto::start();
+        let obs = broker.observe("device/#").await;
+        let v2 = image("1.1.0", 300_000);
+        let http = FileServer::start(&[("fw.bin", &v2)]).await;
+        let dev = start(config(&broker, "dev-a"));
+        online(&obs, "dev-a", "1.0.0").await;
+
+        broker
+            .publish("device/ota/start", http.url("fw.bin").as_bytes(), false)
+            .await;
+        online(&obs, "dev-a", "1.1.0").await;
+        assert!(
+            obs.wait_until(Duration::from_secs(10), |s| ended_with(
+                s,
+                "dev-a",
+                Phase::Done
+            ))
+            .await
+        );
+
+        let events = progress_of(&obs.all(), "dev-a");
+        let phases: Vec<Phase> = events.iter().map(|p| p.phase).collect();
+        assert_eq!(phases.first(), Some(&Phase::Accepted), "{phases:?}");
+        for want in [
+            Phase::Downloading,
+            Phase::Verifying,
+            Phase::Rebooting,
+            Phase::Confirming,
+            Phase::Done,
+        ] {
+            assert!(phases.contains(&want), "{want:?} missing from {phases:?}");
+        }
+        let percents: Vec<u8> = events.iter().map(|p| p.percent).collect();
+        assert!(
+            percents.windows(2).all(|w| w[0] <= w[1]),
+            "percent went down: {percents:?}"
+        );
+        assert_eq!(percents.last(), Some(&100));
+        let status = status_of(&obs.all(), "dev-a").unwrap();
+        assert_eq!(status.slot, Some(1));
+        assert_eq!(status.state.as_str(), "valid");
+        assert_eq!(status.last.unwrap().result, Phase::Done);
+        // The device rebooted once into the new slot.
+        let boots = dev.boots();
+        assert_eq!(boots.last().unwrap().version.as_deref(), Some("1.1.0"));
+        dev.stop();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_json_job_with_sha256_and_size_succeeds_and_a_wrong_sha256_fails() {
+    local(async {
+        let broker = Mosquitto::start();
+        let obs = broker.observe("device/#").await;
+        let v2 = image("1.1.0", 200_000);
+        let http = FileServer::start(&[("fw.bin", &v2)]).await;
+        let dev = start(config(&broker, "dev-j"));
+        online(&obs, "dev-j", "1.0.0").await;
+
+        let bad = job(&http.url("fw.bin"), serde_json::json!({"job": "j-bad", "sha256": "00".repeat(32), "size": v2.len()}));
+        broker.publish("device/dev-j/ota/start", &bad, false).await;
+        assert!(obs.wait_until(Duration::from_secs(20), |s| ended_with(s, "dev-j", Phase::Failed)).await);
+        let failed = progress_of(&obs.all(), "dev-j").into_iter().find(|p| p.phase == Phase::Failed).unwrap();
+        assert_eq!(failed.error, Some(ErrorCode::HashMismatch));
+        assert_eq!(failed.job.as_deref(), Some("j-bad"));
+        assert!(is_online_on(&obs.all(), "dev-j", "1.0.0"));
+
+        let sha = hex::encode(sha2::Sha256::digest(&v2));
+        let good = job(&http.url("fw.bin"), serde_json::json!({"job": "j-good", "sha256": sha, "size": v2.len(), "version": "1.1.0"}));
+        broker.publish("device/dev-j/ota/start", &good, false).await;
+        online(&obs, "dev-j", "1.1.0").await;
+        assert!(obs.wait_until(Duration::from_secs(10), |s| progress_of(s, "dev-j").iter().any(|p| p.phase == Phase::Done && p.job.as_deref() == Some("j-good"))).await);
+        dev.stop();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_broadcast_job_with_devices_updates_only_the_listed_ones() {
+    local(async {
+        let broker = Mosquitto::start();
+        let obs = broker.observe("device/#").await;
+        let v2 = image("1.1.0", 100_000);
+        let http = FileServer::start(&[("fw.bin", &v2)]).await;
+        let devs: Vec<Handle> = ["b-1", "b-2", "b-3"]
+            .iter()
+            .map(|id| start(config(&broker, id)))
+            .collect();
+        for id in ["b-1", "b-2", "b-3"] {
+            online(&obs, id, "1.0.0").await;
+        }
+        let j = job(
+            &http.url("fw.bin"),
+            serde_json::json!({"job": "some", "devices": ["b-1", "b-3"]}),
+        );
+        broker.publish("device/ota/start", &j, false).await;
+        online(&obs, "b-1", "1.1.0").await;
+        online(&obs, "b-3", "1.1.0").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(is_online_on(&obs.all(), "b-2", "1.0.0"));
+        assert!(
+            progress_of(&obs.all(), "b-2").is_empty(),
+            "b-2 must stay silent"
+        );
+        devs.iter().for_each(Handle::stop);
+    })
+    .await;
+}
+
+/// Each failure: its own error, the old firmware keeps running, the next
+/// command works.
+#[tokio::test(flavor = "current_thread")]
+async fn every_failed_download_reports_its_own_error_and_keeps_the_old_firmware() {
+    local(async {
+        let broker = Mosquitto::start();
+        let obs = broker.observe("device/#").await;
+        let good = image("1.1.0", 100_000);
+        let good_http = FileServer::start(&[("fw.bin", &good)]).await;
+        let mut truncated = image("1.1.0", 100_000);
+        truncated.truncate(70_000);
+        let huge = image("1.1.0", 0x1e0000 - 16 * 1024 + 16 * 1024);
+        let refused = format!(
+            "http://127.0.0.1:{}/fw.bin",
+            mqota_virtual::testing::free_port()
+        );
+        let cases: Vec<(&str, String, Option<FaultServer>, ErrorCode)> = vec![
+            (
+                "404",
+                String::new(),
+                Some(FaultServer::start(good.clone(), Fault::NotFound).await),
+                ErrorCode::HttpStatus,
+            ),
+            ("refused", refused, None, ErrorCode::Network),
+            (
+                "wrong chip",
+                String::new(),
+                Some(
+                    FaultServer::start(image_for(Chip::Esp32c6, "1.1.0", 100_000), Fault::None)
+                        .await,
+                ),
+                ErrorCode::WrongChip,
+            ),
+            (
+                "larger than the slot",
+                String::new(),
+                Some(FaultServer::start(huge, Fault::None).await),
+                ErrorCode::TooLarge,
+            ),
+            (
+                "endless",
+                String::new(),
+                Some(FaultServer::start(good.clone(), Fault::Endless).await),
+                ErrorCode::SizeMismatch,
+            ),
+            (
+                "truncated",
+                String::new(),
+                Some(FaultServer::start(truncated, Fault::None).await),
+                ErrorCode::BadImage,
+            ),
+        ];
+        let mut cfg = config(&broker, "dev-f");
+        cfg.update_timeout = Duration::from_secs(30);
+        let dev = start(cfg);
+        online(&obs, "dev-f", "1.0.0").await;
+        for (i, (name, url, server, code)) in cases.iter().enumerate() {
+            let url = server
+                .as_ref()
+                .map(|s| s.url())
+                .unwrap_or_else(|| url.clone());
+            let id = format!("f-{i}");
+            // A short deadline: the refused connection is retried until then.
+            broker
+                .publish(
+                    "device/dev-f/ota/start",
+                    &job(&url, serde_json::json!({"job": id, "timeout_s": 6})),
+                    false,
+                )
+                .await;
+            let got = obs
+                .wait_until(Duration::from_secs(45), |s| {
+                    progress_of(s, "dev-f")
+                        .iter()
+                        .any(|p| p.job.as_deref() == Some(&id) && p.phase == Phase::Failed)
+                })
+                .await;
+            assert!(
+                got,
+                "{name}: no failure reported: {:?}",
+                progress_of(&obs.all(), "dev-f").last()
+            );
+            let failed = progress_of(&obs.all(), "dev-f")
+                .into_iter()
+                .find(|p| p.job.as_deref() == Some(&id) && p.phase == Phase::Failed)
+                .unwrap();
+            assert_eq!(failed.error, Some(*code), "{name}: {failed:?}");
+            assert!(is_online_on(&obs.all(), "dev-f", "1.0.0"), "{name}");
+        }
+        broker
+            .publish(
+                "device/dev-f/ota/start",
+                &job(
+                    &good_http.url("fw.bin"),
+                    serde_json::json!({"job": "after"}),
+                ),
+                false,
+            )
+            .await;
+        online(&obs, "dev-f", "1.1.0").await;
+        dev.stop();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_connection_dropped_at_half_resumes_with_range_without_fetching_the_first_half_again() {
+    local(async {
+        let broker = Mosquitto::start();
+        let obs = broker.observe("device/#").await;
+        let v2 = image("1.1.0", 400_000);
+        let http = FaultServer::start(v2.clone(), Fault::DropOnceAt(50)).await;
+        let dev = start(config(&broker, "dev-r"));
+        online(&obs, "dev-r", "1.0.0").await;
+        broker
+            .publish("device/dev-r/ota/start", http.url().as_bytes(), false)
+            .await;
+        online(&obs, "dev-r", "1.1.0").await;
+        let starts = http.range_starts();
+        assert_eq!(starts.len(), 2, "{starts:?}");
+        assert!(starts[1] >= 190_000, "resumed from {}", starts[1]);
+        // At most one page (4 KiB) fetched twice.
+        assert!(
+            http.bytes_sent() <= v2.len() as u64 + 4096,
+            "sent {}",
+            http.bytes_sent()
+        );
+        dev.stop();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_stalled_server_ends_the_update_with_timeout_within_the_configured_time() {
+    local(async {
+        let broker = Mosquitto::start();
+        let obs = broker.observe("device/#").await;
+        let http = FaultServer::start(image("1.1.0", 300_000), Fault::StallAfter(50_000)).await;
+        let dev = start(config(&broker, "dev-s"));
+        online(&obs, "dev-s", "1.0.0").await;
+        let t0 = std::time::Instant::now();
+        broker
+            .publish(
+                "device/dev-s/ota/start",
+                &job(&http.url(), serde_json::json!({"timeout_s": 8})),
+                false,
+            )
+            .await;
+        assert!(
+            obs.wait_until(Duration::from_secs(20), |s| ended_with(
+                s,
+                "dev-s",
+                Phase::Failed
+            ))
+            .await
+        );
+        let took = t0.elapsed();
+        let failed = progress_of(&obs.all(), "dev-s")
+            .into_iter()
+            .find(|p| p.phase == Phase::Failed)
+            .unwrap();
+        assert_eq!(failed.error, Some(ErrorCode::Timeout));
+        assert!(
+            took < Duration::from_secs(10),
+            "took {took:?} for an 8 s timeout"
+        );
+        assert!(is_online_on(&obs.all(), "dev-s", "1.0.0"));
+        dev.stop();
+    })
+    .await;
+}
