@@ -186,6 +186,28 @@ pub fn on_boot<F: NorFlash>(flash: &mut F, layout: &Layout) -> Result<Boot, Guar
         }
     }
 
+    if own_job.is_some()
+        && entry.is_none()
+        && !own.has(flash, Flag::Confirmed)?
+        && (own.has(flash, Flag::TrialStarted)? || own.has(flash, Flag::RolledBack)?)
+    {
+        // No entry selects this unconfirmed image: the bootloader fell back
+        // to it, e.g. because a rejection was cut after erasing the sector
+        // of the previous entry and the rollback bootloader then aborted the
+        // trial's. Finish the rejection if there is anything to go back to.
+        let reason = own
+            .rollback_reason(flash)?
+            .unwrap_or(RollbackReason::BootFailed);
+        match reject(flash, layout, reason) {
+            Ok(()) => {
+                boot.verdict = Verdict::Reboot;
+                return Ok(boot);
+            }
+            Err(GuardError::NoPreviousImage) => {}
+            Err(e) => return Err(e),
+        }
+    }
+
     if let Some(job) = &own_job {
         if own.has(flash, Flag::Confirmed)? {
             boot.last = Some(LastResult {

@@ -725,3 +725,64 @@ fn regression_operator_rollback_refuses_an_image_whose_trial_the_bootloader_abor
     assert_eq!(d.version, OLD);
     assert_no_previous_image(&mut d, "trial aborted by the bootloader");
 }
+
+// Fuzz finding (engine target): with the rollback bootloader, a health check
+// that failed in `ota_1`, then a confirmed update in `ota_1`, then a failed
+// health check of an update in `ota_0`: the second rejection must succeed.
+#[test]
+fn fuzz_a_second_failed_trial_after_a_confirmed_one_rolls_back() {
+    let mut d = Dev::new(BootConfig::Rollback);
+    d.download(NEW, "job-1");
+    settle(&mut d, TrialEnd::HealthCheckFails);
+    assert_eq!((d.slot, d.version.as_str()), (0, OLD));
+    d.download("1.2.0", "job-2");
+    settle(&mut d, TrialEnd::Confirm);
+    assert_eq!((d.slot, d.version.as_str()), (1, "1.2.0"));
+    d.download("1.3.0", "job-3");
+    d.power_cycle();
+    assert_eq!((d.slot, d.version.as_str()), (0, "1.3.0"));
+    assert_eq!(d.guard().0.verdict, Verdict::Trial);
+    let layout = d.layout();
+    bootguard::reject(&mut d.rig.flash, &layout, RollbackReason::HealthCheckFailed)
+        .expect("the confirmed 1.2.0 is there to go back to");
+    d.power_cycle();
+    assert_eq!((d.slot, d.version.as_str()), (1, "1.2.0"));
+}
+
+// Fuzz finding (engine target): a rejection cut after it erased the sector of
+// the previous (valid) entry left only the trial's PENDING_VERIFY entry; the
+// rollback bootloader aborted it, fell back to `ota_0` — the rejected image —
+// and the guard let it run as if confirmed. It now finishes the rejection.
+#[test]
+fn fuzz_a_rejection_cut_after_erasing_the_previous_entry_is_finished() {
+    let mut d = Dev::new(BootConfig::Rollback);
+    d.download(NEW, "job-1");
+    settle(&mut d, TrialEnd::Confirm);
+    assert_eq!((d.slot, d.version.as_str()), (1, NEW));
+    d.download("1.2.0", "job-2");
+    d.power_cycle();
+    assert_eq!((d.slot, d.version.as_str()), (0, "1.2.0"));
+    assert_eq!(d.guard().0.verdict, Verdict::Trial);
+    // Journal mark, then the erase of the sector with 1.1.0's entry; cut
+    // before the program.
+    d.rig.flash.cut_power_after_ops(2);
+    let layout = d.layout();
+    assert!(
+        bootguard::reject(&mut d.rig.flash, &layout, RollbackReason::HealthCheckFailed).is_err()
+    );
+    let (published, _, boot) = settle(&mut d, TrialEnd::Confirm);
+    assert_eq!(
+        (d.slot, d.version.as_str()),
+        (1, NEW),
+        "back on the confirmed image"
+    );
+    assert_eq!(
+        published,
+        vec![(
+            Some("job-2".into()),
+            Phase::RolledBack,
+            Some(ErrorCode::HealthCheckFailed)
+        )]
+    );
+    assert_eq!(boot.state, OtaState::Valid);
+}
