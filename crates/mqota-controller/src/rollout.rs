@@ -1,1 +1,637 @@
-//! Staged rollouts (next commit).
+//! Staged rollouts: choose devices, send the job to a canary group first and
+//! then in batches, wait for each stage's results, stop when failures pass
+//! the threshold, and (optionally) roll back the devices that had already
+//! updated.
+//!
+//! Every step is written to the [`Store`] before the next one starts, and
+//! [`run`] starts from whatever the store says. So the very same function
+//! carries out a new deployment and resumes one whose controller was stopped:
+//! devices already finished keep their result, devices whose job was sent
+//! are watched again (their retained status says how a job ended while no
+//! controller listened: `last.job` is the deployment id), and the stages not
+//! yet sent follow.
+//!
+//! A device's job ends with the first of: a terminal progress event for the
+//! deployment's job id, a retained status whose `last.job` is that id, or
+//! the per-device timeout (the device is then sent `cancel`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use mqota_core::protocol::Phase;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::fleet::{DeviceView, Fleet, FleetError, FleetEvent, StartCommand};
+use crate::store::{Deployment, DeploymentDevice, DeploymentState, DeviceState, Store, StoreError};
+use crate::unix_now;
+
+/// A count or a percentage, as in `--batch 5` or `--batch 25%`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Amount {
+    /// This many devices.
+    Count(usize),
+    /// This share of the devices, in percent (0–100).
+    Percent(u8),
+}
+
+impl FromStr for Amount {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            match p.trim().parse::<u8>() {
+                Ok(n) if n <= 100 => Ok(Amount::Percent(n)),
+                _ => Err(format!("{s:?} is not a percentage 0%..100%")),
+            }
+        } else {
+            s.parse::<usize>()
+                .map(Amount::Count)
+                .map_err(|_| format!("{s:?} is neither a count nor a percentage like 25%"))
+        }
+    }
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Amount::Count(n) => write!(f, "{n}"),
+            Amount::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// How a deployment proceeds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutOptions {
+    /// Devices in the first stage (0: no canary stage).
+    pub canary: usize,
+    /// Size of each later stage, as a count or a share of all selected
+    /// devices (rounded up, at least 1).
+    pub batch: Amount,
+    /// Stop when more devices than this have failed: a count, or a share of
+    /// the devices whose job was sent so far.
+    pub max_failures: Amount,
+    /// When stopping for failures, send `rollback` to devices that updated.
+    pub auto_rollback: bool,
+    /// Seconds a device may take for its job (also sent as `timeout_s`).
+    pub timeout_s: u32,
+}
+
+impl Default for RolloutOptions {
+    fn default() -> Self {
+        Self {
+            canary: 0,
+            batch: Amount::Percent(100),
+            max_failures: Amount::Count(0),
+            auto_rollback: false,
+            timeout_s: 600,
+        }
+    }
+}
+
+/// Which devices a deployment is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// These ids, in this order.
+    Ids(Vec<String>),
+    /// Every online device.
+    All,
+    /// Every online device whose status fields equal these values
+    /// (`chip`, `project`, `version`, `state`, `slot`).
+    Where(Vec<(String, String)>),
+}
+
+impl Selection {
+    /// Reads `chip=esp32c3,version=1.0.0`.
+    pub fn parse_where(s: &str) -> Result<Self, RolloutError> {
+        let mut out = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| RolloutError::Option(format!("{part:?} is not key=value")))?;
+            let k = k.trim();
+            if !["chip", "project", "version", "state", "slot"].contains(&k) {
+                return Err(RolloutError::Option(format!(
+                    "cannot select by {k:?}: use chip, project, version, state or slot"
+                )));
+            }
+            out.push((k.to_owned(), v.trim().to_owned()));
+        }
+        if out.is_empty() {
+            return Err(RolloutError::Option("--where names no condition".into()));
+        }
+        Ok(Selection::Where(out))
+    }
+
+    /// The selected devices among `fleet`.
+    pub fn select(&self, fleet: &[DeviceView]) -> Result<Vec<DeviceView>, RolloutError> {
+        let online = |d: &&DeviceView| d.status.as_ref().is_some_and(|s| s.online);
+        match self {
+            Selection::Ids(ids) => ids
+                .iter()
+                .map(|id| {
+                    fleet
+                        .iter()
+                        .find(|d| &d.id == id && d.status.is_some())
+                        .cloned()
+                        .ok_or_else(|| RolloutError::UnknownDevice(id.clone()))
+                })
+                .collect(),
+            Selection::All => Ok(fleet.iter().filter(online).cloned().collect()),
+            Selection::Where(conds) => Ok(fleet
+                .iter()
+                .filter(online)
+                .filter(|d| {
+                    let s = d.status.as_ref().expect("online implies a status");
+                    conds.iter().all(|(k, v)| match k.as_str() {
+                        "chip" => s.chip.as_str() == v,
+                        "project" => s.project.as_str() == v,
+                        "version" => s.version.as_str() == v,
+                        "state" => s.state.as_str() == v,
+                        "slot" => s.slot.map(|n| n.to_string()).unwrap_or_default() == *v,
+                        _ => false,
+                    })
+                })
+                .cloned()
+                .collect()),
+        }
+    }
+}
+
+/// Splits `devices` into stages: the canary group, then batches.
+pub fn plan(devices: &[String], canary: usize, batch: Amount) -> Vec<Vec<String>> {
+    let mut stages = Vec::new();
+    let canary = canary.min(devices.len());
+    if canary > 0 {
+        stages.push(devices[..canary].to_vec());
+    }
+    let size = match batch {
+        Amount::Count(n) => n,
+        Amount::Percent(p) => (devices.len() * p as usize).div_ceil(100),
+    }
+    .max(1);
+    for chunk in devices[canary..].chunks(size) {
+        stages.push(chunk.to_vec());
+    }
+    stages
+}
+
+/// Whether `failed` failures out of `attempted` sent jobs pass the threshold.
+pub fn too_many_failures(max: Amount, failed: usize, attempted: usize) -> bool {
+    match max {
+        Amount::Count(n) => failed > n,
+        Amount::Percent(p) => failed * 100 > p as usize * attempted,
+    }
+}
+
+/// The image a deployment installs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Firmware {
+    /// What the operator named (catalogue name or URL).
+    pub name: String,
+    /// Where devices download it.
+    pub url: String,
+    /// Version in its app descriptor.
+    pub version: String,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    /// Bytes.
+    pub size: u32,
+}
+
+/// Why a deployment could not be made or carried on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RolloutError {
+    /// An option is malformed: fix the command line.
+    #[error("{0}")]
+    Option(String),
+    /// A `--to` id has never published a status: check the id
+    /// (`mqota status`).
+    #[error("device {0:?} is not known (it has no retained status)")]
+    UnknownDevice(String),
+    /// Nothing to update: every selected device already runs the version, or
+    /// the selection is empty.
+    #[error("no device to update: {0}")]
+    NoDevices(String),
+    /// The store failed: see the error; the deployment may be resumed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The broker connection failed: the deployment can be resumed with
+    /// `deploy --resume`.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+}
+
+/// What a running deployment reports, for progress bars and logs.
+pub trait Observer {
+    /// A stage's jobs are being sent.
+    fn stage(&mut self, _index: usize, _count: usize, _devices: &[String]) {}
+    /// A progress event of this deployment's job.
+    fn progress(&mut self, _event: &mqota_core::protocol::Progress) {}
+    /// A device's result is in.
+    fn result(&mut self, _device: &str, _state: DeviceState, _error: Option<&str>) {}
+    /// The rollout stopped for failures.
+    fn stopped(&mut self, _reason: &str) {}
+}
+
+/// An observer that reports nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+fn new_job_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("d-{}-{:06x}", unix_now(), h.finish() & 0xff_ffff)
+}
+
+/// Plans a deployment of `firmware` to the selected devices of `fleet` and
+/// stores it (state `running`, every device `pending`). Devices already on
+/// the version are left out and returned second.
+pub fn create(
+    store: &Store,
+    fleet: &[DeviceView],
+    firmware: &Firmware,
+    selection: &Selection,
+    options: &RolloutOptions,
+) -> Result<(Deployment, Vec<String>), RolloutError> {
+    let selected = selection.select(fleet)?;
+    let (current, todo): (Vec<_>, Vec<_>) = selected.into_iter().partition(|d| {
+        d.status
+            .as_ref()
+            .is_some_and(|s| s.version.as_str() == firmware.version)
+    });
+    let current: Vec<String> = current.into_iter().map(|d| d.id).collect();
+    if todo.is_empty() {
+        return Err(RolloutError::NoDevices(if current.is_empty() {
+            "the selection is empty (are the devices online?)".into()
+        } else {
+            format!(
+                "all {} selected devices run {}",
+                current.len(),
+                firmware.version
+            )
+        }));
+    }
+    let ids: Vec<String> = todo.iter().map(|d| d.id.clone()).collect();
+    let from: HashMap<&str, String> = todo
+        .iter()
+        .filter_map(|d| Some((d.id.as_str(), d.status.as_ref()?.version.to_string())))
+        .collect();
+    let now = unix_now();
+    let mut devices = Vec::new();
+    for (stage, group) in plan(&ids, options.canary, options.batch).iter().enumerate() {
+        for id in group {
+            devices.push(DeploymentDevice {
+                device: id.clone(),
+                stage: stage as u32,
+                state: DeviceState::Pending,
+                error: None,
+                from_version: from.get(id.as_str()).cloned(),
+                updated_at: now,
+            });
+        }
+    }
+    let d = Deployment {
+        id: new_job_id(),
+        firmware: firmware.name.clone(),
+        url: firmware.url.clone(),
+        version: firmware.version.clone(),
+        sha256: firmware.sha256.clone(),
+        size: firmware.size,
+        options: serde_json::to_value(options).expect("options serialise"),
+        state: DeploymentState::Running,
+        reason: None,
+        created_at: now,
+        updated_at: now,
+        devices,
+    };
+    store.create_deployment(&d)?;
+    Ok((d, current))
+}
+
+/// How a job of deployment `job` ended on `d`, if it did.
+fn result_of(d: &DeviceView, job: &str) -> Option<(Phase, Option<String>)> {
+    if let Some(p) = &d.progress {
+        if p.job.as_deref() == Some(job) && p.phase.is_terminal() {
+            return Some((p.phase, p.error.map(|e| e.as_str().to_owned())));
+        }
+    }
+    let last = d.status.as_ref()?.last.as_ref()?;
+    (last.job.as_deref() == Some(job) && last.result.is_terminal())
+        .then(|| (last.result, last.error.map(|e| e.as_str().to_owned())))
+}
+
+fn state_of(phase: Phase) -> DeviceState {
+    match phase {
+        Phase::Done => DeviceState::Done,
+        Phase::RolledBack => DeviceState::RolledBack,
+        Phase::Cancelled => DeviceState::Cancelled,
+        _ => DeviceState::Failed,
+    }
+}
+
+/// Carries out (or resumes) deployment `id` to its end, and returns it as
+/// stored at the end.
+pub async fn run(
+    fleet: &Fleet,
+    store: &Store,
+    id: &str,
+    observer: &mut dyn Observer,
+) -> Result<Deployment, RolloutError> {
+    let mut dep = store.deployment(id)?;
+    if dep.state != DeploymentState::Running {
+        return Ok(dep);
+    }
+    let options: RolloutOptions = serde_json::from_value(dep.options.clone())
+        .map_err(|e| RolloutError::Option(format!("stored options unreadable: {e}")))?;
+    let timeout = Duration::from_secs(options.timeout_s.into());
+    let command = StartCommand {
+        url: dep.url.clone(),
+        version: Some(dep.version.clone()),
+        sha256: Some(dep.sha256.clone()),
+        size: Some(dep.size),
+        job: Some(dep.id.clone()),
+        timeout_s: Some(options.timeout_s),
+    };
+    let mut states: BTreeMap<String, (u32, DeviceState)> = dep
+        .devices
+        .iter()
+        .map(|d| (d.device.clone(), (d.stage, d.state)))
+        .collect();
+    let stage_count = states.values().map(|(s, _)| *s + 1).max().unwrap_or(0);
+    let mut events = fleet.events();
+
+    for stage in 0..stage_count {
+        let members: Vec<String> = states
+            .iter()
+            .filter(|(_, (s, _))| *s == stage)
+            .map(|(d, _)| d.clone())
+            .collect();
+        if members.iter().all(|m| states[m].1.is_finished()) {
+            continue;
+        }
+        observer.stage(stage as usize, stage_count as usize, &members);
+        let mut deadlines: HashMap<String, Instant> = HashMap::new();
+        for m in &members {
+            match states[m].1 {
+                DeviceState::Pending => {
+                    fleet.start(m, &command).await?;
+                    store.set_device_state(id, m, DeviceState::Sent, None)?;
+                    states.get_mut(m).unwrap().1 = DeviceState::Sent;
+                    deadlines.insert(m.clone(), Instant::now() + timeout);
+                }
+                DeviceState::Sent => {
+                    // Resumed: the job's clock restarts, since when it was
+                    // sent is not worth trusting across a controller restart.
+                    deadlines.insert(m.clone(), Instant::now() + timeout);
+                }
+                _ => {}
+            }
+        }
+        wait_for(
+            fleet,
+            store,
+            id,
+            &mut events,
+            &mut deadlines,
+            &mut states,
+            observer,
+            |p| p.is_terminal(),
+        )
+        .await?;
+
+        let attempted = states
+            .values()
+            .filter(|(_, s)| !matches!(s, DeviceState::Pending | DeviceState::Skipped))
+            .count();
+        let failed = states.values().filter(|(_, s)| s.is_failure()).count();
+        if too_many_failures(options.max_failures, failed, attempted) {
+            let reason = format!(
+                "{failed} of {attempted} devices failed (limit {}), stopped after stage {} of {stage_count}",
+                options.max_failures,
+                stage + 1
+            );
+            observer.stopped(&reason);
+            for (d, (_, s)) in states.iter_mut() {
+                if *s == DeviceState::Pending {
+                    *s = DeviceState::Skipped;
+                    store.set_device_state(id, d, DeviceState::Skipped, Some("rollout stopped"))?;
+                }
+            }
+            if options.auto_rollback {
+                roll_back_updated(
+                    fleet,
+                    store,
+                    id,
+                    &mut events,
+                    &mut states,
+                    timeout,
+                    observer,
+                )
+                .await?;
+            }
+            store.set_deployment_state(id, DeploymentState::Failed, Some(&reason))?;
+            return Ok(store.deployment(id)?);
+        }
+    }
+    let failed = states.values().filter(|(_, s)| s.is_failure()).count();
+    let state = if failed == 0 {
+        DeploymentState::Succeeded
+    } else {
+        DeploymentState::Failed
+    };
+    let reason = (failed > 0).then(|| format!("{failed} devices failed (within the limit)"));
+    store.set_deployment_state(id, state, reason.as_deref())?;
+    dep = store.deployment(id)?;
+    Ok(dep)
+}
+
+async fn roll_back_updated(
+    fleet: &Fleet,
+    store: &Store,
+    id: &str,
+    events: &mut tokio::sync::broadcast::Receiver<FleetEvent>,
+    states: &mut BTreeMap<String, (u32, DeviceState)>,
+    timeout: Duration,
+    observer: &mut dyn Observer,
+) -> Result<(), RolloutError> {
+    let updated: Vec<String> = states
+        .iter()
+        .filter(|(_, (_, s))| *s == DeviceState::Done)
+        .map(|(d, _)| d.clone())
+        .collect();
+    let mut deadlines = HashMap::new();
+    for d in &updated {
+        fleet.rollback(d, Some(id)).await?;
+        deadlines.insert(d.clone(), Instant::now() + timeout);
+    }
+    // The device reports the rollback under the deployment's job id, and its
+    // retained `last` still says `done` until then: only `rolled_back` (or a
+    // `failed`) ends this wait.
+    wait_for(
+        fleet,
+        store,
+        id,
+        events,
+        &mut deadlines,
+        states,
+        observer,
+        |p| matches!(p, Phase::RolledBack | Phase::Failed),
+    )
+    .await
+}
+
+/// Waits until every device in `deadlines` has a result that `ends` accepts,
+/// or its deadline passes; records results as they come.
+#[allow(clippy::too_many_arguments)]
+async fn wait_for(
+    fleet: &Fleet,
+    store: &Store,
+    id: &str,
+    events: &mut tokio::sync::broadcast::Receiver<FleetEvent>,
+    deadlines: &mut HashMap<String, Instant>,
+    states: &mut BTreeMap<String, (u32, DeviceState)>,
+    observer: &mut dyn Observer,
+    ends: impl Fn(Phase) -> bool,
+) -> Result<(), RolloutError> {
+    let reverting = |s: DeviceState| s == DeviceState::Done;
+    while !deadlines.is_empty() {
+        // Events only wake us up and feed the observer; the results are read
+        // from the fleet's current view, so a lagging channel loses nothing.
+        tokio::select! {
+            ev = events.recv() => {
+                if let Ok(FleetEvent::Progress(p)) = ev {
+                    if p.job.as_deref() == Some(id) && deadlines.contains_key(p.device.as_str()) {
+                        observer.progress(&p);
+                    }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        let now = Instant::now();
+        let waiting: Vec<String> = deadlines.keys().cloned().collect();
+        for dev in waiting {
+            let view = fleet.device(&dev);
+            let before = states[&dev].1;
+            let outcome = view
+                .as_ref()
+                .and_then(|v| result_of(v, id))
+                .filter(|(p, _)| ends(*p));
+            let new = match outcome {
+                Some((phase, err)) => {
+                    let s = if reverting(before) {
+                        if phase == Phase::RolledBack {
+                            DeviceState::Reverted
+                        } else {
+                            DeviceState::RevertFailed
+                        }
+                    } else {
+                        state_of(phase)
+                    };
+                    Some((s, err))
+                }
+                None if now >= deadlines[&dev] => {
+                    if reverting(before) {
+                        Some((DeviceState::RevertFailed, Some("timeout".to_owned())))
+                    } else {
+                        // Stop a job that may still be running so it cannot
+                        // finish after the rollout gave up on it.
+                        fleet.cancel(&dev, Some(id)).await?;
+                        Some((DeviceState::TimedOut, Some("timeout".to_owned())))
+                    }
+                }
+                None => None,
+            };
+            if let Some((s, err)) = new {
+                store.set_device_state(id, &dev, s, err.as_deref())?;
+                states.get_mut(&dev).unwrap().1 = s;
+                deadlines.remove(&dev);
+                observer.result(&dev, s, err.as_deref());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("d{i:02}")).collect()
+    }
+
+    #[test]
+    fn twenty_devices_with_canary_2_and_half_batches_make_three_stages() {
+        let stages = plan(&ids(20), 2, Amount::Percent(50));
+        let sizes: Vec<usize> = stages.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [2, 10, 8]);
+        assert_eq!(
+            stages.concat(),
+            ids(20),
+            "every device exactly once, in order"
+        );
+    }
+
+    #[test]
+    fn no_canary_and_a_count_batch() {
+        let sizes: Vec<usize> = plan(&ids(7), 0, Amount::Count(3))
+            .iter()
+            .map(Vec::len)
+            .collect();
+        assert_eq!(sizes, [3, 3, 1]);
+        let sizes: Vec<usize> = plan(&ids(3), 5, Amount::Count(3))
+            .iter()
+            .map(Vec::len)
+            .collect();
+        assert_eq!(
+            sizes,
+            [3],
+            "a canary larger than the fleet takes everything"
+        );
+        assert_eq!(
+            plan(&ids(3), 0, Amount::Percent(0)).len(),
+            3,
+            "batches hold at least one"
+        );
+    }
+
+    #[test]
+    fn the_failure_threshold_counts_against_jobs_sent_so_far() {
+        // Both canaries of a 20-device fleet failing is 100% of what was
+        // tried, far past 10%.
+        assert!(too_many_failures(Amount::Percent(10), 2, 2));
+        assert!(!too_many_failures(Amount::Percent(10), 1, 12));
+        assert!(too_many_failures(Amount::Percent(10), 2, 12));
+        assert!(too_many_failures(Amount::Count(0), 1, 20));
+        assert!(!too_many_failures(Amount::Count(1), 1, 20));
+    }
+
+    #[test]
+    fn amounts_read_counts_and_percentages() {
+        assert_eq!("5".parse::<Amount>(), Ok(Amount::Count(5)));
+        assert_eq!(" 25% ".parse::<Amount>(), Ok(Amount::Percent(25)));
+        assert!("101%".parse::<Amount>().is_err());
+        assert!("x".parse::<Amount>().is_err());
+    }
+
+    #[test]
+    fn where_refuses_unknown_keys() {
+        assert!(Selection::parse_where("chip=esp32c3, version=1.0.0").is_ok());
+        assert!(matches!(
+            Selection::parse_where("colour=red"),
+            Err(RolloutError::Option(_))
+        ));
+    }
+}
