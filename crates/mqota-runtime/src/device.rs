@@ -64,6 +64,10 @@ pub struct DeviceConfig<'a> {
     pub broker_host: &'a str,
     /// Broker port.
     pub broker_port: u16,
+    /// MQTT user name, if the broker wants a login.
+    pub username: Option<&'a str>,
+    /// MQTT password, if the broker wants a login.
+    pub password: Option<&'a [u8]>,
     /// Topic prefix (`device` by default).
     pub prefix: &'a str,
     /// A trial boot must reach the broker and subscribe within this time.
@@ -87,6 +91,8 @@ impl<'a> DeviceConfig<'a> {
         Self {
             broker_host,
             broker_port,
+            username: None,
+            password: None,
             prefix: mqota_core::protocol::DEFAULT_PREFIX,
             health_timeout: Duration::from_secs(60),
             update_timeout: Duration::from_secs(600),
@@ -207,6 +213,8 @@ where
         &will[..will_len],
     );
     mqtt_cfg.keep_alive_secs = cfg.keep_alive_secs;
+    mqtt_cfg.username = cfg.username;
+    mqtt_cfg.password = cfg.password;
     let mut rx = [0u8; MQTT_RX_BUFFER];
     let mut buffers = MqttBuffers::new(&mut rx);
     let mut session = MqttSession::new(tcp, dns, &mut buffers, mqtt_cfg);
@@ -232,6 +240,7 @@ where
         status: &mut status,
         fetch: None,
         reboot: false,
+        up: false,
     };
 
     // The trial, if this boot is one: reach the broker and subscribe within
@@ -239,26 +248,21 @@ where
     if booted.boot.verdict == Verdict::Trial {
         let job = booted.boot.trial_job.clone();
         let deadline = Instant::now() + cfg.health_timeout;
-        let reached = with_timeout(cfg.health_timeout, async {
-            loop {
-                if session
-                    .maintain(link, &mut backoff, &mut random)
-                    .await
-                    .is_err()
-                {
-                    return false;
-                }
-                if session.subscribe(&sub_refs).await.is_ok() {
-                    return true;
-                }
-            }
-        })
+        let reached = with_timeout(
+            cfg.health_timeout,
+            dev.bring_up(
+                &mut session,
+                link,
+                &mut backoff,
+                &mut random,
+                &sub_refs,
+                true,
+            ),
+        )
         .await
         .unwrap_or(false);
         let mut healthy = reached;
         if reached {
-            dev.status.online = true;
-            dev.publish_status(&mut session).await;
             let mut confirming = Progress::new(&topics, job.clone(), Phase::Confirming);
             // The download reached 100 before the reboot; percent never goes down.
             confirming.percent = 100;
@@ -291,7 +295,15 @@ where
     if let Some(report) = &booted.boot.report {
         // Published once the broker is reached, then marked so no later boot
         // publishes it again.
-        let _ = session.maintain(link, &mut backoff, &mut random).await;
+        dev.bring_up(
+            &mut session,
+            link,
+            &mut backoff,
+            &mut random,
+            &sub_refs,
+            false,
+        )
+        .await;
         dev.report(&mut session, report).await;
         let _ = bootguard::mark_reported(flash, report);
     }
@@ -302,7 +314,6 @@ where
     }
 
     let mut downloader = Downloader::new(tcp, dns).with_io_timeout(cfg.stall_timeout);
-    let mut subscribed = session.is_connected();
     loop {
         if dev.reboot {
             info!("rebooting into the new image");
@@ -326,21 +337,21 @@ where
             continue;
         }
         // Idle (or backing off before a retry): serve the broker.
-        if !session.is_connected() || !subscribed {
-            if session
-                .maintain(link, &mut backoff, &mut random)
+        if !dev.up || !session.is_connected() || !link.is_connected() {
+            dev.up = false;
+            if !dev
+                .bring_up(
+                    &mut session,
+                    link,
+                    &mut backoff,
+                    &mut random,
+                    &sub_refs,
+                    false,
+                )
                 .await
-                .is_err()
             {
-                Timer::after(Duration::from_secs(5)).await;
                 continue;
             }
-            subscribed = session.subscribe(&sub_refs).await.is_ok();
-            if !subscribed {
-                continue;
-            }
-            dev.status.online = true;
-            dev.publish_status(&mut session).await;
         }
         let wait = if engine.is_busy() { 200 } else { 1_000 };
         let until = Instant::now() + Duration::from_millis(wait);
@@ -350,10 +361,7 @@ where
                 dev.apply(&mut session, actions).await;
             }
             Ok(None) => {}
-            Err(_) => subscribed = false,
-        }
-        if !link.is_connected() {
-            subscribed = false;
+            Err(_) => dev.up = false,
         }
         let actions = engine.check_for_timeout(flash, now_ms());
         dev.apply(&mut session, actions).await;
@@ -368,9 +376,44 @@ struct Device<'d> {
     fetch: Option<u32>,
     /// The engine asked for a reboot.
     reboot: bool,
+    /// Connected, subscribed, and the online status published.
+    up: bool,
 }
 
 impl Device<'_> {
+    /// Brings the link and the broker up, subscribes to the command topics
+    /// and publishes the online status. With `once`, gives up after the
+    /// first failed attempt to subscribe (the trial's health check has its
+    /// own deadline around this); otherwise retries until it works.
+    #[allow(clippy::too_many_arguments)]
+    async fn bring_up<T: TcpConnect, D: Dns, L: Link>(
+        &mut self,
+        session: &mut MqttSession<'_, T, D>,
+        link: &mut L,
+        backoff: &mut Backoff,
+        random: &mut impl FnMut() -> u32,
+        subs: &[&str],
+        trial: bool,
+    ) -> bool {
+        loop {
+            if session.maintain(link, backoff, random).await.is_err() {
+                // Only configuration errors end up here; no retry helps.
+                if trial {
+                    return false;
+                }
+                Timer::after(Duration::from_secs(5)).await;
+                continue;
+            }
+            if session.subscribe(subs).await.is_ok() {
+                self.up = true;
+                self.status.online = true;
+                self.publish_status(session).await;
+                return true;
+            }
+            Timer::after(backoff.next_delay(random())).await;
+        }
+    }
+
     async fn publish<T: TcpConnect, D: Dns>(
         &mut self,
         session: &mut MqttSession<'_, T, D>,
@@ -384,7 +427,10 @@ impl Device<'_> {
                 .publish(&self.topics.progress(), &buf[..n], QoS::AtMostOnce, false)
                 .await;
         }
-        if p.phase.is_terminal() {
+        // Refusals of a command (malformed, busy) are not results of an update:
+        // they must not hide the last real result in the retained status.
+        let refusal = matches!(p.error, Some(ErrorCode::BadCommand | ErrorCode::Busy));
+        if p.phase.is_terminal() && !refusal {
             self.status.last = Some(LastResult {
                 job: p.job.clone(),
                 result: p.phase,

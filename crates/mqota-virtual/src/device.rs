@@ -150,14 +150,14 @@ impl Handle {
     }
 
     /// Cut the power when `n` more flash writes/erases have completed, as the
-    /// next one starts (from the next boot on if the device is running).
+    /// next one starts.
     pub fn cut_power_after_ops(&self, n: u64) {
         self.0.cut.set(Some(Cut::Ops(n)));
     }
 
     /// Cut the power when `n` more bytes have been programmed or erased: the
     /// operation that crosses the budget is torn (a half-written page, a
-    /// half-erased sector). Takes effect at the next boot.
+    /// half-erased sector).
     pub fn cut_power_after_bytes(&self, n: u64) {
         self.0.cut.set(Some(Cut::Bytes(n)));
     }
@@ -275,6 +275,17 @@ struct Powered<'a> {
 }
 
 impl Powered<'_> {
+    /// Arms a cut the handle asked for, at the first mutating operation after.
+    fn before(&mut self) -> Result<(), SimError> {
+        if !self.handle.powered() {
+            return Err(SimError::PowerCut);
+        }
+        if let Some(cut) = self.handle.0.cut.take() {
+            self.flash.arm(cut);
+        }
+        Ok(())
+    }
+
     fn after<T>(&mut self, r: Result<T, SimError>) -> Result<T, SimError> {
         if !self.flash.is_powered() {
             self.handle.0.powered.set(false);
@@ -309,9 +320,7 @@ impl NorFlash for Powered<'_> {
     const WRITE_SIZE: usize = 4;
     const ERASE_SIZE: usize = 4096;
     fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), SimError> {
-        if !self.handle.powered() {
-            return Err(SimError::PowerCut);
-        }
+        self.before()?;
         let r = match self.flash {
             DeviceFlash::Memory(f) => f.write(offset, bytes),
             DeviceFlash::File(f) => f.write(offset, bytes),
@@ -319,9 +328,7 @@ impl NorFlash for Powered<'_> {
         self.after(r)
     }
     fn erase(&mut self, from: u32, to: u32) -> Result<(), SimError> {
-        if !self.handle.powered() {
-            return Err(SimError::PowerCut);
-        }
+        self.before()?;
         let r = match self.flash {
             DeviceFlash::Memory(f) => f.erase(from, to),
             DeviceFlash::File(f) => f.erase(from, to),
@@ -403,9 +410,6 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
         // Power on.
         flash.power_on();
         handle.0.powered.set(true);
-        if let Some(cut) = handle.0.cut.take() {
-            flash.arm(cut);
-        }
         let mut pflash = Powered {
             flash: &mut flash,
             handle: handle.clone(),

@@ -104,8 +104,9 @@ impl Mosquitto {
             "1",
             "-t",
             topic,
-            "-s",
         ]);
+        // `-s` refuses an empty stdin; `-n` sends the empty message.
+        cmd.arg(if payload.is_empty() { "-n" } else { "-s" });
         if retain {
             cmd.arg("-r");
         }
@@ -375,6 +376,8 @@ pub enum Fault {
     Endless,
     /// Ignores `Range` and always answers 200 with the whole file.
     IgnoreRange,
+    /// Serves correctly, but at most this many bytes per second.
+    Throttle(u64),
 }
 
 async fn send_counted(
@@ -476,9 +479,19 @@ impl FaultServer {
                                     return;
                                 }
                             }
-                            for chunk in body.chunks(16 * 1024) {
+                            let (piece, pause) = match fault {
+                                Fault::Throttle(rate) => (
+                                    (rate / 10).max(1) as usize,
+                                    Some(Duration::from_millis(100)),
+                                ),
+                                _ => (16 * 1024, None),
+                            };
+                            for chunk in body.chunks(piece) {
                                 if !send_counted(&mut sock, &sent, chunk.to_vec()).await {
                                     return;
+                                }
+                                if let Some(p) = pause {
+                                    tokio::time::sleep(p).await;
                                 }
                             }
                         }

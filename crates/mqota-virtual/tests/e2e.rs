@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::protocol::{ErrorCode, Phase, Progress, Status};
+use mqota_flash_sim::BootConfig;
 use mqota_virtual::device::{run_device, Handle, VirtualConfig};
 use mqota_virtual::testing::{Fault, FaultServer, FileServer, Mosquitto, Observer, Received};
 use sha2::Digest;
@@ -367,6 +368,379 @@ async fn a_stalled_server_ends_the_update_with_timeout_within_the_configured_tim
             "took {took:?} for an 8 s timeout"
         );
         assert!(is_online_on(&obs.all(), "dev-s", "1.0.0"));
+        dev.stop();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_broker_restarted_during_a_download_does_not_stop_the_update() {
+    local(async {
+        let mut broker = Mosquitto::start();
+        let obs = broker.observe("device/#").await;
+        let v2 = image("1.1.0", 300_000);
+        // About three seconds of download.
+        let http = FaultServer::start(v2, Fault::Throttle(100_000)).await;
+        let dev = start(config(&broker, "dev-b"));
+        online(&obs, "dev-b", "1.0.0").await;
+        broker
+            .publish(
+                "device/dev-b/ota/start",
+                &job(&http.url(), serde_json::json!({"job": "through-restart"})),
+                false,
+            )
+            .await;
+        assert!(
+            obs.wait_until(Duration::from_secs(10), |s| ended_with(
+                s,
+                "dev-b",
+                Phase::Downloading
+            ))
+            .await
+        );
+        drop(obs);
+        broker.kill();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        broker.restart();
+        let obs = broker.observe("device/#").await;
+        // Mosquitto runs without persistence here: the retained status comes
+        // back only because the device publishes it again.
+        online(&obs, "dev-b", "1.1.0").await;
+        let status = status_of(&obs.all(), "dev-b").unwrap();
+        let last = status.last.unwrap();
+        assert_eq!(
+            (last.job.as_deref(), last.result),
+            (Some("through-restart"), Phase::Done)
+        );
+        dev.stop();
+    })
+    .await;
+}
+
+/// Bad firmware, under both bootloader builds: the device ends on the old
+/// version and reports why, with the original job id.
+#[tokio::test(flavor = "current_thread")]
+async fn unhealthy_crashing_and_hanging_images_are_rolled_back_under_both_bootloaders() {
+    local(async {
+        let broker = Mosquitto::start();
+        let obs = broker.observe("device/#").await;
+        let mut files = Vec::new();
+        for kind in ["unhealthy", "crash", "hang"] {
+            files.push((
+                format!("{kind}.bin"),
+                image(&format!("1.1.0+{kind}"), 100_000),
+            ));
+        }
+        let refs: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        let http = FileServer::start(&refs).await;
+        let mut devs = Vec::new();
+        let mut cases = Vec::new();
+        for (bl, name) in [
+            (BootConfig::Stock, "stock"),
+            (BootConfig::Rollback, "rollback"),
+        ] {
+            for (kind, code) in [
+                ("unhealthy", ErrorCode::HealthCheckFailed),
+                ("crash", ErrorCode::BootFailed),
+                ("hang", ErrorCode::BootFailed),
+            ] {
+                let id = format!("{kind}-{name}");
+                let mut cfg = config(&broker, &id);
+                cfg.bootloader = bl;
+                devs.push(start(cfg));
+                cases.push((id, kind, code));
+            }
+        }
+        for (id, _, _) in &cases {
+            online(&obs, id, "1.0.0").await;
+        }
+        for (id, kind, _) in &cases {
+            let j = job(
+                &http.url(&format!("{kind}.bin")),
+                serde_json::json!({"job": format!("job-{id}")}),
+            );
+            broker
+                .publish(&format!("device/{id}/ota/start"), &j, false)
+                .await;
+        }
+        for (id, _, code) in &cases {
+            let want = format!("job-{id}");
+            let rolled = obs
+                .wait_until(Duration::from_secs(40), |s| {
+                    progress_of(s, id)
+                        .iter()
+                        .any(|p| p.phase == Phase::RolledBack && p.job.as_deref() == Some(&want))
+                })
+                .await;
+            assert!(
+                rolled,
+                "{id}: no rollback reported: {:?}",
+                progress_of(&obs.all(), id)
+            );
+            let p = progress_of(&obs.all(), id)
+                .into_iter()
+                .find(|p| p.phase == Phase::RolledBack)
+                .unwrap();
+            assert_eq!(p.error, Some(*code), "{id}");
+            online(&obs, id, "1.0.0").await;
+            let last = status_of(&obs.all(), id).unwrap().last.unwrap();
+            assert_eq!(
+                (last.result, last.error),
+                (Phase::RolledBack, Some(*code)),
+                "{id}"
+            );
+            assert!(
+                !progress_of(&obs.all(), id)
+                    .iter()
+                    .any(|p| p.phase == Phase::Done),
+                "{id} must never report done"
+            );
+        }
+        devs.iter().for_each(Handle::stop);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn cancel_stops_a_download_a_second_start_is_busy_and_rollback_returns_to_the_old_image() {
+    local(async {
+        let broker = Mosquitto::start();
+        let obs = broker.observe("device/#").await;
+        let v2 = image("1.1.0", 300_000);
+        let slow = FaultServer::start(v2.clone(), Fault::Throttle(50_000)).await;
+        let fast = FileServer::start(&[("fw.bin", &v2)]).await;
+        let dev = start(config(&broker, "dev-c"));
+        online(&obs, "dev-c", "1.0.0").await;
+
+        // Rollback with nothing before: refused.
+        broker
+            .publish("device/dev-c/ota/rollback", b"", false)
+            .await;
+        assert!(
+            obs.wait_until(Duration::from_secs(5), |s| progress_of(s, "dev-c")
+                .iter()
+                .any(|p| p.error == Some(ErrorCode::NoPreviousImage)))
+                .await
+        );
+
+        broker
+            .publish(
+                "device/dev-c/ota/start",
+                &job(&slow.url(), serde_json::json!({"job": "slow"})),
+                false,
+            )
+            .await;
+        assert!(
+            obs.wait_until(Duration::from_secs(10), |s| ended_with(
+                s,
+                "dev-c",
+                Phase::Downloading
+            ))
+            .await
+        );
+        broker
+            .publish(
+                "device/dev-c/ota/start",
+                &job(&fast.url("fw.bin"), serde_json::json!({"job": "second"})),
+                false,
+            )
+            .await;
+        assert!(
+            obs.wait_until(Duration::from_secs(5), |s| progress_of(s, "dev-c")
+                .iter()
+                .any(
+                    |p| p.job.as_deref() == Some("second") && p.error == Some(ErrorCode::Busy)
+                ))
+            .await
+        );
+        broker.publish("device/dev-c/ota/cancel", b"", false).await;
+        assert!(
+            obs.wait_until(Duration::from_secs(5), |s| ended_with(
+                s,
+                "dev-c",
+                Phase::Cancelled
+            ))
+            .await
+        );
+        let sent_at_cancel = slow.bytes_sent();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            slow.bytes_sent() <= sent_at_cancel + 10_000,
+            "the download stopped"
+        );
+        assert!(is_online_on(&obs.all(), "dev-c", "1.0.0"));
+
+        broker
+            .publish(
+                "device/dev-c/ota/start",
+                &job(&fast.url("fw.bin"), serde_json::json!({"job": "real"})),
+                false,
+            )
+            .await;
+        online(&obs, "dev-c", "1.1.0").await;
+        broker
+            .publish("device/dev-c/ota/rollback", br#"{"job":"back"}"#, false)
+            .await;
+        online(&obs, "dev-c", "1.0.0").await;
+        let status = status_of(&obs.all(), "dev-c").unwrap();
+        assert_eq!(status.slot, Some(0));
+        assert_eq!(status.last.unwrap().result, Phase::RolledBack);
+        dev.stop();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn power_cuts_at_random_points_leave_old_or_new_firmware_and_a_repeated_command_completes() {
+    local(async {
+        let broker = Mosquitto::start();
+        let obs = broker.observe("device/#").await;
+        let v2 = image("1.1.0", 200_000);
+        let http = FileServer::start(&[("fw.bin", &v2)]).await;
+        // A fixed list of "random" cut points (bytes programmed or erased after
+        // the command), spread over download, activation and the trial.
+        let mut seed = 0x2545_f491u64;
+        for round in 0..5 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let cut = seed % 700_000;
+            let id = format!("cut-{round}");
+            let dev = start(config(&broker, &id));
+            online(&obs, &id, "1.0.0").await;
+            dev.cut_power_after_bytes(cut);
+            broker
+                .publish(
+                    &format!("device/{id}/ota/start"),
+                    http.url("fw.bin").as_bytes(),
+                    false,
+                )
+                .await;
+            // Wait for the device to settle on some version after the cut.
+            let settled = obs
+                .wait_until(Duration::from_secs(30), |s| {
+                    dev.boots().len() > 1
+                        && status_of(s, &id).is_some_and(|st| st.online)
+                        && (is_online_on(s, &id, "1.1.0")
+                            || progress_of(s, &id).iter().any(|p| p.phase.is_terminal()))
+                })
+                .await;
+            assert!(
+                settled,
+                "{id} (cut after {cut} bytes) never settled: {:?}",
+                dev.boots()
+            );
+            for b in dev.boots() {
+                assert!(
+                    matches!(b.version.as_deref(), Some("1.0.0" | "1.1.0")),
+                    "{id} (cut after {cut} bytes) booted {b:?}"
+                );
+            }
+            if !is_online_on(&obs.all(), &id, "1.1.0") {
+                broker
+                    .publish(
+                        &format!("device/{id}/ota/start"),
+                        http.url("fw.bin").as_bytes(),
+                        false,
+                    )
+                    .await;
+            }
+            online(&obs, &id, "1.1.0").await;
+            dev.stop();
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn garbage_on_the_command_topics_is_answered_bad_command_and_the_device_carries_on() {
+    local(async {
+        let broker = Mosquitto::start();
+        let obs = broker.observe("device/#").await;
+        let v2 = image("1.1.0", 100_000);
+        let http = FileServer::start(&[("fw.bin", &v2)]).await;
+        let dev = start(config(&broker, "dev-g"));
+        online(&obs, "dev-g", "1.0.0").await;
+        let mut junk: Vec<Vec<u8>> = vec![
+            b"{\"url\":".to_vec(),
+            b"ftp://host/fw.bin".to_vec(),
+            b"{\"url\":\"http://h/fw.bin\",\"size\":0}".to_vec(),
+            b"{\"url\":\"http://h/fw.bin\",\"sha256\":\"xyz\"}".to_vec(),
+            vec![0xff, 0xfe, 0x00, 0x80],
+            vec![b'x'; 1400],
+        ];
+        let mut x = 7u32;
+        junk.push(
+            (0..300)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    (x >> 16) as u8
+                })
+                .collect(),
+        );
+        for payload in &junk {
+            broker
+                .publish("device/dev-g/ota/start", payload, false)
+                .await;
+        }
+        // A payload far beyond the device's packet limit: the broker does not
+        // even deliver it. Then random bytes on the other command topics.
+        broker
+            .publish("device/ota/start", &vec![b'y'; 100_000], false)
+            .await;
+        broker
+            .publish("device/dev-g/ota/cancel", &junk[6], false)
+            .await;
+        let n = junk.len();
+        assert!(
+            obs.wait_until(Duration::from_secs(10), |s| progress_of(s, "dev-g")
+                .iter()
+                .filter(|p| p.error == Some(ErrorCode::BadCommand))
+                .count()
+                >= n)
+                .await,
+            "{:?}",
+            progress_of(&obs.all(), "dev-g")
+        );
+        for p in progress_of(&obs.all(), "dev-g") {
+            assert!(p.message.is_some(), "a reason is given: {p:?}");
+        }
+        broker
+            .publish(
+                "device/dev-g/ota/start",
+                http.url("fw.bin").as_bytes(),
+                false,
+            )
+            .await;
+        online(&obs, "dev-g", "1.1.0").await;
+        dev.stop();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_dropped_wifi_link_marks_the_device_offline_and_it_rejoins_by_itself() {
+    local(async {
+        let broker = Mosquitto::start();
+        let obs = broker.observe("device/#").await;
+        let mut cfg = config(&broker, "dev-w");
+        cfg.keep_alive_secs = 2;
+        let dev = start(cfg);
+        online(&obs, "dev-w", "1.0.0").await;
+        dev.drop_link();
+        let offline = obs
+            .wait_until(Duration::from_secs(10), |s| {
+                status_of(s, "dev-w").is_some_and(|st| !st.online)
+            })
+            .await;
+        assert!(offline, "the will marks the device offline");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        dev.restore_link();
+        online(&obs, "dev-w", "1.0.0").await;
+        assert_eq!(dev.boots().len(), 1, "no reboot needed");
         dev.stop();
     })
     .await;
