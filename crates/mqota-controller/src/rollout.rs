@@ -635,3 +635,125 @@ mod tests {
         ));
     }
 }
+
+/// Why the firmware named on the command line cannot be deployed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FirmwareError {
+    /// The firmware server or URL could not be fetched: check `--server` or
+    /// the URL, and that `mqota serve` runs.
+    #[error("cannot fetch {url}: {reason}")]
+    Fetch {
+        /// What was fetched.
+        url: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The server's catalogue has no such name: see `GET /api/firmware`.
+    #[error("the firmware server has no {name:?} (it has: {known})")]
+    UnknownName {
+        /// The name asked for.
+        name: String,
+        /// What the server lists.
+        known: String,
+    },
+    /// The file is not a valid app image (or too large): fix the image.
+    #[error("{name} is not deployable: {reason}")]
+    Invalid {
+        /// The firmware.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Resolves what the operator named: an `http(s)://` URL of an image (fetched
+/// once to read its version, size and SHA-256), or the name of an image that
+/// the firmware server at `server` lists under `/api/firmware`.
+pub async fn resolve_firmware(spec: &str, server: &str) -> Result<Firmware, FirmwareError> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("an HTTP client without TLS builds");
+    let fetch_err = |url: &str, e: &dyn fmt::Display| FirmwareError::Fetch {
+        url: url.to_owned(),
+        reason: e.to_string(),
+    };
+    let lower = spec.to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        let resp = client
+            .get(spec)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| fetch_err(spec, &e))?;
+        let bytes = resp.bytes().await.map_err(|e| fetch_err(spec, &e))?;
+        let name = spec.rsplit('/').next().unwrap_or(spec);
+        let entry = crate::catalogue::FirmwareEntry::from_bytes(name, &bytes, 0);
+        return firmware_from(
+            spec,
+            spec.to_owned(),
+            entry.version,
+            entry.sha256,
+            entry.size,
+            entry.error,
+        );
+    }
+    let api = format!("{}/api/firmware", server.trim_end_matches('/'));
+    let list: Vec<crate::http::FirmwareListing> = client
+        .get(&api)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| fetch_err(&api, &e))?
+        .json()
+        .await
+        .map_err(|e| fetch_err(&api, &e))?;
+    let Some(f) = list.iter().find(|f| f.name == spec) else {
+        return Err(FirmwareError::UnknownName {
+            name: spec.to_owned(),
+            known: list
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    let f = f.clone();
+    firmware_from(spec, f.url, f.version, f.sha256, f.size, f.error)
+}
+
+fn firmware_from(
+    name: &str,
+    url: String,
+    version: Option<String>,
+    sha256: String,
+    size: u64,
+    error: Option<String>,
+) -> Result<Firmware, FirmwareError> {
+    let invalid = |reason: String| FirmwareError::Invalid {
+        name: name.to_owned(),
+        reason,
+    };
+    if let Some(e) = error {
+        return Err(invalid(e));
+    }
+    let version = version.ok_or_else(|| invalid("no version".into()))?;
+    let size = u32::try_from(size)
+        .ok()
+        .filter(|s| *s <= mqota_core::protocol::MAX_FIRMWARE_SIZE)
+        .ok_or_else(|| invalid(format!("{size} bytes is larger than 16 MiB")))?;
+    if url.len() > mqota_core::protocol::MAX_URL_LEN {
+        return Err(invalid(format!(
+            "its URL is longer than {} bytes",
+            mqota_core::protocol::MAX_URL_LEN
+        )));
+    }
+    Ok(Firmware {
+        name: name.to_owned(),
+        url,
+        version,
+        sha256,
+        size,
+    })
+}

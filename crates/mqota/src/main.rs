@@ -27,6 +27,19 @@ enum Command {
     Flash(cmd::flash::FlashCommand),
     /// Run virtual devices; sweep power cuts over the device logic.
     Sim(cmd::sim::SimArgs),
+    /// Serve firmware and the JSON API; record the fleet (starts an embedded
+    /// MQTT broker unless --broker is given).
+    Serve(cmd::serve::ServeArgs),
+    /// Roll firmware out to devices in stages.
+    Deploy(Box<cmd::deploy::DeployArgs>),
+    /// The fleet from the devices' retained status.
+    Status(cmd::fleet::StatusArgs),
+    /// A live table of devices, phases and percentages.
+    Watch(cmd::fleet::WatchArgs),
+    /// Boot the previous firmware again on these devices.
+    Rollback(cmd::fleet::DeviceCommandArgs),
+    /// Stop the update in flight on these devices.
+    Cancel(cmd::fleet::DeviceCommandArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +49,12 @@ fn main() -> std::process::ExitCode {
         Command::Partitions(c) => c.run(),
         Command::Flash(c) => c.run(),
         Command::Sim(c) => c.run(),
+        Command::Serve(c) => c.run(),
+        Command::Deploy(c) => c.run(),
+        Command::Status(c) => c.run(),
+        Command::Watch(c) => c.run(),
+        Command::Rollback(c) => c.run(true),
+        Command::Cancel(c) => c.run(false),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

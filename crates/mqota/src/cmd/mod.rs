@@ -1,5 +1,8 @@
 //! The subcommands, one module each.
+pub mod deploy;
 pub mod flash;
+pub mod fleet;
 pub mod image;
 pub mod partitions;
+pub mod serve;
 pub mod sim;

@@ -1,0 +1,318 @@
+//! `mqota deploy`: a staged rollout, run by this process.
+//!
+//! FIRMWARE is either the name of an image that `mqota serve` lists (asked
+//! at `--server`, `MQOTA_SERVER` or the config file's `server`, default
+//! `http://127.0.0.1:8080`), or an `http(s)://` URL of an image anywhere
+//! (fetched once to read its version, size and SHA-256). A local path is not
+//! accepted: devices need a URL, so put the file in serve's firmware
+//! directory.
+//!
+//! The rollout is recorded in the data directory's database as it goes, the
+//! same one `serve` reads. Without `--wait` the rollout continues in a
+//! detached `mqota deploy --resume ID` whose log is in the data directory,
+//! and this command returns at once. `--resume ID` carries on a deployment
+//! whose controller was stopped.
+
+use std::io::IsTerminal as _;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use mqota_controller::rollout::{
+    self, resolve_firmware, Amount, Observer, RolloutOptions, Selection,
+};
+use mqota_controller::store::{Deployment, DeploymentState, DeviceState, Store};
+use mqota_core::protocol::Progress;
+
+use super::fleet::{connect_and_settle, runtime, Common};
+
+/// `mqota deploy`.
+#[derive(Args)]
+pub struct DeployArgs {
+    /// Image name on the firmware server, or an http(s):// URL of an image.
+    #[arg(required_unless_present = "resume")]
+    firmware: Option<String>,
+    /// Devices by id, comma-separated.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["all", "where_", "resume"])]
+    to: Vec<String>,
+    /// Every online device.
+    #[arg(long, conflicts_with_all = ["where_", "resume"])]
+    all: bool,
+    /// Online devices matching key=value[,key=value] (chip, project, version, state, slot).
+    #[arg(
+        long = "where",
+        id = "where_",
+        value_name = "KEY=VALUE",
+        conflicts_with = "resume"
+    )]
+    where_: Option<String>,
+    /// Devices in the first stage.
+    #[arg(long, default_value_t = 0)]
+    canary: usize,
+    /// Devices per later stage: N or P% of the selected devices.
+    #[arg(long, default_value = "100%")]
+    batch: Amount,
+    /// Stop when more than N (or P% of the jobs sent so far) have failed.
+    #[arg(long, default_value = "0")]
+    max_failures: Amount,
+    /// When the rollout stops for failures, roll back the devices that updated.
+    #[arg(long)]
+    auto_rollback: bool,
+    /// Seconds each device may take.
+    #[arg(long, default_value_t = 600)]
+    timeout: u32,
+    /// Stay and show progress; exit non-zero if the rollout fails.
+    #[arg(long)]
+    wait: bool,
+    /// Carry on deployment ID (after its controller was stopped).
+    #[arg(long, value_name = "ID")]
+    resume: Option<String>,
+    /// Firmware server to resolve a FIRMWARE name [default: http://127.0.0.1:8080]
+    #[arg(long)]
+    server: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+impl DeployArgs {
+    /// Run it.
+    pub fn run(self) -> Result<()> {
+        let s = self.common.settings()?;
+        let store = Store::open(&s.data_dir)?;
+        runtime()?.block_on(async {
+            let fleet = connect_and_settle(&s, "deploy").await?;
+            let id = match &self.resume {
+                Some(id) => {
+                    let d = store.deployment(id)?;
+                    println!(
+                        "resuming deployment {} of {} ({})",
+                        d.id, d.firmware, d.version
+                    );
+                    d.id
+                }
+                None => {
+                    let selection = if !self.to.is_empty() {
+                        Selection::Ids(self.to.clone())
+                    } else if self.all {
+                        Selection::All
+                    } else if let Some(w) = &self.where_ {
+                        Selection::parse_where(w)?
+                    } else {
+                        bail!("say which devices: --to ID,ID, --all or --where key=value");
+                    };
+                    let server = self
+                        .server
+                        .clone()
+                        .or(s.server.clone())
+                        .unwrap_or_else(|| "http://127.0.0.1:8080".to_owned());
+                    let spec = self.firmware.as_deref().expect("clap requires FIRMWARE");
+                    let firmware = resolve_firmware(spec, &server).await?;
+                    let options = RolloutOptions {
+                        canary: self.canary,
+                        batch: self.batch,
+                        max_failures: self.max_failures,
+                        auto_rollback: self.auto_rollback,
+                        timeout_s: self.timeout.max(1),
+                    };
+                    let (d, current) =
+                        rollout::create(&store, &fleet.devices(), &firmware, &selection, &options)?;
+                    if !current.is_empty() {
+                        println!(
+                            "already on {}: {} (left out)",
+                            firmware.version,
+                            current.join(", ")
+                        );
+                    }
+                    let stages = d.devices.iter().map(|x| x.stage).max().unwrap_or(0) + 1;
+                    println!(
+                        "deployment {} of {} ({}) to {} devices in {stages} stages",
+                        d.id,
+                        firmware.name,
+                        firmware.version,
+                        d.devices.len()
+                    );
+                    if !self.wait {
+                        fleet.close().await?;
+                        return detach(&self.common, &s.data_dir, &d.id);
+                    }
+                    d.id
+                }
+            };
+            let mut observer: Box<dyn Observer> = if self.wait && std::io::stderr().is_terminal() {
+                Box::new(Bars::new(&store.deployment(&id)?))
+            } else {
+                Box::new(Lines)
+            };
+            let result = rollout::run(&fleet, &store, &id, observer.as_mut()).await;
+            drop(observer);
+            let _ = fleet.close().await;
+            let d = result?;
+            print_summary(&d);
+            match d.state {
+                DeploymentState::Succeeded => Ok(()),
+                DeploymentState::Failed => bail!(
+                    "deployment {} failed: {}",
+                    d.id,
+                    d.reason.as_deref().unwrap_or("see the summary")
+                ),
+                DeploymentState::Running => bail!("deployment {} is still running", d.id),
+            }
+        })
+    }
+}
+
+/// Starts `mqota deploy --resume ID` in the background, its output in the
+/// data directory.
+fn detach(common: &Common, data_dir: &std::path::Path, id: &str) -> Result<()> {
+    let log_path = data_dir.join(format!("deploy-{id}.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["deploy", "--resume", id, "--data-dir"])
+        .arg(data_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if let Some(b) = &common.broker {
+        cmd.args(["--broker", b]);
+    }
+    if let Some(p) = &common.prefix {
+        cmd.args(["--prefix", p]);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt as _;
+        // Its own process group: a Ctrl-C meant for the shell does not stop
+        // the rollout.
+        cmd.process_group(0);
+    }
+    let child = cmd.spawn().context("starting the background rollout")?;
+    println!(
+        "rolling out in the background (pid {}); log: {}; follow with `mqota watch`",
+        child.id(),
+        log_path.display()
+    );
+    Ok(())
+}
+
+/// Plain lines, for logs and pipes.
+struct Lines;
+
+impl Observer for Lines {
+    fn stage(&mut self, index: usize, count: usize, devices: &[String]) {
+        println!("stage {}/{count}: {}", index + 1, devices.join(", "));
+    }
+    fn result(&mut self, device: &str, state: DeviceState, error: Option<&str>) {
+        match error {
+            Some(e) => println!("{device}: {} ({e})", state.as_str()),
+            None => println!("{device}: {}", state.as_str()),
+        }
+    }
+    fn stopped(&mut self, reason: &str) {
+        println!("stopping: {reason}");
+    }
+}
+
+/// One progress bar per device.
+struct Bars {
+    multi: MultiProgress,
+    bars: std::collections::HashMap<String, ProgressBar>,
+}
+
+impl Bars {
+    fn new(d: &Deployment) -> Self {
+        let multi = MultiProgress::new();
+        let style = ProgressStyle::with_template("{prefix:<20} [{bar:30}] {pos:>3}% {msg}")
+            .expect("template")
+            .progress_chars("=> ");
+        let bars = d
+            .devices
+            .iter()
+            .map(|x| {
+                let b = multi.add(ProgressBar::new(100));
+                b.set_style(style.clone());
+                b.set_prefix(x.device.clone());
+                b.set_message(x.state.as_str());
+                (x.device.clone(), b)
+            })
+            .collect();
+        Self { multi, bars }
+    }
+}
+
+impl Observer for Bars {
+    fn stage(&mut self, index: usize, count: usize, devices: &[String]) {
+        let _ = self.multi.println(format!(
+            "stage {}/{count}: {} devices",
+            index + 1,
+            devices.len()
+        ));
+    }
+    fn progress(&mut self, p: &Progress) {
+        if let Some(b) = self.bars.get(p.device.as_str()) {
+            b.set_position(p.percent.into());
+            b.set_message(p.phase.as_str());
+        }
+    }
+    fn result(&mut self, device: &str, state: DeviceState, error: Option<&str>) {
+        if let Some(b) = self.bars.get(device) {
+            if state == DeviceState::Done {
+                b.set_position(100);
+            }
+            b.finish_with_message(match error {
+                Some(e) => format!("{} ({e})", state.as_str()),
+                None => state.as_str().to_owned(),
+            });
+        }
+    }
+    fn stopped(&mut self, reason: &str) {
+        let _ = self.multi.println(format!("stopping: {reason}"));
+    }
+}
+
+impl Drop for Bars {
+    fn drop(&mut self) {
+        for b in self.bars.values() {
+            if !b.is_finished() {
+                b.abandon();
+            }
+        }
+        let _ = self.multi.clear();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn print_summary(d: &Deployment) {
+    println!();
+    println!(
+        "{:<24} {:>5} {:<12} {:<14} ERROR",
+        "DEVICE", "STAGE", "FROM", "RESULT"
+    );
+    for x in &d.devices {
+        println!(
+            "{:<24} {:>5} {:<12} {:<14} {}",
+            x.device,
+            x.stage + 1,
+            x.from_version.as_deref().unwrap_or("-"),
+            x.state.as_str(),
+            x.error.as_deref().unwrap_or("")
+        );
+    }
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for x in &d.devices {
+        *counts.entry(x.state.as_str()).or_default() += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    println!(
+        "deployment {} ({}): {} — {}",
+        d.id,
+        d.version,
+        match d.state {
+            DeploymentState::Succeeded => "succeeded",
+            DeploymentState::Failed => "failed",
+            DeploymentState::Running => "running",
+        },
+        counts.join(", ")
+    );
+}

@@ -1,0 +1,346 @@
+//! What every controller command shares (broker, topic prefix, data
+//! directory, firmware server, config file, logging) and the small fleet
+//! commands: `status`, `watch`, `rollback`, `cancel`.
+//!
+//! Defaults come, highest first, from the command line, the environment
+//! (`MQOTA_BROKER`, `MQOTA_PREFIX`, `MQOTA_DATA_DIR`, `MQOTA_SERVER`), the
+//! config file (`MQOTA_CONFIG`, else `~/.config/mqota/config.toml`) and
+//! built-in values:
+//!
+//! ```toml
+//! broker = "mqtt://user:pass@broker.lan:1883"
+//! prefix = "device"
+//! data_dir = "/var/lib/mqota"
+//! server = "http://10.0.0.2:8080"
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use mqota_controller::fleet::{DeviceView, Fleet};
+use mqota_controller::url::BrokerUrl;
+use serde::Deserialize;
+
+/// The config file's keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Broker URL.
+    pub broker: Option<String>,
+    /// Topic prefix.
+    pub prefix: Option<String>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Firmware server base URL.
+    pub server: Option<String>,
+}
+
+impl ConfigFile {
+    fn load() -> Result<Self> {
+        let (path, explicit) = match std::env::var_os("MQOTA_CONFIG") {
+            Some(p) => (PathBuf::from(p), true),
+            None => match std::env::var_os("HOME") {
+                Some(h) => (PathBuf::from(h).join(".config/mqota/config.toml"), false),
+                None => return Ok(Self::default()),
+            },
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("config file {}", path.display())),
+        }
+    }
+}
+
+/// Options of every command that talks to the fleet.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// MQTT broker: mqtt://[user:pass@]host[:port] [default: mqtt://127.0.0.1:1883]
+    #[arg(long, env = "MQOTA_BROKER")]
+    pub broker: Option<String>,
+    /// Topic prefix of the fleet [default: device]
+    #[arg(long, env = "MQOTA_PREFIX")]
+    pub prefix: Option<String>,
+    /// Where the controller keeps its database [default: ~/.local/share/mqota]
+    #[arg(long, env = "MQOTA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// More log output (-v info, -vv debug, -vvv also the broker's and MQTT client's)
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// [`Common`] with every default filled in.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Broker, when one was named anywhere.
+    pub broker: Option<BrokerUrl>,
+    /// Topic prefix.
+    pub prefix: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Firmware server, when named in the config file.
+    pub server: Option<String>,
+}
+
+impl Settings {
+    /// The broker, or the default one on this machine.
+    pub fn broker_or_default(&self) -> BrokerUrl {
+        self.broker.clone().unwrap_or_else(|| {
+            "mqtt://127.0.0.1:1883"
+                .parse()
+                .expect("the default broker URL parses")
+        })
+    }
+}
+
+impl Common {
+    /// Applies the environment and config file, and starts logging.
+    pub fn settings(&self) -> Result<Settings> {
+        init_logging(self.verbose);
+        let file = ConfigFile::load()?;
+        let broker = match self.broker.clone().or(file.broker) {
+            Some(b) => Some(b.parse::<BrokerUrl>().context("--broker")?),
+            None => None,
+        };
+        let prefix = self
+            .prefix
+            .clone()
+            .or(file.prefix)
+            .unwrap_or_else(|| mqota_core::protocol::DEFAULT_PREFIX.to_owned());
+        let data_dir = self.data_dir.clone().or(file.data_dir).unwrap_or_else(|| {
+            std::env::var_os("XDG_DATA_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+                .unwrap_or_else(|| PathBuf::from("."))
+                .join("mqota")
+        });
+        let server = std::env::var("MQOTA_SERVER").ok().or(file.server);
+        Ok(Settings {
+            broker,
+            prefix,
+            data_dir,
+            server,
+        })
+    }
+}
+
+fn init_logging(verbose: u8) {
+    // rumqttd logs ERROR for every client that disconnects without
+    // DISCONNECT, which is normal for devices; keep it quiet unless asked.
+    let filter = match verbose {
+        0 => "warn,rumqttd=off,rumqttc=error",
+        1 => "info,rumqttd=off,rumqttc=warn",
+        2 => "debug,rumqttd=warn,rumqttc=info",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MQOTA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// A tokio runtime for one command.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")
+}
+
+/// A client id unique to this process.
+pub fn client_id(role: &str) -> String {
+    format!("mqota-{role}-{}", std::process::id())
+}
+
+/// Connects and waits for the retained statuses.
+pub async fn connect_and_settle(s: &Settings, role: &str) -> Result<Fleet> {
+    let fleet = Fleet::connect(&s.broker_or_default(), &s.prefix, &client_id(role)).await?;
+    fleet
+        .settle(Duration::from_millis(400), Duration::from_secs(5))
+        .await;
+    Ok(fleet)
+}
+
+/// `mqota status`.
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Print JSON (one object per device) instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn last_text(d: &DeviceView) -> String {
+    match d.status.as_ref().and_then(|s| s.last.as_ref()) {
+        Some(l) => {
+            let mut t = l.result.as_str().to_owned();
+            if let Some(e) = l.error {
+                t.push_str(&format!(" ({})", e.as_str()));
+            }
+            if let Some(j) = &l.job {
+                t.push_str(&format!(" [{j}]"));
+            }
+            t
+        }
+        None => "-".into(),
+    }
+}
+
+impl StatusArgs {
+    /// Run it.
+    pub fn run(self) -> Result<()> {
+        let s = self.common.settings()?;
+        runtime()?.block_on(async {
+            let fleet = connect_and_settle(&s, "status").await?;
+            let devices: Vec<DeviceView> = fleet
+                .devices()
+                .into_iter()
+                .filter(|d| d.status.is_some())
+                .collect();
+            if self.json {
+                let list: Vec<_> = devices.iter().filter_map(|d| d.status.clone()).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<24} {:<7} {:<9} {:<16} {:<24} {:<4} {:<15} LAST",
+                    "ID", "ONLINE", "CHIP", "PROJECT", "VERSION", "SLOT", "STATE"
+                );
+                for d in &devices {
+                    let st = d.status.as_ref().expect("filtered");
+                    println!(
+                        "{:<24} {:<7} {:<9} {:<16} {:<24} {:<4} {:<15} {}",
+                        d.id,
+                        if st.online { "yes" } else { "no" },
+                        st.chip.as_str(),
+                        st.project.as_str(),
+                        st.version.as_str(),
+                        st.slot.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                        st.state.as_str(),
+                        last_text(d)
+                    );
+                }
+                println!("{} devices", devices.len());
+            }
+            fleet.close().await?;
+            Ok(())
+        })
+    }
+}
+
+/// `mqota watch`.
+#[derive(Args)]
+pub struct WatchArgs {
+    /// Stop after this many seconds (default: until Ctrl-C).
+    #[arg(long)]
+    seconds: Option<u64>,
+    #[command(flatten)]
+    common: Common,
+}
+
+impl WatchArgs {
+    /// Run it.
+    pub fn run(self) -> Result<()> {
+        let s = self.common.settings()?;
+        runtime()?.block_on(async {
+            let fleet =
+                Fleet::connect(&s.broker_or_default(), &s.prefix, &client_id("watch")).await?;
+            let until = self
+                .seconds
+                .map(|n| tokio::time::Instant::now() + Duration::from_secs(n));
+            loop {
+                let mut out = String::from("\x1b[2J\x1b[H");
+                out.push_str(&format!(
+                    "{:<24} {:<7} {:<24} {:<12} {:>4} {:<24} LAST\n",
+                    "ID", "ONLINE", "VERSION", "PHASE", "%", "JOB"
+                ));
+                let devices = fleet.devices();
+                for d in &devices {
+                    let (online, version) = d
+                        .status
+                        .as_ref()
+                        .map(|s| (if s.online { "yes" } else { "no" }, s.version.to_string()))
+                        .unwrap_or(("?", "?".into()));
+                    let (phase, pct, job) = d
+                        .progress
+                        .as_ref()
+                        .map(|p| {
+                            (
+                                p.phase.as_str().to_owned(),
+                                p.percent.to_string(),
+                                p.job.as_deref().unwrap_or("-").to_owned(),
+                            )
+                        })
+                        .unwrap_or(("-".into(), "-".into(), "-".into()));
+                    out.push_str(&format!(
+                        "{:<24} {:<7} {:<24} {:<12} {:>4} {:<24} {}\n",
+                        d.id,
+                        online,
+                        version,
+                        phase,
+                        pct,
+                        job,
+                        last_text(d)
+                    ));
+                }
+                out.push_str(&format!("{} devices — Ctrl-C to stop\n", devices.len()));
+                print!("{out}");
+                if until.is_some_and(|u| tokio::time::Instant::now() >= u) {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tokio::signal::ctrl_c() => break,
+                }
+            }
+            fleet.close().await?;
+            Ok(())
+        })
+    }
+}
+
+/// `mqota rollback ID...` and `mqota cancel ID...`.
+#[derive(Args)]
+pub struct DeviceCommandArgs {
+    /// Device ids.
+    #[arg(required = true)]
+    ids: Vec<String>,
+    /// The job id to name in the command (cancel: only that job).
+    #[arg(long)]
+    job: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+impl DeviceCommandArgs {
+    /// Sends `rollback` (or `cancel`) to each device and waits for the
+    /// broker's acknowledgements.
+    pub fn run(self, rollback: bool) -> Result<()> {
+        let s = self.common.settings()?;
+        runtime()?.block_on(async {
+            let fleet =
+                Fleet::connect(&s.broker_or_default(), &s.prefix, &client_id("cmd")).await?;
+            for id in &self.ids {
+                if rollback {
+                    fleet.rollback(id, self.job.as_deref()).await?;
+                } else {
+                    fleet.cancel(id, self.job.as_deref()).await?;
+                }
+            }
+            fleet.close().await?;
+            println!(
+                "sent {} to {}",
+                if rollback { "rollback" } else { "cancel" },
+                self.ids.join(", ")
+            );
+            Ok(())
+        })
+    }
+}

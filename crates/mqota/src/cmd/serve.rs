@@ -1,0 +1,138 @@
+//! `mqota serve`: the firmware server and JSON API, the fleet recorder, and
+//! (without `--broker`) the embedded broker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use mqota_controller::broker::EmbeddedBroker;
+use mqota_controller::catalogue::Catalogue;
+use mqota_controller::fleet::{Fleet, FleetEvent};
+use mqota_controller::http::{router, AppState};
+use mqota_controller::store::Store;
+use mqota_controller::url::BrokerUrl;
+
+use super::fleet::{client_id, runtime, Common};
+
+/// `mqota serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Directory of firmware images, served under /firmware/NAME.
+    #[arg(long)]
+    firmware_dir: PathBuf,
+    /// HTTP listen address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Where the embedded broker listens when no --broker is given.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt_listen: SocketAddr,
+    /// Base URL devices download from, e.g. http://10.0.0.2:8080 (default:
+    /// the Host of each API request).
+    #[arg(long)]
+    public_url: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+impl ServeArgs {
+    /// Run until Ctrl-C.
+    pub fn run(self) -> Result<()> {
+        let s = self.common.settings()?;
+        if !self.firmware_dir.is_dir() {
+            anyhow::bail!(
+                "--firmware-dir {} is not a directory",
+                self.firmware_dir.display()
+            );
+        }
+        let store = Arc::new(Store::open(&s.data_dir)?);
+        println!("data in {}", store.path().display());
+        let catalogue = Catalogue::new(&self.firmware_dir);
+        let list = catalogue
+            .scan()
+            .with_context(|| format!("reading {}", self.firmware_dir.display()))?;
+        store.replace_firmware(&list)?;
+        for f in &list {
+            match &f.error {
+                None => println!(
+                    "firmware {} ({} {} {}, {} bytes)",
+                    f.name,
+                    f.chip.as_deref().unwrap_or("?"),
+                    f.project.as_deref().unwrap_or("?"),
+                    f.version.as_deref().unwrap_or("?"),
+                    f.size
+                ),
+                Some(e) => println!("skipping {}: {e}", f.name),
+            }
+        }
+
+        let broker_url: BrokerUrl = match s.broker.clone() {
+            Some(b) => b,
+            None => {
+                let b = EmbeddedBroker::start(self.mqtt_listen)?;
+                println!("mqtt broker listening on {}", b.url());
+                let url = b.url().parse().expect("the embedded broker's URL parses");
+                // Lives as long as the process: rumqttd cannot be stopped.
+                std::mem::forget(b);
+                url
+            }
+        };
+
+        runtime()?.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(self.http)
+                .await
+                .with_context(|| format!("cannot listen on {}", self.http))?;
+            let addr = listener.local_addr()?;
+            println!("http listening on http://{addr}");
+
+            let fleet = Fleet::connect(&broker_url, &s.prefix, &client_id("serve")).await?;
+            println!("following the fleet on {broker_url} (prefix {})", s.prefix);
+            let recorder_store = store.clone();
+            let mut events = fleet.events();
+            // Record what is already known, then every change.
+            for d in fleet.devices() {
+                if let Some(st) = &d.status {
+                    recorder_store.record_status(&d.id, &serde_json::to_value(st)?)?;
+                }
+            }
+            let recorder = tokio::spawn(async move {
+                loop {
+                    match events.recv().await {
+                        Ok(FleetEvent::Status(st)) => {
+                            let v = serde_json::to_value(&st).expect("status serialises");
+                            if let Err(e) = recorder_store.record_status(st.device.as_str(), &v) {
+                                tracing::error!("recording a status: {e}");
+                            }
+                        }
+                        Ok(FleetEvent::Progress(p)) if p.phase.is_terminal() => {
+                            let v = serde_json::to_value(&p).expect("progress serialises");
+                            if let Err(e) = recorder_store.record_progress(p.device.as_str(), &v) {
+                                tracing::error!("recording a progress event: {e}");
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!("recorder fell behind by {n} events");
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+
+            let state = Arc::new(AppState {
+                catalogue,
+                store,
+                public_url: self.public_url,
+            });
+            axum::serve(listener, router(state))
+                .with_graceful_shutdown(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
+            recorder.abort();
+            let _ = fleet.close().await;
+            Ok(())
+        })
+    }
+}
