@@ -211,6 +211,11 @@ pub struct MqttConfig<'a> {
     pub will_topic: &'a str,
     /// Payload of the last will, e.g. a status document saying "offline".
     pub will_payload: &'a [u8],
+    /// User name sent in CONNECT, for brokers that want a login.
+    pub username: Option<&'a str>,
+    /// Password sent in CONNECT. MQTT v5 allows a password without a user
+    /// name; most brokers still want both.
+    pub password: Option<&'a [u8]>,
     /// Keep-alive in seconds; zero is raised to one (a zero keep-alive is
     /// refused by some brokers and would hide dead connections).
     pub keep_alive_secs: u16,
@@ -242,12 +247,190 @@ impl<'a> MqttConfig<'a> {
             client_id,
             will_topic,
             will_payload,
+            username: None,
+            password: None,
             keep_alive_secs: 30,
             session_expiry_secs: 3600,
             io_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(5),
             link_check_interval: Duration::from_secs(1),
         }
+    }
+}
+
+/// The port MQTT brokers listen on without TLS.
+pub const DEFAULT_MQTT_PORT: u16 = 1883;
+
+/// A broker address as the whole project writes it (firmware configuration,
+/// the virtual device, the CLI): `mqtt://[user[:password]@]host[:port]`.
+///
+/// The parts borrow from the URL, so a URL compiled into the firmware is
+/// parsed once, at build time, by [`parse_broker_url`] in a `const`.
+/// Credentials are taken literally (no percent-decoding): the password runs
+/// from the first `:` to the last `@`, so it may hold both characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerUrl<'a> {
+    /// Host name or IP address (IPv6 without its brackets).
+    pub host: &'a str,
+    /// TCP port; [`DEFAULT_MQTT_PORT`] when the URL has none.
+    pub port: u16,
+    /// User name, if the URL has one.
+    pub username: Option<&'a str>,
+    /// Password, if the URL has one.
+    pub password: Option<&'a str>,
+}
+
+/// Why a broker URL was refused. Fix the URL; nothing else helps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum BrokerUrlError {
+    /// Not `mqtt://` (or `tcp://`): write it like `mqtt://192.168.1.10:1883`.
+    Scheme,
+    /// `mqtts://` needs TLS, which the runtime does not have yet: use
+    /// `mqtt://`, or a TLS-terminating proxy next to the broker.
+    TlsUnsupported,
+    /// Nothing where the host belongs.
+    NoHost,
+    /// The port is not a decimal number in 1..=65535.
+    Port,
+}
+
+/// Splits a broker URL into host, port and credentials; see [`BrokerUrl`].
+/// A `const fn`, so that firmware configuration fails the build, not the
+/// device, when the URL is malformed.
+pub const fn parse_broker_url(url: &str) -> Result<BrokerUrl<'_>, BrokerUrlError> {
+    let s = url.trim_ascii().as_bytes();
+    let rest = match strip_prefix_ci(s, b"mqtt://") {
+        Some(r) => r,
+        None => match strip_prefix_ci(s, b"tcp://") {
+            Some(r) => r,
+            None => match strip_prefix_ci(s, b"mqtts://") {
+                Some(_) => return Err(BrokerUrlError::TlsUnsupported),
+                None => return Err(BrokerUrlError::Scheme),
+            },
+        },
+    };
+    let mut rest = rest;
+    while let [head @ .., b'/'] = rest {
+        rest = head;
+    }
+    let (username, password, hostport) = match rfind(rest, b'@') {
+        None => (None, None, rest),
+        Some(at) => {
+            let (userinfo, tail) = rest.split_at(at);
+            let (_, hostport) = tail.split_at(1);
+            match find(userinfo, b':') {
+                None => (Some(text(userinfo)), None, hostport),
+                Some(colon) => {
+                    let (user, tail) = userinfo.split_at(colon);
+                    let (_, password) = tail.split_at(1);
+                    (Some(text(user)), Some(text(password)), hostport)
+                }
+            }
+        }
+    };
+    let (host, port) = match hostport {
+        [b'[', v6 @ ..] => {
+            let Some(end) = find(v6, b']') else {
+                return Err(BrokerUrlError::NoHost);
+            };
+            let (host, tail) = v6.split_at(end);
+            let port = match tail {
+                [_] => DEFAULT_MQTT_PORT,
+                [_, b':', port @ ..] => match parse_port(port) {
+                    Some(p) => p,
+                    None => return Err(BrokerUrlError::Port),
+                },
+                _ => return Err(BrokerUrlError::Port),
+            };
+            (host, port)
+        }
+        _ => match rfind(hostport, b':') {
+            None => (hostport, DEFAULT_MQTT_PORT),
+            Some(colon) => {
+                let (host, tail) = hostport.split_at(colon);
+                let (_, port) = tail.split_at(1);
+                match parse_port(port) {
+                    Some(p) => (host, p),
+                    None => return Err(BrokerUrlError::Port),
+                }
+            }
+        },
+    };
+    if host.is_empty() {
+        return Err(BrokerUrlError::NoHost);
+    }
+    Ok(BrokerUrl {
+        host: text(host),
+        port,
+        username,
+        password,
+    })
+}
+
+const fn strip_prefix_ci<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    if s.len() < prefix.len() {
+        return None;
+    }
+    let mut i = 0;
+    while i < prefix.len() {
+        if s[i].to_ascii_lowercase() != prefix[i] {
+            return None;
+        }
+        i += 1;
+    }
+    Some(s.split_at(prefix.len()).1)
+}
+
+const fn find(s: &[u8], byte: u8) -> Option<usize> {
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == byte {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+const fn rfind(s: &[u8], byte: u8) -> Option<usize> {
+    let mut i = s.len();
+    while i > 0 {
+        i -= 1;
+        if s[i] == byte {
+            return Some(i);
+        }
+    }
+    None
+}
+
+const fn parse_port(digits: &[u8]) -> Option<u16> {
+    if digits.is_empty() || digits.len() > 5 {
+        return None;
+    }
+    let mut value: u32 = 0;
+    let mut i = 0;
+    while i < digits.len() {
+        if !digits[i].is_ascii_digit() {
+            return None;
+        }
+        value = value * 10 + (digits[i] - b'0') as u32;
+        i += 1;
+    }
+    if value == 0 || value > u16::MAX as u32 {
+        None
+    } else {
+        Some(value as u16)
+    }
+}
+
+/// The pieces are cut next to ASCII delimiters of a `&str`, so they are
+/// always UTF-8; the fallback only keeps the function total.
+const fn text(bytes: &[u8]) -> &str {
+    match core::str::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(_) => "",
     }
 }
 
@@ -377,7 +560,7 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
             Some(s) => SessionExpiryInterval::Seconds(s),
             None => SessionExpiryInterval::EndOnDisconnect,
         };
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .keep_alive(KeepAlive::Seconds(keep_alive))
             .session_expiry_interval(expiry)
             .maximum_packet_size(NonZero::new(MQTT_RX_BUFFER as u32).unwrap_or(NonZero::<u32>::MAX))
@@ -386,6 +569,14 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
                     .at_least_once()
                     .retain(),
             );
+        if let Some(user) = self.config.username {
+            options =
+                options.user_name(MqttString::from_str(user).map_err(|_| MqttError::TooLong)?);
+        }
+        if let Some(password) = self.config.password {
+            options =
+                options.password(MqttBinary::try_from(password).map_err(|_| MqttError::TooLong)?);
+        }
 
         let io_timeout = self.config.io_timeout;
         let addr = with_timeout(io_timeout, self.resolve())
@@ -973,5 +1164,183 @@ fn error_kind<const P: usize>(e: &ClientError<'_, P>) -> MqttError {
             MqttError::TooLong
         }
         _ => MqttError::Protocol,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::cell::RefCell;
+    use embedded_io::ErrorKind;
+    use std::vec::Vec as StdVec;
+
+    #[test]
+    fn credentials_host_and_port_are_split() {
+        let u = parse_broker_url("mqtt://alice:s3cr:et@x@broker.lan:1884/").unwrap();
+        assert_eq!(u.username, Some("alice"));
+        assert_eq!(u.password, Some("s3cr:et@x"));
+        assert_eq!((u.host, u.port), ("broker.lan", 1884));
+        let u = parse_broker_url("mqtt://bob@10.0.0.2").unwrap();
+        assert_eq!((u.username, u.password), (Some("bob"), None));
+    }
+
+    #[test]
+    fn the_port_defaults_to_1883_and_ipv6_hosts_lose_their_brackets() {
+        let u = parse_broker_url("  MQTT://[fd00::1]  ").unwrap();
+        assert_eq!((u.host, u.port), ("fd00::1", DEFAULT_MQTT_PORT));
+        let u = parse_broker_url("tcp://[::1]:1999").unwrap();
+        assert_eq!((u.host, u.port, u.username), ("::1", 1999, None));
+    }
+
+    #[test]
+    fn other_schemes_tls_bad_ports_and_missing_hosts_are_refused() {
+        let err = |u| parse_broker_url(u).unwrap_err();
+        assert_eq!(err("mqtts://h"), BrokerUrlError::TlsUnsupported);
+        assert_eq!(err("http://h:80"), BrokerUrlError::Scheme);
+        assert_eq!(err("broker:1883"), BrokerUrlError::Scheme);
+        assert_eq!(err("mqtt://h:0"), BrokerUrlError::Port);
+        assert_eq!(err("mqtt://h:65536"), BrokerUrlError::Port);
+        assert_eq!(err("mqtt://h:"), BrokerUrlError::Port);
+        assert_eq!(err("mqtt://h:18x3"), BrokerUrlError::Port);
+        assert_eq!(err("mqtt://[::1]1883"), BrokerUrlError::Port);
+        assert_eq!(err("mqtt://:1883"), BrokerUrlError::NoHost);
+        assert_eq!(err("mqtt://u:p@"), BrokerUrlError::NoHost);
+        assert_eq!(err("mqtt://[::1"), BrokerUrlError::NoHost);
+    }
+
+    #[test]
+    fn a_url_is_parsed_at_compile_time_in_a_const() {
+        const URL: BrokerUrl<'static> = match parse_broker_url("mqtt://u:p@h:2000") {
+            Ok(u) => u,
+            Err(_) => panic!("bad URL"),
+        };
+        assert_eq!(
+            URL,
+            BrokerUrl {
+                host: "h",
+                port: 2000,
+                username: Some("u"),
+                password: Some("p")
+            }
+        );
+    }
+
+    /// One TCP peer that records what the client writes and answers with
+    /// canned bytes (then end of stream).
+    struct Scripted {
+        reply: &'static [u8],
+        written: RefCell<StdVec<u8>>,
+    }
+
+    struct ScriptedConn<'a> {
+        peer: &'a Scripted,
+        at: usize,
+    }
+
+    impl embedded_io_async::ErrorType for ScriptedConn<'_> {
+        type Error = ErrorKind;
+    }
+
+    impl embedded_io_async::Read for ScriptedConn<'_> {
+        async fn read(&mut self, buf: &mut [u8]) -> Result<usize, ErrorKind> {
+            let rest = &self.peer.reply[self.at..];
+            let n = rest.len().min(buf.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    impl embedded_io_async::Write for ScriptedConn<'_> {
+        async fn write(&mut self, buf: &[u8]) -> Result<usize, ErrorKind> {
+            self.peer.written.borrow_mut().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        async fn flush(&mut self) -> Result<(), ErrorKind> {
+            Ok(())
+        }
+    }
+
+    impl TcpConnect for Scripted {
+        type Error = ErrorKind;
+        type Connection<'a> = ScriptedConn<'a>;
+        async fn connect<'a>(&'a self, _: SocketAddr) -> Result<ScriptedConn<'a>, ErrorKind> {
+            Ok(ScriptedConn { peer: self, at: 0 })
+        }
+    }
+
+    impl Dns for Scripted {
+        type Error = ();
+        async fn get_host_by_name(&self, _: &str, _: AddrType) -> Result<IpAddr, ()> {
+            Err(())
+        }
+        async fn get_host_by_address(&self, _: IpAddr, _: &mut [u8]) -> Result<usize, ()> {
+            Err(())
+        }
+    }
+
+    // MQTT v5 CONNACK: no session present, the given reason code, no properties.
+    const CONNACK_OK: &[u8] = &[0x20, 0x03, 0x00, 0x00, 0x00];
+    const CONNACK_BAD_LOGIN: &[u8] = &[0x20, 0x03, 0x00, 0x86, 0x00];
+
+    /// Connects once with `username`/`password`; returns the outcome and
+    /// the CONNECT packet written.
+    fn connect_with(
+        reply: &'static [u8],
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> (Result<Connected, MqttError>, StdVec<u8>) {
+        let peer = Scripted {
+            reply,
+            written: RefCell::new(StdVec::new()),
+        };
+        let mut config = MqttConfig::new("127.0.0.1", 1883, "dev-1", "device/dev-1/status", b"{}");
+        config.username = username;
+        config.password = password;
+        let mut rx = [0u8; MQTT_RX_BUFFER];
+        let mut buffers = MqttBuffers::new(&mut rx);
+        let mut session = MqttSession::new(&peer, &peer, &mut buffers, config);
+        let outcome = embassy_futures::block_on(session.connect());
+        drop(session);
+        let written = peer.written.borrow().clone();
+        (outcome, written)
+    }
+
+    /// The CONNECT flags byte: after the fixed header (type byte and a
+    /// one-byte remaining length for these small packets) and the protocol
+    /// name and level (`00 04 M Q T T 05`).
+    fn connect_flags(packet: &[u8]) -> u8 {
+        assert_eq!(packet[0], 0x10, "not a CONNECT");
+        assert_eq!(&packet[2..9], b"\x00\x04MQTT\x05");
+        packet[9]
+    }
+
+    #[test]
+    fn a_url_login_is_sent_as_user_name_and_password_in_connect() {
+        let (outcome, packet) = connect_with(CONNACK_OK, Some("alice"), Some(b"s3cr@t"));
+        assert_eq!(
+            outcome,
+            Ok(Connected {
+                session_present: false
+            })
+        );
+        let flags = connect_flags(&packet);
+        assert_eq!(flags & 0xc0, 0xc0, "user name and password flags");
+        // User name and password are the last two payload fields.
+        assert!(packet.ends_with(b"\x00\x05alice\x00\x06s3cr@t"));
+    }
+
+    #[test]
+    fn without_a_login_connect_carries_neither_flag() {
+        let (outcome, packet) = connect_with(CONNACK_OK, None, None);
+        assert!(outcome.is_ok());
+        assert_eq!(connect_flags(&packet) & 0xc0, 0);
+        assert!(!packet.windows(5).any(|w| w == b"alice"));
+    }
+
+    #[test]
+    fn a_broker_refusing_the_login_is_reported_with_its_reason_code() {
+        let (outcome, _) = connect_with(CONNACK_BAD_LOGIN, Some("alice"), Some(b"wrong"));
+        assert_eq!(outcome, Err(MqttError::Refused(0x86)));
     }
 }
