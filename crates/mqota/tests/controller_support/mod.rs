@@ -1,0 +1,106 @@
+//! Shared by the controller tests: run `mqota serve` and other subcommands
+//! as real processes.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use mqota_core::image::{Chip, ImageBuilder};
+
+pub const MQOTA: &str = env!("CARGO_BIN_EXE_mqota");
+
+pub fn image(version: &str, size: u32) -> Vec<u8> {
+    ImageBuilder::new(Chip::Esp32c3)
+        .version(version)
+        .project("fleet")
+        .size(size)
+        .build()
+        .unwrap()
+}
+
+/// `mqota serve` running; killed on drop.
+pub struct Serve {
+    child: Child,
+    pub http: String,
+    pub broker: String,
+}
+
+impl Serve {
+    /// Starts serve with the embedded broker (`broker: None`) or against one.
+    pub fn start(fw: &Path, data: &Path, broker: Option<&str>) -> Self {
+        let mut cmd = Command::new(MQOTA);
+        cmd.arg("serve")
+            .arg("--firmware-dir")
+            .arg(fw)
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--http", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
+            .env_remove("MQOTA_BROKER")
+            .env("MQOTA_CONFIG", "/dev/null")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(b) = broker {
+            cmd.args(["--broker", b]);
+        }
+        let mut child = cmd.spawn().expect("mqota serve");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    // Keep draining so serve never blocks on a full pipe.
+                    continue;
+                }
+            }
+        });
+        let mut http = None;
+        let mut broker_url = broker.map(str::to_owned);
+        while http.is_none() || broker_url.is_none() {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("serve prints where it listens");
+            if let Some(a) = line.strip_prefix("http listening on ") {
+                http = Some(a.trim().to_owned());
+            }
+            if let Some(a) = line.strip_prefix("mqtt broker listening on ") {
+                broker_url = Some(a.trim().to_owned());
+            }
+        }
+        // Serve prints its HTTP address before it follows the fleet; the
+        // API answers from the first request on, which is all tests need.
+        Self {
+            child,
+            http: http.unwrap(),
+            broker: broker_url.unwrap(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `mqota ARGS` with a clean environment; returns (success, stdout, stderr).
+pub fn mqota(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(MQOTA)
+        .args(args)
+        .env("MQOTA_CONFIG", "/dev/null")
+        .env_remove("MQOTA_BROKER")
+        .output()
+        .expect("run mqota");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
