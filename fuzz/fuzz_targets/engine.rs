@@ -462,16 +462,7 @@ fn step(s: &mut Sim, u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
             if !busy {
                 s.job_image = Some(image);
             }
-            let (target, boots) = (s.layout.target(), s.boots);
             s.event(Event::Command(Command::Start(job)));
-            if !busy && s.boots != boots {
-                // Known open issue, see the ignored test
-                // `open_a_cut_journal_erase_makes_a_dead_trial_image_look_pre_mqota`:
-                // a cut while the new job erases the journal leaves the old
-                // image without its history, and operator rollback trusts it.
-                s.tried.retain(|(slot, _)| *slot != target);
-                s.rejected.retain(|(slot, _), _| *slot != target);
-            }
         }
         2 => {
             let Some(sv) = s.serving.as_mut() else {

@@ -254,6 +254,10 @@ struct Download {
     written: u32,
     /// Slot-relative end of the erased area ahead of `written`.
     erased_to: u32,
+    /// The slot's journal holds this job. Until the first page is accepted
+    /// the journal still tells the story of the image before, and a job that
+    /// fails that early leaves both untouched.
+    journal_started: bool,
     /// Announced size of the whole file, once known.
     total: Option<u32>,
     /// Bytes received in the current fetch, counted from its first byte.
@@ -451,6 +455,7 @@ impl Engine {
         }
         dl.written = written;
         dl.erased_to = written;
+        dl.journal_started = true;
         info!("resuming job at byte {} after reboot", written);
         self.dl = Some(dl);
         self.fill = 0;
@@ -476,6 +481,7 @@ impl Engine {
             slot,
             written: 0,
             erased_to: 0,
+            journal_started: false,
             fetch: Fetch::Head,
             deadline: now + timeout,
             last_data: now,
@@ -524,11 +530,6 @@ impl Engine {
                 return Err(fail(ErrorCode::TooLarge, "job size exceeds the OTA slot"));
             }
         }
-        let dl = self.dl.as_mut().expect("just set");
-        dl.slot
-            .journal()
-            .begin(flash, &dl.record)
-            .map_err(|_| fail(ErrorCode::Flash, "journal write failed"))?;
         info!("job accepted into slot {}", target);
         push(
             actions,
@@ -562,10 +563,15 @@ impl Engine {
                 dl.erased_to = 0;
                 dl.validator = StreamValidator::new(Some(self.cfg.chip), dl.slot.max_image_len());
                 self.fill = 0;
-                dl.slot
-                    .journal()
-                    .begin(flash, &dl.record)
-                    .map_err(|_| fail(ErrorCode::Flash, "journal write failed"))?;
+                // Its page marks cannot be cleared without an erase: start
+                // the journal (already this job's) again, before any page of
+                // the old progress is erased, so a resume never trusts them.
+                if dl.journal_started {
+                    dl.slot
+                        .journal()
+                        .begin(flash, &dl.record)
+                        .map_err(|_| fail(ErrorCode::Flash, "journal write failed"))?;
+                }
             }
             200 => {}
             206 => {
@@ -673,6 +679,17 @@ impl Engine {
                 .erase(dl.slot.offset + from, dl.slot.offset + to)
                 .map_err(|_| fail(ErrorCode::Flash, "erase failed"))?;
             dl.erased_to = to;
+        }
+        if !dl.journal_started {
+            // Only now, with the header accepted and the old image's first
+            // block already erased (so it can never boot or be rolled back to),
+            // does the journal switch to this job. A cut in between leaves an
+            // unbootable slot whose journal still describes the old image.
+            dl.slot
+                .journal()
+                .begin(flash, &dl.record)
+                .map_err(|_| fail(ErrorCode::Flash, "journal write failed"))?;
+            dl.journal_started = true;
         }
         // Program whole write units; the padding is 0xFF, which NOR leaves as it is.
         let len = round_up(self.fill as u32, F::WRITE_SIZE as u32) as usize;
@@ -852,7 +869,9 @@ impl Engine {
         let Some(dl) = self.dl.as_ref() else { return };
         // A download that failed must not be resumed at the next boot. If even
         // this write fails, the resume will fail the same way and end here.
-        let _ = dl.slot.journal().set(flash, Flag::Abandoned);
+        if dl.journal_started {
+            let _ = dl.slot.journal().set(flash, Flag::Abandoned);
+        }
         let ev = self.progress_event(phase, code, why);
         warn!("job ended: {}", why);
         self.dl = None;
