@@ -506,3 +506,17 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
     }
     Ok(())
 }
+
+/// Starts a device on the current [`tokio::task::LocalSet`] and returns its
+/// handle. Errors opening the flash end the device and are logged.
+pub fn spawn(cfg: VirtualConfig) -> Handle {
+    let handle = Handle::new();
+    let h = handle.clone();
+    tokio::task::spawn_local(async move {
+        let id = cfg.id.clone();
+        if let Err(e) = run_device(cfg, h).await {
+            log::error!("{id}: {e}");
+        }
+    });
+    handle
+}

@@ -1,9 +1,15 @@
 //! `mqota sim`: virtual devices, and the power-cut sweep over the device logic.
 
-use anyhow::{bail, Result};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use mqota_controller::url::BrokerUrl;
+use mqota_core::image::Chip;
 use mqota_flash_sim::sweep::{sweep, Scenario, SweepConfig};
 use mqota_flash_sim::BootConfig;
+use mqota_virtual::device::{spawn, Handle, VirtualConfig};
 
 /// Which ESP-IDF bootloader build a virtual device boots with.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -32,11 +38,52 @@ pub enum ScenarioArg {
     FailedTrial,
 }
 
-/// `mqota sim`.
+/// `mqota sim`: without a subcommand, runs virtual devices until Ctrl-C.
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct SimArgs {
     #[command(subcommand)]
-    command: SimCommand,
+    command: Option<SimCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Running virtual devices.
+#[derive(Args)]
+struct RunArgs {
+    /// The broker the devices connect to.
+    #[arg(long, env = "MQOTA_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// Device id (with --devices N: ids ID-1 .. ID-N).
+    #[arg(long, default_value = "sim")]
+    id: String,
+    /// Flash file (with --devices N: a directory holding ID-K.flash files).
+    /// Created with a partition table and the initial image if missing;
+    /// without it the flash lives in memory.
+    #[arg(long)]
+    flash: Option<PathBuf>,
+    /// Chip of the virtual device.
+    #[arg(long, default_value = "esp32c3")]
+    chip: String,
+    /// Version of the initial image (only used when the flash is created).
+    #[arg(long, default_value = "1.0.0")]
+    version: String,
+    /// Number of devices to run in this process.
+    #[arg(long, default_value_t = 1)]
+    devices: u32,
+    /// Bootloader build of the devices.
+    #[arg(long, value_enum, default_value = "stock")]
+    bootloader: BootloaderArg,
+    /// Topic prefix.
+    #[arg(long, default_value = "device")]
+    prefix: String,
+    /// Fault: cut the power once this many flash bytes have been programmed
+    /// or erased (the operation crossing it is torn); the devices boot again.
+    #[arg(long)]
+    cut_power_after_bytes: Option<u64>,
+    /// Fault: drop the WiFi link every this many seconds, for 3 seconds.
+    #[arg(long)]
+    drop_link_every: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -62,7 +109,10 @@ enum SimCommand {
 impl SimArgs {
     /// Run it.
     pub fn run(self) -> Result<()> {
-        match self.command {
+        let Some(command) = self.command else {
+            return run_devices(self.run);
+        };
+        match command {
             SimCommand::PowerCutSweep {
                 image_size,
                 bootloader,
@@ -94,4 +144,73 @@ impl SimArgs {
             }
         }
     }
+}
+
+fn run_devices(args: RunArgs) -> Result<()> {
+    let broker: BrokerUrl = args.broker.parse()?;
+    let chip: Chip = args
+        .chip
+        .parse()
+        .map_err(|_| anyhow::anyhow!("unknown chip {:?} (try esp32c3 or esp32c6)", args.chip))?;
+    if args.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    let configs: Vec<VirtualConfig> = (1..=args.devices)
+        .map(|k| {
+            let id = if args.devices == 1 {
+                args.id.clone()
+            } else {
+                format!("{}-{k}", args.id)
+            };
+            let mut c = VirtualConfig::new(&id, &broker.host, broker.port);
+            c.chip = chip;
+            c.initial_version = args.version.clone();
+            c.bootloader = args.bootloader.into();
+            c.prefix = args.prefix.clone();
+            c.flash = args.flash.as_ref().map(|p| {
+                if args.devices == 1 {
+                    p.clone()
+                } else {
+                    p.join(format!("{id}.flash"))
+                }
+            });
+            c
+        })
+        .collect();
+    if let (Some(dir), true) = (&args.flash, args.devices > 1) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let handles: Vec<Handle> = configs.into_iter().map(spawn).collect();
+        eprintln!(
+            "{} virtual device(s) on {}:{} (Ctrl-C stops)",
+            handles.len(),
+            broker.host,
+            broker.port
+        );
+        if let Some(n) = args.cut_power_after_bytes {
+            handles.iter().for_each(|h| h.cut_power_after_bytes(n));
+        }
+        if let Some(every) = args.drop_link_every {
+            let hs = handles.clone();
+            tokio::task::spawn_local(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(every.max(1))).await;
+                    hs.iter().for_each(Handle::drop_link);
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    hs.iter().for_each(Handle::restore_link);
+                }
+            });
+        }
+        let _ = tokio::signal::ctrl_c().await;
+        handles.iter().for_each(Handle::stop);
+        // Let the devices reach an await point and drop their connections.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    });
+    Ok(())
 }
