@@ -380,7 +380,7 @@ impl Engine {
     pub fn handle<F: NorFlash>(&mut self, flash: &mut F, now: Millis, event: Event<'_>) -> Actions {
         let mut actions = Actions::new();
         let result = match event {
-            Event::Command(Command::Start(job)) => self.start(flash, now, job, &mut actions),
+            Event::Command(Command::Start(job)) => self.start(now, job, &mut actions),
             Event::Command(Command::Cancel { .. }) => {
                 if self.dl.is_some() {
                     self.finish(
@@ -493,13 +493,7 @@ impl Engine {
         }
     }
 
-    fn start<F: NorFlash>(
-        &mut self,
-        flash: &mut F,
-        now: Millis,
-        job: Job,
-        actions: &mut Actions,
-    ) -> Result<(), Fail> {
+    fn start(&mut self, now: Millis, job: Job, actions: &mut Actions) -> Result<(), Fail> {
         if self.dl.is_some() {
             push(
                 actions,
