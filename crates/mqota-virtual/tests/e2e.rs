@@ -745,3 +745,45 @@ async fn a_dropped_wifi_link_marks_the_device_offline_and_it_rejoins_by_itself()
     })
     .await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn fifty_devices_update_at_once_from_one_broker_and_one_server() {
+    local(async {
+        let broker = Mosquitto::start();
+        let obs = broker.observe("device/+/status").await;
+        let v2 = image("1.1.0", 256 * 1024);
+        let http = FileServer::start(&[("fw.bin", &v2)]).await;
+        let ids: Vec<String> = (1..=50).map(|k| format!("fleet-{k}")).collect();
+        let devs: Vec<Handle> = ids.iter().map(|id| start(config(&broker, id))).collect();
+        assert!(
+            obs.wait_until(Duration::from_secs(60), |s| ids
+                .iter()
+                .all(|id| is_online_on(s, id, "1.0.0")))
+                .await,
+            "not all 50 came online"
+        );
+        let t0 = std::time::Instant::now();
+        broker
+            .publish("device/ota/start", http.url("fw.bin").as_bytes(), false)
+            .await;
+        let all = obs
+            .wait_until(Duration::from_secs(120), |s| {
+                ids.iter().all(|id| {
+                    status_of(s, id).is_some_and(|st| {
+                        st.online
+                            && st.version.as_str() == "1.1.0"
+                            && st.last.as_ref().is_some_and(|l| l.result == Phase::Done)
+                    })
+                })
+            })
+            .await;
+        let behind: Vec<&String> = ids
+            .iter()
+            .filter(|id| !is_online_on(&obs.all(), id, "1.1.0"))
+            .collect();
+        assert!(all, "not updated: {behind:?}");
+        eprintln!("50 devices updated in {:?}", t0.elapsed());
+        devs.iter().for_each(Handle::stop);
+    })
+    .await;
+}
