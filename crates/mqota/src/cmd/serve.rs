@@ -72,10 +72,9 @@ impl ServeArgs {
             None => {
                 let b = EmbeddedBroker::start(self.mqtt_listen)?;
                 println!("mqtt broker listening on {}", b.url());
-                let url = b.url().parse().expect("the embedded broker's URL parses");
-                // Lives as long as the process: rumqttd cannot be stopped.
-                std::mem::forget(b);
-                url
+                // The broker lives as long as the process: rumqttd cannot
+                // be stopped.
+                b.url().parse().expect("the embedded broker's URL parses")
             }
         };
 

@@ -31,13 +31,19 @@ pub struct Serve {
 impl Serve {
     /// Starts serve with the embedded broker (`broker: None`) or against one.
     pub fn start(fw: &Path, data: &Path, broker: Option<&str>) -> Self {
+        Self::start_at(fw, data, broker, "127.0.0.1:0")
+    }
+
+    /// As [`Serve::start`], with HTTP on `http` (a restarted server keeps
+    /// the address the deployed URLs name).
+    pub fn start_at(fw: &Path, data: &Path, broker: Option<&str>, http: &str) -> Self {
         let mut cmd = Command::new(MQOTA);
         cmd.arg("serve")
             .arg("--firmware-dir")
             .arg(fw)
             .arg("--data-dir")
             .arg(data)
-            .args(["--http", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
+            .args(["--http", http, "--mqtt-listen", "127.0.0.1:0"])
             .env_remove("MQOTA_BROKER")
             .env("MQOTA_CONFIG", "/dev/null")
             .stdout(Stdio::piped())

@@ -1,0 +1,156 @@
+//! A controller stopped mid-rollout: serve and deploy are killed and started
+//! again; the deployment and its results are still known and the rollout
+//! finishes with `deploy --resume`.
+
+mod controller_support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use controller_support::{image, mqota, Serve, MQOTA};
+use mqota_virtual::device::{run_device, Handle, VirtualConfig};
+use mqota_virtual::testing::Mosquitto;
+
+fn get_json(url: &str) -> serde_json::Value {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_controller_restarted_mid_rollout_still_knows_the_rollout_and_finishes_it() {
+    let broker = Mosquitto::start();
+    let broker_url = format!("mqtt://127.0.0.1:{}", broker.port());
+    let fw = tempfile::tempdir().unwrap();
+    std::fs::write(fw.path().join("app-1.1.0.bin"), image("1.1.0", 256 * 1024)).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap().to_owned();
+    let mut serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
+
+    let port = broker.port();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let devices = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let mut hs = Vec::new();
+            for i in 0..6 {
+                let mut c = VirtualConfig::new(&format!("r-{i}"), "127.0.0.1", port);
+                c.progress_interval = Duration::from_millis(100);
+                c.health_timeout = Duration::from_secs(5);
+                let h = Handle::new();
+                hs.push(h.clone());
+                tokio::task::spawn_local(async move { run_device(c, h).await.unwrap() });
+            }
+            while stop_rx.try_recv() == Err(std::sync::mpsc::TryRecvError::Empty) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            for h in hs {
+                h.stop();
+            }
+        });
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out, _) = mqota(&["status", "--json", "--broker", &broker_url]);
+        let n = serde_json::from_str::<Vec<serde_json::Value>>(&out)
+            .map(|v| v.len())
+            .unwrap_or(0);
+        if ok && n == 6 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "devices never came online");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // One device per stage, so the rollout is surely unfinished when the
+    // first result is in.
+    let mut deploy = Command::new(MQOTA)
+        .args([
+            "deploy",
+            "app-1.1.0.bin",
+            "--all",
+            "--canary",
+            "1",
+            "--batch",
+            "1",
+            "--wait",
+            "--server",
+            &serve.http,
+            "--broker",
+            &broker_url,
+            "--data-dir",
+            &data_dir,
+        ])
+        .env("MQOTA_CONFIG", "/dev/null")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let api = format!("{}/api/deployments", serve.http);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let deps = get_json(&api);
+        if let Some(d) = deps.as_array().and_then(|a| a.first()) {
+            let done = d["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| x["state"] == "done")
+                .count();
+            if done >= 1 {
+                break d["id"].as_str().unwrap().to_owned();
+            }
+        }
+        assert!(Instant::now() < deadline, "canary never finished: {deps:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The controller dies without a word, and so does serve.
+    deploy.kill().unwrap();
+    deploy.wait().unwrap();
+    serve.kill();
+
+    let http = serve.http.trim_start_matches("http://").to_owned();
+    let serve = Serve::start_at(fw.path(), data.path(), Some(&broker_url), &http);
+    let d = get_json(&format!("{}/api/deployments/{id}", serve.http));
+    assert_eq!(d["state"], "running", "{d:#}");
+    let done_before: Vec<String> = d["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["state"] == "done")
+        .map(|x| x["device"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!done_before.is_empty() && done_before.len() < 6, "{d:#}");
+    assert_eq!(d["devices"].as_array().unwrap().len(), 6);
+
+    let (ok, out, err) = mqota(&[
+        "deploy",
+        "--resume",
+        &id,
+        "--wait",
+        "--broker",
+        &broker_url,
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert!(ok, "resume failed:\n{out}\n{err}");
+    assert!(out.contains("succeeded — 6 done"), "{out}");
+    let d = get_json(&format!("{}/api/deployments/{id}", serve.http));
+    assert_eq!(d["state"], "succeeded");
+    let fw_list = get_json(&format!("{}/api/firmware", serve.http));
+    assert_eq!(fw_list[0]["name"], "app-1.1.0.bin");
+
+    drop(stop_tx);
+    devices.join().unwrap();
+}

@@ -1,0 +1,215 @@
+//! Rollouts with `mqota serve` (embedded broker), `mqota deploy` and
+//! `mqota status` as processes, against 20 virtual devices (the real device
+//! runtime on simulated flash) running in this test.
+
+mod controller_support;
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use controller_support::{image, mqota, Serve};
+use mqota_virtual::device::{run_device, Handle, VirtualConfig};
+
+/// N virtual devices on a thread of their own (the runtime is `!Send`);
+/// stopped when dropped. Flash files in `dir` keep their state across a
+/// restart: a reboot of the whole fleet.
+struct Devices {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Devices {
+    fn start(n: usize, port: u16, dir: PathBuf) -> Self {
+        let (tx, rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let mut handles = Vec::new();
+                for i in 0..n {
+                    let mut c = VirtualConfig::new(&format!("dev-{i:02}"), "127.0.0.1", port);
+                    c.flash = Some(dir.join(format!("dev-{i:02}.flash")));
+                    c.health_timeout = Duration::from_secs(3);
+                    c.stall_timeout = Duration::from_secs(5);
+                    c.progress_interval = Duration::from_millis(100);
+                    c.watchdog = Duration::from_millis(500);
+                    c.update_timeout = Duration::from_secs(60);
+                    c.keep_alive_secs = 10;
+                    let h = Handle::new();
+                    handles.push(h.clone());
+                    tokio::task::spawn_local(async move {
+                        run_device(c, h).await.expect("device runs");
+                    });
+                }
+                while rx.try_recv() == Err(mpsc::TryRecvError::Empty) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                for h in &handles {
+                    h.stop();
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            });
+        });
+        Self {
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Devices {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn fleet_status(broker: &str) -> Vec<serde_json::Value> {
+    let (ok, out, err) = mqota(&["status", "--json", "--broker", broker]);
+    assert!(ok, "status failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+}
+
+/// Waits until `n` devices are online and `check` holds for every one.
+fn wait_fleet(broker: &str, n: usize, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = fleet_status(broker);
+        let good = s.iter().filter(|d| d["online"] == true && check(d)).count();
+        if good == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "fleet never {what}: {s:#?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn versions(broker: &str) -> Vec<String> {
+    fleet_status(broker)
+        .iter()
+        .map(|d| d["version"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_staged_rollout_updates_twenty_devices_and_an_unhealthy_one_stops_after_the_canary_and_rolls_back(
+) {
+    let fw = tempfile::tempdir().unwrap();
+    std::fs::write(fw.path().join("app-1.1.0.bin"), image("1.1.0", 96 * 1024)).unwrap();
+    std::fs::write(
+        fw.path().join("app-1.2.0+unhealthy.bin"),
+        image("1.2.0+unhealthy", 96 * 1024),
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let flash = tempfile::tempdir().unwrap();
+    let serve = Serve::start(fw.path(), data.path(), None);
+    let port: u16 = serve.broker.rsplit(':').next().unwrap().parse().unwrap();
+    let data_dir = data.path().to_str().unwrap().to_owned();
+    let devices = Devices::start(20, port, flash.path().to_owned());
+    wait_fleet(&serve.broker, 20, "came online on 1.0.0", |d| {
+        d["version"] == "1.0.0"
+    });
+
+    // 1. A healthy image, canary 2 then batches of half the fleet.
+    let (ok, out, err) = mqota(&[
+        "deploy",
+        "app-1.1.0.bin",
+        "--all",
+        "--canary",
+        "2",
+        "--batch",
+        "50%",
+        "--timeout",
+        "60",
+        "--wait",
+        "--server",
+        &serve.http,
+        "--broker",
+        &serve.broker,
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert!(ok, "deploy failed:\n{out}\n{err}");
+    assert!(out.contains("to 20 devices in 3 stages"), "{out}");
+    assert!(out.contains("succeeded — 20 done"), "{out}");
+    wait_fleet(&serve.broker, 20, "reached 1.1.0", |d| {
+        d["version"] == "1.1.0"
+    });
+
+    // serve recorded the deployment, each device's result and the history.
+    let deps: Vec<serde_json::Value> =
+        http_get::blocking_get(&format!("{}/api/deployments", serve.http));
+    assert_eq!(deps.len(), 1);
+    assert_eq!(deps[0]["state"], "succeeded");
+    let stages: Vec<u64> = deps[0]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["stage"].as_u64().unwrap())
+        .collect();
+    assert_eq!(stages.iter().filter(|s| **s == 0).count(), 2);
+    assert_eq!(stages.iter().filter(|s| **s == 1).count(), 10);
+    assert_eq!(stages.iter().filter(|s| **s == 2).count(), 8);
+
+    // 2. An image whose health check fails: both canaries roll back by
+    // themselves, the rollout stops, nobody else is sent the job.
+    let (ok, out, err) = mqota(&[
+        "deploy",
+        "app-1.2.0+unhealthy.bin",
+        "--all",
+        "--canary",
+        "2",
+        "--batch",
+        "50%",
+        "--max-failures",
+        "10%",
+        "--auto-rollback",
+        "--timeout",
+        "60",
+        "--wait",
+        "--server",
+        &serve.http,
+        "--broker",
+        &serve.broker,
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert!(!ok, "an unhealthy rollout must fail:\n{out}");
+    assert!(err.contains("failed"), "{err}");
+    assert!(out.contains("2 rolled_back, 18 skipped"), "{out}");
+    wait_fleet(&serve.broker, 20, "stayed on 1.1.0", |d| {
+        d["version"] == "1.1.0"
+    });
+
+    // 3. The whole fleet reboots (same flash files): status still shows
+    // what they run.
+    drop(devices);
+    let _devices = Devices::start(20, port, flash.path().to_owned());
+    wait_fleet(&serve.broker, 20, "came back on 1.1.0", |d| {
+        d["version"] == "1.1.0"
+    });
+    assert!(versions(&serve.broker).iter().all(|v| v == "1.1.0"));
+}
+
+mod http_get {
+    /// A GET from a plain thread (the test is not async).
+    pub fn blocking_get<T: serde::de::DeserializeOwned + Send + 'static>(url: &str) -> T {
+        let url = url.to_owned();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async { ::reqwest::get(url).await.unwrap().json().await.unwrap() })
+        })
+        .join()
+        .unwrap()
+    }
+}
