@@ -8,17 +8,21 @@
 //! |---|---|---|
 //! | `MQOTA_WIFI_SSID` | (empty: WiFi stays off) | network to join |
 //! | `MQOTA_WIFI_PASSWORD` | (empty: open network) | WPA2 passphrase |
-//! | `MQOTA_BROKER_URL` | `mqtt://broker:1883` | MQTT broker |
-//! | `MQOTA_BROKER_USER` | (none) | MQTT user name |
-//! | `MQOTA_BROKER_PASSWORD` | (none) | MQTT password |
+//! | `MQOTA_BROKER_URL` | `mqtt://broker:1883` | MQTT broker, `mqtt://[user[:password]@]host[:port]` |
+//! | `MQOTA_BROKER_USER` | the URL's user | MQTT user name (overrides the URL's) |
+//! | `MQOTA_BROKER_PASSWORD` | the URL's password | MQTT password (overrides the URL's) |
 //! | `MQOTA_DEVICE_ID` | `mqota-` + station MAC in hex | client id and topic segment |
 //! | `MQOTA_TOPIC_PREFIX` | `device` | first topic level (`device/ota/start`) |
 //! | `MQOTA_KEEP_ALIVE_SECS` | `30` | MQTT keep-alive; never 0, brokers refuse it |
 //! | `MQOTA_CONNECT_TIMEOUT_SECS` | `20` | one WiFi association plus DHCP |
 //! | `MQOTA_DOWNLOAD_STALL_SECS` | `30` | download aborted after this long without data |
-//! | `MQOTA_TRIAL_TIMEOUT_SECS` | `120` | a trial boot must confirm itself within this |
+//! | `MQOTA_HEALTH_TIMEOUT_SECS` | `60` | a trial boot must reach the broker within this |
+//! | `MQOTA_UPDATE_TIMEOUT_SECS` | `600` | overall deadline of an update without its own `timeout_s` |
+//! | `MQOTA_TRIAL_TIMEOUT_SECS` | `120` | the watchdog resets a trial boot that has not confirmed by then |
 //!
-//! A malformed number is a compile error, not a surprise on the device.
+//! A malformed number or broker URL is a compile error, not a surprise on
+//! the device. The URL is split by the runtime's host-tested
+//! [`parse_broker_url`], evaluated in a `const`.
 
 /// Picks the build-time value of an environment variable or a default.
 macro_rules! env_or {
@@ -30,6 +34,8 @@ macro_rules! env_or {
     };
 }
 
+use mqota_runtime::mqtt::{parse_broker_url, BrokerUrl};
+
 /// Settings baked into the firmware image.
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
@@ -37,8 +43,8 @@ pub struct Config {
     pub wifi_ssid: &'static str,
     /// WiFi passphrase; empty means an open network.
     pub wifi_password: &'static str,
-    /// Broker URL, `mqtt://host[:port]`.
-    pub broker_url: &'static str,
+    /// The broker: host, port and the URL's credentials.
+    pub broker: BrokerUrl<'static>,
     /// MQTT user name, if the broker wants one.
     pub broker_user: Option<&'static str>,
     /// MQTT password, if the broker wants one.
@@ -53,24 +59,74 @@ pub struct Config {
     pub connect_timeout_secs: u32,
     /// Download stall timeout in seconds.
     pub download_stall_secs: u32,
+    /// Time a trial boot has to reach the broker (and pass the health
+    /// check), in seconds; shorter than the trial timeout.
+    pub health_timeout_secs: u32,
+    /// Overall update deadline in seconds, for jobs that set none.
+    pub update_timeout_secs: u32,
     /// Trial-boot deadline in seconds, enforced by the watchdog.
     pub trial_timeout_secs: u32,
 }
+
+const BROKER: BrokerUrl<'static> = broker(env_or!("MQOTA_BROKER_URL", "mqtt://broker:1883"));
 
 /// The configuration this image was built with.
 pub const BUILD: Config = Config {
     wifi_ssid: env_or!("MQOTA_WIFI_SSID", ""),
     wifi_password: env_or!("MQOTA_WIFI_PASSWORD", ""),
-    broker_url: env_or!("MQOTA_BROKER_URL", "mqtt://broker:1883"),
-    broker_user: option_env!("MQOTA_BROKER_USER"),
-    broker_password: option_env!("MQOTA_BROKER_PASSWORD"),
+    broker: BROKER,
+    broker_user: match option_env!("MQOTA_BROKER_USER") {
+        Some(user) => Some(user),
+        None => BROKER.username,
+    },
+    broker_password: match option_env!("MQOTA_BROKER_PASSWORD") {
+        Some(password) => Some(password),
+        None => BROKER.password,
+    },
     device_id: option_env!("MQOTA_DEVICE_ID"),
     topic_prefix: env_or!("MQOTA_TOPIC_PREFIX", "device"),
     keep_alive_secs: non_zero_u16(parse_u32(env_or!("MQOTA_KEEP_ALIVE_SECS", "30"))),
     connect_timeout_secs: parse_u32(env_or!("MQOTA_CONNECT_TIMEOUT_SECS", "20")),
     download_stall_secs: parse_u32(env_or!("MQOTA_DOWNLOAD_STALL_SECS", "30")),
-    trial_timeout_secs: parse_u32(env_or!("MQOTA_TRIAL_TIMEOUT_SECS", "120")),
+    health_timeout_secs: HEALTH_TIMEOUT_SECS,
+    update_timeout_secs: parse_u32(env_or!("MQOTA_UPDATE_TIMEOUT_SECS", "600")),
+    trial_timeout_secs: trial_timeout(
+        parse_u32(env_or!("MQOTA_TRIAL_TIMEOUT_SECS", "120")),
+        HEALTH_TIMEOUT_SECS,
+    ),
 };
+
+const HEALTH_TIMEOUT_SECS: u32 = parse_u32(env_or!("MQOTA_HEALTH_TIMEOUT_SECS", "60"));
+
+/// The broker URL, checked while compiling.
+const fn broker(url: &'static str) -> BrokerUrl<'static> {
+    let broker = match parse_broker_url(url) {
+        Ok(broker) => broker,
+        Err(_) => panic!("MQOTA_BROKER_URL must look like mqtt://[user[:password]@]host[:port]"),
+    };
+    // The IP stack is built IPv4-only (smaller), and embassy-net's TCP client
+    // panics when asked to connect to an IPv6 address.
+    let mut i = 0;
+    while i < broker.host.len() {
+        assert!(
+            broker.host.as_bytes()[i] != b':',
+            "MQOTA_BROKER_URL: IPv6 brokers need embassy-net's proto-ipv6; use a name or IPv4"
+        );
+        i += 1;
+    }
+    broker
+}
+
+/// The watchdog must leave the runtime's health check time to finish (and
+/// to roll back cleanly when it fails), and the RWDT's counter must hold it.
+const fn trial_timeout(trial: u32, health: u32) -> u32 {
+    assert!(
+        trial > health + 10,
+        "MQOTA_TRIAL_TIMEOUT_SECS must exceed MQOTA_HEALTH_TIMEOUT_SECS by more than 10 s"
+    );
+    assert!(trial <= 3600, "MQOTA_TRIAL_TIMEOUT_SECS is at most 3600");
+    trial
+}
 
 /// Decimal parser usable in a `const`, so a bad value fails the build.
 const fn parse_u32(text: &str) -> u32 {

@@ -21,7 +21,11 @@ compile_error!("enable one chip feature: esp32c3, esp32c6, esp32 or esp32s3");
 compile_error!("the chip features exclude each other: enable exactly one");
 
 pub mod config;
+pub mod device;
 pub mod flash;
+pub mod link;
 pub mod platform;
 pub mod watchdog;
 pub mod wifi;
+
+pub use device::{boot_guard, run, spawn, task, GuardError, Guarded};

@@ -1,6 +1,7 @@
 //! Glues the chip's identity and reset to the device runtime's
 //! [`mqota_runtime::Platform`]: the device id from the factory MAC in eFuse,
-//! the booted slot, a software reset, and the trial watchdog.
+//! the booted slot, a software reset, the trial watchdog (disarmed when the
+//! runtime confirms the image) and an optional application health check.
 
 use core::fmt::Write as _;
 
@@ -54,11 +55,24 @@ pub fn reset() -> ! {
     esp_hal::system::software_reset()
 }
 
+/// A seed for the runtime's reconnect jitter that differs between devices
+/// (FNV-1a over the station MAC), so a fleet does not reconnect in step.
+pub fn jitter_seed() -> u32 {
+    station_mac().iter().fold(0x811c_9dc5u32, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// An application's own check that a freshly updated image works, run once
+/// in a trial boot after the broker is reached. `false` rolls the update back.
+pub type HealthCheck = fn() -> bool;
+
 /// The chip as the runtime sees it.
 pub struct EspPlatform {
     device_id: DeviceId,
     slot: Slot,
     watchdog: TrialWatchdog,
+    health_check: Option<HealthCheck>,
 }
 
 impl EspPlatform {
@@ -69,7 +83,17 @@ impl EspPlatform {
             device_id,
             slot,
             watchdog,
+            health_check: None,
         }
+    }
+
+    /// Adds an application health check to the trial (the default has none
+    /// and passes once the broker is reached). A check that needs to await
+    /// something belongs in your own [`Platform`] implementation, run with
+    /// `mqota_runtime::run` directly.
+    pub fn with_health_check(mut self, check: HealthCheck) -> Self {
+        self.health_check = Some(check);
+        self
     }
 
     /// The trial watchdog, for the boot guard to feed or disarm.
@@ -91,5 +115,13 @@ impl Platform for EspPlatform {
 
     fn device_id(&self) -> &str {
         &self.device_id
+    }
+
+    async fn health_check(&mut self) -> bool {
+        self.health_check.is_none_or(|check| check())
+    }
+
+    fn confirmed(&mut self) {
+        self.watchdog.disarm();
     }
 }

@@ -89,6 +89,11 @@ fn parse_options(args: &[String]) -> Result<Options> {
     })
 }
 
+/// Used for `MQOTA_WIFI_SSID` when it is unset: without any SSID the
+/// firmware stops before WiFi and the compiler drops the whole network and
+/// mqota, so the image and size report would describe nothing real.
+const PLACEHOLDER_SSID: &str = "mqota-unconfigured";
+
 /// `cargo xtask firmware --chip CHIP`: release build, clippy, app image, checks, size report.
 pub fn firmware(args: &[String]) -> Result<()> {
     let opts = parse_options(args)?;
@@ -99,11 +104,13 @@ pub fn firmware(args: &[String]) -> Result<()> {
     let chip = opts.chip;
     let root = root();
     let fw = root.join("firmware");
-    let elf = build(chip)?;
-    run(
+    let env = wifi_env(false)?;
+    let elf = build(chip, &[], &env)?;
+    run_env(
         &fw,
         "cargo",
-        &cargo_args("clippy", chip, &["--", "-D", "warnings"]),
+        &cargo_args("clippy", chip, &[], &["--", "-D", "warnings"]),
+        &env,
     )?;
 
     let espflash = espflash()?;
@@ -111,21 +118,7 @@ pub fn firmware(args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let image = out_dir.join(format!("{PROJECT}.bin"));
     let partitions = fw.join("partitions.csv");
-    run(
-        &fw,
-        &espflash,
-        &[
-            "save-image",
-            "--chip",
-            chip.name(),
-            "--flash-size",
-            "4mb",
-            "--partition-table",
-            path_str(&partitions)?,
-            path_str(&elf)?,
-            path_str(&image)?,
-        ],
-    )?;
+    save_image(&espflash, chip, &elf, &image)?;
 
     eprintln!(
         "$ esptool --chip {} image-info {}",
@@ -152,10 +145,23 @@ pub fn firmware(args: &[String]) -> Result<()> {
         image_bytes <= slot,
         "image is {image_bytes} bytes but an OTA slot of firmware/partitions.csv holds only {slot}"
     );
-
     let sizes =
         elf_sizes(&std::fs::read(&elf).with_context(|| format!("reading {}", elf.display()))?)?;
-    let report = size_report(chip, image_bytes, slot, &sizes);
+    // Kept next to the image: the baseline build below overwrites cargo's copy.
+    std::fs::copy(&elf, out_dir.join(format!("{PROJECT}.elf")))?;
+
+    // The same firmware without mqota, to split the size between mqota and
+    // the WiFi/network stack. Cargo keeps both feature sets' artifacts, so
+    // alternating costs a link, not a rebuild.
+    let base_elf = build(chip, &["size-baseline"], &env)?;
+    let base_image = out_dir.join("size-baseline.bin");
+    save_image(&espflash, chip, &base_elf, &base_image)?;
+    let base = Footprint {
+        image: std::fs::metadata(&base_image)?.len(),
+        sizes: elf_sizes(&std::fs::read(&base_elf)?)?,
+    };
+
+    let report = size_report(chip, image_bytes, slot, &sizes, &base);
     let report_path = out_dir.join("size-report.json");
     std::fs::write(&report_path, &report)?;
     println!("{} image OK: {}", chip.name(), image.display());
@@ -163,12 +169,59 @@ pub fn firmware(args: &[String]) -> Result<()> {
         "  image   {image_bytes:>9} bytes ({:.1}% of the {slot}-byte OTA slot)",
         percent(image_bytes, slot)
     );
-    println!("  .text   {:>9}", sizes.text);
-    println!("  .rodata {:>9}", sizes.rodata);
-    println!("  .data   {:>9}", sizes.data);
-    println!("  .bss    {:>9}", sizes.bss);
+    println!("            {:>9} {:>9} {:>9}", "total", "network", "mqota");
+    let row = |name: &str, total: u64, base: u64| {
+        println!(
+            "  {name:<8}{total:>9} {base:>9} {:>9}",
+            total as i64 - base as i64
+        )
+    };
+    row("image", image_bytes, base.image);
+    row(".text", sizes.text, base.sizes.text);
+    row(".rodata", sizes.rodata, base.sizes.rodata);
+    row(".data", sizes.data, base.sizes.data);
+    row(".bss", sizes.bss, base.sizes.bss);
+    println!("  (network: the same firmware built with `size-baseline`, WiFi and IP stack only)");
     println!("  report  {}", report_path.display());
     Ok(())
+}
+
+/// The environment for building: the caller's WiFi settings, or a
+/// placeholder SSID for a build check (refused when the image is flashed).
+fn wifi_env(for_flash: bool) -> Result<Vec<(&'static str, String)>> {
+    let ssid = std::env::var("MQOTA_WIFI_SSID").unwrap_or_default();
+    if !ssid.is_empty() {
+        return Ok(Vec::new());
+    }
+    ensure!(
+        !for_flash,
+        "set MQOTA_WIFI_SSID (and MQOTA_WIFI_PASSWORD, MQOTA_BROKER_URL) before flashing; \
+         see firmware/README.md"
+    );
+    eprintln!(
+        "note: MQOTA_WIFI_SSID is not set; building with the placeholder `{PLACEHOLDER_SSID}` \
+         (fine for checks and sizes; set it for an image to flash)"
+    );
+    Ok(vec![("MQOTA_WIFI_SSID", PLACEHOLDER_SSID.to_string())])
+}
+
+fn save_image(espflash: &str, chip: Chip, elf: &Path, image: &Path) -> Result<()> {
+    let partitions = root().join("firmware/partitions.csv");
+    run(
+        &root().join("firmware"),
+        espflash,
+        &[
+            "save-image",
+            "--chip",
+            chip.name(),
+            "--flash-size",
+            "4mb",
+            "--partition-table",
+            path_str(&partitions)?,
+            path_str(elf)?,
+            path_str(image)?,
+        ],
+    )
 }
 
 /// `cargo xtask flash --chip CHIP [--port PORT] [--monitor]`: build, then
@@ -176,7 +229,7 @@ pub fn firmware(args: &[String]) -> Result<()> {
 pub fn flash(args: &[String]) -> Result<()> {
     let opts = parse_options(args)?;
     let fw = root().join("firmware");
-    let elf = build(opts.chip)?;
+    let elf = build(opts.chip, &[], &wifi_env(true)?)?;
     let espflash = espflash()?;
     let mut cmd = vec![
         "flash".to_string(),
@@ -202,10 +255,10 @@ pub fn flash(args: &[String]) -> Result<()> {
     run(&fw, &espflash, &cmd)
 }
 
-/// Release build for `chip`; returns the ELF.
-fn build(chip: Chip) -> Result<PathBuf> {
+/// Release build for `chip` with extra `features`; returns the ELF.
+fn build(chip: Chip, features: &[&str], env: &[(&str, String)]) -> Result<PathBuf> {
     let fw = root().join("firmware");
-    run(&fw, "cargo", &cargo_args("build", chip, &[]))?;
+    run_env(&fw, "cargo", &cargo_args("build", chip, features, &[]), env)?;
     Ok(fw
         .join("target")
         .join(chip.target())
@@ -213,16 +266,15 @@ fn build(chip: Chip) -> Result<PathBuf> {
         .join(PROJECT))
 }
 
-fn cargo_args<'a>(sub: &'a str, chip: Chip, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        sub,
-        "--release",
-        "--target",
-        chip.target(),
-        "--features",
-        chip.name(),
-    ];
-    args.extend_from_slice(extra);
+fn cargo_args(sub: &str, chip: Chip, features: &[&str], extra: &[&str]) -> Vec<String> {
+    let mut all = vec![chip.name()];
+    all.extend_from_slice(features);
+    let mut args: Vec<String> = [sub, "--release", "--target", chip.target(), "--features"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(all.join(","));
+    args.extend(extra.iter().map(|s| s.to_string()));
     args
 }
 
@@ -265,9 +317,22 @@ fn path_str(path: &Path) -> Result<&str> {
 
 /// Runs a command in `dir`, echoing it, failing on a non-zero exit.
 fn run(dir: &Path, program: &str, args: &[&str]) -> Result<()> {
-    eprintln!("$ {program} {}", args.join(" "));
+    run_env(dir, program, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+fn run_env<S: AsRef<str>>(
+    dir: &Path,
+    program: &str,
+    args: &[S],
+    env: &[(&str, String)],
+) -> Result<()> {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    let shown: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+    eprintln!("$ {}{program} {}", shown.concat(), args.join(" "));
     let status = Command::new(program)
-        .args(args)
+        .args(&args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(dir)
         .status()
         .with_context(|| format!("starting {program}"))?;
@@ -492,8 +557,15 @@ fn percent(part: u64, whole: u64) -> f64 {
     part as f64 * 100.0 / whole as f64
 }
 
+/// Image and ELF sizes of one build.
+struct Footprint {
+    image: u64,
+    sizes: Sizes,
+}
+
 /// The JSON size report (written by hand: flat, with names the linker chose).
-fn size_report(chip: Chip, image: u64, slot: u64, sizes: &Sizes) -> String {
+/// `base` is the `size-baseline` build: WiFi and network stack without mqota.
+fn size_report(chip: Chip, image: u64, slot: u64, sizes: &Sizes, base: &Footprint) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{{");
     let _ = writeln!(s, "  \"chip\": \"{}\",", chip.name());
@@ -509,6 +581,19 @@ fn size_report(chip: Chip, image: u64, slot: u64, sizes: &Sizes) -> String {
     let _ = writeln!(s, "  \"rodata\": {},", sizes.rodata);
     let _ = writeln!(s, "  \"data\": {},", sizes.data);
     let _ = writeln!(s, "  \"bss\": {},", sizes.bss);
+    for (name, total, without) in [
+        ("image_bytes", image, base.image),
+        ("text", sizes.text, base.sizes.text),
+        ("rodata", sizes.rodata, base.sizes.rodata),
+        ("data", sizes.data, base.sizes.data),
+        ("bss", sizes.bss, base.sizes.bss),
+    ] {
+        let _ = writeln!(
+            s,
+            "  \"{name}_without_mqota\": {without},\n  \"{name}_mqota\": {},",
+            total as i64 - without as i64
+        );
+    }
     let _ = writeln!(s, "  \"sections\": [");
     for (i, sec) in sizes.sections.iter().enumerate() {
         let comma = if i + 1 < sizes.sections.len() {
@@ -735,11 +820,29 @@ mod tests {
             ]
         );
         assert_eq!(sizes.sections[6].kind, Kind::Reserved);
-        let report = size_report(Chip::Esp32c3, 2048, 4096, &sizes);
-        assert!(
-            report.contains("\"text\": 1024,")
-                && report.contains("\"ota_slot_used_percent\": 50.0,")
-        );
+        let base = Footprint {
+            image: 1500,
+            sizes: Sizes {
+                text: 800,
+                rodata: 600,
+                data: 40,
+                bss: 100,
+                sections: Vec::new(),
+            },
+        };
+        let report = size_report(Chip::Esp32c3, 2048, 4096, &sizes, &base);
+        for expected in [
+            "\"text\": 1024,",
+            "\"ota_slot_used_percent\": 50.0,",
+            "\"image_bytes_without_mqota\": 1500,",
+            "\"image_bytes_mqota\": 548,",
+            "\"text_mqota\": 224,",
+            // A section may shrink when mqota is in: the split can be negative.
+            "\"rodata_mqota\": -44,",
+            "\"bss_mqota\": 400,",
+        ] {
+            assert!(report.contains(expected), "{expected} in {report}");
+        }
     }
 
     #[test]

@@ -1,0 +1,182 @@
+//! Glues the boot guard and the device runtime to the chip: the two calls an
+//! application makes, [`boot_guard`] first thing in `main` and [`run`] (or
+//! the ready-made [`task`], via [`spawn`]) once the network stack exists.
+//!
+//! Nothing here decides anything: [`mqota_runtime::early_boot`] and
+//! [`mqota_runtime::run`] do, the same code the virtual device runs on the
+//! host. This module only looks up the booted slot, resets or arms the
+//! watchdog as the guard says, and builds the embassy-net TCP client and DNS
+//! resolver the runtime talks through.
+
+use embassy_executor::{SpawnError, Spawner};
+use embassy_net::{
+    dns::DnsSocket,
+    tcp::client::{TcpClient, TcpClientState},
+    Stack,
+};
+use embassy_time::Duration;
+use esp_hal::{peripherals::RTC_TIMER, time::Duration as HalDuration};
+use log::{info, warn};
+use mqota_core::bootguard::Verdict;
+use mqota_runtime::{early_boot, BootError, Booted, DeviceConfig, Link};
+
+use crate::{
+    config::Config,
+    flash::{self, FlashStorage, SlotError},
+    link::StackLink,
+    platform::{self, EspPlatform},
+    watchdog::TrialWatchdog,
+};
+
+/// TCP connections the runtime opens at once: the MQTT session and one download.
+pub const TCP_CONNECTIONS: usize = 2;
+/// Transmit buffer per TCP connection (MQTT packets and HTTP requests are small).
+pub const TCP_TX_BUFFER: usize = 1024;
+/// Receive buffer per TCP connection: the TCP window of a download.
+pub const TCP_RX_BUFFER: usize = 4096;
+
+/// The boot guard has run: what the device task needs to carry on.
+pub struct Guarded {
+    booted: Booted,
+    platform: EspPlatform,
+}
+
+impl Guarded {
+    /// What the boot guard found (verdict, running version, slot layout).
+    pub fn booted(&self) -> &Booted {
+        &self.booted
+    }
+
+    /// The platform handed to the runtime, e.g. to add a health check with
+    /// [`EspPlatform::with_health_check`].
+    pub fn map_platform(self, f: impl FnOnce(EspPlatform) -> EspPlatform) -> Self {
+        Self {
+            booted: self.booted,
+            platform: f(self.platform),
+        }
+    }
+}
+
+/// Why the boot guard could not run. The firmware itself is fine; it just
+/// cannot take updates: log it, keep the application running, reflash with
+/// `cargo xtask flash` (which writes mqota's partition table).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum GuardError {
+    /// The booted partition could not be looked up.
+    Slot(SlotError),
+    /// Running from a factory app or an `ota_N` past `ota_1`: mqota's layout
+    /// has exactly `ota_0` and `ota_1`.
+    NotAnOtaSlot,
+    /// The runtime could not read the partition table, the running image or
+    /// otadata.
+    Boot(BootError),
+}
+
+/// Runs the boot guard. Call it right after `esp_hal::init`, before anything
+/// a broken update could hang in: a trial boot is only protected by the
+/// watchdog from here on.
+///
+/// When the guard decides the other slot must run (a trial that died and
+/// was rolled back), this resets the chip and does not return. On a trial
+/// boot it arms the RTC watchdog with `config.trial_timeout_secs`; the
+/// runtime disarms it when the image is confirmed.
+pub fn boot_guard(
+    flash: &mut FlashStorage<'static>,
+    rtc_timer: RTC_TIMER<'static>,
+    config: &Config,
+) -> Result<Guarded, GuardError> {
+    let mut watchdog = TrialWatchdog::new(rtc_timer);
+    let booted_slot = flash::booted_slot(flash).map_err(GuardError::Slot)?;
+    let slot = booted_slot.slot().ok_or(GuardError::NotAnOtaSlot)?;
+    let booted = early_boot(flash, slot).map_err(GuardError::Boot)?;
+    match booted.boot.verdict {
+        Verdict::Reboot => {
+            warn!("boot guard: switching slots, resetting");
+            platform::reset()
+        }
+        Verdict::Trial => {
+            warn!(
+                "boot guard: trial boot of {}, watchdog {} s",
+                booted.version, config.trial_timeout_secs
+            );
+            watchdog.arm(HalDuration::from_secs(u64::from(config.trial_timeout_secs)));
+        }
+        _ => {}
+    }
+    let platform = EspPlatform::new(platform::device_id(config), slot, watchdog);
+    Ok(Guarded { booted, platform })
+}
+
+/// The runtime's settings from the firmware's.
+pub fn device_config(config: &'static Config) -> DeviceConfig<'static> {
+    let mut device = DeviceConfig::new(config.broker.host, config.broker.port);
+    device.username = config.broker_user;
+    device.password = config.broker_password.map(str::as_bytes);
+    device.prefix = config.topic_prefix;
+    device.keep_alive_secs = config.keep_alive_secs;
+    device.health_timeout = Duration::from_secs(u64::from(config.health_timeout_secs));
+    device.update_timeout = Duration::from_secs(u64::from(config.update_timeout_secs));
+    device.stall_timeout = Duration::from_secs(u64::from(config.download_stall_secs));
+    device.seed = platform::jitter_seed();
+    device
+}
+
+/// The whole device over `stack`: MQTT session, commands, downloads into
+/// `flash`, the trial of a fresh update. `link` keeps the network up; use
+/// [`crate::wifi::WifiLink`] when mqota owns the radio, [`StackLink`] when
+/// the application does.
+pub async fn run(
+    config: &'static Config,
+    guarded: Guarded,
+    stack: Stack<'static>,
+    link: &mut impl Link,
+    mut flash: FlashStorage<'static>,
+) -> ! {
+    let Guarded {
+        booted,
+        mut platform,
+    } = guarded;
+    info!(
+        "mqota: {} {} on {}, broker {}:{}",
+        booted.project,
+        booted.version,
+        mqota_runtime::Platform::device_id(&platform),
+        config.broker.host,
+        config.broker.port
+    );
+    let device = device_config(config);
+    let state = TcpClientState::<TCP_CONNECTIONS, TCP_TX_BUFFER, TCP_RX_BUFFER>::new();
+    let tcp = TcpClient::new(stack, &state);
+    let dns = DnsSocket::new(stack);
+    mqota_runtime::run(&device, booted, &mut platform, link, &tcp, &dns, &mut flash).await
+}
+
+/// mqota as one task of an application that owns the network: the stack is
+/// the application's, and so is keeping it connected.
+#[embassy_executor::task]
+pub async fn task(
+    config: &'static Config,
+    guarded: Guarded,
+    stack: Stack<'static>,
+    flash: FlashStorage<'static>,
+) -> ! {
+    let mut link = StackLink::new(
+        stack,
+        Duration::from_secs(u64::from(config.connect_timeout_secs)),
+    );
+    run(config, guarded, stack, &mut link, flash).await
+}
+
+/// Spawns [`task`]: the one call an esp-hal application with its own
+/// embassy-net stack makes after [`boot_guard`].
+pub fn spawn(
+    spawner: &Spawner,
+    config: &'static Config,
+    guarded: Guarded,
+    stack: Stack<'static>,
+    flash: FlashStorage<'static>,
+) -> Result<(), SpawnError> {
+    spawner.spawn(task(config, guarded, stack, flash)?);
+    Ok(())
+}
