@@ -109,7 +109,19 @@ pub fn firmware(args: &[String]) -> Result<()> {
     run_env(
         &fw,
         "cargo",
-        &cargo_args("clippy", chip, &[], &["--", "-D", "warnings"]),
+        &cargo_args(
+            "clippy",
+            chip,
+            &[],
+            &["--lib", "--bins", "--examples", "--", "-D", "warnings"],
+        ),
+        &env,
+    )?;
+    // The library face must keep working for applications that embed mqota.
+    run_env(
+        &fw,
+        "cargo",
+        &cargo_args("build", chip, &[], &["--examples"]),
         &env,
     )?;
 

@@ -14,7 +14,9 @@ fn main() -> Result<()> {
         Some("flash") => firmware::flash(&args[1..]),
         _ => {
             eprintln!("usage: cargo xtask <ci|firmware|flash>");
-            eprintln!("  ci    fmt check, clippy, no_std build of the core, all tests");
+            eprintln!(
+                "  ci    fmt check, clippy, no_std builds of core and runtime, all tests, firmware"
+            );
             eprintln!(
                 "  firmware --chip esp32c3|esp32c6   build, clippy, app image, checks, size report"
             );
@@ -74,6 +76,22 @@ fn ci() -> Result<()> {
             "riscv32imc-unknown-none-elf",
         ],
     )?;
+    run(
+        &root,
+        "cargo",
+        &[
+            "build",
+            "-p",
+            "mqota-runtime",
+            "--target",
+            "riscv32imc-unknown-none-elf",
+        ],
+    )?;
     run(&root, "cargo", &["test", "--workspace"])?;
+    // The real firmware for both RISC-V chips: release build, clippy, image,
+    // esptool check, slot fit and size report (see firmware/README.md).
+    for chip in ["esp32c3", "esp32c6"] {
+        firmware::firmware(&["--chip".to_string(), chip.to_string()])?;
+    }
     Ok(())
 }
