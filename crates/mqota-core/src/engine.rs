@@ -489,7 +489,8 @@ impl Engine {
             last_failure: None,
             percent: 0,
             last_publish: now,
-            validator: StreamValidator::new(Some(self.cfg.chip), slot.max_image_len()),
+            validator: StreamValidator::new(Some(self.cfg.chip), slot.max_image_len())
+                .structure_only(),
         }
     }
 
@@ -555,7 +556,8 @@ impl Engine {
                 warn!("server ignored Range; restarting from byte 0");
                 dl.written = 0;
                 dl.erased_to = 0;
-                dl.validator = StreamValidator::new(Some(self.cfg.chip), dl.slot.max_image_len());
+                dl.validator = StreamValidator::new(Some(self.cfg.chip), dl.slot.max_image_len())
+                    .structure_only();
                 self.fill = 0;
                 // Its page marks cannot be cleared without an erase: start
                 // the journal (already this job's) again, before any page of
@@ -745,7 +747,8 @@ impl Engine {
     ) -> Result<(), Fail> {
         let dl = self.dl.as_mut().expect("verify without download");
         let validator = core::mem::replace(&mut dl.validator, StreamValidator::new(None, 0));
-        validator.finish().map_err(image_fail)?;
+        // Structure and length only: the hash is checked once, from flash.
+        validator.finish_unchecked().map_err(image_fail)?;
         // What counts is what is on flash, not what went past in RAM: read it
         // back, as esp_image_verify does before esp_ota_set_boot_partition.
         let info = image::validate_flash(flash, dl.slot.offset, dl.slot.max_image_len())

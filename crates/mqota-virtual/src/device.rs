@@ -520,3 +520,36 @@ pub fn spawn(cfg: VirtualConfig) -> Handle {
     });
     handle
 }
+
+/// Bytes of the device runtime's future with the virtual device's types: the
+/// whole state of a running device (buffers, MQTT session, engine), since the
+/// runtime allocates nothing. On the chip it lives in a static task arena.
+pub fn runtime_future_size() -> usize {
+    let cfg = VirtualConfig::new("size", "127.0.0.1", 1);
+    let mut flash = DeviceFlash::open(&cfg).expect("in-memory flash");
+    let handle = Handle::new();
+    let mut pflash = Powered {
+        flash: &mut flash,
+        handle: handle.clone(),
+    };
+    let booted = early_boot(&mut pflash, Slot::Ota0).expect("fresh flash boots");
+    let dcfg = DeviceConfig::new("127.0.0.1", 1);
+    let net = VirtualNet::new(handle.clone());
+    let mut platform = VirtualPlatform {
+        id: cfg.id.clone(),
+        slot: Slot::Ota0,
+        unhealthy: false,
+        reboot: Rc::new(Notify::new()),
+    };
+    let mut link = VirtualLink { handle };
+    let fut = mqota_runtime::run(
+        &dcfg,
+        booted,
+        &mut platform,
+        &mut link,
+        &net,
+        &net,
+        &mut pflash,
+    );
+    std::mem::size_of_val(&fut)
+}

@@ -272,6 +272,8 @@ pub struct StreamValidator {
     image_digest: [u8; 32],
     stored_hash: [u8; 32],
     hasher: Sha256,
+    /// Off for [`StreamValidator::structure_only`].
+    hashing: bool,
     expected_len: Option<u32>,
     error: Option<ImageError>,
 }
@@ -312,9 +314,22 @@ impl StreamValidator {
             image_digest: [0; 32],
             stored_hash: [0; 32],
             hasher: Sha256::new(),
+            hashing: true,
             expected_len: None,
             error: None,
         }
+    }
+
+    /// Checks structure only (header, chip, segments, lengths) and skips
+    /// hashing: for a caller that verifies the hash afterwards anyway, e.g.
+    /// from flash with [`validate_flash`]. Hashing is the validator's main
+    /// cost; on a chip without a SHA engine in use it is about as slow as the
+    /// download itself. The checksum is still computed; the hash fields of
+    /// the result are not meaningful and `finish` reports `BadHash` for an
+    /// image with an appended hash, so use [`StreamValidator::finish_unchecked`].
+    pub fn structure_only(mut self) -> StreamValidator {
+        self.hashing = false;
+        self
     }
 
     /// Takes the next piece of the image (any length, including 0).
@@ -425,7 +440,9 @@ impl StreamValidator {
     }
 
     fn accept(&mut self, bytes: &[u8]) {
-        self.hasher.update(bytes);
+        if self.hashing {
+            self.hasher.update(bytes);
+        }
         self.seen += bytes.len() as u32;
     }
 
