@@ -40,6 +40,9 @@ enum Command {
     Rollback(cmd::fleet::DeviceCommandArgs),
     /// Stop the update in flight on these devices.
     Cancel(cmd::fleet::DeviceCommandArgs),
+    /// Try it all on this machine: a broker, a firmware server and virtual
+    /// devices; a good update, then a bad one that every device rolls back.
+    Demo(cmd::demo::DemoArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::Watch(c) => c.run(),
         Command::Rollback(c) => c.run(true),
         Command::Cancel(c) => c.run(false),
+        Command::Demo(c) => c.run(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

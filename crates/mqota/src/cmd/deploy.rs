@@ -197,7 +197,7 @@ fn detach(common: &Common, data_dir: &std::path::Path, id: &str) -> Result<()> {
 }
 
 /// Plain lines, for logs and pipes.
-struct Lines;
+pub(crate) struct Lines;
 
 impl Observer for Lines {
     fn stage(&mut self, index: usize, count: usize, devices: &[String]) {
@@ -215,13 +215,13 @@ impl Observer for Lines {
 }
 
 /// One progress bar per device.
-struct Bars {
+pub(crate) struct Bars {
     multi: MultiProgress,
     bars: std::collections::HashMap<String, ProgressBar>,
 }
 
 impl Bars {
-    fn new(d: &Deployment) -> Self {
+    pub(crate) fn new(d: &Deployment) -> Self {
         let multi = MultiProgress::new();
         let style = ProgressStyle::with_template("{prefix:<20} [{bar:30}] {pos:>3}% {msg}")
             .expect("template")
@@ -238,6 +238,11 @@ impl Bars {
             })
             .collect();
         Self { multi, bars }
+    }
+
+    /// Prints a line above the bars without tearing them.
+    pub(crate) fn println(&self, line: &str) {
+        let _ = self.multi.println(line);
     }
 }
 
