@@ -94,33 +94,7 @@ impl Mosquitto {
     /// # Panics
     /// If `mosquitto_pub` fails.
     pub async fn publish(&self, topic: &str, payload: &[u8], retain: bool) {
-        let mut cmd = tokio::process::Command::new("mosquitto_pub");
-        cmd.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-q",
-            "1",
-            "-t",
-            topic,
-        ]);
-        // `-s` refuses an empty stdin; `-n` sends the empty message.
-        cmd.arg(if payload.is_empty() { "-n" } else { "-s" });
-        if retain {
-            cmd.arg("-r");
-        }
-        cmd.stdin(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .expect("mosquitto_pub (apt-get install mosquitto-clients)");
-        {
-            use tokio::io::AsyncWriteExt;
-            let mut stdin = child.stdin.take().expect("stdin");
-            stdin.write_all(payload).await.expect("write payload");
-        }
-        let status = child.wait().await.expect("mosquitto_pub");
-        assert!(status.success(), "mosquitto_pub failed: {status}");
+        publish_to(self.port, topic, payload, retain).await
     }
 
     /// Subscribes with `mosquitto_sub` and returns the first `count` messages
@@ -288,6 +262,52 @@ impl Drop for FileServer {
     }
 }
 
+/// Publishes one message with `mosquitto_pub` (QoS 1) to the broker on
+/// 127.0.0.1:`port` (any broker: Mosquitto or the embedded one).
+///
+/// # Panics
+/// If `mosquitto_pub` fails.
+pub async fn publish_to(port: u16, topic: &str, payload: &[u8], retain: bool) {
+    assert!(
+        try_publish_to(port, topic, payload, retain).await,
+        "mosquitto_pub to {topic} failed"
+    );
+}
+
+/// Like [`publish_to`], but says whether the broker took the message
+/// instead of panicking (a broker may refuse an oversized one).
+pub async fn try_publish_to(port: u16, topic: &str, payload: &[u8], retain: bool) -> bool {
+    let mut cmd = tokio::process::Command::new("mosquitto_pub");
+    // MQTT v5, as the devices speak: the embedded broker listens for v5 only.
+    cmd.args([
+        "-V",
+        "mqttv5",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-q",
+        "1",
+        "-t",
+        topic,
+    ]);
+    // `-s` refuses an empty stdin; `-n` sends the empty message.
+    cmd.arg(if payload.is_empty() { "-n" } else { "-s" });
+    if retain {
+        cmd.arg("-r");
+    }
+    cmd.stdin(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .expect("mosquitto_pub (apt-get install mosquitto-clients)");
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(payload).await.expect("write payload");
+    }
+    child.wait().await.expect("mosquitto_pub").success()
+}
+
 /// Everything the broker carries on a topic filter, recorded by a
 /// long-running `mosquitto_sub`, with waits on what has arrived.
 pub struct Observer {
@@ -300,13 +320,24 @@ impl Mosquitto {
     /// Starts recording everything published on `filter` (retained messages
     /// included). Returns once the subscription is in place.
     pub async fn observe(&self, filter: &str) -> Observer {
+        observe_on(self.port, filter).await
+    }
+}
+
+/// Starts recording everything published on `filter` at the broker on
+/// 127.0.0.1:`port` (retained messages included), with a `mosquitto_sub`.
+/// Returns once the subscription is in place.
+pub async fn observe_on(port: u16, filter: &str) -> Observer {
+    {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new("mosquitto_sub")
             .args([
+                "-V",
+                "mqttv5",
                 "-h",
                 "127.0.0.1",
                 "-p",
-                &self.port.to_string(),
+                &port.to_string(),
                 "-q",
                 "1",
                 "-t",
