@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's own automation (CI, benchmarks, firmware builds).
 
+mod bench;
 mod firmware;
 
 use anyhow::{bail, Context, Result};
@@ -12,8 +13,9 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("firmware") => firmware::firmware(&args[1..]),
         Some("flash") => firmware::flash(&args[1..]),
+        Some("bench") => bench::bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <ci|firmware|flash>");
+            eprintln!("usage: cargo xtask <ci|firmware|flash|bench>");
             eprintln!(
                 "  ci    fmt check, clippy, no_std builds of core and runtime, all tests, firmware"
             );
@@ -23,6 +25,7 @@ fn main() -> Result<()> {
             eprintln!(
                 "  flash --chip CHIP [--port PORT] [--monitor]   flash with the partition table"
             );
+            eprintln!("  bench pipeline|fleet   benchmarks (see xtask/src/bench.rs)");
             bail!("unknown or missing task")
         }
     }
