@@ -246,16 +246,8 @@ pub fn on_boot<F: NorFlash>(flash: &mut F, layout: &Layout) -> Result<Boot, Guar
             // between the journal and otadata, and the rollback bootloader
             // then aborted the entry still PENDING_VERIFY. The trial's verdict
             // stands: select the image again, valid this time.
-            let slot = layout.slots[target];
-            if image::validate_flash(flash, slot.offset, slot.max_image_len()).is_ok() {
-                info!("finishing a confirmation the bootloader aborted");
-                otadata::set_boot_slot(
-                    flash,
-                    layout.otadata,
-                    target,
-                    layout.slots.len(),
-                    OtaState::Valid,
-                )?;
+            if select_if_sound(flash, layout, target, OtaState::Valid)? {
+                info!("finished a confirmation the bootloader aborted");
                 boot.verdict = Verdict::Reboot;
                 return Ok(boot);
             }
@@ -267,16 +259,8 @@ pub fn on_boot<F: NorFlash>(flash: &mut F, layout: &Layout) -> Result<Boot, Guar
         if !selected_later && rolled_back.is_none() && !confirmed {
             // Cut between the journal's `activated` and otadata: finish the
             // activation if the image is still sound.
-            let slot = layout.slots[target];
-            if image::validate_flash(flash, slot.offset, slot.max_image_len()).is_ok() {
-                info!("finishing an interrupted activation");
-                otadata::set_boot_slot(
-                    flash,
-                    layout.otadata,
-                    target,
-                    layout.slots.len(),
-                    OtaState::New,
-                )?;
+            if select_if_sound(flash, layout, target, OtaState::New)? {
+                info!("finished an interrupted activation");
                 boot.verdict = Verdict::Reboot;
                 return Ok(boot);
             }
@@ -305,6 +289,22 @@ pub fn on_boot<F: NorFlash>(flash: &mut F, layout: &Layout) -> Result<Boot, Guar
         boot.resume = true;
     }
     Ok(boot)
+}
+
+/// Selects `slot` for the next boot with `state`, if it holds a sound image.
+/// Returns whether it did.
+fn select_if_sound<F: NorFlash>(
+    flash: &mut F,
+    layout: &Layout,
+    slot: usize,
+    state: OtaState,
+) -> Result<bool, GuardError> {
+    let s = layout.slots[slot];
+    if image::validate_flash(flash, s.offset, s.max_image_len()).is_err() {
+        return Ok(false);
+    }
+    otadata::set_boot_slot(flash, layout.otadata, slot, layout.slots.len(), state)?;
+    Ok(true)
 }
 
 /// The slot to go back to: the one the other otadata entry selects if it is
