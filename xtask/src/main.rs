@@ -2,6 +2,7 @@
 
 mod bench;
 mod firmware;
+mod prereq;
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -55,6 +56,7 @@ fn run(dir: &Path, program: &str, args: &[&str]) -> Result<()> {
 
 fn ci() -> Result<()> {
     let root = root();
+    prereq::ensure()?;
     run(&root, "cargo", &["fmt", "--all", "--", "--check"])?;
     run(
         &root,
@@ -91,6 +93,30 @@ fn ci() -> Result<()> {
         ],
     )?;
     run(&root, "cargo", &["test", "--workspace"])?;
+    // The power-cut sweep over a whole update and over a failed trial, with
+    // both bootloader builds; exits non-zero on any bricked, wrong or
+    // unfinishable run.
+    for bootloader in ["stock", "rollback"] {
+        for scenario in ["update", "failed-trial"] {
+            run(
+                &root,
+                "cargo",
+                &[
+                    "run",
+                    "--quiet",
+                    "-p",
+                    "mqota",
+                    "--",
+                    "sim",
+                    "power-cut-sweep",
+                    "--bootloader",
+                    bootloader,
+                    "--scenario",
+                    scenario,
+                ],
+            )?;
+        }
+    }
     // The real firmware for both RISC-V chips: release build, clippy, image,
     // esptool check, slot fit and size report (see firmware/README.md).
     for chip in ["esp32c3", "esp32c6"] {

@@ -1,0 +1,97 @@
+//! What `cargo xtask ci` needs besides Rust, installed when missing, so that
+//! the README's test command works on a fresh machine: the riscv32 targets,
+//! rustfmt and clippy; Mosquitto and its command-line clients (the
+//! integration tests start their own broker); esptool (golden-file checks);
+//! and what `cargo install espflash` needs to link (libudev, pkg-config).
+
+use anyhow::{bail, Result};
+use std::process::{Command, Stdio};
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn espflash_installed() -> bool {
+    let home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+    have("espflash") || std::path::Path::new(&home).join("bin/espflash").exists()
+}
+
+fn dpkg_has(package: &str) -> bool {
+    Command::new("dpkg")
+        .args(["-s", package])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs as root directly, otherwise through sudo.
+fn privileged(args: &[&str]) -> Result<()> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let (program, rest): (&str, Vec<&str>) = if root {
+        (args[0], args[1..].to_vec())
+    } else {
+        ("sudo", args.to_vec())
+    };
+    super::run(&super::root(), program, &rest)
+}
+
+/// Installs what is missing; says what it does.
+pub fn ensure() -> Result<()> {
+    let root = super::root();
+    super::run(
+        &root,
+        "rustup",
+        &[
+            "target",
+            "add",
+            "riscv32imc-unknown-none-elf",
+            "riscv32imac-unknown-none-elf",
+        ],
+    )?;
+    super::run(&root, "rustup", &["component", "add", "rustfmt", "clippy"])?;
+
+    let mut apt: Vec<&str> = Vec::new();
+    if !have("mosquitto") && !std::path::Path::new("/usr/sbin/mosquitto").exists() {
+        apt.push("mosquitto");
+    }
+    if !have("mosquitto_sub") || !have("mosquitto_pub") {
+        apt.push("mosquitto-clients");
+    }
+    if !espflash_installed() {
+        if !dpkg_has("libudev-dev") {
+            apt.push("libudev-dev");
+        }
+        if !have("pkg-config") {
+            apt.push("pkg-config");
+        }
+    }
+    if !apt.is_empty() {
+        if !have("apt-get") {
+            bail!(
+                "missing {}: install them with your package manager",
+                apt.join(", ")
+            );
+        }
+        eprintln!("installing {}", apt.join(" "));
+        privileged(&["apt-get", "update", "-qq"])?;
+        let mut args = vec!["apt-get", "install", "-y", "-qq"];
+        args.extend(&apt);
+        privileged(&args)?;
+    }
+    if !have("esptool") {
+        super::run(&root, "python3", &["-m", "pip", "install", "-q", "esptool"])?;
+        if !have("esptool") {
+            bail!("esptool was installed but is not on PATH (add pip's bin directory)");
+        }
+    }
+    Ok(())
+}
