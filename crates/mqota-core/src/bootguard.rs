@@ -344,6 +344,31 @@ fn previous_slot<F: NorFlash>(flash: &mut F, layout: &Layout) -> Result<usize, G
     Ok(prev)
 }
 
+/// What [`validate_and_rollback`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrialResult {
+    /// The image is confirmed: publish the `done` report (then
+    /// [`mark_reported`]).
+    Confirmed(Report),
+    /// The previous image is selected: reboot now; it reports `rolled_back`.
+    RolledBack,
+}
+
+/// Seed API: ends a trial with the health check's verdict — confirm the
+/// running image if `healthy`, otherwise mark it rolled back
+/// (`health_check_failed`) and select the image before it.
+pub fn validate_and_rollback<F: NorFlash>(
+    flash: &mut F,
+    layout: &Layout,
+    healthy: bool,
+) -> Result<TrialResult, GuardError> {
+    if healthy {
+        confirm(flash, layout).map(TrialResult::Confirmed)
+    } else {
+        reject(flash, layout, RollbackReason::HealthCheckFailed).map(|()| TrialResult::RolledBack)
+    }
+}
+
 /// The trial passed: mark the image valid. Returns the `done` report to
 /// publish (then [`mark_reported`]).
 pub fn confirm<F: NorFlash>(flash: &mut F, layout: &Layout) -> Result<Report, GuardError> {

@@ -37,12 +37,11 @@ use embassy_time::{with_timeout, Duration, Instant, Timer};
 use embedded_nal_async::{Dns, TcpConnect};
 use embedded_storage::nor_flash::NorFlash;
 use heapless::{Deque, String};
-use mqota_core::bootguard::{self, Boot, Verdict};
+use mqota_core::bootguard::{self, Boot, TrialResult, Verdict};
 use mqota_core::engine::{
     Action, Actions, Config as EngineConfig, Engine, Event, Layout, Response,
 };
 use mqota_core::image::{self, Chip};
-use mqota_core::journal::RollbackReason;
 use mqota_core::partition::{PartitionTable, TABLE_OFFSET};
 use mqota_core::protocol::{
     parse_command, Command, CommandOutcome, ErrorCode, LastResult, Phase, Progress, Status, Topics,
@@ -272,23 +271,22 @@ where
                 .await
                 .unwrap_or(false);
         }
-        if healthy {
-            match bootguard::confirm(flash, &layout) {
-                Ok(report) => {
-                    info!("trial passed: image confirmed");
-                    platform.confirmed();
-                    dev.status.state = truncated("valid");
-                    dev.report(&mut session, &report).await;
-                    let _ = bootguard::mark_reported(flash, &report);
-                }
-                Err(_) => warn!("could not confirm the image"),
+        match bootguard::validate_and_rollback(flash, &layout, healthy) {
+            Ok(TrialResult::Confirmed(report)) => {
+                info!("trial passed: image confirmed");
+                platform.confirmed();
+                dev.status.state = truncated("valid");
+                dev.report(&mut session, &report).await;
+                let _ = bootguard::mark_reported(flash, &report);
             }
-        } else {
-            warn!("trial failed: rolling back");
-            if bootguard::reject(flash, &layout, RollbackReason::HealthCheckFailed).is_ok() {
+            Ok(TrialResult::RolledBack) => {
+                warn!("trial failed: rolling back");
                 session.disconnect().await;
                 platform.reboot().await;
             }
+            // The flash failed: the trial stays unfinished, and the next boot
+            // treats it as one that died (rolled back, `boot_failed`).
+            Err(_) => warn!("could not record the trial's verdict"),
         }
     }
 
