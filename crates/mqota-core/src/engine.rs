@@ -37,6 +37,14 @@
 //! other failure ends the job with a `failed` event and its error code; the
 //! running slot is never touched, so the device keeps its firmware.
 //!
+//! # The seed design's OTA handler
+//!
+//! Its five calls are here, thin over the state machine:
+//! [`Engine::begin_ota`], [`Engine::handle_progress`],
+//! [`Engine::check_for_timeout`], [`Engine::set_timeout`], and
+//! [`validate_and_rollback`](crate::bootguard::validate_and_rollback) in the
+//! boot guard, which owns the trial.
+//!
 //! [journal]: crate::journal
 
 use crate::image::{self, Chip, ImageError, StreamValidator};
