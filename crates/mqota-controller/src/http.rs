@@ -8,10 +8,17 @@
 //! | `GET /api/devices/{id}/history` | the device's status changes and job endings |
 //! | `GET /api/deployments`, `/api/deployments/{id}` | deployments with each device's result |
 //!
-//! Images are at most 16 MiB, so a request reads the file whole and slices
-//! it; no streaming machinery is needed to get `Range` exactly right.
+//! Images are at most 16 MiB and a rollout sends the same one to every
+//! device at once, so the server keeps one shared copy of each image version
+//! ([`ImageCache`]) and answers every request, whole or `Range`, with a
+//! slice of it: a thousand concurrent downloads cost one image, not a
+//! thousand, and `Range` stays exact without streaming machinery.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -35,16 +42,110 @@ pub struct AppState {
     pub public_url: Option<String>,
 }
 
-/// The router of the whole server.
+/// The router of the whole server, with a fresh [`ImageCache`].
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    router_with_cache(state, Arc::default())
+}
+
+/// The router of the whole server, serving images through `images` (which
+/// the caller may keep to read [`ImageCache::reads`]).
+pub fn router_with_cache(state: Arc<AppState>, images: Arc<ImageCache>) -> Router {
+    let firmware = Router::new()
         .route("/firmware/{name}", get(firmware_file))
+        .with_state(Served {
+            app: state.clone(),
+            images,
+        });
+    Router::new()
         .route("/api/firmware", get(api_firmware))
         .route("/api/devices", get(api_devices))
         .route("/api/devices/{id}/history", get(api_history))
         .route("/api/deployments", get(api_deployments))
         .route("/api/deployments/{id}", get(api_deployment))
         .with_state(state)
+        .merge(firmware)
+}
+
+#[derive(Clone)]
+struct Served {
+    app: Arc<AppState>,
+    images: Arc<ImageCache>,
+}
+
+/// One copy in memory of each image being served, shared by every request
+/// for it.
+///
+/// A copy is keyed by the file's name and SHA-256 as the catalogue last read
+/// them (the catalogue notices a changed file by its size and modification
+/// time), so a replaced file is read again and the old copy is freed once
+/// the last response that slices it is sent.
+#[derive(Debug, Default)]
+pub struct ImageCache {
+    images: Mutex<HashMap<String, Image>>,
+    // Held while a file is read, so a burst of first requests reads it once.
+    loading: tokio::sync::Mutex<()>,
+    reads: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct Image {
+    sha256: String,
+    bytes: Bytes,
+}
+
+impl ImageCache {
+    /// How many times an image file was read from disk.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    fn cached(&self, name: &str, sha256: &str) -> Option<Image> {
+        self.images
+            .lock()
+            .unwrap()
+            .get(name)
+            .filter(|i| i.sha256 == sha256)
+            .cloned()
+    }
+
+    fn forget(&self, name: &str) {
+        self.images.lock().unwrap().remove(name);
+    }
+
+    /// The bytes of `name` as the catalogue describes it (`sha256`), read
+    /// from `path` unless a copy of that version is already held. The SHA-256
+    /// returned is that of the bytes returned: the file may have changed
+    /// since the catalogue looked, and the `ETag` must describe what is sent.
+    async fn get(
+        &self,
+        name: &str,
+        sha256: &str,
+        path: std::path::PathBuf,
+    ) -> std::io::Result<Image> {
+        if let Some(i) = self.cached(name, sha256) {
+            return Ok(i);
+        }
+        let _loading = self.loading.lock().await;
+        if let Some(i) = self.cached(name, sha256) {
+            return Ok(i);
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let image = tokio::task::spawn_blocking(move || -> std::io::Result<Image> {
+            use sha2::Digest;
+            let bytes = std::fs::read(path)?;
+            Ok(Image {
+                sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+                bytes: Bytes::from(bytes),
+            })
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.images
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), image.clone());
+        Ok(image)
+    }
 }
 
 /// One catalogue entry as the API lists it.
@@ -216,33 +317,30 @@ fn etag_matches(list: &str, etag: &str) -> bool {
 }
 
 async fn firmware_file(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Served>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let st2 = st.clone();
+    let app = st.app.clone();
     let name2 = name.clone();
-    let read = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-        let Some(entry) = st2.catalogue.entry(&name2)? else {
-            return Ok(None);
-        };
-        let bytes = std::fs::read(st2.catalogue.dir().join(&name2))?;
-        Ok(Some((entry, bytes)))
-    })
-    .await;
-    let (entry, bytes) = match read {
-        Ok(Ok(Some(v))) => v,
-        Ok(Ok(None)) => return (StatusCode::NOT_FOUND, "no such firmware\n").into_response(),
+    let entry = tokio::task::spawn_blocking(move || app.catalogue.entry(&name2)).await;
+    let entry = match entry {
+        Ok(Ok(Some(e))) => e,
+        Ok(Ok(None)) => {
+            st.images.forget(&name);
+            return (StatusCode::NOT_FOUND, "no such firmware\n").into_response();
+        }
         Ok(Err(e)) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
-    // The file may have changed between the catalogue look-up and the read;
-    // the ETag must describe the bytes sent.
-    let sha = if entry.size == bytes.len() as u64 {
-        entry.sha256
-    } else {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(&bytes))
+    let path = st.app.catalogue.dir().join(&name);
+    let Image { sha256: sha, bytes } = match st.images.get(&name, &entry.sha256, path).await {
+        Ok(i) => i,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            st.images.forget(&name);
+            return (StatusCode::NOT_FOUND, "no such firmware\n").into_response();
+        }
+        Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
     let etag = format!("\"{sha}\"");
     let len = bytes.len() as u64;
@@ -281,7 +379,7 @@ async fn firmware_file(
             (StatusCode::OK, h, bytes).into_response()
         }
         RangeRequest::Part { start, end } => {
-            let part = bytes[start as usize..=end as usize].to_vec();
+            let part = bytes.slice(start as usize..=end as usize);
             h.insert(
                 header::CONTENT_RANGE,
                 HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")).expect("ascii"),
