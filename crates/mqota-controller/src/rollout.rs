@@ -14,6 +14,15 @@
 //! A device's job ends with the first of: a terminal progress event for the
 //! deployment's job id, a retained status whose `last.job` is that id, or
 //! the per-device timeout (the device is then sent `cancel`).
+//!
+//! Stopping for failures is recorded before anything acts on it: the
+//! deployment stays `running` but gets its `reason`, and that pair means
+//! "stopping". Each device is marked [`ROLLBACK_SENT`] before its rollback
+//! command goes out. A controller stopped in between is resumed into the
+//! same stop: devices not yet marked are sent their rollback, marked ones are
+//! only waited for. A rollback is never sent twice, because a second one
+//! would boot the other slot again, which holds the firmware being rolled
+//! back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -227,6 +236,10 @@ pub enum RolloutError {
     Fleet(#[from] FleetError),
 }
 
+/// The `error` of a device (still `done`) whose `rollback` was sent by an
+/// automatic rollback whose result is not in yet.
+pub const ROLLBACK_SENT: &str = "rollback sent";
+
 /// What a running deployment reports, for progress bars and logs.
 pub trait Observer {
     /// A stage's jobs are being sent.
@@ -235,8 +248,11 @@ pub trait Observer {
     fn progress(&mut self, _event: &mqota_core::protocol::Progress) {}
     /// A device's result is in.
     fn result(&mut self, _device: &str, _state: DeviceState, _error: Option<&str>) {}
-    /// The rollout stopped for failures.
+    /// The rollout stopped for failures (also when a resumed deployment
+    /// carries on stopping).
     fn stopped(&mut self, _reason: &str) {}
+    /// An automatic rollback is about to be sent to `device`.
+    fn rolling_back(&mut self, _device: &str) {}
 }
 
 /// An observer that reports nothing.
@@ -372,6 +388,21 @@ pub async fn run(
     let stage_count = states.values().map(|(s, _)| *s + 1).max().unwrap_or(0);
     let mut events = fleet.events();
 
+    if let Some(reason) = dep.reason.clone() {
+        // The stop was decided before the controller went away.
+        return stop(
+            fleet,
+            store,
+            id,
+            &reason,
+            &options,
+            &mut events,
+            &mut states,
+            observer,
+        )
+        .await;
+    }
+
     for stage in 0..stage_count {
         let members: Vec<String> = states
             .iter()
@@ -422,27 +453,20 @@ pub async fn run(
                 options.max_failures,
                 stage + 1
             );
-            observer.stopped(&reason);
-            for (d, (_, s)) in states.iter_mut() {
-                if *s == DeviceState::Pending {
-                    *s = DeviceState::Skipped;
-                    store.set_device_state(id, d, DeviceState::Skipped, Some("rollout stopped"))?;
-                }
-            }
-            if options.auto_rollback {
-                roll_back_updated(
-                    fleet,
-                    store,
-                    id,
-                    &mut events,
-                    &mut states,
-                    timeout,
-                    observer,
-                )
-                .await?;
-            }
-            store.set_deployment_state(id, DeploymentState::Failed, Some(&reason))?;
-            return Ok(store.deployment(id)?);
+            // Durable before anything acts on it, so a resumed controller
+            // finishes this stop instead of sending more stages.
+            store.set_deployment_state(id, DeploymentState::Running, Some(&reason))?;
+            return stop(
+                fleet,
+                store,
+                id,
+                &reason,
+                &options,
+                &mut events,
+                &mut states,
+                observer,
+            )
+            .await;
         }
     }
     let failed = states.values().filter(|(_, s)| s.is_failure()).count();
@@ -457,6 +481,35 @@ pub async fn run(
     Ok(dep)
 }
 
+/// Ends a deployment stopped for failures (its `reason` already stored):
+/// skips the stages not sent, rolls back the updated devices when asked to,
+/// and marks it failed.
+#[allow(clippy::too_many_arguments)]
+async fn stop(
+    fleet: &Fleet,
+    store: &Store,
+    id: &str,
+    reason: &str,
+    options: &RolloutOptions,
+    events: &mut tokio::sync::broadcast::Receiver<FleetEvent>,
+    states: &mut BTreeMap<String, (u32, DeviceState)>,
+    observer: &mut dyn Observer,
+) -> Result<Deployment, RolloutError> {
+    observer.stopped(reason);
+    for (d, (_, s)) in states.iter_mut() {
+        if *s == DeviceState::Pending {
+            *s = DeviceState::Skipped;
+            store.set_device_state(id, d, DeviceState::Skipped, Some("rollout stopped"))?;
+        }
+    }
+    if options.auto_rollback {
+        let timeout = Duration::from_secs(options.timeout_s.into());
+        roll_back_updated(fleet, store, id, events, states, timeout, observer).await?;
+    }
+    store.set_deployment_state(id, DeploymentState::Failed, Some(reason))?;
+    Ok(store.deployment(id)?)
+}
+
 async fn roll_back_updated(
     fleet: &Fleet,
     store: &Store,
@@ -466,6 +519,13 @@ async fn roll_back_updated(
     timeout: Duration,
     observer: &mut dyn Observer,
 ) -> Result<(), RolloutError> {
+    let already_sent: std::collections::HashSet<String> = store
+        .deployment(id)?
+        .devices
+        .into_iter()
+        .filter(|d| d.state == DeviceState::Done && d.error.as_deref() == Some(ROLLBACK_SENT))
+        .map(|d| d.device)
+        .collect();
     let updated: Vec<String> = states
         .iter()
         .filter(|(_, (_, s))| *s == DeviceState::Done)
@@ -473,7 +533,11 @@ async fn roll_back_updated(
         .collect();
     let mut deadlines = HashMap::new();
     for d in &updated {
-        fleet.rollback(d, Some(id)).await?;
+        if !already_sent.contains(d) {
+            observer.rolling_back(d);
+            store.set_device_state(id, d, DeviceState::Done, Some(ROLLBACK_SENT))?;
+            fleet.rollback(d, Some(id)).await?;
+        }
         deadlines.insert(d.clone(), Instant::now() + timeout);
     }
     // The device reports the rollback under the deployment's job id, and its

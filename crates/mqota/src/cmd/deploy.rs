@@ -212,6 +212,9 @@ impl Observer for Lines {
     fn stopped(&mut self, reason: &str) {
         println!("stopping: {reason}");
     }
+    fn rolling_back(&mut self, device: &str) {
+        println!("{device}: rolling back");
+    }
 }
 
 /// One progress bar per device.
@@ -273,6 +276,11 @@ impl Observer for Bars {
     }
     fn stopped(&mut self, reason: &str) {
         let _ = self.multi.println(format!("stopping: {reason}"));
+    }
+    fn rolling_back(&mut self, device: &str) {
+        if let Some(b) = self.bars.get(device) {
+            b.set_message("rolling back");
+        }
     }
 }
 
