@@ -47,9 +47,20 @@ impl ConfigFile {
             },
         };
         match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
-            }
+            Ok(text) => toml::from_str(&text).map_err(|e| {
+                // toml's own message draws the line with a caret over
+                // several lines; errors here are one line.
+                let at = e
+                    .span()
+                    .map(|span| {
+                        let before = &text[..span.start.min(text.len())];
+                        let line = before.matches('\n').count() + 1;
+                        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                        format!(" at line {line}, column {column}")
+                    })
+                    .unwrap_or_default();
+                anyhow::anyhow!("config file {}{at}: {}", path.display(), e.message().trim())
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
             Err(e) => Err(e).with_context(|| format!("config file {}", path.display())),
         }

@@ -1,0 +1,379 @@
+//! The small fleet commands as an operator runs them: `status --json`,
+//! `watch`, `rollback`, `cancel`, the broker from the environment or the
+//! config file, and `serve`'s device list across a restart. Real Mosquitto,
+//! virtual devices (the real device runtime), the built binary.
+
+mod controller_support;
+
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use controller_support::{image, mqota, Serve, MQOTA};
+use mqota_virtual::device::{run_device, Handle, VirtualConfig};
+use mqota_virtual::testing::{free_port, observe_on, publish_to, Fault, FaultServer, Mosquitto};
+use sha2::Digest;
+
+/// Virtual devices on a thread of their own (the runtime is `!Send`);
+/// stopped when dropped.
+struct Devices {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Devices {
+    fn start(ids: &[&str], port: u16) -> Self {
+        let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        let (tx, rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let mut handles = Vec::new();
+                for id in ids {
+                    let mut c = VirtualConfig::new(&id, "127.0.0.1", port);
+                    c.health_timeout = Duration::from_secs(3);
+                    c.stall_timeout = Duration::from_secs(10);
+                    c.progress_interval = Duration::from_millis(100);
+                    c.watchdog = Duration::from_millis(500);
+                    c.keep_alive_secs = 10;
+                    let h = Handle::new();
+                    handles.push(h.clone());
+                    tokio::task::spawn_local(async move {
+                        run_device(c, h).await.expect("device runs");
+                    });
+                }
+                while rx.try_recv() == Err(mpsc::TryRecvError::Empty) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                for h in &handles {
+                    h.stop();
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            });
+        });
+        Self {
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Devices {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn status_json(broker: &str) -> Vec<serde_json::Value> {
+    let (ok, out, err) = mqota(&["status", "--json", "--broker", broker]);
+    assert!(ok, "status failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+}
+
+fn device<'a>(list: &'a [serde_json::Value], id: &str) -> Option<&'a serde_json::Value> {
+    list.iter().find(|d| d["device"] == id)
+}
+
+/// Polls `status --json` until `check` holds for the list.
+fn wait_status(
+    broker: &str,
+    what: &str,
+    check: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status_json(broker);
+        if check(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {s:#?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn online_on(list: &[serde_json::Value], id: &str, version: &str) -> bool {
+    device(list, id).is_some_and(|d| d["online"] == true && d["version"] == version)
+}
+
+fn get_json(url: &str) -> serde_json::Value {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn status_watch_and_rollback_show_and_undo_an_update_and_serve_remembers_the_fleet_after_a_restart()
+{
+    let mut broker = Mosquitto::start();
+    let broker_url = format!("mqtt://127.0.0.1:{}", broker.port());
+    let fw = tempfile::tempdir().unwrap();
+    std::fs::write(fw.path().join("app-1.1.0.bin"), image("1.1.0", 64 * 1024)).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap().to_owned();
+    let mut serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
+    let devices = Devices::start(&["cmd-0", "cmd-1"], broker.port());
+
+    // status --json: the whole fleet, each with its version and chip.
+    let list = wait_status(&broker_url, "came online", |s| {
+        s.len() == 2 && online_on(s, "cmd-0", "1.0.0") && online_on(s, "cmd-1", "1.0.0")
+    });
+    for d in &list {
+        assert_eq!(d["chip"], "esp32c3", "{d}");
+        assert!(d["slot"].is_number(), "{d}");
+    }
+
+    // watch --seconds 1: a table with every device, then it ends by itself.
+    let started = Instant::now();
+    let (ok, out, err) = mqota(&["watch", "--seconds", "1", "--broker", &broker_url]);
+    assert!(ok, "watch failed: {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "watch must stop"
+    );
+    let table = out.rsplit("\x1b[H").next().unwrap();
+    assert!(table.starts_with("ID "), "{table}");
+    for id in ["cmd-0", "cmd-1"] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("no row for {id}: {table}"));
+        assert!(row.contains("yes") && row.contains("1.0.0"), "{row}");
+    }
+    assert!(table.contains("2 devices"), "{table}");
+
+    // Update one device, then roll it back by hand.
+    let (ok, out, err) = mqota(&[
+        "deploy",
+        "app-1.1.0.bin",
+        "--to",
+        "cmd-0",
+        "--timeout",
+        "60",
+        "--wait",
+        "--server",
+        &serve.http,
+        "--broker",
+        &broker_url,
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert!(ok, "deploy failed:\n{out}\n{err}");
+    wait_status(&broker_url, "ran 1.1.0", |s| online_on(s, "cmd-0", "1.1.0"));
+
+    let (ok, out, err) = mqota(&["rollback", "cmd-0", "--broker", &broker_url]);
+    assert!(ok, "rollback failed: {err}");
+    assert!(out.contains("sent rollback to cmd-0"), "{out}");
+    let list = wait_status(&broker_url, "rolled back", |s| {
+        online_on(s, "cmd-0", "1.0.0")
+            && device(s, "cmd-0").unwrap()["last"]["result"] == "rolled_back"
+    });
+    assert!(
+        online_on(&list, "cmd-1", "1.0.0"),
+        "the other one untouched"
+    );
+
+    // serve recorded the fleet; restarted against a broker that lost every
+    // retained status, it still lists the devices from its database.
+    wait_api_devices(&serve.http, |d| {
+        d.len() == 2
+            && d.iter()
+                .any(|x| x["id"] == "cmd-0" && x["status"]["version"] == "1.0.0")
+    });
+    drop(devices);
+    serve.kill();
+    broker.restart();
+    let serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
+    assert!(
+        status_json(&broker_url).is_empty(),
+        "the broker forgot them"
+    );
+    let listed = get_json(&format!("{}/api/devices", serve.http));
+    let listed = listed.as_array().unwrap();
+    let ids: Vec<&str> = listed.iter().map(|x| x["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["cmd-0", "cmd-1"], "{listed:#?}");
+    assert!(listed.iter().all(|x| x["status"]["version"] == "1.0.0"));
+}
+
+fn wait_api_devices(http: &str, check: impl Fn(&[serde_json::Value]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = get_json(&format!("{http}/api/devices"));
+        if check(v.as_array().unwrap()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "serve never recorded: {v:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_slow_download_which_ends_cancelled() {
+    let broker = Mosquitto::start();
+    let port = broker.port();
+    let broker_url = format!("mqtt://127.0.0.1:{port}");
+    let img = image("1.1.0", 128 * 1024);
+    // 16 KiB/s: the download would take eight seconds.
+    let server = FaultServer::start(img.clone(), Fault::Throttle(16 * 1024)).await;
+    let _devices = Devices::start(&["slow"], port);
+    let b = broker_url.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_status(&b, "came online", |s| online_on(s, "slow", "1.0.0"))
+    })
+    .await
+    .unwrap();
+
+    let progress = observe_on(port, "device/progress").await;
+    let job = serde_json::json!({
+        "url": server.url(),
+        "version": "1.1.0",
+        "sha256": hex::encode(sha2::Sha256::digest(&img)),
+        "size": img.len(),
+        "job": "slow-1",
+    });
+    publish_to(
+        port,
+        "device/slow/ota/start",
+        job.to_string().as_bytes(),
+        false,
+    )
+    .await;
+    let phase_of = |r: &mqota_virtual::testing::Received| {
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        (
+            v["phase"].as_str().unwrap_or_default().to_owned(),
+            v["job"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    assert!(
+        progress
+            .wait_until(Duration::from_secs(20), |seen| seen
+                .iter()
+                .any(|r| phase_of(r) == ("downloading".into(), "slow-1".into())))
+            .await,
+        "the download never started: {:?}",
+        progress.all()
+    );
+
+    let b = broker_url.clone();
+    let (ok, out, err) =
+        tokio::task::spawn_blocking(move || mqota(&["cancel", "slow", "--broker", &b]))
+            .await
+            .unwrap();
+    assert!(ok, "cancel failed: {err}");
+    assert!(out.contains("sent cancel to slow"), "{out}");
+    assert!(
+        progress
+            .wait_until(Duration::from_secs(10), |seen| seen
+                .iter()
+                .any(|r| phase_of(r) == ("cancelled".into(), "slow-1".into())))
+            .await,
+        "no cancelled event: {:?}",
+        progress.all()
+    );
+    assert!(
+        server.bytes_sent() < img.len() as u64,
+        "cancelled before the end of the download"
+    );
+    let b = broker_url.clone();
+    let list = tokio::task::spawn_blocking(move || {
+        wait_status(&b, "recorded the cancel", |s| {
+            device(s, "slow").is_some_and(|d| d["last"]["result"] == "cancelled")
+        })
+    })
+    .await
+    .unwrap();
+    let d = device(&list, "slow").unwrap();
+    assert_eq!(d["version"], "1.0.0", "still on the old version: {d}");
+    assert_eq!(d["last"]["job"], "slow-1");
+}
+
+/// `mqota status --json` with only these variables (and no `--broker`).
+fn status_with_env(vars: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(MQOTA)
+        .args(["status", "--json"])
+        .env_remove("MQOTA_BROKER")
+        .env_remove("MQOTA_CONFIG")
+        .envs(vars.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_one_line_error(ok: bool, out: &str, err: &str, mentions: &str) {
+    assert!(!ok, "must fail: {out}");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].contains(mentions), "{err}");
+}
+
+#[test]
+fn the_broker_comes_from_the_environment_or_the_config_file_and_a_bad_one_is_a_one_line_error() {
+    let broker = Mosquitto::start();
+    let good = format!("mqtt://127.0.0.1:{}", broker.port());
+    let dead = format!("mqtt://127.0.0.1:{}", free_port());
+    let _devices = Devices::start(&["env-0"], broker.port());
+    wait_status(&good, "came online", |s| online_on(s, "env-0", "1.0.0"));
+    let lists_the_device = |(ok, out, err): (bool, String, String)| {
+        assert!(ok, "status failed: {err}");
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        assert!(online_on(&list, "env-0", "1.0.0"), "{list:#?}");
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let good_file = dir.path().join("good.toml");
+    std::fs::write(&good_file, format!("broker = \"{good}\"\n")).unwrap();
+    let dead_file = dir.path().join("dead.toml");
+    std::fs::write(&dead_file, format!("broker = \"{dead}\"\n")).unwrap();
+    let good_file = good_file.to_str().unwrap();
+    let dead_file = dead_file.to_str().unwrap();
+
+    // The environment alone.
+    lists_the_device(status_with_env(&[
+        ("MQOTA_BROKER", &good),
+        ("MQOTA_CONFIG", "/dev/null"),
+    ]));
+    // The config file alone.
+    lists_the_device(status_with_env(&[("MQOTA_CONFIG", good_file)]));
+    // The environment beats the config file...
+    lists_the_device(status_with_env(&[
+        ("MQOTA_BROKER", &good),
+        ("MQOTA_CONFIG", dead_file),
+    ]));
+    // ... and the config file is really read: its dead broker is tried.
+    let (ok, out, err) = status_with_env(&[("MQOTA_CONFIG", dead_file)]);
+    assert_one_line_error(ok, &out, &err, "cannot connect to the broker");
+
+    // Malformed URLs, from the command line or the environment.
+    for bad in ["http://127.0.0.1:1883", "mqtt://127.0.0.1:notaport"] {
+        let (ok, out, err) = mqota(&["status", "--broker", bad]);
+        assert_one_line_error(ok, &out, &err, "--broker");
+        let (ok, out, err) =
+            status_with_env(&[("MQOTA_BROKER", bad), ("MQOTA_CONFIG", "/dev/null")]);
+        assert_one_line_error(ok, &out, &err, "--broker");
+    }
+    // A config file that does not parse names itself.
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "broker = \n").unwrap();
+    let (ok, out, err) = status_with_env(&[("MQOTA_CONFIG", broken.to_str().unwrap())]);
+    assert_one_line_error(ok, &out, &err, "broken.toml");
+}
