@@ -232,3 +232,74 @@ fn a_truncated_dump_reports_what_it_holds() {
     assert_eq!(r["apps"][1]["image"]["empty"], true);
     assert_eq!(r["boot"]["stock"]["booted"], "ota_0");
 }
+
+#[test]
+fn inspect_shows_the_journal_of_an_update_the_engine_made_and_its_trial_marks() {
+    use mqota_core::bootguard;
+    use mqota_core::engine::{Action, Config, Engine, Event, Layout, Response};
+    use mqota_core::protocol::{Command, Job};
+
+    let table = PartitionTable::from_csv(DEFAULT_4MB_CSV).unwrap();
+    let mut flash = SimFlash::new(4 << 20);
+    flash.write_flash(TABLE_OFFSET, &table.to_bytes()).unwrap();
+    let old = ImageBuilder::new(Chip::Esp32c3)
+        .version("1.0.0")
+        .build()
+        .unwrap();
+    flash
+        .write_flash(table.find("ota_0").unwrap().offset, &old)
+        .unwrap();
+    let new = ImageBuilder::new(Chip::Esp32c3)
+        .version("1.1.0")
+        .size(40_960)
+        .build()
+        .unwrap();
+    let layout = Layout::from_table(&table, 0).unwrap();
+    let mut engine = Engine::new(Config::new("d", Chip::Esp32c3, "1.0.0"), layout.clone());
+    let job = Job {
+        url: "http://fw.example/app.bin".try_into().unwrap(),
+        version: Some("1.1.0".try_into().unwrap()),
+        sha256: None,
+        size: None,
+        job: Some("rollout-7".try_into().unwrap()),
+        timeout_s: None,
+        force: false,
+    };
+    engine.handle(&mut flash, 0, Event::Command(Command::Start(job)));
+    let head = Response {
+        status: 200,
+        content_length: Some(new.len() as u32),
+        range_start: None,
+    };
+    engine.handle(&mut flash, 0, Event::Response(head));
+    engine.handle(&mut flash, 0, Event::Body(&new));
+    let actions = engine.handle(&mut flash, 0, Event::BodyEnd);
+    assert!(actions.iter().any(|a| matches!(a, Action::Reboot)));
+    // The new image's first boot: the guard starts its trial.
+    let mut trial = layout.clone();
+    trial.running = 1;
+    assert_eq!(
+        bootguard::on_boot(&mut flash, &trial).unwrap().verdict,
+        bootguard::Verdict::Trial
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = save(dir.path(), "flash.bin", flash.data());
+    let r = inspect_json(&path);
+    let j = &r["apps"][1]["journal"];
+    assert_eq!(j["job"], "rollout-7");
+    assert_eq!(j["version"], "1.1.0");
+    assert_eq!(j["url"], "http://fw.example/app.bin");
+    assert_eq!(j["pages_written"], 10);
+    assert_eq!(
+        j["flags"],
+        serde_json::json!(["activated", "trial_started"])
+    );
+    assert_eq!(
+        r["apps"][0]["journal"]["job"],
+        serde_json::Value::Null,
+        "ota_0 was flashed, not updated"
+    );
+    let text = stdout(&mqota(&[path.as_os_str()]));
+    assert!(text.contains("journal: job rollout-7 (1.1.0)"), "{text}");
+}

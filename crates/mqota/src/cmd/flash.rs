@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use mqota_core::image::{validate_flash_for, Chip, ImageError};
+use mqota_core::journal::{Flag, Journal, RollbackReason};
 use mqota_core::otadata::Otadata;
 use mqota_core::partition::{PartitionTable, SubType, TABLE_OFFSET};
 use mqota_flash_sim::bootloader::{BootOutcome, WriteReason};
@@ -157,12 +158,17 @@ fn inspect(bytes: Vec<u8>, chip: Option<Chip>) -> anyhow::Result<Value> {
                     Err(e) => json!({ "valid": false, "error": e.to_string() }),
                 }
             };
+            let journal = match p.ota_slot() {
+                Some(_) => journal_report(&mut flash, Journal::for_slot(p.offset, p.size)),
+                None => Value::Null,
+            };
             json!({
                 "label": p.label.as_str(),
                 "offset": p.offset,
                 "size": p.size,
                 "slot": p.ota_slot(),
                 "image": image,
+                "journal": journal,
             })
         })
         .collect();
@@ -251,6 +257,47 @@ fn boot_report(table: &PartitionTable, flash: &mut SimFlash, bl: Bootloader) -> 
         "bricked": o.is_bricked(),
         "otadata_writes": writes,
         "rejected": rejected,
+    })
+}
+
+/// mqota's journal in the last sector of an OTA slot: the job that wrote
+/// the slot, how far its download got, and what became of it.
+fn journal_report(flash: &mut SimFlash, journal: Journal) -> Value {
+    let job = match journal.job(flash) {
+        Ok(Some(job)) => job,
+        Ok(None) => return json!({ "job": null }),
+        Err(e) => return json!({ "error": format!("{e:?}") }),
+    };
+    let flags: Vec<&str> = [
+        (Flag::Activated, "activated"),
+        (Flag::TrialStarted, "trial_started"),
+        (Flag::Confirmed, "confirmed"),
+        (Flag::RolledBack, "rolled_back"),
+        (Flag::Reported, "reported"),
+        (Flag::Abandoned, "abandoned"),
+    ]
+    .into_iter()
+    .filter(|(f, _)| journal.has(flash, *f).unwrap_or(false))
+    .map(|(_, name)| name)
+    .collect();
+    let reason = journal
+        .rollback_reason(flash)
+        .ok()
+        .flatten()
+        .map(|r| match r {
+            RollbackReason::HealthCheckFailed => "health_check_failed",
+            RollbackReason::BootFailed => "boot_failed",
+            RollbackReason::Requested => "requested",
+        });
+    json!({
+        "job": job.job.as_deref(),
+        "url": job.url.as_str(),
+        "version": job.version.as_deref(),
+        "size": job.size,
+        "sha256": job.sha256.map(hex::encode),
+        "flags": flags,
+        "rollback_reason": reason,
+        "pages_written": journal.pages_done(flash).unwrap_or(0),
     })
 }
 
@@ -391,6 +438,30 @@ fn render(r: &Value) -> String {
             );
         } else {
             let _ = writeln!(out, "{}", img["error"].as_str().unwrap_or("invalid"));
+        }
+        let j = &a["journal"];
+        if let Some(url) = j["url"].as_str() {
+            let flags: Vec<&str> = j["flags"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let _ = write!(
+                out,
+                "  {:<16} journal: job {} ({}) from {url}, {} pages written",
+                "",
+                j["job"].as_str().unwrap_or("-"),
+                j["version"].as_str().unwrap_or("no version"),
+                j["pages_written"],
+            );
+            if !flags.is_empty() {
+                let _ = write!(out, "; {}", flags.join(", "));
+            }
+            if let Some(r) = j["rollback_reason"].as_str() {
+                let _ = write!(out, " ({r})");
+            }
+            out.push('\n');
         }
     }
 
