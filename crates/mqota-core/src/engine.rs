@@ -464,6 +464,8 @@ impl Engine {
         dl.written = written;
         dl.erased_to = written;
         dl.journal_started = true;
+        // The job's events before the reboot already reached this far.
+        dl.percent = Self::handle_progress(written, dl.total).min(99);
         info!("resuming job at byte {} after reboot", written);
         self.dl = Some(dl);
         self.fill = 0;
@@ -610,6 +612,10 @@ impl Engine {
                 }
                 _ => dl.total = Some(total),
             }
+            // A resumed job learns its total only now: carry on from the
+            // bytes already written, never below what was published.
+            let pct = Self::handle_progress(dl.written, Some(total)).min(99);
+            dl.percent = dl.percent.max(pct);
         }
         dl.fetch = Fetch::Body;
         push(

@@ -473,3 +473,42 @@ fn erases_ahead_in_64k_blocks_where_aligned() {
     d.flash.read(d.layout.slots[1].offset, &mut back).unwrap();
     assert_eq!(back, v2);
 }
+
+#[test]
+fn percent_does_not_go_down_when_a_download_resumes_after_a_reboot() {
+    let v2 = image(Chip::Esp32c3, "1.1.0", 300_000);
+    for size_in_job in [true, false] {
+        let mut d = device();
+        let mut j = job(URL);
+        if size_in_job {
+            j.size = Some(v2.len() as u32);
+        }
+        d.start(j);
+        d.respond(200, Some(v2.len() as u32), None);
+        d.body(&v2[..170_000]);
+        let before = d.published.last().unwrap().percent;
+        assert!(before > 40, "{before}");
+        let flash = std::mem::replace(&mut d.flash, mqota_flash_sim::SimFlash::new(16));
+        let mut d = rig_on(flash, d.layout.clone());
+        let a = d.engine.resume(&mut d.flash, d.now).expect("resumes");
+        d.apply(a);
+        d.serve(&v2);
+        assert!(d.rebooted);
+        let after: Vec<(Phase, u8)> = d.published.iter().map(|p| (p.phase, p.percent)).collect();
+        // While the total is unknown the protocol says 0; once it is known
+        // again the job carries on from where it was, less the partial page
+        // that a reboot loses and that is fetched again.
+        let one_page = (PAGE_SIZE as usize * 100).div_ceil(v2.len()) as u8;
+        let known: Vec<u8> = d
+            .published
+            .iter()
+            .filter(|p| p.total.is_some())
+            .map(|p| p.percent)
+            .collect();
+        assert!(
+            known[0] + one_page >= before,
+            "size in job {size_in_job}: {before} then {after:?}"
+        );
+        assert!(known.windows(2).all(|w| w[0] <= w[1]), "{after:?}");
+    }
+}
