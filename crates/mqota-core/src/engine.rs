@@ -389,8 +389,11 @@ impl Engine {
         let mut actions = Actions::new();
         let result = match event {
             Event::Command(Command::Start(job)) => self.start(now, job, &mut actions),
-            Event::Command(Command::Cancel { .. }) => {
-                if self.dl.is_some() {
+            Event::Command(Command::Cancel { job }) => {
+                // A cancel that names a job stops only that job (PROTOCOL.md):
+                // a late cancel of an old job must not end the next one.
+                let for_this = job.is_none() || job.as_ref() == self.job();
+                if self.dl.is_some() && for_this {
                     self.finish(
                         flash,
                         Phase::Cancelled,

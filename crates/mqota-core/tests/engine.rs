@@ -512,3 +512,23 @@ fn percent_does_not_go_down_when_a_download_resumes_after_a_reboot() {
         assert!(known.windows(2).all(|w| w[0] <= w[1]), "{after:?}");
     }
 }
+
+#[test]
+fn a_cancel_naming_another_job_leaves_the_update_running() {
+    let mut d = device();
+    let v2 = image(Chip::Esp32c3, "1.1.0", 300_000);
+    d.start(job(URL));
+    d.respond(200, Some(v2.len() as u32), None);
+    d.body(&v2[..50_000]);
+    let n = d.published.len();
+    d.event(Event::Command(Command::Cancel {
+        job: Some("job-2".try_into().unwrap()),
+    }));
+    assert!(d.engine.is_busy());
+    assert_eq!(d.published.len(), n, "{:?}", d.published.last());
+    d.event(Event::Command(Command::Cancel {
+        job: Some("job-1".try_into().unwrap()),
+    }));
+    assert!(!d.engine.is_busy());
+    assert_eq!(d.last().phase, Phase::Cancelled);
+}
