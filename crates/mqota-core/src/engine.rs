@@ -360,10 +360,10 @@ impl Engine {
         };
         if job.url.push_str(url).is_err() {
             let mut a = Actions::new();
-            push(
-                &mut a,
-                Action::Publish(self.event(None, Phase::Failed, 0, None, 0)),
-            );
+            let refused = self
+                .event(None, Phase::Failed, 0, None, 0)
+                .with_error(ErrorCode::BadCommand, Some("url is longer than 256 bytes"));
+            push(&mut a, Action::Publish(refused));
             return a;
         }
         self.handle(flash, now, Event::Command(Command::Start(job)))

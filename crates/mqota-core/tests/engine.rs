@@ -532,3 +532,14 @@ fn a_cancel_naming_another_job_leaves_the_update_running() {
     assert!(!d.engine.is_busy());
     assert_eq!(d.last().phase, Phase::Cancelled);
 }
+
+#[test]
+fn begin_ota_with_an_overlong_url_fails_with_bad_command() {
+    let mut d = device();
+    let url = format!("http://fw.example/{}", "a".repeat(300));
+    let a = d.engine.begin_ota(&mut d.flash, d.now, &url);
+    d.apply(a);
+    assert_eq!(d.last().phase, Phase::Failed);
+    assert_eq!(d.last().error, Some(ErrorCode::BadCommand));
+    assert!(!d.engine.is_busy());
+}
