@@ -281,7 +281,7 @@ where
             }
             Ok(TrialResult::RolledBack) => {
                 warn!("trial failed: rolling back");
-                session.disconnect().await;
+                dev.go_offline(&mut session).await;
                 platform.reboot().await;
             }
             // The flash failed: the trial stays unfinished, and the next boot
@@ -315,7 +315,7 @@ where
     loop {
         if dev.reboot {
             info!("rebooting into the new image");
-            session.disconnect().await;
+            dev.go_offline(&mut session).await;
             platform.reboot().await;
         }
         if let Some(from) = dev.fetch.take() {
@@ -436,6 +436,15 @@ impl Device<'_> {
             });
             self.publish_status(session).await;
         }
+    }
+
+    /// Says goodbye before a reboot. A clean DISCONNECT discards the will,
+    /// so without this the retained status would claim the device online
+    /// until it (or the image it falls back to) connects again.
+    async fn go_offline<T: TcpConnect, D: Dns>(&mut self, session: &mut MqttSession<'_, T, D>) {
+        self.status.online = false;
+        self.publish_status(session).await;
+        session.disconnect().await;
     }
 
     async fn publish_status<T: TcpConnect, D: Dns>(&mut self, session: &mut MqttSession<'_, T, D>) {

@@ -852,6 +852,71 @@ async fn fifty_devices_update_at_once_from_one_broker_and_one_server(broker: Tes
     .await;
 }
 
+/// The status messages of `id`, in the order the broker delivered them.
+fn statuses_of(seen: &[Received], id: &str) -> Vec<Status> {
+    seen.iter()
+        .filter(|r| r.topic == format!("device/{id}/status"))
+        .filter_map(|r| serde_json::from_slice(&r.payload).ok())
+        .collect()
+}
+
+async fn a_device_that_reboots_leaves_an_offline_status_not_a_stale_online_one(broker: TestBroker) {
+    local(async {
+        let obs = broker.observe("device/#").await;
+        let v2 = image("1.1.0", 300_000);
+        let http = FileServer::start(&[("fw.bin", &v2)]).await;
+        let dev = start(config(&broker, "dev-o"));
+        online(&obs, "dev-o", "1.0.0").await;
+
+        // Rebooting into an update.
+        broker
+            .publish(
+                "device/dev-o/ota/start",
+                &job(&http.url("fw.bin"), serde_json::json!({"job": "up"})),
+                false,
+            )
+            .await;
+        online(&obs, "dev-o", "1.1.0").await;
+        let seen = statuses_of(&obs.all(), "dev-o");
+        let last_old = seen
+            .iter()
+            .rfind(|s| s.version.as_str() == "1.0.0")
+            .unwrap();
+        assert!(
+            !last_old.online,
+            "left behind while rebooting: {last_old:?}"
+        );
+
+        // Rebooting for a rollback command: offline, and the result kept.
+        broker
+            .publish("device/dev-o/ota/rollback", br#"{"job":"back"}"#, false)
+            .await;
+        assert!(
+            obs.wait_until(Duration::from_secs(20), |s| {
+                let seen = statuses_of(s, "dev-o");
+                let back = seen
+                    .iter()
+                    .rposition(|st| st.version.as_str() == "1.1.0")
+                    .is_some_and(|i| i + 1 < seen.len());
+                back && is_online_on(s, "dev-o", "1.0.0")
+            })
+            .await
+        );
+        let seen = statuses_of(&obs.all(), "dev-o");
+        let last_new = seen
+            .iter()
+            .rfind(|s| s.version.as_str() == "1.1.0")
+            .unwrap();
+        assert!(
+            !last_new.online,
+            "left behind while rebooting: {last_new:?}"
+        );
+        assert_eq!(last_new.last.as_ref().unwrap().result, Phase::RolledBack);
+        dev.stop();
+    })
+    .await;
+}
+
 on_both_brokers!(
     a_bare_url_on_the_broadcast_topic_updates_the_device,
     a_json_job_with_sha256_and_size_succeeds_and_a_wrong_sha256_fails,
@@ -865,4 +930,5 @@ on_both_brokers!(
     garbage_on_the_command_topics_is_answered_bad_command_and_the_device_carries_on,
     a_dropped_wifi_link_marks_the_device_offline_and_it_rejoins_by_itself,
     fifty_devices_update_at_once_from_one_broker_and_one_server,
+    a_device_that_reboots_leaves_an_offline_status_not_a_stale_online_one,
 );
