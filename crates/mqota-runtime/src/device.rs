@@ -44,8 +44,8 @@ use mqota_core::engine::{
 use mqota_core::image::{self, Chip};
 use mqota_core::partition::{PartitionTable, TABLE_OFFSET};
 use mqota_core::protocol::{
-    parse_command, Command, CommandOutcome, ErrorCode, LastResult, Phase, Progress, Status, Topics,
-    MAX_PROGRESS_JSON, MAX_STATUS_JSON, MAX_URL_LEN,
+    parse_command, Command, CommandOutcome, ErrorCode, JobId, LastResult, Phase, Progress, Status,
+    Topics, MAX_PROGRESS_JSON, MAX_STATUS_JSON, MAX_URL_LEN,
 };
 
 use crate::backoff::{Backoff, Jitter, XorShift32};
@@ -615,6 +615,7 @@ where
         return Actions::new();
     };
     let deadline = engine.deadline().unwrap_or(u64::MAX);
+    let current = engine.job().cloned();
     let outbox = RefCell::new(Deque::new());
     let (result, cancel, ending) = {
         let mut sink = EngineSink {
@@ -639,7 +640,8 @@ where
                 let until = Instant::now() + Duration::from_millis(50);
                 match session.poll(until).await {
                     Ok(Some(msg)) => {
-                        if let Some(cmd) = during_download(&msg, topics, &outbox) {
+                        if let Some(cmd) = during_download(&msg, topics, current.as_ref(), &outbox)
+                        {
                             return cmd;
                         }
                     }
@@ -722,15 +724,22 @@ async fn publish_progress<T: TcpConnect, D: Dns>(
     }
 }
 
-/// A command during a download: `cancel` ends the download (returned);
-/// `start` and `rollback` are answered `busy`; bad commands `bad_command`.
+/// A command during a download: a `cancel` of this job (or of none named)
+/// ends the download (returned); `start` and `rollback` are answered `busy`;
+/// bad commands `bad_command`.
 fn during_download(
     msg: &Message,
     topics: &Topics,
+    current: Option<&JobId>,
     outbox: &RefCell<Deque<Progress, PROGRESS_QUEUE>>,
 ) -> Option<Command> {
     let kind = topics.classify(&msg.topic)?;
     match parse_command(kind, &msg.payload, topics.device_id()) {
+        // A cancel of another job must not even drop the fetch: the engine
+        // would ignore it and the download would sit until the stall timeout.
+        Ok(CommandOutcome::Command(Command::Cancel { job: Some(j) })) if Some(&j) != current => {
+            None
+        }
         Ok(CommandOutcome::Command(cmd @ Command::Cancel { .. })) => Some(cmd),
         Ok(CommandOutcome::Command(Command::Start(job))) => {
             queue(

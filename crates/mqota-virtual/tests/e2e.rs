@@ -917,6 +917,47 @@ async fn a_device_that_reboots_leaves_an_offline_status_not_a_stale_online_one(b
     .await;
 }
 
+async fn a_cancel_naming_another_job_does_not_disturb_the_download(broker: TestBroker) {
+    local(async {
+        let obs = broker.observe("device/#").await;
+        let v2 = image("1.1.0", 300_000);
+        let slow = FaultServer::start(v2.clone(), Fault::Throttle(50_000)).await;
+        let dev = start(config(&broker, "dev-k"));
+        online(&obs, "dev-k", "1.0.0").await;
+        broker
+            .publish(
+                "device/dev-k/ota/start",
+                &job(&slow.url(), serde_json::json!({"job": "mine"})),
+                false,
+            )
+            .await;
+        assert!(
+            obs.wait_until(Duration::from_secs(10), |s| ended_with(
+                s,
+                "dev-k",
+                Phase::Downloading
+            ))
+            .await
+        );
+        broker
+            .publish("device/dev-k/ota/cancel", br#"{"job":"other"}"#, false)
+            .await;
+        let at_cancel = slow.bytes_sent();
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert!(
+            slow.bytes_sent() >= at_cancel + 20_000,
+            "the download kept streaming: {} then {}",
+            at_cancel,
+            slow.bytes_sent()
+        );
+        online(&obs, "dev-k", "1.1.0").await;
+        assert!(!ended_with(&obs.all(), "dev-k", Phase::Cancelled));
+        assert_eq!(slow.range_starts(), vec![0], "one fetch, never resumed");
+        dev.stop();
+    })
+    .await;
+}
+
 on_both_brokers!(
     a_bare_url_on_the_broadcast_topic_updates_the_device,
     a_json_job_with_sha256_and_size_succeeds_and_a_wrong_sha256_fails,
@@ -931,4 +972,5 @@ on_both_brokers!(
     a_dropped_wifi_link_marks_the_device_offline_and_it_rejoins_by_itself,
     fifty_devices_update_at_once_from_one_broker_and_one_server,
     a_device_that_reboots_leaves_an_offline_status_not_a_stale_online_one,
+    a_cancel_naming_another_job_does_not_disturb_the_download,
 );
