@@ -8,6 +8,9 @@
 //! | `GET /api/devices/{id}/history` | the device's status changes and job endings |
 //! | `GET /api/deployments`, `/api/deployments/{id}` | deployments with each device's result |
 //!
+//! `mqota serve` adds the page and the routes that need the broker
+//! connection from [`crate::dashboard`].
+//!
 //! Images are at most 16 MiB and a rollout sends the same one to every
 //! device at once, so the server keeps one shared copy of each image version
 //! ([`ImageCache`]) and answers every request, whole or `Range`, with a
@@ -171,7 +174,7 @@ pub struct FirmwareListing {
     pub error: Option<String>,
 }
 
-fn api_error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
+pub(crate) fn api_error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
     (
         status,
         Json(serde_json::json!({ "error": msg.to_string() })),
@@ -180,6 +183,18 @@ fn api_error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
 }
 
 async fn api_firmware(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    match listings(&st, &headers).await {
+        Ok(list) => Json(list).into_response(),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// The catalogue as `GET /api/firmware` lists it, scanned afresh; URLs are
+/// based on `public_url` or the request's `Host`.
+pub(crate) async fn listings(
+    st: &Arc<AppState>,
+    headers: &HeaderMap,
+) -> Result<Vec<FirmwareListing>, String> {
     let st2 = st.clone();
     let scanned = tokio::task::spawn_blocking(move || {
         let list = st2.catalogue.scan()?;
@@ -191,8 +206,8 @@ async fn api_firmware(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Re
     .await;
     let list = match scanned {
         Ok(Ok(l)) => l,
-        Ok(Err(e)) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(e) => return Err(e.to_string()),
     };
     let base = match &st.public_url {
         Some(u) => u.trim_end_matches('/').to_owned(),
@@ -218,7 +233,7 @@ async fn api_firmware(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Re
             error: e.error,
         })
         .collect();
-    Json(out).into_response()
+    Ok(out)
 }
 
 async fn blocking<T: Serialize + Send + 'static>(

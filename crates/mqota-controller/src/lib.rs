@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod catalogue;
+pub mod dashboard;
 pub mod fleet;
 pub mod http;
 pub mod rollout;

@@ -783,6 +783,13 @@ pub async fn resolve_firmware(spec: &str, server: &str) -> Result<Firmware, Firm
                 .join(", "),
         });
     };
+    deployable(spec, f)
+}
+
+/// The [`Firmware`] a catalogue listing describes, if it can be deployed
+/// (valid, with a version, at most 16 MiB, a URL that fits a start command).
+/// `spec` is what the operator named.
+pub fn deployable(spec: &str, f: &crate::http::FirmwareListing) -> Result<Firmware, FirmwareError> {
     let f = f.clone();
     firmware_from(spec, f.url, f.version, f.sha256, f.size, f.error)
 }

@@ -1,5 +1,6 @@
-//! `mqota serve`: the firmware server and JSON API, the fleet recorder, and
-//! (without `--broker`) the embedded broker.
+//! `mqota serve`: the firmware server and JSON API, the web page at `/` (which
+//! also starts rollouts), the fleet recorder, and (without `--broker`) the
+//! embedded broker.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use mqota_controller::broker::EmbeddedBroker;
 use mqota_controller::catalogue::Catalogue;
+use mqota_controller::dashboard;
 use mqota_controller::fleet::{Fleet, FleetEvent};
 use mqota_controller::http::{router, AppState};
 use mqota_controller::store::Store;
@@ -124,13 +126,19 @@ impl ServeArgs {
                 store,
                 public_url: self.public_url,
             });
-            axum::serve(listener, router(state))
+            let fleet = Arc::new(fleet);
+            let app = router(state.clone()).merge(dashboard::router(state, fleet.clone()));
+            axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = tokio::signal::ctrl_c().await;
                 })
                 .await?;
             recorder.abort();
-            let _ = fleet.close().await;
+            // Rollouts still running hold the connection; they stay
+            // `running` in the store for `deploy --resume`.
+            if let Ok(fleet) = Arc::try_unwrap(fleet) {
+                let _ = fleet.close().await;
+            }
             Ok(())
         })
     }

@@ -1,0 +1,384 @@
+//! The web page of `mqota serve` and the routes behind it that need the
+//! broker connection.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /` | the page: fleet, firmware with a deploy form, deployments; it polls the API every second |
+//! | `GET /dashboard.js` | its script |
+//! | `GET /api/fleet` | `[{id, status, progress}]`: every retained status and the latest progress event, live from the broker |
+//! | `POST /api/deployments` | starts a staged rollout inside serve; `201 {id, version, devices, stages, current}` |
+//!
+//! The body of `POST /api/deployments` mirrors `mqota deploy`'s options:
+//!
+//! ```json
+//! {"firmware": "app-1.1.0.bin", "all": true, "canary": 2, "batch": "50%",
+//!  "max_failures": "0", "auto_rollback": true, "timeout": 600}
+//! ```
+//!
+//! exactly one of `"to": ["id", ...]`, `"all": true` or `"where":
+//! "chip=esp32c3,version=1.0.0"`; `batch` and `max_failures` are a count or
+//! a percentage (`5`, `"25%"`); `firmware` is a catalogue name or an
+//! `http(s)://` URL. Anything else is answered `400 {"error": "..."}`.
+//!
+//! The rollout is [`rollout::create`]d and [`rollout::run`] exactly as
+//! `deploy` does it, recorded in the same store, so `deploy --resume ID`
+//! can carry on a rollout whose serve was stopped.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::fleet::Fleet;
+use crate::http::{api_error, listings, AppState};
+use crate::rollout::{
+    self, resolve_firmware, Amount, FirmwareError, RolloutError, RolloutOptions, Selection,
+};
+use crate::store::Store;
+
+const PAGE: &str = include_str!("dashboard.html");
+const SCRIPT: &str = include_str!("dashboard.js");
+
+// Everything the page needs is served from here; nothing else may load or
+// run, so a device id or error text that slips past the page's escaping
+// still cannot fetch or execute anything.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; \
+                   connect-src 'self'; img-src 'self'; form-action 'none'; frame-ancestors 'none'";
+
+#[derive(Clone)]
+struct Dashboard {
+    app: Arc<AppState>,
+    fleet: Arc<Fleet>,
+    rollouts: mpsc::UnboundedSender<String>,
+}
+
+/// The page and its routes, for merging into [`crate::http::router`]'s.
+///
+/// Starts a thread that runs the rollouts begun through `POST
+/// /api/deployments`; it ends once the router is dropped, leaving any
+/// rollout still going `running` in the store, to be carried on with
+/// `mqota deploy --resume ID`.
+pub fn router(app: Arc<AppState>, fleet: Arc<Fleet>) -> Router {
+    let rollouts = start_runner(fleet.clone(), app.store.clone());
+    Router::new()
+        .route("/", get(page))
+        .route("/dashboard.js", get(script))
+        .route("/api/fleet", get(api_fleet))
+        // Merged with the `GET` of the same path in `http::router`.
+        .route("/api/deployments", post(api_deploy))
+        .with_state(Dashboard {
+            app,
+            fleet,
+            rollouts,
+        })
+}
+
+/// A thread of its own runs the rollouts: [`rollout::run`] reports to a
+/// `&mut dyn Observer`, which makes its future `!Send`, so it runs on a
+/// `LocalSet` rather than on serve's worker threads. The fleet's MQTT task
+/// stays on serve's runtime; commands and events cross over channels.
+fn start_runner(fleet: Arc<Fleet>, store: Arc<Store>) -> mpsc::UnboundedSender<String> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    std::thread::Builder::new()
+        .name("rollouts".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("cannot start the rollout runner: {e}");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                while let Some(id) = rx.recv().await {
+                    let (fleet, store) = (fleet.clone(), store.clone());
+                    tokio::task::spawn_local(async move {
+                        match rollout::run(&fleet, &store, &id, &mut rollout::Silent).await {
+                            Ok(d) => tracing::info!(
+                                "deployment {id} ended {}",
+                                serde_json::to_value(d.state).unwrap_or_default()
+                            ),
+                            Err(e) => tracing::error!(
+                                "deployment {id} stopped: {e}; carry on with `mqota deploy --resume {id}`"
+                            ),
+                        }
+                    });
+                }
+            });
+        })
+        .expect("a thread can be started");
+    tx
+}
+
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, CSP),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+async fn script() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        SCRIPT,
+    )
+        .into_response()
+}
+
+async fn api_fleet(State(d): State<Dashboard>) -> Response {
+    Json(d.fleet.devices()).into_response()
+}
+
+/// A count or a percentage as JSON: `5`, `"5"` or `"25%"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum AmountValue {
+    Count(usize),
+    Text(String),
+}
+
+impl AmountValue {
+    fn amount(&self, field: &str) -> Result<Amount, String> {
+        match self {
+            AmountValue::Count(n) => Ok(Amount::Count(*n)),
+            AmountValue::Text(s) => s.parse().map_err(|e| format!("{field}: {e}")),
+        }
+    }
+}
+
+/// The body of `POST /api/deployments`; the names of `mqota deploy`'s
+/// options.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployRequest {
+    firmware: String,
+    #[serde(default)]
+    to: Vec<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(rename = "where")]
+    where_: Option<String>,
+    #[serde(default)]
+    canary: usize,
+    batch: Option<AmountValue>,
+    max_failures: Option<AmountValue>,
+    #[serde(default)]
+    auto_rollback: bool,
+    timeout: Option<u32>,
+}
+
+impl DeployRequest {
+    fn selection(&self) -> Result<Selection, String> {
+        let to: Vec<String> = self
+            .to
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let given = [!to.is_empty(), self.all, self.where_.is_some()];
+        match given {
+            [true, false, false] => Ok(Selection::Ids(to)),
+            [false, true, false] => Ok(Selection::All),
+            [false, false, true] => Selection::parse_where(self.where_.as_deref().unwrap_or(""))
+                .map_err(|e| e.to_string()),
+            [false, false, false] => Err("say which devices: to, all or where".into()),
+            _ => Err("give only one of to, all and where".into()),
+        }
+    }
+
+    fn options(&self) -> Result<RolloutOptions, String> {
+        let defaults = RolloutOptions::default();
+        Ok(RolloutOptions {
+            canary: self.canary,
+            batch: match &self.batch {
+                Some(b) => b.amount("batch")?,
+                None => defaults.batch,
+            },
+            max_failures: match &self.max_failures {
+                Some(m) => m.amount("max_failures")?,
+                None => defaults.max_failures,
+            },
+            auto_rollback: self.auto_rollback,
+            timeout_s: self.timeout.unwrap_or(defaults.timeout_s).max(1),
+        })
+    }
+}
+
+fn bad_request(msg: impl std::fmt::Display) -> Response {
+    // serde_json's messages are one line already; the page and scripts
+    // expect exactly one.
+    let one_line = msg.to_string().replace(['\n', '\r'], " ");
+    api_error(StatusCode::BAD_REQUEST, one_line)
+}
+
+async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes) -> Response {
+    // Only a JSON request: a browser sends one cross-site only after a CORS
+    // preflight, which this server never grants, so another site cannot
+    // start a rollout through a visitor's browser with a form post.
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return api_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the deployment as Content-Type: application/json",
+        );
+    }
+    let req: DeployRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(format!("bad deployment request: {e}")),
+    };
+    let selection = match req.selection() {
+        Ok(s) => s,
+        Err(e) => return bad_request(e),
+    };
+    let options = match req.options() {
+        Ok(o) => o,
+        Err(e) => return bad_request(e),
+    };
+    let spec = req.firmware.trim();
+    if spec.is_empty() {
+        return bad_request("name the firmware");
+    }
+    let lower = spec.to_ascii_lowercase();
+    let firmware = if lower.starts_with("http://") || lower.starts_with("https://") {
+        resolve_firmware(spec, "").await
+    } else {
+        let list = match listings(&d.app, &headers).await {
+            Ok(l) => l,
+            Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        };
+        match list.iter().find(|f| f.name == spec) {
+            Some(f) => rollout::deployable(spec, f),
+            None => Err(FirmwareError::UnknownName {
+                name: spec.to_owned(),
+                known: list
+                    .iter()
+                    .filter(|f| f.valid)
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    };
+    let firmware = match firmware {
+        Ok(f) => f,
+        Err(e @ FirmwareError::Fetch { .. }) => return api_error(StatusCode::BAD_GATEWAY, e),
+        Err(e) => return bad_request(e),
+    };
+    let devices = d.fleet.devices();
+    let store = d.app.store.clone();
+    let created = tokio::task::spawn_blocking(move || {
+        rollout::create(&store, &devices, &firmware, &selection, &options)
+    })
+    .await;
+    let (dep, current) = match created {
+        Ok(Ok(x)) => x,
+        Ok(Err(
+            e @ (RolloutError::Option(_)
+            | RolloutError::UnknownDevice(_)
+            | RolloutError::NoDevices(_)),
+        )) => return bad_request(e),
+        Ok(Err(e)) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    if d.rollouts.send(dep.id.clone()).is_err() {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "deployment {} is stored but serve cannot run it: `mqota deploy --resume {}`",
+                dep.id, dep.id
+            ),
+        );
+    }
+    let stages = dep.devices.iter().map(|x| x.stage).max().unwrap_or(0) + 1;
+    (
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/api/deployments/{}", dep.id))],
+        Json(serde_json::json!({
+            "id": dep.id,
+            "version": dep.version,
+            "devices": dep.devices.iter().map(|x| &x.device).collect::<Vec<_>>(),
+            "stages": stages,
+            "current": current,
+        })),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(json: &str) -> Result<DeployRequest, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn a_request_names_exactly_one_way_of_choosing_devices() {
+        let r = req(r#"{"firmware":"a.bin","all":true}"#).unwrap();
+        assert_eq!(r.selection(), Ok(Selection::All));
+        let r = req(r#"{"firmware":"a.bin","to":["d1"," d2 "]}"#).unwrap();
+        assert_eq!(
+            r.selection(),
+            Ok(Selection::Ids(vec!["d1".into(), "d2".into()]))
+        );
+        let r = req(r#"{"firmware":"a.bin","where":"chip=esp32c3"}"#).unwrap();
+        assert_eq!(
+            r.selection(),
+            Ok(Selection::Where(vec![("chip".into(), "esp32c3".into())]))
+        );
+        assert!(req(r#"{"firmware":"a.bin"}"#).unwrap().selection().is_err());
+        assert!(req(r#"{"firmware":"a.bin","all":true,"to":["d1"]}"#)
+            .unwrap()
+            .selection()
+            .is_err());
+        assert!(req(r#"{"firmware":"a.bin","where":"colour=red"}"#)
+            .unwrap()
+            .selection()
+            .is_err());
+    }
+
+    #[test]
+    fn amounts_are_counts_or_percentages_and_options_default_like_deploy() {
+        let r = req(r#"{"firmware":"a","all":true,"batch":"25%","max_failures":2,"timeout":0}"#)
+            .unwrap();
+        let o = r.options().unwrap();
+        assert_eq!(o.batch, Amount::Percent(25));
+        assert_eq!(o.max_failures, Amount::Count(2));
+        assert_eq!(o.timeout_s, 1, "a zero timeout would fail every device");
+        let o = req(r#"{"firmware":"a","all":true}"#)
+            .unwrap()
+            .options()
+            .unwrap();
+        assert_eq!(o, RolloutOptions::default());
+        let r = req(r#"{"firmware":"a","all":true,"batch":"150%"}"#).unwrap();
+        assert!(r.options().unwrap_err().starts_with("batch: "));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = req(r#"{"firmware":"a","all":true,"canery":2}"#).unwrap_err();
+        assert!(e.to_string().contains("canery"), "{e}");
+    }
+}
