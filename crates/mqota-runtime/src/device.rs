@@ -306,6 +306,20 @@ where
         let _ = bootguard::mark_reported(flash, report);
     }
     if booted.boot.resume {
+        // Broker first, as for any download: the download side only keeps a
+        // session, it does not subscribe or publish the online status, and
+        // the `downloading` event of the resume would go nowhere.
+        if !dev.up {
+            dev.bring_up(
+                &mut session,
+                link,
+                &mut backoff,
+                &mut random,
+                &sub_refs,
+                false,
+            )
+            .await;
+        }
         if let Some(actions) = engine.resume(flash, now_ms()) {
             dev.apply(&mut session, actions).await;
         }

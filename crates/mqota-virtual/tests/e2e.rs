@@ -958,6 +958,51 @@ async fn a_cancel_naming_another_job_does_not_disturb_the_download(broker: TestB
     .await;
 }
 
+async fn a_download_resumed_after_a_power_cut_runs_with_the_device_online(broker: TestBroker) {
+    local(async {
+        let obs = broker.observe("device/#").await;
+        let v2 = image("1.1.0", 300_000);
+        let slow = FaultServer::start(v2.clone(), Fault::Throttle(50_000)).await;
+        let dev = start(config(&broker, "dev-p"));
+        online(&obs, "dev-p", "1.0.0").await;
+        broker
+            .publish(
+                "device/dev-p/ota/start",
+                &job(&slow.url(), serde_json::json!({"job": "cut"})),
+                false,
+            )
+            .await;
+        assert!(
+            obs.wait_until(Duration::from_secs(10), |s| slow.bytes_sent() > 60_000
+                && ended_with(s, "dev-p", Phase::Downloading))
+                .await
+        );
+        let before_cut = obs.all().len();
+        dev.cut_power();
+        // The resumed download takes seconds; the device says it is online
+        // (and listens to commands) while it runs, not only after it.
+        assert!(
+            obs.wait_until(Duration::from_secs(4), |s| {
+                statuses_of(&s[before_cut.min(s.len())..], "dev-p")
+                    .iter()
+                    .any(|st| st.online && st.version.as_str() == "1.0.0")
+            })
+            .await,
+            "not online while resuming: {:?}",
+            statuses_of(&obs.all()[before_cut..], "dev-p")
+        );
+        assert!(dev.boots().len() >= 2);
+        assert!(
+            !is_online_on(&obs.all(), "dev-p", "1.1.0"),
+            "still resuming"
+        );
+        assert!(slow.range_starts().iter().any(|&r| r > 0));
+        online(&obs, "dev-p", "1.1.0").await;
+        dev.stop();
+    })
+    .await;
+}
+
 on_both_brokers!(
     a_bare_url_on_the_broadcast_topic_updates_the_device,
     a_json_job_with_sha256_and_size_succeeds_and_a_wrong_sha256_fails,
@@ -973,4 +1018,5 @@ on_both_brokers!(
     fifty_devices_update_at_once_from_one_broker_and_one_server,
     a_device_that_reboots_leaves_an_offline_status_not_a_stale_online_one,
     a_cancel_naming_another_job_does_not_disturb_the_download,
+    a_download_resumed_after_a_power_cut_runs_with_the_device_online,
 );
