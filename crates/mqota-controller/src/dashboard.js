@@ -145,7 +145,9 @@ function renderDeployments(list) {
     if (d.reason) box.appendChild(el("p", d.reason, "bad"));
     const t = el("table");
     const head = el("thead");
-    head.appendChild(row(["device", "stage", "from", "result", "error", "phase", "percent"]));
+    const hr = el("tr");
+    for (const name of ["device", "stage", "from", "result", "error", "phase", "percent"]) hr.appendChild(el("th", name));
+    head.appendChild(hr);
     t.appendChild(head);
     const tb = el("tbody");
     for (const x of d.devices) {
