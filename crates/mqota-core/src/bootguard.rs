@@ -280,10 +280,15 @@ pub fn on_boot<F: NorFlash>(flash: &mut F, layout: &Layout) -> Result<Boot, Guar
             });
         }
     } else if other.has(flash, Flag::Abandoned)? {
+        let error = other.abandon_error(flash)?;
         boot.last = Some(LastResult {
             job: job.job.clone(),
-            result: Phase::Failed,
-            error: None,
+            result: if error == Some(ErrorCode::Cancelled) {
+                Phase::Cancelled
+            } else {
+                Phase::Failed
+            },
+            error,
         });
     } else {
         boot.resume = true;

@@ -884,7 +884,8 @@ impl Engine {
         // A download that failed must not be resumed at the next boot. If even
         // this write fails, the resume will fail the same way and end here.
         if dl.journal_started {
-            let _ = dl.slot.journal().set(flash, Flag::Abandoned);
+            let error = code.unwrap_or(ErrorCode::Cancelled);
+            let _ = dl.slot.journal().set_abandoned(flash, error);
         }
         let ev = self.progress_event(phase, code, why);
         warn!("job ended: {}", why);

@@ -28,14 +28,14 @@
 //! | 1032 | 4 | `confirmed`: the trial passed |
 //! | 1036 | 4 | `rolled_back`: first byte holds the [`RollbackReason`] |
 //! | 1040 | 4 | `reported`: the outcome has been published |
-//! | 1044 | 4 | `abandoned`: the download failed or was cancelled; do not resume |
+//! | 1044 | 4 | `abandoned`: the download failed or was cancelled; do not resume. First byte: the error code (its index in `ErrorCode::ALL`) |
 //! | 2048 | 2048 | page bitmap: bit *i* cleared once 4 KiB page *i* of the image is written |
 //!
 //! A flag word reads as set when it is not all ones, so a write cut short
 //! after its first byte still counts: the action it records had already
 //! happened when the write started.
 
-use crate::protocol::{Job, JobId};
+use crate::protocol::{ErrorCode, Job, JobId};
 use embedded_storage::nor_flash::{NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash};
 use heapless::String;
 
@@ -324,6 +324,38 @@ impl Journal {
         flash
             .write(self.flag_addr(Flag::RolledBack), &[reason as u8, 0, 0, 0])
             .map_err(|e| e.kind())
+    }
+
+    /// Records that the job ended without an image (failed or cancelled) and
+    /// with which error, unless an end is recorded already.
+    pub fn set_abandoned<F: NorFlash>(
+        &self,
+        flash: &mut F,
+        error: ErrorCode,
+    ) -> Result<(), JournalError> {
+        if self.has(flash, Flag::Abandoned)? {
+            return Ok(());
+        }
+        let index = ErrorCode::ALL.iter().position(|e| *e == error).unwrap_or(0) as u8;
+        flash
+            .write(self.flag_addr(Flag::Abandoned), &[index, 0, 0, 0])
+            .map_err(|e| e.kind())
+    }
+
+    /// The error the job ended with, if it was abandoned. A torn or unknown
+    /// code byte reads as `None` (the job still counts as abandoned).
+    pub fn abandon_error<F: ReadNorFlash>(
+        &self,
+        flash: &mut F,
+    ) -> Result<Option<ErrorCode>, JournalError> {
+        let mut w = [0u8; 4];
+        flash
+            .read(self.flag_addr(Flag::Abandoned), &mut w)
+            .map_err(|e| e.kind())?;
+        if w == [0xFF; 4] {
+            return Ok(None);
+        }
+        Ok(ErrorCode::ALL.get(w[0] as usize).copied())
     }
 
     /// Why the image was rolled back, if it was.

@@ -577,7 +577,7 @@ fn a_download_cut_by_a_reboot_sets_resume_and_the_engine_resumes_from_the_journa
 }
 
 #[test]
-fn a_cancelled_download_is_not_resumed_and_its_last_result_is_failed() {
+fn a_cancelled_download_is_not_resumed_and_its_last_result_is_cancelled() {
     let mut d = Dev::new(BootConfig::Stock);
     let img = image(Chip::Esp32c3, NEW, 120_000);
     d.rig.start(job_for(NEW, "job-7"));
@@ -591,8 +591,32 @@ fn a_cancelled_download_is_not_resumed_and_its_last_result_is_failed() {
     d.power_cycle();
     let (boot, _) = d.guard();
     assert!(!boot.resume);
-    assert_eq!(boot.last, last("job-7", Phase::Failed, None));
+    assert_eq!(
+        boot.last,
+        last("job-7", Phase::Cancelled, Some(ErrorCode::Cancelled))
+    );
     assert_eq!(boot.report, None);
+}
+
+#[test]
+fn a_failed_download_keeps_its_error_code_in_last_across_a_reboot() {
+    let mut d = Dev::new(BootConfig::Stock);
+    let mut img = image(Chip::Esp32c3, NEW, 120_000);
+    img[60_000] ^= 0xFF;
+    let mut j = job_for(NEW, "job-8");
+    j.sha256 = Some([0x5a; 32]);
+    d.rig.start(j);
+    d.rig.serve(&img);
+    assert!(!d.rig.engine.is_busy());
+    d.power_cycle();
+    let (boot, _) = d.guard();
+    assert!(!boot.resume);
+    let l = boot.last.expect("a last result");
+    assert_eq!((l.job.as_deref(), l.result), (Some("job-8"), Phase::Failed));
+    assert!(
+        matches!(l.error, Some(ErrorCode::BadImage | ErrorCode::HashMismatch)),
+        "{l:?}"
+    );
 }
 
 #[test]

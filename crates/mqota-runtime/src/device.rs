@@ -28,7 +28,8 @@
 //! keeps the session alive, and rejoins a broker that went away. A `cancel`
 //! ends the download at once, even when the server is silent. Progress waits
 //! in a bounded queue ([`PROGRESS_QUEUE`]); when it is full the oldest
-//! `downloading` event is dropped, phase changes never are.
+//! `downloading` event is dropped, then the oldest refusal of another
+//! command; the job's own phase changes never are.
 
 use core::cell::RefCell;
 
@@ -569,17 +570,30 @@ impl<F: NorFlash> EngineSink<'_, F> {
 fn queue(outbox: &RefCell<Deque<Progress, PROGRESS_QUEUE>>, p: Progress) {
     let mut q = outbox.borrow_mut();
     if q.is_full() {
-        // Drop the oldest `downloading` event; never a phase change.
-        if let Some(i) = q.iter().position(|e| e.phase == Phase::Downloading) {
-            let mut kept: Deque<Progress, PROGRESS_QUEUE> = Deque::new();
-            for (j, e) in q.iter().enumerate() {
-                if j != i {
-                    let _ = kept.push_back(e.clone());
+        // Make room by dropping, oldest first: a `downloading` event (the next
+        // one supersedes it), else a refusal of another command (`busy`,
+        // `bad_command`: a flood of junk must not push out the job's own
+        // events). The job's phase changes are at most a handful per fetch,
+        // far fewer than the queue holds, so they are never the ones to go.
+        let refusal =
+            |e: &Progress| matches!(e.error, Some(ErrorCode::Busy | ErrorCode::BadCommand));
+        let victim = q
+            .iter()
+            .position(|e| e.phase == Phase::Downloading)
+            .or_else(|| q.iter().position(refusal));
+        match victim {
+            Some(i) => {
+                let mut kept: Deque<Progress, PROGRESS_QUEUE> = Deque::new();
+                for (j, e) in q.iter().enumerate() {
+                    if j != i {
+                        // Cannot fail: one fewer than the queue held.
+                        let _ = kept.push_back(e.clone());
+                    }
                 }
+                *q = kept;
             }
-            *q = kept;
-        } else {
-            q.pop_front();
+            // Nothing expendable: the new event is the one dropped.
+            None => return,
         }
     }
     let _ = q.push_back(p);
@@ -787,4 +801,53 @@ fn truncated<const N: usize>(s: &str) -> String<N> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(phase: Phase, error: Option<ErrorCode>) -> Progress {
+        let topics = Topics::new("device", "d").unwrap();
+        let mut p = Progress::new(&topics, None, phase);
+        p.error = error;
+        p
+    }
+
+    fn phases(
+        q: &RefCell<Deque<Progress, PROGRESS_QUEUE>>,
+    ) -> std::vec::Vec<(Phase, Option<ErrorCode>)> {
+        q.borrow().iter().map(|p| (p.phase, p.error)).collect()
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_oldest_downloading_event_before_anything_else() {
+        let q = RefCell::new(Deque::new());
+        queue(&q, ev(Phase::Accepted, None));
+        for _ in 0..PROGRESS_QUEUE - 1 {
+            queue(&q, ev(Phase::Downloading, None));
+        }
+        queue(&q, ev(Phase::Verifying, None));
+        let got = phases(&q);
+        assert_eq!(got.len(), PROGRESS_QUEUE);
+        assert_eq!(got.first(), Some(&(Phase::Accepted, None)));
+        assert_eq!(got.last(), Some(&(Phase::Verifying, None)));
+    }
+
+    #[test]
+    fn a_flood_of_refusals_cannot_push_out_the_jobs_own_events() {
+        let q = RefCell::new(Deque::new());
+        queue(&q, ev(Phase::Accepted, None));
+        for _ in 0..PROGRESS_QUEUE * 3 {
+            queue(&q, ev(Phase::Failed, Some(ErrorCode::BadCommand)));
+        }
+        queue(&q, ev(Phase::Cancelled, Some(ErrorCode::Cancelled)));
+        let got = phases(&q);
+        assert_eq!(got.len(), PROGRESS_QUEUE);
+        assert_eq!(got.first(), Some(&(Phase::Accepted, None)));
+        assert_eq!(
+            got.last(),
+            Some(&(Phase::Cancelled, Some(ErrorCode::Cancelled)))
+        );
+    }
 }
