@@ -50,6 +50,7 @@
 use crate::image::{self, Chip, ImageError, StreamValidator};
 use crate::journal::{Flag, JobRecord, Journal, JOURNAL_SIZE, PAGE_SIZE};
 use crate::otadata::{self, OtaState};
+use crate::protocol::truncated;
 use crate::protocol::{
     Command, ErrorCode, Job, JobId, Phase, Progress, MAX_DEVICE_ID_LEN, MAX_MESSAGE_LEN,
 };
@@ -171,16 +172,6 @@ impl Config {
             verify_hook: None,
         }
     }
-}
-
-fn truncated<const N: usize>(s: &str) -> String<N> {
-    let mut out = String::new();
-    for c in s.chars() {
-        if out.push(c).is_err() {
-            break;
-        }
-    }
-    out
 }
 
 /// What the caller tells the engine.

@@ -44,6 +44,7 @@ use mqota_core::engine::{
 };
 use mqota_core::image::{self, Chip};
 use mqota_core::partition::{PartitionTable, TABLE_OFFSET};
+use mqota_core::protocol::truncated;
 use mqota_core::protocol::{
     parse_command, Command, CommandOutcome, ErrorCode, JobId, LastResult, Phase, Progress, Status,
     Topics, MAX_PROGRESS_JSON, MAX_STATUS_JSON, MAX_URL_LEN,
@@ -291,9 +292,10 @@ where
         }
     }
 
-    if let Some(report) = &booted.boot.report {
-        // Published once the broker is reached, then marked so no later boot
-        // publishes it again.
+    // Broker first: a report must reach it, and a resumed download's events
+    // too (the download side only keeps a session alive, it does not
+    // subscribe or publish the online status).
+    if (booted.boot.report.is_some() || booted.boot.resume) && !dev.up {
         dev.bring_up(
             &mut session,
             link,
@@ -303,24 +305,13 @@ where
             false,
         )
         .await;
+    }
+    if let Some(report) = &booted.boot.report {
+        // Marked once published, so no later boot publishes it again.
         dev.report(&mut session, report).await;
         let _ = bootguard::mark_reported(flash, report);
     }
     if booted.boot.resume {
-        // Broker first, as for any download: the download side only keeps a
-        // session, it does not subscribe or publish the online status, and
-        // the `downloading` event of the resume would go nowhere.
-        if !dev.up {
-            dev.bring_up(
-                &mut session,
-                link,
-                &mut backoff,
-                &mut random,
-                &sub_refs,
-                false,
-            )
-            .await;
-        }
         if let Some(actions) = engine.resume(flash, now_ms()) {
             dev.apply(&mut session, actions).await;
         }
@@ -791,16 +782,6 @@ fn during_download(
             None
         }
     }
-}
-
-fn truncated<const N: usize>(s: &str) -> String<N> {
-    let mut out = String::new();
-    for c in s.chars() {
-        if out.push(c).is_err() {
-            break;
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -6,76 +6,11 @@
 mod controller_support;
 
 use std::process::Command;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use controller_support::{image, mqota, Serve, MQOTA};
-use mqota_virtual::device::{run_device, Handle, VirtualConfig};
+use controller_support::{device_config, image, mqota, status_json, Devices, Serve, MQOTA};
 use mqota_virtual::testing::{free_port, observe_on, publish_to, Fault, FaultServer, Mosquitto};
 use sha2::Digest;
-
-/// Virtual devices on a thread of their own (the runtime is `!Send`);
-/// stopped when dropped.
-struct Devices {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Devices {
-    fn start(ids: &[&str], port: u16) -> Self {
-        let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
-        let (tx, rx) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let mut handles = Vec::new();
-                for id in ids {
-                    let mut c = VirtualConfig::new(&id, "127.0.0.1", port);
-                    c.health_timeout = Duration::from_secs(3);
-                    c.stall_timeout = Duration::from_secs(10);
-                    c.progress_interval = Duration::from_millis(100);
-                    c.watchdog = Duration::from_millis(500);
-                    c.keep_alive_secs = 10;
-                    let h = Handle::new();
-                    handles.push(h.clone());
-                    tokio::task::spawn_local(async move {
-                        run_device(c, h).await.expect("device runs");
-                    });
-                }
-                while rx.try_recv() == Err(mpsc::TryRecvError::Empty) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                for h in &handles {
-                    h.stop();
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            });
-        });
-        Self {
-            stop: Some(tx),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Devices {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn status_json(broker: &str) -> Vec<serde_json::Value> {
-    let (ok, out, err) = mqota(&["status", "--json", "--broker", broker]);
-    assert!(ok, "status failed: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
-}
 
 fn device<'a>(list: &'a [serde_json::Value], id: &str) -> Option<&'a serde_json::Value> {
     list.iter().find(|d| d["device"] == id)
@@ -125,7 +60,10 @@ fn status_watch_and_rollback_show_and_undo_an_update_and_serve_remembers_the_fle
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap().to_owned();
     let mut serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
-    let devices = Devices::start(&["cmd-0", "cmd-1"], broker.port());
+    let devices = Devices::start(vec![
+        device_config("cmd-0", broker.port()),
+        device_config("cmd-1", broker.port()),
+    ]);
 
     // status --json: the whole fleet, each with its version and chip.
     let list = wait_status(&broker_url, "came online", |s| {
@@ -228,7 +166,7 @@ async fn cancel_stops_a_slow_download_which_ends_cancelled() {
     let img = image("1.1.0", 128 * 1024);
     // 16 KiB/s: the download would take eight seconds.
     let server = FaultServer::start(img.clone(), Fault::Throttle(16 * 1024)).await;
-    let _devices = Devices::start(&["slow"], port);
+    let _devices = Devices::start(vec![device_config("slow", port)]);
     let b = broker_url.clone();
     tokio::task::spawn_blocking(move || {
         wait_status(&b, "came online", |s| online_on(s, "slow", "1.0.0"))
@@ -331,7 +269,7 @@ fn the_broker_comes_from_the_environment_or_the_config_file_and_a_bad_one_is_a_o
     let broker = Mosquitto::start();
     let good = format!("mqtt://127.0.0.1:{}", broker.port());
     let dead = format!("mqtt://127.0.0.1:{}", free_port());
-    let _devices = Devices::start(&["env-0"], broker.port());
+    let _devices = Devices::start(vec![device_config("env-0", broker.port())]);
     wait_status(&good, "came online", |s| online_on(s, "env-0", "1.0.0"));
     let lists_the_device = |(ok, out, err): (bool, String, String)| {
         assert!(ok, "status failed: {err}");

@@ -4,77 +4,11 @@
 
 mod controller_support;
 
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use controller_support::{image, Serve};
-use mqota_virtual::device::{spawn, BootRecord, VirtualConfig};
+use controller_support::{device_config, image, Devices, Serve};
 use reqwest::{header, StatusCode};
 use serde_json::{json, Value};
-
-/// Each device's id and boots.
-type Boots = Vec<(String, Vec<BootRecord>)>;
-
-/// Virtual devices on a thread of their own (their handles are `!Send`).
-/// [`Devices::stop`] returns each device's boots.
-struct Devices {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Boots>>,
-}
-
-impl Devices {
-    fn start(ids: &[&str], port: u16) -> Self {
-        let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
-        let (tx, rx) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let handles: Vec<_> = ids
-                    .iter()
-                    .map(|id| {
-                        let mut c = VirtualConfig::new(id, "127.0.0.1", port);
-                        c.health_timeout = Duration::from_secs(3);
-                        c.progress_interval = Duration::from_millis(100);
-                        c.watchdog = Duration::from_millis(500);
-                        c.update_timeout = Duration::from_secs(60);
-                        c.keep_alive_secs = 10;
-                        (id.clone(), spawn(c))
-                    })
-                    .collect();
-                while rx.try_recv() == Err(mpsc::TryRecvError::Empty) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                for (_, h) in &handles {
-                    h.stop();
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                handles.into_iter().map(|(id, h)| (id, h.boots())).collect()
-            })
-        });
-        Self {
-            stop: Some(tx),
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(mut self) -> Boots {
-        drop(self.stop.take());
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-impl Drop for Devices {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 fn firmware_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -249,7 +183,7 @@ async fn a_deployment_posted_to_serve_runs_there_and_updates_three_virtual_devic
     let serve = Serve::start(fw.path(), data.path(), None);
     let port: u16 = serve.broker.rsplit(':').next().unwrap().parse().unwrap();
     let ids = ["dash-a", "dash-b", "dash-c"];
-    let devices = Devices::start(&ids, port);
+    let devices = Devices::start(ids.iter().map(|id| device_config(id, port)).collect());
     let fleet_url = format!("{}/api/fleet", serve.http);
     wait_for(&fleet_url, "saw three devices online on 1.0.0", |v| {
         v.as_array().unwrap().len() == 3

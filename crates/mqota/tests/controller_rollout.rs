@@ -4,83 +4,28 @@
 
 mod controller_support;
 
-use std::path::PathBuf;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use controller_support::{image, mqota, Serve};
-use mqota_virtual::device::{run_device, Handle, VirtualConfig};
+use controller_support::{device_config, image, mqota, status_json, Devices, Serve};
 
-/// N virtual devices on a thread of their own (the runtime is `!Send`);
-/// stopped when dropped. Flash files in `dir` keep their state across a
-/// restart: a reboot of the whole fleet.
-struct Devices {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Devices {
-    fn start(n: usize, port: u16, dir: PathBuf) -> Self {
-        let (tx, rx) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let mut handles = Vec::new();
-                for i in 0..n {
-                    let mut c = VirtualConfig::new(&format!("dev-{i:02}"), "127.0.0.1", port);
-                    c.flash = Some(dir.join(format!("dev-{i:02}.flash")));
-                    c.health_timeout = Duration::from_secs(3);
-                    c.stall_timeout = Duration::from_secs(5);
-                    c.progress_interval = Duration::from_millis(100);
-                    c.watchdog = Duration::from_millis(500);
-                    c.update_timeout = Duration::from_secs(60);
-                    c.keep_alive_secs = 10;
-                    let h = Handle::new();
-                    handles.push(h.clone());
-                    tokio::task::spawn_local(async move {
-                        run_device(c, h).await.expect("device runs");
-                    });
-                }
-                while rx.try_recv() == Err(mpsc::TryRecvError::Empty) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                for h in &handles {
-                    h.stop();
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            });
-        });
-        Self {
-            stop: Some(tx),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Devices {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn fleet_status(broker: &str) -> Vec<serde_json::Value> {
-    let (ok, out, err) = mqota(&["status", "--json", "--broker", broker]);
-    assert!(ok, "status failed: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+/// `n` devices whose flash files live in `dir`, so they keep their state
+/// across a restart: a reboot of the whole fleet.
+fn fleet(n: usize, port: u16, dir: &std::path::Path) -> Vec<mqota_virtual::device::VirtualConfig> {
+    (0..n)
+        .map(|i| {
+            let id = format!("dev-{i:02}");
+            let mut c = device_config(&id, port);
+            c.flash = Some(dir.join(format!("{id}.flash")));
+            c
+        })
+        .collect()
 }
 
 /// Waits until `n` devices are online and `check` holds for every one.
 fn wait_fleet(broker: &str, n: usize, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let s = fleet_status(broker);
+        let s = status_json(broker);
         let good = s.iter().filter(|d| d["online"] == true && check(d)).count();
         if good == n {
             return;
@@ -91,7 +36,7 @@ fn wait_fleet(broker: &str, n: usize, what: &str, check: impl Fn(&serde_json::Va
 }
 
 fn versions(broker: &str) -> Vec<String> {
-    fleet_status(broker)
+    status_json(broker)
         .iter()
         .map(|d| d["version"].as_str().unwrap().to_owned())
         .collect()
@@ -112,7 +57,7 @@ fn a_staged_rollout_updates_twenty_devices_and_an_unhealthy_one_stops_after_the_
     let serve = Serve::start(fw.path(), data.path(), None);
     let port: u16 = serve.broker.rsplit(':').next().unwrap().parse().unwrap();
     let data_dir = data.path().to_str().unwrap().to_owned();
-    let devices = Devices::start(20, port, flash.path().to_owned());
+    let devices = Devices::start(fleet(20, port, flash.path()));
     wait_fleet(&serve.broker, 20, "came online on 1.0.0", |d| {
         d["version"] == "1.0.0"
     });
@@ -191,7 +136,7 @@ fn a_staged_rollout_updates_twenty_devices_and_an_unhealthy_one_stops_after_the_
     // 3. The whole fleet reboots (same flash files): status still shows
     // what they run.
     drop(devices);
-    let _devices = Devices::start(20, port, flash.path().to_owned());
+    let _devices = Devices::start(fleet(20, port, flash.path()));
     wait_fleet(&serve.broker, 20, "came back on 1.1.0", |d| {
         d["version"] == "1.1.0"
     });

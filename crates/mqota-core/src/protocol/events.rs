@@ -257,8 +257,10 @@ pub struct Progress {
     pub message: Option<String<MAX_MESSAGE_LEN>>,
 }
 
-/// Copies as much of `s` as fits, cutting at a character boundary.
-fn truncated<const N: usize>(s: &str) -> String<N> {
+/// Copies as much of `s` as fits into a fixed-capacity string, cutting at a
+/// character boundary: for device ids, versions and messages that go into
+/// protocol payloads.
+pub fn truncated<const N: usize>(s: &str) -> String<N> {
     let mut end = s.len().min(N);
     while !s.is_char_boundary(end) {
         end -= 1;

@@ -32,8 +32,8 @@ mod topics;
 
 pub use command::{parse_command, BadCommand, Command, CommandOutcome, Job, JobId};
 pub use events::{
-    EncodeError, ErrorCode, LastResult, Phase, Progress, Status, UnknownName, MAX_PROGRESS_JSON,
-    MAX_STATUS_JSON,
+    truncated, EncodeError, ErrorCode, LastResult, Phase, Progress, Status, UnknownName,
+    MAX_PROGRESS_JSON, MAX_STATUS_JSON,
 };
 pub use topics::{TopicError, TopicKind, Topics};
 

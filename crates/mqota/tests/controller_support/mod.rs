@@ -110,3 +110,80 @@ pub fn mqota(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Each device's id and boots.
+pub type Boots = Vec<(String, Vec<mqota_virtual::device::BootRecord>)>;
+
+/// A virtual device for these tests: the defaults, with timeouts short enough
+/// for a test and keep-alive pings often enough to notice a dead broker.
+pub fn device_config(id: &str, port: u16) -> mqota_virtual::device::VirtualConfig {
+    let mut c = mqota_virtual::device::VirtualConfig::new(id, "127.0.0.1", port);
+    c.health_timeout = Duration::from_secs(3);
+    c.stall_timeout = Duration::from_secs(5);
+    c.progress_interval = Duration::from_millis(100);
+    c.watchdog = Duration::from_millis(500);
+    c.update_timeout = Duration::from_secs(60);
+    c.keep_alive_secs = 10;
+    c
+}
+
+/// Virtual devices on a thread of their own (the runtime is `!Send`),
+/// stopped when dropped; [`Devices::stop`] returns each device's boots.
+pub struct Devices {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Boots>>,
+}
+
+impl Devices {
+    /// Starts one device per configuration.
+    pub fn start(configs: Vec<mqota_virtual::device::VirtualConfig>) -> Self {
+        let (tx, rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let handles: Vec<_> = configs
+                    .into_iter()
+                    .map(|c| (c.id.clone(), mqota_virtual::device::spawn(c)))
+                    .collect();
+                while rx.try_recv() == Err(mpsc::TryRecvError::Empty) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                for (_, h) in &handles {
+                    h.stop();
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                handles.into_iter().map(|(id, h)| (id, h.boots())).collect()
+            })
+        });
+        Self {
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the devices and returns what each booted.
+    pub fn stop(mut self) -> Boots {
+        drop(self.stop.take());
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Devices {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `mqota status --json` against `broker`, parsed.
+pub fn status_json(broker: &str) -> Vec<serde_json::Value> {
+    let (ok, out, err) = mqota(&["status", "--json", "--broker", broker]);
+    assert!(ok, "status failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+}
