@@ -1,8 +1,9 @@
 //! Broker addresses: `mqtt://[user[:password]@]host[:port]`.
 //!
-//! Kept to the subset the controller needs rather than pulling in a URL
-//! crate: a scheme, optional credentials and a host with an optional port.
-//! `mqtts://` is recognised so the error can say TLS is not built in yet.
+//! Parsed by the device runtime's `parse_broker_url`, the one parser of this
+//! URL form in the project; this module only owns the strings and says what is
+//! wrong in words an operator reads. `mqtts://` is recognised so the error can
+//! say TLS is not built in yet.
 
 use std::fmt;
 use std::str::FromStr;
@@ -45,65 +46,23 @@ pub enum BrokerUrlError {
 impl FromStr for BrokerUrl {
     type Err = BrokerUrlError;
 
+    /// The same parser the device runtime (and the firmware's build-time
+    /// configuration) uses, so the controller and the devices can never read
+    /// one URL two ways.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let rest = if let Some(r) = strip_prefix_ci(s, "mqtt://") {
-            r
-        } else if let Some(r) = strip_prefix_ci(s, "tcp://") {
-            r
-        } else if strip_prefix_ci(s, "mqtts://").is_some() {
-            return Err(BrokerUrlError::TlsUnsupported);
-        } else {
-            return Err(BrokerUrlError::Scheme(s.to_owned()));
-        };
-        let rest = rest.trim_end_matches('/');
-        let (userinfo, hostport) = match rest.rfind('@') {
-            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
-            None => (None, rest),
-        };
-        let (username, password) = match userinfo {
-            None => (None, None),
-            Some(u) => match u.split_once(':') {
-                Some((user, pass)) => (Some(user.to_owned()), Some(pass.to_owned())),
-                None => (Some(u.to_owned()), None),
-            },
-        };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let end = v6.find(']').ok_or(BrokerUrlError::NoHost)?;
-            let after = &v6[end + 1..];
-            let port = match after.strip_prefix(':') {
-                Some(p) => parse_port(p)?,
-                None if after.is_empty() => DEFAULT_MQTT_PORT,
-                None => return Err(BrokerUrlError::Port(after.to_owned())),
-            };
-            (v6[..end].to_owned(), port)
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h.to_owned(), parse_port(p)?),
-                None => (hostport.to_owned(), DEFAULT_MQTT_PORT),
-            }
-        };
-        if host.is_empty() {
-            return Err(BrokerUrlError::NoHost);
-        }
+        use mqota_runtime::mqtt::BrokerUrlError as E;
+        let u = mqota_runtime::mqtt::parse_broker_url(s).map_err(|e| match e {
+            E::Scheme => BrokerUrlError::Scheme(s.trim().to_owned()),
+            E::TlsUnsupported => BrokerUrlError::TlsUnsupported,
+            E::NoHost => BrokerUrlError::NoHost,
+            _ => BrokerUrlError::Port(s.trim().to_owned()),
+        })?;
         Ok(BrokerUrl {
-            host,
-            port,
-            username,
-            password,
+            host: u.host.to_owned(),
+            port: u.port,
+            username: u.username.map(str::to_owned),
+            password: u.password.map(str::to_owned),
         })
-    }
-}
-
-fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    (s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix))
-        .then(|| &s[prefix.len()..])
-}
-
-fn parse_port(p: &str) -> Result<u16, BrokerUrlError> {
-    match p.parse::<u16>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(BrokerUrlError::Port(p.to_owned())),
     }
 }
 

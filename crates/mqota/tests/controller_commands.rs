@@ -309,6 +309,11 @@ fn the_broker_comes_from_the_environment_or_the_config_file_and_a_bad_one_is_a_o
             status_with_env(&[("MQOTA_BROKER", bad), ("MQOTA_CONFIG", "/dev/null")]);
         assert_one_line_error(ok, &out, &err, "--broker");
     }
+    // A malformed URL in the config file is blamed on the config file.
+    let bad_file = dir.path().join("bad-url.toml");
+    std::fs::write(&bad_file, "broker = \"http://127.0.0.1:1883\"\n").unwrap();
+    let (ok, out, err) = status_with_env(&[("MQOTA_CONFIG", bad_file.to_str().unwrap())]);
+    assert_one_line_error(ok, &out, &err, "broker in the config file");
     // A config file that does not parse names itself.
     let broken = dir.path().join("broken.toml");
     std::fs::write(&broken, "broker = \n").unwrap();

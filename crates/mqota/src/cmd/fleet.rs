@@ -113,9 +113,15 @@ impl Common {
     pub fn settings(&self) -> Result<Settings> {
         init_logging(self.verbose);
         let file = ConfigFile::load()?;
-        let broker = match self.broker.clone().or(file.broker) {
-            Some(b) => Some(b.parse::<BrokerUrl>().context("--broker")?),
-            None => None,
+        // Name where a bad URL came from: the flag or MQOTA_BROKER (clap
+        // merges the two), or the config file.
+        let broker = match (self.broker.clone(), file.broker) {
+            (Some(b), _) => Some(b.parse::<BrokerUrl>().context("--broker / MQOTA_BROKER")?),
+            (None, Some(b)) => Some(
+                b.parse::<BrokerUrl>()
+                    .context("broker in the config file")?,
+            ),
+            (None, None) => None,
         };
         let prefix = self
             .prefix
