@@ -423,14 +423,7 @@ impl Device<'_> {
         session: &mut MqttSession<'_, T, D>,
         p: Progress,
     ) {
-        let mut buf = [0u8; MAX_PROGRESS_JSON];
-        if let Ok(n) = p.to_json(&mut buf) {
-            // QoS 0: progress must never wait on the broker. A lost event is
-            // superseded by the next; results also land in the retained status.
-            let _ = session
-                .publish(&self.topics.progress(), &buf[..n], QoS::AtMostOnce, false)
-                .await;
-        }
+        publish_progress(session, self.topics, &p).await;
         // Refusals of a command (malformed, busy) are not results of an update:
         // they must not hide the last real result in the retained status.
         let refusal = matches!(p.error, Some(ErrorCode::BadCommand | ErrorCode::Busy));
@@ -730,6 +723,9 @@ where
     actions
 }
 
+/// Publishes a progress event at QoS 0: progress must never wait on the
+/// broker. A lost event is superseded by the next; results also land in the
+/// retained status.
 async fn publish_progress<T: TcpConnect, D: Dns>(
     session: &mut MqttSession<'_, T, D>,
     topics: &Topics,

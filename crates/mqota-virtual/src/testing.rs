@@ -100,23 +100,7 @@ impl Mosquitto {
     /// Subscribes with `mosquitto_sub` and returns the first `count` messages
     /// (retained ones included) within `timeout`.
     pub async fn collect(&self, filter: &str, count: usize, timeout: Duration) -> Vec<Received> {
-        let output = tokio::process::Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-q",
-                "1",
-                "-t",
-                filter,
-                "-C",
-                &count.to_string(),
-                "-W",
-                &timeout.as_secs().max(1).to_string(),
-                "-F",
-                "%r %t %x",
-            ])
+        let output = mosquitto_sub(self.port, filter, Some((count, timeout)))
             .output()
             .await
             .expect("mosquitto_sub (apt-get install mosquitto-clients)");
@@ -131,23 +115,7 @@ impl Mosquitto {
     /// (give it the returned value's moment: it waits for the broker to
     /// count the new client).
     pub async fn subscriber(&self, filter: &str, count: usize, timeout: Duration) -> Subscriber {
-        let child = tokio::process::Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-q",
-                "1",
-                "-t",
-                filter,
-                "-C",
-                &count.to_string(),
-                "-W",
-                &timeout.as_secs().max(1).to_string(),
-                "-F",
-                "%r %t %x",
-            ])
+        let child = mosquitto_sub(self.port, filter, Some((count, timeout)))
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -163,6 +131,28 @@ impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `mosquitto_sub` on 127.0.0.1:`port` for `filter` (MQTT v5, QoS 1), each
+/// message printed as "retained topic hex-payload" for [`Received::parse`];
+/// with `limit`, it exits after that many messages or that much time.
+fn mosquitto_sub(
+    port: u16,
+    filter: &str,
+    limit: Option<(usize, Duration)>,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("mosquitto_sub");
+    cmd.args(["-V", "mqttv5", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-q", "1", "-t", filter, "-F", "%r %t %x"]);
+    if let Some((count, timeout)) = limit {
+        cmd.args([
+            "-C",
+            &count.to_string(),
+            "-W",
+            &timeout.as_secs().max(1).to_string(),
+        ]);
+    }
+    cmd
 }
 
 /// A background `mosquitto_sub`.
@@ -330,21 +320,7 @@ impl Mosquitto {
 pub async fn observe_on(port: u16, filter: &str) -> Observer {
     {
         use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new("mosquitto_sub")
-            .args([
-                "-V",
-                "mqttv5",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-q",
-                "1",
-                "-t",
-                filter,
-                "-F",
-                "%r %t %x",
-            ])
+        let mut child = mosquitto_sub(port, filter, None)
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()

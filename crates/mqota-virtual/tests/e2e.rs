@@ -97,6 +97,36 @@ macro_rules! on_both_brokers {
     )*};
 }
 
+/// A device `id` online on 1.0.0 and in the middle of downloading 1.1.0
+/// (300,000 bytes) from a server sending 50 kB/s, as job `job`.
+async fn downloading_slowly(
+    broker: &TestBroker,
+    obs: &Observer,
+    id: &str,
+    job_id: &str,
+) -> (Handle, FaultServer) {
+    let slow = FaultServer::start(image("1.1.0", 300_000), Fault::Throttle(50_000)).await;
+    let dev = start(config(broker, id));
+    online(obs, id, "1.0.0").await;
+    broker
+        .publish(
+            &format!("device/{id}/ota/start"),
+            &job(&slow.url(), serde_json::json!({ "job": job_id })),
+            false,
+        )
+        .await;
+    assert!(
+        obs.wait_until(Duration::from_secs(10), |s| ended_with(
+            s,
+            id,
+            Phase::Downloading
+        ))
+        .await,
+        "{id} never started downloading"
+    );
+    (dev, slow)
+}
+
 fn start(cfg: VirtualConfig) -> Handle {
     let handle = Handle::new();
     let h = handle.clone();
@@ -920,25 +950,7 @@ async fn a_device_that_reboots_leaves_an_offline_status_not_a_stale_online_one(b
 async fn a_cancel_naming_another_job_does_not_disturb_the_download(broker: TestBroker) {
     local(async {
         let obs = broker.observe("device/#").await;
-        let v2 = image("1.1.0", 300_000);
-        let slow = FaultServer::start(v2.clone(), Fault::Throttle(50_000)).await;
-        let dev = start(config(&broker, "dev-k"));
-        online(&obs, "dev-k", "1.0.0").await;
-        broker
-            .publish(
-                "device/dev-k/ota/start",
-                &job(&slow.url(), serde_json::json!({"job": "mine"})),
-                false,
-            )
-            .await;
-        assert!(
-            obs.wait_until(Duration::from_secs(10), |s| ended_with(
-                s,
-                "dev-k",
-                Phase::Downloading
-            ))
-            .await
-        );
+        let (dev, slow) = downloading_slowly(&broker, &obs, "dev-k", "mine").await;
         broker
             .publish("device/dev-k/ota/cancel", br#"{"job":"other"}"#, false)
             .await;
@@ -961,20 +973,9 @@ async fn a_cancel_naming_another_job_does_not_disturb_the_download(broker: TestB
 async fn a_download_resumed_after_a_power_cut_runs_with_the_device_online(broker: TestBroker) {
     local(async {
         let obs = broker.observe("device/#").await;
-        let v2 = image("1.1.0", 300_000);
-        let slow = FaultServer::start(v2.clone(), Fault::Throttle(50_000)).await;
-        let dev = start(config(&broker, "dev-p"));
-        online(&obs, "dev-p", "1.0.0").await;
-        broker
-            .publish(
-                "device/dev-p/ota/start",
-                &job(&slow.url(), serde_json::json!({"job": "cut"})),
-                false,
-            )
-            .await;
+        let (dev, slow) = downloading_slowly(&broker, &obs, "dev-p", "cut").await;
         assert!(
-            obs.wait_until(Duration::from_secs(10), |s| slow.bytes_sent() > 60_000
-                && ended_with(s, "dev-p", Phase::Downloading))
+            obs.wait_until(Duration::from_secs(10), |_| slow.bytes_sent() > 60_000)
                 .await
         );
         let before_cut = obs.all().len();

@@ -8,7 +8,9 @@ mod controller_support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, image, mqota, status_json, Devices, Serve, MQOTA};
+use controller_support::{
+    device_config, get_json, image, mqota, status_json, Devices, Serve, MQOTA,
+};
 use mqota_virtual::testing::{free_port, observe_on, publish_to, Fault, FaultServer, Mosquitto};
 use sha2::Digest;
 
@@ -35,19 +37,6 @@ fn wait_status(
 
 fn online_on(list: &[serde_json::Value], id: &str, version: &str) -> bool {
     device(list, id).is_some_and(|d| d["online"] == true && d["version"] == version)
-}
-
-fn get_json(url: &str) -> serde_json::Value {
-    let url = url.to_owned();
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
-    })
-    .join()
-    .unwrap()
 }
 
 #[test]

@@ -7,22 +7,8 @@ mod controller_support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use controller_support::{image, mqota, Serve, MQOTA};
-use mqota_virtual::device::{run_device, Handle, VirtualConfig};
+use controller_support::{device_config, get_json, image, mqota, Devices, Serve, MQOTA};
 use mqota_virtual::testing::Mosquitto;
-
-fn get_json(url: &str) -> serde_json::Value {
-    let url = url.to_owned();
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
-    })
-    .join()
-    .unwrap()
-}
 
 #[test]
 fn a_controller_restarted_mid_rollout_still_knows_the_rollout_and_finishes_it() {
@@ -35,31 +21,15 @@ fn a_controller_restarted_mid_rollout_still_knows_the_rollout_and_finishes_it() 
     let mut serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
 
     let port = broker.port();
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let devices = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async move {
-            let mut hs = Vec::new();
-            for i in 0..6 {
-                let mut c = VirtualConfig::new(&format!("r-{i}"), "127.0.0.1", port);
-                c.progress_interval = Duration::from_millis(100);
+    let devices = Devices::start(
+        (0..6)
+            .map(|i| {
+                let mut c = device_config(&format!("r-{i}"), port);
                 c.health_timeout = Duration::from_secs(5);
-                let h = Handle::new();
-                hs.push(h.clone());
-                tokio::task::spawn_local(async move { run_device(c, h).await.unwrap() });
-            }
-            while stop_rx.try_recv() == Err(std::sync::mpsc::TryRecvError::Empty) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            for h in hs {
-                h.stop();
-            }
-        });
-    });
+                c
+            })
+            .collect(),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (ok, out, _) = mqota(&["status", "--json", "--broker", &broker_url]);
@@ -151,6 +121,5 @@ fn a_controller_restarted_mid_rollout_still_knows_the_rollout_and_finishes_it() 
     let fw_list = get_json(&format!("{}/api/firmware", serve.http));
     assert_eq!(fw_list[0]["name"], "app-1.1.0.bin");
 
-    drop(stop_tx);
-    devices.join().unwrap();
+    drop(devices);
 }

@@ -1,6 +1,9 @@
 //! `mqota flash inspect` on flash dumps the tests build: partition table,
 //! otadata and images made with the core's builders, laid out as on a device.
 
+mod cli_support;
+
+use cli_support::{failure, stdout};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -17,24 +20,6 @@ fn mqota(args: &[&std::ffi::OsStr]) -> Output {
         .args(args)
         .output()
         .expect("run mqota")
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "mqota failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn failure(out: &Output) -> String {
-    assert!(!out.status.success(), "mqota should have failed");
-    let err = String::from_utf8(out.stderr.clone()).unwrap();
-    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
-    assert!(err.starts_with("error: "), "{err:?}");
-    assert!(!err.contains("panicked"), "{err:?}");
-    err
 }
 
 /// A 4 MiB device after one OTA: ota_0 runs 1.0.0 (confirmed), ota_1 holds

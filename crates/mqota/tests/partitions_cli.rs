@@ -1,5 +1,8 @@
 //! `mqota partitions` against the espflash-made golden files in testdata/partitions.
 
+mod cli_support;
+
+use cli_support::{failure, stdout};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -15,25 +18,6 @@ fn mqota(args: &[&std::ffi::OsStr]) -> Output {
         .args(args)
         .output()
         .expect("run mqota")
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "mqota failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-/// The one-line error of a failed run.
-fn failure(out: &Output) -> String {
-    assert!(!out.status.success(), "mqota should have failed");
-    let err = String::from_utf8(out.stderr.clone()).unwrap();
-    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
-    assert!(err.starts_with("error: "), "{err:?}");
-    assert!(!err.contains("panicked"), "{err:?}");
-    err
 }
 
 #[test]

@@ -187,3 +187,18 @@ pub fn status_json(broker: &str) -> Vec<serde_json::Value> {
     assert!(ok, "status failed: {err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
 }
+
+/// GETs `url` and parses the JSON body, from a synchronous test (a runtime of
+/// its own on a thread, so it also works inside another runtime).
+pub fn get_json(url: &str) -> serde_json::Value {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+    })
+    .join()
+    .unwrap()
+}
