@@ -355,7 +355,7 @@ impl Sim {
                     self.reboot();
                     return;
                 }
-                Action::Publish(_) => {}
+                Action::Publish(_) | Action::Rollback { .. } => {}
             }
         }
     }

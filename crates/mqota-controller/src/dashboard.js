@@ -75,7 +75,7 @@ function renderFleet(list) {
     }
     body.appendChild(row([
       d.id,
-      s ? el("span", s.online ? "online" : "offline", s.online ? "good" : "bad") : el("span", "no status", "muted"),
+      s ? el("span", d.online ? "online" : "offline", d.online ? "good" : "bad") : el("span", "no status", "muted"),
       s && s.chip,
       s && s.project,
       s && s.version,

@@ -1,6 +1,12 @@
 //! The controller's view of the fleet over MQTT (rumqttc v5): every device's
-//! retained status and latest progress event, kept current by one
-//! subscription, and the commands the controller sends.
+//! retained status, availability and latest progress event, kept current by
+//! one subscription, and the commands the controller sends.
+//!
+//! Only per-device topics count (`{prefix}/{id}/status`, `…/progress`,
+//! `…/availability`), and only when the payload's `device` field equals the
+//! topic's id: a broker ACL can tie those topics to one identity, while the
+//! shared `{prefix}/progress` copy lets any client speak as any device, so
+//! the controller does not even subscribe to it.
 //!
 //! A controller that starts later learns the whole fleet from the retained
 //! statuses the broker hands out right after the subscription; [`Fleet::settle`]
@@ -11,7 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mqota_core::protocol::{Progress, Status};
+use mqota_core::protocol::{
+    parse_device_topic, DeviceTopic, Progress, Status, Topics, OFFLINE, ONLINE,
+};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -27,6 +35,9 @@ pub struct DeviceView {
     pub id: String,
     /// Its retained status, if it published one.
     pub status: Option<Status>,
+    /// Whether it is connected: its retained availability says `online`
+    /// (false when it says `offline` or said nothing).
+    pub online: bool,
     /// The latest progress event seen from it since the controller started.
     pub progress: Option<Progress>,
 }
@@ -40,6 +51,13 @@ pub enum FleetEvent {
     Progress(Progress),
     /// A device's retained status was cleared.
     Removed(String),
+    /// A device came online or went offline (its availability topic).
+    Availability {
+        /// The device.
+        id: String,
+        /// `true` for `online`.
+        online: bool,
+    },
 }
 
 /// A start command as the controller sends it; `docs/PROTOCOL.md` "Start
@@ -101,8 +119,9 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Connects as `client_id`, subscribes to `{prefix}/+/status` and
-    /// `{prefix}/progress`, and returns once the subscription is in place.
+    /// Connects as `client_id`, subscribes to `{prefix}/+/status`,
+    /// `{prefix}/+/progress` and `{prefix}/+/availability`, and returns once
+    /// the subscription is in place.
     pub async fn connect(
         url: &BrokerUrl,
         prefix: &str,
@@ -127,7 +146,12 @@ impl Fleet {
         let acked = Arc::new(AtomicU64::new(0));
         let (ready_tx, mut ready_rx) = watch::channel(None::<Result<(), String>>);
 
-        let filters = [format!("{prefix}/+/status"), format!("{prefix}/progress")];
+        let filters = Topics::controller_filters(prefix)
+            .map_err(|e| FleetError::Connect {
+                url: url.to_string(),
+                reason: format!("topic prefix {prefix:?}: {e}"),
+            })?
+            .map(|f| f.to_string());
         let task = {
             let client = client.clone();
             let devices = devices.clone();
@@ -313,51 +337,73 @@ fn handle_publish(
     devices: &Devices,
     events: &broadcast::Sender<FleetEvent>,
 ) {
-    let Some(rest) = topic.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+    let Some((id, what)) = parse_device_topic(prefix, topic) else {
         return;
     };
-    if rest == "progress" {
-        match serde_json::from_slice::<Progress>(payload) {
-            Ok(p) => {
-                let id = p.device.to_string();
+    let view = |d: &mut BTreeMap<String, DeviceView>| -> DeviceView {
+        d.get(id).cloned().unwrap_or_else(|| DeviceView {
+            id: id.to_owned(),
+            status: None,
+            online: false,
+            progress: None,
+        })
+    };
+    match what {
+        DeviceTopic::Progress => match serde_json::from_slice::<Progress>(payload) {
+            Ok(p) if p.device.as_str() == id => {
                 let mut d = devices.lock().unwrap();
-                let entry = d.entry(id.clone()).or_insert_with(|| DeviceView {
-                    id,
-                    status: None,
-                    progress: None,
-                });
+                let mut entry = view(&mut d);
                 entry.progress = Some(p.clone());
+                d.insert(id.to_owned(), entry);
                 drop(d);
                 let _ = events.send(FleetEvent::Progress(p));
             }
+            Ok(p) => tracing::warn!(
+                "ignoring a progress event on {topic} that claims to be from {:?}",
+                p.device.as_str()
+            ),
             Err(e) => tracing::debug!("ignoring a progress event that does not parse: {e}"),
+        },
+        DeviceTopic::Status if payload.is_empty() => {
+            devices.lock().unwrap().remove(id);
+            let _ = events.send(FleetEvent::Removed(id.to_owned()));
         }
-        return;
-    }
-    let Some(id) = rest.strip_suffix("/status") else {
-        return;
-    };
-    if id.contains('/') {
-        return;
-    }
-    if payload.is_empty() {
-        devices.lock().unwrap().remove(id);
-        let _ = events.send(FleetEvent::Removed(id.to_owned()));
-        return;
-    }
-    match serde_json::from_slice::<Status>(payload) {
-        Ok(s) => {
+        DeviceTopic::Status => match serde_json::from_slice::<Status>(payload) {
+            Ok(s) if s.device.as_str() == id => {
+                let mut d = devices.lock().unwrap();
+                let mut entry = view(&mut d);
+                entry.status = Some(s.clone());
+                d.insert(id.to_owned(), entry);
+                drop(d);
+                let _ = events.send(FleetEvent::Status(s));
+            }
+            Ok(s) => tracing::warn!(
+                "ignoring a status on {topic} that claims to be from {:?}",
+                s.device.as_str()
+            ),
+            Err(e) => tracing::debug!("ignoring a status of {id} that does not parse: {e}"),
+        },
+        DeviceTopic::Availability => {
+            let online = match payload {
+                p if p == ONLINE.as_bytes() => true,
+                p if p == OFFLINE.as_bytes() || p.is_empty() => false,
+                _ => {
+                    tracing::debug!(
+                        "ignoring an availability of {id} that is neither online nor offline"
+                    );
+                    return;
+                }
+            };
             let mut d = devices.lock().unwrap();
-            let entry = d.entry(id.to_owned()).or_insert_with(|| DeviceView {
-                id: id.to_owned(),
-                status: None,
-                progress: None,
-            });
-            entry.status = Some(s.clone());
+            let mut entry = view(&mut d);
+            entry.online = online;
+            d.insert(id.to_owned(), entry);
             drop(d);
-            let _ = events.send(FleetEvent::Status(s));
+            let _ = events.send(FleetEvent::Availability {
+                id: id.to_owned(),
+                online,
+            });
         }
-        Err(e) => tracing::debug!("ignoring a status of {id} that does not parse: {e}"),
     }
 }
 

@@ -29,7 +29,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use mqota_core::protocol::Phase;
+use mqota_core::protocol::{ErrorCode, Phase};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -138,7 +138,7 @@ impl Selection {
 
     /// The selected devices among `fleet`.
     pub fn select(&self, fleet: &[DeviceView]) -> Result<Vec<DeviceView>, RolloutError> {
-        let online = |d: &&DeviceView| d.status.as_ref().is_some_and(|s| s.online);
+        let online = |d: &&DeviceView| d.online && d.status.is_some();
         match self {
             Selection::Ids(ids) => ids
                 .iter()
@@ -339,7 +339,10 @@ pub fn create(
 /// How a job of deployment `job` ended on `d`, if it did.
 fn result_of(d: &DeviceView, job: &str) -> Option<(Phase, Option<String>)> {
     if let Some(p) = &d.progress {
-        if p.job.as_deref() == Some(job) && p.phase.is_terminal() {
+        // A refusal of a repeated command (`busy`, `duplicate_job`) is not
+        // how the job ended: the job's own events and the status say that.
+        let refusal = matches!(p.error, Some(ErrorCode::Busy | ErrorCode::DuplicateJob));
+        if p.job.as_deref() == Some(job) && p.phase.is_terminal() && !refusal {
             return Some((p.phase, p.error.map(|e| e.as_str().to_owned())));
         }
     }

@@ -52,7 +52,7 @@ async fn wait_fleet(fleet: &Fleet, what: &str, check: impl Fn(&BTreeMap<String, 
             .into_iter()
             .filter_map(|d| {
                 let s = d.status?;
-                s.online.then(|| (d.id, s.version.to_string()))
+                d.online.then(|| (d.id.clone(), s.version.to_string()))
             })
             .collect();
         if check(&versions) {

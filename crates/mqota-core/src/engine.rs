@@ -225,6 +225,121 @@ pub enum Action {
     StopFetch,
     /// Reboot now: the new image is selected in otadata.
     Reboot,
+    /// A rollback command was accepted: hand it to the boot guard
+    /// ([`bootguard::rollback`](crate::bootguard::rollback)), which selects
+    /// the previous slot if it holds a valid image; answer `rolled_back` and
+    /// reboot, or `failed` with the guard's error code.
+    Rollback {
+        /// The job id the command named, to report the rollback under.
+        job: Option<JobId>,
+    },
+}
+
+/// What the engine is doing, as far as the meaning of a command depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State<'a> {
+    /// No update in flight.
+    Idle,
+    /// An update is in flight (downloading, backing off before a retry).
+    Updating {
+        /// Its job id, if the command named one.
+        job: Option<&'a JobId>,
+    },
+}
+
+/// What a command means in a [`State`]: [`decide`] is the one place that
+/// says so, for the engine, the runtime's idle loop and its download loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Start the job (the engine still checks it against the slot and the
+    /// running version).
+    Start,
+    /// Answer `failed` with this error code and message; nothing else
+    /// changes.
+    Refuse(ErrorCode, &'static str),
+    /// Stop the update in flight: `cancelled`.
+    Cancel,
+    /// Do nothing and say nothing (a cancel with nothing to cancel, or one
+    /// naming another job: a late cancel of an old job must not end the next).
+    Ignore,
+    /// Roll back to the previous slot ([`Action::Rollback`]).
+    Rollback,
+}
+
+/// Job ids this device has finished, newest last: a start naming one again
+/// is a replayed or repeated command and is refused with
+/// [`ErrorCode::DuplicateJob`]. Seeded at boot from both slots' journals
+/// ([`Engine::recall_finished`]) and extended as jobs end.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Finished(heapless::Deque<JobId, FINISHED_JOBS>);
+
+/// How many finished job ids the engine remembers. A slot's journal holds
+/// one job, so two survive any reboot; the rest are from this boot.
+pub const FINISHED_JOBS: usize = 8;
+
+impl Finished {
+    /// Remembers `job` as finished (the oldest is forgotten when full).
+    pub fn remember(&mut self, job: &JobId) {
+        if self.contains(job) {
+            return;
+        }
+        if self.0.is_full() {
+            self.0.pop_front();
+        }
+        // Cannot fail: room was made above.
+        let _ = self.0.push_back(job.clone());
+    }
+
+    /// Whether `job` is one this device finished.
+    pub fn contains(&self, job: &JobId) -> bool {
+        self.0.iter().any(|j| j == job)
+    }
+}
+
+const BUSY: &str = "an update is in flight";
+
+/// What `cmd` means in `state`, given the jobs already `finished`. Pure: the
+/// table tests in `tests/engine.rs` cover every (state × command) pair.
+///
+/// | command | idle | updating job `j` |
+/// |---|---|---|
+/// | start of a finished job | refuse `duplicate_job` | refuse `duplicate_job` |
+/// | start | start | refuse `busy` |
+/// | cancel (no job, or `j`) | ignore | cancel |
+/// | cancel of another job | ignore | ignore |
+/// | rollback | rollback | refuse `busy` |
+pub fn decide(state: State<'_>, finished: &Finished, cmd: &Command) -> Decision {
+    match (cmd, state) {
+        (Command::Start(job), _) if job.job.as_ref().is_some_and(|j| finished.contains(j)) => {
+            Decision::Refuse(
+                ErrorCode::DuplicateJob,
+                "job already finished on this device",
+            )
+        }
+        (Command::Start(_), State::Idle) => Decision::Start,
+        (Command::Start(_), State::Updating { .. }) => Decision::Refuse(ErrorCode::Busy, BUSY),
+        (Command::Cancel { .. }, State::Idle) => Decision::Ignore,
+        (Command::Cancel { job: None }, State::Updating { .. }) => Decision::Cancel,
+        (Command::Cancel { job: Some(j) }, State::Updating { job: current }) => {
+            if current == Some(j) {
+                Decision::Cancel
+            } else {
+                Decision::Ignore
+            }
+        }
+        (Command::Rollback { .. }, State::Idle) => Decision::Rollback,
+        (Command::Rollback { .. }, State::Updating { .. }) => {
+            Decision::Refuse(ErrorCode::Busy, BUSY)
+        }
+    }
+}
+
+/// The job a command names, for the events that answer it.
+fn command_job(cmd: &Command) -> Option<JobId> {
+    match cmd {
+        Command::Start(job) => job.job.clone(),
+        Command::Cancel { job } | Command::Rollback { job } => job.clone(),
+    }
 }
 
 /// The actions of one step (never more than four).
@@ -277,6 +392,7 @@ pub struct Engine {
     cfg: Config,
     layout: Layout,
     dl: Option<Download>,
+    finished: Finished,
     page: [u8; PAGE_SIZE as usize],
     fill: usize,
 }
@@ -296,6 +412,7 @@ impl Engine {
             cfg,
             layout,
             dl: None,
+            finished: Finished::default(),
             page: [0xFF; PAGE_SIZE as usize],
             fill: 0,
         }
@@ -304,6 +421,51 @@ impl Engine {
     /// Whether an update is in flight.
     pub fn is_busy(&self) -> bool {
         self.dl.is_some()
+    }
+
+    /// What the engine is doing, for [`decide`].
+    pub fn state(&self) -> State<'_> {
+        match &self.dl {
+            None => State::Idle,
+            Some(d) => State::Updating {
+                job: d.record.job.as_ref(),
+            },
+        }
+    }
+
+    /// The jobs this device finished, for [`decide`].
+    pub fn finished(&self) -> &Finished {
+        &self.finished
+    }
+
+    /// Remembers `job` as finished: for jobs the engine did not end itself
+    /// (a trial the boot guard confirmed or rolled back).
+    pub fn remember_finished(&mut self, job: &JobId) {
+        self.finished.remember(job);
+    }
+
+    /// Seeds the finished jobs from both slots' journals, once at boot: the
+    /// running slot's job installed the running image (its trial is over by
+    /// the time commands are served); the other slot's job is finished if it
+    /// was abandoned or activated (then rolled back). A job the journal
+    /// shows neither way is an interrupted download that [`Engine::resume`]
+    /// picks up, not a finished one. Unreadable journals add nothing.
+    pub fn recall_finished<F: NorFlash>(&mut self, flash: &mut F) {
+        for (i, slot) in self.layout.slots.clone().iter().enumerate() {
+            let journal = slot.journal();
+            let Ok(Some(record)) = journal.job(flash) else {
+                continue;
+            };
+            let Some(job) = record.job.as_ref() else {
+                continue;
+            };
+            let over = i == self.layout.running
+                || journal.has(flash, Flag::Abandoned).unwrap_or(false)
+                || journal.has(flash, Flag::Activated).unwrap_or(false);
+            if over {
+                self.finished.remember(job);
+            }
+        }
     }
 
     /// The URL of the update in flight.
@@ -379,12 +541,16 @@ impl Engine {
     pub fn handle<F: NorFlash>(&mut self, flash: &mut F, now: Millis, event: Event<'_>) -> Actions {
         let mut actions = Actions::new();
         let result = match event {
-            Event::Command(Command::Start(job)) => self.start(now, job, &mut actions),
-            Event::Command(Command::Cancel { job }) => {
-                // A cancel that names a job stops only that job (PROTOCOL.md):
-                // a late cancel of an old job must not end the next one.
-                let for_this = job.is_none() || job.as_ref() == self.job();
-                if self.dl.is_some() && for_this {
+            Event::Command(cmd) => match (decide(self.state(), &self.finished, &cmd), cmd) {
+                (Decision::Start, Command::Start(job)) => self.start(now, job, &mut actions),
+                (Decision::Refuse(code, why), cmd) => {
+                    let ev = self
+                        .event(command_job(&cmd), Phase::Failed, 0, None, 0)
+                        .with_error(code, Some(why));
+                    push(&mut actions, Action::Publish(ev));
+                    Ok(())
+                }
+                (Decision::Cancel, _) => {
                     self.finish(
                         flash,
                         Phase::Cancelled,
@@ -392,18 +558,16 @@ impl Engine {
                         "cancelled by operator",
                         &mut actions,
                     );
+                    Ok(())
                 }
-                Ok(())
-            }
-            // Rollback is the boot guard's business; the runtime routes it
-            // there. Refuse it here only while busy.
-            Event::Command(Command::Rollback { job }) => {
-                push(
-                    &mut actions,
-                    Action::Publish(self.event(job, Phase::Failed, 0, Some(ErrorCode::Busy), 0)),
-                );
-                Ok(())
-            }
+                // Rollback is the boot guard's business: the caller performs it.
+                (Decision::Rollback, cmd) => {
+                    let job = command_job(&cmd);
+                    push(&mut actions, Action::Rollback { job });
+                    Ok(())
+                }
+                _ => Ok(()),
+            },
             Event::Response(r) => self.on_response(flash, now, r, &mut actions),
             Event::Body(data) => self.on_body(flash, now, data, &mut actions),
             Event::BodyEnd => self.on_end(flash, now, &mut actions),
@@ -499,16 +663,12 @@ impl Engine {
     }
 
     fn start(&mut self, now: Millis, job: Job, actions: &mut Actions) -> Result<(), Fail> {
-        if self.dl.is_some() {
-            push(
-                actions,
-                Action::Publish(self.event(job.job, Phase::Failed, 0, Some(ErrorCode::Busy), 0)),
-            );
-            return Ok(());
-        }
         let target = self.layout.target();
         let slot = self.layout.slots[target];
         if !job.force && job.version.as_deref() == Some(self.cfg.running_version.as_str()) {
+            if let Some(j) = &job.job {
+                self.finished.remember(j);
+            }
             push(
                 actions,
                 Action::Publish(self.event_msg(
@@ -880,6 +1040,9 @@ impl Engine {
         }
         let ev = self.progress_event(phase, code, why);
         warn!("job ended: {}", why);
+        if let Some(j) = &dl.record.job {
+            self.finished.remember(j);
+        }
         self.dl = None;
         self.fill = 0;
         push(actions, Action::StopFetch);

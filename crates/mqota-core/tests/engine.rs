@@ -180,10 +180,12 @@ fn every_failure_ends_with_its_own_error_and_keeps_the_old_firmware() {
         assert_eq!(d.slot_bytes(0, 200_000), before, "{name}");
         let ota = Otadata::read(&mut d.flash, d.layout.otadata).unwrap();
         assert_eq!(ota.selected_slot(2), None, "{name}: otadata untouched");
-        // And the next command works.
+        // And the next command (a new job) works.
         d.published.clear();
         d.fetches.clear();
-        d.start(job(URL));
+        let mut next = job(URL);
+        next.job = Some("job-2".try_into().unwrap());
+        d.start(next);
         d.serve(&good());
         assert!(d.rebooted, "{name}: the next command succeeds");
     }
@@ -440,7 +442,9 @@ fn the_running_version_is_not_downloaded_again_unless_forced() {
     d.start(j.clone());
     assert_eq!(d.last().phase, Phase::Done);
     assert!(d.fetches.is_empty());
+    // Forcing is a new job: the same id again would be a duplicate.
     j.force = true;
+    j.job = Some("job-2".try_into().unwrap());
     d.start(j);
     assert_eq!(d.fetches, vec![0]);
 }

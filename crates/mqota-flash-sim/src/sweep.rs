@@ -354,7 +354,7 @@ fn cycle<F: NorFlash>(
                 // device is about to lose power anyway.
                 return None;
             }
-            Action::Publish(_) | Action::StopFetch => {}
+            Action::Publish(_) | Action::StopFetch | Action::Rollback { .. } => {}
         }
     }
     Some(Cycle::Idle)

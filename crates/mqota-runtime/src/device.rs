@@ -10,8 +10,10 @@
 //! 1. [`early_boot`], before anything that could fail: read the partition
 //!    table, describe the running image, run the boot guard. On
 //!    [`Verdict::Reboot`] the caller resets at once.
-//! 2. [`run`]: bring up the link and the broker (a last will marks the device
-//!    offline in its retained status), subscribe to the command topics.
+//! 2. [`run`]: bring up the link and the broker (the last will sets the
+//!    retained `{prefix}/{id}/availability` to `offline`), subscribe to the
+//!    command topics without retained replay, publish `online` and the
+//!    retained status.
 //! 3. On a trial boot: the health check — broker reached and topics
 //!    subscribed within [`DeviceConfig::health_timeout`], then the platform's
 //!    own hook. Pass: confirm, publish `confirming` and `done`. Fail: roll
@@ -30,6 +32,17 @@
 //! in a bounded queue ([`PROGRESS_QUEUE`]); when it is full the oldest
 //! `downloading` event is dropped, then the oldest refusal of another
 //! command; the job's own phase changes never are.
+//!
+//! # Commands that must never run
+//!
+//! A command the broker delivers with the retain flag is dropped unread:
+//! a retained rollback or start would otherwise run again on every
+//! reconnect and every boot. The subscriptions already ask the broker not to
+//! replay retained messages (MQTT 5 retain handling 2); the flag check is
+//! for brokers that ignore the option. A start naming a job this device has
+//! already finished is answered `duplicate_job` and nothing else
+//! ([`mqota_core::engine::decide`] decides what every command means, idle or
+//! downloading).
 
 use core::cell::RefCell;
 
@@ -40,14 +53,15 @@ use embedded_storage::nor_flash::NorFlash;
 use heapless::{Deque, String};
 use mqota_core::bootguard::{self, Boot, TrialResult, Verdict};
 use mqota_core::engine::{
-    Action, Actions, Config as EngineConfig, Engine, Event, Layout, Response,
+    decide, Action, Actions, Config as EngineConfig, Decision, Engine, Event, Finished, Layout,
+    Response, State,
 };
 use mqota_core::image::{self, Chip};
 use mqota_core::partition::{PartitionTable, TABLE_OFFSET};
 use mqota_core::protocol::truncated;
 use mqota_core::protocol::{
-    parse_command, Command, CommandOutcome, ErrorCode, JobId, LastResult, Phase, Progress, Status,
-    Topics, MAX_PROGRESS_JSON, MAX_STATUS_JSON, MAX_URL_LEN,
+    parse_command, Command, CommandOutcome, ErrorCode, LastResult, Phase, Progress, Status, Topics,
+    MAX_PROGRESS_JSON, MAX_STATUS_JSON, MAX_URL_LEN, OFFLINE, ONLINE,
 };
 
 use crate::backoff::{Backoff, Jitter, XorShift32};
@@ -83,6 +97,9 @@ pub struct DeviceConfig<'a> {
     pub keep_alive_secs: u16,
     /// Seed for reconnect jitter (use something device-specific, e.g. the MAC).
     pub seed: u32,
+    /// Also publish every progress event on the shared `{prefix}/progress`
+    /// (besides `{prefix}/{id}/progress`), for tooling that listens there.
+    pub progress_copy: bool,
 }
 
 impl<'a> DeviceConfig<'a> {
@@ -101,6 +118,7 @@ impl<'a> DeviceConfig<'a> {
             progress_interval: Duration::from_millis(250),
             keep_alive_secs: 30,
             seed: 0x6d71_6f74,
+            progress_copy: true,
         }
     }
 }
@@ -195,7 +213,6 @@ where
     };
     let mut status = Status {
         device: device_id.clone(),
-        online: false,
         chip: truncated(booted.chip.name()),
         project: booted.project.clone(),
         version: booted.version.clone(),
@@ -203,15 +220,15 @@ where
         state: truncated(booted.boot.state.name()),
         last: booted.boot.last.clone(),
     };
-    let mut will = [0u8; MAX_STATUS_JSON];
-    let will_len = status.to_json(&mut will).unwrap_or(0);
-    let status_topic = topics.status();
+    // The will marks the device offline on its availability topic, never
+    // on its status: the retained status keeps the last real state.
+    let availability_topic = topics.availability();
     let mut mqtt_cfg = MqttConfig::new(
         cfg.broker_host,
         cfg.broker_port,
         &device_id,
-        &status_topic,
-        &will[..will_len],
+        &availability_topic,
+        OFFLINE.as_bytes(),
     );
     mqtt_cfg.keep_alive_secs = cfg.keep_alive_secs;
     mqtt_cfg.username = cfg.username;
@@ -235,6 +252,15 @@ where
     engine_cfg.progress_interval_ms = cfg.progress_interval.as_millis();
     let layout = booted.layout.clone();
     let mut engine = Engine::new(engine_cfg, layout.clone());
+    // The jobs this device already finished: a replayed start of one of them
+    // is answered `duplicate_job` instead of running again.
+    engine.recall_finished(flash);
+    if let Some(job) = booted.boot.last.as_ref().and_then(|l| l.job.as_ref()) {
+        engine.remember_finished(job);
+    }
+    if let Some(job) = booted.boot.trial_job.as_ref() {
+        engine.remember_finished(job);
+    }
 
     let mut dev = Device {
         topics: &topics,
@@ -242,6 +268,7 @@ where
         fetch: None,
         reboot: false,
         up: false,
+        progress_copy: cfg.progress_copy,
     };
 
     // The trial, if this boot is one: reach the broker and subscribe within
@@ -313,7 +340,7 @@ where
     }
     if booted.boot.resume {
         if let Some(actions) = engine.resume(flash, now_ms()) {
-            dev.apply(&mut session, actions).await;
+            dev.apply(&mut session, actions, flash, &layout).await;
         }
     }
 
@@ -337,7 +364,7 @@ where
                 &mut random,
             )
             .await;
-            dev.apply(&mut session, actions).await;
+            dev.apply(&mut session, actions, flash, &layout).await;
             continue;
         }
         // Idle (or backing off before a retry): serve the broker.
@@ -361,14 +388,14 @@ where
         let until = Instant::now() + Duration::from_millis(wait);
         match session.poll(until).await {
             Ok(Some(msg)) => {
-                let actions = dev.on_message(&msg, &mut engine, flash, &layout).await;
-                dev.apply(&mut session, actions).await;
+                let actions = dev.on_message(&msg, &mut engine, flash);
+                dev.apply(&mut session, actions, flash, &layout).await;
             }
             Ok(None) => {}
             Err(_) => dev.up = false,
         }
         let actions = engine.check_for_timeout(flash, now_ms());
-        dev.apply(&mut session, actions).await;
+        dev.apply(&mut session, actions, flash, &layout).await;
     }
 }
 
@@ -382,6 +409,8 @@ struct Device<'d> {
     reboot: bool,
     /// Connected, subscribed, and the online status published.
     up: bool,
+    /// Copy progress to the shared `{prefix}/progress` too.
+    progress_copy: bool,
 }
 
 impl Device<'_> {
@@ -410,7 +439,7 @@ impl Device<'_> {
             }
             if session.subscribe(subs).await.is_ok() {
                 self.up = true;
-                self.status.online = true;
+                self.publish_availability(session, ONLINE).await;
                 self.publish_status(session).await;
                 return true;
             }
@@ -423,10 +452,13 @@ impl Device<'_> {
         session: &mut MqttSession<'_, T, D>,
         p: Progress,
     ) {
-        publish_progress(session, self.topics, &p).await;
+        publish_progress(session, self.topics, &p, self.progress_copy).await;
         // Refusals of a command (malformed, busy) are not results of an update:
         // they must not hide the last real result in the retained status.
-        let refusal = matches!(p.error, Some(ErrorCode::BadCommand | ErrorCode::Busy));
+        let refusal = matches!(
+            p.error,
+            Some(ErrorCode::BadCommand | ErrorCode::Busy | ErrorCode::DuplicateJob)
+        );
         if p.phase.is_terminal() && !refusal {
             self.status.last = Some(LastResult {
                 job: p.job.clone(),
@@ -438,12 +470,26 @@ impl Device<'_> {
     }
 
     /// Says goodbye before a reboot. A clean DISCONNECT discards the will,
-    /// so without this the retained status would claim the device online
-    /// until it (or the image it falls back to) connects again.
+    /// so without this the retained availability would claim the device
+    /// online until it (or the image it falls back to) connects again.
     async fn go_offline<T: TcpConnect, D: Dns>(&mut self, session: &mut MqttSession<'_, T, D>) {
-        self.status.online = false;
-        self.publish_status(session).await;
+        self.publish_availability(session, OFFLINE).await;
         session.disconnect().await;
+    }
+
+    async fn publish_availability<T: TcpConnect, D: Dns>(
+        &mut self,
+        session: &mut MqttSession<'_, T, D>,
+        state: &str,
+    ) {
+        let _ = session
+            .publish(
+                &self.topics.availability(),
+                state.as_bytes(),
+                QoS::AtLeastOnce,
+                true,
+            )
+            .await;
     }
 
     async fn publish_status<T: TcpConnect, D: Dns>(&mut self, session: &mut MqttSession<'_, T, D>) {
@@ -467,10 +513,12 @@ impl Device<'_> {
     }
 
     /// Performs the engine's actions that are not about the fetch in flight.
-    async fn apply<T: TcpConnect, D: Dns>(
+    async fn apply<T: TcpConnect, D: Dns, F: NorFlash>(
         &mut self,
         session: &mut MqttSession<'_, T, D>,
         actions: Actions,
+        flash: &mut F,
+        layout: &Layout,
     ) {
         for a in actions {
             match a {
@@ -478,45 +526,67 @@ impl Device<'_> {
                 Action::Fetch { from } => self.fetch = Some(from),
                 Action::StopFetch => self.fetch = None,
                 Action::Reboot => self.reboot = true,
+                Action::Rollback { job } => {
+                    let p = match bootguard::rollback(flash, layout) {
+                        Ok(()) => {
+                            self.reboot = true;
+                            let mut p = Progress::new(self.topics, job, Phase::RolledBack);
+                            p.message = Some(truncated("rolling back to the previous image"));
+                            p
+                        }
+                        Err(e) => Progress::new(self.topics, job, Phase::Failed)
+                            .with_error(e.code(), Some("no valid previous image to roll back to")),
+                    };
+                    self.publish(session, p).await;
+                }
             }
         }
     }
 
-    /// A command arrived while no download runs.
-    async fn on_message<F: NorFlash>(
+    /// A command arrived while no download runs: the engine decides what it
+    /// means.
+    fn on_message<F: NorFlash>(
         &mut self,
         msg: &Message,
         engine: &mut Engine,
         flash: &mut F,
-        layout: &Layout,
     ) -> Actions {
-        let Some(kind) = self.topics.classify(&msg.topic) else {
-            return Actions::new();
-        };
         let mut out = Actions::new();
-        match parse_command(kind, &msg.payload, self.topics.device_id()) {
-            Ok(CommandOutcome::NotForMe) => {}
-            Ok(CommandOutcome::Command(Command::Rollback { job })) if !engine.is_busy() => {
-                let p = match bootguard::rollback(flash, layout) {
-                    Ok(()) => {
-                        self.reboot = true;
-                        let mut p = Progress::new(self.topics, job, Phase::RolledBack);
-                        p.message = Some(truncated("rolling back to the previous image"));
-                        p
-                    }
-                    Err(e) => Progress::new(self.topics, job, Phase::Failed)
-                        .with_error(e.code(), Some("no valid previous image to roll back to")),
-                };
+        match read_command(msg, self.topics) {
+            Incoming::Command(cmd) => out = engine.handle(flash, now_ms(), Event::Command(cmd)),
+            Incoming::Bad(p) => {
                 let _ = out.push(Action::Publish(p));
             }
-            Ok(CommandOutcome::Command(cmd)) => {
-                out = engine.handle(flash, now_ms(), Event::Command(cmd))
-            }
-            Err(bad) => {
-                let _ = out.push(Action::Publish(bad.to_progress(self.topics)));
-            }
+            Incoming::Ignored => {}
         }
         out
+    }
+}
+
+/// A message on one of the device's topics, read.
+enum Incoming {
+    /// A command for this device.
+    Command(Command),
+    /// A malformed command: publish this refusal.
+    Bad(Progress),
+    /// Not a command for this device, or a retained one: nothing to do.
+    Ignored,
+}
+
+/// Reads a message: a retained command is dropped unread (it would run again
+/// on every reconnect), anything not addressed to this device is ignored.
+fn read_command(msg: &Message, topics: &Topics) -> Incoming {
+    let Some(kind) = topics.classify(&msg.topic) else {
+        return Incoming::Ignored;
+    };
+    if msg.retain {
+        warn!("dropping a retained command: commands are never retained");
+        return Incoming::Ignored;
+    }
+    match parse_command(kind, &msg.payload, topics.device_id()) {
+        Ok(CommandOutcome::Command(cmd)) => Incoming::Command(cmd),
+        Ok(CommandOutcome::NotForMe) => Incoming::Ignored,
+        Err(bad) => Incoming::Bad(bad.to_progress(topics)),
     }
 }
 
@@ -559,8 +629,12 @@ fn queue(outbox: &RefCell<Deque<Progress, PROGRESS_QUEUE>>, p: Progress) {
         // `bad_command`: a flood of junk must not push out the job's own
         // events). The job's phase changes are at most a handful per fetch,
         // far fewer than the queue holds, so they are never the ones to go.
-        let refusal =
-            |e: &Progress| matches!(e.error, Some(ErrorCode::Busy | ErrorCode::BadCommand));
+        let refusal = |e: &Progress| {
+            matches!(
+                e.error,
+                Some(ErrorCode::Busy | ErrorCode::BadCommand | ErrorCode::DuplicateJob)
+            )
+        };
         let victim = q
             .iter()
             .position(|e| e.phase == Phase::Downloading)
@@ -628,6 +702,10 @@ where
     };
     let deadline = engine.deadline().unwrap_or(u64::MAX);
     let current = engine.job().cloned();
+    // The engine is lent to the body sink below; the commands that arrive
+    // meanwhile are decided on a copy of what they depend on.
+    let finished = engine.finished().clone();
+    let copy = dev.progress_copy;
     let outbox = RefCell::new(Deque::new());
     let (result, cancel, ending) = {
         let mut sink = EngineSink {
@@ -641,7 +719,7 @@ where
             loop {
                 let next = outbox.borrow_mut().pop_front();
                 if let Some(p) = next {
-                    publish_progress(session, topics, &p).await;
+                    publish_progress(session, topics, &p, copy).await;
                     continue;
                 }
                 if !session.is_connected() && session.maintain(link, backoff, random).await.is_err()
@@ -652,7 +730,10 @@ where
                 let until = Instant::now() + Duration::from_millis(50);
                 match session.poll(until).await {
                     Ok(Some(msg)) => {
-                        if let Some(cmd) = during_download(&msg, topics, current.as_ref(), &outbox)
+                        let state = State::Updating {
+                            job: current.as_ref(),
+                        };
+                        if let Some(cmd) = during_download(&msg, topics, state, &finished, &outbox)
                         {
                             return cmd;
                         }
@@ -723,60 +804,64 @@ where
     actions
 }
 
-/// Publishes a progress event at QoS 0: progress must never wait on the
+/// Publishes a progress event at QoS 0 on `{prefix}/{id}/progress`, and a
+/// copy on `{prefix}/progress` when `copy`: progress must never wait on the
 /// broker. A lost event is superseded by the next; results also land in the
 /// retained status.
 async fn publish_progress<T: TcpConnect, D: Dns>(
     session: &mut MqttSession<'_, T, D>,
     topics: &Topics,
     p: &Progress,
+    copy: bool,
 ) {
     let mut buf = [0u8; MAX_PROGRESS_JSON];
     if let Ok(n) = p.to_json(&mut buf) {
         let _ = session
-            .publish(&topics.progress(), &buf[..n], QoS::AtMostOnce, false)
+            .publish(&topics.device_progress(), &buf[..n], QoS::AtMostOnce, false)
             .await;
+        if copy {
+            let _ = session
+                .publish(&topics.progress(), &buf[..n], QoS::AtMostOnce, false)
+                .await;
+        }
     }
 }
 
-/// A command during a download: a `cancel` of this job (or of none named)
-/// ends the download (returned); `start` and `rollback` are answered `busy`;
-/// bad commands `bad_command`.
+/// A command during a download, decided by [`decide`] like every other: a
+/// `cancel` of this job (or of none named) ends the download (returned);
+/// refusals (`busy`, `duplicate_job`, `bad_command`) are queued; retained
+/// commands and everything else are ignored.
 fn during_download(
     msg: &Message,
     topics: &Topics,
-    current: Option<&JobId>,
+    state: State<'_>,
+    finished: &Finished,
     outbox: &RefCell<Deque<Progress, PROGRESS_QUEUE>>,
 ) -> Option<Command> {
-    let kind = topics.classify(&msg.topic)?;
-    match parse_command(kind, &msg.payload, topics.device_id()) {
+    let cmd = match read_command(msg, topics) {
+        Incoming::Command(cmd) => cmd,
+        Incoming::Bad(p) => {
+            queue(outbox, p);
+            return None;
+        }
+        Incoming::Ignored => return None,
+    };
+    match decide(state, finished, &cmd) {
+        Decision::Cancel => Some(cmd),
+        Decision::Refuse(code, why) => {
+            let job = match cmd {
+                Command::Start(job) => job.job,
+                Command::Cancel { job } | Command::Rollback { job } => job,
+            };
+            queue(
+                outbox,
+                Progress::new(topics, job, Phase::Failed).with_error(code, Some(why)),
+            );
+            None
+        }
         // A cancel of another job must not even drop the fetch: the engine
         // would ignore it and the download would sit until the stall timeout.
-        Ok(CommandOutcome::Command(Command::Cancel { job: Some(j) })) if Some(&j) != current => {
-            None
-        }
-        Ok(CommandOutcome::Command(cmd @ Command::Cancel { .. })) => Some(cmd),
-        Ok(CommandOutcome::Command(Command::Start(job))) => {
-            queue(
-                outbox,
-                Progress::new(topics, job.job, Phase::Failed)
-                    .with_error(ErrorCode::Busy, Some("an update is in flight")),
-            );
-            None
-        }
-        Ok(CommandOutcome::Command(Command::Rollback { job })) => {
-            queue(
-                outbox,
-                Progress::new(topics, job, Phase::Failed)
-                    .with_error(ErrorCode::Busy, Some("an update is in flight")),
-            );
-            None
-        }
-        Ok(CommandOutcome::NotForMe) => None,
-        Err(bad) => {
-            queue(outbox, bad.to_progress(topics));
-            None
-        }
+        Decision::Ignore | Decision::Start | Decision::Rollback => None,
     }
 }
 

@@ -8,7 +8,7 @@
 //!
 //! * CONNECT with clean start off and a session expiry, so the broker keeps
 //!   subscriptions and queued QoS 1 messages while the device is away.
-//! * A last will on a status topic, QoS 1, retained, with a payload the caller
+//! * A last will on an availability topic, QoS 1, retained, with a payload the caller
 //!   supplies (typically "offline"): the broker publishes it when the TCP
 //!   connection dies without a DISCONNECT.
 //! * A non-zero keep-alive; the session sends PINGREQ after half of it passed
@@ -56,8 +56,8 @@ use heapless::{Deque, String, Vec};
 use rust_mqtt::buffer::BumpBuffer;
 use rust_mqtt::client::event::Event;
 use rust_mqtt::client::options::{
-    ConnectOptions, DisconnectOptions, PublicationOptions, SubscriptionOptions, TopicReference,
-    WillOptions,
+    ConnectOptions, DisconnectOptions, PublicationOptions, RetainHandling, SubscriptionOptions,
+    TopicReference, WillOptions,
 };
 use rust_mqtt::client::{Client, MqttError as ClientError};
 use rust_mqtt::config::{KeepAlive, SessionExpiryInterval};
@@ -207,9 +207,9 @@ pub struct MqttConfig<'a> {
     pub port: u16,
     /// MQTT client identifier; also the key of the persistent session.
     pub client_id: &'a str,
-    /// Topic of the last will (the device's retained status topic).
+    /// Topic of the last will (the device's retained availability topic).
     pub will_topic: &'a str,
-    /// Payload of the last will, e.g. a status document saying "offline".
+    /// Payload of the last will: `offline`.
     pub will_payload: &'a [u8],
     /// User name sent in CONNECT, for brokers that want a login.
     pub username: Option<&'a str>,
@@ -686,7 +686,13 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
         for filter in filters {
             let string = MqttString::from_str(filter.as_str()).map_err(|_| MqttError::TooLong)?;
             let filter = TopicFilter::new(string).ok_or(MqttError::InvalidTopic)?;
-            let options = SubscriptionOptions::new().at_least_once();
+            // Every topic the device subscribes to carries commands, and a
+            // command must never be replayed from the retained store: ask
+            // the broker not to send retained messages at all (retain
+            // handling 2). The device also drops any that arrive anyway.
+            let options = SubscriptionOptions::new()
+                .at_least_once()
+                .retain_handling(RetainHandling::NeverSend);
             self.busy = true;
             let sent = with_timeout(
                 self.config.io_timeout,

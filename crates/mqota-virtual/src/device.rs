@@ -70,6 +70,8 @@ pub struct VirtualConfig {
     pub watchdog: StdDuration,
     /// MQTT keep-alive.
     pub keep_alive_secs: u16,
+    /// Also publish progress on the shared `{prefix}/progress`.
+    pub progress_copy: bool,
 }
 
 impl VirtualConfig {
@@ -92,6 +94,7 @@ impl VirtualConfig {
             progress_interval: StdDuration::from_millis(250),
             watchdog: StdDuration::from_secs(3),
             keep_alive_secs: 30,
+            progress_copy: true,
         }
     }
 }
@@ -121,6 +124,8 @@ struct Shared {
     cut: Cell<Option<Cut>>,
     stopped: Cell<bool>,
     boots: RefCell<Vec<BootRecord>>,
+    /// Flash writes and erases the device started, over all its boots.
+    flash_ops: Cell<u64>,
     wake: Notify,
 }
 
@@ -183,6 +188,12 @@ impl Handle {
     /// Every boot so far, oldest first.
     pub fn boots(&self) -> Vec<BootRecord> {
         self.0.boots.borrow().clone()
+    }
+
+    /// Flash writes and erases the device (firmware and bootloader) has
+    /// started so far, over all its boots: what wears the flash.
+    pub fn flash_ops(&self) -> u64 {
+        self.0.flash_ops.get()
     }
 
     pub(crate) fn powered(&self) -> bool {
@@ -280,6 +291,8 @@ impl Powered<'_> {
         if !self.handle.powered() {
             return Err(SimError::PowerCut);
         }
+        let ops = &self.handle.0.flash_ops;
+        ops.set(ops.get() + 1);
         if let Some(cut) = self.handle.0.cut.take() {
             self.flash.arm(cut);
         }
@@ -402,6 +415,7 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
     dcfg.progress_interval =
         embassy_time::Duration::from_millis(cfg.progress_interval.as_millis() as u64);
     dcfg.keep_alive_secs = cfg.keep_alive_secs;
+    dcfg.progress_copy = cfg.progress_copy;
     dcfg.seed = cfg.id.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ b as u32).wrapping_mul(0x0100_0193)
     });

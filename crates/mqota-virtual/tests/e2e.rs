@@ -136,12 +136,26 @@ fn start(cfg: VirtualConfig) -> Handle {
     handle
 }
 
+/// The progress events of `id` on its own topic, `device/{id}/progress`.
 fn progress_of(seen: &[Received], id: &str) -> Vec<Progress> {
+    progress_on(seen, &format!("device/{id}/progress"), id)
+}
+
+/// The progress events naming `id` on `topic`.
+fn progress_on(seen: &[Received], topic: &str, id: &str) -> Vec<Progress> {
     seen.iter()
-        .filter(|r| r.topic == "device/progress")
+        .filter(|r| r.topic == topic)
         .filter_map(|r| serde_json::from_slice::<Progress>(&r.payload).ok())
         .filter(|p| p.device.as_str() == id)
         .collect()
+}
+
+/// The latest availability of `id`: `Some(true)` for `online`.
+fn availability_of(seen: &[Received], id: &str) -> Option<bool> {
+    seen.iter()
+        .rev()
+        .find(|r| r.topic == format!("device/{id}/availability"))
+        .map(|r| r.payload == b"online")
 }
 
 fn status_of(seen: &[Received], id: &str) -> Option<Status> {
@@ -152,7 +166,8 @@ fn status_of(seen: &[Received], id: &str) -> Option<Status> {
 }
 
 fn is_online_on(seen: &[Received], id: &str, version: &str) -> bool {
-    status_of(seen, id).is_some_and(|s| s.online && s.version.as_str() == version)
+    availability_of(seen, id) == Some(true)
+        && status_of(seen, id).is_some_and(|s| s.version.as_str() == version)
 }
 
 fn ended_with(seen: &[Received], id: &str, phase: Phase) -> bool {
@@ -715,7 +730,7 @@ async fn power_cuts_at_random_points_leave_old_or_new_firmware_and_a_repeated_co
             let settled = obs
                 .wait_until(Duration::from_secs(30), |s| {
                     dev.boots().len() > 1
-                        && status_of(s, &id).is_some_and(|st| st.online)
+                        && availability_of(s, &id) == Some(true)
                         && (is_online_on(s, &id, "1.1.0")
                             || progress_of(s, &id).iter().any(|p| p.phase.is_terminal()))
                 })
@@ -829,10 +844,15 @@ async fn a_dropped_wifi_link_marks_the_device_offline_and_it_rejoins_by_itself(b
         dev.drop_link();
         let offline = obs
             .wait_until(Duration::from_secs(10), |s| {
-                status_of(s, "dev-w").is_some_and(|st| !st.online)
+                availability_of(s, "dev-w") == Some(false)
             })
             .await;
         assert!(offline, "the will marks the device offline");
+        // The will went to the availability topic: the retained status still
+        // tells the device's last real state.
+        let kept = status_of(&obs.all(), "dev-w").expect("a status");
+        assert_eq!(kept.version.as_str(), "1.0.0");
+        assert_eq!(kept.state.as_str(), "valid");
         tokio::time::sleep(Duration::from_secs(1)).await;
         dev.restore_link();
         online(&obs, "dev-w", "1.0.0").await;
@@ -844,7 +864,7 @@ async fn a_dropped_wifi_link_marks_the_device_offline_and_it_rejoins_by_itself(b
 
 async fn fifty_devices_update_at_once_from_one_broker_and_one_server(broker: TestBroker) {
     local(async {
-        let obs = broker.observe("device/+/status").await;
+        let obs = broker.observe("device/#").await;
         let v2 = image("1.1.0", 256 * 1024);
         let http = FileServer::start(&[("fw.bin", &v2)]).await;
         let ids: Vec<String> = (1..=50).map(|k| format!("fleet-{k}")).collect();
@@ -863,11 +883,11 @@ async fn fifty_devices_update_at_once_from_one_broker_and_one_server(broker: Tes
         let all = obs
             .wait_until(Duration::from_secs(120), |s| {
                 ids.iter().all(|id| {
-                    status_of(s, id).is_some_and(|st| {
-                        st.online
-                            && st.version.as_str() == "1.1.0"
-                            && st.last.as_ref().is_some_and(|l| l.result == Phase::Done)
-                    })
+                    availability_of(s, id) == Some(true)
+                        && status_of(s, id).is_some_and(|st| {
+                            st.version.as_str() == "1.1.0"
+                                && st.last.as_ref().is_some_and(|l| l.result == Phase::Done)
+                        })
                 })
             })
             .await;
@@ -890,7 +910,37 @@ fn statuses_of(seen: &[Received], id: &str) -> Vec<Status> {
         .collect()
 }
 
-async fn a_device_that_reboots_leaves_an_offline_status_not_a_stale_online_one(broker: TestBroker) {
+/// Whether, in delivery order, `id` said `offline` after its last status
+/// on `from` and before its next status on `to`: the reboot left no stale
+/// `online` behind.
+fn offline_between(seen: &[Received], id: &str, from: &str, to: &str) -> bool {
+    let status = format!("device/{id}/status");
+    let availability = format!("device/{id}/availability");
+    let version_at = |r: &Received| {
+        (r.topic == status)
+            .then(|| serde_json::from_slice::<Status>(&r.payload).ok())
+            .flatten()
+            .map(|s| s.version.to_string())
+    };
+    let Some(last_old) = seen
+        .iter()
+        .rposition(|r| version_at(r).as_deref() == Some(from))
+    else {
+        return false;
+    };
+    let Some(first_new) = seen[last_old..]
+        .iter()
+        .position(|r| version_at(r).as_deref() == Some(to))
+        .map(|i| last_old + i)
+    else {
+        return false;
+    };
+    seen[last_old..first_new]
+        .iter()
+        .any(|r| r.topic == availability && r.payload == b"offline")
+}
+
+async fn a_device_that_reboots_says_offline_and_keeps_its_last_status(broker: TestBroker) {
     local(async {
         let obs = broker.observe("device/#").await;
         let v2 = image("1.1.0", 300_000);
@@ -907,14 +957,9 @@ async fn a_device_that_reboots_leaves_an_offline_status_not_a_stale_online_one(b
             )
             .await;
         online(&obs, "dev-o", "1.1.0").await;
-        let seen = statuses_of(&obs.all(), "dev-o");
-        let last_old = seen
-            .iter()
-            .rfind(|s| s.version.as_str() == "1.0.0")
-            .unwrap();
         assert!(
-            !last_old.online,
-            "left behind while rebooting: {last_old:?}"
+            offline_between(&obs.all(), "dev-o", "1.0.0", "1.1.0"),
+            "no offline while rebooting into the update"
         );
 
         // Rebooting for a rollback command: offline, and the result kept.
@@ -932,17 +977,35 @@ async fn a_device_that_reboots_leaves_an_offline_status_not_a_stale_online_one(b
             })
             .await
         );
-        let seen = statuses_of(&obs.all(), "dev-o");
-        let last_new = seen
-            .iter()
-            .rfind(|s| s.version.as_str() == "1.1.0")
-            .unwrap();
         assert!(
-            !last_new.online,
-            "left behind while rebooting: {last_new:?}"
+            offline_between(&obs.all(), "dev-o", "1.1.0", "1.0.0"),
+            "no offline while rebooting for the rollback"
         );
-        assert_eq!(last_new.last.as_ref().unwrap().result, Phase::RolledBack);
+        let now = status_of(&obs.all(), "dev-o").unwrap();
+        assert_eq!(now.last.as_ref().unwrap().result, Phase::RolledBack);
+
+        // A device that vanishes: the will says offline, and a client that
+        // arrives later still reads the last real state from the retained
+        // status (not a will frozen at connect time).
         dev.stop();
+        assert!(
+            obs.wait_until(Duration::from_secs(60), |s| availability_of(s, "dev-o")
+                == Some(false))
+                .await
+        );
+        let late = broker.observe("device/dev-o/+").await;
+        assert!(
+            late.wait_until(Duration::from_secs(10), |s| {
+                availability_of(s, "dev-o") == Some(false)
+                    && status_of(s, "dev-o").is_some_and(|st| {
+                        st.version.as_str() == "1.0.0"
+                            && st.last.as_ref().map(|l| l.result) == Some(Phase::RolledBack)
+                    })
+            })
+            .await,
+            "retained: {:?}",
+            late.all()
+        );
     })
     .await;
 }
@@ -986,7 +1049,8 @@ async fn a_download_resumed_after_a_power_cut_runs_with_the_device_online(broker
             obs.wait_until(Duration::from_secs(4), |s| {
                 statuses_of(&s[before_cut.min(s.len())..], "dev-p")
                     .iter()
-                    .any(|st| st.online && st.version.as_str() == "1.0.0")
+                    .any(|st| st.version.as_str() == "1.0.0")
+                    && availability_of(&s[before_cut.min(s.len())..], "dev-p") == Some(true)
             })
             .await,
             "not online while resuming: {:?}",
@@ -1004,6 +1068,221 @@ async fn a_download_resumed_after_a_power_cut_runs_with_the_device_online(broker
     .await;
 }
 
+/// How many times `id` has said `online` so far: one per connection.
+fn online_count(seen: &[Received], id: &str) -> usize {
+    let topic = format!("device/{id}/availability");
+    seen.iter()
+        .filter(|r| r.topic == topic && r.payload == b"online")
+        .count()
+}
+
+/// Waits until `id` said `online` more than `before` times and its status is
+/// on `version`.
+async fn online_again(obs: &Observer, id: &str, before: usize, version: &str) {
+    assert!(
+        obs.wait_until(Duration::from_secs(30), |s| online_count(s, id) > before
+            && is_online_on(s, id, version))
+            .await,
+        "{id} did not come back online on {version}"
+    );
+}
+
+async fn retained_commands_never_run_and_a_fresh_command_still_does(broker: TestBroker) {
+    local(async {
+        let obs = broker.observe("device/#").await;
+        let bad = image("1.2.0+unhealthy", 100_000);
+        let good = image("1.1.0", 100_000);
+        let http = FileServer::start(&[("bad.bin", &bad), ("good.bin", &good)]).await;
+        // Left retained on every command topic before the device ever
+        // connects: what a careless `mosquitto_pub -r` does.
+        broker
+            .publish("device/dev-r/ota/rollback", b"go", true)
+            .await;
+        broker
+            .publish(
+                "device/dev-r/ota/start",
+                &job(&http.url("bad.bin"), serde_json::json!({"job": "loop"})),
+                true,
+            )
+            .await;
+        broker
+            .publish("device/ota/start", http.url("bad.bin").as_bytes(), true)
+            .await;
+        let mut cfg = config(&broker, "dev-r");
+        cfg.keep_alive_secs = 2;
+        let dev = start(cfg);
+        online(&obs, "dev-r", "1.0.0").await;
+        let ops = dev.flash_ops();
+        let boots = dev.boots().len();
+
+        // For 30 s, give the broker every chance to replay them: new
+        // connections after dropped links, and cold boots after power cuts.
+        let window = std::time::Instant::now();
+        let mut cuts = 0;
+        let mut round = 0;
+        while window.elapsed() < Duration::from_secs(30) {
+            let before = online_count(&obs.all(), "dev-r");
+            if round % 2 == 0 {
+                dev.cut_power();
+                cuts += 1;
+            } else {
+                dev.drop_link();
+                assert!(
+                    obs.wait_until(Duration::from_secs(15), |s| availability_of(s, "dev-r")
+                        == Some(false))
+                        .await
+                );
+                dev.restore_link();
+            }
+            online_again(&obs, "dev-r", before, "1.0.0").await;
+            round += 1;
+        }
+        assert_eq!(dev.flash_ops(), ops, "no flash write or erase in 30 s");
+        assert_eq!(
+            dev.boots().len(),
+            boots + cuts,
+            "only the power cuts rebooted it"
+        );
+        let seen = obs.all();
+        assert!(
+            progress_of(&seen, "dev-r").is_empty(),
+            "no command ran or was answered: {:?}",
+            progress_of(&seen, "dev-r")
+        );
+
+        // Fresh, unretained commands still work.
+        broker
+            .publish(
+                "device/dev-r/ota/start",
+                &job(&http.url("good.bin"), serde_json::json!({"job": "fresh"})),
+                false,
+            )
+            .await;
+        online(&obs, "dev-r", "1.1.0").await;
+        let before = online_count(&obs.all(), "dev-r");
+        broker
+            .publish("device/dev-r/ota/rollback", b"", false)
+            .await;
+        online_again(&obs, "dev-r", before, "1.0.0").await;
+        dev.stop();
+    })
+    .await;
+}
+
+async fn a_start_naming_a_finished_job_is_refused_duplicate_job_even_after_a_reboot(
+    broker: TestBroker,
+) {
+    local(async {
+        let obs = broker.observe("device/#").await;
+        let good = image("1.1.0", 100_000);
+        let http = FileServer::start(&[("good.bin", &good)]).await;
+        let dev = start(config(&broker, "dev-d"));
+        online(&obs, "dev-d", "1.0.0").await;
+        let command = job(&http.url("good.bin"), serde_json::json!({"job": "once"}));
+        broker
+            .publish("device/dev-d/ota/start", &command, false)
+            .await;
+        online(&obs, "dev-d", "1.1.0").await;
+        let ops = dev.flash_ops();
+        let boots = dev.boots().len();
+        let refused = |s: &[Received], n: usize| {
+            progress_of(s, "dev-d")
+                .iter()
+                .filter(|p| {
+                    p.job.as_deref() == Some("once")
+                        && p.phase == Phase::Failed
+                        && p.error == Some(ErrorCode::DuplicateJob)
+                })
+                .count()
+                >= n
+        };
+        // The same job again, at once: refused and nothing else.
+        broker
+            .publish("device/dev-d/ota/start", &command, false)
+            .await;
+        assert!(
+            obs.wait_until(Duration::from_secs(10), |s| refused(s, 1))
+                .await
+        );
+        // And after a power cut: the journal remembers the job.
+        let before = online_count(&obs.all(), "dev-d");
+        dev.cut_power();
+        online_again(&obs, "dev-d", before, "1.1.0").await;
+        broker
+            .publish("device/dev-d/ota/start", &command, false)
+            .await;
+        assert!(
+            obs.wait_until(Duration::from_secs(10), |s| refused(s, 2))
+                .await
+        );
+        assert_eq!(dev.flash_ops(), ops, "nothing written for a duplicate");
+        assert_eq!(
+            dev.boots().len(),
+            boots + 1,
+            "only the power cut rebooted it"
+        );
+        let accepted = progress_of(&obs.all(), "dev-d")
+            .iter()
+            .filter(|p| p.phase == Phase::Accepted)
+            .count();
+        assert_eq!(accepted, 1, "the job was accepted once");
+        // The refusal is not a result: the status still says `done`.
+        let st = status_of(&obs.all(), "dev-d").unwrap();
+        assert_eq!(st.last.as_ref().map(|l| l.result), Some(Phase::Done));
+        dev.stop();
+    })
+    .await;
+}
+
+async fn progress_goes_to_the_device_topic_with_a_shared_copy_that_can_be_switched_off(
+    broker: TestBroker,
+) {
+    local(async {
+        let obs = broker.observe("device/#").await;
+        let good = image("1.1.0", 100_000);
+        let http = FileServer::start(&[("good.bin", &good)]).await;
+        let with_copy = start(config(&broker, "dev-c"));
+        let mut cfg = config(&broker, "dev-n");
+        cfg.progress_copy = false;
+        let without = start(cfg);
+        online(&obs, "dev-c", "1.0.0").await;
+        online(&obs, "dev-n", "1.0.0").await;
+        broker
+            .publish(
+                "device/ota/start",
+                &job(&http.url("good.bin"), serde_json::json!({"job": "both"})),
+                false,
+            )
+            .await;
+        for id in ["dev-c", "dev-n"] {
+            online(&obs, id, "1.1.0").await;
+            assert!(
+                obs.wait_until(Duration::from_secs(10), |s| ended_with(s, id, Phase::Done))
+                    .await
+            );
+        }
+        let seen = obs.all();
+        let own: Vec<Phase> = progress_of(&seen, "dev-c")
+            .iter()
+            .map(|p| p.phase)
+            .collect();
+        let copy: Vec<Phase> = progress_on(&seen, "device/progress", "dev-c")
+            .iter()
+            .map(|p| p.phase)
+            .collect();
+        assert!(own.contains(&Phase::Accepted) && own.contains(&Phase::Done));
+        assert_eq!(copy, own, "the shared copy carries the same events");
+        assert!(!progress_of(&seen, "dev-n").is_empty());
+        assert!(
+            progress_on(&seen, "device/progress", "dev-n").is_empty(),
+            "switched off"
+        );
+        with_copy.stop();
+        without.stop();
+    })
+    .await;
+}
+
 on_both_brokers!(
     a_bare_url_on_the_broadcast_topic_updates_the_device,
     a_json_job_with_sha256_and_size_succeeds_and_a_wrong_sha256_fails,
@@ -1017,7 +1296,10 @@ on_both_brokers!(
     garbage_on_the_command_topics_is_answered_bad_command_and_the_device_carries_on,
     a_dropped_wifi_link_marks_the_device_offline_and_it_rejoins_by_itself,
     fifty_devices_update_at_once_from_one_broker_and_one_server,
-    a_device_that_reboots_leaves_an_offline_status_not_a_stale_online_one,
+    a_device_that_reboots_says_offline_and_keeps_its_last_status,
     a_cancel_naming_another_job_does_not_disturb_the_download,
     a_download_resumed_after_a_power_cut_runs_with_the_device_online,
+    retained_commands_never_run_and_a_fresh_command_still_does,
+    a_start_naming_a_finished_job_is_refused_duplicate_job_even_after_a_reboot,
+    progress_goes_to_the_device_topic_with_a_shared_copy_that_can_be_switched_off,
 );

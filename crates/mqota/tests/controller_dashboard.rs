@@ -190,7 +190,7 @@ async fn a_deployment_posted_to_serve_runs_there_and_updates_three_virtual_devic
             && v.as_array()
                 .unwrap()
                 .iter()
-                .all(|d| d["status"]["online"] == true && d["status"]["version"] == "1.0.0")
+                .all(|d| d["online"] == true && d["status"]["version"] == "1.0.0")
     })
     .await;
 

@@ -165,6 +165,10 @@ pub enum ErrorCode {
     /// A rollback command arrived but the other slot holds no valid image
     /// (never written, erased, or marked invalid); nothing changed.
     NoPreviousImage,
+    /// A start command names a job this device already finished (the
+    /// journal or this boot remembers it): a replayed or repeated command.
+    /// Nothing else happens; to run the same image again, send a new job id.
+    DuplicateJob,
     /// Reserved for image signature checks; not sent by this version.
     BadSignature,
     /// Reserved for refusing an older version than the running one unless
@@ -174,7 +178,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every error code, reserved ones last.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadCommand,
         ErrorCode::Busy,
         ErrorCode::HttpStatus,
@@ -190,6 +194,7 @@ impl ErrorCode {
         ErrorCode::BootFailed,
         ErrorCode::Cancelled,
         ErrorCode::NoPreviousImage,
+        ErrorCode::DuplicateJob,
         ErrorCode::BadSignature,
         ErrorCode::Downgrade,
     ];
@@ -212,6 +217,7 @@ impl ErrorCode {
             ErrorCode::BootFailed => "boot_failed",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::NoPreviousImage => "no_previous_image",
+            ErrorCode::DuplicateJob => "duplicate_job",
             ErrorCode::BadSignature => "bad_signature",
             ErrorCode::Downgrade => "downgrade",
         }
@@ -314,15 +320,13 @@ impl Progress {
 }
 
 /// The device's retained status, published (QoS 1, retained) on
-/// `{prefix}/{id}/status`; the same shape with `online: false` is the MQTT
-/// will.
+/// `{prefix}/{id}/status`: the last real state of the device. Whether it is
+/// connected is a topic of its own, `{prefix}/{id}/availability`, which also
+/// carries the MQTT will, so a will never overwrites this document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     /// The publishing device.
     pub device: String<MAX_DEVICE_ID_LEN>,
-    /// `false` only in the will, which the broker publishes when the device
-    /// vanishes.
-    pub online: bool,
     /// Chip name, e.g. `esp32c3`.
     pub chip: String<16>,
     /// `project_name` of the running image's `esp_app_desc_t`.
@@ -436,10 +440,9 @@ pub const MAX_PROGRESS_JSON: usize =
 
 /// A buffer this long always holds [`Status::to_json`]'s output.
 pub const MAX_STATUS_JSON: usize =
-    r#"{"device":,"online":,"chip":,"project":,"version":,"slot":,"state":,"last":{"job":,"result":,"error":}}"#
+    r#"{"device":,"chip":,"project":,"version":,"slot":,"state":,"last":{"job":,"result":,"error":}}"#
         .len()
         + json_str(MAX_DEVICE_ID_LEN)
-        + "false".len()
         + json_str(16)
         + json_str(32)
         + json_str(32)
@@ -483,7 +486,6 @@ mod tests {
     fn sample_status() -> Status {
         Status {
             device: s("c3-a1b2c3"),
-            online: true,
             chip: s("esp32c3"),
             project: s("blinky"),
             version: s("1.2.0"),
@@ -580,7 +582,6 @@ mod tests {
         for status in [
             sample_status(),
             Status {
-                online: false,
                 slot: None,
                 last: None,
                 ..sample_status()
@@ -598,7 +599,7 @@ mod tests {
         let n = sample_status().to_json(&mut buf).unwrap();
         assert_eq!(
             core::str::from_utf8(&buf[..n]).unwrap(),
-            r#"{"device":"c3-a1b2c3","online":true,"chip":"esp32c3","project":"blinky","version":"1.2.0","slot":1,"state":"pending_verify","last":{"job":"job-7","result":"rolled_back","error":"health_check_failed"}}"#
+            r#"{"device":"c3-a1b2c3","chip":"esp32c3","project":"blinky","version":"1.2.0","slot":1,"state":"pending_verify","last":{"job":"job-7","result":"rolled_back","error":"health_check_failed"}}"#
         );
     }
 
@@ -630,7 +631,6 @@ mod tests {
     fn max_status_json_is_exactly_the_worst_case() {
         let status = Status {
             device: full('\u{2}'),
-            online: false,
             chip: full('\u{3}'),
             project: full('\u{4}'),
             version: full('\u{5}'),

@@ -16,8 +16,10 @@
 //! | `{prefix}/{id}/ota/start` | controller → one device | 1 | no | command |
 //! | `{prefix}/{id}/ota/cancel` | controller → one device | 1 | no | empty or `{"job": ...}` |
 //! | `{prefix}/{id}/ota/rollback` | controller → one device | 1 | no | empty or `{"job": ...}` |
-//! | `{prefix}/progress` | devices → controller | 0 | no | [`Progress`] |
-//! | `{prefix}/{id}/status` | device → controller | 1 | yes | [`Status`]; also the MQTT will, with `online: false` |
+//! | `{prefix}/{id}/progress` | device → controller | 0 | no | [`Progress`] |
+//! | `{prefix}/progress` | devices → old tooling | 0 | no | a copy of each [`Progress`] (switchable off) |
+//! | `{prefix}/{id}/status` | device → controller | 1 | yes | [`Status`]: the device's last real state |
+//! | `{prefix}/{id}/availability` | device → controller | 1 | yes | [`ONLINE`] / [`OFFLINE`]; the MQTT will is `offline` |
 //!
 //! # Bounds
 //!
@@ -35,7 +37,7 @@ pub use events::{
     truncated, EncodeError, ErrorCode, LastResult, Phase, Progress, Status, UnknownName,
     MAX_PROGRESS_JSON, MAX_STATUS_JSON,
 };
-pub use topics::{TopicError, TopicKind, Topics};
+pub use topics::{parse_device_topic, DeviceTopic, TopicError, TopicKind, Topics, OFFLINE, ONLINE};
 
 /// Topic prefix used when the configuration names none.
 pub const DEFAULT_PREFIX: &str = "device";

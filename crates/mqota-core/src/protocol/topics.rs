@@ -58,6 +58,45 @@ impl std::error::Error for TopicError {}
 const START: &str = "ota/start";
 const CANCEL: &str = "ota/cancel";
 const ROLLBACK: &str = "ota/rollback";
+const STATUS: &str = "status";
+const PROGRESS: &str = "progress";
+const AVAILABILITY: &str = "availability";
+
+/// What a device publishes on one of its own topics
+/// (`{prefix}/{id}/{what}`), as a controller reads it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum DeviceTopic {
+    /// `{prefix}/{id}/status`: the retained [`Status`](super::Status).
+    Status,
+    /// `{prefix}/{id}/progress`: a [`Progress`](super::Progress) event.
+    Progress,
+    /// `{prefix}/{id}/availability`: retained `online` / `offline`.
+    Availability,
+}
+
+/// Reads a topic a device publishes on: `Some((id, what))` for
+/// `{prefix}/{id}/status`, `…/progress` and `…/availability` with an id that
+/// [`Topics::new`] would accept, `None` for anything else (the shared
+/// `{prefix}/progress` copy included).
+pub fn parse_device_topic<'t>(prefix: &str, topic: &'t str) -> Option<(&'t str, DeviceTopic)> {
+    let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
+    let (id, what) = rest.split_once('/')?;
+    let kind = match what {
+        STATUS => DeviceTopic::Status,
+        PROGRESS => DeviceTopic::Progress,
+        AVAILABILITY => DeviceTopic::Availability,
+        _ => return None,
+    };
+    let valid = !id.is_empty() && id.len() <= MAX_DEVICE_ID_LEN && !has_forbidden(id, &['+', '#']);
+    valid.then_some((id, kind))
+}
+
+/// The availability payload of a device that is connected.
+pub const ONLINE: &str = "online";
+/// The availability payload of a device that is not (its MQTT will, and what
+/// it publishes before a clean reboot).
+pub const OFFLINE: &str = "offline";
 
 fn has_forbidden(s: &str, forbidden: &[char]) -> bool {
     s.chars().any(|c| c == '\0' || forbidden.contains(&c))
@@ -128,21 +167,50 @@ impl Topics {
         self.join(&[&self.prefix, "/", &self.device, "/", ROLLBACK])
     }
 
-    /// `{prefix}/progress`: progress events of every device (the payload
-    /// names the device).
+    /// `{prefix}/progress`: the shared copy of every device's progress
+    /// events (the payload names the device). Kept because the original
+    /// design names it and existing tooling listens there; a controller
+    /// decides only from [`Topics::device_progress`].
     pub fn progress(&self) -> String<MAX_TOPIC_LEN> {
         self.join(&[&self.prefix, "/progress"])
     }
 
+    /// `{prefix}/{id}/progress`: this device's progress events, on a topic
+    /// a broker ACL can tie to the device's identity.
+    pub fn device_progress(&self) -> String<MAX_TOPIC_LEN> {
+        self.join(&[&self.prefix, "/", &self.device, "/", PROGRESS])
+    }
+
+    /// `{prefix}/{id}/availability`: retained `online` / `offline`; the
+    /// MQTT will is `offline` here, so the retained status is never
+    /// overwritten by a will.
+    pub fn availability(&self) -> String<MAX_TOPIC_LEN> {
+        self.join(&[&self.prefix, "/", &self.device, "/", AVAILABILITY])
+    }
+
     /// `{prefix}/{id}/status`: this device's retained status and its will.
     pub fn status(&self) -> String<MAX_TOPIC_LEN> {
-        self.join(&[&self.prefix, "/", &self.device, "/status"])
+        self.join(&[&self.prefix, "/", &self.device, "/", STATUS])
     }
 
     /// `{prefix}/+/status`: the filter a controller subscribes to for the
     /// status of every device.
     pub fn status_filter(&self) -> String<MAX_TOPIC_LEN> {
         self.join(&[&self.prefix, "/+/status"])
+    }
+
+    /// The filters a controller subscribes to: every device's status,
+    /// per-device progress and availability (never the shared
+    /// `{prefix}/progress` copy, which any client may publish to as any
+    /// device).
+    pub fn controller_filters(prefix: &str) -> Result<[String<MAX_TOPIC_LEN>; 3], TopicError> {
+        // Any valid id gives the same filters; "x" only lets `new` check the prefix.
+        let t = Topics::new(prefix, "x")?;
+        Ok([
+            t.join(&[&t.prefix, "/+/", STATUS]),
+            t.join(&[&t.prefix, "/+/", PROGRESS]),
+            t.join(&[&t.prefix, "/+/", AVAILABILITY]),
+        ])
     }
 
     /// The topics a device subscribes to (all QoS 1): start for everyone,
@@ -198,6 +266,45 @@ mod tests {
         assert_eq!(t.progress(), "device/progress");
         assert_eq!(t.status(), "device/c3-a1b2c3/status");
         assert_eq!(t.status_filter(), "device/+/status");
+        assert_eq!(t.device_progress(), "device/c3-a1b2c3/progress");
+        assert_eq!(t.availability(), "device/c3-a1b2c3/availability");
+        assert_eq!(
+            Topics::controller_filters("device").unwrap(),
+            [
+                "device/+/status",
+                "device/+/progress",
+                "device/+/availability"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_controller_reads_the_device_id_from_per_device_topics_only() {
+        let t = topics();
+        for (topic, what) in [
+            (t.status(), DeviceTopic::Status),
+            (t.device_progress(), DeviceTopic::Progress),
+            (t.availability(), DeviceTopic::Availability),
+        ] {
+            assert_eq!(
+                parse_device_topic("device", &topic),
+                Some(("c3-a1b2c3", what)),
+                "{topic}"
+            );
+        }
+        for topic in [
+            "device/progress",
+            "device/a/b/status",
+            "device//status",
+            "device/+/status",
+            "other/a/status",
+            "device/a/ota/start",
+            "device/a/statusx",
+        ] {
+            assert_eq!(parse_device_topic("device", topic), None, "{topic}");
+        }
+        let long = format!("device/{}/status", "i".repeat(MAX_DEVICE_ID_LEN + 1));
+        assert_eq!(parse_device_topic("device", &long), None);
     }
 
     #[test]
@@ -299,7 +406,14 @@ mod tests {
         assert_eq!(rollback.len(), MAX_TOPIC_LEN);
         assert!(rollback.ends_with("/ota/rollback"));
         assert_eq!(t.classify(&rollback), Some(TopicKind::Rollback));
-        for topic in [t.start_all(), t.start_device(), t.cancel(), t.status()] {
+        assert_eq!(t.availability().len(), MAX_TOPIC_LEN);
+        for topic in [
+            t.start_all(),
+            t.start_device(),
+            t.cancel(),
+            t.status(),
+            t.device_progress(),
+        ] {
             assert!(topic.starts_with(prefix.as_str()), "{topic}");
         }
         assert!(t.status().ends_with(&format!("/{id}/status")));

@@ -34,6 +34,8 @@ pub struct Rig {
     pub published: Vec<Progress>,
     pub fetches: Vec<u32>,
     pub rebooted: bool,
+    /// Rollbacks the engine handed to the caller (the boot guard's job).
+    pub rollbacks: Vec<Option<mqota_core::protocol::JobId>>,
 }
 
 /// A fresh device running 1.0.0 from `ota_0`.
@@ -71,6 +73,7 @@ pub fn rig_on(flash: SimFlash, layout: Layout) -> Rig {
         published: Vec::new(),
         fetches: Vec::new(),
         rebooted: false,
+        rollbacks: Vec::new(),
     }
 }
 
@@ -94,6 +97,7 @@ impl Rig {
                 Action::Fetch { from } => self.fetches.push(from),
                 Action::StopFetch => {}
                 Action::Reboot => self.rebooted = true,
+                Action::Rollback { job } => self.rollbacks.push(job),
             }
         }
     }

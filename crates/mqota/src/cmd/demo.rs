@@ -371,8 +371,8 @@ async fn wait_versions(
             .collect();
         let on = |id: &String| {
             seen.get(id)
+                .filter(|d| d.online)
                 .and_then(|d| d.status.as_ref())
-                .filter(|s| s.online)
                 .map(|s| s.version.to_string())
         };
         if ids.iter().all(|id| on(id).as_deref() == Some(version)) {

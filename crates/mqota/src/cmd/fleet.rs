@@ -223,7 +223,17 @@ impl StatusArgs {
                 .filter(|d| d.status.is_some())
                 .collect();
             if self.json {
-                let list: Vec<_> = devices.iter().filter_map(|d| d.status.clone()).collect();
+                // Each device's retained status with `online` from its
+                // availability topic beside it.
+                let list: Vec<serde_json::Value> = devices
+                    .iter()
+                    .filter_map(|d| {
+                        let mut v = serde_json::to_value(d.status.as_ref()?).ok()?;
+                        v.as_object_mut()?
+                            .insert("online".into(), serde_json::Value::Bool(d.online));
+                        Some(v)
+                    })
+                    .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
@@ -235,7 +245,7 @@ impl StatusArgs {
                     println!(
                         "{:<24} {:<7} {:<9} {:<16} {:<24} {:<4} {:<15} {}",
                         d.id,
-                        if st.online { "yes" } else { "no" },
+                        if d.online { "yes" } else { "no" },
                         st.chip.as_str(),
                         st.project.as_str(),
                         st.version.as_str(),
@@ -283,7 +293,7 @@ impl WatchArgs {
                     let (online, version) = d
                         .status
                         .as_ref()
-                        .map(|s| (if s.online { "yes" } else { "no" }, s.version.to_string()))
+                        .map(|s| (if d.online { "yes" } else { "no" }, s.version.to_string()))
                         .unwrap_or(("?", "?".into()));
                     let (phase, pct, job) = d
                         .progress
