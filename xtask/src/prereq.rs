@@ -2,6 +2,8 @@
 //! the README's test command works on a fresh machine: the riscv32 targets,
 //! rustfmt and clippy; Mosquitto and its command-line clients (the
 //! integration tests start their own broker); esptool (golden-file checks);
+//! paho-mqtt 2.x (a Python MQTT client at 3.1.1 and 5, a peer in the
+//! embedded broker's tests);
 //! and what `cargo install espflash` needs to link (libudev, pkg-config).
 
 use anyhow::{bail, Result};
@@ -86,6 +88,24 @@ pub fn ensure() -> Result<()> {
         let mut args = vec!["apt-get", "install", "-y", "-qq"];
         args.extend(&apt);
         privileged(&args)?;
+    }
+    let paho = || {
+        Command::new("python3")
+            .args(["-c", "import paho.mqtt.client as m; m.CallbackAPIVersion"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !paho() {
+        super::run(
+            &root,
+            "python3",
+            &["-m", "pip", "install", "-q", "paho-mqtt>=2"],
+        )?;
+        if !paho() {
+            bail!("paho-mqtt 2.x was installed but python3 cannot import it");
+        }
     }
     if !have("esptool") {
         super::run(&root, "python3", &["-m", "pip", "install", "-q", "esptool"])?;

@@ -268,7 +268,7 @@ pub async fn publish_to(port: u16, topic: &str, payload: &[u8], retain: bool) {
 /// instead of panicking (a broker may refuse an oversized one).
 pub async fn try_publish_to(port: u16, topic: &str, payload: &[u8], retain: bool) -> bool {
     let mut cmd = tokio::process::Command::new("mosquitto_pub");
-    // MQTT v5, as the devices speak: the embedded broker listens for v5 only.
+    // MQTT v5, as the devices speak (the embedded broker also takes 3.1.1).
     cmd.args([
         "-V",
         "mqttv5",

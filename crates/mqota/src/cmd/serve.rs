@@ -27,7 +27,8 @@ pub struct ServeArgs {
     /// HTTP listen address (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
-    /// Where the embedded broker listens when no --broker is given.
+    /// Where the embedded broker listens when no --broker is given (MQTT
+    /// 3.1.1 and 5 on the same port).
     #[arg(long, default_value = "127.0.0.1:1883")]
     mqtt_listen: SocketAddr,
     /// Base URL devices download from, e.g. http://10.0.0.2:8080 (default:
