@@ -8,7 +8,9 @@
 //! to start (from a byte offset), a fetch to stop, a reboot to perform.
 //!
 //! Flash is the exception, on purpose: the engine takes the caller's flash as a
-//! generic `embedded_storage::nor_flash::NorFlash` argument and programs it
+//! generic `embedded_storage::nor_flash::MultiwriteNorFlash` argument (the
+//! journal's page bitmap programs a word more than once, see
+//! [`Journal::mark_page`](crate::journal::Journal::mark_page)) and programs it
 //! directly, as embassy-boot's `FirmwareUpdater` does. Flash operations are
 //! synchronous on every ESP32 (the cache is off while they run), and returning
 //! each 4 KiB page as an action would only add a copy and a round trip. The
@@ -55,7 +57,7 @@ use crate::protocol::{
     Command, ErrorCode, Job, JobId, Phase, Progress, MAX_DEVICE_ID_LEN, MAX_MESSAGE_LEN,
 };
 use core::fmt::Write as _;
-use embedded_storage::nor_flash::NorFlash;
+use embedded_storage::nor_flash::{MultiwriteNorFlash, ReadNorFlash};
 use heapless::{String, Vec};
 
 /// Erase-ahead unit where alignment allows: one 64 KiB block erase costs about
@@ -450,7 +452,7 @@ impl Engine {
     /// was abandoned or activated (then rolled back). A job the journal
     /// shows neither way is an interrupted download that [`Engine::resume`]
     /// picks up, not a finished one. Unreadable journals add nothing.
-    pub fn recall_finished<F: NorFlash>(&mut self, flash: &mut F) {
+    pub fn recall_finished<F: ReadNorFlash>(&mut self, flash: &mut F) {
         for (i, slot) in self.layout.slots.clone().iter().enumerate() {
             let journal = slot.journal();
             let Ok(Some(record)) = journal.job(flash) else {
@@ -501,7 +503,12 @@ impl Engine {
     }
 
     /// Seed API: start an update from a bare URL.
-    pub fn begin_ota<F: NorFlash>(&mut self, flash: &mut F, now: Millis, url: &str) -> Actions {
+    pub fn begin_ota<F: MultiwriteNorFlash>(
+        &mut self,
+        flash: &mut F,
+        now: Millis,
+        url: &str,
+    ) -> Actions {
         let mut job = Job {
             url: String::new(),
             version: None,
@@ -524,7 +531,11 @@ impl Engine {
 
     /// Seed API: checks the deadlines (the overall timeout, a stalled fetch, a
     /// retry that is due). Same as [`Event::Tick`].
-    pub fn check_for_timeout<F: NorFlash>(&mut self, flash: &mut F, now: Millis) -> Actions {
+    pub fn check_for_timeout<F: MultiwriteNorFlash>(
+        &mut self,
+        flash: &mut F,
+        now: Millis,
+    ) -> Actions {
         self.handle(flash, now, Event::Tick)
     }
 
@@ -538,7 +549,12 @@ impl Engine {
     }
 
     /// Feeds one event; returns what the caller must do, in order.
-    pub fn handle<F: NorFlash>(&mut self, flash: &mut F, now: Millis, event: Event<'_>) -> Actions {
+    pub fn handle<F: MultiwriteNorFlash>(
+        &mut self,
+        flash: &mut F,
+        now: Millis,
+        event: Event<'_>,
+    ) -> Actions {
         let mut actions = Actions::new();
         let result = match event {
             Event::Command(cmd) => match (decide(self.state(), &self.finished, &cmd), cmd) {
@@ -589,7 +605,7 @@ impl Engine {
     /// Resumes a download that a reboot interrupted, from what the target
     /// slot's journal says was written. Returns `None` (and does nothing) if
     /// there is nothing to resume.
-    pub fn resume<F: NorFlash>(&mut self, flash: &mut F, now: Millis) -> Option<Actions> {
+    pub fn resume<F: MultiwriteNorFlash>(&mut self, flash: &mut F, now: Millis) -> Option<Actions> {
         if self.dl.is_some() {
             return None;
         }
@@ -698,7 +714,7 @@ impl Engine {
         Ok(())
     }
 
-    fn on_response<F: NorFlash>(
+    fn on_response<F: MultiwriteNorFlash>(
         &mut self,
         flash: &mut F,
         now: Millis,
@@ -783,7 +799,7 @@ impl Engine {
         self.dl.as_ref().map_or(0, |d| d.written + self.fill as u32)
     }
 
-    fn on_body<F: NorFlash>(
+    fn on_body<F: MultiwriteNorFlash>(
         &mut self,
         flash: &mut F,
         now: Millis,
@@ -823,7 +839,7 @@ impl Engine {
     }
 
     /// Validates, erases ahead, programs and journals the buffered page.
-    fn flush_page<F: NorFlash>(&mut self, flash: &mut F) -> Result<(), Fail> {
+    fn flush_page<F: MultiwriteNorFlash>(&mut self, flash: &mut F) -> Result<(), Fail> {
         let dl = self.dl.as_mut().expect("flush without download");
         let data = &self.page[..self.fill];
         dl.validator.feed(data).map_err(image_fail)?;
@@ -871,7 +887,7 @@ impl Engine {
         Ok(())
     }
 
-    fn on_end<F: NorFlash>(
+    fn on_end<F: MultiwriteNorFlash>(
         &mut self,
         flash: &mut F,
         now: Millis,
@@ -908,7 +924,7 @@ impl Engine {
         self.verify_and_activate(flash, actions)
     }
 
-    fn verify_and_activate<F: NorFlash>(
+    fn verify_and_activate<F: MultiwriteNorFlash>(
         &mut self,
         flash: &mut F,
         actions: &mut Actions,
@@ -1023,7 +1039,7 @@ impl Engine {
         Ok(())
     }
 
-    fn finish<F: NorFlash>(
+    fn finish<F: MultiwriteNorFlash>(
         &mut self,
         flash: &mut F,
         phase: Phase,

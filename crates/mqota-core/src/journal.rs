@@ -31,12 +31,19 @@
 //! | 1044 | 4 | `abandoned`: the download failed or was cancelled; do not resume. First byte: the error code (its index in `ErrorCode::ALL`) |
 //! | 2048 | 2048 | page bitmap: bit *i* cleared once 4 KiB page *i* of the image is written |
 //!
+//! Each flag word is programmed once per erase. The page bitmap is the one
+//! exception: 32 pages share a word and each mark clears one more bit, a
+//! second program of the word that `embedded-storage` allows only on a
+//! `MultiwriteNorFlash` (see [`Journal::mark_page`]).
+//!
 //! A flag word reads as set when it is not all ones, so a write cut short
 //! after its first byte still counts: the action it records had already
 //! happened when the write started.
 
 use crate::protocol::{ErrorCode, Job, JobId};
-use embedded_storage::nor_flash::{NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash};
+use embedded_storage::nor_flash::{
+    MultiwriteNorFlash, NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash,
+};
 use heapless::String;
 
 /// The journal occupies one 4 KiB sector at the end of every OTA slot.
@@ -371,7 +378,16 @@ impl Journal {
     }
 
     /// Marks image page `page` (4 KiB, counted from the slot start) as written.
-    pub fn mark_page<F: NorFlash>(&self, flash: &mut F, page: u32) -> Result<(), JournalError> {
+    ///
+    /// The only journal write that programs a word a second time (32 pages
+    /// share one bitmap word, each mark clears one more bit), hence
+    /// `MultiwriteNorFlash`, which esp-storage's `FlashStorage` implements.
+    /// Every other journal write programs a word once per erase.
+    pub fn mark_page<F: MultiwriteNorFlash>(
+        &self,
+        flash: &mut F,
+        page: u32,
+    ) -> Result<(), JournalError> {
         if page >= BITMAP_LEN * 8 {
             return Err(NorFlashErrorKind::OutOfBounds);
         }

@@ -6,4 +6,4 @@ pub mod nor;
 pub mod sweep;
 
 pub use bootloader::{BootConfig, BootError, BootOutcome, Booted, Bootloader};
-pub use nor::{FileStore, Memory, SimError, SimFlash, Stats, Timing};
+pub use nor::{FileStore, Memory, SimError, SimFlash, SingleWrite, Stats, Timing};

@@ -81,6 +81,16 @@ pub enum SimError {
         /// Flash offset of the first offending byte.
         offset: u32,
     },
+    /// Single-write mode ([`SingleWrite`]): the word at `offset` was
+    /// already programmed since its sector was last erased. A flash that
+    /// does not implement `MultiwriteNorFlash` promises nothing for a second
+    /// program of a word; the caller must erase first or require
+    /// `MultiwriteNorFlash`. Nothing was written.
+    #[error("word at {offset:#x} programmed twice without an erase")]
+    Rewrite {
+        /// Flash offset of the word.
+        offset: u32,
+    },
     /// The power is off (a simulated cut). Call [`SimFlash::power_on`] to
     /// reboot, then look at what the flash holds.
     #[error("power cut")]
@@ -540,3 +550,91 @@ impl<B: Backing> NorFlash for SimFlash<B> {
 }
 
 impl<B: Backing> MultiwriteNorFlash for SimFlash<B> {}
+
+/// A strict single-write view of a flash: a plain `NorFlash` (deliberately
+/// **not** `MultiwriteNorFlash`) that refuses to program any 4-byte word a
+/// second time before its sector is erased ([`SimError::Rewrite`]).
+///
+/// `embedded-storage` allows a second program of a word only to flashes that
+/// implement `MultiwriteNorFlash`. Code that needs only `NorFlash` runs on
+/// this view in tests, so a rewrite that would work on the NOR model (which
+/// ANDs bits like the real chip) but break on a flash with ECC or a
+/// controller that forbids it is caught.
+#[derive(Debug)]
+pub struct SingleWrite<F> {
+    inner: F,
+    /// One flag per word: programmed since the last erase of its sector.
+    programmed: Vec<bool>,
+}
+
+impl<F: NorFlash> SingleWrite<F> {
+    /// Wraps `inner`. A word that does not read as all ones has been
+    /// programmed, so it counts as programmed until its sector is erased;
+    /// an all-ones word counts as erased (programming it with ones changed
+    /// nothing, so a later program is its first real one).
+    pub fn new(mut inner: F) -> Self {
+        let words = inner.capacity() / WORD_SIZE as usize;
+        let mut programmed = vec![false; words];
+        let mut chunk = [0u8; SECTOR_SIZE as usize];
+        for (s, marks) in programmed
+            .chunks_mut(SECTOR_SIZE as usize / WORD_SIZE as usize)
+            .enumerate()
+        {
+            let at = s as u32 * SECTOR_SIZE;
+            let n = marks.len() * WORD_SIZE as usize;
+            if inner.read(at, &mut chunk[..n]).is_err() {
+                continue;
+            }
+            for (mark, word) in marks.iter_mut().zip(chunk[..n].chunks_exact(4)) {
+                *mark = word != [0xFF; 4];
+            }
+        }
+        Self { inner, programmed }
+    }
+
+    /// The wrapped flash.
+    pub fn into_inner(self) -> F {
+        self.inner
+    }
+}
+
+impl<F: NorFlash<Error = SimError>> embedded_storage::nor_flash::ErrorType for SingleWrite<F> {
+    type Error = SimError;
+}
+
+impl<F: NorFlash<Error = SimError>> ReadNorFlash for SingleWrite<F> {
+    const READ_SIZE: usize = F::READ_SIZE;
+    fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), SimError> {
+        self.inner.read(offset, bytes)
+    }
+    fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+}
+
+impl<F: NorFlash<Error = SimError>> NorFlash for SingleWrite<F> {
+    const WRITE_SIZE: usize = F::WRITE_SIZE;
+    const ERASE_SIZE: usize = F::ERASE_SIZE;
+    fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), SimError> {
+        let first = (offset / WORD_SIZE) as usize;
+        let words = bytes.len().div_ceil(WORD_SIZE as usize);
+        let range = first..(first + words).min(self.programmed.len());
+        if let Some(i) = range.clone().find(|&i| self.programmed[i]) {
+            return Err(SimError::Rewrite {
+                offset: i as u32 * WORD_SIZE,
+            });
+        }
+        self.inner.write(offset, bytes)?;
+        self.programmed[range].iter_mut().for_each(|p| *p = true);
+        Ok(())
+    }
+    fn erase(&mut self, from: u32, to: u32) -> Result<(), SimError> {
+        self.inner.erase(from, to)?;
+        let words = self.programmed.len();
+        let (a, b) = ((from / WORD_SIZE) as usize, (to / WORD_SIZE) as usize);
+        self.programmed[a.min(words)..b.min(words)]
+            .iter_mut()
+            .for_each(|p| *p = false);
+        Ok(())
+    }
+}

@@ -15,7 +15,7 @@
 
 use crate::bootloader::{BootConfig, Bootloader};
 use crate::nor::SimFlash;
-use embedded_storage::nor_flash::{ErrorType, NorFlash, ReadNorFlash};
+use embedded_storage::nor_flash::{ErrorType, MultiwriteNorFlash, NorFlash, ReadNorFlash};
 use mqota_core::bootguard::{self, Verdict};
 use mqota_core::engine::{Action, Config, Engine, Event, Layout, Response};
 use mqota_core::image::{Chip, ImageBuilder};
@@ -112,6 +112,8 @@ impl ReadNorFlash for Recording<'_> {
     }
 }
 
+impl MultiwriteNorFlash for Recording<'_> {}
+
 impl NorFlash for Recording<'_> {
     const WRITE_SIZE: usize = <SimFlash as NorFlash>::WRITE_SIZE;
     const ERASE_SIZE: usize = <SimFlash as NorFlash>::ERASE_SIZE;
@@ -198,7 +200,7 @@ fn run<F>(
     log: &mut RunLog,
 ) -> RunEnd
 where
-    F: NorFlash,
+    F: MultiwriteNorFlash,
     F::Error: core::fmt::Debug,
 {
     let bootloader = Bootloader::new(cfg.bootloader).for_chip(Chip::Esp32c3);
@@ -263,7 +265,7 @@ where
 
 /// One boot of the firmware. `None` when the power went.
 #[allow(clippy::too_many_arguments)]
-fn cycle<F: NorFlash>(
+fn cycle<F: MultiwriteNorFlash>(
     flash: &mut F,
     layout: &Layout,
     version: &str,

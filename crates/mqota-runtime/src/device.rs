@@ -49,7 +49,7 @@ use core::cell::RefCell;
 use embassy_futures::select::{select3, Either3};
 use embassy_time::{with_timeout, Duration, Instant, Timer};
 use embedded_nal_async::{Dns, TcpConnect};
-use embedded_storage::nor_flash::NorFlash;
+use embedded_storage::nor_flash::{MultiwriteNorFlash, NorFlash};
 use heapless::{Deque, String};
 use mqota_core::bootguard::{self, Boot, TrialResult, Verdict};
 use mqota_core::engine::{
@@ -198,7 +198,7 @@ where
     L: Link,
     T: TcpConnect,
     D: Dns,
-    F: NorFlash,
+    F: MultiwriteNorFlash,
 {
     let device_id: String<{ mqota_core::protocol::MAX_DEVICE_ID_LEN }> =
         truncated(platform.device_id());
@@ -513,7 +513,7 @@ impl Device<'_> {
     }
 
     /// Performs the engine's actions that are not about the fetch in flight.
-    async fn apply<T: TcpConnect, D: Dns, F: NorFlash>(
+    async fn apply<T: TcpConnect, D: Dns, F: MultiwriteNorFlash>(
         &mut self,
         session: &mut MqttSession<'_, T, D>,
         actions: Actions,
@@ -545,7 +545,7 @@ impl Device<'_> {
 
     /// A command arrived while no download runs: the engine decides what it
     /// means.
-    fn on_message<F: NorFlash>(
+    fn on_message<F: MultiwriteNorFlash>(
         &mut self,
         msg: &Message,
         engine: &mut Engine,
@@ -600,7 +600,7 @@ struct EngineSink<'e, F> {
     ending: Actions,
 }
 
-impl<F: NorFlash> EngineSink<'_, F> {
+impl<F: MultiwriteNorFlash> EngineSink<'_, F> {
     fn feed(&mut self, event: Event<'_>) -> Result<(), Abort> {
         let actions = self.engine.handle(self.flash, now_ms(), event);
         let mut end = false;
@@ -657,7 +657,7 @@ fn queue(outbox: &RefCell<Deque<Progress, PROGRESS_QUEUE>>, p: Progress) {
     let _ = q.push_back(p);
 }
 
-impl<F: NorFlash> BodySink for EngineSink<'_, F> {
+impl<F: MultiwriteNorFlash> BodySink for EngineSink<'_, F> {
     async fn begin(&mut self, info: &ResponseInfo) -> Result<(), Abort> {
         self.feed(Event::Response(Response {
             status: info.status,
@@ -694,7 +694,7 @@ async fn download<T, D, F, L>(
 where
     T: TcpConnect,
     D: Dns,
-    F: NorFlash,
+    F: MultiwriteNorFlash,
     L: Link,
 {
     let Some(url) = engine.url().map(truncated::<MAX_URL_LEN>) else {

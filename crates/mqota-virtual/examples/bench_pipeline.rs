@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use embedded_storage::nor_flash::{ErrorType, NorFlash, ReadNorFlash};
+use embedded_storage::nor_flash::{ErrorType, MultiwriteNorFlash, NorFlash, ReadNorFlash};
 use mqota_core::engine::{Config, Engine, Event, Layout, Response};
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
@@ -46,7 +46,7 @@ struct Pipeline<'a, F> {
     flash: &'a mut F,
 }
 
-impl<F: NorFlash> BodySink for Pipeline<'_, F> {
+impl<F: MultiwriteNorFlash> BodySink for Pipeline<'_, F> {
     async fn begin(&mut self, info: &ResponseInfo) -> Result<(), Abort> {
         let r = Response {
             status: info.status,
@@ -82,6 +82,8 @@ impl ReadNorFlash for SectorOnly<'_> {
         self.0.capacity()
     }
 }
+impl MultiwriteNorFlash for SectorOnly<'_> {}
+
 impl NorFlash for SectorOnly<'_> {
     const WRITE_SIZE: usize = 4;
     const ERASE_SIZE: usize = 4096;
@@ -102,7 +104,7 @@ fn fresh_device() -> (SimFlash, Layout) {
     (flash, Layout::from_table(&table, 0).unwrap())
 }
 
-fn start<F: NorFlash>(engine: &mut Engine, flash: &mut F, url: &str) {
+fn start<F: MultiwriteNorFlash>(engine: &mut Engine, flash: &mut F, url: &str) {
     let job = Job {
         url: url.try_into().unwrap(),
         version: None,

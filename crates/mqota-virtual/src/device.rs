@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration as StdDuration;
 
-use embedded_storage::nor_flash::{ErrorType, NorFlash, ReadNorFlash};
+use embedded_storage::nor_flash::{ErrorType, MultiwriteNorFlash, NorFlash, ReadNorFlash};
 use mqota_core::bootguard::Verdict;
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
@@ -349,6 +349,10 @@ impl NorFlash for Powered<'_> {
         self.after(r)
     }
 }
+
+// The NOR model ANDs a second program into a word, as the chip does and as
+// esp-storage promises by implementing `MultiwriteNorFlash` too.
+impl MultiwriteNorFlash for Powered<'_> {}
 
 /// The WiFi link of a virtual device.
 pub struct VirtualLink {
