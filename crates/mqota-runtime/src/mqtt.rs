@@ -64,7 +64,7 @@ use rust_mqtt::config::{KeepAlive, SessionExpiryInterval};
 use rust_mqtt::types::{MqttBinary, MqttString, PacketIdentifier, TopicFilter, TopicName};
 use rust_mqtt::Bytes;
 
-use crate::backoff::Backoff;
+use mqota_core::backoff::Backoff;
 use crate::conn::{KillSwitch, MqttConn};
 use crate::platform::Link;
 
@@ -935,7 +935,7 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
                 }
                 if link.reconnect().await.is_err() {
                     warn!("mqtt: link reconnect failed");
-                    Timer::after(backoff.next_delay(random())).await;
+                    Timer::after(Duration::from_millis(backoff.next_delay(random()))).await;
                     continue;
                 }
             }
@@ -951,7 +951,7 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
                     return Ok(());
                 }
                 Err(e @ (MqttError::InvalidTopic | MqttError::TooLong)) => return Err(e),
-                Err(_) => Timer::after(backoff.next_delay(random())).await,
+                Err(_) => Timer::after(Duration::from_millis(backoff.next_delay(random()))).await,
             }
         }
     }
