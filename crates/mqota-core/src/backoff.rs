@@ -218,8 +218,7 @@ mod tests {
     #[test]
     fn decorrelated_delays_grow_when_the_random_values_are_high() {
         let mut b = Backoff::new(BASE, MAX, Jitter::Decorrelated);
-        let delays: std::vec::Vec<u64> =
-            (0..6).map(|_| b.next_delay(u32::MAX)).collect();
+        let delays: std::vec::Vec<u64> = (0..6).map(|_| b.next_delay(u32::MAX)).collect();
         assert_eq!(delays, [300, 900, 2700, 8100, 10_000, 10_000]);
     }
 

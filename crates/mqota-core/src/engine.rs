@@ -896,7 +896,12 @@ impl Engine {
         }
         let delay = dl.backoff.next_delay(self.rng.next_u32());
         dl.retries += 1;
-        warn!("{}; retry {} in {} ms", failure.1.as_str(), dl.retries, delay);
+        warn!(
+            "{}; retry {} in {} ms",
+            failure.1.as_str(),
+            dl.retries,
+            delay
+        );
         dl.last_failure = Some(failure);
         dl.fetch = Fetch::Backoff(now + delay);
         // Bytes past the last whole page are dropped and fetched again.

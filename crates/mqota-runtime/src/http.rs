@@ -575,7 +575,11 @@ mod tests {
             ("c.bin#frag", "http://h:8080/a/b/c.bin"),
             ("  /x.bin  ", "http://h:8080/x.bin"),
         ] {
-            assert_eq!(resolved(base, location).as_deref(), Some(want), "{location}");
+            assert_eq!(
+                resolved(base, location).as_deref(),
+                Some(want),
+                "{location}"
+            );
         }
         assert_eq!(
             resolved("http://h", "x.bin").as_deref(),
@@ -630,7 +634,10 @@ mod tests {
                 b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
                 DownloadError::BadContentLength,
             ),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", DownloadError::Protocol),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+                DownloadError::Protocol,
+            ),
             (b"garbage\r\n\r\n", DownloadError::Protocol),
         ] {
             rx.fill(0);

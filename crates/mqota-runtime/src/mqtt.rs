@@ -64,9 +64,9 @@ use rust_mqtt::config::{KeepAlive, SessionExpiryInterval};
 use rust_mqtt::types::{MqttBinary, MqttString, PacketIdentifier, TopicFilter, TopicName};
 use rust_mqtt::Bytes;
 
-use mqota_core::backoff::Backoff;
 use crate::conn::{KillSwitch, MqttConn};
 use crate::platform::Link;
+use mqota_core::backoff::Backoff;
 
 /// Bytes of the receive arena: the largest MQTT packet the device accepts.
 /// The broker is told this limit in CONNECT and does not send larger packets.
