@@ -376,6 +376,9 @@ pub enum Fault {
     NotFound,
     /// Answers 200 with `Content-Length: -1` and the file.
     NegativeLength,
+    /// Answers the first `.1` requests with status `.0` (e.g. 503), then
+    /// serves correctly.
+    StatusFirst(u16, u8),
     /// Closes the connection after this fraction (percent) of the file, once;
     /// later requests are served correctly.
     DropOnceAt(u8),
@@ -520,14 +523,20 @@ impl FaultServer {
         let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let file = std::sync::Arc::new(file);
         let dropped = std::sync::Arc::new(AtomicBool::new(false));
+        let failures = std::sync::Arc::new(AtomicU64::new(0));
         let (s, r) = (sent.clone(), requests.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else {
                     return;
                 };
-                let (file, sent, requests, dropped) =
-                    (file.clone(), s.clone(), r.clone(), dropped.clone());
+                let (file, sent, requests, dropped, failures) = (
+                    file.clone(),
+                    s.clone(),
+                    r.clone(),
+                    dropped.clone(),
+                    failures.clone(),
+                );
                 tokio::spawn(async move {
                     use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let mut req = Vec::new();
@@ -549,6 +558,17 @@ impl FaultServer {
                         path: path.clone(),
                         range_start: start,
                     });
+                    if let Fault::StatusFirst(status, n) = fault {
+                        if failures.fetch_add(1, Ordering::SeqCst) < u64::from(n) {
+                            let _ = sock
+                                .write_all(
+                                    format!("HTTP/1.1 {status} Failing\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                        .as_bytes(),
+                                )
+                                .await;
+                            return;
+                        }
+                    }
                     if let Some((status, location)) = redirect_for(redirect, addr, &path) {
                         let _ = sock
                             .write_all(

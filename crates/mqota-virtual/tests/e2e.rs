@@ -1210,8 +1210,33 @@ async fn an_https_job_is_refused_with_bad_command_and_no_flash_write(broker: Tes
     .await;
 }
 
+/// Answers a server gives while it recovers are retried until it serves.
+async fn http_503_408_and_429_are_retried_until_the_server_recovers(broker: TestBroker) {
+    local(async {
+        let obs = broker.observe("device/#").await;
+        let dev = start(config(&broker, "dev-503"));
+        online(&obs, "dev-503", "1.0.0").await;
+        for (minor, status) in [503, 408, 429].into_iter().enumerate() {
+            let v = format!("1.{}.0", minor + 1);
+            let http = FaultServer::start(image(&v, 100_000), Fault::StatusFirst(status, 2)).await;
+            broker
+                .publish("device/dev-503/ota/start", http.url().as_bytes(), false)
+                .await;
+            online(&obs, "dev-503", &v).await;
+            assert_eq!(
+                http.range_starts(),
+                [0, 0, 0],
+                "{status}: two refusals, then the download"
+            );
+        }
+        dev.stop();
+    })
+    .await;
+}
+
 on_both_brokers!(
     a_redirected_download_updates_and_its_resume_asks_the_final_location_for_the_rest,
+    http_503_408_and_429_are_retried_until_the_server_recovers,
     redirect_loops_too_many_redirects_404_and_a_bad_length_fail_at_once,
     an_https_job_is_refused_with_bad_command_and_no_flash_write,
 );
