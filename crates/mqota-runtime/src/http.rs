@@ -15,7 +15,7 @@
 //! final answer: 301, 302, 303, 307 and 308, at most [`MAX_REDIRECTS`] in a
 //! row, with a relative `Location` resolved against the URL that answered.
 //! The current URL lives in a bounded buffer of
-//! [`MAX_URL_LEN`](mqota_core::protocol::MAX_URL_LEN) bytes, like a job's
+//! [`MAX_URL_LEN`] bytes, like a job's
 //! URL. Every hop carries the same `Range`, so a resumed download asks the
 //! final location for the rest; a retry starts again from the job's URL,
 //! because the targets of GitHub release assets and S3 presigned URLs
@@ -161,7 +161,7 @@ pub enum RedirectError {
     /// TLS, or neither http nor https).
     UnsupportedScheme,
     /// No `Location`, or one that cannot be resolved or is longer than
-    /// [`MAX_URL_LEN`](mqota_core::protocol::MAX_URL_LEN) bytes.
+    /// [`MAX_URL_LEN`] bytes.
     BadLocation,
 }
 
