@@ -228,6 +228,7 @@ $("deploy").addEventListener("submit", async (ev) => {
     if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
     let text = "deployment " + j.id + " of " + j.version + " to " + j.devices.length + " devices in " + j.stages + " stages";
     if (j.current.length) text += "; already on " + j.version + ": " + j.current.join(", ");
+    if (j.no_https && j.no_https.length) text += "; https is not enabled on: " + j.no_https.join(", ") + " (left out)";
     out.textContent = text;
     out.className = "wide good";
     ticks = 0;

@@ -6,7 +6,7 @@
 //! | `GET /` | the page: fleet, firmware with a deploy form, deployments; it polls the API every second |
 //! | `GET /dashboard.js` | its script |
 //! | `GET /api/fleet` | `[{id, status, progress}]`: every retained status and the latest progress event, live from the broker |
-//! | `POST /api/deployments` | starts a staged rollout inside serve; `201 {id, version, devices, stages, current}` |
+//! | `POST /api/deployments` | starts a staged rollout inside serve; `201 {id, version, devices, stages, current, no_https}` |
 //!
 //! The body of `POST /api/deployments` mirrors `mqota deploy`'s options:
 //!
@@ -292,7 +292,7 @@ async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes)
         rollout::create(&store, &devices, &firmware, &selection, &options)
     })
     .await;
-    let (dep, current) = match created {
+    let (dep, left_out) = match created {
         Ok(Ok(x)) => x,
         Ok(Err(
             e @ (RolloutError::Option(_)
@@ -320,7 +320,8 @@ async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes)
             "version": dep.version,
             "devices": dep.devices.iter().map(|x| &x.device).collect::<Vec<_>>(),
             "stages": stages,
-            "current": current,
+            "current": left_out.current,
+            "no_https": left_out.no_https,
         })),
     )
         .into_response()

@@ -11,6 +11,10 @@
 //! controller listened: `last.job` is the deployment id), and the stages not
 //! yet sent follow.
 //!
+//! A firmware served from an `https://` URL is offered only to devices whose
+//! status says `"https": true`; the others (and devices too old to say) are
+//! left out, with the reason, rather than sent a job they would refuse.
+//!
 //! A device's job ends with the first of: a terminal progress event for the
 //! deployment's job id, a retained status whose `last.job` is that id, or
 //! the per-device timeout (the device is then sent `cancel`).
@@ -29,6 +33,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use mqota_core::fetch::is_https;
 use mqota_core::protocol::{ErrorCode, Phase};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -271,33 +276,88 @@ fn new_job_id() -> String {
     format!("d-{}-{:06x}", unix_now(), h.finish() & 0xff_ffff)
 }
 
+/// Selected devices a deployment leaves out, by reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeftOut {
+    /// Already running the firmware's version.
+    pub current: Vec<String>,
+    /// The firmware's URL is `https://` and their status does not say
+    /// `"https": true`: they would refuse the job (`bad_command`, "https is
+    /// not enabled on this device").
+    pub no_https: Vec<String>,
+}
+
+impl LeftOut {
+    /// One line per reason, for the operator; empty when nobody was left out.
+    pub fn describe(&self, version: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        if !self.current.is_empty() {
+            lines.push(format!(
+                "already on {version}: {} (left out)",
+                self.current.join(", ")
+            ));
+        }
+        if !self.no_https.is_empty() {
+            lines.push(format!(
+                "https is not enabled on: {} (left out: the firmware URL is https)",
+                self.no_https.join(", ")
+            ));
+        }
+        lines
+    }
+}
+
 /// Plans a deployment of `firmware` to the selected devices of `fleet` and
 /// stores it (state `running`, every device `pending`). Devices already on
-/// the version are left out and returned second.
+/// the version, and devices that cannot fetch an `https://` firmware URL,
+/// are left out and returned second.
 pub fn create(
     store: &Store,
     fleet: &[DeviceView],
     firmware: &Firmware,
     selection: &Selection,
     options: &RolloutOptions,
-) -> Result<(Deployment, Vec<String>), RolloutError> {
+) -> Result<(Deployment, LeftOut), RolloutError> {
     let selected = selection.select(fleet)?;
     let (current, todo): (Vec<_>, Vec<_>) = selected.into_iter().partition(|d| {
         d.status
             .as_ref()
             .is_some_and(|s| s.version.as_str() == firmware.version)
     });
-    let current: Vec<String> = current.into_iter().map(|d| d.id).collect();
+    let needs_https = is_https(&firmware.url);
+    let (no_https, todo): (Vec<_>, Vec<_>) = todo
+        .into_iter()
+        .partition(|d| needs_https && !d.status.as_ref().is_some_and(|s| s.https));
+    let left_out = LeftOut {
+        current: current.into_iter().map(|d| d.id).collect(),
+        no_https: no_https.into_iter().map(|d| d.id).collect(),
+    };
     if todo.is_empty() {
-        return Err(RolloutError::NoDevices(if current.is_empty() {
-            "the selection is empty (are the devices online?)".into()
-        } else {
-            format!(
-                "all {} selected devices run {}",
-                current.len(),
-                firmware.version
-            )
-        }));
+        return Err(RolloutError::NoDevices(
+            if left_out.current.is_empty() && left_out.no_https.is_empty() {
+                "the selection is empty (are the devices online?)".into()
+            } else if left_out.no_https.is_empty() {
+                format!(
+                    "all {} selected devices run {}",
+                    left_out.current.len(),
+                    firmware.version
+                )
+            } else {
+                let mut why = format!(
+                    "the firmware URL {} is https, and https is not enabled on {} (serve it over http)",
+                    firmware.url,
+                    left_out.no_https.join(", ")
+                );
+                if !left_out.current.is_empty() {
+                    why += &format!(
+                        "; already on {}: {}",
+                        firmware.version,
+                        left_out.current.join(", ")
+                    );
+                }
+                why
+            },
+        ));
     }
     let ids: Vec<String> = todo.iter().map(|d| d.id.clone()).collect();
     let from: HashMap<&str, String> = todo
@@ -333,7 +393,7 @@ pub fn create(
         devices,
     };
     store.create_deployment(&d)?;
-    Ok((d, current))
+    Ok((d, left_out))
 }
 
 /// How a job of deployment `job` ended on `d`, if it did.
@@ -634,6 +694,89 @@ async fn wait_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mqota_core::protocol::Status;
+
+    fn device(id: &str, version: &str, https: Option<bool>) -> DeviceView {
+        let mut json = serde_json::json!({
+            "device": id, "chip": "esp32c3", "project": "p",
+            "version": version, "slot": 0, "state": "valid", "last": null,
+        });
+        if let Some(h) = https {
+            json["https"] = h.into();
+        }
+        DeviceView {
+            id: id.into(),
+            status: Some(serde_json::from_value::<Status>(json).unwrap()),
+            online: true,
+            progress: None,
+        }
+    }
+
+    fn firmware(url: &str) -> Firmware {
+        Firmware {
+            name: "app".into(),
+            url: url.into(),
+            version: "1.1.0".into(),
+            sha256: "00".repeat(32),
+            size: 1000,
+        }
+    }
+
+    #[test]
+    fn an_https_firmware_is_offered_only_to_devices_that_say_https() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fleet = [
+            device("old", "1.0.0", None),
+            device("off", "1.0.0", Some(false)),
+            device("on", "1.0.0", Some(true)),
+            device("current", "1.1.0", Some(true)),
+        ];
+        let options = RolloutOptions::default();
+        let (dep, left) = create(
+            &store,
+            &fleet,
+            &firmware("https://fw.example/app.bin"),
+            &Selection::All,
+            &options,
+        )
+        .unwrap();
+        let sent: Vec<&str> = dep.devices.iter().map(|d| d.device.as_str()).collect();
+        assert_eq!(sent, ["on"]);
+        assert_eq!(left.current, ["current"]);
+        assert_eq!(left.no_https, ["old", "off"]);
+        assert!(left.describe("1.1.0")[1].contains("https is not enabled on: old, off"));
+
+        // Over http every device that needs the update gets it.
+        let (dep, left) = create(
+            &store,
+            &fleet,
+            &firmware("http://fw.example/app.bin"),
+            &Selection::All,
+            &options,
+        )
+        .unwrap();
+        assert_eq!(dep.devices.len(), 3);
+        assert!(left.no_https.is_empty());
+    }
+
+    #[test]
+    fn an_https_firmware_for_devices_without_https_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fleet = [device("a", "1.0.0", Some(false))];
+        let err = create(
+            &store,
+            &fleet,
+            &firmware("HTTPS://fw.example/app.bin"),
+            &Selection::Ids(vec!["a".into()]),
+            &RolloutOptions::default(),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, RolloutError::NoDevices(_)), "{text}");
+        assert!(text.contains("https is not enabled on a"), "{text}");
+    }
 
     fn ids(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("d{i:02}")).collect()

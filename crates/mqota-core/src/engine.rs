@@ -23,6 +23,8 @@
 //!    and the engine asks for a fetch from offset 0 (`accepted`).
 //! 2. [`Event::Response`]: the status and length are checked (`too_large`,
 //!    `size_mismatch`, `http_status`; a 200 to a ranged request restarts).
+//!    Redirects never reach the engine: the caller's HTTP layer follows them
+//!    and reports the final answer.
 //! 3. [`Event::Body`] chunks fill a 4 KiB page buffer. Each full page goes
 //!    through the incremental image validator (so a wrong chip or a bad header
 //!    is refused before anything is erased), then the flash ahead of it is
@@ -34,10 +36,15 @@
 //!    the activation, otadata selects the slot, and the engine asks for a
 //!    reboot (`verifying`, `rebooting`).
 //!
-//! Failures of the network (reset, 5xx, a stall) are retried with exponential
-//! backoff, resuming from the last page written with a Range request. Every
-//! other failure ends the job with a `failed` event and its error code; the
-//! running slot is never touched, so the device keeps its firmware.
+//! Failures that a retry may cure (a reset, HTTP 408, 429 or 5xx, a stall;
+//! [`fetch`](crate::fetch) decides which) are retried after a jittered
+//! exponential [backoff](crate::backoff), resuming from the last page written
+//! with a Range request. The jitter comes from a [`XorShift32`] the engine
+//! owns, seeded from [`Config::seed`]: the engine stays sans-IO and
+//! reproducible under test, and devices seeded differently spread their
+//! retries. Every other failure ends the job at once with a `failed` event,
+//! its error code and a message (`HTTP 404`); the running slot is never
+//! touched, so the device keeps its firmware.
 //!
 //! # The seed design's OTA handler
 //!
@@ -49,6 +56,8 @@
 //!
 //! [journal]: crate::journal
 
+use crate::backoff::{Backoff, Jitter, XorShift32};
+use crate::fetch::FetchError;
 use crate::image::{self, Chip, ImageError, StreamValidator};
 use crate::journal::{Flag, JobRecord, Journal, JOURNAL_SIZE, PAGE_SIZE};
 use crate::otadata::{self, OtaState};
@@ -145,10 +154,16 @@ pub struct Config {
     pub stall_timeout_ms: Millis,
     /// How many times a transient failure is retried before the job fails.
     pub max_retries: u8,
-    /// First retry delay; doubles on each retry.
+    /// Shortest retry delay. Each delay is drawn at random between this and
+    /// three times the one before ([`Jitter::Decorrelated`]), capped at
+    /// [`Config::retry_max_ms`].
     pub retry_base_ms: Millis,
     /// Cap of the retry delay.
     pub retry_max_ms: Millis,
+    /// Seed of the generator the retry jitter is drawn from. Give every
+    /// device its own (the runtime uses its device seed), so a fleet whose
+    /// server failed does not retry in lockstep.
+    pub seed: u32,
     /// At most one `downloading` event per this many milliseconds (and at most
     /// one per whole percent). Phase changes are always sent.
     pub progress_interval_ms: Millis,
@@ -158,8 +173,8 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults: 10 minute deadline, 15 s stall timeout, 5 retries from 1 s up
-    /// to 16 s, progress at most every 250 ms.
+    /// Defaults: 10 minute deadline, 15 s stall timeout, 5 retries jittered
+    /// between 1 s and 16 s, progress at most every 250 ms, a fixed seed.
     pub fn new(device: &str, chip: Chip, running_version: &str) -> Self {
         Self {
             device: truncated(device),
@@ -170,6 +185,7 @@ impl Config {
             max_retries: 5,
             retry_base_ms: 1_000,
             retry_max_ms: 16_000,
+            seed: 0x6d71_6f74,
             progress_interval_ms: 250,
             verify_hook: None,
         }
@@ -189,9 +205,11 @@ pub enum Event<'a> {
     Body(&'a [u8]),
     /// The response body ended (the server closed or sent all it announced).
     BodyEnd,
-    /// The fetch failed below HTTP (connect refused, reset, DNS, TLS); the
-    /// text names it for the operator.
-    FetchFailed(&'static str),
+    /// The fetch ended without a usable response: an HTTP status other than
+    /// 200/206 after any redirects, a network failure, a URL the device
+    /// cannot use. [`FetchError::is_transient`] decides whether it is
+    /// retried.
+    FetchFailed(FetchError),
     /// The fetch delivered nothing for the transport's I/O timeout: treated
     /// like the engine's own stall timeout (retried, `timeout` in the end).
     Stalled,
@@ -381,9 +399,11 @@ struct Download {
     deadline: Millis,
     last_data: Millis,
     retries: u8,
+    /// Paces the retries of this job.
+    backoff: Backoff,
     /// The transient failure being retried, reported if the deadline passes
     /// while backing off: it says more than `timeout` would.
-    last_failure: Option<(ErrorCode, &'static str)>,
+    last_failure: Option<Fail>,
     percent: u8,
     last_publish: Millis,
     validator: StreamValidator,
@@ -393,6 +413,8 @@ struct Download {
 pub struct Engine {
     cfg: Config,
     layout: Layout,
+    /// Where the retry jitter comes from.
+    rng: XorShift32,
     dl: Option<Download>,
     finished: Finished,
     page: [u8; PAGE_SIZE as usize],
@@ -400,7 +422,14 @@ pub struct Engine {
 }
 
 /// Ends the job in flight with an error code and one line for the operator.
+#[derive(Debug, Clone)]
 struct Fail(ErrorCode, String<MAX_MESSAGE_LEN>);
+
+impl From<FetchError> for Fail {
+    fn from(e: FetchError) -> Self {
+        Fail(e.code(), e.message())
+    }
+}
 
 /// A [`Fail`] with a fixed message.
 fn fail(code: ErrorCode, why: &str) -> Fail {
@@ -411,6 +440,7 @@ impl Engine {
     /// An idle engine.
     pub fn new(cfg: Config, layout: Layout) -> Self {
         Self {
+            rng: XorShift32::new(cfg.seed),
             cfg,
             layout,
             dl: None,
@@ -587,11 +617,10 @@ impl Engine {
             Event::Response(r) => self.on_response(flash, now, r, &mut actions),
             Event::Body(data) => self.on_body(flash, now, data, &mut actions),
             Event::BodyEnd => self.on_end(flash, now, &mut actions),
-            Event::FetchFailed(why) => self.transient(now, ErrorCode::Network, why, &mut actions),
+            Event::FetchFailed(e) => self.fetch_failed(now, e, &mut actions),
             Event::Stalled => self.transient(
                 now,
-                ErrorCode::Timeout,
-                "no data within the stall timeout",
+                fail(ErrorCode::Timeout, "no data within the stall timeout"),
                 &mut actions,
             ),
             Event::Tick => self.on_tick(now, &mut actions),
@@ -670,6 +699,11 @@ impl Engine {
             deadline: now + timeout,
             last_data: now,
             retries: 0,
+            backoff: Backoff::new(
+                self.cfg.retry_base_ms,
+                self.cfg.retry_max_ms,
+                Jitter::Decorrelated,
+            ),
             last_failure: None,
             percent: 0,
             last_publish: now,
@@ -754,16 +788,15 @@ impl Engine {
                 if r.range_start != Some(dl.written) {
                     return self.transient(
                         now,
-                        ErrorCode::HttpStatus,
-                        "Content-Range does not start where asked",
+                        fail(
+                            ErrorCode::HttpStatus,
+                            "Content-Range does not start where asked",
+                        ),
                         actions,
                     );
                 }
             }
-            500..=599 => {
-                return self.transient(now, ErrorCode::HttpStatus, "server error (5xx)", actions)
-            }
-            _ => return Err(fail(ErrorCode::HttpStatus, "unexpected HTTP status")),
+            status => return self.fetch_failed(now, FetchError::Status(status), actions),
         }
         if let Some(len) = r.content_length {
             let total = dl.written.saturating_add(len);
@@ -905,8 +938,7 @@ impl Engine {
                 // The connection ended early: resume from the last whole page.
                 return self.transient(
                     now,
-                    ErrorCode::Network,
-                    "connection closed before the end",
+                    fail(ErrorCode::Network, "connection closed before the end"),
                     actions,
                 );
             }
@@ -983,8 +1015,8 @@ impl Engine {
             return Ok(());
         };
         if now >= dl.deadline {
-            return Err(match (dl.fetch, dl.last_failure) {
-                (Fetch::Backoff(_), Some((code, why))) => fail(code, why),
+            return Err(match (dl.fetch, dl.last_failure.take()) {
+                (Fetch::Backoff(_), Some(last)) => last,
                 _ => fail(ErrorCode::Timeout, "update deadline passed"),
             });
         }
@@ -1001,8 +1033,7 @@ impl Engine {
             {
                 return self.transient(
                     now,
-                    ErrorCode::Timeout,
-                    "no data within the stall timeout",
+                    fail(ErrorCode::Timeout, "no data within the stall timeout"),
                     actions,
                 );
             }
@@ -1011,14 +1042,25 @@ impl Engine {
         Ok(())
     }
 
-    /// A failure worth retrying: back off, then resume from the last page.
-    fn transient(
+    /// A fetch that ended without a usable response: retried if
+    /// [`FetchError::is_transient`] says a retry may help, the end of the job
+    /// otherwise.
+    fn fetch_failed(
         &mut self,
         now: Millis,
-        code: ErrorCode,
-        why: &'static str,
+        e: FetchError,
         actions: &mut Actions,
     ) -> Result<(), Fail> {
+        if e.is_transient() {
+            self.transient(now, e.into(), actions)
+        } else {
+            Err(e.into())
+        }
+    }
+
+    /// A failure worth retrying: back off, then resume from the last page.
+    /// Once the retries are used up, `failure` ends the job.
+    fn transient(&mut self, now: Millis, failure: Fail, actions: &mut Actions) -> Result<(), Fail> {
         let Some(dl) = self.dl.as_mut() else {
             return Ok(());
         };
@@ -1026,15 +1068,20 @@ impl Engine {
             return Ok(());
         }
         if dl.retries >= self.cfg.max_retries {
-            return Err(fail(code, why));
+            return Err(failure);
         }
-        let delay = (self.cfg.retry_base_ms << dl.retries.min(16)).min(self.cfg.retry_max_ms);
+        let delay = dl.backoff.next_delay(self.rng.next_u32());
         dl.retries += 1;
-        dl.last_failure = Some((code, why));
+        warn!(
+            "{}; retry {} in {} ms",
+            failure.1.as_str(),
+            dl.retries,
+            delay
+        );
+        dl.last_failure = Some(failure);
         dl.fetch = Fetch::Backoff(now + delay);
         // Bytes past the last whole page are dropped and fetched again.
         self.fill = 0;
-        warn!("{}; retry {} in {} ms", why, dl.retries, delay);
         push(actions, Action::StopFetch);
         Ok(())
     }

@@ -10,8 +10,10 @@ extern crate std;
 #[macro_use]
 mod fmt;
 
+pub mod backoff;
 pub mod bootguard;
 pub mod engine;
+pub mod fetch;
 pub mod image;
 pub mod journal;
 pub mod otadata;

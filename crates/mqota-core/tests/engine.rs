@@ -4,7 +4,8 @@ mod common;
 
 use common::*;
 use embedded_storage::nor_flash::ReadNorFlash;
-use mqota_core::engine::{Engine, Event};
+use mqota_core::engine::{Config, Engine, Event};
+use mqota_core::fetch::FetchError;
 use mqota_core::image::Chip;
 use mqota_core::journal::{Flag, PAGE_SIZE};
 use mqota_core::otadata::{OtaState, Otadata};
@@ -248,32 +249,165 @@ fn without_a_length_a_body_longer_than_its_image_is_cut_off_with_size_mismatch()
     );
 }
 
+/// The `message` of the job's `failed` event.
+fn failed_message(d: &Rig) -> Option<String> {
+    d.published
+        .iter()
+        .find(|p| p.phase == Phase::Failed)
+        .and_then(|p| p.message.as_ref().map(|m| m.to_string()))
+}
+
 #[test]
-fn http_404_fails_with_http_status() {
+fn http_404_fails_at_once_with_the_status_in_the_message() {
     let mut d = device();
     d.start(job(URL));
     d.respond(404, Some(10), None);
     assert_eq!(d.failed_with(), Some(ErrorCode::HttpStatus));
+    assert_eq!(failed_message(&d).as_deref(), Some("HTTP 404"));
+    assert!(!d.engine.is_busy(), "no retry is pending");
+    assert_eq!(d.fetches, vec![0], "fetched once, never retried");
 }
 
 #[test]
-fn server_errors_are_retried_with_growing_backoff_then_fail() {
-    let mut d = device();
-    d.start(job(URL));
+fn client_errors_other_than_408_and_429_are_never_retried() {
+    for status in [400, 401, 403, 410, 416, 451, 300, 304] {
+        let mut d = device();
+        d.start(job(URL));
+        d.respond(status, None, None);
+        assert_eq!(d.failed_with(), Some(ErrorCode::HttpStatus), "{status}");
+        assert_eq!(
+            failed_message(&d),
+            Some(format!("HTTP {status}")),
+            "{status}"
+        );
+        assert_eq!(d.fetches.len(), 1, "{status}");
+    }
+}
+
+/// Answers every fetch with `status` and ticks 100 ms at a time until the
+/// engine asks again or gives up; returns the waits, in ms.
+fn retry_gaps(d: &mut Rig, status: u16) -> Vec<u64> {
     let mut gaps = Vec::new();
-    for _ in 0..6 {
-        d.respond(503, None, None);
+    while d.engine.is_busy() {
+        d.respond(status, None, None);
         let asked = d.fetches.len();
         let mut waited = 0;
         while d.fetches.len() == asked && d.engine.is_busy() {
             d.tick(100);
             waited += 100;
         }
-        gaps.push(waited);
+        if d.engine.is_busy() {
+            gaps.push(waited);
+        }
     }
+    gaps
+}
+
+#[test]
+fn server_errors_are_retried_with_jittered_backoff_then_fail_with_the_status() {
+    let mut d = device();
+    d.start(job(URL));
+    let gaps = retry_gaps(&mut d, 503);
     assert_eq!(d.failed_with(), Some(ErrorCode::HttpStatus));
-    assert!(gaps.windows(2).take(4).all(|w| w[0] < w[1]), "{gaps:?}");
+    assert_eq!(failed_message(&d).as_deref(), Some("HTTP 503"));
     assert_eq!(d.fetches.len(), 6, "the first fetch and five retries");
+    // Decorrelated jitter: at least the base (1 s), at most three times the
+    // delay before and the cap (16 s); the tick rounds up to 100 ms.
+    let mut previous = 1_000;
+    for &g in &gaps {
+        assert!(g >= 1_000, "{gaps:?}");
+        assert!(g <= 16_000 + 100, "{gaps:?}");
+        assert!(g <= 3 * previous + 100, "{gaps:?}");
+        previous = g;
+    }
+}
+
+#[test]
+fn request_timeout_and_too_many_requests_are_retried() {
+    for status in [408, 429, 500, 502, 504] {
+        let mut d = device();
+        d.start(job(URL));
+        d.respond(status, None, None);
+        assert!(d.engine.is_busy(), "{status} is retried");
+        d.tick(16_000);
+        assert_eq!(d.fetches, vec![0, 0], "{status}: fetched again");
+        let v2 = image(Chip::Esp32c3, "1.1.0", 100_000);
+        d.serve(&v2);
+        assert!(d.rebooted, "{status}: the retry succeeds");
+    }
+}
+
+#[test]
+fn retry_delays_differ_between_seeds_and_repeat_for_the_same_seed() {
+    let gaps_with = |seed: u32| {
+        let mut d = device();
+        let mut cfg = Config::new("dev-1", Chip::Esp32c3, "1.0.0");
+        cfg.seed = seed;
+        d.engine = Engine::new(cfg, d.layout.clone());
+        d.start(job(URL));
+        retry_gaps(&mut d, 503)
+    };
+    let a = gaps_with(1);
+    assert_eq!(a.len(), 5);
+    assert_eq!(a, gaps_with(1), "the same seed gives the same delays");
+    assert_ne!(a, gaps_with(2), "another seed, other delays");
+    assert!(
+        a.windows(2).any(|w| w[0] != w[1]),
+        "not a fixed schedule: {a:?}"
+    );
+}
+
+#[test]
+fn failures_a_retry_cannot_cure_end_the_job_at_once() {
+    let cases = [
+        (
+            FetchError::BadContentLength,
+            ErrorCode::HttpStatus,
+            "bad Content-Length",
+        ),
+        (
+            FetchError::TooManyRedirects,
+            ErrorCode::HttpStatus,
+            "too many redirects",
+        ),
+        (
+            FetchError::InsecureRedirect,
+            ErrorCode::HttpStatus,
+            "redirect from https to http refused",
+        ),
+        (
+            FetchError::HttpsNotEnabled,
+            ErrorCode::BadCommand,
+            "https is not enabled on this device",
+        ),
+        (
+            FetchError::BadUrl,
+            ErrorCode::BadCommand,
+            "URL not usable on this device",
+        ),
+    ];
+    for (e, code, message) in cases {
+        let mut d = device();
+        d.start(job(URL));
+        d.event(Event::FetchFailed(e));
+        assert_eq!(d.failed_with(), Some(code), "{e:?}");
+        assert_eq!(failed_message(&d).as_deref(), Some(message), "{e:?}");
+        assert!(!d.engine.is_busy(), "{e:?}");
+        assert_eq!(d.fetches.len(), 1, "{e:?}");
+    }
+}
+
+#[test]
+fn network_failures_are_retried_and_end_with_the_last_one() {
+    let mut d = device();
+    d.start(job(URL));
+    while d.engine.is_busy() {
+        d.event(Event::FetchFailed(FetchError::Dns));
+        d.tick(16_000);
+    }
+    assert_eq!(d.fetches.len(), 6);
+    assert_eq!(d.failed_with(), Some(ErrorCode::Network));
+    assert_eq!(failed_message(&d).as_deref(), Some("DNS lookup failed"));
 }
 
 #[test]
@@ -283,7 +417,7 @@ fn a_dropped_connection_resumes_from_the_last_whole_page_with_range() {
     d.start(job(URL));
     d.respond(200, Some(v2.len() as u32), None);
     d.body(&v2[..150_500]);
-    d.event(Event::FetchFailed("connection reset"));
+    d.event(Event::FetchFailed(FetchError::Connection));
     d.tick(5_000);
     let from = *d.fetches.last().unwrap();
     assert_eq!(from, (150_500 / PAGE_SIZE) * PAGE_SIZE);
@@ -313,7 +447,7 @@ fn a_server_that_ignores_range_is_restarted_cleanly() {
     d.start(job(URL));
     d.respond(200, Some(v2.len() as u32), None);
     d.body(&v2[..200_000]);
-    d.event(Event::FetchFailed("connection reset"));
+    d.event(Event::FetchFailed(FetchError::Connection));
     d.tick(5_000);
     assert!(*d.fetches.last().unwrap() > 0);
     // The server answers the ranged request with the whole file.
@@ -336,8 +470,8 @@ fn a_stalled_server_ends_with_timeout_after_the_retries() {
         assert!(elapsed < 600_000);
     }
     assert_eq!(d.failed_with(), Some(ErrorCode::Timeout));
-    // 6 stalls of 15 s plus the backoff between them (1+2+4+8+16 s).
-    assert!(elapsed <= 6 * 15_000 + 31_000 + 6_000, "{elapsed} ms");
+    // 6 stalls of 15 s plus the backoff between them (five, each 16 s at most).
+    assert!(elapsed <= 6 * 15_000 + 5 * 16_000 + 6_000, "{elapsed} ms");
 }
 
 #[test]

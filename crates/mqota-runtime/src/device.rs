@@ -64,8 +64,12 @@ use mqota_core::protocol::{
     MAX_PROGRESS_JSON, MAX_STATUS_JSON, MAX_URL_LEN, OFFLINE, ONLINE,
 };
 
-use crate::backoff::{Backoff, Jitter, XorShift32};
-use crate::http::{Abort, BodySink, DownloadError, Downloader, ResponseInfo};
+use mqota_core::backoff::{Backoff, Jitter, XorShift32};
+use mqota_core::fetch::{is_https, FetchError, HTTPS_NOT_ENABLED};
+
+use crate::http::{
+    Abort, BodySink, DownloadError, Downloader, RedirectError, ResponseInfo, HTTPS_ENABLED,
+};
 use crate::mqtt::{Message, MqttBuffers, MqttConfig, MqttSession, QoS, MQTT_RX_BUFFER};
 use crate::platform::{Link, Platform, Slot};
 
@@ -219,6 +223,7 @@ where
         slot: Some(booted.layout.running as u8),
         state: truncated(booted.boot.state.name()),
         last: booted.boot.last.clone(),
+        https: HTTPS_ENABLED,
     };
     // The will marks the device offline on its availability topic, never
     // on its status: the retained status keeps the last real state.
@@ -238,11 +243,7 @@ where
     let mut session = MqttSession::new(tcp, dns, &mut buffers, mqtt_cfg);
     let subs = topics.subscriptions();
     let sub_refs: [&str; 4] = [&subs[0], &subs[1], &subs[2], &subs[3]];
-    let mut backoff = Backoff::new(
-        Duration::from_millis(500),
-        Duration::from_secs(30),
-        Jitter::Full,
-    );
+    let mut backoff = Backoff::new(500, 30_000, Jitter::Full);
     let mut rng = XorShift32::new(cfg.seed ^ now_ms() as u32);
     let mut random = move || rng.next_u32();
 
@@ -250,6 +251,9 @@ where
     engine_cfg.timeout_ms = cfg.update_timeout.as_millis();
     engine_cfg.stall_timeout_ms = cfg.stall_timeout.as_millis();
     engine_cfg.progress_interval_ms = cfg.progress_interval.as_millis();
+    // Download retries draw their jitter from the device's seed too, mixed
+    // apart from the reconnect generator's.
+    engine_cfg.seed = cfg.seed.rotate_left(16) ^ now_ms() as u32 ^ 0x5bd1_e995;
     let layout = booted.layout.clone();
     let mut engine = Engine::new(engine_cfg, layout.clone());
     // The jobs this device already finished: a replayed start of one of them
@@ -443,7 +447,7 @@ impl Device<'_> {
                 self.publish_status(session).await;
                 return true;
             }
-            Timer::after(backoff.next_delay(random())).await;
+            Timer::after(Duration::from_millis(backoff.next_delay(random()))).await;
         }
     }
 
@@ -584,6 +588,16 @@ fn read_command(msg: &Message, topics: &Topics) -> Incoming {
         return Incoming::Ignored;
     }
     match parse_command(kind, &msg.payload, topics.device_id()) {
+        // Refused before the engine sees it: the device could never fetch
+        // it, and the controller can tell from `https` in the status.
+        Ok(CommandOutcome::Command(Command::Start(job)))
+            if !HTTPS_ENABLED && is_https(&job.url) =>
+        {
+            Incoming::Bad(
+                Progress::new(topics, job.job, Phase::Failed)
+                    .with_error(ErrorCode::BadCommand, Some(HTTPS_NOT_ENABLED)),
+            )
+        }
         Ok(CommandOutcome::Command(cmd)) => Incoming::Command(cmd),
         Ok(CommandOutcome::NotForMe) => Incoming::Ignored,
         Err(bad) => Incoming::Bad(bad.to_progress(topics)),
@@ -771,18 +785,8 @@ where
         (_, Some(cmd)) => Some(Event::Command(cmd)),
         (Some(Ok(_)), None) => Some(Event::BodyEnd),
         (Some(Err(DownloadError::Aborted)), None) => None,
-        (Some(Err(DownloadError::Status(status))), None) => Some(Event::Response(Response {
-            status,
-            content_length: None,
-            range_start: None,
-        })),
         (Some(Err(DownloadError::Timeout)), None) => Some(Event::Stalled),
-        (Some(Err(e)), None) => Some(Event::FetchFailed(match e {
-            DownloadError::Dns => "DNS lookup failed",
-            DownloadError::InvalidUrl => "URL not usable",
-            DownloadError::Protocol => "malformed HTTP response",
-            _ => "connection failed",
-        })),
+        (Some(Err(e)), None) => Some(Event::FetchFailed(fetch_error(e, &url))),
         // The overall deadline passed while the fetch was silent.
         (None, None) => Some(Event::Tick),
     };
@@ -802,6 +806,27 @@ where
         }
     }
     actions
+}
+
+/// Names a failed download in the core's terms; the core decides whether it
+/// is retried ([`FetchError::is_transient`]).
+fn fetch_error(e: DownloadError, url: &str) -> FetchError {
+    match e {
+        DownloadError::Status(status) => FetchError::Status(status),
+        DownloadError::Dns => FetchError::Dns,
+        DownloadError::Protocol => FetchError::BadResponse,
+        DownloadError::BadContentLength => FetchError::BadContentLength,
+        DownloadError::UnsupportedScheme if is_https(url) => FetchError::HttpsNotEnabled,
+        DownloadError::UnsupportedScheme | DownloadError::InvalidUrl => FetchError::BadUrl,
+        DownloadError::Redirect(RedirectError::TooMany) => FetchError::TooManyRedirects,
+        DownloadError::Redirect(RedirectError::Insecure) => FetchError::InsecureRedirect,
+        DownloadError::Redirect(RedirectError::UnsupportedScheme) => {
+            FetchError::RedirectUnsupported
+        }
+        DownloadError::Redirect(_) => FetchError::BadRedirect,
+        // Network, and anything a later reqwless adds: worth another try.
+        _ => FetchError::Connection,
+    }
 }
 
 /// Publishes a progress event at QoS 0 on `{prefix}/{id}/progress`, and a

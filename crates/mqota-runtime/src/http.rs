@@ -10,6 +10,20 @@
 //! with a `Content-Range`; one that ignores it answers `200` with the whole
 //! file. [`ResponseInfo::range_honoured`] tells the sink which happened, so
 //! it can restart its pipeline from byte 0 instead of appending.
+//!
+//! Redirects are followed here, so the sink and the engine only ever see the
+//! final answer: 301, 302, 303, 307 and 308, at most [`MAX_REDIRECTS`] in a
+//! row, with a relative `Location` resolved against the URL that answered.
+//! The current URL lives in a bounded buffer of
+//! [`MAX_URL_LEN`] bytes, like a job's
+//! URL. Every hop carries the same `Range`, so a resumed download asks the
+//! final location for the rest; a retry starts again from the job's URL,
+//! because the targets of GitHub release assets and S3 presigned URLs
+//! expire. A redirect from `https` to `http` is refused, as is one to a
+//! scheme this build cannot fetch.
+//!
+//! This build has no TLS ([`HTTPS_ENABLED`] is false): an `https://` URL
+//! ends at once with [`DownloadError::UnsupportedScheme`].
 
 use core::fmt::Write as _;
 
@@ -17,8 +31,19 @@ use embassy_time::{with_timeout, Duration};
 use embedded_io_async::Read;
 use embedded_nal_async::{Dns, TcpConnect};
 use heapless::String;
+use mqota_core::fetch::is_https;
+use mqota_core::protocol::MAX_URL_LEN;
 use reqwless::client::HttpClient;
 use reqwless::request::{Method, RequestBuilder};
+
+/// Whether this build can fetch `https://` URLs. False until reqwless's TLS
+/// is enabled; the device says so in its status (`https`) and refuses
+/// `https://` jobs at once.
+pub const HTTPS_ENABLED: bool = false;
+
+/// Redirects followed in a row before a download fails with
+/// [`RedirectError::TooMany`].
+pub const MAX_REDIRECTS: u8 = 5;
 
 /// Bytes for the response status line and headers. reqwless keeps using the
 /// same buffer to read ahead in the body afterwards. A response whose headers
@@ -106,12 +131,38 @@ pub enum DownloadError {
     Timeout,
     /// The sink returned [`Abort`]. The sink knows why.
     Aborted,
-    /// The URL could not be parsed or uses an unsupported scheme. Do not retry.
+    /// The URL could not be parsed or is longer than a job's URL may be.
+    /// Do not retry.
     InvalidUrl,
+    /// The URL's scheme is not one this build fetches (`https://` without
+    /// TLS, see [`HTTPS_ENABLED`], or neither http nor https). Do not retry.
+    UnsupportedScheme,
     /// The response was malformed: headers too large for
     /// [`HTTP_RX_BUFFER`], an unparsable header, a 206 for a different range
     /// than requested. Report it; retrying rarely helps.
     Protocol,
+    /// The `Content-Length` header is not a non-negative number this device
+    /// can hold. Do not retry.
+    BadContentLength,
+    /// A redirect could not be followed. Do not retry.
+    Redirect(RedirectError),
+}
+
+/// Why a redirect was not followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum RedirectError {
+    /// More than [`MAX_REDIRECTS`] redirects in a row (a loop ends here too).
+    TooMany,
+    /// A redirect from `https://` to `http://`.
+    Insecure,
+    /// A redirect to a scheme this build cannot fetch (`https://` without
+    /// TLS, or neither http nor https).
+    UnsupportedScheme,
+    /// No `Location`, or one that cannot be resolved or is longer than
+    /// [`MAX_URL_LEN`] bytes.
+    BadLocation,
 }
 
 #[cfg(feature = "defmt")]
@@ -153,8 +204,9 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> Downloader<'a, T, D> {
         self
     }
 
-    /// GETs `url`, from byte `range_start` on, streaming the body into
-    /// `sink`. Returns the number of body bytes delivered.
+    /// GETs `url`, from byte `range_start` on, following redirects, and
+    /// streams the final answer's body into `sink`. Returns the number of
+    /// body bytes delivered.
     pub async fn download<S: BodySink>(
         &mut self,
         url: &str,
@@ -168,16 +220,62 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> Downloader<'a, T, D> {
         let range_header = [("Range", range.as_str())];
         let headers: &[(&str, &str)] = if range_start > 0 { &range_header } else { &[] };
 
-        let mut request = with_timeout(timeout, self.client.request(Method::GET, url))
-            .await
-            .map_err(|_| DownloadError::Timeout)?
-            .map_err(map_error)?
-            .headers(headers);
-        let response = with_timeout(timeout, request.send(&mut self.rx))
-            .await
-            .map_err(|_| DownloadError::Timeout)?
-            .map_err(map_error)?;
+        let mut current: String<MAX_URL_LEN> = String::new();
+        current
+            .push_str(url)
+            .map_err(|_| DownloadError::InvalidUrl)?;
+        if !scheme_supported(&current) {
+            return Err(DownloadError::UnsupportedScheme);
+        }
+        let mut hops = 0u8;
+        loop {
+            // Zeroed, so the head of a response reqwless refused can be
+            // examined afterwards without stale bytes of an earlier one.
+            self.rx.fill(0);
+            let mut request = with_timeout(timeout, self.client.request(Method::GET, &current))
+                .await
+                .map_err(|_| DownloadError::Timeout)?
+                .map_err(map_error)?
+                .headers(headers);
+            let response = match with_timeout(timeout, request.send(&mut self.rx)).await {
+                Err(_) => return Err(DownloadError::Timeout),
+                Ok(Err(reqwless::Error::Codec)) => return Err(refused_head(&self.rx)),
+                Ok(Err(e)) => return Err(map_error(e)),
+                Ok(Ok(r)) => r,
+            };
+            let status = response.status.0;
+            if !is_redirect(status) {
+                return Self::deliver(response, range_start, timeout, &mut self.chunk, sink).await;
+            }
+            hops += 1;
+            if hops > MAX_REDIRECTS {
+                debug!("http: more than {} redirects", MAX_REDIRECTS);
+                return Err(DownloadError::Redirect(RedirectError::TooMany));
+            }
+            let mut next: String<MAX_URL_LEN> = String::new();
+            let location = response
+                .headers()
+                .find(|(name, _)| name.eq_ignore_ascii_case("location"))
+                .and_then(|(_, value)| core::str::from_utf8(value).ok())
+                .ok_or(DownloadError::Redirect(RedirectError::BadLocation))?;
+            resolve_location(&current, location, &mut next)
+                .ok_or(DownloadError::Redirect(RedirectError::BadLocation))?;
+            drop(response);
+            drop(request);
+            check_redirect(&current, &next)?;
+            debug!("http: {} redirect, hop {}", status, hops);
+            current = next;
+        }
+    }
 
+    /// Streams the body of a final (non-redirect) answer into `sink`.
+    async fn deliver<S: BodySink, C: Read>(
+        response: reqwless::response::Response<'_, '_, C>,
+        range_start: u64,
+        timeout: Duration,
+        chunk: &mut [u8; BODY_CHUNK],
+        sink: &mut S,
+    ) -> Result<u64, DownloadError> {
         let status = response.status.0;
         if !(200..300).contains(&status) {
             debug!("http: status {}", status);
@@ -207,14 +305,14 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> Downloader<'a, T, D> {
         let mut reader = response.body().reader();
         let mut delivered = 0u64;
         loop {
-            let n = with_timeout(timeout, reader.read(&mut self.chunk))
+            let n = with_timeout(timeout, reader.read(chunk))
                 .await
                 .map_err(|_| DownloadError::Timeout)?
                 .map_err(map_error)?;
             if n == 0 {
                 break;
             }
-            sink.chunk(&self.chunk[..n])
+            sink.chunk(&chunk[..n])
                 .await
                 .map_err(|Abort| DownloadError::Aborted)?;
             delivered += n as u64;
@@ -228,6 +326,156 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> Downloader<'a, T, D> {
         }
         Ok(delivered)
     }
+}
+
+/// The statuses that send the client elsewhere with the same GET.
+fn is_redirect(status: u16) -> bool {
+    matches!(status, 301 | 302 | 303 | 307 | 308)
+}
+
+/// Whether this build fetches `url`'s scheme.
+fn scheme_supported(url: &str) -> bool {
+    let http = url
+        .get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("http://"));
+    http || (HTTPS_ENABLED && is_https(url))
+}
+
+/// Refuses a redirect from `from` to `to` that would drop TLS or that this
+/// build cannot fetch.
+pub fn check_redirect(from: &str, to: &str) -> Result<(), DownloadError> {
+    if is_https(from) && !is_https(to) {
+        return Err(DownloadError::Redirect(RedirectError::Insecure));
+    }
+    if !scheme_supported(to) {
+        return Err(DownloadError::Redirect(RedirectError::UnsupportedScheme));
+    }
+    Ok(())
+}
+
+/// Why reqwless refused a response head it received: re-reads the head left
+/// in `rx` to tell a bad `Content-Length` (permanent) from other garbage.
+fn refused_head(rx: &[u8]) -> DownloadError {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut head = httparse::Response::new(&mut headers);
+    if let Ok(httparse::Status::Complete(_)) = head.parse(rx) {
+        let bad_length = head.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("content-length")
+                && !core::str::from_utf8(h.value)
+                    .ok()
+                    .map(str::trim)
+                    .is_some_and(|v| {
+                        !v.is_empty()
+                            && v.bytes().all(|b| b.is_ascii_digit())
+                            && v.parse::<usize>().is_ok()
+                    })
+        });
+        if bad_length {
+            return DownloadError::BadContentLength;
+        }
+    }
+    DownloadError::Protocol
+}
+
+/// Resolves a redirect's `Location` against the URL that answered, into
+/// `out` (RFC 3986 §5.2, without the fragment): an absolute URL is taken as
+/// it is, `//host/path` keeps the scheme, `/path` the scheme and host,
+/// `?query` the path too, and a relative path is merged with the base's
+/// directory; `.` and `..` segments are removed. `None` if `location` is
+/// empty, `base` is not `scheme://...`, or the result does not fit `out`.
+pub fn resolve_location<const N: usize>(
+    base: &str,
+    location: &str,
+    out: &mut String<N>,
+) -> Option<()> {
+    out.clear();
+    let location = location.trim();
+    let location = location.split('#').next().unwrap_or("");
+    if location.is_empty() {
+        return None;
+    }
+    if has_scheme(location) {
+        return out.push_str(location).ok();
+    }
+    let scheme_end = base.find("://")?;
+    let after = &base[scheme_end + 3..];
+    let authority_len = after.find(['/', '?', '#']).unwrap_or(after.len());
+    let authority = &after[..authority_len];
+    let rest = &after[authority_len..];
+    let base_path = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
+    if let Some(net_path) = location.strip_prefix("//") {
+        out.push_str(&base[..scheme_end + 3]).ok()?;
+        return out.push_str(net_path).ok();
+    }
+    out.push_str(&base[..scheme_end + 3]).ok()?;
+    out.push_str(authority).ok()?;
+    let (path, query) = match location.find('?') {
+        Some(q) => (&location[..q], &location[q..]),
+        None => (location, ""),
+    };
+    if path.is_empty() {
+        // Only a query: the base's path with the new query.
+        out.push_str(if base_path.is_empty() { "/" } else { base_path })
+            .ok()?;
+    } else if path.starts_with('/') {
+        push_path(out, "", path)?;
+    } else {
+        // The base's directory: its path up to the last '/'.
+        let dir = match base_path.rfind('/') {
+            Some(i) => &base_path[..=i],
+            None => "/",
+        };
+        push_path(out, dir, path)?;
+    }
+    out.push_str(query).ok()
+}
+
+/// Whether `s` starts with `scheme://` (RFC 3986 scheme characters).
+fn has_scheme(s: &str) -> bool {
+    match s.find("://") {
+        Some(i) if i > 0 => {
+            let scheme = &s[..i];
+            scheme.as_bytes()[0].is_ascii_alphabetic()
+                && scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        }
+        _ => false,
+    }
+}
+
+/// Appends the path `dir` + `rel` to `out` with its dot segments removed;
+/// `dir` is empty or starts and ends with '/', and `rel` starts with '/'
+/// when `dir` is empty.
+fn push_path<const N: usize>(out: &mut String<N>, dir: &str, rel: &str) -> Option<()> {
+    let mut merged: String<N> = String::new();
+    merged.push_str(dir).ok()?;
+    merged.push_str(rel).ok()?;
+    let root = out.len();
+    let path = merged.strip_prefix('/').unwrap_or(&merged);
+    let count = path.split('/').count();
+    for (i, seg) in path.split('/').enumerate() {
+        match seg {
+            "." => {}
+            ".." => {
+                let cut = out[root..].rfind('/').map_or(root, |j| root + j);
+                out.truncate(cut);
+            }
+            _ => {
+                out.push('/').ok()?;
+                out.push_str(seg).ok()?;
+                continue;
+            }
+        }
+        // A path ending in `.` or `..` names a directory.
+        if i + 1 == count {
+            out.push('/').ok()?;
+        }
+    }
+    if out.len() == root {
+        out.push('/').ok()?;
+    }
+    Some(())
 }
 
 fn map_error(e: reqwless::Error) -> DownloadError {
@@ -299,6 +547,102 @@ mod tests {
             "bytes 1-2",
         ] {
             assert_eq!(parse_content_range(bad), None, "{bad:?}");
+        }
+    }
+
+    fn resolved(base: &str, location: &str) -> Option<std::string::String> {
+        let mut out: String<MAX_URL_LEN> = String::new();
+        resolve_location(base, location, &mut out).map(|()| out.as_str().into())
+    }
+
+    #[test]
+    fn locations_resolve_against_the_url_that_answered() {
+        let base = "http://h:8080/a/b/fw.bin?sig=1";
+        for (location, want) in [
+            ("http://other/x.bin", "http://other/x.bin"),
+            ("HTTPS://other/x.bin", "HTTPS://other/x.bin"),
+            ("//cdn.example/x.bin", "http://cdn.example/x.bin"),
+            ("/x.bin", "http://h:8080/x.bin"),
+            ("/x/../y/./z.bin", "http://h:8080/y/z.bin"),
+            ("c.bin", "http://h:8080/a/b/c.bin"),
+            ("./c.bin", "http://h:8080/a/b/c.bin"),
+            ("../c.bin", "http://h:8080/a/c.bin"),
+            ("../../../../c.bin", "http://h:8080/c.bin"),
+            ("..", "http://h:8080/a/"),
+            ("d/", "http://h:8080/a/b/d/"),
+            ("?sig=2", "http://h:8080/a/b/fw.bin?sig=2"),
+            ("c.bin?x=../y", "http://h:8080/a/b/c.bin?x=../y"),
+            ("c.bin#frag", "http://h:8080/a/b/c.bin"),
+            ("  /x.bin  ", "http://h:8080/x.bin"),
+        ] {
+            assert_eq!(
+                resolved(base, location).as_deref(),
+                Some(want),
+                "{location}"
+            );
+        }
+        assert_eq!(
+            resolved("http://h", "x.bin").as_deref(),
+            Some("http://h/x.bin")
+        );
+        assert_eq!(
+            resolved("http://h?q", "x.bin").as_deref(),
+            Some("http://h/x.bin")
+        );
+    }
+
+    #[test]
+    fn unusable_locations_resolve_to_none() {
+        assert_eq!(resolved("http://h/a", ""), None);
+        assert_eq!(resolved("http://h/a", "   "), None);
+        assert_eq!(resolved("no-scheme", "x.bin"), None);
+        let long = "x".repeat(MAX_URL_LEN);
+        assert_eq!(resolved("http://h/a", &long), None);
+    }
+
+    #[test]
+    fn a_redirect_from_https_to_http_is_refused() {
+        assert_eq!(
+            check_redirect("https://a/fw.bin", "http://b/fw.bin"),
+            Err(DownloadError::Redirect(RedirectError::Insecure))
+        );
+        assert_eq!(check_redirect("http://a/fw.bin", "http://b/fw.bin"), Ok(()));
+        // Without TLS the device cannot follow one to https either.
+        assert_eq!(
+            check_redirect("http://a/fw.bin", "https://b/fw.bin"),
+            Err(DownloadError::Redirect(RedirectError::UnsupportedScheme))
+        );
+        assert_eq!(
+            check_redirect("http://a/fw.bin", "ftp://b/fw.bin"),
+            Err(DownloadError::Redirect(RedirectError::UnsupportedScheme))
+        );
+    }
+
+    #[test]
+    fn a_refused_head_with_a_bad_content_length_is_told_apart() {
+        let mut rx = [0u8; 256];
+        for (head, want) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n"[..],
+                DownloadError::BadContentLength,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n",
+                DownloadError::BadContentLength,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                DownloadError::BadContentLength,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+                DownloadError::Protocol,
+            ),
+            (b"garbage\r\n\r\n", DownloadError::Protocol),
+        ] {
+            rx.fill(0);
+            rx[..head.len()].copy_from_slice(head);
+            assert_eq!(refused_head(&rx), want, "{:?}", core::str::from_utf8(head));
         }
     }
 }

@@ -8,20 +8,20 @@ extern crate std;
 #[macro_use]
 mod fmt;
 
-pub mod backoff;
 mod conn;
 pub mod device;
 pub mod http;
 pub mod mqtt;
 pub mod platform;
 
-pub use backoff::{Backoff, Jitter, XorShift32};
 pub use conn::MQTT_TX_BUFFER;
 pub use device::{early_boot, run, BootError, Booted, DeviceConfig, PROGRESS_QUEUE};
 pub use http::{
-    Abort, BodySink, ContentRange, DownloadError, Downloader, ResponseInfo, BODY_CHUNK,
-    HTTP_RX_BUFFER,
+    Abort, BodySink, ContentRange, DownloadError, Downloader, RedirectError, ResponseInfo,
+    BODY_CHUNK, HTTPS_ENABLED, HTTP_RX_BUFFER, MAX_REDIRECTS,
 };
+/// Retry pacing lives in the core, shared with the update engine.
+pub use mqota_core::backoff::{self, Backoff, Jitter, XorShift32};
 pub use mqtt::{
     Connected, Delivery, Message, MqttBuffers, MqttConfig, MqttError, MqttSession, QoS,
     INBOX_DEPTH, MAX_INCOMING_PAYLOAD, MAX_INFLIGHT, MAX_QOS1_PAYLOAD, MAX_SUBSCRIPTIONS,

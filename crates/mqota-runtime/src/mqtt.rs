@@ -64,9 +64,9 @@ use rust_mqtt::config::{KeepAlive, SessionExpiryInterval};
 use rust_mqtt::types::{MqttBinary, MqttString, PacketIdentifier, TopicFilter, TopicName};
 use rust_mqtt::Bytes;
 
-use crate::backoff::Backoff;
 use crate::conn::{KillSwitch, MqttConn};
 use crate::platform::Link;
+use mqota_core::backoff::Backoff;
 
 /// Bytes of the receive arena: the largest MQTT packet the device accepts.
 /// The broker is told this limit in CONNECT and does not send larger packets.
@@ -941,7 +941,7 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
                 }
                 if link.reconnect().await.is_err() {
                     warn!("mqtt: link reconnect failed");
-                    Timer::after(backoff.next_delay(random())).await;
+                    Timer::after(Duration::from_millis(backoff.next_delay(random()))).await;
                     continue;
                 }
             }
@@ -957,7 +957,7 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
                     return Ok(());
                 }
                 Err(e @ (MqttError::InvalidTopic | MqttError::TooLong)) => return Err(e),
-                Err(_) => Timer::after(backoff.next_delay(random())).await,
+                Err(_) => Timer::after(Duration::from_millis(backoff.next_delay(random()))).await,
             }
         }
     }

@@ -374,6 +374,11 @@ pub enum Fault {
     None,
     /// Answers every request with 404.
     NotFound,
+    /// Answers 200 with `Content-Length: -1` and the file.
+    NegativeLength,
+    /// Answers the first `.1` requests with status `.0` (e.g. 503), then
+    /// serves correctly.
+    StatusFirst(u16, u8),
     /// Closes the connection after this fraction (percent) of the file, once;
     /// later requests are served correctly.
     DropOnceAt(u8),
@@ -385,6 +390,92 @@ pub enum Fault {
     IgnoreRange,
     /// Serves correctly, but at most this many bytes per second.
     Throttle(u64),
+}
+
+/// How a redirect's `Location` names its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    /// `http://127.0.0.1:PORT/path`.
+    Absolute,
+    /// `/path`.
+    AbsolutePath,
+    /// A path relative to the redirecting one's directory (`../../final/fw.bin`).
+    Relative,
+}
+
+/// How [`FaultServer`] redirects before it serves the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redirect {
+    /// `/fw.bin` redirects with `status` through `/hop/1/fw.bin` ... up to
+    /// `/hop/{hops-1}/fw.bin`, and the last hop to `/final/fw.bin`, where the
+    /// file is served (with the server's [`Fault`]): `hops` redirects in all.
+    Chain {
+        /// 301, 302, 303, 307 or 308.
+        status: u16,
+        /// Redirects before the file.
+        hops: u8,
+        /// How each `Location` is written.
+        location: Location,
+    },
+    /// `/fw.bin` answers 302 with `Location: /fw.bin`, forever.
+    Loop,
+}
+
+/// One request [`FaultServer`] received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The request target's path, e.g. `/final/fw.bin`.
+    pub path: String,
+    /// The first byte asked for (0 without `Range`).
+    pub range_start: u64,
+}
+
+/// The path of redirect hop `i` (1-based) of a chain of `hops`; hop `hops`
+/// is the final location.
+fn hop_path(i: u8, hops: u8) -> String {
+    if i >= hops {
+        "/final/fw.bin".to_owned()
+    } else {
+        format!("/hop/{i}/fw.bin")
+    }
+}
+
+/// `target` as a `Location` sent from `from`.
+fn location_of(kind: Location, addr: SocketAddr, from: &str, target: &str) -> String {
+    match kind {
+        Location::Absolute => format!("http://{addr}{target}"),
+        Location::AbsolutePath => target.to_owned(),
+        Location::Relative => {
+            let depth = from.matches('/').count() - 1;
+            format!("{}{}", "../".repeat(depth), &target[1..])
+        }
+    }
+}
+
+/// Where a request for `path` is sent on, if [`Redirect`] says so: the status
+/// and the `Location`.
+fn redirect_for(redirect: Option<Redirect>, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    match redirect? {
+        Redirect::Loop => Some((302, "/fw.bin".to_owned())),
+        Redirect::Chain {
+            status,
+            hops,
+            location,
+        } => {
+            let next = if path == "/fw.bin" && hops > 0 {
+                1
+            } else {
+                let i: u8 = path
+                    .strip_prefix("/hop/")?
+                    .strip_suffix("/fw.bin")?
+                    .parse()
+                    .ok()?;
+                i + 1
+            };
+            let target = hop_path(next, hops);
+            Some((status, location_of(location, addr, path, &target)))
+        }
+    }
 }
 
 async fn send_counted(
@@ -405,30 +496,47 @@ async fn send_counted(
 pub struct FaultServer {
     addr: SocketAddr,
     sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    ranges: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<Request>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl FaultServer {
     /// Serves `file` at every path with `fault`.
     pub async fn start(file: Vec<u8>, fault: Fault) -> Self {
+        Self::start_redirecting(file, fault, None).await
+    }
+
+    /// Like [`FaultServer::start`], but requests are first redirected as
+    /// `redirect` says; the file is served (with `fault`) where the
+    /// redirects end.
+    pub async fn start_redirecting(
+        file: Vec<u8>,
+        fault: Fault,
+        redirect: Option<Redirect>,
+    ) -> Self {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let sent = std::sync::Arc::new(AtomicU64::new(0));
-        let ranges = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let file = std::sync::Arc::new(file);
         let dropped = std::sync::Arc::new(AtomicBool::new(false));
-        let (s, r) = (sent.clone(), ranges.clone());
+        let failures = std::sync::Arc::new(AtomicU64::new(0));
+        let (s, r) = (sent.clone(), requests.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else {
                     return;
                 };
-                let (file, sent, ranges, dropped) =
-                    (file.clone(), s.clone(), r.clone(), dropped.clone());
+                let (file, sent, requests, dropped, failures) = (
+                    file.clone(),
+                    s.clone(),
+                    r.clone(),
+                    dropped.clone(),
+                    failures.clone(),
+                );
                 tokio::spawn(async move {
                     use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let mut req = Vec::new();
@@ -445,11 +553,39 @@ impl FaultServer {
                         .find_map(|l| l.strip_prefix("range: bytes="))
                         .and_then(|v| v.trim().trim_end_matches('-').parse::<u64>().ok())
                         .unwrap_or(0);
-                    ranges.lock().expect("lock").push(start);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                    requests.lock().expect("lock").push(Request {
+                        path: path.clone(),
+                        range_start: start,
+                    });
+                    if let Fault::StatusFirst(status, n) = fault {
+                        if failures.fetch_add(1, Ordering::SeqCst) < u64::from(n) {
+                            let _ = sock
+                                .write_all(
+                                    format!("HTTP/1.1 {status} Failing\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                        .as_bytes(),
+                                )
+                                .await;
+                            return;
+                        }
+                    }
+                    if let Some((status, location)) = redirect_for(redirect, addr, &path) {
+                        let _ = sock
+                            .write_all(
+                                format!("HTTP/1.1 {status} Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                    .as_bytes(),
+                            )
+                            .await;
+                        return;
+                    }
                     let len = file.len() as u64;
                     match fault {
                         Fault::NotFound => {
                             let _ = sock.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found").await;
+                        }
+                        Fault::NegativeLength => {
+                            let _ = sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\nConnection: close\r\n\r\n").await;
+                            send_counted(&mut sock, &sent, file.to_vec()).await;
                         }
                         Fault::Endless => {
                             let _ = sock
@@ -509,7 +645,7 @@ impl FaultServer {
         Self {
             addr,
             sent,
-            ranges,
+            requests,
             task,
         }
     }
@@ -526,7 +662,12 @@ impl FaultServer {
 
     /// The first byte each request asked for (0 without `Range`).
     pub fn range_starts(&self) -> Vec<u64> {
-        self.ranges.lock().expect("lock").clone()
+        self.requests().into_iter().map(|r| r.range_start).collect()
+    }
+
+    /// Every request received, in order.
+    pub fn requests(&self) -> Vec<Request> {
+        self.requests.lock().expect("lock").clone()
     }
 }
 

@@ -8,7 +8,9 @@ use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::protocol::{ErrorCode, Phase, Progress, Status};
 use mqota_flash_sim::BootConfig;
 use mqota_virtual::device::{run_device, Handle, VirtualConfig};
-use mqota_virtual::testing::{Fault, FaultServer, FileServer, Mosquitto, Observer, Received};
+use mqota_virtual::testing::{
+    Fault, FaultServer, FileServer, Location, Mosquitto, Observer, Received, Redirect,
+};
 use sha2::Digest;
 use tokio::task::LocalSet;
 
@@ -1302,4 +1304,221 @@ on_both_brokers!(
     retained_commands_never_run_and_a_fresh_command_still_does,
     a_start_naming_a_finished_job_is_refused_duplicate_job_even_after_a_reboot,
     progress_goes_to_the_device_topic_with_a_shared_copy_that_can_be_switched_off,
+);
+
+/// The `failed` event of job `job` on device `id`, once it arrived.
+async fn failure_of(obs: &Observer, id: &str, job: &str) -> Progress {
+    assert!(
+        obs.wait_until(Duration::from_secs(20), |s| progress_of(s, id)
+            .iter()
+            .any(|p| p.job.as_deref() == Some(job) && p.phase == Phase::Failed))
+            .await,
+        "{job}: no failure reported: {:?}",
+        progress_of(&obs.all(), id).last()
+    );
+    progress_of(&obs.all(), id)
+        .into_iter()
+        .find(|p| p.job.as_deref() == Some(job) && p.phase == Phase::Failed)
+        .unwrap()
+}
+
+async fn a_redirected_download_updates_and_its_resume_asks_the_final_location_for_the_rest(
+    broker: TestBroker,
+) {
+    local(async {
+        let obs = broker.observe("device/#").await;
+        let v2 = image("1.1.0", 400_000);
+        let http = FaultServer::start_redirecting(
+            v2.clone(),
+            Fault::DropOnceAt(50),
+            Some(Redirect::Chain {
+                status: 302,
+                hops: 2,
+                location: Location::Relative,
+            }),
+        )
+        .await;
+        let dev = start(config(&broker, "dev-rd"));
+        online(&obs, "dev-rd", "1.0.0").await;
+        broker
+            .publish("device/dev-rd/ota/start", http.url().as_bytes(), false)
+            .await;
+        online(&obs, "dev-rd", "1.1.0").await;
+
+        let requests = http.requests();
+        let paths: Vec<&str> = requests.iter().map(|r| r.path.as_str()).collect();
+        // The retry starts again from the job's URL and follows the redirects.
+        assert_eq!(
+            paths,
+            [
+                "/fw.bin",
+                "/hop/1/fw.bin",
+                "/final/fw.bin",
+                "/fw.bin",
+                "/hop/1/fw.bin",
+                "/final/fw.bin"
+            ],
+            "{requests:?}"
+        );
+        let resumed_from = requests[5].range_start;
+        assert!(resumed_from >= 190_000, "{requests:?}");
+        assert!(
+            requests[3..].iter().all(|r| r.range_start == resumed_from),
+            "every hop of the resume carries its Range: {requests:?}"
+        );
+        assert!(http.bytes_sent() <= v2.len() as u64 + 4096);
+        dev.stop();
+    })
+    .await;
+}
+
+/// Failures a retry cannot cure end the job at once, with the reason in
+/// `message`: the server sees no second attempt.
+async fn redirect_loops_too_many_redirects_404_and_a_bad_length_fail_at_once(broker: TestBroker) {
+    local(async {
+        let obs = broker.observe("device/#").await;
+        let v2 = image("1.1.0", 100_000);
+        let chain = |hops| {
+            Some(Redirect::Chain {
+                status: 307,
+                hops,
+                location: Location::Absolute,
+            })
+        };
+        let cases = [
+            (
+                "six redirects",
+                FaultServer::start_redirecting(v2.clone(), Fault::None, chain(6)).await,
+                "too many redirects",
+                6,
+            ),
+            (
+                "a loop",
+                FaultServer::start_redirecting(v2.clone(), Fault::None, Some(Redirect::Loop)).await,
+                "too many redirects",
+                6,
+            ),
+            (
+                "404",
+                FaultServer::start(v2.clone(), Fault::NotFound).await,
+                "HTTP 404",
+                1,
+            ),
+            (
+                "404 behind a redirect",
+                FaultServer::start_redirecting(v2.clone(), Fault::NotFound, chain(1)).await,
+                "HTTP 404",
+                2,
+            ),
+            (
+                "negative Content-Length",
+                FaultServer::start(v2.clone(), Fault::NegativeLength).await,
+                "bad Content-Length",
+                1,
+            ),
+        ];
+        let dev = start(config(&broker, "dev-nr"));
+        online(&obs, "dev-nr", "1.0.0").await;
+        for (i, (name, server, message, requests)) in cases.iter().enumerate() {
+            let id = format!("nr-{i}");
+            let t0 = std::time::Instant::now();
+            broker
+                .publish(
+                    "device/dev-nr/ota/start",
+                    &job(&server.url(), serde_json::json!({ "job": id })),
+                    false,
+                )
+                .await;
+            let failed = failure_of(&obs, "dev-nr", &id).await;
+            assert_eq!(failed.error, Some(ErrorCode::HttpStatus), "{name}");
+            assert_eq!(failed.message.as_deref(), Some(*message), "{name}");
+            // A retry would wait at least a second and ask again.
+            assert!(t0.elapsed() < Duration::from_secs(5), "{name}");
+            assert_eq!(
+                server.requests().len(),
+                *requests,
+                "{name}: {:?}",
+                server.requests()
+            );
+            assert!(is_online_on(&obs.all(), "dev-nr", "1.0.0"), "{name}");
+        }
+        dev.stop();
+    })
+    .await;
+}
+
+async fn an_https_job_is_refused_with_bad_command_and_no_flash_write(broker: TestBroker) {
+    local(async {
+        let obs = broker.observe("device/#").await;
+        let dir = tempfile::tempdir().unwrap();
+        let flash = dir.path().join("flash.bin");
+        let mut cfg = config(&broker, "dev-tls");
+        cfg.flash = Some(flash.clone());
+        let dev = start(cfg);
+        online(&obs, "dev-tls", "1.0.0").await;
+        let status = status_of(&obs.all(), "dev-tls").unwrap();
+        assert!(!status.https, "the status says https is off");
+        let before = std::fs::read(&flash).unwrap();
+
+        broker
+            .publish(
+                "device/dev-tls/ota/start",
+                &job(
+                    "https://fw.example/fw.bin",
+                    serde_json::json!({ "job": "tls" }),
+                ),
+                false,
+            )
+            .await;
+        let failed = failure_of(&obs, "dev-tls", "tls").await;
+        assert_eq!(failed.error, Some(ErrorCode::BadCommand));
+        assert_eq!(
+            failed.message.as_deref(),
+            Some("https is not enabled on this device")
+        );
+        let events: Vec<Phase> = progress_of(&obs.all(), "dev-tls")
+            .iter()
+            .filter(|p| p.job.as_deref() == Some("tls"))
+            .map(|p| p.phase)
+            .collect();
+        assert_eq!(events, [Phase::Failed], "refused, never accepted");
+        assert!(
+            std::fs::read(&flash).unwrap() == before,
+            "the flash was written"
+        );
+        assert!(is_online_on(&obs.all(), "dev-tls", "1.0.0"));
+        dev.stop();
+    })
+    .await;
+}
+
+/// Answers a server gives while it recovers are retried until it serves.
+async fn http_503_408_and_429_are_retried_until_the_server_recovers(broker: TestBroker) {
+    local(async {
+        let obs = broker.observe("device/#").await;
+        let dev = start(config(&broker, "dev-503"));
+        online(&obs, "dev-503", "1.0.0").await;
+        for (minor, status) in [503, 408, 429].into_iter().enumerate() {
+            let v = format!("1.{}.0", minor + 1);
+            let http = FaultServer::start(image(&v, 100_000), Fault::StatusFirst(status, 2)).await;
+            broker
+                .publish("device/dev-503/ota/start", http.url().as_bytes(), false)
+                .await;
+            online(&obs, "dev-503", &v).await;
+            assert_eq!(
+                http.range_starts(),
+                [0, 0, 0],
+                "{status}: two refusals, then the download"
+            );
+        }
+        dev.stop();
+    })
+    .await;
+}
+
+on_both_brokers!(
+    a_redirected_download_updates_and_its_resume_asks_the_final_location_for_the_rest,
+    http_503_408_and_429_are_retried_until_the_server_recovers,
+    redirect_loops_too_many_redirects_404_and_a_bad_length_fail_at_once,
+    an_https_job_is_refused_with_bad_command_and_no_flash_write,
 );

@@ -1,9 +1,14 @@
-//! The runtime's downloader against a real HTTP server (tower-http ServeDir).
+//! The runtime's downloader against real HTTP servers: tower-http ServeDir,
+//! and the test support's server that redirects and misbehaves on purpose.
 
 use embedded_io::ErrorKind;
-use mqota_runtime::{Abort, BodySink, DownloadError, Downloader, ResponseInfo, BODY_CHUNK};
+use mqota_runtime::{
+    Abort, BodySink, DownloadError, Downloader, RedirectError, ResponseInfo, BODY_CHUNK,
+};
 use mqota_virtual::net::TokioNet;
-use mqota_virtual::testing::{free_port, FileServer};
+use mqota_virtual::testing::{
+    free_port, Fault, FaultServer, FileServer, Location, Redirect, Request,
+};
 use sha2::{Digest, Sha256};
 
 const SIZE: usize = 100_000;
@@ -155,4 +160,183 @@ async fn a_sink_abort_stops_the_download() {
 
     assert_eq!(err, DownloadError::Aborted);
     assert!(sink.bytes >= 10_000 && sink.bytes < 10_000 + BODY_CHUNK);
+}
+
+fn paths(requests: &[Request]) -> Vec<&str> {
+    requests.iter().map(|r| r.path.as_str()).collect()
+}
+
+#[tokio::test]
+async fn every_redirect_status_is_followed_to_a_relative_or_absolute_location() {
+    let image = firmware();
+    let net = TokioNet;
+    for status in [301, 302, 303, 307, 308] {
+        for location in [
+            Location::Absolute,
+            Location::AbsolutePath,
+            Location::Relative,
+        ] {
+            let server = FaultServer::start_redirecting(
+                image.clone(),
+                Fault::None,
+                Some(Redirect::Chain {
+                    status,
+                    hops: 3,
+                    location,
+                }),
+            )
+            .await;
+            let mut downloader = Downloader::new(&net, &net);
+            let mut sink = HashSink::default();
+
+            let n = downloader
+                .download(&server.url(), 0, &mut sink)
+                .await
+                .unwrap_or_else(|e| panic!("{status} {location:?}: {e:?}"));
+
+            assert_eq!(n, SIZE as u64, "{status} {location:?}");
+            assert_eq!(
+                sink.hasher.finalize().as_slice(),
+                Sha256::digest(&image).as_slice()
+            );
+            assert_eq!(sink.info.expect("begin").status, 200);
+            assert_eq!(
+                paths(&server.requests()),
+                ["/fw.bin", "/hop/1/fw.bin", "/hop/2/fw.bin", "/final/fw.bin"],
+                "{status} {location:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_resumed_download_sends_its_range_along_every_hop_to_the_final_location() {
+    let image = firmware();
+    let server = FaultServer::start_redirecting(
+        image.clone(),
+        Fault::None,
+        Some(Redirect::Chain {
+            status: 302,
+            hops: 2,
+            location: Location::Relative,
+        }),
+    )
+    .await;
+    let net = TokioNet;
+    let mut downloader = Downloader::new(&net, &net);
+    let mut sink = HashSink::default();
+    let start = 40_000;
+
+    let n = downloader
+        .download(&server.url(), start as u64, &mut sink)
+        .await
+        .expect("download");
+
+    assert_eq!(n, (SIZE - start) as u64);
+    assert_eq!(
+        sink.hasher.finalize().as_slice(),
+        Sha256::digest(&image[start..]).as_slice()
+    );
+    let info = sink.info.expect("begin");
+    assert_eq!(info.status, 206);
+    assert_eq!(info.body_offset(), start as u64);
+    let requests = server.requests();
+    assert_eq!(
+        paths(&requests),
+        ["/fw.bin", "/hop/1/fw.bin", "/final/fw.bin"]
+    );
+    assert!(
+        requests.iter().all(|r| r.range_start == start as u64),
+        "{requests:?}"
+    );
+}
+
+#[tokio::test]
+async fn five_redirects_are_followed_and_a_sixth_is_refused() {
+    let image = firmware();
+    let net = TokioNet;
+    let five = FaultServer::start_redirecting(
+        image.clone(),
+        Fault::None,
+        Some(Redirect::Chain {
+            status: 302,
+            hops: 5,
+            location: Location::AbsolutePath,
+        }),
+    )
+    .await;
+    let mut sink = HashSink::default();
+    Downloader::new(&net, &net)
+        .download(&five.url(), 0, &mut sink)
+        .await
+        .expect("five redirects are fine");
+    assert_eq!(five.requests().len(), 6);
+
+    let six = FaultServer::start_redirecting(
+        image,
+        Fault::None,
+        Some(Redirect::Chain {
+            status: 302,
+            hops: 6,
+            location: Location::AbsolutePath,
+        }),
+    )
+    .await;
+    let mut sink = HashSink::default();
+    let err = Downloader::new(&net, &net)
+        .download(&six.url(), 0, &mut sink)
+        .await
+        .expect_err("six redirects");
+    assert_eq!(err, DownloadError::Redirect(RedirectError::TooMany));
+    assert_eq!(six.requests().len(), 6, "the sixth Location is not fetched");
+    assert!(sink.info.is_none());
+}
+
+#[tokio::test]
+async fn a_redirect_loop_ends_with_too_many_redirects() {
+    let server =
+        FaultServer::start_redirecting(firmware(), Fault::None, Some(Redirect::Loop)).await;
+    let net = TokioNet;
+    let mut sink = HashSink::default();
+
+    let err = Downloader::new(&net, &net)
+        .download(&server.url(), 0, &mut sink)
+        .await
+        .expect_err("loop");
+
+    assert_eq!(err, DownloadError::Redirect(RedirectError::TooMany));
+    assert_eq!(server.requests().len(), 6);
+}
+
+#[tokio::test]
+async fn a_negative_content_length_is_its_own_error() {
+    let server = FaultServer::start(firmware(), Fault::NegativeLength).await;
+    let net = TokioNet;
+    let mut sink = HashSink::default();
+
+    let err = Downloader::new(&net, &net)
+        .download(&server.url(), 0, &mut sink)
+        .await
+        .expect_err("bad length");
+
+    assert_eq!(err, DownloadError::BadContentLength);
+    assert!(sink.info.is_none());
+}
+
+#[tokio::test]
+async fn an_https_url_is_refused_without_connecting() {
+    // A listener that would see any connection attempt.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("https://{}/fw.bin", listener.local_addr().unwrap());
+    let net = TokioNet;
+    let mut sink = HashSink::default();
+
+    let err = Downloader::new(&net, &net)
+        .download(&url, 0, &mut sink)
+        .await
+        .expect_err("no TLS");
+
+    assert_eq!(err, DownloadError::UnsupportedScheme);
+    assert!(listener.accept().is_err(), "nothing connected");
 }

@@ -62,11 +62,7 @@ fn spawn_client(port: u16, link: FakeLink) -> mpsc::UnboundedReceiver<Message> {
             .await
             .expect("remember subscription");
         let mut link = link;
-        let mut backoff = Backoff::new(
-            Duration::from_millis(50),
-            Duration::from_millis(500),
-            Jitter::Full,
-        );
+        let mut backoff = Backoff::new(50, 500, Jitter::Full);
         let mut rng = XorShift32::new(1);
         let mut random = move || rng.next_u32();
         loop {

@@ -340,6 +340,11 @@ pub struct Status {
     pub state: String<16>,
     /// How the most recent job ended, if the device remembers one.
     pub last: Option<LastResult>,
+    /// Whether the device can fetch `https://` firmware URLs (it was built
+    /// with TLS). Devices that predate the field do not send it: read as
+    /// `false`, and a controller offers them only `http://` URLs.
+    #[serde(default)]
+    pub https: bool,
 }
 
 /// How the most recent job ended, as kept in [`Status::last`].
@@ -440,7 +445,7 @@ pub const MAX_PROGRESS_JSON: usize =
 
 /// A buffer this long always holds [`Status::to_json`]'s output.
 pub const MAX_STATUS_JSON: usize =
-    r#"{"device":,"chip":,"project":,"version":,"slot":,"state":,"last":{"job":,"result":,"error":}}"#
+    r#"{"device":,"chip":,"project":,"version":,"slot":,"state":,"last":{"job":,"result":,"error":},"https":}"#
         .len()
         + json_str(MAX_DEVICE_ID_LEN)
         + json_str(16)
@@ -450,7 +455,8 @@ pub const MAX_STATUS_JSON: usize =
         + json_str(16)
         + json_str(MAX_JOB_ID_LEN)
         + name(&PHASE_NAMES)
-        + name(&ERROR_NAMES);
+        + name(&ERROR_NAMES)
+        + "false".len();
 
 #[cfg(test)]
 mod tests {
@@ -496,6 +502,7 @@ mod tests {
                 result: Phase::RolledBack,
                 error: Some(ErrorCode::HealthCheckFailed),
             }),
+            https: false,
         }
     }
 
@@ -599,8 +606,20 @@ mod tests {
         let n = sample_status().to_json(&mut buf).unwrap();
         assert_eq!(
             core::str::from_utf8(&buf[..n]).unwrap(),
-            r#"{"device":"c3-a1b2c3","chip":"esp32c3","project":"blinky","version":"1.2.0","slot":1,"state":"pending_verify","last":{"job":"job-7","result":"rolled_back","error":"health_check_failed"}}"#
+            r#"{"device":"c3-a1b2c3","chip":"esp32c3","project":"blinky","version":"1.2.0","slot":1,"state":"pending_verify","last":{"job":"job-7","result":"rolled_back","error":"health_check_failed"},"https":false}"#
         );
+    }
+
+    #[test]
+    fn a_status_without_https_reads_as_false() {
+        let old = r#"{"device":"d","online":true,"chip":"esp32c3","project":"p","version":"1.0.0","slot":0,"state":"valid","last":null}"#;
+        let status: Status = serde_json::from_str(old).unwrap();
+        assert!(!status.https);
+        let (status, _) = serde_json_core::from_str::<Status>(old).unwrap();
+        assert!(!status.https);
+        let with = old.replace("null}", r#"null,"https":true}"#);
+        let (status, _) = serde_json_core::from_str::<Status>(&with).unwrap();
+        assert!(status.https);
     }
 
     #[test]
@@ -641,6 +660,7 @@ mod tests {
                 result: Phase::Downloading,
                 error: Some(ErrorCode::HealthCheckFailed),
             }),
+            https: false,
         };
         let mut buf = [0u8; MAX_STATUS_JSON];
         let n = status.to_json(&mut buf).unwrap();

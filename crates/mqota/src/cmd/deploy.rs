@@ -115,14 +115,10 @@ impl DeployArgs {
                         auto_rollback: self.auto_rollback,
                         timeout_s: self.timeout.max(1),
                     };
-                    let (d, current) =
+                    let (d, left_out) =
                         rollout::create(&store, &fleet.devices(), &firmware, &selection, &options)?;
-                    if !current.is_empty() {
-                        println!(
-                            "already on {}: {} (left out)",
-                            firmware.version,
-                            current.join(", ")
-                        );
+                    for line in left_out.describe(&firmware.version) {
+                        println!("{line}");
                     }
                     let stages = d.devices.iter().map(|x| x.stage).max().unwrap_or(0) + 1;
                     println!(

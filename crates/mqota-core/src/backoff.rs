@@ -1,9 +1,14 @@
-//! Reconnect pacing: exponential backoff with jitter.
+//! Retry pacing: exponential backoff with jitter, in milliseconds.
+//!
+//! One policy for every retry on the device: the runtime paces its broker
+//! reconnects with it, and the update [engine](crate::engine) paces the
+//! retries of a failed download with it, so a fleet that lost its broker or
+//! its firmware server at the same moment does not come back in lockstep.
 //!
 //! The type is pure: it never reads a clock or a random source itself. The
-//! caller hands in one random `u32` per attempt (from the chip's RNG on the
-//! device, from a seeded generator in tests), so every sequence of delays is
-//! reproducible.
+//! caller hands in one random `u32` per attempt (from the chip's RNG or a
+//! [`XorShift32`] seeded per device, from a fixed seed in tests), so every
+//! sequence of delays is reproducible.
 //!
 //! Two jitter strategies, after the AWS architecture blog's analysis of
 //! backoff under contention:
@@ -16,7 +21,7 @@
 //! Full jitter spreads a fleet that lost its broker at the same moment; the
 //! decorrelated variant never retries faster than `base`.
 
-use embassy_time::Duration;
+use crate::engine::Millis;
 
 /// How the random part of each delay is drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,13 +47,15 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// A backoff starting at `base` and never waiting longer than `max`.
+    /// A backoff starting at `base_ms` and never waiting longer than
+    /// `max_ms` milliseconds.
     ///
-    /// A zero `base` is raised to one millisecond and a `max` below `base`
-    /// is raised to `base`, so the sequence always grows and stays bounded.
-    pub fn new(base: Duration, max: Duration, jitter: Jitter) -> Self {
-        let base_ms = base.as_millis().max(1);
-        let max_ms = max.as_millis().max(base_ms);
+    /// A zero `base_ms` is raised to one millisecond and a `max_ms` below
+    /// `base_ms` is raised to it, so the sequence always grows and stays
+    /// bounded.
+    pub fn new(base_ms: Millis, max_ms: Millis, jitter: Jitter) -> Self {
+        let base_ms = base_ms.max(1);
+        let max_ms = max_ms.max(base_ms);
         Self {
             base_ms,
             max_ms,
@@ -63,14 +70,10 @@ impl Backoff {
         self.attempt
     }
 
-    /// The ceiling the next delay is drawn under (before jitter): for
+    /// The ceiling in milliseconds the next delay is drawn under: for
     /// [`Jitter::Full`] `min(max, base * 2^attempts)`, for
     /// [`Jitter::Decorrelated`] `min(max, 3 * previous)`.
-    pub fn ceiling(&self) -> Duration {
-        Duration::from_millis(self.ceiling_ms())
-    }
-
-    fn ceiling_ms(&self) -> u64 {
+    pub fn ceiling(&self) -> Millis {
         match self.jitter {
             Jitter::Full => {
                 // Shifts past 63 would overflow; by then the cap has long won.
@@ -81,17 +84,26 @@ impl Backoff {
         }
     }
 
-    /// The delay to wait before the next attempt; `random` is any uniformly
-    /// distributed `u32` (one fresh value per call).
-    pub fn next_delay(&mut self, random: u32) -> Duration {
-        let ceiling = self.ceiling_ms();
+    /// The lowest delay the next attempt can draw: zero for
+    /// [`Jitter::Full`], `base` for [`Jitter::Decorrelated`].
+    pub fn floor(&self) -> Millis {
+        match self.jitter {
+            Jitter::Full => 0,
+            Jitter::Decorrelated => self.base_ms,
+        }
+    }
+
+    /// The delay in milliseconds to wait before the next attempt; `random`
+    /// is any uniformly distributed `u32` (one fresh value per call).
+    pub fn next_delay(&mut self, random: u32) -> Millis {
+        let ceiling = self.ceiling();
         let delay = match self.jitter {
             Jitter::Full => scale(random, 0, ceiling),
             Jitter::Decorrelated => scale(random, self.base_ms, ceiling),
         };
         self.attempt = self.attempt.saturating_add(1);
         self.previous_ms = delay.max(self.base_ms);
-        Duration::from_millis(delay)
+        delay
     }
 
     /// Forget the failures: the next delay starts from `base` again.
@@ -138,17 +150,18 @@ impl XorShift32 {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
 
-    const BASE: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_millis(10_000);
+    const BASE: Millis = 100;
+    const MAX: Millis = 10_000;
 
     #[test]
     fn the_full_jitter_ceiling_doubles_per_failure_until_the_cap() {
         let mut b = Backoff::new(BASE, MAX, Jitter::Full);
         let mut ceilings = [0u64; 10];
         for c in ceilings.iter_mut() {
-            *c = b.ceiling().as_millis();
+            *c = b.ceiling();
             b.next_delay(u32::MAX);
         }
         assert_eq!(
@@ -164,7 +177,7 @@ mod tests {
         for _ in 0..4 {
             let ceiling = high.ceiling();
             assert_eq!(high.next_delay(u32::MAX), ceiling);
-            assert_eq!(low.next_delay(0), Duration::from_millis(0));
+            assert_eq!(low.next_delay(0), 0);
         }
     }
 
@@ -178,7 +191,7 @@ mod tests {
             let d = b.next_delay(rng.next_u32());
             assert!(d <= ceiling, "{d:?} above {ceiling:?}");
             assert!(d <= MAX);
-            distinct.insert(d.as_millis());
+            distinct.insert(d);
         }
         // Jitter that always picked the same value would not spread a fleet.
         assert!(
@@ -197,10 +210,7 @@ mod tests {
             let d = b.next_delay(rng.next_u32());
             assert!(d >= BASE, "{d:?} below base");
             assert!(d <= MAX, "{d:?} above max");
-            assert!(
-                d.as_millis() <= previous.as_millis() * 3,
-                "{d:?} > 3 * {previous:?}"
-            );
+            assert!(d <= previous * 3, "{d:?} > 3 * {previous:?}");
             previous = d;
         }
     }
@@ -208,8 +218,7 @@ mod tests {
     #[test]
     fn decorrelated_delays_grow_when_the_random_values_are_high() {
         let mut b = Backoff::new(BASE, MAX, Jitter::Decorrelated);
-        let delays: std::vec::Vec<u64> =
-            (0..6).map(|_| b.next_delay(u32::MAX).as_millis()).collect();
+        let delays: std::vec::Vec<u64> = (0..6).map(|_| b.next_delay(u32::MAX)).collect();
         assert_eq!(delays, [300, 900, 2700, 8100, 10_000, 10_000]);
     }
 
@@ -247,12 +256,8 @@ mod tests {
 
     #[test]
     fn a_cap_below_base_is_raised_to_base() {
-        let mut b = Backoff::new(
-            Duration::from_millis(500),
-            Duration::from_millis(10),
-            Jitter::Full,
-        );
-        assert_eq!(b.next_delay(u32::MAX), Duration::from_millis(500));
-        assert_eq!(b.next_delay(u32::MAX), Duration::from_millis(500));
+        let mut b = Backoff::new(500, 10, Jitter::Full);
+        assert_eq!(b.next_delay(u32::MAX), 500);
+        assert_eq!(b.next_delay(u32::MAX), 500);
     }
 }
