@@ -229,6 +229,11 @@ pub struct MqttConfig<'a> {
     /// How often [`MqttSession::next_message`] checks [`Link::is_connected`]
     /// while no message arrives.
     pub link_check_interval: Duration,
+    /// Whether subscriptions ask the broker for retained messages. `false`
+    /// (the default) subscribes with MQTT 5 retain handling 2, "do not
+    /// send": a device subscribes only to command topics, and a retained
+    /// command must never be replayed to it.
+    pub replay_retained: bool,
 }
 
 impl<'a> MqttConfig<'a> {
@@ -254,6 +259,7 @@ impl<'a> MqttConfig<'a> {
             io_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(5),
             link_check_interval: Duration::from_secs(1),
+            replay_retained: false,
         }
     }
 }
@@ -687,12 +693,16 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
             let string = MqttString::from_str(filter.as_str()).map_err(|_| MqttError::TooLong)?;
             let filter = TopicFilter::new(string).ok_or(MqttError::InvalidTopic)?;
             // Every topic the device subscribes to carries commands, and a
-            // command must never be replayed from the retained store: ask
-            // the broker not to send retained messages at all (retain
-            // handling 2). The device also drops any that arrive anyway.
-            let options = SubscriptionOptions::new()
-                .at_least_once()
-                .retain_handling(RetainHandling::NeverSend);
+            // command must never be replayed from the retained store: unless
+            // told otherwise, ask the broker not to send retained messages
+            // at all (retain handling 2). The device also drops any that
+            // arrive anyway.
+            let options = SubscriptionOptions::new().at_least_once();
+            let options = if self.config.replay_retained {
+                options
+            } else {
+                options.retain_handling(RetainHandling::NeverSend)
+            };
             self.busy = true;
             let sent = with_timeout(
                 self.config.io_timeout,

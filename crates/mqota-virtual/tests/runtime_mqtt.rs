@@ -144,6 +144,31 @@ async fn a_subscribed_message_arrives_and_publications_reach_other_clients() {
 }
 
 #[tokio::test]
+async fn a_retained_message_is_not_replayed_to_a_default_session() {
+    let broker = Mosquitto::start();
+    broker.publish(CMD, b"retained-cmd", true).await;
+    let net = TokioNet;
+    let mut arena = [0u8; MQTT_RX_BUFFER];
+    let mut buffers = MqttBuffers::new(&mut arena);
+    let mut session = MqttSession::new(&net, &net, &mut buffers, config(broker.port()));
+    session.connect().await.expect("connect");
+    session.subscribe(&[CMD]).await.expect("subscribe");
+    // A fresh message after the subscription: the first thing delivered.
+    broker.publish(CMD, b"fresh", false).await;
+    let m = session
+        .poll(Instant::now() + Duration::from_secs(5))
+        .await
+        .expect("poll")
+        .expect("the fresh command");
+    assert_eq!(
+        m.payload.as_slice(),
+        b"fresh",
+        "the retained one was not sent"
+    );
+    assert!(!m.retain);
+}
+
+#[tokio::test]
 async fn a_message_published_before_the_suback_is_not_lost() {
     let broker = Mosquitto::start();
     // Retained: the broker sends it right after the SUBACK, often in the same
@@ -152,7 +177,10 @@ async fn a_message_published_before_the_suback_is_not_lost() {
     let net = TokioNet;
     let mut arena = [0u8; MQTT_RX_BUFFER];
     let mut buffers = MqttBuffers::new(&mut arena);
-    let mut session = MqttSession::new(&net, &net, &mut buffers, config(broker.port()));
+    // This session wants retained messages (a device's does not).
+    let mut cfg = config(broker.port());
+    cfg.replay_retained = true;
+    let mut session = MqttSession::new(&net, &net, &mut buffers, cfg);
     session.connect().await.expect("connect");
     session
         .subscribe(&[CMD, "mqota/a", "mqota/b", "mqota/c"])
