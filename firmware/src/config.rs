@@ -21,7 +21,7 @@
 //! | `MQOTA_TRIAL_TIMEOUT_SECS` | `120` | the watchdog resets a trial boot that has not confirmed by then |
 //!
 //! A malformed number or broker URL is a compile error, not a surprise on
-//! the device. The URL is split by the runtime's host-tested
+//! the device. The URL is split by the core's host-tested
 //! [`parse_broker_url`], evaluated in a `const`.
 
 /// Picks the build-time value of an environment variable or a default.
@@ -34,7 +34,7 @@ macro_rules! env_or {
     };
 }
 
-use mqota_runtime::mqtt::{parse_broker_url, BrokerUrl};
+use mqota_core::broker_url::{parse_broker_url, BrokerUrl};
 
 /// Settings baked into the firmware image.
 #[derive(Debug, Clone, Copy)]
