@@ -78,7 +78,7 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "stock")]
     bootloader: BootloaderArg,
     /// Topic prefix.
-    #[arg(long, default_value = "device")]
+    #[arg(long, default_value = mqota_core::protocol::DEFAULT_PREFIX)]
     prefix: String,
     /// Fault: cut the power once this many flash bytes have been programmed
     /// or erased (the operation crossing it is torn); the devices boot again.
