@@ -12,16 +12,20 @@
 //! | `MQOTA_BROKER_USER` | the URL's user | MQTT user name (overrides the URL's) |
 //! | `MQOTA_BROKER_PASSWORD` | the URL's password | MQTT password (overrides the URL's) |
 //! | `MQOTA_DEVICE_ID` | `mqota-` + station MAC in hex | client id and topic segment |
-//! | `MQOTA_TOPIC_PREFIX` | `device` | first topic level (`device/ota/start`) |
-//! | `MQOTA_KEEP_ALIVE_SECS` | `30` | MQTT keep-alive; never 0, brokers refuse it |
+//! | `MQOTA_TOPIC_PREFIX` | runtime default (`device`) | first topic level (`device/ota/start`) |
+//! | `MQOTA_KEEP_ALIVE_SECS` | runtime default (30) | MQTT keep-alive; never 0, brokers refuse it |
 //! | `MQOTA_CONNECT_TIMEOUT_SECS` | `20` | one WiFi association plus DHCP |
-//! | `MQOTA_DOWNLOAD_STALL_SECS` | `30` | download aborted after this long without data |
-//! | `MQOTA_HEALTH_TIMEOUT_SECS` | `60` | a trial boot must reach the broker within this |
-//! | `MQOTA_UPDATE_TIMEOUT_SECS` | `600` | overall deadline of an update without its own `timeout_s` |
+//! | `MQOTA_DOWNLOAD_STALL_SECS` | runtime default (15) | download retried after this long without data |
+//! | `MQOTA_HEALTH_TIMEOUT_SECS` | runtime default (60) | a trial boot must reach the broker within this |
+//! | `MQOTA_UPDATE_TIMEOUT_SECS` | runtime default (600) | overall deadline of an update without its own `timeout_s` |
 //! | `MQOTA_TRIAL_TIMEOUT_SECS` | `120` | the watchdog resets a trial boot that has not confirmed by then |
 //!
+//! "Runtime default" is [`DeviceConfig::new`]'s value, read here in a
+//! `const`: the device runtime is the one place those defaults live, shared
+//! with the virtual device, so the firmware keeps no copy that could drift.
+//!
 //! A malformed number or broker URL is a compile error, not a surprise on
-//! the device. The URL is split by the runtime's host-tested
+//! the device. The URL is split by the core's host-tested
 //! [`parse_broker_url`], evaluated in a `const`.
 
 /// Picks the build-time value of an environment variable or a default.
@@ -34,7 +38,11 @@ macro_rules! env_or {
     };
 }
 
-use mqota_runtime::mqtt::{parse_broker_url, BrokerUrl};
+use mqota_core::broker_url::{parse_broker_url, BrokerUrl};
+use mqota_runtime::DeviceConfig;
+
+/// The runtime's defaults, for every setting the build leaves unset.
+const DEFAULTS: DeviceConfig<'static> = DeviceConfig::new("", 0);
 
 /// Settings baked into the firmware image.
 #[derive(Debug, Clone, Copy)]
@@ -84,19 +92,43 @@ pub const BUILD: Config = Config {
         None => BROKER.password,
     },
     device_id: option_env!("MQOTA_DEVICE_ID"),
-    topic_prefix: env_or!("MQOTA_TOPIC_PREFIX", "device"),
-    keep_alive_secs: non_zero_u16(parse_u32(env_or!("MQOTA_KEEP_ALIVE_SECS", "30"))),
+    topic_prefix: env_or!("MQOTA_TOPIC_PREFIX", DEFAULTS.prefix),
+    keep_alive_secs: match option_env!("MQOTA_KEEP_ALIVE_SECS") {
+        Some(secs) => non_zero_u16(parse_u32(secs)),
+        None => DEFAULTS.keep_alive_secs,
+    },
     connect_timeout_secs: parse_u32(env_or!("MQOTA_CONNECT_TIMEOUT_SECS", "20")),
-    download_stall_secs: parse_u32(env_or!("MQOTA_DOWNLOAD_STALL_SECS", "30")),
+    download_stall_secs: secs_or(
+        option_env!("MQOTA_DOWNLOAD_STALL_SECS"),
+        DEFAULTS.stall_timeout,
+    ),
     health_timeout_secs: HEALTH_TIMEOUT_SECS,
-    update_timeout_secs: parse_u32(env_or!("MQOTA_UPDATE_TIMEOUT_SECS", "600")),
+    update_timeout_secs: secs_or(
+        option_env!("MQOTA_UPDATE_TIMEOUT_SECS"),
+        DEFAULTS.update_timeout,
+    ),
     trial_timeout_secs: trial_timeout(
         parse_u32(env_or!("MQOTA_TRIAL_TIMEOUT_SECS", "120")),
         HEALTH_TIMEOUT_SECS,
     ),
 };
 
-const HEALTH_TIMEOUT_SECS: u32 = parse_u32(env_or!("MQOTA_HEALTH_TIMEOUT_SECS", "60"));
+const HEALTH_TIMEOUT_SECS: u32 = secs_or(
+    option_env!("MQOTA_HEALTH_TIMEOUT_SECS"),
+    DEFAULTS.health_timeout,
+);
+
+/// A number of seconds from the build environment, or the runtime's default.
+const fn secs_or(value: Option<&str>, default: embassy_time::Duration) -> u32 {
+    match value {
+        Some(text) => parse_u32(text),
+        None => {
+            let secs = default.as_secs();
+            assert!(secs <= u32::MAX as u64, "runtime default out of range");
+            secs as u32
+        }
+    }
+}
 
 /// The broker URL, checked while compiling.
 const fn broker(url: &'static str) -> BrokerUrl<'static> {

@@ -7,6 +7,9 @@
 //! and every `cargo xtask` run would otherwise compile a large parser.
 
 use anyhow::{bail, ensure, Context, Result};
+use mqota_core::engine::Slot;
+use mqota_core::journal::JOURNAL_SIZE;
+use mqota_core::partition::PartitionTable;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -153,10 +156,8 @@ pub fn firmware(args: &[String]) -> Result<()> {
 
     let image_bytes = std::fs::metadata(&image)?.len();
     let slot = smallest_ota_slot(&std::fs::read_to_string(&partitions)?)?;
-    ensure!(
-        image_bytes <= slot,
-        "image is {image_bytes} bytes but an OTA slot of firmware/partitions.csv holds only {slot}"
-    );
+    check_image_fits(image_bytes, &slot)?;
+    let capacity = u64::from(slot.max_image_len());
     let sizes =
         elf_sizes(&std::fs::read(&elf).with_context(|| format!("reading {}", elf.display()))?)?;
     // Kept next to the image: the baseline build below overwrites cargo's copy.
@@ -173,13 +174,13 @@ pub fn firmware(args: &[String]) -> Result<()> {
         sizes: elf_sizes(&std::fs::read(&base_elf)?)?,
     };
 
-    let report = size_report(chip, image_bytes, slot, &sizes, &base);
+    let report = size_report(chip, image_bytes, &slot, &sizes, &base);
     let report_path = out_dir.join("size-report.json");
     std::fs::write(&report_path, &report)?;
     println!("{} image OK: {}", chip.name(), image.display());
     println!(
-        "  image   {image_bytes:>9} bytes ({:.1}% of the {slot}-byte OTA slot)",
-        percent(image_bytes, slot)
+        "  image   {image_bytes:>9} bytes ({:.1}% of the {capacity} bytes an OTA slot takes)",
+        percent(image_bytes, capacity)
     );
     println!("            {:>9} {:>9} {:>9}", "total", "network", "mqota");
     let row = |name: &str, total: u64, base: u64| {
@@ -407,46 +408,33 @@ fn check_image_info(info: &str, project: &str, version: &str) -> Result<()> {
     Ok(())
 }
 
-/// The size of the smallest `ota_N` app partition in an ESP-IDF partition CSV:
-/// an image must fit whichever slot it is downloaded into.
-fn smallest_ota_slot(csv: &str) -> Result<u64> {
-    let mut smallest: Option<u64> = None;
-    for (n, line) in csv.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let cols: Vec<&str> = line.split(',').map(str::trim).collect();
-        ensure!(
-            cols.len() >= 5,
-            "partitions.csv line {}: expected at least 5 columns",
-            n + 1
-        );
-        if cols[1] == "app" && cols[2].starts_with("ota_") {
-            let size =
-                parse_size(cols[4]).with_context(|| format!("partitions.csv line {}", n + 1))?;
-            smallest = Some(smallest.map_or(size, |s| s.min(size)));
-        }
-    }
-    smallest.context("partitions.csv has no ota_N app partition")
+/// The smallest `ota_N` app partition of an ESP-IDF partition CSV, read by
+/// the core's parser (the one the devices use): an image must fit whichever
+/// slot it is downloaded into.
+fn smallest_ota_slot(csv: &str) -> Result<Slot> {
+    let table = PartitionTable::from_csv(csv)
+        .map_err(|e| anyhow::anyhow!("firmware/partitions.csv: {e}"))?;
+    table
+        .ota_slots()
+        .map(|p| Slot {
+            offset: p.offset,
+            size: p.size,
+        })
+        .min_by_key(Slot::max_image_len)
+        .context("firmware/partitions.csv has no ota_N app partition")
 }
 
-/// A partition size as ESP-IDF's gen_esp32part.py accepts it: hex, decimal, K or M suffix.
-fn parse_size(text: &str) -> Result<u64> {
-    let (digits, scale) = match text.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&text[..i], 1024),
-        Some((i, 'M' | 'm')) => (&text[..i], 1024 * 1024),
-        _ => (text, 1),
-    };
-    let value = match digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => digits.parse(),
-    }
-    .with_context(|| format!("bad partition size `{text}`"))?;
-    Ok(value * scale)
+/// Refuses an image a device would refuse: the device's rule,
+/// [`Slot::max_image_len`], leaves the slot's last sector to the mqota journal.
+fn check_image_fits(image_bytes: u64, slot: &Slot) -> Result<()> {
+    let max = u64::from(slot.max_image_len());
+    ensure!(
+        image_bytes <= max,
+        "image is {image_bytes} bytes but an OTA slot of firmware/partitions.csv takes at most \
+         {max} ({} bytes less the {JOURNAL_SIZE}-byte mqota journal sector)",
+        slot.size
+    );
+    Ok(())
 }
 
 /// One allocated section of the ELF.
@@ -577,17 +565,19 @@ struct Footprint {
 
 /// The JSON size report (written by hand: flat, with names the linker chose).
 /// `base` is the `size-baseline` build: WiFi and network stack without mqota.
-fn size_report(chip: Chip, image: u64, slot: u64, sizes: &Sizes, base: &Footprint) -> String {
+fn size_report(chip: Chip, image: u64, slot: &Slot, sizes: &Sizes, base: &Footprint) -> String {
+    let capacity = u64::from(slot.max_image_len());
     let mut s = String::new();
     let _ = writeln!(s, "{{");
     let _ = writeln!(s, "  \"chip\": \"{}\",", chip.name());
     let _ = writeln!(s, "  \"target\": \"{}\",", chip.target());
     let _ = writeln!(s, "  \"image_bytes\": {image},");
-    let _ = writeln!(s, "  \"ota_slot_bytes\": {slot},");
+    let _ = writeln!(s, "  \"ota_slot_bytes\": {},", slot.size);
+    let _ = writeln!(s, "  \"max_image_bytes\": {capacity},");
     let _ = writeln!(
         s,
         "  \"ota_slot_used_percent\": {:.1},",
-        percent(image, slot)
+        percent(image, capacity)
     );
     let _ = writeln!(s, "  \"text\": {},", sizes.text);
     let _ = writeln!(s, "  \"rodata\": {},", sizes.rodata);
@@ -653,27 +643,39 @@ mod tests {
     #[test]
     fn the_ota_slot_is_the_smallest_ota_app_partition() {
         let csv = "factory, app, factory, 0x10000, 3M,\n\
-                   ota_0, app, ota_0, , 0x100000, # first\n\
+                   ota_0, app, ota_0, , 0x100000,\n\
                    ota_1, app, ota_1, , 960K,\n\
                    spiffs, data, spiffs, , 64K,\n";
-        assert_eq!(smallest_ota_slot(csv).unwrap(), 960 * 1024);
+        assert_eq!(smallest_ota_slot(csv).unwrap().size, 960 * 1024);
     }
 
     #[test]
-    fn sizes_in_hex_decimal_and_with_suffixes_parse() {
-        assert_eq!(
-            smallest_ota_slot(&testdata("partitions/blank_offsets.csv")).unwrap(),
-            0x100000
-        );
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("0x1e0000").unwrap(), 0x1e0000);
-        assert_eq!(parse_size("8K").unwrap(), 8192);
-        assert!(parse_size("12Q").is_err());
+    fn blank_offsets_and_sizes_with_suffixes_are_read_as_the_core_reads_them() {
+        let slot = smallest_ota_slot(&testdata("partitions/blank_offsets.csv")).unwrap();
+        assert_eq!(slot.size, 0x100000);
     }
 
     #[test]
     fn a_table_without_ota_slots_is_an_error() {
         assert!(smallest_ota_slot("factory, app, factory, 0x10000, 1M,\n").is_err());
+    }
+
+    #[test]
+    fn an_image_reaching_into_the_journal_sector_does_not_fit() {
+        let csv = std::fs::read_to_string(root().join("firmware/partitions.csv")).unwrap();
+        let slot = smallest_ota_slot(&csv).unwrap();
+        let size = u64::from(slot.size);
+        let journal = u64::from(JOURNAL_SIZE);
+        assert_eq!(journal, 4096);
+        assert!(check_image_fits(size - journal, &slot).is_ok());
+        for bytes in [size - journal + 1, size - 1, size] {
+            let err = check_image_fits(bytes, &slot).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("at most {}", size - journal)),
+                "{err}"
+            );
+        }
+        assert!(check_image_fits(size + 1, &slot).is_err());
     }
 
     #[test]
@@ -842,9 +844,16 @@ mod tests {
                 sections: Vec::new(),
             },
         };
-        let report = size_report(Chip::Esp32c3, 2048, 4096, &sizes, &base);
+        let slot = Slot {
+            offset: 0x10000,
+            size: 8192,
+        };
+        let report = size_report(Chip::Esp32c3, 2048, &slot, &sizes, &base);
         for expected in [
             "\"text\": 1024,",
+            "\"ota_slot_bytes\": 8192,",
+            // The journal sector is not room for the image.
+            "\"max_image_bytes\": 4096,",
             "\"ota_slot_used_percent\": 50.0,",
             "\"image_bytes_without_mqota\": 1500,",
             "\"image_bytes_mqota\": 548,",

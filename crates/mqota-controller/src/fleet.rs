@@ -18,7 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mqota_core::protocol::{
-    parse_device_topic, DeviceTopic, Progress, Status, Topics, OFFLINE, ONLINE,
+    parse_device_topic, DeviceTopic, Progress, Status, TopicError, TopicKind, Topics, OFFLINE,
+    ONLINE,
 };
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
@@ -103,6 +104,22 @@ pub enum FleetError {
     /// time: they may or may not have been delivered; check `mqota status`.
     #[error("the broker did not acknowledge {0} command(s) in time")]
     Unacknowledged(u64),
+    /// No device could use this topic prefix: fix `--prefix`.
+    #[error("bad topic prefix {prefix:?}: {rule}")]
+    BadPrefix {
+        /// The prefix as given.
+        prefix: String,
+        /// The rule it breaks.
+        rule: String,
+    },
+    /// No device can have this id, so no command can reach it: fix the id.
+    #[error("bad device id {id:?}: {rule}")]
+    BadDeviceId {
+        /// The id as given.
+        id: String,
+        /// The rule it breaks.
+        rule: String,
+    },
 }
 
 type Devices = Arc<Mutex<BTreeMap<String, DeviceView>>>;
@@ -147,9 +164,9 @@ impl Fleet {
         let (ready_tx, mut ready_rx) = watch::channel(None::<Result<(), String>>);
 
         let filters = Topics::controller_filters(prefix)
-            .map_err(|e| FleetError::Connect {
-                url: url.to_string(),
-                reason: format!("topic prefix {prefix:?}: {e}"),
+            .map_err(|e| FleetError::BadPrefix {
+                prefix: prefix.to_owned(),
+                rule: e.rule().to_string(),
             })?
             .map(|f| f.to_string());
         let task = {
@@ -261,24 +278,21 @@ impl Fleet {
 
     /// Sends a start command to one device (`{prefix}/{id}/ota/start`, QoS 1).
     pub async fn start(&self, id: &str, cmd: &StartCommand) -> Result<(), FleetError> {
+        let topic = command_topic(&self.prefix, id, TopicKind::Start)?;
         let payload = serde_json::to_vec(cmd).expect("a start command serialises");
-        self.publish(format!("{}/{id}/ota/start", self.prefix), payload)
-            .await
+        self.publish(topic, payload).await
     }
 
     /// Sends `cancel` to one device, for `job` if given.
     pub async fn cancel(&self, id: &str, job: Option<&str>) -> Result<(), FleetError> {
-        self.publish(format!("{}/{id}/ota/cancel", self.prefix), job_payload(job))
-            .await
+        let topic = command_topic(&self.prefix, id, TopicKind::Cancel)?;
+        self.publish(topic, job_payload(job)).await
     }
 
     /// Sends `rollback` to one device, reported under `job` if given.
     pub async fn rollback(&self, id: &str, job: Option<&str>) -> Result<(), FleetError> {
-        self.publish(
-            format!("{}/{id}/ota/rollback", self.prefix),
-            job_payload(job),
-        )
-        .await
+        let topic = command_topic(&self.prefix, id, TopicKind::Rollback)?;
+        self.publish(topic, job_payload(job)).await
     }
 
     async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), FleetError> {
@@ -321,6 +335,28 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Where a command of `kind` for device `id` goes: built by the core's
+/// [`Topics`], the very topics the device subscribes to; an id no device can
+/// have is refused rather than published to a topic nobody reads.
+fn command_topic(prefix: &str, id: &str, kind: TopicKind) -> Result<String, FleetError> {
+    let topics = Topics::new(prefix, id).map_err(|e| match e {
+        TopicError::BadPrefix => FleetError::BadPrefix {
+            prefix: prefix.to_owned(),
+            rule: e.rule().to_string(),
+        },
+        _ => FleetError::BadDeviceId {
+            id: id.to_owned(),
+            rule: e.rule().to_string(),
+        },
+    })?;
+    let topic = match kind {
+        TopicKind::Start => topics.start_device(),
+        TopicKind::Cancel => topics.cancel(),
+        TopicKind::Rollback => topics.rollback(),
+    };
+    Ok(topic.to_string())
 }
 
 fn job_payload(job: Option<&str>) -> Vec<u8> {
@@ -410,7 +446,35 @@ fn handle_publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mqota_core::protocol::{parse_command, Command, CommandOutcome, TopicKind};
+    use mqota_core::protocol::{parse_command, Command, CommandOutcome};
+
+    #[test]
+    fn commands_go_to_the_topics_the_device_subscribes_to() {
+        let device = Topics::new("plant/line-2", "c3-1").unwrap();
+        for kind in [TopicKind::Start, TopicKind::Cancel, TopicKind::Rollback] {
+            let topic = command_topic("plant/line-2", "c3-1", kind).unwrap();
+            assert_eq!(device.classify(&topic), Some(kind), "{topic}");
+        }
+        assert_eq!(
+            command_topic("plant/line-2", "c3-1", TopicKind::Cancel).unwrap(),
+            "plant/line-2/c3-1/ota/cancel"
+        );
+    }
+
+    #[test]
+    fn a_command_for_an_id_no_device_can_have_is_refused() {
+        let long = "x".repeat(33);
+        for id in ["a/b", "+", "#", "", long.as_str()] {
+            let err = command_topic("device", id, TopicKind::Start).unwrap_err();
+            assert!(
+                matches!(err, FleetError::BadDeviceId { .. }),
+                "{id:?}: {err}"
+            );
+            assert!(err.to_string().contains("at most 32 bytes"), "{err}");
+        }
+        let err = command_topic("a//b", "c3-1", TopicKind::Rollback).unwrap_err();
+        assert!(matches!(err, FleetError::BadPrefix { .. }), "{err}");
+    }
 
     #[test]
     fn the_start_command_is_read_by_the_device_parser_field_for_field() {

@@ -1,15 +1,15 @@
 //! Broker addresses: `mqtt://[user[:password]@]host[:port]`.
 //!
-//! Parsed by the device runtime's `parse_broker_url`, the one parser of this
-//! URL form in the project; this module only owns the strings and says what is
-//! wrong in words an operator reads. `mqtts://` is recognised so the error can
+//! Parsed by the core's [`parse_broker_url`], the one parser of this URL form
+//! in the project (the devices use it too); this module only owns the strings
+//! and says what is wrong in words an operator reads. `mqtts://` is recognised so the error can
 //! say TLS is not built in yet.
 
 use std::fmt;
 use std::str::FromStr;
 
-/// The port MQTT brokers listen on without TLS.
-pub const DEFAULT_MQTT_PORT: u16 = 1883;
+use mqota_core::broker_url::parse_broker_url;
+pub use mqota_core::broker_url::DEFAULT_MQTT_PORT;
 
 /// Where the broker is and how to log in.
 #[derive(Clone, PartialEq, Eq)]
@@ -50,8 +50,8 @@ impl FromStr for BrokerUrl {
     /// configuration) uses, so the controller and the devices can never read
     /// one URL two ways.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        use mqota_runtime::mqtt::BrokerUrlError as E;
-        let u = mqota_runtime::mqtt::parse_broker_url(s).map_err(|e| match e {
+        use mqota_core::broker_url::BrokerUrlError as E;
+        let u = parse_broker_url(s).map_err(|e| match e {
             E::Scheme => BrokerUrlError::Scheme(s.trim().to_owned()),
             E::TlsUnsupported => BrokerUrlError::TlsUnsupported,
             E::NoHost => BrokerUrlError::NoHost,
@@ -132,5 +132,35 @@ mod tests {
             "mqtt://:1883".parse::<BrokerUrl>(),
             Err(BrokerUrlError::NoHost)
         );
+    }
+
+    #[test]
+    fn the_controller_reads_every_url_as_the_devices_do() {
+        let urls = [
+            "mqtt://alice:s3cr:et@x@broker.lan:1884/",
+            "mqtt://bob@10.0.0.2",
+            "  MQTT://[fd00::1]  ",
+            "tcp://[::1]:1999",
+            "mqtt://h",
+            "mqtts://h",
+            "http://h:80",
+            "mqtt://h:65536",
+            "mqtt://[::1]1883",
+            "mqtt://u:p@",
+        ];
+        for url in urls {
+            let device = mqota_core::broker_url::parse_broker_url(url);
+            let controller = url.parse::<BrokerUrl>();
+            match (device, controller) {
+                (Ok(d), Ok(c)) => {
+                    assert_eq!(c.host, d.host, "{url}");
+                    assert_eq!(c.port, d.port, "{url}");
+                    assert_eq!(c.username.as_deref(), d.username, "{url}");
+                    assert_eq!(c.password.as_deref(), d.password, "{url}");
+                }
+                (Err(_), Err(_)) => {}
+                (d, c) => panic!("{url}: devices read {d:?}, the controller {c:?}"),
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@ mod fmt;
 
 pub mod backoff;
 pub mod bootguard;
+pub mod broker_url;
 pub mod engine;
 pub mod fetch;
 pub mod image;

@@ -77,7 +77,10 @@ use crate::platform::{Link, Platform, Slot};
 pub const PROGRESS_QUEUE: usize = 8;
 
 /// What the board tells the runtime; [`DeviceConfig::new`] gives defaults.
-#[derive(Debug, Clone)]
+///
+/// The one place those defaults live: the firmware and the virtual device
+/// start from [`DeviceConfig::new`] and override only what they were given.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceConfig<'a> {
     /// Broker host name or address.
     pub broker_host: &'a str,
@@ -109,7 +112,8 @@ pub struct DeviceConfig<'a> {
 impl<'a> DeviceConfig<'a> {
     /// Defaults: prefix `device`, 60 s health check, 10 min update deadline,
     /// 15 s stall timeout, progress at most every 250 ms, keep-alive 30 s.
-    pub fn new(broker_host: &'a str, broker_port: u16) -> Self {
+    /// A `const fn`, so build-time configuration can read the defaults.
+    pub const fn new(broker_host: &'a str, broker_port: u16) -> Self {
         Self {
             broker_host,
             broker_port,

@@ -38,6 +38,11 @@ use crate::net::VirtualNet;
 pub const FLASH_SIZE: usize = 4 * 1024 * 1024;
 
 /// How a virtual device is set up.
+///
+/// The device settings (prefix, timeouts, keep-alive) start as the runtime's
+/// defaults, [`DeviceConfig::new`], so a virtual device behaves like the
+/// firmware unless a test or the CLI changes one; [`VirtualConfig::device_config`]
+/// is what the runtime then gets.
 #[derive(Debug, Clone)]
 pub struct VirtualConfig {
     /// Device id (MQTT client id and topic level).
@@ -56,28 +61,32 @@ pub struct VirtualConfig {
     pub broker_host: String,
     /// Broker port.
     pub broker_port: u16,
-    /// Topic prefix.
+    /// Topic prefix ([`DeviceConfig::prefix`]).
     pub prefix: String,
-    /// Health check budget of a trial boot.
+    /// Health check budget of a trial boot ([`DeviceConfig::health_timeout`]).
     pub health_timeout: StdDuration,
-    /// Overall update deadline.
+    /// Overall update deadline ([`DeviceConfig::update_timeout`]).
     pub update_timeout: StdDuration,
-    /// Download stall timeout.
+    /// Download stall timeout ([`DeviceConfig::stall_timeout`]).
     pub stall_timeout: StdDuration,
-    /// Progress throttle.
+    /// Progress throttle ([`DeviceConfig::progress_interval`]).
     pub progress_interval: StdDuration,
-    /// How long a hung trial boot runs before the watchdog resets it.
+    /// How long a hung trial boot runs before the watchdog resets it (the
+    /// virtual board's own setting; the runtime has none).
     pub watchdog: StdDuration,
-    /// MQTT keep-alive.
+    /// MQTT keep-alive ([`DeviceConfig::keep_alive_secs`]).
     pub keep_alive_secs: u16,
-    /// Also publish progress on the shared `{prefix}/progress`.
+    /// Also publish progress on the shared `{prefix}/progress`
+    /// ([`DeviceConfig::progress_copy`]).
     pub progress_copy: bool,
 }
 
 impl VirtualConfig {
     /// A device on `broker_host:broker_port` with an in-memory flash holding
-    /// 1.0.0 for the ESP32-C3 and the stock bootloader.
+    /// 1.0.0 for the ESP32-C3 and the stock bootloader, and the runtime's
+    /// default device settings.
     pub fn new(id: &str, broker_host: &str, broker_port: u16) -> Self {
+        let defaults = DeviceConfig::new(broker_host, broker_port);
         Self {
             id: id.to_string(),
             flash: None,
@@ -87,16 +96,42 @@ impl VirtualConfig {
             bootloader: BootConfig::Stock,
             broker_host: broker_host.to_string(),
             broker_port,
-            prefix: mqota_core::protocol::DEFAULT_PREFIX.to_string(),
-            health_timeout: StdDuration::from_secs(20),
-            update_timeout: StdDuration::from_secs(600),
-            stall_timeout: StdDuration::from_secs(15),
-            progress_interval: StdDuration::from_millis(250),
+            prefix: defaults.prefix.to_string(),
+            health_timeout: to_std(defaults.health_timeout),
+            update_timeout: to_std(defaults.update_timeout),
+            stall_timeout: to_std(defaults.stall_timeout),
+            progress_interval: to_std(defaults.progress_interval),
             watchdog: StdDuration::from_secs(3),
-            keep_alive_secs: 30,
-            progress_copy: true,
+            keep_alive_secs: defaults.keep_alive_secs,
+            progress_copy: defaults.progress_copy,
         }
     }
+
+    /// What the runtime gets: [`DeviceConfig::new`] with this device's
+    /// broker, prefix, timeouts, keep-alive and progress copy, and a jitter seed derived
+    /// from the id (devices started together must not retry in step).
+    pub fn device_config(&self) -> DeviceConfig<'_> {
+        let mut d = DeviceConfig::new(&self.broker_host, self.broker_port);
+        d.prefix = &self.prefix;
+        d.health_timeout = to_embassy(self.health_timeout);
+        d.update_timeout = to_embassy(self.update_timeout);
+        d.stall_timeout = to_embassy(self.stall_timeout);
+        d.progress_interval = to_embassy(self.progress_interval);
+        d.keep_alive_secs = self.keep_alive_secs;
+        d.progress_copy = self.progress_copy;
+        d.seed = self.id.bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ b as u32).wrapping_mul(0x0100_0193)
+        });
+        d
+    }
+}
+
+fn to_std(d: embassy_time::Duration) -> StdDuration {
+    StdDuration::from_micros(d.as_micros())
+}
+
+fn to_embassy(d: StdDuration) -> embassy_time::Duration {
+    embassy_time::Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// What one boot of a virtual device was.
@@ -409,20 +444,7 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
     let mut flash = DeviceFlash::open(&cfg)?;
     let net = VirtualNet::new(handle.clone());
     let bootloader = Bootloader::new(cfg.bootloader).for_chip(cfg.chip);
-    let mut dcfg = DeviceConfig::new(&cfg.broker_host, cfg.broker_port);
-    dcfg.prefix = &cfg.prefix;
-    dcfg.health_timeout =
-        embassy_time::Duration::from_millis(cfg.health_timeout.as_millis() as u64);
-    dcfg.update_timeout =
-        embassy_time::Duration::from_millis(cfg.update_timeout.as_millis() as u64);
-    dcfg.stall_timeout = embassy_time::Duration::from_millis(cfg.stall_timeout.as_millis() as u64);
-    dcfg.progress_interval =
-        embassy_time::Duration::from_millis(cfg.progress_interval.as_millis() as u64);
-    dcfg.keep_alive_secs = cfg.keep_alive_secs;
-    dcfg.progress_copy = cfg.progress_copy;
-    dcfg.seed = cfg.id.bytes().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ b as u32).wrapping_mul(0x0100_0193)
-    });
+    let dcfg = cfg.device_config();
 
     while !handle.0.stopped.get() {
         // Power on.
@@ -551,7 +573,7 @@ pub fn runtime_future_size() -> usize {
         handle: handle.clone(),
     };
     let booted = early_boot(&mut pflash, Slot::Ota0).expect("fresh flash boots");
-    let dcfg = DeviceConfig::new("127.0.0.1", 1);
+    let dcfg = cfg.device_config();
     let net = VirtualNet::new(handle.clone());
     let mut platform = VirtualPlatform {
         id: cfg.id.clone(),
@@ -570,4 +592,45 @@ pub fn runtime_future_size() -> usize {
         &mut pflash,
     );
     std::mem::size_of_val(&fut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_virtual_device_runs_with_the_runtime_defaults_unless_told_otherwise() {
+        let cfg = VirtualConfig::new("dev-1", "broker.lan", 1884);
+        let seed = cfg.device_config().seed;
+        assert_eq!(
+            cfg.device_config(),
+            DeviceConfig {
+                seed,
+                ..DeviceConfig::new("broker.lan", 1884)
+            }
+        );
+
+        let mut cfg = cfg;
+        cfg.stall_timeout = StdDuration::from_secs(2);
+        cfg.prefix = "plant".to_string();
+        let d = cfg.device_config();
+        assert_eq!(d.stall_timeout, embassy_time::Duration::from_secs(2));
+        assert_eq!(d.prefix, "plant");
+        assert_eq!(
+            d,
+            DeviceConfig {
+                seed,
+                prefix: "plant",
+                stall_timeout: embassy_time::Duration::from_secs(2),
+                ..DeviceConfig::new("broker.lan", 1884)
+            }
+        );
+    }
+
+    #[test]
+    fn devices_with_different_ids_get_different_jitter_seeds() {
+        let a = VirtualConfig::new("dev-1", "h", 1).device_config().seed;
+        let b = VirtualConfig::new("dev-2", "h", 1).device_config().seed;
+        assert_ne!(a, b);
+    }
 }

@@ -52,6 +52,33 @@ impl fmt::Display for TopicError {
     }
 }
 
+impl TopicError {
+    /// The rule the refused value broke, in words for an error message
+    /// (`{value}: {rule}`).
+    pub fn rule(&self) -> impl fmt::Display {
+        Rule(*self)
+    }
+}
+
+struct Rule(TopicError);
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            TopicError::BadPrefix => write!(
+                f,
+                "a topic prefix is one or more levels joined by `/`, none of them empty, \
+                 without `+`, `#` or NUL, at most {MAX_PREFIX_LEN} bytes"
+            ),
+            TopicError::BadDeviceId => write!(
+                f,
+                "a device id is one topic level: not empty, without `/`, `+`, `#` or NUL, \
+                 at most {MAX_DEVICE_ID_LEN} bytes"
+            ),
+        }
+    }
+}
+
 #[cfg(feature = "std")]
 impl std::error::Error for TopicError {}
 
@@ -367,6 +394,22 @@ mod tests {
         );
         assert_eq!(t.classify("site/ota/start"), None);
         assert_eq!(t.classify("site/ota-fleet/dev2/ota/cancel"), None);
+    }
+
+    #[test]
+    fn a_refusal_names_the_rule_with_its_limits() {
+        use std::string::ToString;
+        let prefix = TopicError::BadPrefix.rule().to_string();
+        assert!(
+            prefix.contains(&format!("at most {MAX_PREFIX_LEN} bytes")),
+            "{prefix}"
+        );
+        let id = TopicError::BadDeviceId.rule().to_string();
+        assert!(
+            id.contains(&format!("at most {MAX_DEVICE_ID_LEN} bytes")),
+            "{id}"
+        );
+        assert!(id.contains("`/`"), "{id}");
     }
 
     #[test]

@@ -6,10 +6,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use mqota_controller::url::BrokerUrl;
-use mqota_core::image::Chip;
+use mqota_core::engine::Layout;
+use mqota_core::image::{BuildError, Chip, ImageBuilder};
+use mqota_core::partition::{PartitionTable, TABLE_MAX_LEN, TABLE_OFFSET};
+use mqota_core::protocol::Topics;
 use mqota_flash_sim::sweep::{sweep, Scenario, SweepConfig};
 use mqota_flash_sim::BootConfig;
-use mqota_virtual::device::{spawn, Handle, VirtualConfig};
+use mqota_virtual::device::{spawn, Handle, VirtualConfig, FLASH_SIZE};
 
 /// Which ESP-IDF bootloader build a virtual device boots with.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -75,7 +78,7 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "stock")]
     bootloader: BootloaderArg,
     /// Topic prefix.
-    #[arg(long, default_value = "device")]
+    #[arg(long, default_value = mqota_core::protocol::DEFAULT_PREFIX)]
     prefix: String,
     /// Fault: cut the power once this many flash bytes have been programmed
     /// or erased (the operation crossing it is torn); the devices boot again.
@@ -155,25 +158,38 @@ fn run_devices(args: RunArgs) -> Result<()> {
     if args.devices == 0 {
         bail!("--devices must be at least 1");
     }
+    check_version(chip, &args.version)?;
+    // The device and the controller apply the same rules; the controller's
+    // filters check the prefix alone.
+    Topics::controller_filters(&args.prefix)
+        .map_err(|e| anyhow::anyhow!("bad --prefix {:?}: {}", args.prefix, e.rule()))?;
+    for k in 1..=args.devices {
+        let id = device_id(&args, k);
+        if let Err(e) = Topics::new(&args.prefix, &id) {
+            if args.devices == 1 {
+                bail!("bad --id {id:?}: {}", e.rule());
+            }
+            bail!(
+                "bad device id {id:?} (--id {:?} with --devices {} makes ids up to {:?}): {}",
+                args.id,
+                args.devices,
+                device_id(&args, args.devices),
+                e.rule()
+            );
+        }
+        if let Some(path) = flash_path(&args, &id) {
+            check_flash_file(&path)?;
+        }
+    }
     let configs: Vec<VirtualConfig> = (1..=args.devices)
         .map(|k| {
-            let id = if args.devices == 1 {
-                args.id.clone()
-            } else {
-                format!("{}-{k}", args.id)
-            };
+            let id = device_id(&args, k);
             let mut c = VirtualConfig::new(&id, &broker.host, broker.port);
             c.chip = chip;
             c.initial_version = args.version.clone();
             c.bootloader = args.bootloader.into();
             c.prefix = args.prefix.clone();
-            c.flash = args.flash.as_ref().map(|p| {
-                if args.devices == 1 {
-                    p.clone()
-                } else {
-                    p.join(format!("{id}.flash"))
-                }
-            });
+            c.flash = flash_path(&args, &id);
             c
         })
         .collect();
@@ -212,5 +228,74 @@ fn run_devices(args: RunArgs) -> Result<()> {
         // Let the devices reach an await point and drop their connections.
         tokio::time::sleep(Duration::from_millis(200)).await;
     });
+    Ok(())
+}
+
+/// The id of device `k` (from 1): `--id` itself, or `ID-K` with `--devices N`.
+fn device_id(args: &RunArgs, k: u32) -> String {
+    if args.devices == 1 {
+        args.id.clone()
+    } else {
+        format!("{}-{k}", args.id)
+    }
+}
+
+/// The flash file of device `id`: `--flash` itself, or `DIR/ID.flash` with
+/// `--devices N`.
+fn flash_path(args: &RunArgs, id: &str) -> Option<PathBuf> {
+    args.flash.as_ref().map(|p| {
+        if args.devices == 1 {
+            p.clone()
+        } else {
+            p.join(format!("{id}.flash"))
+        }
+    })
+}
+
+/// The initial image must carry `version`: build it once, as provisioning
+/// would, so an over-long version is refused here rather than by a device
+/// that then never comes up.
+fn check_version(chip: Chip, version: &str) -> Result<()> {
+    match ImageBuilder::new(chip).version(version).build() {
+        Ok(_) => Ok(()),
+        Err(BuildError::FieldTooLong { max, .. }) => bail!(
+            "bad --version {version:?}: {} bytes, but an image's app descriptor holds a version of at most {max} bytes",
+            version.len()
+        ),
+        Err(e) => bail!("bad --version {version:?}: {e}"),
+    }
+}
+
+/// An existing flash file must be what a virtual device boots from: a
+/// [`FLASH_SIZE`] dump with a partition table that has otadata and two OTA
+/// slots. A missing file is fine: the device creates it.
+fn check_flash_file(path: &std::path::Path) -> Result<()> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => bail!("cannot read flash file {}: {e}", path.display()),
+    };
+    if bytes.len() != FLASH_SIZE {
+        bail!(
+            "bad flash file {}: {} bytes, but a virtual device's flash is {FLASH_SIZE} bytes (4 MiB); \
+             name a new file to have one created",
+            path.display(),
+            bytes.len()
+        );
+    }
+    let table = &bytes[TABLE_OFFSET as usize..TABLE_OFFSET as usize + TABLE_MAX_LEN];
+    let table = PartitionTable::from_bytes(table).map_err(|e| {
+        anyhow::anyhow!(
+            "bad flash file {}: no valid partition table at {TABLE_OFFSET:#x} ({e}); \
+             name a new file to have one created",
+            path.display()
+        )
+    })?;
+    if Layout::from_table(&table, 0).is_none() {
+        bail!(
+            "bad flash file {}: its partition table needs otadata and at least two OTA slots",
+            path.display()
+        );
+    }
     Ok(())
 }

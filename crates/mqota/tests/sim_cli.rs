@@ -1,0 +1,187 @@
+//! `mqota sim` refuses bad input before any virtual device starts: one line
+//! on stderr naming the value and the rule, a non-zero exit, no connection to
+//! the broker and no flash file written.
+
+mod cli_support;
+
+use cli_support::failure;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use mqota_core::partition::{PartitionTable, TABLE_OFFSET};
+use mqota_virtual::device::FLASH_SIZE;
+
+/// A broker address that records connection attempts: after `mqota sim`
+/// exited, any device that tried to connect is waiting in the backlog.
+struct Broker(TcpListener);
+
+impl Broker {
+    fn new() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        Broker(l)
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://{}", self.0.local_addr().unwrap())
+    }
+
+    fn assert_untouched(&self) {
+        match self.0.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("a device connected to the broker: {other:?}"),
+        }
+    }
+}
+
+/// Runs `mqota sim ARGS` against `broker`. A sim that accepted its input
+/// runs until Ctrl-C; that is this test failing, so it is stopped (by its
+/// pid) and reported instead of hanging the test run.
+fn sim(broker: &Broker, args: &[&str]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_mqota"))
+        .arg("sim")
+        .args(["--broker", &broker.url()])
+        .args(args)
+        .env_remove("MQOTA_BROKER")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mqota");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.expect("wait for mqota"),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("mqota sim {args:?} started instead of refusing its input");
+        }
+    }
+}
+
+/// The one error line of a refused run; the broker saw nothing.
+fn refused(broker: &Broker, args: &[&str]) -> String {
+    let err = failure(&sim(broker, args));
+    broker.assert_untouched();
+    err
+}
+
+#[test]
+fn ids_that_are_not_one_topic_level_of_at_most_32_bytes_are_refused() {
+    let broker = Broker::new();
+    let long = "d".repeat(33);
+    for id in ["a/b", "dev+1", "#", long.as_str()] {
+        let err = refused(&broker, &["--id", id]);
+        assert!(err.contains(&format!("bad --id {id:?}")), "{err}");
+        assert!(err.contains("one topic level"), "{err}");
+        assert!(err.contains("at most 32 bytes"), "{err}");
+    }
+}
+
+#[test]
+fn ids_made_with_devices_n_must_fit_too() {
+    let broker = Broker::new();
+    // 30 bytes: `-1` .. `-9` fit, `-10` is 33 bytes.
+    let id = "d".repeat(30);
+    let err = refused(&broker, &["--id", &id, "--devices", "10"]);
+    assert!(err.contains(&format!("bad device id \"{id}-10\"")), "{err}");
+    assert!(err.contains("--devices 10"), "{err}");
+    assert!(err.contains("at most 32 bytes"), "{err}");
+}
+
+#[test]
+fn prefixes_no_device_could_use_are_refused() {
+    let broker = Broker::new();
+    let long = "p".repeat(mqota_core::protocol::MAX_PREFIX_LEN + 1);
+    for prefix in [
+        "",
+        "a//b",
+        "/device",
+        "device/",
+        "dev/+",
+        "#",
+        long.as_str(),
+    ] {
+        let err = refused(&broker, &["--prefix", prefix]);
+        assert!(err.contains(&format!("bad --prefix {prefix:?}")), "{err}");
+        assert!(err.contains("topic prefix"), "{err}");
+    }
+}
+
+#[test]
+fn a_version_longer_than_an_app_descriptor_holds_is_refused() {
+    let broker = Broker::new();
+    let dir = tempfile::tempdir().unwrap();
+    let flash = dir.path().join("dev.flash");
+    let version = "1.0.0-".to_owned() + &"x".repeat(27);
+    assert_eq!(version.len(), 33);
+    let err = refused(
+        &broker,
+        &["--version", &version, "--flash", flash.to_str().unwrap()],
+    );
+    assert!(err.contains(&format!("bad --version {version:?}")), "{err}");
+    assert!(err.contains("at most 31 bytes"), "{err}");
+    assert!(!flash.exists(), "a flash file was created");
+}
+
+fn flash_file(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn a_flash_file_of_the_wrong_size_is_refused_and_left_alone() {
+    let broker = Broker::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = flash_file(dir.path(), "small.flash", &[0xFF; 1000]);
+    let err = refused(&broker, &["--flash", path.to_str().unwrap()]);
+    assert!(err.contains("small.flash"), "{err}");
+    assert!(err.contains("1000 bytes"), "{err}");
+    assert!(err.contains(&format!("{FLASH_SIZE} bytes")), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), [0xFF; 1000]);
+}
+
+#[test]
+fn a_flash_file_without_a_usable_partition_table_is_refused() {
+    let broker = Broker::new();
+    let dir = tempfile::tempdir().unwrap();
+    let blank = flash_file(dir.path(), "blank.flash", &vec![0xFF; FLASH_SIZE]);
+    let err = refused(&broker, &["--flash", blank.to_str().unwrap()]);
+    assert!(err.contains("blank.flash"), "{err}");
+    assert!(err.contains("partition table"), "{err}");
+
+    // A valid table, but nothing to update into.
+    let table = PartitionTable::from_csv(
+        "nvs, data, nvs, 0x9000, 0x6000,\nfactory, app, factory, 0x10000, 1M,\n",
+    )
+    .unwrap();
+    let mut bytes = vec![0xFF; FLASH_SIZE];
+    let at = TABLE_OFFSET as usize;
+    let table = table.to_bytes();
+    bytes[at..at + table.len()].copy_from_slice(&table);
+    let factory = flash_file(dir.path(), "factory.flash", &bytes);
+    let err = refused(&broker, &["--flash", factory.to_str().unwrap()]);
+    assert!(err.contains("factory.flash"), "{err}");
+    assert!(err.contains("two OTA slots"), "{err}");
+    assert_eq!(std::fs::read(&factory).unwrap(), bytes);
+}
+
+#[test]
+fn with_devices_n_every_existing_flash_file_is_checked_before_any_starts() {
+    let broker = Broker::new();
+    let dir = tempfile::tempdir().unwrap();
+    flash_file(dir.path(), "sim-2.flash", &[0u8; 4096]);
+    let err = refused(
+        &broker,
+        &["--devices", "3", "--flash", dir.path().to_str().unwrap()],
+    );
+    assert!(err.contains("sim-2.flash"), "{err}");
+    assert!(!dir.path().join("sim-1.flash").exists());
+}
