@@ -14,6 +14,7 @@
 //! | `MQOTA_DEVICE_ID` | `mqota-` + station MAC in hex | client id and topic segment |
 //! | `MQOTA_TOPIC_PREFIX` | runtime default (`device`) | first topic level (`device/ota/start`) |
 //! | `MQOTA_KEEP_ALIVE_SECS` | runtime default (30) | MQTT keep-alive; never 0, brokers refuse it |
+//! | `MQOTA_PROGRESS_COPY` | runtime default (`1`) | `0`: progress only on `{prefix}/{id}/progress`, no copy on `{prefix}/progress` |
 //! | `MQOTA_CONNECT_TIMEOUT_SECS` | `20` | one WiFi association plus DHCP |
 //! | `MQOTA_DOWNLOAD_STALL_SECS` | runtime default (15) | download retried after this long without data |
 //! | `MQOTA_HEALTH_TIMEOUT_SECS` | runtime default (60) | a trial boot must reach the broker within this |
@@ -63,6 +64,8 @@ pub struct Config {
     pub topic_prefix: &'static str,
     /// MQTT keep-alive in seconds.
     pub keep_alive_secs: u16,
+    /// Copy progress events to the shared `{prefix}/progress`.
+    pub progress_copy: bool,
     /// Time allowed for one WiFi association plus DHCP, in seconds.
     pub connect_timeout_secs: u32,
     /// Download stall timeout in seconds.
@@ -96,6 +99,10 @@ pub const BUILD: Config = Config {
     keep_alive_secs: match option_env!("MQOTA_KEEP_ALIVE_SECS") {
         Some(secs) => non_zero_u16(parse_u32(secs)),
         None => DEFAULTS.keep_alive_secs,
+    },
+    progress_copy: match option_env!("MQOTA_PROGRESS_COPY") {
+        Some(flag) => parse_flag(flag),
+        None => DEFAULTS.progress_copy,
     },
     connect_timeout_secs: parse_u32(env_or!("MQOTA_CONNECT_TIMEOUT_SECS", "20")),
     download_stall_secs: secs_or(
@@ -183,6 +190,15 @@ const fn parse_u32(text: &str) -> u32 {
         i += 1;
     }
     value
+}
+
+/// `0` or `1`, checked while compiling.
+const fn parse_flag(text: &str) -> bool {
+    match parse_u32(text) {
+        0 => false,
+        1 => true,
+        _ => panic!("MQOTA_PROGRESS_COPY must be 0 or 1"),
+    }
 }
 
 /// A keep-alive of 0 means "never" to MQTT, and some brokers refuse the CONNECT.

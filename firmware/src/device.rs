@@ -115,6 +115,7 @@ pub fn device_config(config: &'static Config) -> DeviceConfig<'static> {
     device.password = config.broker_password.map(str::as_bytes);
     device.prefix = config.topic_prefix;
     device.keep_alive_secs = config.keep_alive_secs;
+    device.progress_copy = config.progress_copy;
     device.health_timeout = Duration::from_secs(u64::from(config.health_timeout_secs));
     device.update_timeout = Duration::from_secs(u64::from(config.update_timeout_secs));
     device.stall_timeout = Duration::from_secs(u64::from(config.download_stall_secs));

@@ -80,6 +80,10 @@ struct RunArgs {
     /// Topic prefix.
     #[arg(long, default_value = mqota_core::protocol::DEFAULT_PREFIX)]
     prefix: String,
+    /// Publish progress only on `{prefix}/{id}/progress`, without the copy
+    /// on the shared `{prefix}/progress`.
+    #[arg(long)]
+    no_progress_copy: bool,
     /// Fault: cut the power once this many flash bytes have been programmed
     /// or erased (the operation crossing it is torn); the devices boot again.
     #[arg(long)]
@@ -189,6 +193,7 @@ fn run_devices(args: RunArgs) -> Result<()> {
             c.initial_version = args.version.clone();
             c.bootloader = args.bootloader.into();
             c.prefix = args.prefix.clone();
+            c.progress_copy = !args.no_progress_copy;
             c.flash = flash_path(&args, &id);
             c
         })
