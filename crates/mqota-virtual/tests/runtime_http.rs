@@ -79,25 +79,31 @@ async fn a_download_streams_every_byte_in_bounded_chunks() {
     assert_eq!(info.total_size(), Some(SIZE as u64));
 }
 
+/// Downloads `url` from byte `start` and checks that exactly the rest of
+/// `image` arrived; returns the sink for what the test checks further.
+async fn resume_from(url: &str, image: &[u8], start: usize) -> HashSink {
+    let net = TokioNet;
+    let mut downloader = Downloader::new(&net, &net);
+    let mut sink = HashSink::default();
+    let n = downloader
+        .download(url, start as u64, &mut sink)
+        .await
+        .expect("download");
+    assert_eq!(n, (SIZE - start) as u64);
+    let digest = std::mem::take(&mut sink.hasher).finalize();
+    assert_eq!(
+        digest.as_slice(),
+        Sha256::digest(&image[start..]).as_slice()
+    );
+    sink
+}
+
 #[tokio::test]
 async fn a_resume_from_the_middle_fetches_only_the_rest_with_206() {
     let image = firmware();
     let server = FileServer::start(&[("app.bin", &image)]).await;
-    let net = TokioNet;
-    let mut downloader = Downloader::new(&net, &net);
-    let mut sink = HashSink::default();
     let start = 40_000;
-
-    let n = downloader
-        .download(&server.url("app.bin"), start as u64, &mut sink)
-        .await
-        .expect("download");
-
-    assert_eq!(n, (SIZE - start) as u64);
-    assert_eq!(
-        sink.hasher.finalize().as_slice(),
-        Sha256::digest(&image[start..]).as_slice()
-    );
+    let sink = resume_from(&server.url("app.bin"), &image, start).await;
     let info = sink.info.expect("begin was called");
     assert_eq!(info.status, 206);
     assert!(info.range_honoured);
@@ -222,21 +228,8 @@ async fn a_resumed_download_sends_its_range_along_every_hop_to_the_final_locatio
         }),
     )
     .await;
-    let net = TokioNet;
-    let mut downloader = Downloader::new(&net, &net);
-    let mut sink = HashSink::default();
     let start = 40_000;
-
-    let n = downloader
-        .download(&server.url(), start as u64, &mut sink)
-        .await
-        .expect("download");
-
-    assert_eq!(n, (SIZE - start) as u64);
-    assert_eq!(
-        sink.hasher.finalize().as_slice(),
-        Sha256::digest(&image[start..]).as_slice()
-    );
+    let sink = resume_from(&server.url(), &image, start).await;
     let info = sink.info.expect("begin");
     assert_eq!(info.status, 206);
     assert_eq!(info.body_offset(), start as u64);
