@@ -898,6 +898,57 @@ fn during_download(
 mod tests {
     use super::*;
 
+    fn message(topic: &str, payload: &[u8], retain: bool) -> Message {
+        Message {
+            topic: truncated(topic),
+            payload: heapless::Vec::from_slice(payload).unwrap(),
+            retain,
+        }
+    }
+
+    #[test]
+    fn a_command_delivered_retained_is_dropped_unread_and_unanswered() {
+        let topics = Topics::new("device", "d").unwrap();
+        let url = b"http://10.0.0.1/fw.bin";
+        for (topic, payload) in [
+            ("device/ota/start", &url[..]),
+            ("device/d/ota/start", &url[..]),
+            ("device/d/ota/rollback", &b"go"[..]),
+            ("device/d/ota/cancel", &b""[..]),
+            // Even a malformed one: no `bad_command` answer for it.
+            ("device/d/ota/start", &b"{"[..]),
+        ] {
+            assert!(
+                matches!(
+                    read_command(&message(topic, payload, true), &topics),
+                    Incoming::Ignored
+                ),
+                "{topic}"
+            );
+            assert!(
+                !matches!(
+                    read_command(&message(topic, payload, false), &topics),
+                    Incoming::Ignored
+                ),
+                "{topic} unretained is read"
+            );
+        }
+    }
+
+    #[test]
+    fn an_https_job_is_refused_bad_command_while_tls_is_off() {
+        let topics = Topics::new("device", "d").unwrap();
+        let msg = message("device/d/ota/start", b"https://fw.example/fw.bin", false);
+        match read_command(&msg, &topics) {
+            Incoming::Bad(p) if !HTTPS_ENABLED => {
+                assert_eq!(p.error, Some(ErrorCode::BadCommand));
+                assert_eq!(p.message.as_deref(), Some(HTTPS_NOT_ENABLED));
+            }
+            Incoming::Command(_) if HTTPS_ENABLED => {}
+            _ => panic!("an https job is either refused or read"),
+        }
+    }
+
     fn ev(phase: Phase, error: Option<ErrorCode>) -> Progress {
         let topics = Topics::new("device", "d").unwrap();
         let mut p = Progress::new(&topics, None, phase);
