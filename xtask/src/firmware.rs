@@ -7,8 +7,8 @@
 //! and every `cargo xtask` run would otherwise compile a large parser.
 
 use anyhow::{bail, ensure, Context, Result};
-use mqota_core::engine::Slot;
 use mqota_core::journal::JOURNAL_SIZE;
+use mqota_core::layout::Slot;
 use mqota_core::partition::PartitionTable;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

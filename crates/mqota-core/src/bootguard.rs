@@ -46,9 +46,9 @@
 //! the same single-sector update that `esp_ota_set_boot_partition` makes, so
 //! the active entry stays the fallback while the write is in progress.
 
-use crate::engine::Layout;
 use crate::image;
 use crate::journal::{Flag, Journal, RollbackReason};
+use crate::layout::Layout;
 use crate::otadata::{self, OtaState, Otadata, SEQ_BLANK};
 use crate::protocol::{ErrorCode, JobId, LastResult, Phase};
 use embedded_storage::nor_flash::NorFlash;

@@ -59,7 +59,7 @@
 use crate::backoff::{Backoff, Jitter, XorShift32};
 use crate::fetch::FetchError;
 use crate::image::{self, Chip, ImageError, StreamValidator};
-use crate::journal::{Flag, JobRecord, Journal, JOURNAL_SIZE, PAGE_SIZE};
+use crate::journal::{Flag, JobRecord, PAGE_SIZE};
 use crate::otadata::{self, OtaState};
 use crate::protocol::truncated;
 use crate::protocol::{
@@ -76,63 +76,8 @@ pub const BLOCK_SIZE: u32 = 64 * 1024;
 /// Milliseconds since some fixed point (boot); only differences matter.
 pub type Millis = u64;
 
-/// One OTA app slot: where it is on flash and how large.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Slot {
-    /// Flash offset of the partition.
-    pub offset: u32,
-    /// Partition size in bytes.
-    pub size: u32,
-}
-
-impl Slot {
-    /// The largest image the slot takes: its last sector is the [journal](crate::journal).
-    pub fn max_image_len(&self) -> u32 {
-        self.size.saturating_sub(JOURNAL_SIZE)
-    }
-
-    /// The slot's journal.
-    pub fn journal(&self) -> Journal {
-        Journal::for_slot(self.offset, self.size)
-    }
-}
-
-/// Where things are on this device's flash, and which slot is running.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Layout {
-    /// Flash offset of the otadata partition.
-    pub otadata: u32,
-    /// The OTA app slots, `ota_0` first.
-    pub slots: Vec<Slot, 16>,
-    /// Index of the slot the running firmware was booted from.
-    pub running: usize,
-}
-
-impl Layout {
-    /// The layout of a partition table, or `None` if it lacks otadata or has
-    /// fewer than two OTA slots (then there is nowhere to update into).
-    pub fn from_table(table: &crate::partition::PartitionTable, running: usize) -> Option<Self> {
-        let otadata = table.otadata()?.offset;
-        let slots: Vec<Slot, 16> = table
-            .ota_slots()
-            .map(|p| Slot {
-                offset: p.offset,
-                size: p.size,
-            })
-            .collect();
-        (slots.len() >= 2 && running < slots.len()).then_some(Self {
-            otadata,
-            slots,
-            running,
-        })
-    }
-
-    /// The slot updates go into: the one after the running slot, as
-    /// `esp_ota_get_next_update_partition` picks it.
-    pub fn target(&self) -> usize {
-        (self.running + 1) % self.slots.len()
-    }
-}
+// The flash geometry the engine works on; kept importable from here too.
+pub use crate::layout::{Layout, Slot};
 
 /// Extra verification of an image that passed every built-in check: gets the
 /// image's description and the job, returns the error code to fail with.

@@ -17,6 +17,7 @@ pub mod engine;
 pub mod fetch;
 pub mod image;
 pub mod journal;
+pub mod layout;
 pub mod otadata;
 pub mod partition;
 pub mod protocol;

@@ -17,8 +17,9 @@
 use std::time::{Duration, Instant};
 
 use embedded_storage::nor_flash::{ErrorType, MultiwriteNorFlash, NorFlash, ReadNorFlash};
-use mqota_core::engine::{Config, Engine, Event, Layout, Response};
+use mqota_core::engine::{Config, Engine, Event, Response};
 use mqota_core::image::{Chip, ImageBuilder};
+use mqota_core::layout::Layout;
 use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
 use mqota_core::protocol::{Command, Job};
 use mqota_flash_sim::SimFlash;

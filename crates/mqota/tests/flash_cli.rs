@@ -221,7 +221,8 @@ fn a_truncated_dump_reports_what_it_holds() {
 #[test]
 fn inspect_shows_the_journal_of_an_update_the_engine_made_and_its_trial_marks() {
     use mqota_core::bootguard;
-    use mqota_core::engine::{Action, Config, Engine, Event, Layout, Response};
+    use mqota_core::engine::{Action, Config, Engine, Event, Response};
+    use mqota_core::layout::Layout;
     use mqota_core::protocol::{Command, Job};
 
     let table = PartitionTable::from_csv(DEFAULT_4MB_CSV).unwrap();

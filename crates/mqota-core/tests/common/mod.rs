@@ -3,8 +3,9 @@
 #![allow(dead_code)]
 
 use embedded_storage::nor_flash::{NorFlash, ReadNorFlash};
-use mqota_core::engine::{Action, Actions, Config, Engine, Event, Layout, Response};
+use mqota_core::engine::{Action, Actions, Config, Engine, Event, Response};
 use mqota_core::image::{Chip, ImageBuilder};
+use mqota_core::layout::Layout;
 use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
 use mqota_core::protocol::{Command, ErrorCode, Job, Phase, Progress};
 use mqota_flash_sim::SimFlash;
