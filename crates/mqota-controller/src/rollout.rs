@@ -318,6 +318,19 @@ pub fn create(
     selection: &Selection,
     options: &RolloutOptions,
 ) -> Result<(Deployment, LeftOut), RolloutError> {
+    let (d, left_out) = plan_deployment(fleet, firmware, selection, options)?;
+    store.create_deployment(&d)?;
+    Ok((d, left_out))
+}
+
+/// What [`create`] would store, without storing it: the deployment (a new
+/// job id, state `running`, every device `pending`) and who is left out.
+pub fn plan_deployment(
+    fleet: &[DeviceView],
+    firmware: &Firmware,
+    selection: &Selection,
+    options: &RolloutOptions,
+) -> Result<(Deployment, LeftOut), RolloutError> {
     let selected = selection.select(fleet)?;
     let (current, todo): (Vec<_>, Vec<_>) = selected.into_iter().partition(|d| {
         d.status
@@ -392,7 +405,6 @@ pub fn create(
         updated_at: now,
         devices,
     };
-    store.create_deployment(&d)?;
     Ok((d, left_out))
 }
 

@@ -65,6 +65,10 @@ pub struct DeployArgs {
     /// Stay and show progress; exit non-zero if the rollout fails.
     #[arg(long)]
     wait: bool,
+    /// Print which devices the deployment would go to, and stop: nothing is
+    /// stored or sent.
+    #[arg(long, conflicts_with = "resume")]
+    dry_run: bool,
     /// Carry on deployment ID (after its controller was stopped).
     #[arg(long, value_name = "ID")]
     resume: Option<String>,
@@ -115,6 +119,31 @@ impl DeployArgs {
                         auto_rollback: self.auto_rollback,
                         timeout_s: self.timeout.max(1),
                     };
+                    if self.dry_run {
+                        let (d, left_out) = rollout::plan_deployment(
+                            &fleet.devices(),
+                            &firmware,
+                            &selection,
+                            &options,
+                        )?;
+                        for line in left_out.describe(&firmware.version) {
+                            println!("{line}");
+                        }
+                        let stages = d.devices.iter().map(|x| x.stage).max().unwrap_or(0) + 1;
+                        println!(
+                            "dry run: {} ({}) would go to {} devices in {stages} stages: {}",
+                            firmware.name,
+                            firmware.version,
+                            d.devices.len(),
+                            d.devices
+                                .iter()
+                                .map(|x| x.device.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                        fleet.close().await?;
+                        return Ok(());
+                    }
                     let (d, left_out) =
                         rollout::create(&store, &fleet.devices(), &firmware, &selection, &options)?;
                     for line in left_out.describe(&firmware.version) {

@@ -176,12 +176,34 @@ pub fn client_id(role: &str) -> String {
     format!("mqota-{role}-{}", std::process::id())
 }
 
-/// Connects and waits for the retained statuses.
+/// Connects and waits for the retained statuses (until 400 ms pass without
+/// one, at most 60 s), then says on stderr why the picture may be
+/// incomplete: the replay did not end, devices announced availability
+/// without a status, or devices the store in the data directory knows (if
+/// it exists) have no retained status on the broker.
 pub async fn connect_and_settle(s: &Settings, role: &str) -> Result<Fleet> {
     let fleet = Fleet::connect(&s.broker_or_default(), &s.prefix, &client_id(role)).await?;
-    fleet
-        .settle(Duration::from_millis(400), Duration::from_secs(5))
+    let settled = fleet
+        .settle(Duration::from_millis(400), Duration::from_secs(60))
         .await;
+    if !settled {
+        eprintln!(
+            "warning: the broker was still replaying retained statuses after 60 s; the fleet may be incomplete"
+        );
+    }
+    let db = s.data_dir.join(mqota_controller::store::DB_FILE);
+    let recorded: Vec<String> = if db.is_file() {
+        mqota_controller::store::Store::open(&s.data_dir)?
+            .devices()?
+            .into_iter()
+            .map(|d| d.id)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for gap in fleet.gaps(&recorded) {
+        eprintln!("warning: {gap}");
+    }
     Ok(fleet)
 }
 

@@ -88,7 +88,8 @@ impl ServeArgs {
             let addr = listener.local_addr()?;
             println!("http listening on http://{addr}");
 
-            let fleet = Fleet::connect(&broker_url, &s.prefix, &client_id("serve")).await?;
+            let fleet =
+                Arc::new(Fleet::connect(&broker_url, &s.prefix, &client_id("serve")).await?);
             println!("following the fleet on {broker_url} (prefix {})", s.prefix);
             let recorder_store = store.clone();
             let mut events = fleet.events();
@@ -98,6 +99,7 @@ impl ServeArgs {
                     recorder_store.record_status(&d.id, &serde_json::to_value(st)?)?;
                 }
             }
+            let recorder_fleet = fleet.clone();
             let recorder = tokio::spawn(async move {
                 loop {
                     match events.recv().await {
@@ -115,7 +117,19 @@ impl ServeArgs {
                         }
                         Ok(_) => {}
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            tracing::warn!("recorder fell behind by {n} events");
+                            // A burst (the retained replay of a large fleet)
+                            // outran the recorder: record the current picture
+                            // so no status is missing from the store.
+                            tracing::info!(
+                                "recorder fell behind by {n} events; recording the whole fleet"
+                            );
+                            for d in recorder_fleet.devices() {
+                                let Some(st) = &d.status else { continue };
+                                let v = serde_json::to_value(st).expect("status serialises");
+                                if let Err(e) = recorder_store.record_status(&d.id, &v) {
+                                    tracing::error!("recording a status: {e}");
+                                }
+                            }
                         }
                         Err(_) => return,
                     }
@@ -127,7 +141,6 @@ impl ServeArgs {
                 store,
                 public_url: self.public_url,
             });
-            let fleet = Arc::new(fleet);
             let app = router(state.clone()).merge(dashboard::router(state, fleet.clone()));
             axum::serve(listener, app)
                 .with_graceful_shutdown(async {
