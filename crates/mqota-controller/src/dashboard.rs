@@ -12,7 +12,8 @@
 //!
 //! ```json
 //! {"firmware": "app-1.1.0.bin", "all": true, "canary": 2, "batch": "50%",
-//!  "max_failures": "0", "auto_rollback": true, "timeout": 600}
+//!  "max_failures": "0", "auto_rollback": true, "timeout": 600,
+//!  "include_offline": false, "allow_downgrade": false, "allow_other_project": false}
 //! ```
 //!
 //! exactly one of `"to": ["id", ...]`, `"all": true` or `"where":
@@ -221,6 +222,12 @@ struct DeployRequest {
     #[serde(default)]
     auto_rollback: bool,
     timeout: Option<u32>,
+    #[serde(default)]
+    include_offline: bool,
+    #[serde(default)]
+    allow_downgrade: bool,
+    #[serde(default)]
+    allow_other_project: bool,
 }
 
 impl DeployRequest {
@@ -256,6 +263,9 @@ impl DeployRequest {
             },
             auto_rollback: self.auto_rollback,
             timeout_s: self.timeout.unwrap_or(defaults.timeout_s).max(1),
+            include_offline: self.include_offline,
+            allow_downgrade: self.allow_downgrade,
+            allow_other_project: self.allow_other_project,
         })
     }
 }
@@ -335,6 +345,7 @@ async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes)
         Ok(Err(
             e @ (RolloutError::Option(_)
             | RolloutError::UnknownDevice(_)
+            | RolloutError::Offline(_)
             | RolloutError::NoDevices(_)),
         )) => return bad_request(e),
         Ok(Err(e)) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),

@@ -57,7 +57,14 @@ pub struct DeviceView {
     pub online: bool,
     /// The latest progress event seen from it since the controller started.
     pub progress: Option<Progress>,
+    /// Its latest terminal progress events (`done`, `failed`, `busy` and
+    /// other refusals, ...), oldest first, at most [`ENDED_KEPT`]: a later
+    /// event of another job or a refusal never hides how a job ended.
+    pub ended: Vec<Progress>,
 }
+
+/// How many terminal progress events [`DeviceView::ended`] keeps.
+pub const ENDED_KEPT: usize = 16;
 
 /// Something that happened in the fleet.
 #[derive(Debug, Clone)]
@@ -497,6 +504,7 @@ fn handle_publish(
             status: None,
             online: false,
             progress: None,
+            ended: Vec::new(),
         })
     };
     match what {
@@ -510,6 +518,12 @@ fn handle_publish(
                     tracing::debug!("ignoring a progress event of {id}, which has no status");
                     return;
                 };
+                if p.phase.is_terminal() {
+                    if entry.ended.len() == ENDED_KEPT {
+                        entry.ended.remove(0);
+                    }
+                    entry.ended.push(p.clone());
+                }
                 entry.progress = Some(p.clone());
                 drop(d);
                 let _ = events.send(FleetEvent::Progress(p));

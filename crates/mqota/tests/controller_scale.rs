@@ -8,7 +8,7 @@ mod controller_support;
 
 use std::time::{Duration, Instant};
 
-use controller_support::{get_json, image, mqota, Serve};
+use controller_support::{get_json, image, mqota, Serve, PROJECT};
 use mqota_virtual::testing::{FileServer, Mosquitto};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
@@ -46,7 +46,7 @@ fn publish_fleet(port: u16, n: usize) {
         for i in 0..n {
             let id = format!("s-{i:05}");
             let status = serde_json::to_vec(&serde_json::json!({
-                "device": id, "chip": "esp32c3", "project": "fleet", "version": "1.0.0",
+                "device": id, "chip": "esp32c3", "project": PROJECT, "version": "1.0.0",
                 "slot": 0, "state": "valid", "last": null
             }))
             .unwrap();

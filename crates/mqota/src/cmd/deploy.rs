@@ -65,6 +65,16 @@ pub struct DeployArgs {
     /// Stay and show progress; exit non-zero if the rollout fails.
     #[arg(long)]
     wait: bool,
+    /// Also send the job to offline devices (a --to device that is offline
+    /// is refused, and --all/--where skip offline devices, without this).
+    #[arg(long, conflicts_with = "resume")]
+    include_offline: bool,
+    /// Also send an image older than the version a device runs.
+    #[arg(long, conflicts_with = "resume")]
+    allow_downgrade: bool,
+    /// Also send an image of another project than the device runs.
+    #[arg(long, conflicts_with = "resume")]
+    allow_other_project: bool,
     /// Print which devices the deployment would go to, and stop: nothing is
     /// stored or sent.
     #[arg(long, conflicts_with = "resume")]
@@ -118,6 +128,9 @@ impl DeployArgs {
                         max_failures: self.max_failures,
                         auto_rollback: self.auto_rollback,
                         timeout_s: self.timeout.max(1),
+                        include_offline: self.include_offline,
+                        allow_downgrade: self.allow_downgrade,
+                        allow_other_project: self.allow_other_project,
                     };
                     if self.dry_run {
                         let (d, left_out) = rollout::plan_deployment(
