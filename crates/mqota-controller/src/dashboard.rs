@@ -346,6 +346,7 @@ async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes)
             e @ (RolloutError::Option(_)
             | RolloutError::UnknownDevice(_)
             | RolloutError::Offline(_)
+            | RolloutError::InDeployment(_)
             | RolloutError::NoDevices(_)),
         )) => return bad_request(e),
         Ok(Err(e)) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),

@@ -164,8 +164,6 @@ pub struct Fleet {
 struct Link {
     /// Subscribed and not lost since.
     up: AtomicBool,
-    /// Messages received from the broker (any topic under the prefix).
-    received: AtomicU64,
     /// Retained messages received since the latest subscription.
     replayed: AtomicU64,
     /// Subscriptions made (one per connect).
@@ -238,7 +236,6 @@ impl Fleet {
                             acked.fetch_add(1, Ordering::Relaxed);
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
-                            link.received.fetch_add(1, Ordering::Relaxed);
                             if p.retain {
                                 link.replayed.fetch_add(1, Ordering::Relaxed);
                             }
@@ -295,18 +292,20 @@ impl Fleet {
         })
     }
 
-    /// Waits until messages stop arriving (`quiet` without one), at most
-    /// `max`. Returns `true` when the retained replay ended within `max`:
-    /// then [`Fleet::devices`] holds every device the broker replayed.
-    /// `false` means the replay was still going (see [`Fleet::gaps`]).
+    /// Waits until retained messages stop arriving (`quiet` without one), at
+    /// most `max`; live traffic (progress events of a running update) does
+    /// not hold it up. Returns `true` when the retained replay ended within
+    /// `max`: then [`Fleet::devices`] holds every device the broker
+    /// replayed. `false` means the replay was still going (see
+    /// [`Fleet::gaps`]).
     pub async fn settle(&self, quiet: Duration, max: Duration) -> bool {
         let start = tokio::time::Instant::now();
-        let mut seen = self.link.received.load(Ordering::Relaxed);
+        let mut seen = self.link.replayed.load(Ordering::Relaxed);
         let mut since = start;
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let now = tokio::time::Instant::now();
-            let count = self.link.received.load(Ordering::Relaxed);
+            let count = self.link.replayed.load(Ordering::Relaxed);
             if count != seen {
                 seen = count;
                 since = now;

@@ -259,6 +259,10 @@ pub enum RolloutError {
     /// (`mqota status`).
     #[error("device {0:?} is not known (it has no retained status)")]
     UnknownDevice(String),
+    /// Devices already in a running deployment: wait for it to end, or
+    /// stop it (`mqota cancel`) first.
+    #[error("already being updated: {0} (wait for it to end, or cancel it)")]
+    InDeployment(String),
     /// A `--to` device is offline: its job would wait for the timeout.
     /// Bring it online, or pass `--include-offline` to send it anyway.
     #[error("device(s) offline: {0} (pass --include-offline to send the job anyway)")]
@@ -429,6 +433,27 @@ pub fn create(
     options: &RolloutOptions,
 ) -> Result<(Deployment, LeftOut), RolloutError> {
     let (d, left_out) = plan_deployment(fleet, firmware, selection, options)?;
+    // A device answers a second job with `busy` while the first runs, and
+    // two rollouts would fight over its slots: one deployment at a time.
+    let running = store.devices_in_running_deployments()?;
+    let mut taken: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for x in &d.devices {
+        if let Some(dep) = running.get(&x.device) {
+            taken
+                .entry(dep.as_str())
+                .or_default()
+                .push(x.device.as_str());
+        }
+    }
+    if !taken.is_empty() {
+        return Err(RolloutError::InDeployment(
+            taken
+                .iter()
+                .map(|(dep, ids)| format!("{} in running deployment {dep}", ids.join(", ")))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
+    }
     store.create_deployment(&d)?;
     Ok((d, left_out))
 }
@@ -923,8 +948,7 @@ mod tests {
         assert!(left.describe("1.1.0")[1].contains("https is not enabled on: old, off"));
 
         // Over http every device that needs the update gets it.
-        let (dep, left) = create(
-            &store,
+        let (dep, left) = plan_deployment(
             &fleet,
             &firmware("http://fw.example/app.bin"),
             &Selection::All,
@@ -1009,6 +1033,30 @@ mod tests {
         assert_eq!(" 25% ".parse::<Amount>(), Ok(Amount::Percent(25)));
         assert!("101%".parse::<Amount>().is_err());
         assert!("x".parse::<Amount>().is_err());
+    }
+
+    #[test]
+    fn a_device_in_a_running_deployment_cannot_be_targeted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fleet = [device("a", "1.0.0", None), device("b", "1.0.0", None)];
+        let fw = firmware("http://fw/app.bin");
+        let o = RolloutOptions::default();
+        let (first, _) =
+            create(&store, &fleet, &fw, &Selection::Ids(vec!["a".into()]), &o).unwrap();
+        let err = create(&store, &fleet, &fw, &Selection::All, &o).unwrap_err();
+        assert!(matches!(err, RolloutError::InDeployment(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("a in running deployment {}", first.id)),
+            "{err}"
+        );
+        // b alone is free; once the first ends, a is too.
+        create(&store, &fleet, &fw, &Selection::Ids(vec!["b".into()]), &o).unwrap();
+        store
+            .set_deployment_state(&first.id, DeploymentState::Succeeded, None)
+            .unwrap();
+        create(&store, &fleet, &fw, &Selection::Ids(vec!["a".into()]), &o).unwrap();
     }
 
     #[test]
