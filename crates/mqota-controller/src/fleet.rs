@@ -34,8 +34,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mqota_core::protocol::{
-    parse_device_topic, DeviceTopic, Progress, Status, TopicError, TopicKind, Topics, OFFLINE,
-    ONLINE,
+    parse_device_topic, DeviceTopic, ErrorCode, Progress, Status, TopicError, TopicKind, Topics,
+    OFFLINE, ONLINE,
 };
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
@@ -61,6 +61,10 @@ pub struct DeviceView {
     /// other refusals, ...), oldest first, at most [`ENDED_KEPT`]: a later
     /// event of another job or a refusal never hides how a job ended.
     pub ended: Vec<Progress>,
+    /// The job its latest non-terminal progress event was about, until an
+    /// event other than a refusal ends that job: the job in flight, as far
+    /// as the controller saw.
+    pub in_flight: Option<String>,
 }
 
 /// How many terminal progress events [`DeviceView::ended`] keeps.
@@ -504,6 +508,7 @@ fn handle_publish(
             online: false,
             progress: None,
             ended: Vec::new(),
+            in_flight: None,
         })
     };
     match what {
@@ -522,6 +527,15 @@ fn handle_publish(
                         entry.ended.remove(0);
                     }
                     entry.ended.push(p.clone());
+                    // A refusal (`busy`, `duplicate_job`) answers a command,
+                    // it does not end the job in flight.
+                    let refusal =
+                        matches!(p.error, Some(ErrorCode::Busy | ErrorCode::DuplicateJob));
+                    if !refusal && entry.in_flight.as_deref() == p.job.as_deref() {
+                        entry.in_flight = None;
+                    }
+                } else {
+                    entry.in_flight = p.job.as_ref().map(|j| j.to_string());
                 }
                 entry.progress = Some(p.clone());
                 drop(d);

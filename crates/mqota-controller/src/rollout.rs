@@ -596,11 +596,17 @@ fn result_of(d: &DeviceView, job: &str, version: &str) -> Option<(Phase, Option<
         }
     }
     for p in d.ended.iter().rev() {
-        // A refusal of a repeated command (`busy`, `duplicate_job`) is not
-        // how the job ended: the job's own events and the status say that.
-        let refusal = matches!(p.error, Some(ErrorCode::Busy | ErrorCode::DuplicateJob));
-        if p.job.as_deref() == Some(job) && p.phase != Phase::Done && !refusal {
-            return Some((p.phase, p.error.map(|e| e.as_str().to_owned())));
+        if p.job.as_deref() != Some(job) || p.phase == Phase::Done {
+            continue;
+        }
+        match p.error {
+            // A refusal of a repeated start (`duplicate_job`, or `busy`
+            // while this very job runs: a redelivered command) is not how
+            // the job ended: the job's own events and the status say that.
+            Some(ErrorCode::DuplicateJob) => continue,
+            Some(ErrorCode::Busy) if d.in_flight.as_deref() == Some(job) => continue,
+            // `busy` with another job: this one will never run.
+            _ => return Some((p.phase, p.error.map(|e| e.as_str().to_owned()))),
         }
     }
     None
@@ -907,6 +913,7 @@ mod tests {
             online: true,
             progress: None,
             ended: Vec::new(),
+            in_flight: None,
         }
     }
 
@@ -1089,6 +1096,7 @@ mod tests {
             online,
             progress: None,
             ended: Vec::new(),
+            in_flight: None,
         }
     }
 
@@ -1175,6 +1183,20 @@ mod tests {
             Some((Phase::Failed, Some("http_status".into()))),
             "a later refusal does not hide the failure"
         );
+
+        // `busy` for this job: an answer while another job runs, nothing
+        // while this one does (a redelivered start).
+        let mut d = view("a", "esp32c3", "p", "1.0.0", true);
+        d.ended.push(event("j", "failed", Some("busy")));
+        d.in_flight = Some("other".into());
+        assert_eq!(
+            result_of(&d, "j", "1.1.0"),
+            Some((Phase::Failed, Some("busy".into())))
+        );
+        d.in_flight = Some("j".into());
+        assert_eq!(result_of(&d, "j", "1.1.0"), None);
+        d.ended = vec![event("j", "failed", Some("duplicate_job"))];
+        assert_eq!(result_of(&d, "j", "1.1.0"), None);
     }
 
     #[test]
