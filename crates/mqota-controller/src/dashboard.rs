@@ -6,7 +6,7 @@
 //! | `GET /` | the page: fleet, firmware with a deploy form, deployments; it polls the API every second |
 //! | `GET /dashboard.js` | its script |
 //! | `GET /api/fleet` | `[{id, status, online, progress}]`: every retained status, availability and the latest progress event, live from the broker; header `x-mqota-fleet-complete: true` or `false` with the reasons in `x-mqota-fleet-gaps` (broker unreachable, replay cut, devices in the store without a retained status) |
-//! | `POST /api/deployments` | starts a staged rollout inside serve; `201 {id, version, devices, stages, current, no_https}` |
+//! | `POST /api/deployments` | starts a staged rollout inside serve; `201 {id, version, devices, stages, current, no_https}`; `503` while the broker is unreachable |
 //!
 //! The body of `POST /api/deployments` mirrors `mqota deploy`'s options:
 //!
@@ -290,6 +290,12 @@ async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes)
         return api_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "send the deployment as Content-Type: application/json",
+        );
+    }
+    if !d.fleet.connected() {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker is unreachable: no deployment can be sent or followed now",
         );
     }
     let req: DeployRequest = match serde_json::from_slice(&body) {

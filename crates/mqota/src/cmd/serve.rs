@@ -35,6 +35,11 @@ pub struct ServeArgs {
     /// the Host of each API request).
     #[arg(long)]
     public_url: Option<String>,
+    /// A host name the web page and API may be reached by (repeatable); IP
+    /// addresses, localhost and --public-url's host always may. Other names
+    /// are refused, against DNS rebinding.
+    #[arg(long, value_name = "NAME")]
+    allow_host: Vec<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -141,7 +146,20 @@ impl ServeArgs {
                 store,
                 public_url: self.public_url,
             });
-            let app = router(state.clone()).merge(dashboard::router(state, fleet.clone()));
+            let mut allowed = self.allow_host.clone();
+            if let Some(host) = state
+                .public_url
+                .as_deref()
+                .and_then(|u| u.split_once("://"))
+                .map(|(_, rest)| rest.split('/').next().unwrap_or(rest))
+            {
+                let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+                allowed.push(host.to_owned());
+            }
+            let app = mqota_controller::http::guard_hosts(
+                router(state.clone()).merge(dashboard::router(state, fleet.clone())),
+                allowed,
+            );
             axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = tokio::signal::ctrl_c().await;
