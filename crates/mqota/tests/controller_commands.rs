@@ -113,6 +113,12 @@ fn status_watch_and_rollback_show_and_undo_an_update_and_serve_remembers_the_fle
         "{err}"
     );
 
+    // A refusal is printed and fails: cmd-1 has no other image to go back to.
+    let (ok, out, err) = mqota(&["rollback", "cmd-1", "--broker", &broker_url]);
+    assert!(!ok, "a refused rollback must fail");
+    assert!(out.contains("cmd-1: failed (no_previous_image)"), "{out}");
+    assert!(err.contains("rollback refused"), "{err}");
+
     // The rollback waits for the device's answer and prints it.
     let (ok, out, err) = mqota(&["rollback", "cmd-0", "--broker", &broker_url]);
     assert!(ok, "rollback failed: {err}");
