@@ -135,10 +135,11 @@ impl Default for RolloutOptions {
 pub enum Selection {
     /// These ids, in this order.
     Ids(Vec<String>),
-    /// Every online device.
+    /// Every device with a status (offline ones are left out by
+    /// [`plan_deployment`] unless `include_offline`).
     All,
-    /// Every online device whose status fields equal these values
-    /// (`chip`, `project`, `version`, `state`, `slot`).
+    /// Every device whose status fields equal these values (`chip`,
+    /// `project`, `version`, `state`, `slot`); offline ones as for `All`.
     Where(Vec<(String, String)>),
 }
 
