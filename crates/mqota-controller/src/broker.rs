@@ -376,7 +376,12 @@ fn config(v4: SocketAddr, v5: SocketAddr) -> Config {
         router: RouterConfig {
             // A fleet of a few thousand devices plus controllers.
             max_connections: 20_000,
-            max_outgoing_packet_count: 1000,
+            // rumqttd hands a new QoS 0 subscription at most this many
+            // retained messages (a QoS 1 one at most its 100 in-flight
+            // slots) and drops the rest silently: the controller's
+            // subscriptions are QoS 0, and this is far above any fleet's
+            // statuses plus availabilities.
+            max_outgoing_packet_count: 1_000_000,
             max_segment_size: 16 * 1024 * 1024,
             max_segment_count: 10,
             custom_segment: None,

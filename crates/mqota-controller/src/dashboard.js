@@ -179,7 +179,16 @@ async function tick() {
   try {
     // The catalogue is a directory scan: every fifth second is plenty.
     const firmware = ticks % 5 === 0 ? getJSON("/api/firmware") : null;
-    const [fleet, deployments] = await Promise.all([getJSON("/api/fleet"), getJSON("/api/deployments")]);
+    const [fleetResponse, deployments] = await Promise.all([
+      fetch("/api/fleet", { cache: "no-store" }),
+      getJSON("/api/deployments"),
+    ]);
+    if (!fleetResponse.ok) throw new Error("/api/fleet: HTTP " + fleetResponse.status);
+    // Why the picture may be incomplete (broker unreachable, replay cut).
+    const gaps = fleetResponse.headers.get("x-mqota-fleet-gaps");
+    $("fleet-gaps").textContent = gaps ? "The fleet may be incomplete: " + gaps : "";
+    $("fleet-gaps").hidden = !gaps;
+    const fleet = await fleetResponse.json();
     renderFleet(fleet);
     renderDeployments(deployments);
     if (firmware) renderFirmware(await firmware);

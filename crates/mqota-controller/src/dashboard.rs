@@ -5,14 +5,15 @@
 //! |---|---|
 //! | `GET /` | the page: fleet, firmware with a deploy form, deployments; it polls the API every second |
 //! | `GET /dashboard.js` | its script |
-//! | `GET /api/fleet` | `[{id, status, progress}]`: every retained status and the latest progress event, live from the broker |
-//! | `POST /api/deployments` | starts a staged rollout inside serve; `201 {id, version, devices, stages, current, no_https}` |
+//! | `GET /api/fleet` | `[{id, status, online, progress}]`: every retained status, availability and the latest progress event, live from the broker; header `x-mqota-fleet-complete: true` or `false` with the reasons in `x-mqota-fleet-gaps` (broker unreachable, replay cut, devices in the store without a retained status) |
+//! | `POST /api/deployments` | starts a staged rollout inside serve; `201 {id, version, devices, stages, current, no_https}`; `503` while the broker is unreachable |
 //!
 //! The body of `POST /api/deployments` mirrors `mqota deploy`'s options:
 //!
 //! ```json
 //! {"firmware": "app-1.1.0.bin", "all": true, "canary": 2, "batch": "50%",
-//!  "max_failures": "0", "auto_rollback": true, "timeout": 600}
+//!  "max_failures": "0", "auto_rollback": true, "timeout": 600,
+//!  "include_offline": false, "allow_downgrade": false, "allow_other_project": false}
 //! ```
 //!
 //! exactly one of `"to": ["id", ...]`, `"all": true` or `"where":
@@ -28,7 +29,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -143,8 +144,46 @@ async fn script() -> Response {
         .into_response()
 }
 
+/// Response header of `GET /api/fleet`: `true` when nothing suggests the
+/// picture is incomplete, else `false` with the reasons in
+/// [`FLEET_GAPS_HEADER`].
+pub const FLEET_COMPLETE_HEADER: &str = "x-mqota-fleet-complete";
+/// Response header of `GET /api/fleet`: why the picture may be incomplete
+/// (see [`Fleet::gaps`]), sentences joined by `; `.
+pub const FLEET_GAPS_HEADER: &str = "x-mqota-fleet-gaps";
+
 async fn api_fleet(State(d): State<Dashboard>) -> Response {
-    Json(d.fleet.devices()).into_response()
+    let store = d.app.store.clone();
+    let recorded = tokio::task::spawn_blocking(move || store.devices())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|list| list.into_iter().map(|s| s.id).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let gaps = d.fleet.gaps(&recorded);
+    let mut resp = Json(d.fleet.devices()).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        FLEET_COMPLETE_HEADER,
+        HeaderValue::from_static(if gaps.is_empty() { "true" } else { "false" }),
+    );
+    if !gaps.is_empty() {
+        let text: String = gaps
+            .join("; ")
+            .chars()
+            .map(|c| {
+                if c.is_ascii() && !c.is_ascii_control() {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            h.insert(FLEET_GAPS_HEADER, v);
+        }
+    }
+    resp
 }
 
 /// A count or a percentage as JSON: `5`, `"5"` or `"25%"`.
@@ -183,6 +222,12 @@ struct DeployRequest {
     #[serde(default)]
     auto_rollback: bool,
     timeout: Option<u32>,
+    #[serde(default)]
+    include_offline: bool,
+    #[serde(default)]
+    allow_downgrade: bool,
+    #[serde(default)]
+    allow_other_project: bool,
 }
 
 impl DeployRequest {
@@ -218,6 +263,9 @@ impl DeployRequest {
             },
             auto_rollback: self.auto_rollback,
             timeout_s: self.timeout.unwrap_or(defaults.timeout_s).max(1),
+            include_offline: self.include_offline,
+            allow_downgrade: self.allow_downgrade,
+            allow_other_project: self.allow_other_project,
         })
     }
 }
@@ -242,6 +290,12 @@ async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes)
         return api_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "send the deployment as Content-Type: application/json",
+        );
+    }
+    if !d.fleet.connected() {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker is unreachable: no deployment can be sent or followed now",
         );
     }
     let req: DeployRequest = match serde_json::from_slice(&body) {
@@ -297,6 +351,8 @@ async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes)
         Ok(Err(
             e @ (RolloutError::Option(_)
             | RolloutError::UnknownDevice(_)
+            | RolloutError::Offline(_)
+            | RolloutError::InDeployment(_)
             | RolloutError::NoDevices(_)),
         )) => return bad_request(e),
         Ok(Err(e)) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),

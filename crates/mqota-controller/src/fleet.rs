@@ -9,17 +9,33 @@
 //! the controller does not even subscribe to it.
 //!
 //! A controller that starts later learns the whole fleet from the retained
-//! statuses the broker hands out right after the subscription; [`Fleet::settle`]
-//! waits for that burst to end.
+//! statuses and availabilities the broker hands out right after the
+//! subscription; [`Fleet::settle`] waits for that burst to end.
+//!
+//! # Why every filter is subscribed at QoS 0
+//!
+//! Brokers cap how many QoS 1 messages they queue for one client, and the
+//! retained replay of a large fleet counts against that cap: stock Mosquitto
+//! (`max_queued_messages 1000`) silently dropped all but about a thousand
+//! statuses of a 5,000-device fleet, and rumqttd hands out no more retained
+//! messages than a client has in-flight slots (100). Messages a client
+//! subscribed to at QoS 0 are not queued against either limit (Mosquitto
+//! writes them straight out; rumqttd reads up to its router's
+//! `max_outgoing_packet_count`, which the embedded broker sets far above any
+//! fleet), so the controller subscribes to all three filters at QoS 0. That
+//! costs nothing: the session is a clean one, so nothing QoS 1 would have
+//! kept survives a reconnect anyway, and every reconnect replays the
+//! retained statuses again. What the replay may still miss is reported by
+//! [`Fleet::gaps`].
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mqota_core::protocol::{
-    parse_device_topic, DeviceTopic, Progress, Status, TopicError, TopicKind, Topics, OFFLINE,
-    ONLINE,
+    parse_device_topic, DeviceTopic, ErrorCode, Progress, Status, TopicError, TopicKind, Topics,
+    OFFLINE, ONLINE,
 };
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
@@ -41,7 +57,18 @@ pub struct DeviceView {
     pub online: bool,
     /// The latest progress event seen from it since the controller started.
     pub progress: Option<Progress>,
+    /// Its latest terminal progress events (`done`, `failed`, `busy` and
+    /// other refusals, ...), oldest first, at most [`ENDED_KEPT`]: a later
+    /// event of another job or a refusal never hides how a job ended.
+    pub ended: Vec<Progress>,
+    /// The job its latest non-terminal progress event was about, until an
+    /// event other than a refusal ends that job: the job in flight, as far
+    /// as the controller saw.
+    pub in_flight: Option<String>,
 }
+
+/// How many terminal progress events [`DeviceView::ended`] keeps.
+pub const ENDED_KEPT: usize = 16;
 
 /// Something that happened in the fleet.
 #[derive(Debug, Clone)]
@@ -132,7 +159,19 @@ pub struct Fleet {
     events: broadcast::Sender<FleetEvent>,
     sent: Arc<AtomicU64>,
     acked: Arc<AtomicU64>,
+    link: Arc<Link>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// The state of the broker connection, shared with the event loop.
+#[derive(Debug, Default)]
+struct Link {
+    /// Subscribed and not lost since.
+    up: AtomicBool,
+    /// Retained messages received since the latest subscription.
+    replayed: AtomicU64,
+    /// Subscriptions made (one per connect).
+    subscribed: AtomicU64,
 }
 
 impl Fleet {
@@ -161,6 +200,7 @@ impl Fleet {
         let (events, _) = broadcast::channel(8192);
         let sent = Arc::new(AtomicU64::new(0));
         let acked = Arc::new(AtomicU64::new(0));
+        let link = Arc::new(Link::default());
         let (ready_tx, mut ready_rx) = watch::channel(None::<Result<(), String>>);
 
         let filters = Topics::controller_filters(prefix)
@@ -175,18 +215,22 @@ impl Fleet {
             let events = events.clone();
             let acked = acked.clone();
             let prefix = prefix.to_owned();
+            let link = link.clone();
             tokio::spawn(async move {
                 let mut ever_ready = false;
                 loop {
                     match ev.poll().await {
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
                             // A clean start loses subscriptions: renew them on
-                            // every (re)connect.
+                            // every (re)connect. QoS 0: see the module docs.
                             for f in &filters {
-                                let _ = client.try_subscribe(f.clone(), QoS::AtLeastOnce);
+                                let _ = client.try_subscribe(f.clone(), QoS::AtMostOnce);
                             }
                         }
                         Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            link.replayed.store(0, Ordering::Relaxed);
+                            link.subscribed.fetch_add(1, Ordering::Relaxed);
+                            link.up.store(true, Ordering::Relaxed);
                             if !ever_ready {
                                 ever_ready = true;
                                 let _ = ready_tx.send(Some(Ok(())));
@@ -196,14 +240,19 @@ impl Fleet {
                             acked.fetch_add(1, Ordering::Relaxed);
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
+                            if p.retain {
+                                link.replayed.fetch_add(1, Ordering::Relaxed);
+                            }
                             let topic = String::from_utf8_lossy(&p.topic);
                             handle_publish(&prefix, &topic, &p.payload, &devices, &events);
                         }
                         Ok(Event::Incoming(Packet::Disconnect(_))) => {
+                            link.up.store(false, Ordering::Relaxed);
                             tracing::warn!("broker disconnected the controller");
                         }
                         Ok(_) => {}
                         Err(e) => {
+                            link.up.store(false, Ordering::Relaxed);
                             if !ever_ready {
                                 let _ = ready_tx.send(Some(Err(e.to_string())));
                                 return;
@@ -242,18 +291,85 @@ impl Fleet {
             events,
             sent,
             acked,
+            link,
             task,
         })
     }
 
-    /// Waits until retained statuses stop arriving (`quiet` without one), at
-    /// most `max`: after this, [`Fleet::devices`] holds the whole fleet.
-    pub async fn settle(&self, quiet: Duration, max: Duration) {
-        let mut rx = self.events.subscribe();
-        let _ = tokio::time::timeout(max, async {
-            while let Ok(Ok(_)) = tokio::time::timeout(quiet, rx.recv()).await {}
-        })
-        .await;
+    /// Waits until retained messages stop arriving (`quiet` without one), at
+    /// most `max`; live traffic (progress events of a running update) does
+    /// not hold it up. Returns `true` when the retained replay ended within
+    /// `max`: then [`Fleet::devices`] holds every device the broker
+    /// replayed. `false` means the replay was still going (see
+    /// [`Fleet::gaps`]).
+    pub async fn settle(&self, quiet: Duration, max: Duration) -> bool {
+        let start = tokio::time::Instant::now();
+        let mut seen = self.link.replayed.load(Ordering::Relaxed);
+        let mut since = start;
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = tokio::time::Instant::now();
+            let count = self.link.replayed.load(Ordering::Relaxed);
+            if count != seen {
+                seen = count;
+                since = now;
+            } else if now - since >= quiet {
+                return true;
+            }
+            if now - start >= max {
+                return false;
+            }
+        }
+    }
+
+    /// Whether the broker connection is up (connected and subscribed).
+    pub fn connected(&self) -> bool {
+        self.link.up.load(Ordering::Relaxed)
+    }
+
+    /// Retained messages received since the latest subscription.
+    pub fn replayed(&self) -> u64 {
+        self.link.replayed.load(Ordering::Relaxed)
+    }
+
+    /// Why the current picture of the fleet may be incomplete, one sentence
+    /// each; empty when nothing suggests so. `recorded` are the ids the
+    /// store knows (the record of every device ever seen): those missing
+    /// from the broker's replay are named.
+    pub fn gaps(&self, recorded: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.connected() {
+            out.push(
+                "the broker is unreachable: this is the last picture seen, not the current one"
+                    .to_owned(),
+            );
+        }
+        let devices = self.devices.lock().unwrap();
+        let no_status: Vec<&str> = devices
+            .values()
+            .filter(|d| d.status.is_none())
+            .map(|d| d.id.as_str())
+            .collect();
+        if !no_status.is_empty() {
+            out.push(format!(
+                "{} device(s) announced availability but no status was received (the broker may have cut its replay): {}",
+                no_status.len(),
+                sample(&no_status)
+            ));
+        }
+        let missing: Vec<&str> = recorded
+            .iter()
+            .map(String::as_str)
+            .filter(|id| devices.get(*id).is_none_or(|d| d.status.is_none()))
+            .collect();
+        if !missing.is_empty() {
+            out.push(format!(
+                "{} device(s) in the store have no retained status on the broker (cleared, or the broker cut its replay): {}",
+                missing.len(),
+                sample(&missing)
+            ));
+        }
+        out
     }
 
     /// Every device seen, by id.
@@ -359,6 +475,15 @@ fn command_topic(prefix: &str, id: &str, kind: TopicKind) -> Result<String, Flee
     Ok(topic.to_string())
 }
 
+/// Up to five ids, then how many more.
+fn sample(ids: &[&str]) -> String {
+    let mut s = ids.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+    if ids.len() > 5 {
+        s += &format!(" and {} more", ids.len() - 5);
+    }
+    s
+}
+
 fn job_payload(job: Option<&str>) -> Vec<u8> {
     match job {
         Some(j) => serde_json::to_vec(&serde_json::json!({ "job": j })).expect("json"),
@@ -382,15 +507,37 @@ fn handle_publish(
             status: None,
             online: false,
             progress: None,
+            ended: Vec::new(),
+            in_flight: None,
         })
     };
     match what {
         DeviceTopic::Progress => match serde_json::from_slice::<Progress>(payload) {
             Ok(p) if p.device.as_str() == id => {
+                // A progress event never adds a device: only its retained
+                // status or availability does, so a client publishing under
+                // made-up ids cannot grow the fleet.
                 let mut d = devices.lock().unwrap();
-                let mut entry = view(&mut d);
+                let Some(entry) = d.get_mut(id) else {
+                    tracing::debug!("ignoring a progress event of {id}, which has no status");
+                    return;
+                };
+                if p.phase.is_terminal() {
+                    if entry.ended.len() == ENDED_KEPT {
+                        entry.ended.remove(0);
+                    }
+                    entry.ended.push(p.clone());
+                    // A refusal (`busy`, `duplicate_job`) answers a command,
+                    // it does not end the job in flight.
+                    let refusal =
+                        matches!(p.error, Some(ErrorCode::Busy | ErrorCode::DuplicateJob));
+                    if !refusal && entry.in_flight.as_deref() == p.job.as_deref() {
+                        entry.in_flight = None;
+                    }
+                } else {
+                    entry.in_flight = p.job.as_ref().map(|j| j.to_string());
+                }
                 entry.progress = Some(p.clone());
-                d.insert(id.to_owned(), entry);
                 drop(d);
                 let _ = events.send(FleetEvent::Progress(p));
             }

@@ -9,7 +9,8 @@
 //! | `GET /api/deployments`, `/api/deployments/{id}` | deployments with each device's result |
 //!
 //! `mqota serve` adds the page and the routes that need the broker
-//! connection from [`crate::dashboard`].
+//! connection from [`crate::dashboard`], and wraps everything in
+//! [`guard_hosts`] (the `Host`/`Origin` check against DNS rebinding).
 //!
 //! Images are at most 16 MiB and a rollout sends the same one to every
 //! device at once, so the server keeps one shared copy of each image version
@@ -67,6 +68,79 @@ pub fn router_with_cache(state: Arc<AppState>, images: Arc<ImageCache>) -> Route
         .route("/api/deployments/{id}", get(api_deployment))
         .with_state(state)
         .merge(firmware)
+}
+
+/// Guards `router` against DNS rebinding: a request whose `Host`, or whose
+/// `Origin` when it has one, names a host other than an IP address,
+/// `localhost`, or one of `allowed` (case-insensitive, without port) is
+/// refused with `403` before any handler runs. A web page on another site
+/// can make a browser resolve its own name to this server's address, but
+/// the browser then still sends that name. Paths under `/firmware/` are not
+/// guarded: devices fetch images by whatever name their job's URL carries,
+/// and images are no secret.
+pub fn guard_hosts(router: Router, allowed: Vec<String>) -> Router {
+    let allowed: Arc<Vec<String>> = Arc::new(
+        allowed
+            .into_iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .collect(),
+    );
+    router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let allowed = allowed.clone();
+            async move {
+                if !req.uri().path().starts_with("/firmware/") {
+                    let h = req.headers();
+                    let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
+                    if let Some(host) = host {
+                        if !host_allowed(host, &allowed) {
+                            return api_error(
+                                StatusCode::FORBIDDEN,
+                                format!(
+                                    "Host {host:?} is not allowed: use an IP address, or start serve with --allow-host {}",
+                                    strip_port(host)
+                                ),
+                            );
+                        }
+                    }
+                    let origin = h.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+                    if let Some(origin) = origin.filter(|o| *o != "null") {
+                        let authority = origin.split_once("://").map_or(origin, |(_, a)| a);
+                        if !host_allowed(authority, &allowed) {
+                            return api_error(
+                                StatusCode::FORBIDDEN,
+                                format!("Origin {origin:?} is not allowed"),
+                            );
+                        }
+                    }
+                }
+                next.run(req).await
+            }
+        },
+    ))
+}
+
+/// `host[:port]` or `[v6]:port` without the port.
+fn strip_port(authority: &str) -> &str {
+    let a = authority.trim();
+    if let Some(rest) = a.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match a.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') && p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => a,
+    }
+}
+
+/// Whether a `Host`/`Origin` authority names this server safely.
+pub fn host_allowed(authority: &str, allowed: &[String]) -> bool {
+    let host = strip_port(authority)
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    host.parse::<std::net::IpAddr>().is_ok()
+        || host == "localhost"
+        || host.ends_with(".localhost")
+        || allowed.contains(&host)
 }
 
 #[derive(Clone)]
@@ -451,6 +525,29 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,5-6", 1000), Whole);
         assert_eq!(parse_range("items=0-1", 1000), Whole);
         assert_eq!(parse_range("bytes=x-1", 1000), Whole);
+    }
+
+    #[test]
+    fn only_ip_addresses_localhost_and_allowed_names_pass_the_host_check() {
+        let allowed = vec!["ota.lan".to_owned()];
+        for ok in [
+            "127.0.0.1:8080",
+            "10.0.0.2",
+            "[::1]:8080",
+            "localhost:8080",
+            "OTA.lan:80",
+            "ota.lan.",
+        ] {
+            assert!(host_allowed(ok, &allowed), "{ok}");
+        }
+        for bad in [
+            "evil.example:8080",
+            "127.0.0.1.evil.example",
+            "ota.lan.evil",
+            "",
+        ] {
+            assert!(!host_allowed(bad, &allowed), "{bad}");
+        }
     }
 
     #[test]

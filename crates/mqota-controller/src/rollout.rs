@@ -15,9 +15,19 @@
 //! status says `"https": true`; the others (and devices too old to say) are
 //! left out, with the reason, rather than sent a job they would refuse.
 //!
-//! A device's job ends with the first of: a terminal progress event for the
-//! deployment's job id, a retained status whose `last.job` is that id, or
-//! the per-device timeout (the device is then sent `cancel`).
+//! Before anything is sent, each selected device is checked against the
+//! image: its chip must be the image's; the image must be of the project it
+//! runs (unless `allow_other_project`) and not older than its version
+//! (semver, build suffix ignored; unless `allow_downgrade`); and it must be
+//! online (unless `include_offline`: `--to` an offline device is refused,
+//! `--all`/`--where` leave offline devices out and say how many).
+//!
+//! A device's job ends with the first of: a terminal progress event of the
+//! deployment's job id other than `done` (its last [`crate::fleet::ENDED_KEPT`]
+//! terminal events are kept, so a later event never hides it); a retained
+//! status whose `last.job` is that id and, for `done`, whose version is the
+//! new one; or the per-device timeout (the device is then sent `cancel`).
+//! Only the device's own topics, with its own id in the payload, count.
 //!
 //! Stopping for failures is recorded before anything acts on it: the
 //! deployment stays `running` but gets its `reason`, and that pair means
@@ -93,6 +103,16 @@ pub struct RolloutOptions {
     pub auto_rollback: bool,
     /// Seconds a device may take for its job (also sent as `timeout_s`).
     pub timeout_s: u32,
+    /// Also send the job to offline devices (`--to` refuses an offline
+    /// device, `--all`/`--where` leave them out, without this).
+    #[serde(default)]
+    pub include_offline: bool,
+    /// Also send an image older than the version a device runs.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// Also send an image of another project than the device runs.
+    #[serde(default)]
+    pub allow_other_project: bool,
 }
 
 impl Default for RolloutOptions {
@@ -103,6 +123,9 @@ impl Default for RolloutOptions {
             max_failures: Amount::Count(0),
             auto_rollback: false,
             timeout_s: 600,
+            include_offline: false,
+            allow_downgrade: false,
+            allow_other_project: false,
         }
     }
 }
@@ -112,10 +135,11 @@ impl Default for RolloutOptions {
 pub enum Selection {
     /// These ids, in this order.
     Ids(Vec<String>),
-    /// Every online device.
+    /// Every device with a status (offline ones are left out by
+    /// [`plan_deployment`] unless `include_offline`).
     All,
-    /// Every online device whose status fields equal these values
-    /// (`chip`, `project`, `version`, `state`, `slot`).
+    /// Every device whose status fields equal these values (`chip`,
+    /// `project`, `version`, `state`, `slot`); offline ones as for `All`.
     Where(Vec<(String, String)>),
 }
 
@@ -141,9 +165,11 @@ impl Selection {
         Ok(Selection::Where(out))
     }
 
-    /// The selected devices among `fleet`.
+    /// The selected devices among `fleet`, offline ones included: `--all`
+    /// and `--where` match every device with a status, online or not; see
+    /// [`plan_deployment`] for what is done with offline ones.
     pub fn select(&self, fleet: &[DeviceView]) -> Result<Vec<DeviceView>, RolloutError> {
-        let online = |d: &&DeviceView| d.online && d.status.is_some();
+        let online = |d: &&DeviceView| d.status.is_some();
         match self {
             Selection::Ids(ids) => ids
                 .iter()
@@ -160,7 +186,7 @@ impl Selection {
                 .iter()
                 .filter(online)
                 .filter(|d| {
-                    let s = d.status.as_ref().expect("online implies a status");
+                    let s = d.status.as_ref().expect("filtered on a status");
                     conds.iter().all(|(k, v)| match k.as_str() {
                         "chip" => s.chip.as_str() == v,
                         "project" => s.project.as_str() == v,
@@ -215,6 +241,12 @@ pub struct Firmware {
     pub sha256: String,
     /// Bytes.
     pub size: u32,
+    /// Chip in its image header, e.g. `esp32c3` (unknown: not checked).
+    #[serde(default)]
+    pub chip: Option<String>,
+    /// Project name in its app descriptor (unknown: not checked).
+    #[serde(default)]
+    pub project: Option<String>,
 }
 
 /// Why a deployment could not be made or carried on.
@@ -228,6 +260,14 @@ pub enum RolloutError {
     /// (`mqota status`).
     #[error("device {0:?} is not known (it has no retained status)")]
     UnknownDevice(String),
+    /// Devices already in a running deployment: wait for it to end, or
+    /// stop it (`mqota cancel`) first.
+    #[error("already being updated: {0} (wait for it to end, or cancel it)")]
+    InDeployment(String),
+    /// A `--to` device is offline: its job would wait for the timeout.
+    /// Bring it online, or pass `--include-offline` to send it anyway.
+    #[error("device(s) offline: {0} (pass --include-offline to send the job anyway)")]
+    Offline(String),
     /// Nothing to update: every selected device already runs the version, or
     /// the selection is empty.
     #[error("no device to update: {0}")]
@@ -285,6 +325,15 @@ pub struct LeftOut {
     /// `"https": true`: they would refuse the job (`bad_command`, "https is
     /// not enabled on this device").
     pub no_https: Vec<String>,
+    /// Offline (selected by `--all`/`--where` without `--include-offline`).
+    pub offline: Vec<String>,
+    /// Their chip is not the image's.
+    pub wrong_chip: Vec<String>,
+    /// They run another project (without `--allow-other-project`).
+    pub other_project: Vec<String>,
+    /// They run a newer version, or one that cannot be compared (without
+    /// `--allow-downgrade`).
+    pub downgrade: Vec<String>,
 }
 
 impl LeftOut {
@@ -303,8 +352,74 @@ impl LeftOut {
                 self.no_https.join(", ")
             ));
         }
+        let mut more = |list: &[String], why: &str| {
+            if !list.is_empty() {
+                lines.push(format!("{} {why}: {}", list.len(), list.join(", ")));
+            }
+        };
+        more(
+            &self.offline,
+            "offline device(s) skipped (--include-offline sends to them too)",
+        );
+        more(&self.wrong_chip, "device(s) of another chip left out");
+        more(
+            &self.other_project,
+            "device(s) running another project left out (--allow-other-project)",
+        );
+        more(
+            &self.downgrade,
+            "device(s) running a newer or incomparable version left out (--allow-downgrade)",
+        );
         lines
     }
+
+    fn is_empty(&self) -> bool {
+        self.current.is_empty()
+            && self.no_https.is_empty()
+            && self.offline.is_empty()
+            && self.wrong_chip.is_empty()
+            && self.other_project.is_empty()
+            && self.downgrade.is_empty()
+    }
+}
+
+/// A version as `MAJOR.MINOR.PATCH[-PRE][+BUILD]`, for ordering: the build
+/// suffix is ignored, a pre-release sorts before its release. `None` when
+/// it is not of that form (a leading `v` is accepted).
+pub fn parse_version(v: &str) -> Option<(u64, u64, u64, Option<String>)> {
+    let v = v.trim();
+    let v = v.strip_prefix('v').unwrap_or(v);
+    let v = v.split('+').next().unwrap_or(v);
+    let (core, pre) = match v.split_once('-') {
+        Some((c, p)) => (c, Some(p.to_owned())),
+        None => (v, None),
+    };
+    let mut parts = core.split('.').map(|n| n.parse::<u64>().ok());
+    let (a, b, c) = (parts.next()??, parts.next()??, parts.next()??);
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((a, b, c, pre))
+}
+
+/// Whether installing `new` over `running` is a downgrade, or the two cannot
+/// be compared (then it is treated as one: the operator must say so).
+pub fn is_downgrade(running: &str, new: &str) -> bool {
+    let (Some(r), Some(n)) = (parse_version(running), parse_version(new)) else {
+        return running.split('+').next() != new.split('+').next();
+    };
+    let key = |v: &(u64, u64, u64, Option<String>)| (v.0, v.1, v.2, v.3.is_none());
+    match key(&n).cmp(&key(&r)) {
+        std::cmp::Ordering::Less => true,
+        std::cmp::Ordering::Greater => false,
+        // Same release; both pre-releases: compare them as text.
+        std::cmp::Ordering::Equal => n.3 < r.3,
+    }
+}
+
+/// Whether two versions name the same release (build suffixes ignored).
+fn same_version(a: &str, b: &str) -> bool {
+    a.split('+').next() == b.split('+').next()
 }
 
 /// Plans a deployment of `firmware` to the selected devices of `fleet` and
@@ -318,46 +433,116 @@ pub fn create(
     selection: &Selection,
     options: &RolloutOptions,
 ) -> Result<(Deployment, LeftOut), RolloutError> {
+    let (d, left_out) = plan_deployment(fleet, firmware, selection, options)?;
+    // A device answers a second job with `busy` while the first runs, and
+    // two rollouts would fight over its slots: one deployment at a time.
+    let running = store.devices_in_running_deployments()?;
+    let mut taken: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for x in &d.devices {
+        if let Some(dep) = running.get(&x.device) {
+            taken
+                .entry(dep.as_str())
+                .or_default()
+                .push(x.device.as_str());
+        }
+    }
+    if !taken.is_empty() {
+        return Err(RolloutError::InDeployment(
+            taken
+                .iter()
+                .map(|(dep, ids)| format!("{} in running deployment {dep}", ids.join(", ")))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
+    }
+    store.create_deployment(&d)?;
+    Ok((d, left_out))
+}
+
+/// What [`create`] would store, without storing it: the deployment (a new
+/// job id, state `running`, every device `pending`) and who is left out.
+pub fn plan_deployment(
+    fleet: &[DeviceView],
+    firmware: &Firmware,
+    selection: &Selection,
+    options: &RolloutOptions,
+) -> Result<(Deployment, LeftOut), RolloutError> {
     let selected = selection.select(fleet)?;
-    let (current, todo): (Vec<_>, Vec<_>) = selected.into_iter().partition(|d| {
-        d.status
-            .as_ref()
-            .is_some_and(|s| s.version.as_str() == firmware.version)
+    let offline_ids: Vec<String> = selected
+        .iter()
+        .filter(|d| !d.online)
+        .map(|d| d.id.clone())
+        .collect();
+    if matches!(selection, Selection::Ids(_)) && !options.include_offline && !offline_ids.is_empty()
+    {
+        return Err(RolloutError::Offline(offline_ids.join(", ")));
+    }
+    let (offline, selected): (Vec<_>, Vec<_>) = selected
+        .into_iter()
+        .partition(|d| !d.online && !options.include_offline);
+    let status = |d: &DeviceView| d.status.clone().expect("selected devices have a status");
+    let (current, todo): (Vec<_>, Vec<_>) = selected
+        .into_iter()
+        .partition(|d| same_version(status(d).version.as_str(), &firmware.version));
+    let (wrong_chip, todo): (Vec<_>, Vec<_>) = todo.into_iter().partition(|d| {
+        firmware
+            .chip
+            .as_deref()
+            .is_some_and(|c| c != status(d).chip.as_str())
+    });
+    let (other_project, todo): (Vec<_>, Vec<_>) = todo.into_iter().partition(|d| {
+        !options.allow_other_project
+            && firmware
+                .project
+                .as_deref()
+                .is_some_and(|p| p != status(d).project.as_str())
+    });
+    let (downgrade, todo): (Vec<_>, Vec<_>) = todo.into_iter().partition(|d| {
+        !options.allow_downgrade && is_downgrade(status(d).version.as_str(), &firmware.version)
     });
     let needs_https = is_https(&firmware.url);
     let (no_https, todo): (Vec<_>, Vec<_>) = todo
         .into_iter()
         .partition(|d| needs_https && !d.status.as_ref().is_some_and(|s| s.https));
+    let ids_of = |v: Vec<DeviceView>| v.into_iter().map(|d| d.id).collect::<Vec<_>>();
     let left_out = LeftOut {
-        current: current.into_iter().map(|d| d.id).collect(),
-        no_https: no_https.into_iter().map(|d| d.id).collect(),
+        current: ids_of(current),
+        no_https: ids_of(no_https),
+        offline: ids_of(offline),
+        wrong_chip: ids_of(wrong_chip),
+        other_project: ids_of(other_project),
+        downgrade: ids_of(downgrade),
     };
     if todo.is_empty() {
-        return Err(RolloutError::NoDevices(
-            if left_out.current.is_empty() && left_out.no_https.is_empty() {
-                "the selection is empty (are the devices online?)".into()
-            } else if left_out.no_https.is_empty() {
-                format!(
-                    "all {} selected devices run {}",
-                    left_out.current.len(),
-                    firmware.version
-                )
-            } else {
-                let mut why = format!(
-                    "the firmware URL {} is https, and https is not enabled on {} (serve it over http)",
-                    firmware.url,
-                    left_out.no_https.join(", ")
+        let only_current_or_https = left_out.offline.is_empty()
+            && left_out.wrong_chip.is_empty()
+            && left_out.other_project.is_empty()
+            && left_out.downgrade.is_empty();
+        return Err(RolloutError::NoDevices(if left_out.is_empty() {
+            "the selection is empty".into()
+        } else if !only_current_or_https {
+            left_out.describe(&firmware.version).join("; ")
+        } else if left_out.no_https.is_empty() {
+            format!(
+                "all {} selected devices run {}",
+                left_out.current.len(),
+                firmware.version
+            )
+        } else {
+            let mut why = format!(
+                "the firmware URL {} is https, and https is not enabled on {} (serve it over http)",
+                firmware.url,
+                left_out.no_https.join(", ")
+            );
+            if !left_out.current.is_empty() {
+                why += &format!(
+                    "; already on {}: {}",
+                    firmware.version,
+                    left_out.current.join(", ")
                 );
-                if !left_out.current.is_empty() {
-                    why += &format!(
-                        "; already on {}: {}",
-                        firmware.version,
-                        left_out.current.join(", ")
-                    );
-                }
-                why
-            },
-        ));
+            }
+            why
+        }));
     }
     let ids: Vec<String> = todo.iter().map(|d| d.id.clone()).collect();
     let from: HashMap<&str, String> = todo
@@ -392,23 +577,40 @@ pub fn create(
         updated_at: now,
         devices,
     };
-    store.create_deployment(&d)?;
     Ok((d, left_out))
 }
 
-/// How a job of deployment `job` ended on `d`, if it did.
-fn result_of(d: &DeviceView, job: &str) -> Option<(Phase, Option<String>)> {
-    if let Some(p) = &d.progress {
-        // A refusal of a repeated command (`busy`, `duplicate_job`) is not
-        // how the job ended: the job's own events and the status say that.
-        let refusal = matches!(p.error, Some(ErrorCode::Busy | ErrorCode::DuplicateJob));
-        if p.job.as_deref() == Some(job) && p.phase.is_terminal() && !refusal {
-            return Some((p.phase, p.error.map(|e| e.as_str().to_owned())));
+/// How a job of deployment `job` (installing `version`) ended on `d`, if it
+/// did. Everything read here came from the device's own topics with its own
+/// id in the payload ([`crate::fleet`] drops the rest). A failure is
+/// believed from a terminal progress event of the job; success only from
+/// the retained status: it must run `version` and its `last.job` must be
+/// the job, since a progress `done` alone proves nothing about what boots.
+fn result_of(d: &DeviceView, job: &str, version: &str) -> Option<(Phase, Option<String>)> {
+    let status = d.status.as_ref();
+    if let Some(last) = status.and_then(|s| s.last.as_ref()) {
+        if last.job.as_deref() == Some(job) && last.result.is_terminal() {
+            let runs_it = status.is_some_and(|s| same_version(s.version.as_str(), version));
+            if last.result != Phase::Done || runs_it {
+                return Some((last.result, last.error.map(|e| e.as_str().to_owned())));
+            }
         }
     }
-    let last = d.status.as_ref()?.last.as_ref()?;
-    (last.job.as_deref() == Some(job) && last.result.is_terminal())
-        .then(|| (last.result, last.error.map(|e| e.as_str().to_owned())))
+    for p in d.ended.iter().rev() {
+        if p.job.as_deref() != Some(job) || p.phase == Phase::Done {
+            continue;
+        }
+        match p.error {
+            // A refusal of a repeated start (`duplicate_job`, or `busy`
+            // while this very job runs: a redelivered command) is not how
+            // the job ended: the job's own events and the status say that.
+            Some(ErrorCode::DuplicateJob) => continue,
+            Some(ErrorCode::Busy) if d.in_flight.as_deref() == Some(job) => continue,
+            // `busy` with another job: this one will never run.
+            _ => return Some((p.phase, p.error.map(|e| e.as_str().to_owned()))),
+        }
+    }
+    None
 }
 
 fn state_of(phase: Phase) -> DeviceState {
@@ -633,6 +835,8 @@ async fn wait_for(
     ends: impl Fn(Phase) -> bool,
 ) -> Result<(), RolloutError> {
     let reverting = |s: DeviceState| s == DeviceState::Done;
+    let version = store.deployment(id)?.version;
+    let version = version.as_str();
     while !deadlines.is_empty() {
         // Events only wake us up and feed the observer; the results are read
         // from the fleet's current view, so a lagging channel loses nothing.
@@ -653,7 +857,7 @@ async fn wait_for(
             let before = states[&dev].1;
             let outcome = view
                 .as_ref()
-                .and_then(|v| result_of(v, id))
+                .and_then(|v| result_of(v, id, version))
                 .filter(|(p, _)| ends(*p));
             let new = match outcome {
                 Some((phase, err)) => {
@@ -709,6 +913,8 @@ mod tests {
             status: Some(serde_json::from_value::<Status>(json).unwrap()),
             online: true,
             progress: None,
+            ended: Vec::new(),
+            in_flight: None,
         }
     }
 
@@ -719,6 +925,8 @@ mod tests {
             version: "1.1.0".into(),
             sha256: "00".repeat(32),
             size: 1000,
+            chip: Some("esp32c3".into()),
+            project: Some("p".into()),
         }
     }
 
@@ -748,8 +956,7 @@ mod tests {
         assert!(left.describe("1.1.0")[1].contains("https is not enabled on: old, off"));
 
         // Over http every device that needs the update gets it.
-        let (dep, left) = create(
-            &store,
+        let (dep, left) = plan_deployment(
             &fleet,
             &firmware("http://fw.example/app.bin"),
             &Selection::All,
@@ -837,6 +1044,163 @@ mod tests {
     }
 
     #[test]
+    fn a_device_in_a_running_deployment_cannot_be_targeted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fleet = [device("a", "1.0.0", None), device("b", "1.0.0", None)];
+        let fw = firmware("http://fw/app.bin");
+        let o = RolloutOptions::default();
+        let (first, _) =
+            create(&store, &fleet, &fw, &Selection::Ids(vec!["a".into()]), &o).unwrap();
+        let err = create(&store, &fleet, &fw, &Selection::All, &o).unwrap_err();
+        assert!(matches!(err, RolloutError::InDeployment(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("a in running deployment {}", first.id)),
+            "{err}"
+        );
+        // b alone is free; once the first ends, a is too.
+        create(&store, &fleet, &fw, &Selection::Ids(vec!["b".into()]), &o).unwrap();
+        store
+            .set_deployment_state(&first.id, DeploymentState::Succeeded, None)
+            .unwrap();
+        create(&store, &fleet, &fw, &Selection::Ids(vec!["a".into()]), &o).unwrap();
+    }
+
+    #[test]
+    fn versions_compare_as_semver_without_the_build_suffix() {
+        assert!(is_downgrade("1.2.0", "1.1.9"));
+        assert!(is_downgrade("1.10.0", "1.9.0"));
+        assert!(!is_downgrade("1.9.0", "1.10.0"));
+        assert!(!is_downgrade("1.1.0+a", "1.1.0+b"), "build suffix ignored");
+        assert!(
+            is_downgrade("1.1.0", "1.1.0-rc.1"),
+            "a pre-release is older"
+        );
+        assert!(!is_downgrade("1.1.0-rc.1", "1.1.0"));
+        assert!(!is_downgrade("v1.0.0", "1.0.1"));
+        assert!(
+            is_downgrade("nightly", "1.0.0"),
+            "incomparable needs consent"
+        );
+        assert!(same_version("1.1.0+abc", "1.1.0"));
+    }
+
+    fn view(id: &str, chip: &str, project: &str, version: &str, online: bool) -> DeviceView {
+        let json = serde_json::json!({
+            "device": id, "chip": chip, "project": project,
+            "version": version, "slot": 0, "state": "valid", "last": null,
+        });
+        DeviceView {
+            id: id.into(),
+            status: Some(serde_json::from_value::<Status>(json).unwrap()),
+            online,
+            progress: None,
+            ended: Vec::new(),
+            in_flight: None,
+        }
+    }
+
+    #[test]
+    fn chip_project_version_and_offline_devices_are_checked_before_sending() {
+        let fleet = [
+            view("ok", "esp32c3", "p", "1.0.0", true),
+            view("c6", "esp32c6", "p", "1.0.0", true),
+            view("other", "esp32c3", "q", "1.0.0", true),
+            view("newer", "esp32c3", "p", "2.0.0", true),
+            view("off", "esp32c3", "p", "1.0.0", false),
+        ];
+        let fw = firmware("http://fw/app.bin");
+        let o = RolloutOptions::default();
+        let (dep, left) = plan_deployment(&fleet, &fw, &Selection::All, &o).unwrap();
+        let sent: Vec<&str> = dep.devices.iter().map(|d| d.device.as_str()).collect();
+        assert_eq!(sent, ["ok"]);
+        assert_eq!(left.wrong_chip, ["c6"]);
+        assert_eq!(left.other_project, ["other"]);
+        assert_eq!(left.downgrade, ["newer"]);
+        assert_eq!(left.offline, ["off"]);
+        let text = left.describe("1.1.0").join("\n");
+        assert!(text.contains("1 offline device(s) skipped"), "{text}");
+
+        // Consent: every device of the right chip goes.
+        let o = RolloutOptions {
+            include_offline: true,
+            allow_downgrade: true,
+            allow_other_project: true,
+            ..RolloutOptions::default()
+        };
+        let (dep, left) = plan_deployment(&fleet, &fw, &Selection::All, &o).unwrap();
+        assert_eq!(dep.devices.len(), 4);
+        assert_eq!(left.wrong_chip, ["c6"], "a chip mismatch is never sent");
+
+        // --to an offline device is refused, naming it.
+        let to_off = Selection::Ids(vec!["ok".into(), "off".into()]);
+        let err = plan_deployment(&fleet, &fw, &to_off, &RolloutOptions::default()).unwrap_err();
+        assert!(
+            matches!(err, RolloutError::Offline(ref ids) if ids == "off"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--include-offline"), "{err}");
+        // --to a device of another chip: nothing to do, with the reason.
+        let err = plan_deployment(
+            &fleet,
+            &fw,
+            &Selection::Ids(vec!["c6".into()]),
+            &RolloutOptions::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("another chip"), "{err}");
+    }
+
+    #[test]
+    fn done_is_believed_only_from_the_retained_status() {
+        let mut d = view("a", "esp32c3", "p", "1.0.0", true);
+        let event = |job: &str, phase: &str, error: Option<&str>| {
+            serde_json::from_value::<mqota_core::protocol::Progress>(serde_json::json!({
+                "device": "a", "job": job, "phase": phase, "bytes": 0, "total": null,
+                "percent": 100, "error": error, "message": null
+            }))
+            .unwrap()
+        };
+        d.ended.push(event("j", "done", None));
+        assert_eq!(result_of(&d, "j", "1.1.0"), None, "a bare done");
+        let mut st = d.status.clone().unwrap();
+        st.last = Some(mqota_core::protocol::LastResult {
+            job: Some("j".try_into().unwrap()),
+            result: Phase::Done,
+            error: None,
+        });
+        d.status = Some(st.clone());
+        assert_eq!(result_of(&d, "j", "1.1.0"), None, "done but not running it");
+        st.version = "1.1.0+build7".try_into().unwrap();
+        d.status = Some(st);
+        assert_eq!(result_of(&d, "j", "1.1.0"), Some((Phase::Done, None)));
+
+        let mut d = view("a", "esp32c3", "p", "1.0.0", true);
+        d.ended.push(event("j", "failed", Some("http_status")));
+        d.ended.push(event("k", "failed", Some("busy")));
+        assert_eq!(
+            result_of(&d, "j", "1.1.0"),
+            Some((Phase::Failed, Some("http_status".into()))),
+            "a later refusal does not hide the failure"
+        );
+
+        // `busy` for this job: an answer while another job runs, nothing
+        // while this one does (a redelivered start).
+        let mut d = view("a", "esp32c3", "p", "1.0.0", true);
+        d.ended.push(event("j", "failed", Some("busy")));
+        d.in_flight = Some("other".into());
+        assert_eq!(
+            result_of(&d, "j", "1.1.0"),
+            Some((Phase::Failed, Some("busy".into())))
+        );
+        d.in_flight = Some("j".into());
+        assert_eq!(result_of(&d, "j", "1.1.0"), None);
+        d.ended = vec![event("j", "failed", Some("duplicate_job"))];
+        assert_eq!(result_of(&d, "j", "1.1.0"), None);
+    }
+
+    #[test]
     fn where_refuses_unknown_keys() {
         assert!(Selection::parse_where("chip=esp32c3, version=1.0.0").is_ok());
         assert!(matches!(
@@ -900,14 +1264,19 @@ pub async fn resolve_firmware(spec: &str, server: &str) -> Result<Firmware, Firm
         let bytes = resp.bytes().await.map_err(|e| fetch_err(spec, &e))?;
         let name = spec.rsplit('/').next().unwrap_or(spec);
         let entry = crate::catalogue::FirmwareEntry::from_bytes(name, &bytes, 0);
-        return firmware_from(
+        let built = firmware_from(
             spec,
             spec.to_owned(),
             entry.version,
             entry.sha256,
             entry.size,
             entry.error,
-        );
+        )?;
+        return Ok(Firmware {
+            chip: entry.chip,
+            project: entry.project,
+            ..built
+        });
     }
     let api = format!("{}/api/firmware", server.trim_end_matches('/'));
     let list: Vec<crate::http::FirmwareListing> = client
@@ -937,7 +1306,12 @@ pub async fn resolve_firmware(spec: &str, server: &str) -> Result<Firmware, Firm
 /// `spec` is what the operator named.
 pub fn deployable(spec: &str, f: &crate::http::FirmwareListing) -> Result<Firmware, FirmwareError> {
     let f = f.clone();
-    firmware_from(spec, f.url, f.version, f.sha256, f.size, f.error)
+    let built = firmware_from(spec, f.url, f.version, f.sha256, f.size, f.error)?;
+    Ok(Firmware {
+        chip: f.chip,
+        project: f.project,
+        ..built
+    })
 }
 
 fn firmware_from(
@@ -972,5 +1346,7 @@ fn firmware_from(
         version,
         sha256,
         size,
+        chip: None,
+        project: None,
     })
 }

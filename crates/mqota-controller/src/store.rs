@@ -456,6 +456,19 @@ impl Store {
         Ok(())
     }
 
+    /// Every device of a running deployment, with that deployment's id.
+    pub fn devices_in_running_deployments(
+        &self,
+    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c.prepare(
+            "SELECT dd.device, d.id FROM deployment_devices dd
+             JOIN deployments d ON d.id = dd.deployment WHERE d.state = 'running'",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// One deployment with its devices.
     pub fn deployment(&self, id: &str) -> Result<Deployment, StoreError> {
         let c = self.conn.lock().unwrap();

@@ -91,6 +91,10 @@ fn a_rollout_killed_mid_rollback_is_finished_by_resume_without_a_second_rollback
             version: "1.1.0".into(),
             sha256: hex::encode(sha2::Sha256::digest(&img)),
             size: img.len() as u32,
+            // Unknown to the controller, so device c (another chip) is sent
+            // the job and refuses it itself.
+            chip: None,
+            project: None,
         };
 
         // Two devices that take the image, then one of another chip that
@@ -114,6 +118,7 @@ fn a_rollout_killed_mid_rollback_is_finished_by_resume_without_a_second_rollback
             max_failures: Amount::Count(0),
             auto_rollback: true,
             timeout_s: 60,
+            ..RolloutOptions::default()
         };
         let ids = Selection::Ids(vec!["a".into(), "b".into(), "c".into()]);
         let (dep, _) =

@@ -101,9 +101,29 @@ fn status_watch_and_rollback_show_and_undo_an_update_and_serve_remembers_the_fle
     assert!(ok, "deploy failed:\n{out}\n{err}");
     wait_status(&broker_url, "ran 1.1.0", |s| online_on(s, "cmd-0", "1.1.0"));
 
+    // Refused before anything is sent: a device nobody knows.
+    let (ok, _, err) = mqota(&["rollback", "nobody", "--broker", &broker_url]);
+    assert!(!ok, "a rollback to an unknown device must fail");
+    assert!(err.contains("\"nobody\" is not known"), "{err}");
+    // A cancel with no update in flight gets no answer: said, and non-zero.
+    let (ok, _, err) = mqota(&["cancel", "cmd-1", "--timeout", "1", "--broker", &broker_url]);
+    assert!(!ok, "an unanswered cancel must fail");
+    assert!(
+        err.contains("no answer to the cancel within 1 s from: cmd-1"),
+        "{err}"
+    );
+
+    // A refusal is printed and fails: cmd-1 has no other image to go back to.
+    let (ok, out, err) = mqota(&["rollback", "cmd-1", "--broker", &broker_url]);
+    assert!(!ok, "a refused rollback must fail");
+    assert!(out.contains("cmd-1: failed (no_previous_image)"), "{out}");
+    assert!(err.contains("rollback refused"), "{err}");
+
+    // The rollback waits for the device's answer and prints it.
     let (ok, out, err) = mqota(&["rollback", "cmd-0", "--broker", &broker_url]);
     assert!(ok, "rollback failed: {err}");
     assert!(out.contains("sent rollback to cmd-0"), "{out}");
+    assert!(out.contains("cmd-0: rolled_back"), "{out}");
     let list = wait_status(&broker_url, "rolled back", |s| {
         online_on(s, "cmd-0", "1.0.0")
             && device(s, "cmd-0").unwrap()["last"]["result"] == "rolled_back"
@@ -121,6 +141,12 @@ fn status_watch_and_rollback_show_and_undo_an_update_and_serve_remembers_the_fle
                 .any(|x| x["id"] == "cmd-0" && x["status"]["version"] == "1.0.0")
     });
     drop(devices);
+    wait_status(&broker_url, "went offline", |s| {
+        device(s, "cmd-0").is_some_and(|d| d["online"] == false)
+    });
+    let (ok, _, err) = mqota(&["rollback", "cmd-0", "--broker", &broker_url]);
+    assert!(!ok, "a rollback to an offline device must fail");
+    assert!(err.contains("\"cmd-0\" is offline"), "{err}");
     serve.kill();
     broker.restart();
     let serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
@@ -202,6 +228,10 @@ async fn cancel_stops_a_slow_download_which_ends_cancelled() {
             .unwrap();
     assert!(ok, "cancel failed: {err}");
     assert!(out.contains("sent cancel to slow"), "{out}");
+    assert!(
+        out.contains("slow: cancelled"),
+        "the answer is printed: {out}"
+    );
     assert!(
         progress
             .wait_until(Duration::from_secs(10), |seen| seen

@@ -71,6 +71,7 @@ async fn the_page_at_the_root_is_html_with_the_deploy_form_and_loads_only_its_ow
         "id=\"d-batch\"",
         "id=\"d-max-failures\"",
         "id=\"d-auto-rollback\"",
+        "id=\"fleet-gaps\"",
         "<script src=\"/dashboard.js\">",
     ] {
         assert!(page.contains(part), "the page lacks {part}");

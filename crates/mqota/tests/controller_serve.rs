@@ -133,7 +133,7 @@ async fn the_api_lists_each_image_as_read_from_it_and_flags_other_files() {
     assert_eq!(app["name"], "app-1.1.0.bin");
     assert_eq!(app["url"], format!("{}/firmware/app-1.1.0.bin", serve.http));
     assert_eq!(app["chip"], "esp32c3");
-    assert_eq!(app["project"], "fleet");
+    assert_eq!(app["project"], controller_support::PROJECT);
     assert_eq!(app["version"], "1.1.0");
     assert_eq!(app["size"], img.len());
     assert_eq!(app["sha256"], hex::encode(sha2::Sha256::digest(&img)));

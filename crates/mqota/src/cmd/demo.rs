@@ -238,7 +238,8 @@ fn state_word(s: DeploymentState) -> &'static str {
 fn pack(dir: &Path, version: &str) -> Result<String> {
     let image = ImageBuilder::new(Chip::Esp32c3)
         .version(version)
-        .project("mqota-demo")
+        // The project the virtual devices run: deploy refuses another.
+        .project("mqota-virtual")
         .size(IMAGE_SIZE)
         .build()
         .map_err(|e| anyhow::anyhow!("packing {version}: {e:?}"))?;
@@ -263,6 +264,7 @@ async fn deploy(
         max_failures: Amount::Count(0),
         auto_rollback: false,
         timeout_s: 30,
+        ..RolloutOptions::default()
     };
     let (d, _) = rollout::create(
         store,

@@ -65,6 +65,20 @@ pub struct DeployArgs {
     /// Stay and show progress; exit non-zero if the rollout fails.
     #[arg(long)]
     wait: bool,
+    /// Also send the job to offline devices (a --to device that is offline
+    /// is refused, and --all/--where skip offline devices, without this).
+    #[arg(long, conflicts_with = "resume")]
+    include_offline: bool,
+    /// Also send an image older than the version a device runs.
+    #[arg(long, conflicts_with = "resume")]
+    allow_downgrade: bool,
+    /// Also send an image of another project than the device runs.
+    #[arg(long, conflicts_with = "resume")]
+    allow_other_project: bool,
+    /// Print which devices the deployment would go to, and stop: nothing is
+    /// stored or sent.
+    #[arg(long, conflicts_with = "resume")]
+    dry_run: bool,
     /// Carry on deployment ID (after its controller was stopped).
     #[arg(long, value_name = "ID")]
     resume: Option<String>,
@@ -114,7 +128,35 @@ impl DeployArgs {
                         max_failures: self.max_failures,
                         auto_rollback: self.auto_rollback,
                         timeout_s: self.timeout.max(1),
+                        include_offline: self.include_offline,
+                        allow_downgrade: self.allow_downgrade,
+                        allow_other_project: self.allow_other_project,
                     };
+                    if self.dry_run {
+                        let (d, left_out) = rollout::plan_deployment(
+                            &fleet.devices(),
+                            &firmware,
+                            &selection,
+                            &options,
+                        )?;
+                        for line in left_out.describe(&firmware.version) {
+                            println!("{line}");
+                        }
+                        let stages = d.devices.iter().map(|x| x.stage).max().unwrap_or(0) + 1;
+                        println!(
+                            "dry run: {} ({}) would go to {} devices in {stages} stages: {}",
+                            firmware.name,
+                            firmware.version,
+                            d.devices.len(),
+                            d.devices
+                                .iter()
+                                .map(|x| x.device.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                        fleet.close().await?;
+                        return Ok(());
+                    }
                     let (d, left_out) =
                         rollout::create(&store, &fleet.devices(), &firmware, &selection, &options)?;
                     for line in left_out.describe(&firmware.version) {

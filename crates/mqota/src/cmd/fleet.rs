@@ -176,12 +176,34 @@ pub fn client_id(role: &str) -> String {
     format!("mqota-{role}-{}", std::process::id())
 }
 
-/// Connects and waits for the retained statuses.
+/// Connects and waits for the retained statuses (until 400 ms pass without
+/// one, at most 60 s), then says on stderr why the picture may be
+/// incomplete: the replay did not end, devices announced availability
+/// without a status, or devices the store in the data directory knows (if
+/// it exists) have no retained status on the broker.
 pub async fn connect_and_settle(s: &Settings, role: &str) -> Result<Fleet> {
     let fleet = Fleet::connect(&s.broker_or_default(), &s.prefix, &client_id(role)).await?;
-    fleet
-        .settle(Duration::from_millis(400), Duration::from_secs(5))
+    let settled = fleet
+        .settle(Duration::from_millis(400), Duration::from_secs(60))
         .await;
+    if !settled {
+        eprintln!(
+            "warning: the broker was still replaying retained statuses after 60 s; the fleet may be incomplete"
+        );
+    }
+    let db = s.data_dir.join(mqota_controller::store::DB_FILE);
+    let recorded: Vec<String> = if db.is_file() {
+        mqota_controller::store::Store::open(&s.data_dir)?
+            .devices()?
+            .into_iter()
+            .map(|d| d.id)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for gap in fleet.gaps(&recorded) {
+        eprintln!("warning: {gap}");
+    }
     Ok(fleet)
 }
 
@@ -339,34 +361,113 @@ pub struct DeviceCommandArgs {
     /// Device ids.
     #[arg(required = true)]
     ids: Vec<String>,
-    /// The job id to name in the command (cancel: only that job).
+    /// The job id to name in the command (cancel: only that job; rollback:
+    /// the id its events are reported under, a fresh one by default).
     #[arg(long)]
     job: Option<String>,
+    /// Return once the broker has the commands, without waiting for the
+    /// devices' answers.
+    #[arg(long)]
+    no_wait: bool,
+    /// Seconds to wait for each device's answer.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
     #[command(flatten)]
     common: Common,
 }
 
 impl DeviceCommandArgs {
-    /// Sends `rollback` (or `cancel`) to each device and waits for the
-    /// broker's acknowledgements.
+    /// Sends `rollback` (or `cancel`) to each device, then waits for each
+    /// device's answer and prints it. Fails, before sending anything, when a
+    /// device is unknown or offline, and afterwards when a device refuses
+    /// (`failed`) or does not answer within `--timeout`.
     pub fn run(self, rollback: bool) -> Result<()> {
         let s = self.common.settings()?;
+        let what = if rollback { "rollback" } else { "cancel" };
         runtime()?.block_on(async {
-            let fleet =
-                Fleet::connect(&s.broker_or_default(), &s.prefix, &client_id("cmd")).await?;
+            let fleet = connect_and_settle(&s, "cmd").await?;
+            for id in &self.ids {
+                match fleet.device(id) {
+                    Some(d) if d.status.is_some() && d.online => {}
+                    Some(d) if d.status.is_some() => {
+                        anyhow::bail!("device {id:?} is offline: it would not receive the {what}")
+                    }
+                    _ => anyhow::bail!("device {id:?} is not known (it has no retained status)"),
+                }
+            }
+            // A rollback's events carry the job named in it: name one so its
+            // answer cannot be confused with an older one.
+            let job = self.job.clone().or_else(|| {
+                rollback
+                    .then(|| format!("rb-{}-{}", mqota_controller::unix_now(), std::process::id()))
+            });
+            let mut events = fleet.events();
             for id in &self.ids {
                 if rollback {
-                    fleet.rollback(id, self.job.as_deref()).await?;
+                    fleet.rollback(id, job.as_deref()).await?;
                 } else {
-                    fleet.cancel(id, self.job.as_deref()).await?;
+                    fleet.cancel(id, job.as_deref()).await?;
+                }
+            }
+            fleet.flush(Duration::from_secs(10)).await?;
+            println!("sent {what} to {}", self.ids.join(", "));
+            if self.no_wait {
+                fleet.close().await?;
+                return Ok(());
+            }
+            let mut waiting: std::collections::BTreeSet<&str> =
+                self.ids.iter().map(String::as_str).collect();
+            let mut refused = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(self.timeout);
+            while !waiting.is_empty() {
+                let ev = match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Err(_) => break,
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+                    Ok(Err(_)) => anyhow::bail!("the broker connection ended"),
+                    Ok(Ok(ev)) => ev,
+                };
+                let mqota_controller::fleet::FleetEvent::Progress(p) = ev else {
+                    continue;
+                };
+                let id = p.device.as_str();
+                let answers = p.phase.is_terminal()
+                    && waiting.contains(id)
+                    && (job.is_none() || p.job.as_deref() == job.as_deref());
+                if !answers {
+                    continue;
+                }
+                waiting.remove(id);
+                let error = p
+                    .error
+                    .map(|e| format!(" ({})", e.as_str()))
+                    .unwrap_or_default();
+                println!("{id}: {}{error}", p.phase.as_str());
+                let ok = if rollback {
+                    p.phase == mqota_core::protocol::Phase::RolledBack
+                } else {
+                    p.phase == mqota_core::protocol::Phase::Cancelled
+                };
+                if !ok {
+                    refused.push(format!("{id}: {}{error}", p.phase.as_str()));
                 }
             }
             fleet.close().await?;
-            println!(
-                "sent {} to {}",
-                if rollback { "rollback" } else { "cancel" },
-                self.ids.join(", ")
-            );
+            if !waiting.is_empty() {
+                let list: Vec<&str> = waiting.into_iter().collect();
+                anyhow::bail!(
+                    "no answer to the {what} within {} s from: {}{}",
+                    self.timeout,
+                    list.join(", "),
+                    if rollback {
+                        ""
+                    } else {
+                        " (a device with no update in flight does not answer a cancel)"
+                    }
+                );
+            }
+            if !refused.is_empty() {
+                anyhow::bail!("{what} refused: {}", refused.join("; "));
+            }
             Ok(())
         })
     }

@@ -35,6 +35,11 @@ pub struct ServeArgs {
     /// the Host of each API request).
     #[arg(long)]
     public_url: Option<String>,
+    /// A host name the web page and API may be reached by (repeatable); IP
+    /// addresses, localhost and --public-url's host always may. Other names
+    /// are refused, against DNS rebinding.
+    #[arg(long, value_name = "NAME")]
+    allow_host: Vec<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -88,7 +93,8 @@ impl ServeArgs {
             let addr = listener.local_addr()?;
             println!("http listening on http://{addr}");
 
-            let fleet = Fleet::connect(&broker_url, &s.prefix, &client_id("serve")).await?;
+            let fleet =
+                Arc::new(Fleet::connect(&broker_url, &s.prefix, &client_id("serve")).await?);
             println!("following the fleet on {broker_url} (prefix {})", s.prefix);
             let recorder_store = store.clone();
             let mut events = fleet.events();
@@ -98,6 +104,7 @@ impl ServeArgs {
                     recorder_store.record_status(&d.id, &serde_json::to_value(st)?)?;
                 }
             }
+            let recorder_fleet = fleet.clone();
             let recorder = tokio::spawn(async move {
                 loop {
                     match events.recv().await {
@@ -115,7 +122,19 @@ impl ServeArgs {
                         }
                         Ok(_) => {}
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            tracing::warn!("recorder fell behind by {n} events");
+                            // A burst (the retained replay of a large fleet)
+                            // outran the recorder: record the current picture
+                            // so no status is missing from the store.
+                            tracing::info!(
+                                "recorder fell behind by {n} events; recording the whole fleet"
+                            );
+                            for d in recorder_fleet.devices() {
+                                let Some(st) = &d.status else { continue };
+                                let v = serde_json::to_value(st).expect("status serialises");
+                                if let Err(e) = recorder_store.record_status(&d.id, &v) {
+                                    tracing::error!("recording a status: {e}");
+                                }
+                            }
                         }
                         Err(_) => return,
                     }
@@ -127,8 +146,20 @@ impl ServeArgs {
                 store,
                 public_url: self.public_url,
             });
-            let fleet = Arc::new(fleet);
-            let app = router(state.clone()).merge(dashboard::router(state, fleet.clone()));
+            let mut allowed = self.allow_host.clone();
+            if let Some(host) = state
+                .public_url
+                .as_deref()
+                .and_then(|u| u.split_once("://"))
+                .map(|(_, rest)| rest.split('/').next().unwrap_or(rest))
+            {
+                let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+                allowed.push(host.to_owned());
+            }
+            let app = mqota_controller::http::guard_hosts(
+                router(state.clone()).merge(dashboard::router(state, fleet.clone())),
+                allowed,
+            );
             axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = tokio::signal::ctrl_c().await;

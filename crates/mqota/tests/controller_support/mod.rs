@@ -12,10 +12,14 @@ use mqota_core::image::{Chip, ImageBuilder};
 
 pub const MQOTA: &str = env!("CARGO_BIN_EXE_mqota");
 
+/// The project the virtual devices run (`mqota-virtual` provisions it):
+/// deploy checks that an image is of the project a device runs.
+pub const PROJECT: &str = "mqota-virtual";
+
 pub fn image(version: &str, size: u32) -> Vec<u8> {
     ImageBuilder::new(Chip::Esp32c3)
         .version(version)
-        .project("fleet")
+        .project(PROJECT)
         .size(size)
         .build()
         .unwrap()

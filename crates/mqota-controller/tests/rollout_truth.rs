@@ -1,0 +1,266 @@
+//! A rollout believes only what the device itself says on its own topics,
+//! and success only from its retained status: forged `failed` events (on the
+//! shared progress copy, on another device's topic) neither stop a rollout
+//! nor trigger `--auto-rollback`; a progress `done` alone does not finish a
+//! device; the retained status showing the new version with `last.job` equal
+//! to the job does. Against a real Mosquitto, forged with `mosquitto_pub`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mqota_controller::fleet::Fleet;
+use mqota_controller::rollout::{self, Firmware, RolloutOptions, Selection, Silent};
+use mqota_controller::store::{DeploymentState, DeviceState, Store};
+use mqota_controller::url::BrokerUrl;
+use mqota_virtual::testing::{observe_on, publish_to, Mosquitto};
+
+fn progress(device: &str, job: &str, phase: &str, error: Option<&str>) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "device": device, "job": job, "phase": phase, "bytes": 0, "total": null,
+        "percent": if phase == "done" { 100 } else { 10 }, "error": error, "message": null
+    }))
+    .unwrap()
+}
+
+fn status(device: &str, version: &str, last: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "device": device, "chip": "esp32c3", "project": "fleet", "version": version,
+        "slot": 0, "state": "valid", "last": last
+    }))
+    .unwrap()
+}
+
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "never {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// `rollout::run` holds a `dyn Observer`, which is not `Send`: run it on a
+// LocalSet, as serve does on its runner.
+#[tokio::test]
+async fn forged_failures_and_a_bare_done_do_not_decide_a_rollout() {
+    tokio::task::LocalSet::new()
+        .run_until(forged_failures())
+        .await;
+}
+
+async fn forged_failures() {
+    let broker = Mosquitto::start();
+    let port = broker.port();
+    let url: BrokerUrl = format!("mqtt://127.0.0.1:{port}").parse().unwrap();
+    for id in ["v1", "v2"] {
+        publish_to(
+            port,
+            &format!("device/{id}/status"),
+            &status(id, "1.0.0", serde_json::Value::Null),
+            true,
+        )
+        .await;
+        publish_to(port, &format!("device/{id}/availability"), b"online", true).await;
+    }
+    let fleet = Arc::new(
+        Fleet::connect(&url, "device", "ctl-rollout-truth")
+            .await
+            .unwrap(),
+    );
+    until("saw both devices", || {
+        fleet
+            .devices()
+            .iter()
+            .filter(|d| d.online && d.status.is_some())
+            .count()
+            == 2
+    })
+    .await;
+    let rollbacks = observe_on(port, "device/+/ota/rollback").await;
+
+    let data = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(data.path()).unwrap());
+    let firmware = Firmware {
+        name: "app.bin".into(),
+        url: "http://127.0.0.1:9/app.bin".into(),
+        version: "1.1.0".into(),
+        sha256: "00".repeat(32),
+        size: 4096,
+        chip: Some("esp32c3".into()),
+        project: Some("fleet".into()),
+    };
+    let options = RolloutOptions {
+        auto_rollback: true,
+        timeout_s: 60,
+        ..RolloutOptions::default()
+    };
+    let (dep, _) = rollout::create(
+        &store,
+        &fleet.devices(),
+        &firmware,
+        &Selection::Ids(vec!["v1".into()]),
+        &options,
+    )
+    .unwrap();
+    let job = dep.id.clone();
+    let run = {
+        let (fleet, store, job) = (fleet.clone(), store.clone(), job.clone());
+        tokio::task::spawn_local(
+            async move { rollout::run(&fleet, &store, &job, &mut Silent).await },
+        )
+    };
+    until("the job was sent", || {
+        store.deployment(&job).unwrap().devices[0].state == DeviceState::Sent
+    })
+    .await;
+
+    // Forged failures for v1's job: on the shared copy, on v2's topic, and a
+    // retained status on v2's topic claiming v1 failed.
+    let failed = progress("v1", &job, "failed", Some("http_status"));
+    publish_to(port, "device/progress", &failed, false).await;
+    publish_to(port, "device/v2/progress", &failed, false).await;
+    let forged_last = serde_json::json!({"job": job, "result": "failed", "error": "http_status"});
+    publish_to(
+        port,
+        "device/v2/status",
+        &status("v1", "1.0.0", forged_last),
+        true,
+    )
+    .await;
+    // v1's own `done` event, without the status to back it.
+    publish_to(
+        port,
+        "device/v1/progress",
+        &progress("v1", &job, "done", None),
+        false,
+    )
+    .await;
+    // A marker from v1 after all of them proves they were processed.
+    publish_to(
+        port,
+        "device/v1/progress",
+        &progress("v1", "marker", "downloading", None),
+        false,
+    )
+    .await;
+    until("saw the marker", || {
+        fleet
+            .device("v1")
+            .and_then(|d| d.progress)
+            .is_some_and(|p| p.job.as_deref() == Some("marker"))
+    })
+    .await;
+    // Give the rollout's own poll (every 250 ms) a few turns to misread them.
+    let d = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            let d = store.deployment(&job).unwrap();
+            if d.devices[0].state != DeviceState::Sent {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        d.is_err(),
+        "the rollout decided on lies or a bare done: {d:?}"
+    );
+    assert_eq!(
+        store.deployment(&job).unwrap().state,
+        DeploymentState::Running
+    );
+
+    // The retained status with the new version and last.job = the job: done.
+    let last = serde_json::json!({"job": job, "result": "done", "error": null});
+    publish_to(port, "device/v1/status", &status("v1", "1.1.0", last), true).await;
+    let dep = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the rollout ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(dep.state, DeploymentState::Succeeded, "{dep:?}");
+    assert_eq!(dep.devices[0].state, DeviceState::Done);
+    assert!(rollbacks.all().is_empty(), "no rollback may be sent");
+}
+
+#[tokio::test]
+async fn the_device_own_failed_event_ends_its_job_even_after_later_events() {
+    tokio::task::LocalSet::new().run_until(own_failure()).await;
+}
+
+async fn own_failure() {
+    let broker = Mosquitto::start();
+    let port = broker.port();
+    let url: BrokerUrl = format!("mqtt://127.0.0.1:{port}").parse().unwrap();
+    publish_to(
+        port,
+        "device/v1/status",
+        &status("v1", "1.0.0", serde_json::Value::Null),
+        true,
+    )
+    .await;
+    publish_to(port, "device/v1/availability", b"online", true).await;
+    let fleet = Arc::new(
+        Fleet::connect(&url, "device", "ctl-rollout-failed")
+            .await
+            .unwrap(),
+    );
+    until("saw v1", || fleet.device("v1").is_some_and(|d| d.online)).await;
+    let data = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(data.path()).unwrap());
+    let firmware = Firmware {
+        name: "app.bin".into(),
+        url: "http://127.0.0.1:9/app.bin".into(),
+        version: "1.1.0".into(),
+        sha256: "00".repeat(32),
+        size: 4096,
+        chip: None,
+        project: None,
+    };
+    let options = RolloutOptions {
+        timeout_s: 60,
+        ..RolloutOptions::default()
+    };
+    let (dep, _) = rollout::create(
+        &store,
+        &fleet.devices(),
+        &firmware,
+        &Selection::All,
+        &options,
+    )
+    .unwrap();
+    let job = dep.id.clone();
+    let run = {
+        let (fleet, store, job) = (fleet.clone(), store.clone(), job.clone());
+        tokio::task::spawn_local(
+            async move { rollout::run(&fleet, &store, &job, &mut Silent).await },
+        )
+    };
+    until("the job was sent", || {
+        store.deployment(&job).unwrap().devices[0].state == DeviceState::Sent
+    })
+    .await;
+    // The device fails the job, then at once says something else (a busy
+    // answer to another command): the failure is not lost.
+    publish_to(
+        port,
+        "device/v1/progress",
+        &progress("v1", &job, "failed", Some("http_status")),
+        false,
+    )
+    .await;
+    publish_to(
+        port,
+        "device/v1/progress",
+        &progress("v1", "other", "failed", Some("busy")),
+        false,
+    )
+    .await;
+    let dep = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the rollout ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(dep.state, DeploymentState::Failed, "{dep:?}");
+    assert_eq!(dep.devices[0].state, DeviceState::Failed);
+    assert_eq!(dep.devices[0].error.as_deref(), Some("http_status"));
+}

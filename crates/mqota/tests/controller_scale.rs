@@ -1,0 +1,177 @@
+//! `mqota status --json`, `GET /api/fleet` and `mqota deploy --all` see
+//! every device of a large fleet, against stock Mosquitto and the embedded
+//! broker. The devices are retained statuses and availabilities published
+//! by one fast client, exactly what a broker replays for real devices.
+//! `MQOTA_SCALE_DEVICES` sets the fleet size (default 10,000).
+
+mod controller_support;
+
+use std::time::{Duration, Instant};
+
+use controller_support::{get_json, image, mqota, Serve, PROJECT};
+use mqota_virtual::testing::{FileServer, Mosquitto};
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+fn fleet_size() -> usize {
+    std::env::var("MQOTA_SCALE_DEVICES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000)
+}
+
+/// Publishes, at QoS 1 as devices do, a retained status (1.0.0) and
+/// `online` for `n` devices; returns once the broker acknowledged them all.
+fn publish_fleet(port: u16, n: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut o = MqttOptions::new("fleet-publisher", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_outgoing_inflight_upper_limit(1000);
+        let (client, mut ev) = AsyncClient::new(o, 1024);
+        let acked = tokio::spawn(async move {
+            let mut left = 2 * n;
+            while left > 0 {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => left -= 1,
+                    Ok(_) => {}
+                    Err(e) => panic!("publisher lost the broker: {e}"),
+                }
+            }
+        });
+        for i in 0..n {
+            let id = format!("s-{i:05}");
+            let status = serde_json::to_vec(&serde_json::json!({
+                "device": id, "chip": "esp32c3", "project": PROJECT, "version": "1.0.0",
+                "slot": 0, "state": "valid", "last": null
+            }))
+            .unwrap();
+            let topic = format!("device/{id}/status");
+            client
+                .publish(topic, QoS::AtLeastOnce, true, status)
+                .await
+                .unwrap();
+            let topic = format!("device/{id}/availability");
+            client
+                .publish(topic, QoS::AtLeastOnce, true, "online")
+                .await
+                .unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(60), acked)
+            .await
+            .expect("the broker acknowledged every status")
+            .unwrap();
+        let _ = client.disconnect().await;
+    });
+}
+
+fn port_of(broker: &str) -> u16 {
+    broker.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// `status --json` and `deploy --all --dry-run` see all `n` devices.
+fn cli_sees_everyone(broker: &str, data: &std::path::Path, firmware_url: &str, n: usize) {
+    let t = Instant::now();
+    let (ok, out, err) = mqota(&["status", "--json", "--broker", broker]);
+    assert!(ok, "status failed: {err}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    eprintln!(
+        "status --json: {} of {n} devices in {:.1} s",
+        list.len(),
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(list.len(), n, "status --json; stderr: {err}");
+    assert!(list.iter().all(|d| d["online"] == true));
+    assert!(!err.contains("warning"), "{err}");
+
+    let t = Instant::now();
+    let data = data.to_str().unwrap();
+    let (ok, out, err) = mqota(&[
+        "deploy",
+        firmware_url,
+        "--all",
+        "--dry-run",
+        "--broker",
+        broker,
+        "--data-dir",
+        data,
+    ]);
+    assert!(ok, "deploy --dry-run failed: {err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("dry run:"))
+        .unwrap_or_else(|| panic!("no dry-run line: {out}"));
+    eprintln!(
+        "deploy --all --dry-run in {:.1} s: {}",
+        t.elapsed().as_secs_f64(),
+        &line[..line.len().min(80)]
+    );
+    assert!(
+        line.contains(&format!("would go to {n} devices")),
+        "{}",
+        &line[..line.len().min(200)]
+    );
+}
+
+/// Polls `GET /api/fleet` until it lists `n` devices with a status.
+fn api_sees_everyone(http: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let fleet = get_json(&format!("{http}/api/fleet"));
+        let seen = fleet
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| !d["status"].is_null() && d["online"] == true)
+            .count();
+        if seen == n {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/api/fleet lists {seen} of {n}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_large_fleet_is_seen_whole_through_stock_mosquitto() {
+    let n = fleet_size();
+    let broker = Mosquitto::start();
+    publish_fleet(broker.port(), n);
+    let url = format!("mqtt://127.0.0.1:{}", broker.port());
+    let fw = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let files = rt.block_on(FileServer::start(&[(
+        "app-1.1.0.bin",
+        &image("1.1.0", 64 * 1024),
+    )]));
+    cli_sees_everyone(&url, data.path(), &files.url("app-1.1.0.bin"), n);
+    let serve = Serve::start(fw.path(), data.path(), Some(&url));
+    api_sees_everyone(&serve.http, n);
+}
+
+#[test]
+fn a_large_fleet_is_seen_whole_through_the_embedded_broker() {
+    let n = fleet_size();
+    let fw = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let serve = Serve::start(fw.path(), data.path(), None);
+    publish_fleet(port_of(&serve.broker), n);
+    api_sees_everyone(&serve.http, n);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let files = rt.block_on(FileServer::start(&[(
+        "app-1.1.0.bin",
+        &image("1.1.0", 64 * 1024),
+    )]));
+    let cli_data = tempfile::tempdir().unwrap();
+    cli_sees_everyone(
+        &serve.broker,
+        cli_data.path(),
+        &files.url("app-1.1.0.bin"),
+        n,
+    );
+}
