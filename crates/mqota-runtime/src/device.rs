@@ -228,6 +228,8 @@ where
         state: truncated(booted.boot.state.name()),
         last: booted.boot.last.clone(),
         https: HTTPS_ENABLED,
+        boot_reason: None,
+        log_newest: None,
     };
     // The will marks the device offline on its availability topic, never
     // on its status: the retained status keeps the last real state.
@@ -246,7 +248,7 @@ where
     let mut buffers = MqttBuffers::new(&mut rx);
     let mut session = MqttSession::new(tcp, dns, &mut buffers, mqtt_cfg);
     let subs = topics.subscriptions();
-    let sub_refs: [&str; 4] = [&subs[0], &subs[1], &subs[2], &subs[3]];
+    let sub_refs: [&str; 5] = core::array::from_fn(|i| subs[i].as_str());
     let mut backoff = Backoff::new(500, 30_000, Jitter::Full);
     let mut rng = XorShift32::new(cfg.seed ^ now_ms() as u32);
     let mut random = move || rng.next_u32();
