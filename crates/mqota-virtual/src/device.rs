@@ -29,7 +29,7 @@ use mqota_core::bootguard::Verdict;
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
 use mqota_flash_sim::{BootConfig, Bootloader, FileStore, Memory, SimError, SimFlash};
-use mqota_runtime::{early_boot, DeviceConfig, Link, Platform, Slot};
+use mqota_runtime::{early_boot, BootReason, DeviceConfig, Link, Platform, Slot};
 use tokio::sync::Notify;
 
 use crate::net::VirtualNet;
@@ -418,6 +418,8 @@ struct VirtualPlatform {
     slot: Slot,
     unhealthy: bool,
     reboot: Rc<Notify>,
+    /// Why this boot happened, from the fault that ended the last one.
+    boot_reason: BootReason,
 }
 
 impl Platform for VirtualPlatform {
@@ -436,6 +438,9 @@ impl Platform for VirtualPlatform {
     async fn health_check(&mut self) -> bool {
         !self.unhealthy
     }
+    fn boot_reason(&self) -> BootReason {
+        self.boot_reason
+    }
 }
 
 /// Runs the device until [`Handle::stop`]. Errors only when the flash file
@@ -445,8 +450,17 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
     let net = VirtualNet::new(handle.clone());
     let bootloader = Bootloader::new(cfg.bootloader).for_chip(cfg.chip);
     let dcfg = cfg.device_config();
+    // What ended the previous boot, as the chip's reset reason would say.
+    let mut reason = BootReason::PowerOn;
 
     while !handle.0.stopped.get() {
+        // A cut (from any path) means this boot is a power-on.
+        let boot_reason = if handle.powered() {
+            std::mem::replace(&mut reason, BootReason::SoftwareReset)
+        } else {
+            BootReason::PowerOn
+        };
+        reason = BootReason::SoftwareReset;
         // Power on.
         flash.power_on();
         handle.0.powered.set(true);
@@ -457,7 +471,10 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
         let outcome = match bootloader.boot(&mut pflash) {
             Ok(o) => o,
             // The power went while the bootloader wrote otadata.
-            Err(_) => continue,
+            Err(_) => {
+                reason = BootReason::PowerOn;
+                continue;
+            }
         };
         let version = outcome
             .image
@@ -485,6 +502,8 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
                 if handle.powered() {
                     log::error!("{}: early boot failed: {e:?}", cfg.id);
                     tokio::time::sleep(StdDuration::from_secs(1)).await;
+                } else {
+                    reason = BootReason::PowerOn;
                 }
                 continue;
             }
@@ -499,11 +518,13 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
             Verdict::Trial if version.ends_with("+crash") => {
                 // Dies right after the guard marked the trial.
                 tokio::time::sleep(StdDuration::from_millis(50)).await;
+                reason = BootReason::Panic;
                 continue;
             }
             Verdict::Trial if version.ends_with("+hang") => {
                 // Never gets anywhere; the trial watchdog resets it.
                 tokio::time::sleep(cfg.watchdog).await;
+                reason = BootReason::Watchdog;
                 continue;
             }
             _ => {}
@@ -514,6 +535,7 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
             slot,
             unhealthy: version.ends_with("+unhealthy"),
             reboot: reboot.clone(),
+            boot_reason,
         };
         let mut link = VirtualLink {
             handle: handle.clone(),
@@ -541,7 +563,11 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
         tokio::select! {
             _ = runtime => {}
             _ = reboot.notified() => {}
-            _ = power_or_stop => {}
+            _ = power_or_stop => {
+                if !handle.powered() {
+                    reason = BootReason::PowerOn;
+                }
+            }
         }
     }
     Ok(())
@@ -580,6 +606,7 @@ pub fn runtime_future_size() -> usize {
         slot: Slot::Ota0,
         unhealthy: false,
         reboot: Rc::new(Notify::new()),
+        boot_reason: BootReason::PowerOn,
     };
     let mut link = VirtualLink { handle };
     let fut = mqota_runtime::run(

@@ -287,7 +287,7 @@ mod tests {
         assert_eq!(n, MAX_LOGS_CHUNK_JSON);
         let back: LogsChunk = serde_json::from_slice(&buf[..n]).unwrap();
         assert_eq!(back, chunk);
-        assert!(MAX_LOGS_CHUNK_JSON <= 4096, "a chunk is a few KiB at most");
+        const { assert!(MAX_LOGS_CHUNK_JSON <= 4096, "a chunk is a few KiB at most") };
     }
 
     #[test]
