@@ -286,3 +286,38 @@ async fn a_retained_logs_get_is_dropped_and_chunks_are_numbered() {
         })
         .await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_dropped_wifi_link_and_its_return_are_in_the_log() {
+    LocalSet::new()
+        .run_until(async {
+            let broker = Mosquitto::start();
+            let obs = broker.observe("device/#").await;
+            let dev = start(config(&broker, "log-w"));
+            online_again(&obs, "log-w", 0).await;
+            log_until(&broker, "log-w", "the first connection", |_, t| {
+                t.contains("broker connected")
+            })
+            .await;
+            let before = online_count(&obs.all(), "log-w");
+            dev.drop_link();
+            // The broker notices through the will once the keep-alive lapses;
+            // the device notices at its next packet.
+            assert!(
+                obs.wait_until(Duration::from_secs(90), |s| s
+                    .iter()
+                    .rev()
+                    .find(|r| r.topic == "device/log-w/availability")
+                    .is_some_and(|r| r.payload == b"offline"))
+                    .await
+            );
+            dev.restore_link();
+            online_again(&obs, "log-w", before).await;
+            log_until(&broker, "log-w", "the loss and the return", |_, t| {
+                t.contains("WiFi link lost") && t.matches("broker connected").count() >= 2
+            })
+            .await;
+            dev.stop();
+        })
+        .await;
+}
