@@ -149,7 +149,8 @@ impl LogReader {
     }
 
     /// Asks for the records `req` names and gathers the answer. A missing
-    /// chunk, or no answer at all (a device answers between downloads), is
+    /// chunk, or no answer at all (a device in a download answers when it
+    /// ends), is
     /// asked for again from the last record received, twice at most; a
     /// chunk still missing is counted in [`Fetched::lost_chunks`]. Waits at
     /// most `wait` for each answer.
@@ -195,8 +196,8 @@ impl LogReader {
                 }
             }
             if !heard {
-                // The device may be busy with a download (it answers
-                // between downloads): ask again.
+                // A device answers a request that arrives during a
+                // download when the download ends: ask again.
                 continue;
             }
             answered = true;

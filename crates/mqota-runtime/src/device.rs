@@ -390,6 +390,7 @@ where
     let mut downloader = Downloader::new(tcp, dns).with_io_timeout(cfg.stall_timeout);
     loop {
         dev.log.flush(flash, now_ms()).await;
+        fieldlog::serve_deferred(&dev.log, &mut session, &topics, flash).await;
         if dev.reboot {
             info!("rebooting into the new image");
             dev.go_offline(&mut session).await;
@@ -795,12 +796,26 @@ where
         };
         let topics = dev.topics;
         let mqtt_side = async {
+            let mut lost = false;
             loop {
                 let next = outbox.borrow_mut().pop_front();
                 if let Some(p) = next {
                     publish_progress(session, topics, &p, copy).await;
                     fieldlog::note_progress(flog, now_ms(), &p);
                     continue;
+                }
+                if session.is_connected() == lost {
+                    // A loss (or a return) of the broker during the download.
+                    lost = !lost;
+                    let (level, what) = if lost {
+                        (
+                            mqota_core::protocol::LogLevel::Warn,
+                            "broker connection lost during a download",
+                        )
+                    } else {
+                        (mqota_core::protocol::LogLevel::Info, "broker connected")
+                    };
+                    flog.note(now_ms(), level, what);
                 }
                 if !session.is_connected() && session.maintain(link, backoff, random).await.is_err()
                 {
@@ -809,6 +824,9 @@ where
                 }
                 let until = Instant::now() + Duration::from_millis(50);
                 match session.poll(until).await {
+                    Ok(Some(msg)) if topics.is_logs_get(&msg.topic) => {
+                        fieldlog::defer_get(flog, &msg);
+                    }
                     Ok(Some(msg)) => {
                         let state = State::Updating {
                             job: current.as_ref(),

@@ -5,7 +5,8 @@
 //!
 //! The device loop writes the boot (number, reason, version, slot), every
 //! phase change of a job with its error and message, every loss and return
-//! of the broker or the WiFi link, and the trial's outcome; the application
+//! of the broker or the WiFi link (during a download: of the broker), and
+//! the trial's outcome; the application
 //! adds its own lines with [`log`](crate::log()). A record is the boot number,
 //! the milliseconds since that boot, a level and a message of at most
 //! [`MAX_LOG_MSG`] bytes; records are numbered one after another across boots.
@@ -28,7 +29,7 @@
 //!
 //! Records first go to a small RAM queue ([`PENDING`] records), from which
 //! the device loop writes them to flash at its own pace, never during a
-//! download. A token bucket ([`Budget`]) lets at most [`BOOT_TOKENS`]
+//! download (a `logs/get` that arrives during one is answered after it). A token bucket ([`Budget`]) lets at most [`BOOT_TOKENS`]
 //! records through at boot, then refills one token per [`REFILL_MS`] up to
 //! [`BURST`]; what does not fit waits in RAM, and what does not fit there is
 //! counted and reported by a single "N records dropped" record. So one boot
@@ -428,6 +429,8 @@ pub struct FieldLog {
     budget: Budget,
     notes: Pending,
     boot_reason: BootReason,
+    /// A `logs/get` that arrived during a download.
+    deferred: RefCell<Option<LogsGet>>,
 }
 
 impl FieldLog {
@@ -446,6 +449,7 @@ impl FieldLog {
             budget: Budget::new(now_ms),
             notes: Pending::new(),
             boot_reason,
+            deferred: RefCell::new(None),
         }
     }
 
@@ -642,13 +646,53 @@ pub(crate) async fn serve_get<
     msg: &crate::mqtt::Message,
     flash: &mut F,
 ) {
+    if let Some(req) = read_get(msg) {
+        serve(log, session, topics, &req, flash).await;
+    }
+}
+
+/// A request that arrives during a download (the flash is the download's):
+/// kept, the latest one only, and answered once the download ends.
+pub(crate) fn defer_get(log: &FieldLog, msg: &crate::mqtt::Message) {
+    if let Some(req) = read_get(msg) {
+        *log.deferred.borrow_mut() = Some(req);
+    }
+}
+
+/// Answers a request kept by [`defer_get`], if any.
+pub(crate) async fn serve_deferred<
+    F: NorFlash,
+    T: embedded_nal_async::TcpConnect,
+    D: embedded_nal_async::Dns,
+>(
+    log: &FieldLog,
+    session: &mut crate::mqtt::MqttSession<'_, T, D>,
+    topics: &Topics,
+    flash: &mut F,
+) {
+    let req = log.deferred.borrow_mut().take();
+    if let Some(req) = req {
+        serve(log, session, topics, &req, flash).await;
+    }
+}
+
+fn read_get(msg: &crate::mqtt::Message) -> Option<LogsGet> {
     if msg.retain {
         warn!("dropping a retained logs/get");
-        return;
+        return None;
     }
-    let req = LogsGet::parse(&msg.payload);
+    Some(LogsGet::parse(&msg.payload))
+}
+
+async fn serve<F: NorFlash, T: embedded_nal_async::TcpConnect, D: embedded_nal_async::Dns>(
+    log: &FieldLog,
+    session: &mut crate::mqtt::MqttSession<'_, T, D>,
+    topics: &Topics,
+    req: &LogsGet,
+    flash: &mut F,
+) {
     let topic = topics.logs();
-    log.answer(flash, topics, &req, async |json: &[u8]| {
+    log.answer(flash, topics, req, async |json: &[u8]| {
         let _ = session
             .publish(&topic, json, crate::mqtt::QoS::AtMostOnce, false)
             .await;

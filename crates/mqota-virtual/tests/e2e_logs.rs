@@ -321,3 +321,63 @@ async fn a_dropped_wifi_link_and_its_return_are_in_the_log() {
         })
         .await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_logs_get_during_a_download_is_answered_when_it_ends_and_the_update_goes_on() {
+    LocalSet::new()
+        .run_until(async {
+            let broker = Mosquitto::start();
+            let obs = broker.observe("device/#").await;
+            // About three seconds of download.
+            let slow = FaultServer::start(image("1.1.0", 300_000), Fault::Throttle(100_000)).await;
+            let dev = start(config(&broker, "log-dl"));
+            online_again(&obs, "log-dl", 0).await;
+            let j = serde_json::json!({"url": slow.url(), "job": "j-dl"});
+            broker
+                .publish(
+                    "device/log-dl/ota/start",
+                    &serde_json::to_vec(&j).unwrap(),
+                    false,
+                )
+                .await;
+            let downloading = |s: &[Received]| {
+                s.iter().any(|r| {
+                    r.topic == "device/log-dl/progress"
+                        && String::from_utf8_lossy(&r.payload).contains("\"downloading\"")
+                })
+            };
+            assert!(obs.wait_until(Duration::from_secs(10), downloading).await);
+            broker
+                .publish("device/log-dl/logs/get", br#"{"id":"mid"}"#, false)
+                .await;
+            let answered = |s: &[Received]| {
+                s.iter().any(|r| {
+                    r.topic == "device/log-dl/logs"
+                        && String::from_utf8_lossy(&r.payload).contains("\"mid\"")
+                })
+            };
+            assert!(obs.wait_until(Duration::from_secs(30), answered).await);
+            // The update was not disturbed: the new image runs and says done.
+            assert!(
+                obs.wait_until(Duration::from_secs(30), |s| status_of(s, "log-dl")
+                    .is_some_and(|st| {
+                        st.version.as_str() == "1.1.0"
+                            && st
+                                .last
+                                .as_ref()
+                                .is_some_and(|l| l.result == mqota_core::protocol::Phase::Done)
+                    }))
+                .await
+            );
+            log_until(&broker, "log-dl", "the whole update", |_, t| {
+                t.contains("job j-dl: accepted")
+                    && t.contains("job j-dl: verifying")
+                    && t.contains("job j-dl: rebooting")
+                    && t.contains("trial passed")
+                    && t.contains("job j-dl: done")
+            })
+            .await;
+            dev.stop();
+        })
+        .await;
+}
