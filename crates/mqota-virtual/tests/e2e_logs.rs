@@ -9,6 +9,7 @@ use mqota_controller::logs::{fetch_logs, Fetched};
 use mqota_controller::url::BrokerUrl;
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::protocol::{BootReason, LogsGet, Status};
+use mqota_flash_sim::BootConfig;
 use mqota_virtual::device::{run_device, Handle, VirtualConfig};
 use mqota_virtual::testing::{Fault, FaultServer, FileServer, Mosquitto, Observer, Received};
 use tokio::task::LocalSet;
@@ -378,6 +379,52 @@ async fn a_logs_get_during_a_download_is_answered_when_it_ends_and_the_update_go
             })
             .await;
             dev.stop();
+        })
+        .await;
+}
+
+/// Under the rollback bootloader the old firmware runs right after the bad
+/// one died, so its boot record names how the bad one died.
+#[tokio::test(flavor = "current_thread")]
+async fn the_boot_after_a_crash_or_a_hang_says_panic_or_watchdog() {
+    LocalSet::new()
+        .run_until(async {
+            let broker = Mosquitto::start();
+            let obs = broker.observe("device/#").await;
+            let files = [
+                ("crash.bin", image("1.1.0+crash", 100_000)),
+                ("hang.bin", image("1.1.0+hang", 100_000)),
+            ];
+            let refs: Vec<(&str, &[u8])> =
+                files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+            let http = FileServer::start(&refs).await;
+            let cases = [("log-crash-rb", "crash", "panic"), ("log-hang-rb", "hang", "watchdog")];
+            let mut devs = Vec::new();
+            for (id, ..) in cases {
+                let mut cfg = config(&broker, id);
+                cfg.bootloader = BootConfig::Rollback;
+                devs.push(start(cfg));
+            }
+            for (id, kind, _) in cases {
+                online_again(&obs, id, 0).await;
+                let j = serde_json::json!({"url": http.url(&format!("{kind}.bin")), "job": format!("j-{id}")});
+                broker
+                    .publish(
+                        &format!("device/{id}/ota/start"),
+                        &serde_json::to_vec(&j).unwrap(),
+                        false,
+                    )
+                    .await;
+            }
+            for (id, _, reason) in cases {
+                let job = format!("job j-{id}: rolled_back boot_failed");
+                let boot = format!(": {reason}, ");
+                log_until(&broker, id, "the death and the rollback", |_, t| {
+                    t.contains(&job) && t.contains(&boot)
+                })
+                .await;
+            }
+            devs.iter().for_each(Handle::stop);
         })
         .await;
 }
