@@ -159,8 +159,13 @@ struct Shared {
     cut: Cell<Option<Cut>>,
     stopped: Cell<bool>,
     boots: RefCell<Vec<BootRecord>>,
-    /// Flash writes and erases the device started, over all its boots.
+    /// Flash writes and erases the device started, over all its boots,
+    /// outside the field log's partition.
     flash_ops: Cell<u64>,
+    /// Flash writes and erases in the field log's partition.
+    log_ops: Cell<u64>,
+    /// Where the field log's partition is, once the flash is open.
+    log_range: Cell<Option<(u32, u32)>>,
     wake: Notify,
 }
 
@@ -226,9 +231,16 @@ impl Handle {
     }
 
     /// Flash writes and erases the device (firmware and bootloader) has
-    /// started so far, over all its boots: what wears the flash.
+    /// started so far, over all its boots, outside the field log: what the
+    /// update path wears.
     pub fn flash_ops(&self) -> u64 {
         self.0.flash_ops.get()
+    }
+
+    /// Flash writes and erases in the field log's `log` partition, over all
+    /// boots.
+    pub fn log_flash_ops(&self) -> u64 {
+        self.0.log_ops.get()
     }
 
     pub(crate) fn powered(&self) -> bool {
@@ -249,6 +261,17 @@ pub enum DeviceFlash {
 }
 
 impl DeviceFlash {
+    /// The `log` partition of the flash's table, if it has one.
+    fn log_range(&mut self) -> Option<(u32, u32)> {
+        let table = match self {
+            DeviceFlash::Memory(f) => PartitionTable::read_from(f, TABLE_OFFSET),
+            DeviceFlash::File(f) => PartitionTable::read_from(f, TABLE_OFFSET),
+        }
+        .ok()?;
+        let p = table.find(mqota_runtime::fieldlog::LOG_PARTITION)?;
+        Some((p.offset, p.offset + p.size))
+    }
+
     fn is_powered(&self) -> bool {
         match self {
             DeviceFlash::Memory(f) => f.is_powered(),
@@ -322,11 +345,21 @@ struct Powered<'a> {
 
 impl Powered<'_> {
     /// Arms a cut the handle asked for, at the first mutating operation after.
-    fn before(&mut self) -> Result<(), SimError> {
+    fn before(&mut self, offset: u32) -> Result<(), SimError> {
         if !self.handle.powered() {
             return Err(SimError::PowerCut);
         }
-        let ops = &self.handle.0.flash_ops;
+        let in_log = self
+            .handle
+            .0
+            .log_range
+            .get()
+            .is_some_and(|(start, end)| (start..end).contains(&offset));
+        let ops = if in_log {
+            &self.handle.0.log_ops
+        } else {
+            &self.handle.0.flash_ops
+        };
         ops.set(ops.get() + 1);
         if let Some(cut) = self.handle.0.cut.take() {
             self.flash.arm(cut);
@@ -368,7 +401,7 @@ impl NorFlash for Powered<'_> {
     const WRITE_SIZE: usize = 4;
     const ERASE_SIZE: usize = 4096;
     fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), SimError> {
-        self.before()?;
+        self.before(offset)?;
         let r = match self.flash {
             DeviceFlash::Memory(f) => f.write(offset, bytes),
             DeviceFlash::File(f) => f.write(offset, bytes),
@@ -376,7 +409,7 @@ impl NorFlash for Powered<'_> {
         self.after(r)
     }
     fn erase(&mut self, from: u32, to: u32) -> Result<(), SimError> {
-        self.before()?;
+        self.before(from)?;
         let r = match self.flash {
             DeviceFlash::Memory(f) => f.erase(from, to),
             DeviceFlash::File(f) => f.erase(from, to),
@@ -447,6 +480,7 @@ impl Platform for VirtualPlatform {
 /// cannot be created or opened.
 pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<()> {
     let mut flash = DeviceFlash::open(&cfg)?;
+    handle.0.log_range.set(flash.log_range());
     let net = VirtualNet::new(handle.clone());
     let bootloader = Bootloader::new(cfg.bootloader).for_chip(cfg.chip);
     let dcfg = cfg.device_config();

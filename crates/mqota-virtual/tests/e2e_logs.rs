@@ -318,6 +318,8 @@ async fn a_dropped_wifi_link_and_its_return_are_in_the_log() {
                 t.contains("WiFi link lost") && t.matches("broker connected").count() >= 2
             })
             .await;
+            // The log's writes are counted apart from the update path's.
+            assert!(dev.log_flash_ops() > 0);
             dev.stop();
         })
         .await;
