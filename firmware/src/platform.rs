@@ -124,4 +124,23 @@ impl Platform for EspPlatform {
     fn confirmed(&mut self) {
         self.watchdog.disarm();
     }
+
+    fn boot_reason(&self) -> mqota_runtime::BootReason {
+        boot_reason()
+    }
+}
+
+/// The chip's reset reason in the field log's terms. The values are the
+/// `SocResetReason` codes the ESP32-C3 and -C6 share. A panic resets
+/// through a software reset, so on the chip it reads `software_reset`.
+fn boot_reason() -> mqota_runtime::BootReason {
+    use mqota_runtime::BootReason;
+    match esp_hal::system::reset_reason().map(|r| r as u32) {
+        Some(0x01) => BootReason::PowerOn,
+        Some(0x03 | 0x0C) => BootReason::SoftwareReset,
+        Some(0x05) => BootReason::DeepSleep,
+        Some(0x07 | 0x08 | 0x09 | 0x0B | 0x0D | 0x10 | 0x11 | 0x12) => BootReason::Watchdog,
+        Some(0x0F) => BootReason::Brownout,
+        _ => BootReason::Unknown,
+    }
 }

@@ -67,6 +67,7 @@ use mqota_core::protocol::{
 use mqota_core::backoff::{Backoff, Jitter, XorShift32};
 use mqota_core::fetch::{is_https, FetchError, HTTPS_NOT_ENABLED};
 
+use crate::fieldlog::{self, FieldLog};
 use crate::http::{
     Abort, BodySink, DownloadError, Downloader, RedirectError, ResponseInfo, HTTPS_ENABLED,
 };
@@ -228,6 +229,8 @@ where
         state: truncated(booted.boot.state.name()),
         last: booted.boot.last.clone(),
         https: HTTPS_ENABLED,
+        boot_reason: None,
+        log_newest: None,
     };
     // The will marks the device offline on its availability topic, never
     // on its status: the retained status keeps the last real state.
@@ -246,7 +249,7 @@ where
     let mut buffers = MqttBuffers::new(&mut rx);
     let mut session = MqttSession::new(tcp, dns, &mut buffers, mqtt_cfg);
     let subs = topics.subscriptions();
-    let sub_refs: [&str; 4] = [&subs[0], &subs[1], &subs[2], &subs[3]];
+    let sub_refs: [&str; 5] = core::array::from_fn(|i| subs[i].as_str());
     let mut backoff = Backoff::new(500, 30_000, Jitter::Full);
     let mut rng = XorShift32::new(cfg.seed ^ now_ms() as u32);
     let mut random = move || rng.next_u32();
@@ -270,7 +273,26 @@ where
         engine.remember_finished(job);
     }
 
+    // The field log: the boot first, then whatever this boot goes through.
+    let boot_reason = platform.boot_reason();
+    status.boot_reason = Some(boot_reason);
+    let log = FieldLog::open(flash, boot_reason, now_ms()).await;
+    log.note_fmt(
+        now_ms(),
+        mqota_core::protocol::LogLevel::Info,
+        format_args!(
+            "boot {}: {}, {} {} slot {} {}",
+            log.boot(),
+            boot_reason.as_str(),
+            booted.project,
+            booted.version,
+            booted.layout.running,
+            booted.boot.state.name()
+        ),
+    );
     let mut dev = Device {
+        log,
+        connected_once: false,
         topics: &topics,
         status: &mut status,
         fetch: None,
@@ -311,6 +333,11 @@ where
         match bootguard::validate_and_rollback(flash, &layout, healthy) {
             Ok(TrialResult::Confirmed(report)) => {
                 info!("trial passed: image confirmed");
+                dev.log.note(
+                    now_ms(),
+                    mqota_core::protocol::LogLevel::Info,
+                    "trial passed: image confirmed",
+                );
                 platform.confirmed();
                 dev.status.state = truncated("valid");
                 dev.report(&mut session, &report).await;
@@ -318,6 +345,14 @@ where
             }
             Ok(TrialResult::RolledBack) => {
                 warn!("trial failed: rolling back");
+                let why = if reached {
+                    "trial failed: health check failed, rolling back"
+                } else {
+                    "trial failed: broker not reached in time, rolling back"
+                };
+                dev.log
+                    .note(now_ms(), mqota_core::protocol::LogLevel::Error, why);
+                dev.log.flush(flash, now_ms()).await;
                 dev.go_offline(&mut session).await;
                 platform.reboot().await;
             }
@@ -354,6 +389,8 @@ where
 
     let mut downloader = Downloader::new(tcp, dns).with_io_timeout(cfg.stall_timeout);
     loop {
+        dev.log.flush(flash, now_ms()).await;
+        fieldlog::serve_deferred(&dev.log, &mut session, &topics, flash).await;
         if dev.reboot {
             info!("rebooting into the new image");
             dev.go_offline(&mut session).await;
@@ -395,6 +432,9 @@ where
         let wait = if engine.is_busy() { 200 } else { 1_000 };
         let until = Instant::now() + Duration::from_millis(wait);
         match session.poll(until).await {
+            Ok(Some(msg)) if topics.is_logs_get(&msg.topic) => {
+                fieldlog::serve_get(&dev.log, &mut session, &topics, &msg, flash).await;
+            }
             Ok(Some(msg)) => {
                 let actions = dev.on_message(&msg, &mut engine, flash);
                 dev.apply(&mut session, actions, flash, &layout).await;
@@ -409,6 +449,10 @@ where
 
 /// What the loop carries between steps.
 struct Device<'d> {
+    /// The field log.
+    log: FieldLog,
+    /// The broker was reached since the last loss (a loss is logged once).
+    connected_once: bool,
     topics: &'d Topics,
     status: &'d mut Status,
     /// A fetch the engine asked for.
@@ -436,6 +480,15 @@ impl Device<'_> {
         subs: &[&str],
         trial: bool,
     ) -> bool {
+        if core::mem::take(&mut self.connected_once) {
+            let why = if link.is_connected() {
+                "broker connection lost"
+            } else {
+                "WiFi link lost"
+            };
+            self.log
+                .note(now_ms(), mqota_core::protocol::LogLevel::Warn, why);
+        }
         loop {
             if session.maintain(link, backoff, random).await.is_err() {
                 // Only configuration errors end up here; no retry helps.
@@ -447,6 +500,12 @@ impl Device<'_> {
             }
             if session.subscribe(subs).await.is_ok() {
                 self.up = true;
+                self.connected_once = true;
+                self.log.note(
+                    now_ms(),
+                    mqota_core::protocol::LogLevel::Info,
+                    "broker connected",
+                );
                 self.publish_availability(session, ONLINE).await;
                 self.publish_status(session).await;
                 return true;
@@ -461,6 +520,7 @@ impl Device<'_> {
         p: Progress,
     ) {
         publish_progress(session, self.topics, &p, self.progress_copy).await;
+        fieldlog::note_progress(&self.log, now_ms(), &p);
         // Refusals of a command (malformed, busy) are not results of an update:
         // they must not hide the last real result in the retained status.
         let refusal = matches!(
@@ -501,6 +561,7 @@ impl Device<'_> {
     }
 
     async fn publish_status<T: TcpConnect, D: Dns>(&mut self, session: &mut MqttSession<'_, T, D>) {
+        self.status.log_newest = self.log.newest();
         let mut buf = [0u8; MAX_STATUS_JSON];
         if let Ok(n) = self.status.to_json(&mut buf) {
             let _ = session
@@ -724,6 +785,7 @@ where
     // meanwhile are decided on a copy of what they depend on.
     let finished = engine.finished().clone();
     let copy = dev.progress_copy;
+    let flog = &dev.log;
     let outbox = RefCell::new(Deque::new());
     let (result, cancel, ending) = {
         let mut sink = EngineSink {
@@ -734,11 +796,26 @@ where
         };
         let topics = dev.topics;
         let mqtt_side = async {
+            let mut lost = false;
             loop {
                 let next = outbox.borrow_mut().pop_front();
                 if let Some(p) = next {
                     publish_progress(session, topics, &p, copy).await;
+                    fieldlog::note_progress(flog, now_ms(), &p);
                     continue;
+                }
+                if session.is_connected() == lost {
+                    // A loss (or a return) of the broker during the download.
+                    lost = !lost;
+                    let (level, what) = if lost {
+                        (
+                            mqota_core::protocol::LogLevel::Warn,
+                            "broker connection lost during a download",
+                        )
+                    } else {
+                        (mqota_core::protocol::LogLevel::Info, "broker connected")
+                    };
+                    flog.note(now_ms(), level, what);
                 }
                 if !session.is_connected() && session.maintain(link, backoff, random).await.is_err()
                 {
@@ -747,6 +824,9 @@ where
                 }
                 let until = Instant::now() + Duration::from_millis(50);
                 match session.poll(until).await {
+                    Ok(Some(msg)) if topics.is_logs_get(&msg.topic) => {
+                        fieldlog::defer_get(flog, &msg);
+                    }
                     Ok(Some(msg)) => {
                         let state = State::Updating {
                             job: current.as_ref(),

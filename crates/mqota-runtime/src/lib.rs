@@ -10,18 +10,22 @@ mod fmt;
 
 mod conn;
 pub mod device;
+pub mod fieldlog;
 pub mod http;
 pub mod mqtt;
 pub mod platform;
 
 pub use conn::MQTT_TX_BUFFER;
 pub use device::{early_boot, run, BootError, Booted, DeviceConfig, PROGRESS_QUEUE};
+pub use fieldlog::{log, FieldLog, LogError, LogStore};
 pub use http::{
     Abort, BodySink, ContentRange, DownloadError, Downloader, RedirectError, ResponseInfo,
     BODY_CHUNK, HTTPS_ENABLED, HTTP_RX_BUFFER, MAX_REDIRECTS,
 };
 /// Retry pacing lives in the core, shared with the update engine.
 pub use mqota_core::backoff::{self, Backoff, Jitter, XorShift32};
+/// Levels and boot reasons of the field log, from the core's protocol.
+pub use mqota_core::protocol::{BootReason, LogLevel};
 pub use mqtt::{
     Connected, Delivery, Message, MqttBuffers, MqttConfig, MqttError, MqttSession, QoS,
     INBOX_DEPTH, MAX_INCOMING_PAYLOAD, MAX_INFLIGHT, MAX_QOS1_PAYLOAD, MAX_SUBSCRIPTIONS,

@@ -66,6 +66,12 @@ pub trait Platform {
         true
     }
 
+    /// Why the chip started this time (the chip's reset reason; the virtual
+    /// device's fault injection). Written to the field log and the status.
+    fn boot_reason(&self) -> mqota_core::protocol::BootReason {
+        mqota_core::protocol::BootReason::Unknown
+    }
+
     /// The trial passed and the image is confirmed: the board can stand down
     /// whatever guards a trial boot (e.g. disarm the trial watchdog).
     fn confirmed(&mut self) {}

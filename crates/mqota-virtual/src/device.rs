@@ -29,7 +29,7 @@ use mqota_core::bootguard::Verdict;
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
 use mqota_flash_sim::{BootConfig, Bootloader, FileStore, Memory, SimError, SimFlash};
-use mqota_runtime::{early_boot, DeviceConfig, Link, Platform, Slot};
+use mqota_runtime::{early_boot, BootReason, DeviceConfig, Link, Platform, Slot};
 use tokio::sync::Notify;
 
 use crate::net::VirtualNet;
@@ -159,8 +159,13 @@ struct Shared {
     cut: Cell<Option<Cut>>,
     stopped: Cell<bool>,
     boots: RefCell<Vec<BootRecord>>,
-    /// Flash writes and erases the device started, over all its boots.
+    /// Flash writes and erases the device started, over all its boots,
+    /// outside the field log's partition.
     flash_ops: Cell<u64>,
+    /// Flash writes and erases in the field log's partition.
+    log_ops: Cell<u64>,
+    /// Where the field log's partition is, once the flash is open.
+    log_range: Cell<Option<(u32, u32)>>,
     wake: Notify,
 }
 
@@ -226,9 +231,16 @@ impl Handle {
     }
 
     /// Flash writes and erases the device (firmware and bootloader) has
-    /// started so far, over all its boots: what wears the flash.
+    /// started so far, over all its boots, outside the field log: what the
+    /// update path wears.
     pub fn flash_ops(&self) -> u64 {
         self.0.flash_ops.get()
+    }
+
+    /// Flash writes and erases in the field log's `log` partition, over all
+    /// boots.
+    pub fn log_flash_ops(&self) -> u64 {
+        self.0.log_ops.get()
     }
 
     pub(crate) fn powered(&self) -> bool {
@@ -249,6 +261,17 @@ pub enum DeviceFlash {
 }
 
 impl DeviceFlash {
+    /// The `log` partition of the flash's table, if it has one.
+    fn log_range(&mut self) -> Option<(u32, u32)> {
+        let table = match self {
+            DeviceFlash::Memory(f) => PartitionTable::read_from(f, TABLE_OFFSET),
+            DeviceFlash::File(f) => PartitionTable::read_from(f, TABLE_OFFSET),
+        }
+        .ok()?;
+        let p = table.find(mqota_runtime::fieldlog::LOG_PARTITION)?;
+        Some((p.offset, p.offset + p.size))
+    }
+
     fn is_powered(&self) -> bool {
         match self {
             DeviceFlash::Memory(f) => f.is_powered(),
@@ -322,11 +345,21 @@ struct Powered<'a> {
 
 impl Powered<'_> {
     /// Arms a cut the handle asked for, at the first mutating operation after.
-    fn before(&mut self) -> Result<(), SimError> {
+    fn before(&mut self, offset: u32) -> Result<(), SimError> {
         if !self.handle.powered() {
             return Err(SimError::PowerCut);
         }
-        let ops = &self.handle.0.flash_ops;
+        let in_log = self
+            .handle
+            .0
+            .log_range
+            .get()
+            .is_some_and(|(start, end)| (start..end).contains(&offset));
+        let ops = if in_log {
+            &self.handle.0.log_ops
+        } else {
+            &self.handle.0.flash_ops
+        };
         ops.set(ops.get() + 1);
         if let Some(cut) = self.handle.0.cut.take() {
             self.flash.arm(cut);
@@ -368,7 +401,7 @@ impl NorFlash for Powered<'_> {
     const WRITE_SIZE: usize = 4;
     const ERASE_SIZE: usize = 4096;
     fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), SimError> {
-        self.before()?;
+        self.before(offset)?;
         let r = match self.flash {
             DeviceFlash::Memory(f) => f.write(offset, bytes),
             DeviceFlash::File(f) => f.write(offset, bytes),
@@ -376,7 +409,7 @@ impl NorFlash for Powered<'_> {
         self.after(r)
     }
     fn erase(&mut self, from: u32, to: u32) -> Result<(), SimError> {
-        self.before()?;
+        self.before(from)?;
         let r = match self.flash {
             DeviceFlash::Memory(f) => f.erase(from, to),
             DeviceFlash::File(f) => f.erase(from, to),
@@ -418,6 +451,8 @@ struct VirtualPlatform {
     slot: Slot,
     unhealthy: bool,
     reboot: Rc<Notify>,
+    /// Why this boot happened, from the fault that ended the last one.
+    boot_reason: BootReason,
 }
 
 impl Platform for VirtualPlatform {
@@ -436,17 +471,30 @@ impl Platform for VirtualPlatform {
     async fn health_check(&mut self) -> bool {
         !self.unhealthy
     }
+    fn boot_reason(&self) -> BootReason {
+        self.boot_reason
+    }
 }
 
 /// Runs the device until [`Handle::stop`]. Errors only when the flash file
 /// cannot be created or opened.
 pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<()> {
     let mut flash = DeviceFlash::open(&cfg)?;
+    handle.0.log_range.set(flash.log_range());
     let net = VirtualNet::new(handle.clone());
     let bootloader = Bootloader::new(cfg.bootloader).for_chip(cfg.chip);
     let dcfg = cfg.device_config();
+    // What ended the previous boot, as the chip's reset reason would say.
+    let mut reason = BootReason::PowerOn;
 
     while !handle.0.stopped.get() {
+        // A cut (from any path) means this boot is a power-on.
+        let boot_reason = if handle.powered() {
+            std::mem::replace(&mut reason, BootReason::SoftwareReset)
+        } else {
+            BootReason::PowerOn
+        };
+        reason = BootReason::SoftwareReset;
         // Power on.
         flash.power_on();
         handle.0.powered.set(true);
@@ -457,7 +505,10 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
         let outcome = match bootloader.boot(&mut pflash) {
             Ok(o) => o,
             // The power went while the bootloader wrote otadata.
-            Err(_) => continue,
+            Err(_) => {
+                reason = BootReason::PowerOn;
+                continue;
+            }
         };
         let version = outcome
             .image
@@ -485,6 +536,8 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
                 if handle.powered() {
                     log::error!("{}: early boot failed: {e:?}", cfg.id);
                     tokio::time::sleep(StdDuration::from_secs(1)).await;
+                } else {
+                    reason = BootReason::PowerOn;
                 }
                 continue;
             }
@@ -499,11 +552,13 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
             Verdict::Trial if version.ends_with("+crash") => {
                 // Dies right after the guard marked the trial.
                 tokio::time::sleep(StdDuration::from_millis(50)).await;
+                reason = BootReason::Panic;
                 continue;
             }
             Verdict::Trial if version.ends_with("+hang") => {
                 // Never gets anywhere; the trial watchdog resets it.
                 tokio::time::sleep(cfg.watchdog).await;
+                reason = BootReason::Watchdog;
                 continue;
             }
             _ => {}
@@ -514,6 +569,7 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
             slot,
             unhealthy: version.ends_with("+unhealthy"),
             reboot: reboot.clone(),
+            boot_reason,
         };
         let mut link = VirtualLink {
             handle: handle.clone(),
@@ -541,7 +597,11 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
         tokio::select! {
             _ = runtime => {}
             _ = reboot.notified() => {}
-            _ = power_or_stop => {}
+            _ = power_or_stop => {
+                if !handle.powered() {
+                    reason = BootReason::PowerOn;
+                }
+            }
         }
     }
     Ok(())
@@ -580,6 +640,7 @@ pub fn runtime_future_size() -> usize {
         slot: Slot::Ota0,
         unhealthy: false,
         reboot: Rc::new(Notify::new()),
+        boot_reason: BootReason::PowerOn,
     };
     let mut link = VirtualLink { handle };
     let fut = mqota_runtime::run(

@@ -40,6 +40,8 @@ enum Command {
     Rollback(cmd::fleet::DeviceCommandArgs),
     /// Stop the update in flight on these devices.
     Cancel(cmd::fleet::DeviceCommandArgs),
+    /// A device's field log (boots, job phases, connection losses, ...).
+    Logs(cmd::logs::LogsArgs),
     /// Try it all on this machine: a broker, a firmware server and virtual
     /// devices; a good update, then a bad one that every device rolls back.
     Demo(cmd::demo::DemoArgs),
@@ -58,6 +60,7 @@ fn main() -> std::process::ExitCode {
         Command::Watch(c) => c.run(),
         Command::Rollback(c) => c.run(true),
         Command::Cancel(c) => c.run(false),
+        Command::Logs(c) => c.run(),
         Command::Demo(c) => c.run(),
     };
     match result {

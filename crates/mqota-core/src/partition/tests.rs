@@ -250,11 +250,13 @@ fn an_entry_after_the_md5_entry_is_refused() {
     let t = default_table();
     let mut bin = t.to_bytes();
     let n = t.partitions().len() * ENTRY_LEN;
-    let extra = data("extra", SubType::FAT, 0x3d0000, 0x1000).to_bytes();
+    let extra = data("extra", SubType::FAT, 0x3e0000, 0x1000).to_bytes();
     bin[n + ENTRY_LEN..n + 2 * ENTRY_LEN].copy_from_slice(&extra);
     assert_eq!(
         PartitionTable::from_bytes(&bin),
-        Err(Error::EntryAfterMd5 { entry: 6 })
+        Err(Error::EntryAfterMd5 {
+            entry: t.partitions().len() + 1
+        })
     );
 }
 

@@ -11,7 +11,7 @@ use core::str::FromStr;
 use heapless::String;
 use serde::{Deserialize, Serialize};
 
-use super::{JobId, Topics, MAX_DEVICE_ID_LEN, MAX_JOB_ID_LEN, MAX_MESSAGE_LEN};
+use super::{BootReason, JobId, Topics, MAX_DEVICE_ID_LEN, MAX_JOB_ID_LEN, MAX_MESSAGE_LEN};
 
 /// Where an update stands, as published in [`Progress::phase`].
 ///
@@ -345,6 +345,15 @@ pub struct Status {
     /// `false`, and a controller offers them only `http://` URLs.
     #[serde(default)]
     pub https: bool,
+    /// Why the running firmware started (`power_on`, `software_reset`,
+    /// `watchdog`, `panic`, ...). Absent in the status of older devices.
+    #[serde(default)]
+    pub boot_reason: Option<BootReason>,
+    /// The number of the newest record in the device log when the status
+    /// was published (`None`: no record, or no usable log). Absent in the
+    /// status of older devices.
+    #[serde(default)]
+    pub log_newest: Option<u32>,
 }
 
 /// How the most recent job ended, as kept in [`Status::last`].
@@ -387,12 +396,12 @@ impl std::error::Error for EncodeError {}
 
 /// Worst-case JSON length of a string field of `n` bytes: quotes, and every
 /// byte a control character written as `\u00XX`.
-const fn json_str(n: usize) -> usize {
+pub(super) const fn json_str(n: usize) -> usize {
     2 + 6 * n
 }
 
 /// JSON length of the longest of `names` (which need no escaping), quoted.
-const fn name(names: &[&str]) -> usize {
+pub(super) const fn name(names: &[&str]) -> usize {
     2 + longest(names)
 }
 
@@ -429,7 +438,7 @@ const ERROR_NAMES: [&str; ErrorCode::ALL.len()] = {
 };
 
 /// Length of `"4294967295"`, the longest `u32`.
-const U32_DIGITS: usize = 10;
+pub(super) const U32_DIGITS: usize = 10;
 
 /// A buffer this long always holds [`Progress::to_json`]'s output.
 pub const MAX_PROGRESS_JSON: usize =
@@ -445,7 +454,7 @@ pub const MAX_PROGRESS_JSON: usize =
 
 /// A buffer this long always holds [`Status::to_json`]'s output.
 pub const MAX_STATUS_JSON: usize =
-    r#"{"device":,"chip":,"project":,"version":,"slot":,"state":,"last":{"job":,"result":,"error":},"https":}"#
+    r#"{"device":,"chip":,"project":,"version":,"slot":,"state":,"last":{"job":,"result":,"error":},"https":,"boot_reason":,"log_newest":}"#
         .len()
         + json_str(MAX_DEVICE_ID_LEN)
         + json_str(16)
@@ -456,7 +465,19 @@ pub const MAX_STATUS_JSON: usize =
         + json_str(MAX_JOB_ID_LEN)
         + name(&PHASE_NAMES)
         + name(&ERROR_NAMES)
-        + "false".len();
+        + "false".len()
+        + name(&BOOT_REASON_NAMES)
+        + U32_DIGITS;
+
+const BOOT_REASON_NAMES: [&str; BootReason::ALL.len()] = {
+    let mut names = [""; BootReason::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = BootReason::ALL[i].as_str();
+        i += 1;
+    }
+    names
+};
 
 #[cfg(test)]
 mod tests {
@@ -503,6 +524,8 @@ mod tests {
                 error: Some(ErrorCode::HealthCheckFailed),
             }),
             https: false,
+            boot_reason: Some(BootReason::Watchdog),
+            log_newest: Some(41),
         }
     }
 
@@ -591,6 +614,8 @@ mod tests {
             Status {
                 slot: None,
                 last: None,
+                boot_reason: None,
+                log_newest: None,
                 ..sample_status()
             },
         ] {
@@ -606,7 +631,7 @@ mod tests {
         let n = sample_status().to_json(&mut buf).unwrap();
         assert_eq!(
             core::str::from_utf8(&buf[..n]).unwrap(),
-            r#"{"device":"c3-a1b2c3","chip":"esp32c3","project":"blinky","version":"1.2.0","slot":1,"state":"pending_verify","last":{"job":"job-7","result":"rolled_back","error":"health_check_failed"},"https":false}"#
+            r#"{"device":"c3-a1b2c3","chip":"esp32c3","project":"blinky","version":"1.2.0","slot":1,"state":"pending_verify","last":{"job":"job-7","result":"rolled_back","error":"health_check_failed"},"https":false,"boot_reason":"watchdog","log_newest":41}"#
         );
     }
 
@@ -661,6 +686,8 @@ mod tests {
                 error: Some(ErrorCode::HealthCheckFailed),
             }),
             https: false,
+            boot_reason: Some(BootReason::SoftwareReset),
+            log_newest: Some(u32::MAX),
         };
         let mut buf = [0u8; MAX_STATUS_JSON];
         let n = status.to_json(&mut buf).unwrap();

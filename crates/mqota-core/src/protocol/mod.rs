@@ -20,6 +20,8 @@
 //! | `{prefix}/progress` | devices → old tooling | 0 | no | a copy of each [`Progress`] (switchable off) |
 //! | `{prefix}/{id}/status` | device → controller | 1 | yes | [`Status`]: the device's last real state |
 //! | `{prefix}/{id}/availability` | device → controller | 1 | yes | [`ONLINE`] / [`OFFLINE`]; the MQTT will is `offline` |
+//! | `{prefix}/{id}/logs/get` | controller → one device | 1 | no | [`LogsGet`] |
+//! | `{prefix}/{id}/logs` | device → controller | 0 | no | [`LogsChunk`]s answering a `logs/get` |
 //!
 //! # Bounds
 //!
@@ -30,12 +32,17 @@
 
 mod command;
 mod events;
+mod logs;
 mod topics;
 
 pub use command::{parse_command, BadCommand, Command, CommandOutcome, Job, JobId};
 pub use events::{
     truncated, EncodeError, ErrorCode, LastResult, Phase, Progress, Status, UnknownName,
     MAX_PROGRESS_JSON, MAX_STATUS_JSON,
+};
+pub use logs::{
+    BootReason, LogLevel, LogRecord, LogsChunk, LogsGet, DEFAULT_LOGS_MAX, LOGS_PER_CHUNK,
+    MAX_LOGS_CHUNK_JSON, MAX_LOGS_PER_GET, MAX_LOGS_REQUEST_ID, MAX_LOG_MSG,
 };
 pub use topics::{parse_device_topic, DeviceTopic, TopicError, TopicKind, Topics, OFFLINE, ONLINE};
 

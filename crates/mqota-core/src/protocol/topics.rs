@@ -88,6 +88,8 @@ const ROLLBACK: &str = "ota/rollback";
 const STATUS: &str = "status";
 const PROGRESS: &str = "progress";
 const AVAILABILITY: &str = "availability";
+const LOGS_GET: &str = "logs/get";
+const LOGS: &str = "logs";
 
 /// What a device publishes on one of its own topics
 /// (`{prefix}/{id}/{what}`), as a controller reads it back.
@@ -220,6 +222,24 @@ impl Topics {
         self.join(&[&self.prefix, "/", &self.device, "/", STATUS])
     }
 
+    /// `{prefix}/{id}/logs/get`: requests for this device's log
+    /// ([`LogsGet`](super::LogsGet)). Subscribed like a command topic (QoS 1,
+    /// no retained replay); a retained request is dropped unread.
+    pub fn logs_get(&self) -> String<MAX_TOPIC_LEN> {
+        self.join(&[&self.prefix, "/", &self.device, "/", LOGS_GET])
+    }
+
+    /// `{prefix}/{id}/logs`: the chunks answering a `logs/get`
+    /// ([`LogsChunk`](super::LogsChunk)), QoS 0, never retained.
+    pub fn logs(&self) -> String<MAX_TOPIC_LEN> {
+        self.join(&[&self.prefix, "/", &self.device, "/", LOGS])
+    }
+
+    /// Whether `topic` is this device's `{prefix}/{id}/logs/get`.
+    pub fn is_logs_get(&self, topic: &str) -> bool {
+        topic == self.logs_get().as_str()
+    }
+
     /// `{prefix}/+/status`: the filter a controller subscribes to for the
     /// status of every device.
     pub fn status_filter(&self) -> String<MAX_TOPIC_LEN> {
@@ -241,13 +261,14 @@ impl Topics {
     }
 
     /// The topics a device subscribes to (all QoS 1): start for everyone,
-    /// then start, cancel and rollback for this device.
-    pub fn subscriptions(&self) -> [String<MAX_TOPIC_LEN>; 4] {
+    /// then start, cancel, rollback and logs/get for this device.
+    pub fn subscriptions(&self) -> [String<MAX_TOPIC_LEN>; 5] {
         [
             self.start_all(),
             self.start_device(),
             self.cancel(),
             self.rollback(),
+            self.logs_get(),
         ]
     }
 
@@ -338,16 +359,23 @@ mod tests {
     fn a_device_subscribes_to_exactly_the_topics_it_classifies_as_commands() {
         let t = topics();
         let subs = t.subscriptions();
-        let kinds: [Option<TopicKind>; 4] = core::array::from_fn(|i| t.classify(&subs[i]));
+        let kinds: [Option<TopicKind>; 5] = core::array::from_fn(|i| t.classify(&subs[i]));
         assert_eq!(
             kinds,
             [
                 Some(TopicKind::Start),
                 Some(TopicKind::Start),
                 Some(TopicKind::Cancel),
-                Some(TopicKind::Rollback)
+                Some(TopicKind::Rollback),
+                // Not a command: the device answers it from its log.
+                None,
             ]
         );
+        assert!(t.is_logs_get(&subs[4]));
+        assert_eq!(subs[4], "device/c3-a1b2c3/logs/get");
+        assert_eq!(t.logs(), "device/c3-a1b2c3/logs");
+        assert!(!t.is_logs_get("device/c3-ffffff/logs/get"));
+        assert!(!t.is_logs_get("device/c3-a1b2c3/logs"));
     }
 
     #[test]

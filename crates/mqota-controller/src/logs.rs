@@ -1,0 +1,247 @@
+//! Reading a device's field log over MQTT: publish a request on
+//! `{prefix}/{id}/logs/get`, gather the chunks the device answers on
+//! `{prefix}/{id}/logs` (QoS 0, numbered by `seq`), and ask again from the
+//! last record received when a chunk went missing.
+
+use std::time::Duration;
+
+use mqota_core::protocol::{LogRecord, LogsChunk, LogsGet, Topics};
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use tokio::sync::mpsc;
+
+use crate::url::BrokerUrl;
+
+/// Why the log could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogsError {
+    /// The prefix or device id cannot be used in a topic.
+    #[error("{what}: {rule}")]
+    BadTopic {
+        /// What was wrong (`bad device id`, ...).
+        what: String,
+        /// The rule it breaks.
+        rule: String,
+    },
+    /// The broker could not be reached or refused the subscription.
+    #[error("cannot reach the broker at {url}: {reason}")]
+    Connect {
+        /// The broker.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The device did not answer (it is offline, or too old to keep a log).
+    #[error("device {device} did not answer within {secs} s (offline, or without a field log?)")]
+    NoAnswer {
+        /// The device.
+        device: String,
+        /// How long we waited.
+        secs: u64,
+    },
+}
+
+/// What one fetch found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fetched {
+    /// The records, oldest first.
+    pub records: Vec<LogRecord>,
+    /// The newest record the device holds, as it said.
+    pub newest: Option<u32>,
+    /// Chunks that never arrived even after asking again (records may be
+    /// missing between the ones returned).
+    pub lost_chunks: u32,
+}
+
+/// A connection that reads one device's log.
+pub struct LogReader {
+    client: AsyncClient,
+    topics: Topics,
+    chunks: mpsc::UnboundedReceiver<LogsChunk>,
+    task: tokio::task::JoinHandle<()>,
+    next_request: u32,
+}
+
+impl Drop for LogReader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl LogReader {
+    /// Connects and subscribes to `{prefix}/{id}/logs`.
+    pub async fn connect(url: &BrokerUrl, prefix: &str, device: &str) -> Result<Self, LogsError> {
+        let topics = Topics::new(prefix, device).map_err(|e| LogsError::BadTopic {
+            what: e.to_string(),
+            rule: e.rule().to_string(),
+        })?;
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let client_id = format!("mqota-logs-{}-{nonce:x}", std::process::id());
+        let mut o = MqttOptions::new(client_id, url.host.clone(), url.port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_start(true);
+        o.set_max_packet_size(Some(1024 * 1024));
+        if let Some(u) = &url.username {
+            o.set_credentials(u.clone(), url.password.clone().unwrap_or_default());
+        }
+        let (client, mut ev) = AsyncClient::new(o, 64);
+        let (tx, chunks) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+        let filter = topics.logs().to_string();
+        let task = {
+            let client = client.clone();
+            let device = device.to_owned();
+            tokio::spawn(async move {
+                let mut ready = Some(ready_tx);
+                loop {
+                    match ev.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            if let Some(r) = ready.take() {
+                                let _ = r.send(Ok(()));
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            if let Ok(c) = serde_json::from_slice::<LogsChunk>(&p.payload) {
+                                // Believe only the device the topic names.
+                                if c.device.as_str() == device {
+                                    let _ = tx.send(c);
+                                }
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => match ready.take() {
+                            Some(r) => {
+                                let _ = r.send(Err(e.to_string()));
+                                return;
+                            }
+                            None => tokio::time::sleep(Duration::from_millis(500)).await,
+                        },
+                    }
+                }
+            })
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .map_err(|_| "no answer within 10 s".to_owned())
+            .and_then(|r| r.unwrap_or_else(|_| Err("event loop ended".to_owned())));
+        if let Err(reason) = outcome {
+            task.abort();
+            return Err(LogsError::Connect {
+                url: url.to_string(),
+                reason,
+            });
+        }
+        Ok(Self {
+            client,
+            topics,
+            chunks,
+            task,
+            next_request: 0,
+        })
+    }
+
+    /// Asks for the records `req` names and gathers the answer. A missing
+    /// chunk, or no answer at all (a device in a download answers when it
+    /// ends), is
+    /// asked for again from the last record received, twice at most; a
+    /// chunk still missing is counted in [`Fetched::lost_chunks`]. Waits at
+    /// most `wait` for each answer.
+    pub async fn fetch(&mut self, req: &LogsGet, wait: Duration) -> Result<Fetched, LogsError> {
+        let mut out = Fetched::default();
+        let mut want = req.clone();
+        let limit = req.limit() as usize;
+        let mut answered = false;
+        for _ in 0..3 {
+            self.next_request += 1;
+            let id = format!("r{}-{}", std::process::id() % 100_000, self.next_request);
+            want.id = Some(heapless::String::try_from(id.as_str()).unwrap_or_default());
+            want.max = Some((limit - out.records.len()).max(1) as u16);
+            let payload = serde_json::to_vec(&want).expect("a request serialises");
+            let _ = self
+                .client
+                .publish(
+                    self.topics.logs_get().to_string(),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .await;
+            let mut expected = 0u16;
+            let mut complete = false;
+            let mut heard = false;
+            let deadline = tokio::time::Instant::now() + wait;
+            while let Ok(Some(c)) = tokio::time::timeout_at(deadline, self.chunks.recv()).await {
+                if c.id.as_deref() != Some(id.as_str()) {
+                    continue;
+                }
+                heard = true;
+                out.newest = c.newest;
+                if c.seq != expected {
+                    // A chunk went missing: keep what came before it.
+                    break;
+                }
+                expected += 1;
+                out.records.extend(c.records);
+                if c.last {
+                    complete = true;
+                    break;
+                }
+            }
+            if !heard {
+                // A device answers a request that arrives during a
+                // download when the download ends: ask again.
+                continue;
+            }
+            answered = true;
+            if complete || out.records.len() >= limit {
+                out.lost_chunks = 0;
+                return Ok(out);
+            }
+            if let Some(last) = out.records.last() {
+                want.since = Some(last.n + 1);
+            }
+            out.lost_chunks += 1;
+        }
+        if !answered {
+            return Err(LogsError::NoAnswer {
+                device: self.topics.device_id().to_owned(),
+                secs: wait.as_secs() * 3,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Connects, fetches once, disconnects.
+pub async fn fetch_logs(
+    url: &BrokerUrl,
+    prefix: &str,
+    device: &str,
+    req: &LogsGet,
+    wait: Duration,
+) -> Result<Fetched, LogsError> {
+    LogReader::connect(url, prefix, device)
+        .await?
+        .fetch(req, wait)
+        .await
+}
+
+/// One record as a line: `#n boot b +ms level message`.
+pub fn format_record(r: &LogRecord) -> String {
+    format!(
+        "#{:<6} boot {:<4} {:>10.3}s {:<5} {}",
+        r.n,
+        r.boot,
+        r.ms as f64 / 1000.0,
+        r.level.as_str(),
+        r.msg
+    )
+}
