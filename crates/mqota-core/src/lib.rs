@@ -20,3 +20,4 @@ pub mod journal;
 pub mod otadata;
 pub mod partition;
 pub mod protocol;
+pub mod signature;
