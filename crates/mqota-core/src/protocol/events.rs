@@ -345,6 +345,12 @@ pub struct Status {
     /// `false`, and a controller offers them only `http://` URLs.
     #[serde(default)]
     pub https: bool,
+    /// Whether the device activates only images signed by a key it trusts
+    /// (Secure Boot V2 signature blocks; it refuses others with
+    /// `bad_signature`). `false`: it was built without trusted keys and
+    /// takes unsigned images. Devices that predate the field read as `false`.
+    #[serde(default)]
+    pub signed_only: bool,
 }
 
 /// How the most recent job ended, as kept in [`Status::last`].
@@ -445,7 +451,7 @@ pub const MAX_PROGRESS_JSON: usize =
 
 /// A buffer this long always holds [`Status::to_json`]'s output.
 pub const MAX_STATUS_JSON: usize =
-    r#"{"device":,"chip":,"project":,"version":,"slot":,"state":,"last":{"job":,"result":,"error":},"https":}"#
+    r#"{"device":,"chip":,"project":,"version":,"slot":,"state":,"last":{"job":,"result":,"error":},"https":,"signed_only":}"#
         .len()
         + json_str(MAX_DEVICE_ID_LEN)
         + json_str(16)
@@ -456,6 +462,7 @@ pub const MAX_STATUS_JSON: usize =
         + json_str(MAX_JOB_ID_LEN)
         + name(&PHASE_NAMES)
         + name(&ERROR_NAMES)
+        + "false".len()
         + "false".len();
 
 #[cfg(test)]
@@ -503,6 +510,7 @@ mod tests {
                 error: Some(ErrorCode::HealthCheckFailed),
             }),
             https: false,
+            signed_only: true,
         }
     }
 
@@ -606,7 +614,7 @@ mod tests {
         let n = sample_status().to_json(&mut buf).unwrap();
         assert_eq!(
             core::str::from_utf8(&buf[..n]).unwrap(),
-            r#"{"device":"c3-a1b2c3","chip":"esp32c3","project":"blinky","version":"1.2.0","slot":1,"state":"pending_verify","last":{"job":"job-7","result":"rolled_back","error":"health_check_failed"},"https":false}"#
+            r#"{"device":"c3-a1b2c3","chip":"esp32c3","project":"blinky","version":"1.2.0","slot":1,"state":"pending_verify","last":{"job":"job-7","result":"rolled_back","error":"health_check_failed"},"https":false,"signed_only":true}"#
         );
     }
 
@@ -615,8 +623,10 @@ mod tests {
         let old = r#"{"device":"d","online":true,"chip":"esp32c3","project":"p","version":"1.0.0","slot":0,"state":"valid","last":null}"#;
         let status: Status = serde_json::from_str(old).unwrap();
         assert!(!status.https);
+        assert!(!status.signed_only);
         let (status, _) = serde_json_core::from_str::<Status>(old).unwrap();
         assert!(!status.https);
+        assert!(!status.signed_only);
         let with = old.replace("null}", r#"null,"https":true}"#);
         let (status, _) = serde_json_core::from_str::<Status>(&with).unwrap();
         assert!(status.https);
@@ -661,6 +671,7 @@ mod tests {
                 error: Some(ErrorCode::HealthCheckFailed),
             }),
             https: false,
+            signed_only: false,
         };
         let mut buf = [0u8; MAX_STATUS_JSON];
         let n = status.to_json(&mut buf).unwrap();

@@ -275,7 +275,28 @@ impl core::fmt::Debug for TrustPolicy {
     }
 }
 
+impl PartialEq for TrustPolicy {
+    fn eq(&self, other: &Self) -> bool {
+        let same_verifier = match (self.verifier, other.verifier) {
+            (Some(a), Some(b)) => core::ptr::addr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        self.keys == other.keys && same_verifier
+    }
+}
+
+impl Eq for TrustPolicy {}
+
 impl TrustPolicy {
+    /// Trusts no key: unsigned images are accepted. A `const fn`, for
+    /// build-time configuration.
+    pub const fn none() -> Self {
+        Self {
+            keys: Vec::new(),
+            verifier: None,
+        }
+    }
+
     /// A policy trusting `keys` (more than [`MAX_BLOCKS`] are cut off), checked by `verifier`.
     pub fn new(keys: &[KeyDigest], verifier: &'static dyn SignatureVerifier) -> Self {
         Self {
