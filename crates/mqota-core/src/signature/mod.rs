@@ -311,6 +311,64 @@ impl TrustPolicy {
     }
 }
 
+/// Reads up to [`MAX_BLOCKS`] key digests written as 64 hex digits each,
+/// separated by commas (spaces around them allowed; empty text is no key).
+/// A `const fn`, so firmware can take its trusted keys from a build-time
+/// variable and fail the build on a typo. Returns the digests and how many
+/// were given, or `None` for malformed text or more than three keys.
+pub const fn parse_key_list(text: &str) -> Option<([KeyDigest; MAX_BLOCKS], usize)> {
+    let b = text.as_bytes();
+    let mut keys = [[0u8; 32]; MAX_BLOCKS];
+    let mut count = 0;
+    let mut i = 0;
+    loop {
+        while i < b.len() && b[i] == b' ' {
+            i += 1;
+        }
+        if i == b.len() {
+            // Empty text, or a trailing comma after a key.
+            return if count == 0 || b[b.len() - 1] != b',' {
+                Some((keys, count))
+            } else {
+                None
+            };
+        }
+        if count == MAX_BLOCKS || i + 64 > b.len() {
+            return None;
+        }
+        let mut j = 0;
+        while j < 32 {
+            let (Some(hi), Some(lo)) = (hex_digit(b[i + 2 * j]), hex_digit(b[i + 2 * j + 1]))
+            else {
+                return None;
+            };
+            keys[count][j] = hi << 4 | lo;
+            j += 1;
+        }
+        count += 1;
+        i += 64;
+        while i < b.len() && b[i] == b' ' {
+            i += 1;
+        }
+        if i == b.len() {
+            return Some((keys, count));
+        }
+        if b[i] != b',' {
+            return None;
+        }
+        i += 1;
+    }
+}
+
+const fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
 /// Why an image was refused; the engine fails the job with `bad_signature`
 /// and [`Refusal::reason`] as its message. In every case the image is not
 /// activated: report, do not retry the same file.

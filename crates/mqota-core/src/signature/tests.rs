@@ -50,6 +50,29 @@ fn espsecure_blocks_parse_with_its_key_digests_and_crcs() {
 }
 
 #[test]
+fn key_lists_read_like_the_build_variable_is_written() {
+    let (a, b) = (rsa_key(), ec_key());
+    let text = std::format!("{} , {}", hex::encode(a), hex::encode_upper(b));
+    let (keys, n) = parse_key_list(&text).unwrap();
+    assert_eq!((n, keys[0], keys[1]), (2, a, b));
+    assert_eq!(parse_key_list("").unwrap().1, 0);
+    assert_eq!(parse_key_list("  ").unwrap().1, 0);
+    let one = hex::encode(a);
+    assert_eq!(parse_key_list(&one).unwrap().1, 1);
+    for bad in [
+        std::format!("{one},"),
+        std::format!(",{one}"),
+        std::format!("{one},{one},{one},{one}"),
+        one[..63].into(),
+        std::format!("{one}0"),
+        std::format!("{}g", &one[..63]),
+        std::format!("{one};{one}"),
+    ] {
+        assert_eq!(parse_key_list(&bad), None, "{bad:?}");
+    }
+}
+
+#[test]
 fn a_policy_without_keys_accepts_anything() {
     assert_eq!(
         check(&TrustPolicy::default(), Chip::Esp32c3, None, &[0; 32]),

@@ -443,10 +443,10 @@ fn verify(mut trust: Vec<[u8; 32]>, keys: &[PathBuf], image: &Path) -> anyhow::R
     info.verify()
         .with_context(|| format!("{}", image.display()))?;
     println!(
-        "{}: signature verified ({} chip, {} ms)",
+        "{}: signature verified ({} chip, {:.2} ms)",
         image.display(),
         info.chip,
-        took.as_millis()
+        took.as_secs_f64() * 1000.0
     );
     Ok(())
 }
