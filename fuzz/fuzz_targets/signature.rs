@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(verdict, check(&policy, chip, Some(&sector), &digest));
         match verdict {
             Ok(()) => assert!(parsed.iter().flatten().any(|b| b.scheme().supported_on(chip)
-                && policy.keys.contains(&b.key_digest())
+                && policy.keys().contains(&b.key_digest())
                 && b.crc_valid()
                 && b.image_digest() == digest)),
             Err(Refusal::NoSignature) => assert!(parsed.is_empty()),

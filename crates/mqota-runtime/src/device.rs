@@ -261,7 +261,7 @@ where
     engine_cfg.timeout_ms = cfg.update_timeout.as_millis();
     engine_cfg.stall_timeout_ms = cfg.stall_timeout.as_millis();
     engine_cfg.progress_interval_ms = cfg.progress_interval.as_millis();
-    engine_cfg.trust = cfg.trust.clone();
+    engine_cfg.trust = cfg.trust;
     // Download retries draw their jitter from the device's seed too, mixed
     // apart from the reconnect generator's.
     engine_cfg.seed = cfg.seed.rotate_left(16) ^ now_ms() as u32 ^ 0x5bd1_e995;

@@ -37,7 +37,6 @@
 
 use crate::image::Chip;
 use crc::{Crc, CRC_32_ISO_HDLC};
-use heapless::Vec;
 use sha2::{Digest, Sha256};
 
 #[cfg(feature = "soft-verify")]
@@ -258,18 +257,20 @@ pub trait SignatureVerifier: Sync {
 /// What a device trusts. With no keys it accepts unsigned images (and says
 /// so: `signed_only: false` in its status); with keys it accepts only images
 /// signed by one of them.
-#[derive(Clone, Default)]
+///
+/// Plain arrays, no destructor: a `DeviceConfig` holding one stays usable
+/// in a `const`.
+#[derive(Clone, Copy, Default)]
 pub struct TrustPolicy {
-    /// Digests of the trusted public keys (at most three, like the eFuses).
-    pub keys: Vec<KeyDigest, MAX_BLOCKS>,
-    /// The arithmetic; without one a policy with keys refuses every image.
-    pub verifier: Option<&'static dyn SignatureVerifier>,
+    keys: [KeyDigest; MAX_BLOCKS],
+    len: u8,
+    verifier: Option<&'static dyn SignatureVerifier>,
 }
 
 impl core::fmt::Debug for TrustPolicy {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("TrustPolicy")
-            .field("keys", &self.keys.len())
+            .field("keys", &self.len)
             .field("verifier", &self.verifier.is_some())
             .finish()
     }
@@ -281,7 +282,7 @@ impl PartialEq for TrustPolicy {
             (Some(a), Some(b)) => core::ptr::addr_eq(a, b),
             (a, b) => a.is_none() && b.is_none(),
         };
-        self.keys == other.keys && same_verifier
+        self.keys() == other.keys() && same_verifier
     }
 }
 
@@ -292,22 +293,35 @@ impl TrustPolicy {
     /// build-time configuration.
     pub const fn none() -> Self {
         Self {
-            keys: Vec::new(),
+            keys: [[0; 32]; MAX_BLOCKS],
+            len: 0,
             verifier: None,
         }
     }
 
     /// A policy trusting `keys` (more than [`MAX_BLOCKS`] are cut off), checked by `verifier`.
     pub fn new(keys: &[KeyDigest], verifier: &'static dyn SignatureVerifier) -> Self {
-        Self {
-            keys: keys.iter().take(MAX_BLOCKS).copied().collect(),
-            verifier: Some(verifier),
-        }
+        let mut p = Self::none();
+        let len = keys.len().min(MAX_BLOCKS);
+        p.keys[..len].copy_from_slice(&keys[..len]);
+        p.len = len as u8;
+        p.verifier = Some(verifier);
+        p
+    }
+
+    /// The trusted key digests.
+    pub fn keys(&self) -> &[KeyDigest] {
+        &self.keys[..self.len as usize]
+    }
+
+    /// The arithmetic, if one was given.
+    pub fn verifier(&self) -> Option<&'static dyn SignatureVerifier> {
+        self.verifier
     }
 
     /// Whether only signed images are accepted: true once any key is trusted.
     pub fn signed_only(&self) -> bool {
-        !self.keys.is_empty()
+        self.len > 0
     }
 }
 
@@ -427,7 +441,7 @@ pub fn check(
     if !policy.signed_only() {
         return Ok(());
     }
-    let Some(verifier) = policy.verifier else {
+    let Some(verifier) = policy.verifier() else {
         return Err(Refusal::NoVerifier);
     };
     let Some(sector) = sector else {
@@ -439,7 +453,7 @@ pub fn check(
             worst = worst_of(worst, Refusal::UnknownKey);
             continue;
         };
-        if !block.scheme().supported_on(chip) || !policy.keys.contains(&block.key_digest()) {
+        if !block.scheme().supported_on(chip) || !policy.keys().contains(&block.key_digest()) {
             worst = worst_of(worst, Refusal::UnknownKey);
             continue;
         }

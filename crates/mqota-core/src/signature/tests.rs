@@ -32,6 +32,24 @@ fn padded_digest(file: &[u8]) -> [u8; 32] {
     Sha256::digest(&file[..file.len() - SECTOR_LEN]).into()
 }
 
+/// A verifier that must never be asked.
+struct Never;
+impl SignatureVerifier for Never {
+    fn verify_rsa3072_pss(&self, _: &[u8; 384], _: u32, _: &[u8; 32], _: &[u8; 384]) -> bool {
+        unreachable!()
+    }
+    fn verify_ecdsa_p256(
+        &self,
+        _: &[u8; 32],
+        _: &[u8; 32],
+        _: &[u8; 32],
+        _: &[u8; 32],
+        _: &[u8; 32],
+    ) -> bool {
+        unreachable!()
+    }
+}
+
 #[test]
 fn espsecure_blocks_parse_with_its_key_digests_and_crcs() {
     let b: std::vec::Vec<_> = blocks(sector(ROTATED)).map(Result::unwrap).collect();
@@ -82,10 +100,8 @@ fn a_policy_without_keys_accepts_anything() {
 
 #[test]
 fn a_policy_with_keys_but_no_verifier_refuses() {
-    let policy = TrustPolicy {
-        keys: [rsa_key()].into_iter().collect(),
-        verifier: None,
-    };
+    let mut policy = TrustPolicy::new(&[rsa_key()], &Never);
+    policy.verifier = None;
     let s = sector(RSA_SIGNED);
     assert_eq!(
         check(&policy, Chip::Esp32c3, Some(s), &padded_digest(RSA_SIGNED)),
@@ -95,22 +111,6 @@ fn a_policy_with_keys_but_no_verifier_refuses() {
 
 #[test]
 fn an_empty_sector_is_no_signature() {
-    struct Never;
-    impl SignatureVerifier for Never {
-        fn verify_rsa3072_pss(&self, _: &[u8; 384], _: u32, _: &[u8; 32], _: &[u8; 384]) -> bool {
-            unreachable!()
-        }
-        fn verify_ecdsa_p256(
-            &self,
-            _: &[u8; 32],
-            _: &[u8; 32],
-            _: &[u8; 32],
-            _: &[u8; 32],
-            _: &[u8; 32],
-        ) -> bool {
-            unreachable!()
-        }
-    }
     let policy = TrustPolicy::new(&[rsa_key()], &Never);
     let empty = [0xFF; SECTOR_LEN];
     assert_eq!(
