@@ -1492,6 +1492,62 @@ async fn an_image_signed_by_espsecure_with_two_keys_updates_a_device_trusting_on
     .await;
 }
 
+/// Golden: an ECDSA P-256 key and signature made by espsecure, on an
+/// ESP32-C6 (whose ROM checks ECDSA), trusting espsecure's digest.
+#[tokio::test(flavor = "current_thread")]
+async fn an_image_signed_by_espsecure_with_an_ecdsa_key_updates_a_c6_trusting_it() {
+    let broker = TestBroker::mosquitto();
+    local(async {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+        std::fs::write(p("v2.bin"), image_for(Chip::Esp32c6, "1.1.0", 150_000)).unwrap();
+        espsecure(&[
+            "generate-signing-key",
+            "--version",
+            "2",
+            "--scheme",
+            "ecdsa256",
+            &p("ec.pem"),
+        ]);
+        espsecure(&[
+            "sign-data",
+            "--version",
+            "2",
+            "--keyfile",
+            &p("ec.pem"),
+            "--output",
+            &p("signed.bin"),
+            &p("v2.bin"),
+        ]);
+        espsecure(&[
+            "digest-sbv2-public-key",
+            "--keyfile",
+            &p("ec.pem"),
+            "--output",
+            &p("ec.digest"),
+        ]);
+        let digest: [u8; 32] = std::fs::read(p("ec.digest")).unwrap().try_into().unwrap();
+        let signed = std::fs::read(p("signed.bin")).unwrap();
+        let http = FileServer::start(&[("signed.bin", &signed)]).await;
+        let obs = broker.observe("device/#").await;
+        let mut cfg = config(&broker, "dev-c6");
+        cfg.chip = Chip::Esp32c6;
+        cfg.trusted_keys = vec![digest];
+        let dev = start(cfg);
+        online(&obs, "dev-c6", "1.0.0").await;
+        broker
+            .publish(
+                "device/dev-c6/ota/start",
+                http.url("signed.bin").as_bytes(),
+                false,
+            )
+            .await;
+        online(&obs, "dev-c6", "1.1.0").await;
+        dev.stop();
+    })
+    .await;
+}
+
 on_both_brokers!(
     a_device_trusting_a_key_refuses_every_image_its_key_did_not_sign_and_takes_the_next_good_one
 );
