@@ -33,7 +33,7 @@
 //!
 //! The arithmetic comes through [`SignatureVerifier`], so a chip can plug in
 //! its RSA and ECC accelerators; the `soft-verify` feature provides
-//! [`SoftVerifier`] from the `rsa` and `p256` crates (RSA needs an allocator).
+//! `SoftVerifier` from the `rsa` and `p256` crates (RSA needs an allocator).
 
 use crate::image::Chip;
 use crc::{Crc, CRC_32_ISO_HDLC};
