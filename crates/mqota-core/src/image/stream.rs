@@ -100,6 +100,17 @@ pub enum ImageError {
         /// Length of the image; the extra bytes started here.
         len: u32,
     },
+    /// Bytes follow the image but stop short of a whole signature sector
+    /// (0xFF padding to 4 KiB, then 4 KiB): a cut signed file, or padding
+    /// without a signature.
+    IncompleteSignatureSector {
+        /// Length of the image; the extra bytes started here.
+        len: u32,
+        /// Bytes of the file.
+        seen: u32,
+        /// Length the file would have with its signature sector.
+        expected: u32,
+    },
     /// The XOR checksum byte does not match the segment data.
     BadChecksum {
         /// Checksum byte in the image.
@@ -155,6 +166,11 @@ impl fmt::Display for ImageError {
             ImageError::TrailingData { len } => {
                 write!(f, "unexpected data after the end of the image at byte {len}")
             }
+            ImageError::IncompleteSignatureSector { len, seen, expected } => write!(
+                f,
+                "{} bytes after the end of the image at byte {len}, not a whole signature sector (the file would be {expected} bytes)",
+                seen - len
+            ),
             ImageError::BadChecksum { stored, computed } => write!(
                 f,
                 "image checksum mismatch: stored {stored:#04x}, computed {computed:#04x}"
@@ -454,10 +470,10 @@ impl StreamValidator {
         let image_len = if self.seen > self.image_len {
             let file_end = self.image_len.next_multiple_of(SIGNATURE_ALIGN) + SIGNATURE_ALIGN;
             if self.seen != file_end {
-                // Padding without its sector, or a sector cut short.
-                return Err(ImageError::Truncated {
+                return Err(ImageError::IncompleteSignatureSector {
+                    len: self.image_len,
                     seen: self.seen,
-                    expected: Some(file_end),
+                    expected: file_end,
                 });
             }
             self.image_len

@@ -707,14 +707,17 @@ fn padding_and_a_signature_sector_after_the_image_are_accepted() {
 }
 
 #[test]
-fn padding_without_its_signature_sector_is_truncated() {
+fn padding_without_its_signature_sector_is_an_incomplete_sector() {
     let mut img = SAMPLE.to_vec();
     img.resize(img.len().next_multiple_of(4096), 0xFF);
-    let expected = Some(img.len() as u32 + 4096);
-    assert!(matches!(
+    assert_eq!(
         validate_bytes(&img),
-        Err(ImageError::Truncated { expected: e, .. }) if e == expected
-    ));
+        Err(ImageError::IncompleteSignatureSector {
+            len: SAMPLE.len() as u32,
+            seen: img.len() as u32,
+            expected: img.len() as u32 + 4096,
+        })
+    );
 }
 
 #[test]
