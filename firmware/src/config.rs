@@ -20,6 +20,7 @@
 //! | `MQOTA_HEALTH_TIMEOUT_SECS` | runtime default (60) | a trial boot must reach the broker within this |
 //! | `MQOTA_UPDATE_TIMEOUT_SECS` | runtime default (600) | overall deadline of an update without its own `timeout_s` |
 //! | `MQOTA_TRIAL_TIMEOUT_SECS` | `120` | the watchdog resets a trial boot that has not confirmed by then |
+//! | `MQOTA_TRUSTED_KEYS` | (empty: unsigned images accepted) | up to 3 signing-key digests (64 hex digits each, comma-separated; `mqota keys digest`); with any, only images signed by one of them are activated |
 //!
 //! "Runtime default" is [`DeviceConfig::new`]'s value, read here in a
 //! `const`: the device runtime is the one place those defaults live, shared
@@ -40,6 +41,7 @@ macro_rules! env_or {
 }
 
 use mqota_core::broker_url::{parse_broker_url, BrokerUrl};
+use mqota_core::signature::{parse_key_list, KeyDigest, MAX_BLOCKS};
 use mqota_runtime::DeviceConfig;
 
 /// The runtime's defaults, for every setting the build leaves unset.
@@ -77,7 +79,15 @@ pub struct Config {
     pub update_timeout_secs: u32,
     /// Trial-boot deadline in seconds, enforced by the watchdog.
     pub trial_timeout_secs: u32,
+    /// Digests of the keys updates must be signed by; empty: any valid image.
+    pub trusted_keys: &'static [KeyDigest],
 }
+
+const TRUSTED: ([KeyDigest; MAX_BLOCKS], usize) =
+    match parse_key_list(env_or!("MQOTA_TRUSTED_KEYS", "")) {
+        Some(keys) => keys,
+        None => panic!("MQOTA_TRUSTED_KEYS must be up to 3 comma-separated 64-hex-digit key digests"),
+    };
 
 const BROKER: BrokerUrl<'static> = broker(env_or!("MQOTA_BROKER_URL", "mqtt://broker:1883"));
 
@@ -118,6 +128,7 @@ pub const BUILD: Config = Config {
         parse_u32(env_or!("MQOTA_TRIAL_TIMEOUT_SECS", "120")),
         HEALTH_TIMEOUT_SECS,
     ),
+    trusted_keys: TRUSTED.0.split_at(TRUSTED.1).0,
 };
 
 const HEALTH_TIMEOUT_SECS: u32 = secs_or(

@@ -18,6 +18,7 @@ use embassy_time::Duration;
 use esp_hal::{peripherals::RTC_TIMER, time::Duration as HalDuration};
 use log::{info, warn};
 use mqota_core::bootguard::Verdict;
+use mqota_core::signature::{SoftVerifier, TrustPolicy};
 use mqota_runtime::{early_boot, BootError, Booted, DeviceConfig, Link};
 
 use crate::{
@@ -120,6 +121,12 @@ pub fn device_config(config: &'static Config) -> DeviceConfig<'static> {
     device.update_timeout = Duration::from_secs(u64::from(config.update_timeout_secs));
     device.stall_timeout = Duration::from_secs(u64::from(config.download_stall_secs));
     device.seed = platform::jitter_seed();
+    if !config.trusted_keys.is_empty() {
+        // Software RSA/ECDSA for now (RSA-3072 needs about 22 KiB of heap
+        // for a moment); the chip's RSA and SHA accelerators can replace it
+        // through the same trait.
+        device.trust = TrustPolicy::new(config.trusted_keys, SoftVerifier::INSTANCE);
+    }
     device
 }
 

@@ -53,8 +53,20 @@ fn check(img: &[u8], splits: &[u8]) -> Result<ImageInfo, ImageError> {
     let whole = validate_bytes(img);
     assert_eq!(whole, streamed(img, splits), "streamed verdict differs");
     if let Ok(info) = &whole {
-        assert_eq!(info.len as usize, img.len());
+        assert_eq!(info.file_len as usize, img.len());
         assert_eq!(info.file_sha256, <[u8; 32]>::from(Sha256::digest(img)));
+        if info.len != info.file_len {
+            // A signed file: 0xFF padding to 4 KiB, then one 4 KiB sector.
+            let padded = info.len.next_multiple_of(4096) as usize;
+            assert_eq!(img.len(), padded + 4096);
+            assert!(img[info.len as usize..padded].iter().all(|&b| b == 0xFF));
+            assert_eq!(
+                info.padded_sha256,
+                Some(<[u8; 32]>::from(Sha256::digest(&img[..padded])))
+            );
+            return whole;
+        }
+        assert_eq!(info.padded_sha256, None);
         assert_eq!(info.segments.len(), usize::from(info.header.segment_count));
         // The same image in flash, one word in, in a slot that just fits.
         let mut bytes = vec![0xFF; 4];

@@ -52,7 +52,9 @@ impl FirmwareEntry {
             mtime,
         };
         match validate_bytes(bytes).and_then(|info| info.verify().map(|()| info)) {
-            Ok(info) if info.len as usize == bytes.len() => {
+            // A signed image carries its padding and signature sector: the
+            // whole file goes to the device, which checks the signature.
+            Ok(info) if info.file_len as usize == bytes.len() => {
                 e.chip = Some(info.chip.to_string());
                 e.project = Some(info.app.project_name.to_string());
                 e.version = Some(info.app.version.to_string());
@@ -60,8 +62,8 @@ impl FirmwareEntry {
             Ok(info) => {
                 e.error = Some(format!(
                     "{} bytes after the end of the image (at {})",
-                    bytes.len() - info.len as usize,
-                    info.len
+                    bytes.len() - info.file_len as usize,
+                    info.file_len
                 ))
             }
             Err(err) => e.error = Some(format!("not a valid app image: {err}")),
@@ -196,6 +198,24 @@ mod tests {
         assert_eq!(b.sha256, hex::encode(Sha256::digest(&img)));
         assert!(b.is_valid());
         assert!(!list[1].is_valid(), "{:?}", list[1]);
+    }
+
+    #[test]
+    fn a_signed_image_with_its_signature_sector_is_valid_and_served_whole() {
+        let mut img = ImageBuilder::new(Chip::Esp32c3)
+            .version("1.2.3")
+            .project("blinky")
+            .size(5008)
+            .build()
+            .unwrap();
+        // The shape `espsecure sign-data --version 2` leaves: 0xFF to 4 KiB,
+        // then one 4 KiB sector (its content is the device's to judge).
+        img.resize(8192, 0xFF);
+        img.extend_from_slice(&[0xE7; 4096]);
+        let e = FirmwareEntry::from_bytes("signed.bin", &img, 0);
+        assert!(e.is_valid(), "{:?}", e.error);
+        assert_eq!(e.size, 12288);
+        assert_eq!(e.sha256, hex::encode(Sha256::digest(&img)));
     }
 
     #[test]

@@ -32,7 +32,7 @@
 //!    in the journal: the resume point. Progress is throttled.
 //! 4. [`Event::BodyEnd`]: the last page is written, the image is verified from
 //!    flash (structure, checksum, appended SHA-256, the job's `sha256`, the
-//!    [`Config::verify_hook`] where signatures plug in), the journal records
+//!    Secure Boot V2 signature under [`Config::trust`]), the journal records
 //!    the activation, otadata selects the slot, and the engine asks for a
 //!    reboot (`verifying`, `rebooting`).
 //!
@@ -65,6 +65,7 @@ use crate::protocol::truncated;
 use crate::protocol::{
     Command, ErrorCode, Job, JobId, Phase, Progress, MAX_DEVICE_ID_LEN, MAX_MESSAGE_LEN,
 };
+use crate::signature::{self, TrustPolicy};
 use core::fmt::Write as _;
 use embedded_storage::nor_flash::{MultiwriteNorFlash, ReadNorFlash};
 use heapless::{String, Vec};
@@ -78,10 +79,6 @@ pub type Millis = u64;
 
 // The flash geometry the engine works on; kept importable from here too.
 pub use crate::layout::{Layout, Slot};
-
-/// Extra verification of an image that passed every built-in check: gets the
-/// image's description and the job, returns the error code to fail with.
-pub type VerifyHook = fn(&image::ImageInfo, &JobRecord) -> Result<(), ErrorCode>;
 
 /// Tunables of the engine. [`Config::new`] gives the defaults.
 #[derive(Debug, Clone)]
@@ -112,9 +109,10 @@ pub struct Config {
     /// At most one `downloading` event per this many milliseconds (and at most
     /// one per whole percent). Phase changes are always sent.
     pub progress_interval_ms: Millis,
-    /// Extra verification of a downloaded image before it is activated: where
-    /// a signature check plugs in. Returns the error code to fail with.
-    pub verify_hook: Option<VerifyHook>,
+    /// Which signing keys the device trusts. With keys, an image is
+    /// activated only if a block of its signature sector verifies
+    /// ([`signature::check`]); otherwise the job fails with `bad_signature`.
+    pub trust: TrustPolicy,
 }
 
 impl Config {
@@ -132,7 +130,7 @@ impl Config {
             retry_max_ms: 16_000,
             seed: 0x6d71_6f74,
             progress_interval_ms: 250,
-            verify_hook: None,
+            trust: TrustPolicy::default(),
         }
     }
 }
@@ -912,10 +910,37 @@ impl Engine {
         validator.finish_unchecked().map_err(image_fail)?;
         // What counts is what is on flash, not what went past in RAM: read it
         // back, as esp_image_verify does before esp_ota_set_boot_partition.
-        let info = image::validate_flash(flash, dl.slot.offset, dl.slot.max_image_len())
+        // Exactly the bytes downloaded: the image, then perhaps the 0xFF
+        // padding and signature sector of a signed file.
+        let info = image::validate_flash_file(flash, dl.slot.offset, dl.written, None)
             .map_err(image_fail)?;
         if info.chip != self.cfg.chip {
             return Err(fail(ErrorCode::WrongChip, "image is for another chip"));
+        }
+        // A device that requires signatures asks its signers first: whatever
+        // else is wrong with a file no trusted key signed, the answer is
+        // `bad_signature`.
+        if self.cfg.trust.signed_only() {
+            // The sector is read back from flash like the image, into the
+            // page buffer, which is idle now that every page is written.
+            let sector = match (info.signature_sector(), info.padded_sha256) {
+                (Some(at), Some(_)) => {
+                    flash
+                        .read(dl.slot.offset + at, &mut self.page)
+                        .map_err(|_| {
+                            fail(ErrorCode::Flash, "flash read failed during verification")
+                        })?;
+                    Some(&self.page)
+                }
+                _ => None,
+            };
+            let digest = info.padded_sha256.unwrap_or_default();
+            let checked = signature::check(&self.cfg.trust, self.cfg.chip, sector, &digest);
+            self.page.fill(0xFF);
+            if let Err(why) = checked {
+                warn!("image refused: {}", why.reason());
+                return Err(fail(ErrorCode::BadSignature, why.reason()));
+            }
         }
         info.verify().map_err(image_fail)?;
         if dl
@@ -927,11 +952,6 @@ impl Engine {
                 ErrorCode::HashMismatch,
                 "SHA-256 differs from the job's",
             ));
-        }
-        if let Some(hook) = self.cfg.verify_hook {
-            if let Err(code) = hook(&info, &dl.record) {
-                return Err(fail(code, "rejected by the verification hook"));
-            }
         }
         // Journal first, then otadata: a cut between the two leaves an
         // activated journal that the boot guard finishes activating.

@@ -21,3 +21,4 @@ pub mod layout;
 pub mod otadata;
 pub mod partition;
 pub mod protocol;
+pub mod signature;

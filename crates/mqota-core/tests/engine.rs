@@ -584,18 +584,6 @@ fn the_running_version_is_not_downloaded_again_unless_forced() {
 }
 
 #[test]
-fn the_verify_hook_can_refuse_an_image() {
-    let mut d = device();
-    let mut cfg = mqota_core::engine::Config::new("dev-1", Chip::Esp32c3, "1.0.0");
-    cfg.verify_hook = Some(|_, _| Err(ErrorCode::BadSignature));
-    d.engine = Engine::new(cfg, d.layout.clone());
-    d.start(job(URL));
-    d.serve(&image(Chip::Esp32c3, "1.1.0", 100_000));
-    assert_eq!(d.failed_with(), Some(ErrorCode::BadSignature));
-    assert!(!d.rebooted);
-}
-
-#[test]
 fn erases_ahead_in_64k_blocks_where_aligned() {
     let mut d = device();
     let v2 = image(Chip::Esp32c3, "1.1.0", 1_000_000);

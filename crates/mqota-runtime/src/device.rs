@@ -63,6 +63,7 @@ use mqota_core::protocol::{
     parse_command, Command, CommandOutcome, ErrorCode, LastResult, Phase, Progress, Status, Topics,
     MAX_PROGRESS_JSON, MAX_STATUS_JSON, MAX_URL_LEN, OFFLINE, ONLINE,
 };
+use mqota_core::signature::TrustPolicy;
 
 use mqota_core::backoff::{Backoff, Jitter, XorShift32};
 use mqota_core::fetch::{is_https, FetchError, HTTPS_NOT_ENABLED};
@@ -108,6 +109,9 @@ pub struct DeviceConfig<'a> {
     /// Also publish every progress event on the shared `{prefix}/progress`
     /// (besides `{prefix}/{id}/progress`), for tooling that listens there.
     pub progress_copy: bool,
+    /// Which signing keys updates must carry; none: unsigned images are
+    /// taken (and the status says `"signed_only": false`).
+    pub trust: TrustPolicy,
 }
 
 impl<'a> DeviceConfig<'a> {
@@ -128,6 +132,7 @@ impl<'a> DeviceConfig<'a> {
             keep_alive_secs: 30,
             seed: 0x6d71_6f74,
             progress_copy: true,
+            trust: TrustPolicy::none(),
         }
     }
 }
@@ -231,6 +236,7 @@ where
         https: HTTPS_ENABLED,
         boot_reason: None,
         log_newest: None,
+        signed_only: cfg.trust.signed_only(),
     };
     // The will marks the device offline on its availability topic, never
     // on its status: the retained status keeps the last real state.
@@ -258,6 +264,7 @@ where
     engine_cfg.timeout_ms = cfg.update_timeout.as_millis();
     engine_cfg.stall_timeout_ms = cfg.stall_timeout.as_millis();
     engine_cfg.progress_interval_ms = cfg.progress_interval.as_millis();
+    engine_cfg.trust = cfg.trust;
     // Download retries draw their jitter from the device's seed too, mixed
     // apart from the reconnect generator's.
     engine_cfg.seed = cfg.seed.rotate_left(16) ^ now_ms() as u32 ^ 0x5bd1_e995;

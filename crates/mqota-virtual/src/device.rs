@@ -28,6 +28,7 @@ use embedded_storage::nor_flash::{ErrorType, MultiwriteNorFlash, NorFlash, ReadN
 use mqota_core::bootguard::Verdict;
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
+use mqota_core::signature::{KeyDigest, SoftVerifier, TrustPolicy};
 use mqota_flash_sim::{BootConfig, Bootloader, FileStore, Memory, SimError, SimFlash};
 use mqota_runtime::{early_boot, BootReason, DeviceConfig, Link, Platform, Slot};
 use tokio::sync::Notify;
@@ -79,6 +80,10 @@ pub struct VirtualConfig {
     /// Also publish progress on the shared `{prefix}/progress`
     /// ([`DeviceConfig::progress_copy`]).
     pub progress_copy: bool,
+    /// Digests of the signing keys the device trusts (at most three); with
+    /// any, it activates only images one of them signed
+    /// ([`DeviceConfig::trust`], checked in software).
+    pub trusted_keys: Vec<KeyDigest>,
 }
 
 impl VirtualConfig {
@@ -104,6 +109,7 @@ impl VirtualConfig {
             watchdog: StdDuration::from_secs(3),
             keep_alive_secs: defaults.keep_alive_secs,
             progress_copy: defaults.progress_copy,
+            trusted_keys: Vec::new(),
         }
     }
 
@@ -119,6 +125,9 @@ impl VirtualConfig {
         d.progress_interval = to_embassy(self.progress_interval);
         d.keep_alive_secs = self.keep_alive_secs;
         d.progress_copy = self.progress_copy;
+        if !self.trusted_keys.is_empty() {
+            d.trust = TrustPolicy::new(&self.trusted_keys, SoftVerifier::INSTANCE);
+        }
         d.seed = self.id.bytes().fold(0x811c_9dc5u32, |h, b| {
             (h ^ b as u32).wrapping_mul(0x0100_0193)
         });

@@ -1311,6 +1311,252 @@ on_both_brokers!(
     progress_goes_to_the_device_topic_with_a_shared_copy_that_can_be_switched_off,
 );
 
+/// An RSA-3072 Secure Boot V2 key made for the test.
+fn rsa_key() -> mqota_core::signature::sign::Key {
+    mqota_core::signature::sign::Key::RsaPrivate(
+        rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 3072).unwrap(),
+    )
+}
+
+/// `len` bytes of the device's `ota_0` slot, read from its flash file.
+fn ota0_bytes(flash: &std::path::Path, len: usize) -> Vec<u8> {
+    use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV};
+    let table = PartitionTable::from_csv(DEFAULT_4MB_CSV).unwrap();
+    let at = table.ota_slots().next().unwrap().offset as usize;
+    std::fs::read(flash).unwrap()[at..at + len].to_vec()
+}
+
+async fn a_device_trusting_a_key_refuses_every_image_its_key_did_not_sign_and_takes_the_next_good_one(
+    broker: TestBroker,
+) {
+    use mqota_core::signature::sign::sign_file;
+    use mqota_core::signature::{CRC_OFFSET, SECTOR_LEN};
+    local(async {
+        let (trusted, stranger) = (rsa_key(), rsa_key());
+        let v2 = image("1.1.0", 150_000);
+        let good = sign_file(&v2, &trusted).unwrap();
+        let mut flipped = good.clone();
+        flipped[5_000] ^= 0x01;
+        let mut bad_crc = good.clone();
+        bad_crc[good.len() - SECTOR_LEN + CRC_OFFSET] ^= 0xFF;
+        let unknown = sign_file(&v2, &stranger).unwrap();
+        let http = FileServer::start(&[
+            ("good.bin", &good),
+            ("flipped.bin", &flipped),
+            ("bad-crc.bin", &bad_crc),
+            ("unknown.bin", &unknown),
+            ("unsigned.bin", &v2),
+        ])
+        .await;
+        let obs = broker.observe("device/#").await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(&broker, "dev-s");
+        cfg.trusted_keys = vec![trusted.digest()];
+        cfg.flash = Some(dir.path().join("dev-s.flash"));
+        let flash = cfg.flash.clone().unwrap();
+        let dev = start(cfg);
+        let open = start(config(&broker, "dev-o"));
+        online(&obs, "dev-s", "1.0.0").await;
+        online(&obs, "dev-o", "1.0.0").await;
+        assert!(status_of(&obs.all(), "dev-s").unwrap().signed_only);
+        assert!(!status_of(&obs.all(), "dev-o").unwrap().signed_only);
+        let running = ota0_bytes(&flash, 128 * 1024);
+
+        for (file, why) in [
+            ("flipped.bin", "signature does not verify"),
+            ("bad-crc.bin", "signature block CRC is wrong"),
+            ("unknown.bin", "unknown key"),
+            ("unsigned.bin", "no signature"),
+        ] {
+            broker
+                .publish(
+                    "device/dev-s/ota/start",
+                    &job(&http.url(file), serde_json::json!({ "job": file })),
+                    false,
+                )
+                .await;
+            let failed = failure_of(&obs, "dev-s", file).await;
+            assert_eq!(failed.error, Some(ErrorCode::BadSignature), "{file}");
+            assert_eq!(failed.message.as_deref(), Some(why), "{file}");
+        }
+        assert_eq!(dev.boots().len(), 1, "no refused image was ever booted");
+        assert!(is_online_on(&obs.all(), "dev-s", "1.0.0"));
+        assert_eq!(
+            ota0_bytes(&flash, 128 * 1024),
+            running,
+            "the running slot is untouched"
+        );
+
+        broker
+            .publish(
+                "device/dev-s/ota/start",
+                &job(&http.url("good.bin"), serde_json::json!({ "job": "good" })),
+                false,
+            )
+            .await;
+        online(&obs, "dev-s", "1.1.0").await;
+        assert!(
+            obs.wait_until(Duration::from_secs(10), |s| progress_of(s, "dev-s")
+                .iter()
+                .any(|p| p.phase == Phase::Done && p.job.as_deref() == Some("good")))
+                .await
+        );
+        // A device without keys takes an unsigned image, as its status said.
+        broker
+            .publish(
+                "device/dev-o/ota/start",
+                &job(&http.url("unsigned.bin"), serde_json::json!({ "job": "u" })),
+                false,
+            )
+            .await;
+        online(&obs, "dev-o", "1.1.0").await;
+        dev.stop();
+        open.stop();
+    })
+    .await;
+}
+
+fn espsecure(args: &[&str]) {
+    let out = std::process::Command::new("espsecure")
+        .args(args)
+        .output()
+        .expect("espsecure is installed (pip install esptool)");
+    assert!(
+        out.status.success(),
+        "espsecure {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Golden: keys and signatures made by espsecure itself, the image signed by
+/// an old and a new key (rotation), the device trusting only the new key's
+/// digest as `espsecure digest-sbv2-public-key` wrote it.
+#[tokio::test(flavor = "current_thread")]
+async fn an_image_signed_by_espsecure_with_two_keys_updates_a_device_trusting_only_the_new_one() {
+    let broker = TestBroker::mosquitto();
+    local(async {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+        std::fs::write(p("v2.bin"), image("1.1.0", 150_000)).unwrap();
+        for k in ["old", "new"] {
+            espsecure(&[
+                "generate-signing-key",
+                "--version",
+                "2",
+                "--scheme",
+                "rsa3072",
+                &p(&format!("{k}.pem")),
+            ]);
+        }
+        espsecure(&[
+            "sign-data",
+            "--version",
+            "2",
+            "--keyfile",
+            &p("old.pem"),
+            "--output",
+            &p("once.bin"),
+            &p("v2.bin"),
+        ]);
+        espsecure(&[
+            "sign-data",
+            "--version",
+            "2",
+            "--keyfile",
+            &p("new.pem"),
+            "--append-signatures",
+            "--output",
+            &p("both.bin"),
+            &p("once.bin"),
+        ]);
+        espsecure(&[
+            "digest-sbv2-public-key",
+            "--keyfile",
+            &p("new.pem"),
+            "--output",
+            &p("new.digest"),
+        ]);
+        let digest: [u8; 32] = std::fs::read(p("new.digest")).unwrap().try_into().unwrap();
+        let both = std::fs::read(p("both.bin")).unwrap();
+        let http = FileServer::start(&[("both.bin", &both)]).await;
+        let obs = broker.observe("device/#").await;
+        let mut cfg = config(&broker, "dev-g");
+        cfg.trusted_keys = vec![digest];
+        let dev = start(cfg);
+        online(&obs, "dev-g", "1.0.0").await;
+        broker
+            .publish(
+                "device/dev-g/ota/start",
+                http.url("both.bin").as_bytes(),
+                false,
+            )
+            .await;
+        online(&obs, "dev-g", "1.1.0").await;
+        dev.stop();
+    })
+    .await;
+}
+
+/// Golden: an ECDSA P-256 key and signature made by espsecure, on an
+/// ESP32-C6 (whose ROM checks ECDSA), trusting espsecure's digest.
+#[tokio::test(flavor = "current_thread")]
+async fn an_image_signed_by_espsecure_with_an_ecdsa_key_updates_a_c6_trusting_it() {
+    let broker = TestBroker::mosquitto();
+    local(async {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+        std::fs::write(p("v2.bin"), image_for(Chip::Esp32c6, "1.1.0", 150_000)).unwrap();
+        espsecure(&[
+            "generate-signing-key",
+            "--version",
+            "2",
+            "--scheme",
+            "ecdsa256",
+            &p("ec.pem"),
+        ]);
+        espsecure(&[
+            "sign-data",
+            "--version",
+            "2",
+            "--keyfile",
+            &p("ec.pem"),
+            "--output",
+            &p("signed.bin"),
+            &p("v2.bin"),
+        ]);
+        espsecure(&[
+            "digest-sbv2-public-key",
+            "--keyfile",
+            &p("ec.pem"),
+            "--output",
+            &p("ec.digest"),
+        ]);
+        let digest: [u8; 32] = std::fs::read(p("ec.digest")).unwrap().try_into().unwrap();
+        let signed = std::fs::read(p("signed.bin")).unwrap();
+        let http = FileServer::start(&[("signed.bin", &signed)]).await;
+        let obs = broker.observe("device/#").await;
+        let mut cfg = config(&broker, "dev-c6");
+        cfg.chip = Chip::Esp32c6;
+        cfg.trusted_keys = vec![digest];
+        let dev = start(cfg);
+        online(&obs, "dev-c6", "1.0.0").await;
+        broker
+            .publish(
+                "device/dev-c6/ota/start",
+                http.url("signed.bin").as_bytes(),
+                false,
+            )
+            .await;
+        online(&obs, "dev-c6", "1.1.0").await;
+        dev.stop();
+    })
+    .await;
+}
+
+on_both_brokers!(
+    a_device_trusting_a_key_refuses_every_image_its_key_did_not_sign_and_takes_the_next_good_one
+);
+
 /// The `failed` event of job `job` on device `id`, once it arrived.
 async fn failure_of(obs: &Observer, id: &str, job: &str) -> Progress {
     assert!(

@@ -20,6 +20,9 @@ enum Command {
     /// Inspect and build ESP-IDF app images.
     #[command(subcommand)]
     Image(cmd::image::ImageCommand),
+    /// Make signing keys and print their digests.
+    #[command(subcommand)]
+    Keys(cmd::keys::KeysCommand),
     /// Show an ESP-IDF partition table (binary or CSV) or convert it.
     Partitions(cmd::partitions::PartitionsArgs),
     /// Inspect whole flash dumps.
@@ -51,6 +54,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Image(c) => c.run(),
+        Command::Keys(c) => c.run(),
         Command::Partitions(c) => c.run(),
         Command::Flash(c) => c.run(),
         Command::Sim(c) => c.run(),

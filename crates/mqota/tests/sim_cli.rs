@@ -185,3 +185,23 @@ fn with_devices_n_every_existing_flash_file_is_checked_before_any_starts() {
     assert!(err.contains("sim-2.flash"), "{err}");
     assert!(!dir.path().join("sim-1.flash").exists());
 }
+
+#[test]
+fn trust_takes_up_to_three_key_digests_and_nothing_else() {
+    let broker = Broker::new();
+    let digest = "ab".repeat(32);
+    let err = refused(
+        &broker,
+        &[
+            "--trust", &digest, "--trust", &digest, "--trust", &digest, "--trust", &digest,
+        ],
+    );
+    assert!(err.contains("at most 3 keys"), "{err}");
+    for bad in ["ab", "zz".repeat(32).as_str(), "a-key.pem"] {
+        let out = sim(&broker, &["--trust", bad]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a key digest"), "{err}");
+        broker.assert_untouched();
+    }
+}

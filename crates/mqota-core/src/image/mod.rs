@@ -41,8 +41,8 @@ pub use header::{
     IMAGE_MAGIC, MAX_IMAGE_LEN, MAX_SEGMENTS, SEGMENT_HEADER_LEN,
 };
 pub use stream::{
-    validate_bytes, validate_flash, validate_flash_for, ImageError, ImageInfo, SegmentInfo,
-    StreamValidator, HASH_LEN,
+    validate_bytes, validate_flash, validate_flash_file, validate_flash_for, ImageError, ImageInfo,
+    SegmentInfo, StreamValidator, HASH_LEN, SIGNATURE_ALIGN,
 };
 
 #[cfg(test)]

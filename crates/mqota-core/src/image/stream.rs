@@ -93,10 +93,23 @@ pub enum ImageError {
         /// Full image length, when the segment table got that far.
         expected: Option<u32>,
     },
-    /// More bytes arrived after the end of the image.
+    /// More bytes arrived after the end of the image than a Secure Boot V2
+    /// signature sector explains (0xFF padding to 4 KiB, then one 4 KiB
+    /// sector), or the padding is not 0xFF.
     TrailingData {
         /// Length of the image; the extra bytes started here.
         len: u32,
+    },
+    /// Bytes follow the image but stop short of a whole signature sector
+    /// (0xFF padding to 4 KiB, then 4 KiB): a cut signed file, or padding
+    /// without a signature.
+    IncompleteSignatureSector {
+        /// Length of the image; the extra bytes started here.
+        len: u32,
+        /// Bytes of the file.
+        seen: u32,
+        /// Length the file would have with its signature sector.
+        expected: u32,
     },
     /// The XOR checksum byte does not match the segment data.
     BadChecksum {
@@ -153,6 +166,11 @@ impl fmt::Display for ImageError {
             ImageError::TrailingData { len } => {
                 write!(f, "unexpected data after the end of the image at byte {len}")
             }
+            ImageError::IncompleteSignatureSector { len, seen, expected } => write!(
+                f,
+                "{} bytes after the end of the image at byte {len}, not a whole signature sector (the file would be {expected} bytes)",
+                seen - len
+            ),
             ImageError::BadChecksum { stored, computed } => write!(
                 f,
                 "image checksum mismatch: stored {stored:#04x}, computed {computed:#04x}"
@@ -208,9 +226,16 @@ pub struct ImageInfo {
     pub sha256_valid: bool,
     /// Full length: headers, segments, padding, checksum and appended hash.
     pub len: u32,
-    /// SHA-256 of every byte of the image including the appended hash: what
-    /// `sha256sum` prints for the file, and what an OTA job carries.
+    /// SHA-256 of every byte of the file (the image including the appended
+    /// hash, and a signature sector if one follows): what `sha256sum` prints
+    /// for the file, and what an OTA job carries.
     pub file_sha256: [u8; 32],
+    /// Length of the whole file: `len`, or with a signature sector the
+    /// image padded to 4 KiB plus that sector.
+    pub file_len: u32,
+    /// With a signature sector: SHA-256 of the image padded with 0xFF to
+    /// 4 KiB, the digest each signature block signs. `None` without one.
+    pub padded_sha256: Option<[u8; 32]>,
 }
 
 impl ImageInfo {
@@ -227,6 +252,14 @@ impl ImageInfo {
             return Err(ImageError::BadHash);
         }
         Ok(())
+    }
+
+    /// Flash offset of the Secure Boot V2 signature sector, relative to the
+    /// start of the image, when the file carries one.
+    pub fn signature_sector(&self) -> Option<u32> {
+        self.padded_sha256
+            .is_some()
+            .then(|| self.len.next_multiple_of(SIGNATURE_ALIGN))
     }
 }
 
@@ -276,7 +309,16 @@ pub struct StreamValidator {
     hashing: bool,
     expected_len: Option<u32>,
     error: Option<ImageError>,
+    /// Length of the image proper, once complete; bytes after it belong to
+    /// a signature sector.
+    image_len: u32,
+    padded_digest: Option<[u8; 32]>,
 }
+
+/// A Secure Boot V2 signature sector starts at the next multiple of this
+/// after the image (`esp_secure_boot_verify_sbv2_signature_block` reads it
+/// from `ALIGN_UP(image_len, FLASH_SECTOR_SIZE)`) and is this long.
+pub const SIGNATURE_ALIGN: u32 = 4096;
 
 // Hand-written: the buffers and hasher state say nothing useful.
 impl fmt::Debug for StreamValidator {
@@ -317,6 +359,8 @@ impl StreamValidator {
             hashing: true,
             expected_len: None,
             error: None,
+            image_len: 0,
+            padded_digest: None,
         }
     }
 
@@ -423,6 +467,19 @@ impl StreamValidator {
             });
         };
         let sha256 = header.hash_appended.then_some(self.stored_hash);
+        let image_len = if self.seen > self.image_len {
+            let file_end = self.image_len.next_multiple_of(SIGNATURE_ALIGN) + SIGNATURE_ALIGN;
+            if self.seen != file_end {
+                return Err(ImageError::IncompleteSignatureSector {
+                    len: self.image_len,
+                    seen: self.seen,
+                    expected: file_end,
+                });
+            }
+            self.image_len
+        } else {
+            self.seen
+        };
         Ok(ImageInfo {
             header,
             chip,
@@ -434,8 +491,10 @@ impl StreamValidator {
             sha256,
             sha256_computed: self.image_digest,
             sha256_valid: sha256 == Some(self.image_digest),
-            len: self.seen,
+            len: image_len,
             file_sha256: self.hasher.finalize().into(),
+            file_len: self.seen,
+            padded_sha256: self.padded_digest,
         })
     }
 
@@ -512,6 +571,7 @@ impl StreamValidator {
                 self.image_digest = self.hasher.clone().finalize().into();
                 let hashed = self.header.is_some_and(|h| h.hash_appended);
                 self.phase = if hashed { Phase::Hash } else { Phase::Done };
+                self.image_len = self.seen;
                 self.scratch_len = 0;
                 Ok(1)
             }
@@ -520,11 +580,47 @@ impl StreamValidator {
                 if self.scratch_len == HASH_LEN {
                     self.stored_hash = self.scratch;
                     self.phase = Phase::Done;
+                    self.image_len = self.seen;
                 }
                 Ok(n)
             }
-            Phase::Done => Err(ImageError::TrailingData { len: self.seen }),
+            Phase::Done => self.trailer(rest),
         }
+    }
+
+    /// Bytes after the image: 0xFF padding to the next 4 KiB, then one 4 KiB
+    /// Secure Boot V2 signature sector, as `espsecure sign-data --version 2`
+    /// appends them. Anything else is [`ImageError::TrailingData`]. The
+    /// sector's content is judged by [`crate::signature`], not here.
+    fn trailer(&mut self, rest: &[u8]) -> Result<usize, ImageError> {
+        let trailing = ImageError::TrailingData {
+            len: self.image_len,
+        };
+        let pad_end = self.image_len.next_multiple_of(SIGNATURE_ALIGN);
+        let file_end = pad_end + SIGNATURE_ALIGN;
+        if self.seen >= file_end {
+            return Err(trailing);
+        }
+        if file_end > self.max_len {
+            return Err(ImageError::TooLarge {
+                len: file_end,
+                max_len: self.max_len,
+            });
+        }
+        if self.seen == pad_end && self.padded_digest.is_none() {
+            self.padded_digest = Some(self.hasher.clone().finalize().into());
+        }
+        let limit = if self.seen < pad_end {
+            pad_end
+        } else {
+            file_end
+        };
+        let n = ((limit - self.seen) as usize).min(rest.len());
+        if self.seen < pad_end && rest[..n].iter().any(|&b| b != 0xFF) {
+            return Err(trailing);
+        }
+        self.accept(&rest[..n]);
+        Ok(n)
     }
 
     /// Header checks that need only a prefix of the header, so that they
@@ -690,6 +786,34 @@ pub fn validate_flash_for<F: ReadNorFlash>(
     max_len: u32,
     chip: Option<Chip>,
 ) -> Result<ImageInfo, ImageError> {
+    validate_flash_inner(flash, offset, max_len, chip, None)?.finish()
+}
+
+/// Validates the file of exactly `file_len` bytes at `offset`: the image and,
+/// when `file_len` reaches past it, its 0xFF padding and signature sector
+/// ([`ImageInfo::padded_sha256`] is then the digest the signatures sign).
+/// This is what an OTA download leaves in a slot.
+///
+/// Like [`StreamValidator::finish_unchecked`], the checksum and appended hash
+/// are reported, not judged: call [`ImageInfo::verify`]. A device that
+/// requires signatures checks the signature first, so any changed byte is
+/// reported as a bad signature.
+pub fn validate_flash_file<F: ReadNorFlash>(
+    flash: &mut F,
+    offset: u32,
+    file_len: u32,
+    chip: Option<Chip>,
+) -> Result<ImageInfo, ImageError> {
+    validate_flash_inner(flash, offset, file_len, chip, Some(file_len))?.finish_unchecked()
+}
+
+fn validate_flash_inner<F: ReadNorFlash>(
+    flash: &mut F,
+    offset: u32,
+    max_len: u32,
+    chip: Option<Chip>,
+    file_len: Option<u32>,
+) -> Result<StreamValidator, ImageError> {
     const BUF: usize = 64;
     let rs = F::READ_SIZE;
     if rs == 0 || BUF % rs != 0 || offset as usize % rs != 0 {
@@ -711,7 +835,10 @@ pub fn validate_flash_for<F: ReadNorFlash>(
     let mut buf_addr = 0usize;
     let mut buf_len = 0usize;
     loop {
-        let want = v.bytes_wanted() as usize;
+        let want = match file_len {
+            Some(len) if v.is_complete() => len.saturating_sub(v.bytes_seen()) as usize,
+            _ => v.bytes_wanted() as usize,
+        };
         let cur = offset as usize + v.bytes_seen() as usize;
         if want == 0 || cur >= limit as usize {
             break;
@@ -727,5 +854,5 @@ pub fn validate_flash_for<F: ReadNorFlash>(
         let n = want.min(buf_len - start).min(limit as usize - cur);
         v.feed(&buf[start..start + n])?;
     }
-    v.finish()
+    Ok(v)
 }

@@ -383,8 +383,9 @@ fn a_cut_image_is_truncated_and_says_how_long_it_should_be() {
 
 #[test]
 fn bytes_after_the_image_are_trailing_data() {
+    // Anything but 0xFF padding towards a signature sector.
     let mut img = SAMPLE.to_vec();
-    img.push(0xFF);
+    img.push(0x00);
     assert_eq!(
         validate_bytes(&img),
         Err(ImageError::TrailingData {
@@ -688,4 +689,45 @@ mod builder {
         );
         assert!(b.version(&"x".repeat(31)).build().is_ok());
     }
+}
+
+#[test]
+fn padding_and_a_signature_sector_after_the_image_are_accepted() {
+    let mut img = SAMPLE.to_vec();
+    let padded = img.len().next_multiple_of(4096);
+    img.resize(padded, 0xFF);
+    let padded_digest: [u8; 32] = Sha256::digest(&img).into();
+    img.extend_from_slice(&[0xAB; 4096]);
+    let info = validate_bytes(&img).unwrap();
+    assert_eq!(info.len, SAMPLE.len() as u32);
+    assert_eq!(info.file_len, img.len() as u32);
+    assert_eq!(info.padded_sha256, Some(padded_digest));
+    assert_eq!(info.signature_sector(), Some(padded as u32));
+    assert_eq!(info.file_sha256, <[u8; 32]>::from(Sha256::digest(&img)));
+}
+
+#[test]
+fn padding_without_its_signature_sector_is_an_incomplete_sector() {
+    let mut img = SAMPLE.to_vec();
+    img.resize(img.len().next_multiple_of(4096), 0xFF);
+    assert_eq!(
+        validate_bytes(&img),
+        Err(ImageError::IncompleteSignatureSector {
+            len: SAMPLE.len() as u32,
+            seen: img.len() as u32,
+            expected: img.len() as u32 + 4096,
+        })
+    );
+}
+
+#[test]
+fn more_than_one_signature_sector_is_trailing_data() {
+    let mut img = SAMPLE.to_vec();
+    img.resize(img.len().next_multiple_of(4096) + 4097, 0xFF);
+    assert_eq!(
+        validate_bytes(&img),
+        Err(ImageError::TrailingData {
+            len: SAMPLE.len() as u32
+        })
+    );
 }

@@ -354,6 +354,12 @@ pub struct Status {
     /// status of older devices.
     #[serde(default)]
     pub log_newest: Option<u32>,
+    /// Whether the device activates only images signed by a key it trusts
+    /// (Secure Boot V2 signature blocks; it refuses others with
+    /// `bad_signature`). `false`: it was built without trusted keys and
+    /// takes unsigned images. Devices that predate the field read as `false`.
+    #[serde(default)]
+    pub signed_only: bool,
 }
 
 /// How the most recent job ended, as kept in [`Status::last`].
@@ -454,7 +460,7 @@ pub const MAX_PROGRESS_JSON: usize =
 
 /// A buffer this long always holds [`Status::to_json`]'s output.
 pub const MAX_STATUS_JSON: usize =
-    r#"{"device":,"chip":,"project":,"version":,"slot":,"state":,"last":{"job":,"result":,"error":},"https":,"boot_reason":,"log_newest":}"#
+    r#"{"device":,"chip":,"project":,"version":,"slot":,"state":,"last":{"job":,"result":,"error":},"https":,"boot_reason":,"log_newest":,"signed_only":}"#
         .len()
         + json_str(MAX_DEVICE_ID_LEN)
         + json_str(16)
@@ -467,7 +473,8 @@ pub const MAX_STATUS_JSON: usize =
         + name(&ERROR_NAMES)
         + "false".len()
         + name(&BOOT_REASON_NAMES)
-        + U32_DIGITS;
+        + U32_DIGITS
+        + "false".len();
 
 const BOOT_REASON_NAMES: [&str; BootReason::ALL.len()] = {
     let mut names = [""; BootReason::ALL.len()];
@@ -526,6 +533,7 @@ mod tests {
             https: false,
             boot_reason: Some(BootReason::Watchdog),
             log_newest: Some(41),
+            signed_only: true,
         }
     }
 
@@ -631,7 +639,7 @@ mod tests {
         let n = sample_status().to_json(&mut buf).unwrap();
         assert_eq!(
             core::str::from_utf8(&buf[..n]).unwrap(),
-            r#"{"device":"c3-a1b2c3","chip":"esp32c3","project":"blinky","version":"1.2.0","slot":1,"state":"pending_verify","last":{"job":"job-7","result":"rolled_back","error":"health_check_failed"},"https":false,"boot_reason":"watchdog","log_newest":41}"#
+            r#"{"device":"c3-a1b2c3","chip":"esp32c3","project":"blinky","version":"1.2.0","slot":1,"state":"pending_verify","last":{"job":"job-7","result":"rolled_back","error":"health_check_failed"},"https":false,"boot_reason":"watchdog","log_newest":41,"signed_only":true}"#
         );
     }
 
@@ -640,8 +648,10 @@ mod tests {
         let old = r#"{"device":"d","online":true,"chip":"esp32c3","project":"p","version":"1.0.0","slot":0,"state":"valid","last":null}"#;
         let status: Status = serde_json::from_str(old).unwrap();
         assert!(!status.https);
+        assert!(!status.signed_only);
         let (status, _) = serde_json_core::from_str::<Status>(old).unwrap();
         assert!(!status.https);
+        assert!(!status.signed_only);
         let with = old.replace("null}", r#"null,"https":true}"#);
         let (status, _) = serde_json_core::from_str::<Status>(&with).unwrap();
         assert!(status.https);
@@ -688,6 +698,7 @@ mod tests {
             https: false,
             boot_reason: Some(BootReason::SoftwareReset),
             log_newest: Some(u32::MAX),
+            signed_only: false,
         };
         let mut buf = [0u8; MAX_STATUS_JSON];
         let n = status.to_json(&mut buf).unwrap();

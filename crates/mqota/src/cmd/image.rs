@@ -14,6 +14,10 @@ use anyhow::{bail, Context as _};
 use mqota_core::image::{
     Chip, ImageBuilder, ImageInfo, StreamValidator, MAX_IMAGE_LEN, SEGMENT_HEADER_LEN,
 };
+use mqota_core::signature::sign::sign_file;
+use mqota_core::signature::{
+    self, blocks, Scheme, SoftVerifier, TrustPolicy, MAX_BLOCKS, SECTOR_LEN,
+};
 use serde_json::json;
 
 /// Inspect and build ESP-IDF app images.
@@ -26,6 +30,33 @@ pub enum ImageCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Sign an image with a Secure Boot V2 key (RSA-3072 or ECDSA P-256), as
+    /// `espsecure sign-data --version 2` does: pads it with 0xFF to 4 KiB and
+    /// appends the signature sector, or adds a block to a signed image's
+    /// sector (key rotation: sign again with the new key; at most 3 blocks).
+    Sign {
+        /// The private key (PEM; `mqota keys new` or `espsecure
+        /// generate-signing-key`).
+        #[arg(long)]
+        key: PathBuf,
+        /// The image to sign.
+        image: PathBuf,
+        /// Where to write the signed image.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Check a signed image as a device trusting the given keys would: exit
+    /// 0 when a block of a trusted key verifies, else print the reason.
+    Verify {
+        /// A trusted key digest (64 hex digits); repeatable.
+        #[arg(long, value_name = "DIGEST", value_parser = crate::cmd::keys::parse_digest)]
+        trust: Vec<[u8; 32]>,
+        /// A trusted key file (public or private PEM); repeatable.
+        #[arg(long)]
+        key: Vec<PathBuf>,
+        /// The signed image.
+        image: PathBuf,
     },
     /// Make a valid app image of an exact size (filler code, real headers).
     Pack {
@@ -56,6 +87,8 @@ impl ImageCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
             ImageCommand::Info { file, json } => info(&file, json),
+            ImageCommand::Sign { key, image, output } => sign(&key, &image, &output),
+            ImageCommand::Verify { trust, key, image } => verify(trust, &key, &image),
             ImageCommand::Pack {
                 chip,
                 version,
@@ -110,12 +143,104 @@ fn read_image(path: &Path) -> anyhow::Result<ImageInfo> {
         .with_context(|| format!("{}", path.display()))
 }
 
+/// One signature block as `info` shows it.
+struct BlockView {
+    scheme: Option<Scheme>,
+    key_digest: Option<[u8; 32]>,
+    crc_valid: bool,
+    digest_matches: bool,
+    signature_valid: bool,
+}
+
+impl BlockView {
+    fn valid(&self) -> bool {
+        self.crc_valid && self.digest_matches && self.signature_valid
+    }
+}
+
+/// The signature sector of a file, if it has one.
+fn read_sector(path: &Path, info: &ImageInfo) -> anyhow::Result<Option<Box<[u8; SECTOR_LEN]>>> {
+    let Some(at) = info.signature_sector() else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let sector: [u8; SECTOR_LEN] = bytes
+        .get(at as usize..at as usize + SECTOR_LEN)
+        .and_then(|s| s.try_into().ok())
+        .with_context(|| format!("{}: signature sector cut short", path.display()))?;
+    Ok(Some(Box::new(sector)))
+}
+
+fn block_views(sector: &[u8; SECTOR_LEN], info: &ImageInfo) -> Vec<BlockView> {
+    blocks(sector)
+        .map(|b| match b {
+            Ok(b) => BlockView {
+                scheme: Some(b.scheme()),
+                key_digest: Some(b.key_digest()),
+                crc_valid: b.crc_valid(),
+                digest_matches: Some(b.image_digest()) == info.padded_sha256,
+                signature_valid: b.signature_verifies(SoftVerifier::INSTANCE),
+            },
+            Err(_) => BlockView {
+                scheme: None,
+                key_digest: None,
+                crc_valid: false,
+                digest_matches: false,
+                signature_valid: false,
+            },
+        })
+        .collect()
+}
+
 fn info(path: &Path, as_json: bool) -> anyhow::Result<()> {
     let info = read_image(path)?;
+    let views = match read_sector(path, &info)? {
+        Some(sector) => block_views(&sector, &info),
+        None => Vec::new(),
+    };
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&info))?);
+        let mut j = to_json(&info);
+        j["signatures"] = views
+            .iter()
+            .map(|v| {
+                json!({
+                    "scheme": v.scheme.map(Scheme::name),
+                    "key_digest": v.key_digest.map(hex::encode),
+                    "crc_valid": v.crc_valid,
+                    "digest_matches": v.digest_matches,
+                    "signature_valid": v.signature_valid,
+                    "valid": v.valid(),
+                    "chip_supports": v.scheme.is_some_and(|s| s.supported_on(info.chip)),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
         print!("{}", to_text(path, &info));
+        if views.is_empty() {
+            println!("  signatures     none");
+        }
+        for (i, v) in views.iter().enumerate() {
+            let scheme = v.scheme.map_or("unsupported", Scheme::name);
+            let digest = v.key_digest.map_or_else(|| "-".to_owned(), hex::encode);
+            let why = if v.scheme.is_none() {
+                "INVALID, unknown block version"
+            } else if !v.crc_valid {
+                "INVALID, bad CRC"
+            } else if !v.digest_matches {
+                "INVALID, signs other bytes"
+            } else if !v.signature_valid {
+                "INVALID, signature does not verify"
+            } else {
+                "valid"
+            };
+            let chip = if v.scheme.is_some_and(|s| !s.supported_on(info.chip)) {
+                format!(", not checked by {}", info.chip)
+            } else {
+                String::new()
+            };
+            println!("  signature {i}    {scheme} key {digest} ({why}{chip})");
+        }
     }
     info.verify()
         .with_context(|| format!("{}", path.display()))?;
@@ -270,6 +395,60 @@ fn to_text(path: &Path, info: &ImageInfo) -> String {
         writeln!(s, "  file sha256    {}", hex::encode(info.file_sha256))
     })();
     s
+}
+
+fn sign(key: &Path, image: &Path, output: &Path) -> anyhow::Result<()> {
+    let key = crate::cmd::keys::read_sbv2_key(key)?;
+    let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
+    let signed = sign_file(&bytes, &key).with_context(|| format!("{}", image.display()))?;
+    let info = mqota_core::image::validate_bytes(&signed)
+        .context("internal error: the signed image does not validate")?;
+    if !key.scheme().supported_on(info.chip) {
+        eprintln!(
+            "warning: {} does not check {} signatures; sign with an RSA-3072 key too",
+            info.chip,
+            key.scheme().name()
+        );
+    }
+    std::fs::write(output, &signed).with_context(|| format!("writing {}", output.display()))?;
+    println!(
+        "{}: signed with {} key {}, {} bytes, sha256 {}",
+        output.display(),
+        key.scheme().name(),
+        hex::encode(key.digest()),
+        signed.len(),
+        hex::encode(info.file_sha256)
+    );
+    Ok(())
+}
+
+fn verify(mut trust: Vec<[u8; 32]>, keys: &[PathBuf], image: &Path) -> anyhow::Result<()> {
+    for k in keys {
+        trust.push(crate::cmd::keys::digest_of_file(k)?);
+    }
+    if trust.is_empty() {
+        bail!("name the trusted keys with --trust DIGEST or --key PUB.pem");
+    }
+    if trust.len() > MAX_BLOCKS {
+        bail!("at most {MAX_BLOCKS} trusted keys, as on a device");
+    }
+    let info = read_image(image)?;
+    let sector = read_sector(image, &info)?;
+    let policy = TrustPolicy::new(&trust, SoftVerifier::INSTANCE);
+    let digest = info.padded_sha256.unwrap_or_default();
+    let started = std::time::Instant::now();
+    let checked = signature::check(&policy, info.chip, sector.as_deref(), &digest);
+    let took = started.elapsed();
+    checked.map_err(|why| anyhow::anyhow!("{}: bad_signature: {why}", image.display()))?;
+    info.verify()
+        .with_context(|| format!("{}", image.display()))?;
+    println!(
+        "{}: signature verified ({} chip, {:.2} ms)",
+        image.display(),
+        info.chip,
+        took.as_secs_f64() * 1000.0
+    );
+    Ok(())
 }
 
 fn pack(

@@ -4,6 +4,7 @@ pub mod deploy;
 pub mod flash;
 pub mod fleet;
 pub mod image;
+pub mod keys;
 pub mod logs;
 pub mod partitions;
 pub mod serve;

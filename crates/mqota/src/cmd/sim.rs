@@ -84,6 +84,11 @@ struct RunArgs {
     /// on the shared `{prefix}/progress`.
     #[arg(long)]
     no_progress_copy: bool,
+    /// Trust this signing key (its digest, 64 hex digits, as `mqota keys
+    /// digest` or `espsecure digest-sbv2-public-key` prints it; up to 3
+    /// times): the devices then activate only images it signed.
+    #[arg(long = "trust", value_name = "DIGEST", value_parser = crate::cmd::keys::parse_digest)]
+    trust: Vec<[u8; 32]>,
     /// Fault: cut the power once this many flash bytes have been programmed
     /// or erased (the operation crossing it is torn); the devices boot again.
     #[arg(long)]
@@ -162,6 +167,13 @@ fn run_devices(args: RunArgs) -> Result<()> {
     if args.devices == 0 {
         bail!("--devices must be at least 1");
     }
+    if args.trust.len() > mqota_core::signature::MAX_BLOCKS {
+        bail!(
+            "--trust given {} times; a device trusts at most {} keys",
+            args.trust.len(),
+            mqota_core::signature::MAX_BLOCKS
+        );
+    }
     check_version(chip, &args.version)?;
     // The device and the controller apply the same rules; the controller's
     // filters check the prefix alone.
@@ -194,6 +206,7 @@ fn run_devices(args: RunArgs) -> Result<()> {
             c.bootloader = args.bootloader.into();
             c.prefix = args.prefix.clone();
             c.progress_copy = !args.no_progress_copy;
+            c.trusted_keys = args.trust.clone();
             c.flash = flash_path(&args, &id);
             c
         })
