@@ -160,7 +160,11 @@ function fleetRow(v) {
   }
   const s = d.status || {};
   const last = s.last ? el("span", v.last, BAD.has(s.last.result) ? "bad" : GOOD.has(s.last.result) ? "good" : "") : null;
-  const cells = [el("code", d.id), online, v.chip, v.project, v.version,
+  const open = el("button", d.id, "link");
+  open.type = "button";
+  open.title = "details and history of " + d.id;
+  open.addEventListener("click", () => openDetail(d.id));
+  const cells = [open, online, v.chip, v.project, v.version,
     v.target ? el("span", v.target, "running") : null, phase, last, v.error ? el("span", v.error, "bad") : null];
   cells.forEach((c, i) => {
     const td = document.createElement("td");
@@ -226,6 +230,7 @@ function render() {
     pending = false;
     progressOf = new Map([...devices.values()].map((d) => [d.id, d.progress]));
     renderFleet();
+    renderDetail();
     renderDeployments(deploymentList);
   });
 }
@@ -244,6 +249,85 @@ for (const b of document.querySelectorAll("#fleet-head button")) {
 }
 $("page-prev").addEventListener("click", () => { ui.page = Math.max(0, ui.page - 1); render(); });
 $("page-next").addEventListener("click", () => { ui.page++; render(); });
+
+// --- one device: details and history ---------------------------------------
+
+let detailId = null;
+let historyAt = 0;
+
+function openDetail(id) {
+  detailId = id;
+  historyAt = 0;
+  $("detail").hidden = false;
+  renderDetail();
+  $("detail").scrollIntoView({ block: "nearest" });
+}
+
+$("detail-close").addEventListener("click", () => {
+  detailId = null;
+  $("detail").hidden = true;
+});
+
+function historyLine(h) {
+  const x = h.data || {};
+  if (h.kind === "status") {
+    let t = "version " + x.version + ", " + x.state;
+    if (x.last) t += "; last " + words(PHASE_WORDS, x.last.result) + (x.last.error ? ": " + words(ERROR_WORDS, x.last.error) : "");
+    return t;
+  }
+  let t = words(PHASE_WORDS, x.phase);
+  if (x.percent) t += " " + x.percent + "%";
+  if (x.error) t += ": " + words(ERROR_WORDS, x.error);
+  if (x.message) t += " (" + x.message + ")";
+  return t;
+}
+
+async function loadHistory(id) {
+  try {
+    const list = await getJSON("/api/devices/" + encodeURIComponent(id) + "/history");
+    if (id !== detailId) return;
+    const rows = list.slice().reverse().map((h) => {
+      const job = h.data && (h.data.job || (h.data.last && h.data.last.job));
+      return row([when(h.at), h.kind, historyLine(h), job ? el("code", job, "muted") : null]);
+    });
+    $("detail-history").replaceChildren(...rows);
+    $("detail-empty").hidden = list.length > 0;
+  } catch (e) {
+    $("detail-empty").textContent = "cannot read the history: " + e.message;
+    $("detail-empty").hidden = false;
+  }
+}
+
+function renderDetail() {
+  if (detailId === null) return;
+  const d = devices.get(detailId);
+  $("detail-title").textContent = "Device " + detailId;
+  const s = (d && d.status) || {};
+  const p = d && d.progress;
+  const fields = [
+    ["online", d ? (d.online ? "online" : "offline") : "not in the fleet now"],
+    ["chip", s.chip], ["project", s.project], ["version", s.version],
+    ["slot", s.slot !== undefined && s.slot !== null ? "ota_" + s.slot : s.version ? "factory" : null],
+    ["state", s.state], ["https", s.https === undefined ? null : s.https ? "yes" : "no"],
+    ["updating to", targetOf.get(detailId)],
+    ["job in flight", d && d.in_flight],
+    ["latest progress", p ? historyLine({ kind: "progress", data: p }) : null],
+  ];
+  const dl = $("detail-fields");
+  dl.replaceChildren();
+  for (const [k, v] of fields) {
+    if (v === undefined || v === null || v === "") continue;
+    dl.appendChild(el("dt", k));
+    dl.appendChild(el("dd", v));
+  }
+  // The history grows with every status and ending: read it again at most
+  // once a second while the device is open.
+  const now = Date.now();
+  if (now - historyAt > 1000) {
+    historyAt = now;
+    loadHistory(detailId);
+  }
+}
 
 function showGaps(gaps) {
   const text = Array.isArray(gaps) ? gaps.join("; ") : gaps || "";

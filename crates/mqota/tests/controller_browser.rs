@@ -464,6 +464,25 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
         rows[0]
     );
 
+    // A device's details and history, opened from its row.
+    b.click("#fleet tr[data-id='br-a'] button").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = b
+            .js("const d = document.getElementById('detail'); \
+                 return [d.hidden, d.textContent];")
+            .await;
+        let (hidden, text): (bool, String) = serde_json::from_value(v).unwrap();
+        if !hidden && text.contains("Device br-a") && text.contains("version 1.1.0, ") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no history of br-a shown: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // A device that goes away is shown offline.
     drop(leaving);
     wait_rows(&b, "showed br-c offline", 30, |rows| {
@@ -491,6 +510,29 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
         !urls.iter().any(|u| u.ends_with("/api/fleet")),
         "the page polled /api/fleet although the stream worked"
     );
+    // Ten thousand devices (made up in the page) stay fast: one page of 100
+    // rows is drawn, and filtering and sorting all of them is quick.
+    let v = b
+        .js("for (let i = 0; i < 10000; i++) { \
+               const id = 'x-' + String(i).padStart(5, '0'); \
+               devices.set(id, {id, online: i % 3 > 0, progress: null, ended: [], in_flight: null, \
+                 status: {device: id, chip: 'esp32c3', project: 'p', version: '1.0.' + (i % 7), \
+                          slot: 0, state: 'valid', last: null, https: false}}); } \
+             const t0 = performance.now(); renderFleet(); const all = performance.now() - t0; \
+             const q = document.getElementById('q'); q.value = 'x-0999'; \
+             q.dispatchEvent(new Event('input')); \
+             const t1 = performance.now(); renderFleet(); const search = performance.now() - t1; \
+             return [all, search, document.querySelectorAll('#fleet tr').length, \
+                     document.getElementById('page-info').textContent];")
+        .await;
+    let (all_ms, search_ms, rows, info): (f64, f64, usize, String) =
+        serde_json::from_value(v).unwrap();
+    eprintln!("10,003 devices: drawn in {all_ms:.0} ms, searched in {search_ms:.0} ms; {info}");
+    assert!(
+        all_ms < 1000.0 && search_ms < 1000.0,
+        "slow: {all_ms} ms, {search_ms} ms"
+    );
+    assert_eq!(rows, 10, "x-09990..x-09999: {info}");
     eprintln!(
         "browser part took {:.1} s; screenshot at {}",
         started.elapsed().as_secs_f64(),
