@@ -510,6 +510,44 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
         !urls.iter().any(|u| u.ends_with("/api/fleet")),
         "the page polled /api/fleet although the stream worked"
     );
+    // A hidden tab lets go of the stream, a visible one takes it up again.
+    b.js(
+        "window.seen = []; document.addEventListener('visibilitychange', () => \
+          window.seen.push([document.hidden, stream === null]));",
+    )
+    .await;
+    let page = b.cmd(reqwest::Method::GET, "/window", Value::Null).await;
+    let tab = b.post("/window/new", json!({"type": "tab"})).await;
+    b.post("/window", json!({"handle": tab["handle"]})).await;
+    b.post("/window", json!({ "handle": page })).await;
+    let seen = b.js("return [window.seen, stream !== null];").await;
+    assert_eq!(
+        seen,
+        json!([[[true, true], [false, false]], true]),
+        "[hidden, stream closed] at each visibility change, then whether it is open"
+    );
+
+    // A stream that keeps failing (three errors in a row, raised here by
+    // hand) gives way to polling the JSON API.
+    b.js("for (let i = 0; i < 3; i++) stream.onerror(new Event('error'));")
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = b
+            .js("return [document.getElementById('status').textContent, stream === null];")
+            .await;
+        let (status, closed): (String, bool) = serde_json::from_value(v).unwrap();
+        if status.starts_with("polling") && closed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never fell back to polling: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_rows(&b, "kept the rows while polling", 5, |rows| rows.len() == 3).await;
+
     // Ten thousand devices (made up in the page) stay fast: one page of 100
     // rows is drawn, and filtering and sorting all of them is quick.
     let v = b
