@@ -4,7 +4,7 @@
 //! broker) and virtual devices running in this test.
 //!
 //! Needs `/usr/bin/chromium` and `chromedriver` (Debian packages `chromium`
-//! and `chromium-driver`; `cargo xtask prereq` installs them): without them
+//! and `chromium-driver`; `cargo xtask ci` installs them when missing): without them
 //! the test fails and says so. It writes a screenshot of the page to
 //! `target/page-browser.png` (and one mid-update to
 //! `target/page-browser-progress.png`).
@@ -41,7 +41,7 @@ fn find_chromedriver() -> PathBuf {
         .map(|d| d.join("chromedriver"))
         .find(|p| p.is_file());
     let missing = "install them with `apt-get install chromium chromium-driver` \
-                   or `cargo xtask prereq`";
+                   or let `cargo xtask ci` install them";
     assert!(
         std::path::Path::new(CHROMIUM).is_file(),
         "the browser test needs Chromium at {CHROMIUM} and chromedriver: {missing}"
