@@ -282,6 +282,9 @@ async fn follow(
     let mut dirty = BTreeSet::<String>::new();
     let mut flush = tokio::time::interval(EVENTS_COALESCE);
     let mut look = tokio::time::interval(EVENTS_COALESCE);
+    // A slow store read or client delays the next tick; no burst follows.
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut since_look = Duration::ZERO;
     // A status or progress event came since the last look at the store.
     let mut nudged = false;
