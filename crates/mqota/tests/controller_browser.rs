@@ -208,9 +208,21 @@ impl Browser {
             .filter_map(|p| Some(p["request"]["url"].as_str()?.to_owned()))
             .collect()
     }
+}
 
-    async fn quit(self) {
-        let _ = self.http.delete(&self.session).send().await;
+impl Drop for Browser {
+    /// Ends the session, and so Chromium, also when the test failed: killing
+    /// ChromeDriver alone leaves its Chromium running.
+    fn drop(&mut self) {
+        let session = self.session.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async { reqwest::Client::new().delete(session).send().await })
+        })
+        .join();
     }
 }
 
@@ -576,6 +588,6 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
         started.elapsed().as_secs_f64(),
         shot.display()
     );
-    b.quit().await;
+    drop(b);
     drop(fleet);
 }
