@@ -3,7 +3,8 @@
 //! rustfmt and clippy; Mosquitto and its command-line clients (the
 //! integration tests start their own broker); esptool (golden-file checks);
 //! paho-mqtt 2.x (a Python MQTT client at 3.1.1 and 5, a peer in the
-//! embedded broker's tests);
+//! embedded broker's tests); Debian's Chromium and ChromeDriver (the page's
+//! browser test);
 //! and what `cargo install espflash` needs to link (libudev, pkg-config).
 
 use anyhow::{bail, Result};
@@ -67,6 +68,12 @@ pub fn ensure() -> Result<()> {
     }
     if !have("mosquitto_sub") || !have("mosquitto_pub") {
         apt.push("mosquitto-clients");
+    }
+    if !have("chromium") {
+        apt.push("chromium");
+    }
+    if !have("chromedriver") {
+        apt.push("chromium-driver");
     }
     if !espflash_installed() {
         if !dpkg_has("libudev-dev") {

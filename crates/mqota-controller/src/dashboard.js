@@ -1,4 +1,8 @@
-// The mqota dashboard: polls the JSON API of `mqota serve` every second.
+// The mqota dashboard. It follows `mqota serve` live through Server-Sent
+// Events (/api/events: a snapshot, then numbered changes); while that stream
+// keeps failing it polls /api/fleet and /api/deployments instead, and it
+// closes the stream while the tab is hidden.
+//
 // Every piece of data reaches the DOM through textContent or an attribute
 // set by property, never as markup: device ids, versions and error texts
 // come from devices and files nobody vetted.
@@ -30,11 +34,44 @@ async function getJSON(url) {
   return r.json();
 }
 
-// Device id -> its latest progress event, from /api/fleet.
+// Device id -> the device as /api/fleet lists it.
+const devices = new Map();
+// The deployments as /api/deployments lists them.
+let deploymentList = [];
+// Device id -> its latest progress event (for the deployments' tables).
 let progressOf = new Map();
 
 const GOOD = new Set(["done", "succeeded", "reverted"]);
 const BAD = new Set(["failed", "rolled_back", "cancelled", "timed_out", "revert_failed"]);
+const TERMINAL = new Set(["done", "failed", "rolled_back", "cancelled"]);
+
+// Phases and error codes in words.
+const PHASE_WORDS = {
+  accepted: "accepted", downloading: "downloading", verifying: "verifying",
+  rebooting: "rebooting", confirming: "confirming", done: "updated",
+  failed: "failed", rolled_back: "rolled back", cancelled: "cancelled",
+};
+const ERROR_WORDS = {
+  bad_command: "the command was malformed",
+  busy: "busy with another update",
+  http_status: "the firmware server refused the download",
+  network: "the network failed during the download",
+  timeout: "timed out",
+  too_large: "the image does not fit the OTA slot",
+  size_mismatch: "the download had the wrong size",
+  bad_image: "not a valid firmware image",
+  wrong_chip: "the image is for another chip",
+  hash_mismatch: "the image's SHA-256 did not match",
+  flash: "writing the flash failed",
+  health_check_failed: "the new firmware failed its health check; rolled back",
+  boot_failed: "the new firmware did not boot; rolled back",
+  cancelled: "cancelled on request",
+  no_previous_image: "no previous image to roll back to",
+  duplicate_job: "this job already ran on the device",
+  bad_signature: "the image signature is not valid",
+  downgrade: "refused: older than the running version",
+};
+const words = (map, code) => (code in map ? map[code] : String(code).replace(/_/g, " "));
 
 function stateSpan(name) {
   const cls = GOOD.has(name) ? "good" : BAD.has(name) ? "bad" : name === "running" || name === "sent" ? "running" : "";
@@ -60,34 +97,250 @@ function phaseCell(p) {
   return s;
 }
 
-function renderFleet(list) {
-  progressOf = new Map(list.map((d) => [d.id, d.progress]));
-  const body = $("fleet");
-  body.replaceChildren();
-  for (const d of list) {
-    const s = d.status;
-    const p = d.progress;
-    let last = null;
-    if (s && s.last) {
-      last = stateSpan(s.last.result);
-      if (s.last.error) last.appendChild(document.createTextNode(" (" + s.last.error + ")"));
-      if (s.last.job) last.appendChild(el("span", " " + s.last.job, "muted"));
-    }
-    body.appendChild(row([
-      d.id,
-      s ? el("span", d.online ? "online" : "offline", d.online ? "good" : "bad") : el("span", "no status", "muted"),
-      s && s.chip,
-      s && s.project,
-      s && s.version,
-      s && s.slot !== null && s.slot !== undefined ? "ota_" + s.slot : s ? "factory" : null,
-      s && s.state,
-      last,
-      phaseCell(p),
-      percentCell(p),
-    ]));
-  }
-  $("fleet-empty").hidden = list.length > 0;
+// --- the fleet table -------------------------------------------------------
+
+// Device id -> the version a running deployment is taking it to.
+let targetOf = new Map();
+
+function updating(d) {
+  return !!(d.in_flight && d.progress && !TERMINAL.has(d.progress.phase));
 }
+
+// One device as the table shows it, with sort keys.
+function viewOf(d) {
+  const s = d.status || {};
+  const last = s.last || null;
+  const failed = !!(last && BAD.has(last.result));
+  return {
+    d,
+    id: d.id,
+    online: d.online ? "online" : "offline",
+    chip: s.chip || "",
+    project: s.project || "",
+    version: s.version || "",
+    target: targetOf.get(d.id) || "",
+    phase: updating(d) ? d.progress.phase : "",
+    last: last ? words(PHASE_WORDS, last.result) : "",
+    error: last && last.error ? words(ERROR_WORDS, last.error) : (d.progress && d.progress.message && BAD.has(d.progress.phase) ? d.progress.message : ""),
+    state: updating(d) ? "updating" : failed ? "failed" : "idle",
+  };
+}
+
+const ui = { q: "", state: "", online: "", version: "", chip: "", key: "id", dir: "asc", page: 0 };
+const PAGE_SIZE = 100;
+
+function matches(v) {
+  if (ui.state && v.state !== ui.state) return false;
+  if (ui.online && v.online !== ui.online) return false;
+  if (ui.version && v.version !== ui.version) return false;
+  if (ui.chip && v.chip !== ui.chip) return false;
+  if (!ui.q) return true;
+  const q = ui.q.toLowerCase();
+  return [v.id, v.version, v.target, v.chip, v.project, v.error, v.last, v.online]
+    .some((x) => x && x.toLowerCase().includes(q));
+}
+
+const collator = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
+
+function fleetRow(v) {
+  const d = v.d;
+  const tr = document.createElement("tr");
+  tr.dataset.id = d.id;
+  const online = el("span", d.status ? v.online : "no status", d.status ? (d.online ? "pill good" : "pill bad") : "muted");
+  let phase = null;
+  if (v.phase) {
+    phase = el("span");
+    phase.appendChild(el("span", words(PHASE_WORDS, v.phase) + " ", "running"));
+    const bar = el("progress");
+    bar.max = 100;
+    bar.value = d.progress.percent;
+    bar.title = d.progress.percent + "%";
+    phase.appendChild(bar);
+    phase.appendChild(el("span", " " + d.progress.percent + "%", "muted"));
+  }
+  const s = d.status || {};
+  const last = s.last ? el("span", v.last, BAD.has(s.last.result) ? "bad" : GOOD.has(s.last.result) ? "good" : "") : null;
+  const open = el("button", d.id, "link");
+  open.type = "button";
+  open.title = "details and history of " + d.id;
+  open.addEventListener("click", () => openDetail(d.id));
+  const cells = [open, online, v.chip, v.project, v.version,
+    v.target ? el("span", v.target, "running") : null, phase, last, v.error ? el("span", v.error, "bad") : null];
+  cells.forEach((c, i) => {
+    const td = document.createElement("td");
+    if (c instanceof Node) td.appendChild(c);
+    else if (c) td.textContent = String(c);
+    if (i === 8) td.className = "err";
+    tr.appendChild(td);
+  });
+  return tr;
+}
+
+function fillChoices(select, values) {
+  const key = values.join("\u0000");
+  if (select.dataset.key === key) return;
+  select.dataset.key = key;
+  const chosen = select.value;
+  select.replaceChildren(el("option", "any"));
+  select.firstChild.value = "";
+  for (const x of values) {
+    const o = el("option", x);
+    o.value = x;
+    select.appendChild(o);
+  }
+  select.value = values.includes(chosen) ? chosen : "";
+}
+
+function renderFleet() {
+  targetOf = new Map();
+  for (const dep of deploymentList) {
+    if (dep.state !== "running") continue;
+    for (const x of dep.devices) if (x.state === "pending" || x.state === "sent") targetOf.set(x.device, dep.version);
+  }
+  const all = [...devices.values()].map(viewOf);
+  fillChoices($("f-version"), [...new Set(all.map((v) => v.version).filter((x) => x))].sort(collator.compare));
+  fillChoices($("f-chip"), [...new Set(all.map((v) => v.chip).filter((x) => x))].sort(collator.compare));
+  const shown = all.filter(matches);
+  const sign = ui.dir === "asc" ? 1 : -1;
+  shown.sort((a, b) => sign * collator.compare(a[ui.key], b[ui.key]) || collator.compare(a.id, b.id));
+  const pages = Math.max(1, Math.ceil(shown.length / PAGE_SIZE));
+  ui.page = Math.min(ui.page, pages - 1);
+  const from = ui.page * PAGE_SIZE;
+  const rows = shown.slice(from, from + PAGE_SIZE).map(fleetRow);
+  $("fleet").replaceChildren(...rows);
+  $("fleet-empty").hidden = all.length > 0;
+  $("fleet-count").textContent = shown.length === all.length ? all.length + " devices" : shown.length + " of " + all.length + " devices";
+  $("page-info").textContent = shown.length ? "rows " + (from + 1) + "–" + (from + rows.length) + " of " + shown.length + ", page " + (ui.page + 1) + " of " + pages : "no rows";
+  $("page-prev").disabled = ui.page === 0;
+  $("page-next").disabled = ui.page >= pages - 1;
+  const online = all.filter((v) => v.online === "online").length;
+  const busy = all.filter((v) => v.state === "updating").length;
+  $("summary").textContent = all.length + " devices · " + online + " online · " + busy + " updating";
+  for (const b of document.querySelectorAll("#fleet-head button")) {
+    if (b.dataset.key === ui.key) b.dataset.dir = ui.dir;
+    else delete b.dataset.dir;
+  }
+}
+
+let pending = false;
+function render() {
+  if (pending) return;
+  pending = true;
+  requestAnimationFrame(() => {
+    pending = false;
+    progressOf = new Map([...devices.values()].map((d) => [d.id, d.progress]));
+    renderFleet();
+    renderDetail();
+    renderDeployments(deploymentList);
+  });
+}
+
+for (const [id, key] of [["q", "q"], ["f-state", "state"], ["f-online", "online"], ["f-version", "version"], ["f-chip", "chip"]]) {
+  const update = (e) => { ui[key] = e.target.value.trim(); ui.page = 0; render(); };
+  $(id).addEventListener("input", update);
+  $(id).addEventListener("change", update);
+}
+for (const b of document.querySelectorAll("#fleet-head button")) {
+  b.addEventListener("click", () => {
+    if (ui.key === b.dataset.key) ui.dir = ui.dir === "asc" ? "desc" : "asc";
+    else { ui.key = b.dataset.key; ui.dir = "asc"; }
+    render();
+  });
+}
+$("page-prev").addEventListener("click", () => { ui.page = Math.max(0, ui.page - 1); render(); });
+$("page-next").addEventListener("click", () => { ui.page++; render(); });
+
+// --- one device: details and history ---------------------------------------
+
+let detailId = null;
+let historyAt = 0;
+
+function openDetail(id) {
+  detailId = id;
+  historyAt = 0;
+  $("detail").hidden = false;
+  renderDetail();
+  $("detail").scrollIntoView({ block: "nearest" });
+}
+
+$("detail-close").addEventListener("click", () => {
+  detailId = null;
+  $("detail").hidden = true;
+});
+
+function historyLine(h) {
+  const x = h.data || {};
+  if (h.kind === "status") {
+    let t = "version " + x.version + ", " + x.state;
+    if (x.last) t += "; last " + words(PHASE_WORDS, x.last.result) + (x.last.error ? ": " + words(ERROR_WORDS, x.last.error) : "");
+    return t;
+  }
+  let t = words(PHASE_WORDS, x.phase);
+  if (x.percent) t += " " + x.percent + "%";
+  if (x.error) t += ": " + words(ERROR_WORDS, x.error);
+  if (x.message) t += " (" + x.message + ")";
+  return t;
+}
+
+async function loadHistory(id) {
+  try {
+    const list = await getJSON("/api/devices/" + encodeURIComponent(id) + "/history");
+    if (id !== detailId) return;
+    const rows = list.slice().reverse().map((h) => {
+      const job = h.data && (h.data.job || (h.data.last && h.data.last.job));
+      return row([when(h.at), h.kind, historyLine(h), job ? el("code", job, "muted") : null]);
+    });
+    $("detail-history").replaceChildren(...rows);
+    $("detail-empty").hidden = list.length > 0;
+  } catch (e) {
+    $("detail-empty").textContent = "cannot read the history: " + e.message;
+    $("detail-empty").hidden = false;
+  }
+}
+
+function renderDetail() {
+  if (detailId === null) return;
+  const d = devices.get(detailId);
+  $("detail-title").textContent = "Device " + detailId;
+  const s = (d && d.status) || {};
+  const p = d && d.progress;
+  const fields = [
+    ["online", d ? (d.online ? "online" : "offline") : "not in the fleet now"],
+    ["chip", s.chip], ["project", s.project], ["version", s.version],
+    ["slot", s.slot !== undefined && s.slot !== null ? "ota_" + s.slot : s.version ? "factory" : null],
+    ["state", s.state], ["https", s.https === undefined ? null : s.https ? "yes" : "no"],
+    ["updating to", targetOf.get(detailId)],
+    ["job in flight", d && d.in_flight],
+    ["latest progress", p ? historyLine({ kind: "progress", data: p }) : null],
+  ];
+  const dl = $("detail-fields");
+  dl.replaceChildren();
+  for (const [k, v] of fields) {
+    if (v === undefined || v === null || v === "") continue;
+    dl.appendChild(el("dt", k));
+    dl.appendChild(el("dd", v));
+  }
+  // The history grows with every status and ending: read it again at most
+  // once a second while the device is open.
+  const now = Date.now();
+  if (now - historyAt > 1000) {
+    historyAt = now;
+    loadHistory(detailId);
+  }
+}
+
+function showGaps(gaps) {
+  const text = Array.isArray(gaps) ? gaps.join("; ") : gaps || "";
+  $("fleet-gaps").textContent = text ? "The fleet may be incomplete: " + text : "";
+  $("fleet-gaps").hidden = !text;
+}
+
+function setStatus(text, cls) {
+  $("status").textContent = text;
+  $("status").className = cls;
+}
+
+// --- firmware and deployments ---------------------------------------------
 
 let firmwareKey = "";
 
@@ -170,38 +423,134 @@ function renderDeployments(list) {
   $("deployments-empty").hidden = list.length > 0;
 }
 
-let ticks = 0;
+async function loadFirmware() {
+  try {
+    renderFirmware(await getJSON("/api/firmware"));
+  } catch (e) {
+    setStatus("cannot reach serve: " + e.message, "bad");
+  }
+}
+
+// --- live: the event stream, polling as the fallback ----------------------
+
+let stream = null;
+let lastSeq = 0;
+let failures = 0;
+let pollTimer = null;
+let retryTimer = null;
+// After this many failures in a row the page polls, and tries the stream
+// again now and then.
+const MAX_FAILURES = 3;
+
+function onEvent(kind, handle) {
+  stream.addEventListener(kind, (e) => {
+    const data = JSON.parse(e.data);
+    if (kind !== "snapshot" && data.seq !== lastSeq + 1) {
+      // A change was missed: start over with a fresh snapshot.
+      reconnect();
+      return;
+    }
+    lastSeq = data.seq;
+    handle(data);
+    render();
+  });
+}
+
+function connect() {
+  if (stream || document.hidden) return;
+  clearTimeout(retryTimer);
+  stream = new EventSource("/api/events");
+  onEvent("snapshot", (s) => {
+    devices.clear();
+    for (const d of s.devices) devices.set(d.id, d);
+    deploymentList = s.deployments;
+    showGaps(s.gaps);
+  });
+  onEvent("change", (c) => {
+    for (const d of c.devices) devices.set(d.id, d);
+    for (const id of c.removed) devices.delete(id);
+  });
+  onEvent("deployments", (x) => { deploymentList = x.deployments; });
+  onEvent("gaps", (x) => showGaps(x.gaps));
+  stream.onopen = () => {
+    failures = 0;
+    stopPolling();
+    setStatus("live", "live");
+  };
+  stream.onerror = () => {
+    failures++;
+    if (failures < MAX_FAILURES && stream.readyState !== EventSource.CLOSED) {
+      setStatus("reconnecting…", "bad");
+      return;
+    }
+    disconnect();
+    startPolling();
+    retryTimer = setTimeout(connect, 30000);
+  };
+}
+
+function disconnect() {
+  if (stream) stream.close();
+  stream = null;
+}
+
+function reconnect() {
+  disconnect();
+  connect();
+}
+
 let busy = false;
 
-async function tick() {
+async function poll() {
   if (busy) return;
   busy = true;
   try {
-    // The catalogue is a directory scan: every fifth second is plenty.
-    const firmware = ticks % 5 === 0 ? getJSON("/api/firmware") : null;
     const [fleetResponse, deployments] = await Promise.all([
       fetch("/api/fleet", { cache: "no-store" }),
       getJSON("/api/deployments"),
     ]);
     if (!fleetResponse.ok) throw new Error("/api/fleet: HTTP " + fleetResponse.status);
     // Why the picture may be incomplete (broker unreachable, replay cut).
-    const gaps = fleetResponse.headers.get("x-mqota-fleet-gaps");
-    $("fleet-gaps").textContent = gaps ? "The fleet may be incomplete: " + gaps : "";
-    $("fleet-gaps").hidden = !gaps;
+    showGaps(fleetResponse.headers.get("x-mqota-fleet-gaps"));
     const fleet = await fleetResponse.json();
-    renderFleet(fleet);
-    renderDeployments(deployments);
-    if (firmware) renderFirmware(await firmware);
-    ticks++;
-    $("status").textContent = "updated " + new Date().toLocaleTimeString();
-    $("status").className = "muted";
+    devices.clear();
+    for (const d of fleet) devices.set(d.id, d);
+    deploymentList = deployments;
+    render();
+    setStatus("polling (live updates failed) · " + new Date().toLocaleTimeString(), "polling");
   } catch (e) {
-    $("status").textContent = "cannot reach serve: " + e.message;
-    $("status").className = "bad";
+    setStatus("cannot reach serve: " + e.message, "bad");
   } finally {
     busy = false;
   }
 }
+
+function startPolling() {
+  if (pollTimer || document.hidden) return;
+  poll();
+  pollTimer = setInterval(poll, 2000);
+}
+
+function stopPolling() {
+  clearInterval(pollTimer);
+  pollTimer = null;
+}
+
+document.addEventListener("visibilitychange", () => {
+  if (document.hidden) {
+    // Nobody looks: hold no connection open and ask nothing.
+    disconnect();
+    stopPolling();
+    clearTimeout(retryTimer);
+    setStatus("paused while hidden", "muted");
+  } else {
+    failures = 0;
+    connect();
+    loadFirmware();
+  }
+});
+
+// --- the deploy form ---------------------------------------------------------
 
 function amount(text) {
   const t = text.trim();
@@ -240,13 +589,15 @@ $("deploy").addEventListener("submit", async (ev) => {
     if (j.no_https && j.no_https.length) text += "; https is not enabled on: " + j.no_https.join(", ") + " (left out)";
     out.textContent = text;
     out.className = "wide good";
-    ticks = 0;
-    tick();
+    loadFirmware();
+    if (!stream) poll();
   } catch (e) {
     out.textContent = e.message;
     out.className = "wide bad";
   }
 });
 
-tick();
-setInterval(tick, 1000);
+loadFirmware();
+// The catalogue is a directory: looking again twice a minute is plenty.
+setInterval(() => { if (!document.hidden) loadFirmware(); }, 30000);
+connect();

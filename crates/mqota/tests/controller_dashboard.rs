@@ -259,3 +259,53 @@ async fn a_deployment_posted_to_serve_runs_there_and_updates_three_virtual_devic
         assert_eq!(last.version.as_deref(), Some("1.1.0"), "{dev}: {boots:?}");
     }
 }
+
+#[tokio::test]
+async fn the_event_stream_starts_with_a_snapshot_and_is_guarded_like_the_page() {
+    let fw = firmware_dir();
+    let data = tempfile::tempdir().unwrap();
+    let serve = Serve::start(fw.path(), data.path(), None);
+    let url = format!("{}/api/events", serve.http);
+
+    // DNS rebinding: another name for this address is refused, as for `/`.
+    let client = reqwest::Client::new();
+    for (name, value) in [
+        (header::HOST, "rebind.example:8080"),
+        (header::ORIGIN, "http://rebind.example"),
+    ] {
+        let r = client
+            .get(&url)
+            .header(name.clone(), value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{name}: {value}");
+    }
+
+    let mut r = client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), r.chunk())
+            .await
+            .expect("the snapshot comes at once")
+            .unwrap()
+            .expect("the stream stays open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let first = text.split("\n\n").next().unwrap();
+    assert!(first.contains("event: snapshot"), "{first}");
+    assert!(first.contains("id: 1"), "{first}");
+    let data = first
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap_or_else(|| panic!("no data in {first}"));
+    let v: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(v["seq"], 1);
+    assert_eq!(v["devices"], json!([]));
+    assert_eq!(v["deployments"], json!([]));
+}

@@ -1,0 +1,593 @@
+//! The web page of `mqota serve` in a real browser: Debian's Chromium,
+//! headless, driven through ChromeDriver's WebDriver protocol (plain HTTP
+//! and JSON, spoken with reqwest), against serve as a process (embedded
+//! broker) and virtual devices running in this test.
+//!
+//! Needs `/usr/bin/chromium` and `chromedriver` (Debian packages `chromium`
+//! and `chromium-driver`; `cargo xtask ci` installs them when missing): without them
+//! the test fails and says so. It writes a screenshot of the page to
+//! `target/page-browser.png` (and one mid-update to
+//! `target/page-browser-progress.png`).
+
+mod controller_support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use controller_support::{device_config, image, Devices, Serve};
+use serde_json::{json, Value};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// ChromeDriver running on a port of its own; killed on drop.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find_chromedriver() -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| d.join("chromedriver"))
+        .find(|p| p.is_file());
+    let missing = "install them with `apt-get install chromium chromium-driver` \
+                   or let `cargo xtask ci` install them";
+    assert!(
+        std::path::Path::new(CHROMIUM).is_file(),
+        "the browser test needs Chromium at {CHROMIUM} and chromedriver: {missing}"
+    );
+    on_path.unwrap_or_else(|| {
+        panic!("the browser test needs chromedriver on PATH beside {CHROMIUM}: {missing}")
+    })
+}
+
+async fn start_driver() -> Driver {
+    let exe = find_chromedriver();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(&exe)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
+    let driver = Driver {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = reqwest::get(format!("{}/status", driver.url)).await {
+            let v: Value = r.json().await.unwrap_or_default();
+            if v["value"]["ready"] == true {
+                return driver;
+            }
+        }
+        assert!(Instant::now() < deadline, "chromedriver never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One browser session.
+struct Browser {
+    http: reqwest::Client,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn start(driver: &Driver) -> Self {
+        let profile = tempfile::tempdir().unwrap();
+        // The flags this closed network needs: without the background
+        // networking ones Chromium keeps trying to reach Google's hosts.
+        let args = [
+            "--headless".to_owned(),
+            "--no-sandbox".to_owned(),
+            "--disable-gpu".to_owned(),
+            "--disable-quic".to_owned(),
+            "--no-first-run".to_owned(),
+            "--disable-background-networking".to_owned(),
+            "--disable-component-update".to_owned(),
+            "--disable-sync".to_owned(),
+            "--window-size=1400,900".to_owned(),
+            format!("--user-data-dir={}", profile.path().display()),
+        ];
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
+            // Every request the page makes, read back at the end.
+            "goog:loggingPrefs": {"performance": "ALL"},
+        }}});
+        let http = reqwest::Client::new();
+        let r: Value = http
+            .post(format!("{}/session", driver.url))
+            .json(&caps)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = r["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("chromedriver did not start Chromium: {r:#}"))
+            .to_owned();
+        Self {
+            http,
+            session: format!("{}/session/{session}", driver.url),
+            _profile: profile,
+        }
+    }
+
+    async fn cmd(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let url = format!("{}{path}", self.session);
+        let mut req = self.http.request(method, &url);
+        if body != Value::Null {
+            req = req.json(&body);
+        }
+        let r = req.send().await.unwrap();
+        let ok = r.status().is_success();
+        let v: Value = r.json().await.unwrap();
+        assert!(ok, "WebDriver {path}: {v:#}");
+        v["value"].clone()
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        self.cmd(reqwest::Method::POST, path, body).await
+    }
+
+    async fn goto(&self, url: &str) {
+        self.post("/url", json!({ "url": url })).await;
+    }
+
+    /// Runs `script` (a function body) in the page and returns its value.
+    async fn js(&self, script: &str) -> Value {
+        self.post("/execute/sync", json!({"script": script, "args": []}))
+            .await
+    }
+
+    async fn element(&self, css: &str) -> String {
+        let v = self
+            .post("/element", json!({"using": "css selector", "value": css}))
+            .await;
+        v.as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no element {css}: {v}"))
+            .to_owned()
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let e = self.element(css).await;
+        self.post(&format!("/element/{e}/clear"), json!({})).await;
+        self.post(&format!("/element/{e}/value"), json!({ "text": text }))
+            .await;
+    }
+
+    async fn click(&self, css: &str) {
+        let e = self.element(css).await;
+        self.post(&format!("/element/{e}/click"), json!({})).await;
+    }
+
+    async fn screenshot(&self, to: &std::path::Path) {
+        use base64_png::decode;
+        let v = self
+            .cmd(reqwest::Method::GET, "/screenshot", Value::Null)
+            .await;
+        std::fs::write(to, decode(v.as_str().unwrap())).unwrap();
+    }
+
+    /// Every URL a document under `origin` asked for so far (ChromeDriver's
+    /// performance log; the browser's own start page is left out).
+    async fn requested_urls(&self, origin: &str) -> Vec<String> {
+        let log = self.post("/se/log", json!({"type": "performance"})).await;
+        log.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| serde_json::from_str::<Value>(e["message"].as_str()?).ok())
+            .filter(|m| m["message"]["method"] == "Network.requestWillBeSent")
+            .map(|m| m["message"]["params"].clone())
+            .filter(|p| {
+                p["documentURL"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with(origin))
+            })
+            .filter_map(|p| Some(p["request"]["url"].as_str()?.to_owned()))
+            .collect()
+    }
+}
+
+impl Drop for Browser {
+    /// Ends the session, and so Chromium, also when the test failed: killing
+    /// ChromeDriver alone leaves its Chromium running.
+    fn drop(&mut self) {
+        let session = self.session.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async { reqwest::Client::new().delete(session).send().await })
+        })
+        .join();
+    }
+}
+
+/// A tiny base64 decoder: screenshots come as base64 and no crate here
+/// decodes it.
+mod base64_png {
+    pub fn decode(text: &str) -> Vec<u8> {
+        let value = |c: u8| -> u32 {
+            match c {
+                b'A'..=b'Z' => (c - b'A') as u32,
+                b'a'..=b'z' => (c - b'a') as u32 + 26,
+                b'0'..=b'9' => (c - b'0') as u32 + 52,
+                b'+' => 62,
+                b'/' => 63,
+                _ => panic!("not base64: {c}"),
+            }
+        };
+        let bytes: Vec<u8> = text.bytes().filter(|c| *c != b'=' && *c != b'\n').collect();
+        let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+        for chunk in bytes.chunks(4) {
+            let mut n = 0u32;
+            for (i, c) in chunk.iter().enumerate() {
+                n |= value(*c) << (18 - 6 * i);
+            }
+            out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+        }
+        out
+    }
+}
+
+/// The fleet table's rows as the page shows them: each row's cell texts.
+const ROWS: &str = "return [...document.querySelectorAll('#fleet tr')]\
+                    .map(tr => [...tr.cells].map(c => c.textContent.trim()));";
+
+/// Polls the table until `check` holds, for at most `secs`.
+async fn wait_rows(
+    b: &Browser,
+    what: &str,
+    secs: u64,
+    check: impl Fn(&[Vec<String>]) -> bool,
+) -> Vec<Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let rows: Vec<Vec<String>> = serde_json::from_value(b.js(ROWS).await).unwrap();
+        if check(&rows) {
+            return rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page never {what}: {rows:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A firmware server that sends `image` to the first request at once (serve
+/// reading it to learn its size and hash) and to every later one (the
+/// devices) slowly, 32 KiB every 60 ms, so an update lasts long enough to
+/// watch its progress bar move. Returns the image's URL.
+async fn slow_firmware(image: Vec<u8>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/app-1.1.0.bin", listener.local_addr().unwrap());
+    let image = std::sync::Arc::new(image);
+    tokio::spawn(async move {
+        let mut served = 0u32;
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            served += 1;
+            let slow = served > 1;
+            let image = image.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    image.len()
+                );
+                if conn.write_all(header.as_bytes()).await.is_err() {
+                    return;
+                }
+                for chunk in image.chunks(32 * 1024) {
+                    if conn.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(60)).await;
+                    }
+                }
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    url
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"))
+}
+
+// Columns of the fleet table.
+const ID: usize = 0;
+const ONLINE: usize = 1;
+const VERSION: usize = 4;
+const LAST: usize = 7;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_device_go_offline() {
+    let driver = start_driver().await;
+    let fw = tempfile::tempdir().unwrap();
+    // Big enough that the download takes a few progress events.
+    std::fs::write(fw.path().join("app-1.1.0.bin"), image("1.1.0", 1024 * 1024)).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let serve = Serve::start(fw.path(), data.path(), None);
+    let port: u16 = serve.broker.rsplit(':').next().unwrap().parse().unwrap();
+    let fleet = Devices::start(
+        ["br-a", "br-b"]
+            .iter()
+            .map(|id| device_config(id, port))
+            .collect(),
+    );
+    // A device of its own, to be switched off.
+    let leaving = Devices::start(vec![device_config("br-c", port)]);
+
+    let b = Browser::start(&driver).await;
+    let started = Instant::now();
+    b.goto(&format!("{}/", serve.http)).await;
+
+    let rows = wait_rows(&b, "listed three devices online on 1.0.0", 30, |rows| {
+        rows.len() == 3
+            && rows
+                .iter()
+                .all(|r| r[ONLINE] == "online" && r[VERSION] == "1.0.0")
+    })
+    .await;
+    let ids: Vec<&str> = rows.iter().map(|r| r[ID].as_str()).collect();
+    assert_eq!(ids, ["br-a", "br-b", "br-c"]);
+    assert_eq!(
+        b.js("return document.getElementById('status').textContent;")
+            .await,
+        "live"
+    );
+
+    // The search box narrows the rows, and so do the filters.
+    b.type_into("#q", "br-b").await;
+    wait_rows(&b, "narrowed to br-b", 5, |rows| {
+        rows.len() == 1 && rows[0][ID] == "br-b"
+    })
+    .await;
+    b.type_into("#q", "").await;
+    b.js(
+        "const s = document.getElementById('f-online'); s.value = 'offline'; \
+          s.dispatchEvent(new Event('input'));",
+    )
+    .await;
+    wait_rows(&b, "showed no offline device", 5, |rows| rows.is_empty()).await;
+    b.js(
+        "const s = document.getElementById('f-online'); s.value = ''; \
+          s.dispatchEvent(new Event('input'));",
+    )
+    .await;
+    wait_rows(&b, "showed all three again", 5, |rows| rows.len() == 3).await;
+
+    // A deployment started from the page's form: the rows follow it through
+    // the event stream, without a reload (the marker set here survives).
+    // The form offers the catalogue; the deployment names the slow server's
+    // URL instead (the API takes a URL too), added to the form's choices.
+    let slow = slow_firmware(image("1.1.0", 1024 * 1024)).await;
+    b.js("window.notReloaded = true;").await;
+    b.post(
+        "/execute/sync",
+        json!({"script": "const s = document.getElementById('d-firmware'); \
+                          const o = document.createElement('option'); \
+                          o.value = arguments[0]; o.textContent = arguments[0]; \
+                          s.appendChild(o); s.value = arguments[0]; \
+                          document.getElementById('d-mode').value = 'to';",
+               "args": [slow]}),
+    )
+    .await;
+    b.type_into("#d-targets", "br-a,br-b").await;
+    b.type_into("#d-timeout", "60").await;
+    b.click("#deploy button[type=submit]").await;
+    let mut seen_percent = std::collections::BTreeSet::new();
+    let mut seen_target = false;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let v = b
+            .js(
+                "return [...document.querySelectorAll('#fleet tr')].map(tr => \
+                 [tr.cells[0].textContent, tr.cells[4].textContent, tr.cells[5].textContent, \
+                  tr.querySelector('progress') ? tr.querySelector('progress').value : null]);",
+            )
+            .await;
+        let rows: Vec<(String, String, String, Option<f64>)> = serde_json::from_value(v).unwrap();
+        for (_, _, target, percent) in &rows {
+            seen_target |= target == "1.1.0";
+            if let Some(p) = percent {
+                let p = *p as u32;
+                if (1..100).contains(&p) && !seen_percent.iter().any(|q| (1..100).contains(q)) {
+                    b.screenshot(&target_dir().join("page-browser-progress.png"))
+                        .await;
+                }
+                seen_percent.insert(p);
+            }
+        }
+        let done = rows
+            .iter()
+            .filter(|r| r.0 != "br-c")
+            .all(|r| r.1 == "1.1.0" && r.2.is_empty());
+        if done {
+            break;
+        }
+        let result = b
+            .js("return document.getElementById('deploy-result').textContent;")
+            .await;
+        assert!(
+            Instant::now() < deadline,
+            "the rows never reached 1.1.0: {rows:?}; the form said {result}"
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert_eq!(
+        b.js("return window.notReloaded === true;").await,
+        true,
+        "the page reloaded"
+    );
+    assert!(
+        seen_target,
+        "no row said it was being updated to 1.1.0 (progress seen: {seen_percent:?})"
+    );
+    assert!(
+        seen_percent.iter().any(|p| (1..100).contains(p)) && seen_percent.len() >= 2,
+        "the progress bar never moved: saw {seen_percent:?}"
+    );
+    let rows = wait_rows(&b, "kept br-c on 1.0.0", 5, |rows| rows.len() == 3).await;
+    assert_eq!(rows[2][VERSION], "1.0.0", "br-c was not in the deployment");
+    assert!(
+        rows[0][LAST].contains("updated"),
+        "last result in words: {:?}",
+        rows[0]
+    );
+
+    // A device's details and history, opened from its row.
+    b.click("#fleet tr[data-id='br-a'] button").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = b
+            .js("const d = document.getElementById('detail'); \
+                 return [d.hidden, d.textContent];")
+            .await;
+        let (hidden, text): (bool, String) = serde_json::from_value(v).unwrap();
+        if !hidden && text.contains("Device br-a") && text.contains("version 1.1.0, ") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no history of br-a shown: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A device that goes away is shown offline.
+    drop(leaving);
+    wait_rows(&b, "showed br-c offline", 30, |rows| {
+        rows.iter()
+            .any(|r| r[ID] == "br-c" && r[ONLINE] == "offline")
+    })
+    .await;
+    let shot = target_dir().join("page-browser.png");
+    b.screenshot(&shot).await;
+
+    // Everything the page asked for came from serve itself.
+    let own = format!("{}/", serve.http);
+    let urls = b.requested_urls(&own).await;
+    assert!(
+        urls.iter().any(|u| u.ends_with("/api/events")),
+        "the page never opened the event stream: {urls:?}"
+    );
+    let foreign: Vec<&String> = urls.iter().filter(|u| !u.starts_with(&own)).collect();
+    assert!(
+        foreign.is_empty(),
+        "the page asked other origins: {foreign:?}"
+    );
+    // Live, not polling: the fallback never ran.
+    assert!(
+        !urls.iter().any(|u| u.ends_with("/api/fleet")),
+        "the page polled /api/fleet although the stream worked"
+    );
+    // A hidden tab lets go of the stream, a visible one takes it up again.
+    b.js(
+        "window.seen = []; document.addEventListener('visibilitychange', () => \
+          window.seen.push([document.hidden, stream === null]));",
+    )
+    .await;
+    let page = b.cmd(reqwest::Method::GET, "/window", Value::Null).await;
+    let tab = b.post("/window/new", json!({"type": "tab"})).await;
+    b.post("/window", json!({"handle": tab["handle"]})).await;
+    b.post("/window", json!({ "handle": page })).await;
+    let seen = b.js("return [window.seen, stream !== null];").await;
+    assert_eq!(
+        seen,
+        json!([[[true, true], [false, false]], true]),
+        "[hidden, stream closed] at each visibility change, then whether it is open"
+    );
+
+    // A stream that keeps failing (three errors in a row, raised here by
+    // hand) gives way to polling the JSON API.
+    b.js("for (let i = 0; i < 3; i++) stream.onerror(new Event('error'));")
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = b
+            .js("return [document.getElementById('status').textContent, stream === null];")
+            .await;
+        let (status, closed): (String, bool) = serde_json::from_value(v).unwrap();
+        if status.starts_with("polling") && closed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never fell back to polling: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_rows(&b, "kept the rows while polling", 5, |rows| rows.len() == 3).await;
+
+    // Ten thousand devices (made up in the page) stay fast: one page of 100
+    // rows is drawn, and filtering and sorting all of them is quick.
+    let v = b
+        .js("for (let i = 0; i < 10000; i++) { \
+               const id = 'x-' + String(i).padStart(5, '0'); \
+               devices.set(id, {id, online: i % 3 > 0, progress: null, ended: [], in_flight: null, \
+                 status: {device: id, chip: 'esp32c3', project: 'p', version: '1.0.' + (i % 7), \
+                          slot: 0, state: 'valid', last: null, https: false}}); } \
+             const t0 = performance.now(); renderFleet(); const all = performance.now() - t0; \
+             const q = document.getElementById('q'); q.value = 'x-0999'; \
+             q.dispatchEvent(new Event('input')); \
+             const t1 = performance.now(); renderFleet(); const search = performance.now() - t1; \
+             return [all, search, document.querySelectorAll('#fleet tr').length, \
+                     document.getElementById('page-info').textContent];")
+        .await;
+    let (all_ms, search_ms, rows, info): (f64, f64, usize, String) =
+        serde_json::from_value(v).unwrap();
+    eprintln!("10,003 devices: drawn in {all_ms:.0} ms, searched in {search_ms:.0} ms; {info}");
+    assert!(
+        all_ms < 1000.0 && search_ms < 1000.0,
+        "slow: {all_ms} ms, {search_ms} ms"
+    );
+    assert_eq!(rows, 10, "x-09990..x-09999: {info}");
+    eprintln!(
+        "browser part took {:.1} s; screenshot at {}",
+        started.elapsed().as_secs_f64(),
+        shot.display()
+    );
+    drop(b);
+    drop(fleet);
+}
