@@ -6,6 +6,7 @@ pub mod catalogue;
 pub mod dashboard;
 pub mod fleet;
 pub mod http;
+pub mod machine;
 pub mod rollout;
 pub mod store;
 pub mod url;

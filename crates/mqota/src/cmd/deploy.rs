@@ -11,7 +11,14 @@
 //! same one `serve` reads. Without `--wait` the rollout continues in a
 //! detached `mqota deploy --resume ID` whose log is in the data directory,
 //! and this command returns at once. `--resume ID` carries on a deployment
-//! whose controller was stopped.
+//! whose controller was stopped, or one that was paused.
+//!
+//! `--pause ID` and `--stop ID` write the operator's command to the store;
+//! whichever process runs the rollout (`serve`, a detached `deploy`, a
+//! `deploy --wait`) notices it within a second. Pause: no device is sent a
+//! job, those sent finish, the deployment ends `paused`. Stop: no more jobs,
+//! devices not sent one are `skipped`, jobs in flight are cancelled, and the
+//! deployment ends `stopped`.
 
 use std::io::IsTerminal as _;
 use std::time::Duration;
@@ -31,7 +38,7 @@ use super::fleet::{connect_and_settle, runtime, Common};
 #[derive(Args)]
 pub struct DeployArgs {
     /// Image name on the firmware server, or an http(s):// URL of an image.
-    #[arg(required_unless_present = "resume")]
+    #[arg(required_unless_present_any = ["resume", "pause", "stop"])]
     firmware: Option<String>,
     /// Devices by id, comma-separated.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["all", "where_", "resume"])]
@@ -79,9 +86,18 @@ pub struct DeployArgs {
     /// stored or sent.
     #[arg(long, conflicts_with = "resume")]
     dry_run: bool,
-    /// Carry on deployment ID (after its controller was stopped).
-    #[arg(long, value_name = "ID")]
+    /// Carry on deployment ID: a paused one, or one whose controller was
+    /// stopped.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["pause", "stop"])]
     resume: Option<String>,
+    /// Pause deployment ID: no more devices are sent the job; jobs in flight
+    /// finish. `--resume ID` carries on.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["stop", "firmware", "to", "all", "where_", "wait", "dry_run"])]
+    pause: Option<String>,
+    /// Stop deployment ID for good: no more jobs, jobs in flight are
+    /// cancelled, it ends `stopped`.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["firmware", "to", "all", "where_", "wait", "dry_run"])]
+    stop: Option<String>,
     /// Firmware server to resolve a FIRMWARE name [default: http://127.0.0.1:8080]
     #[arg(long)]
     server: Option<String>,
@@ -94,11 +110,33 @@ impl DeployArgs {
     pub fn run(self) -> Result<()> {
         let s = self.common.settings()?;
         let store = Store::open(&s.data_dir)?;
+        if let Some(id) = &self.pause {
+            let d = store.pause(id)?;
+            let in_flight = count(&d, DeviceState::Sent);
+            println!(
+                "deployment {} paused: no more jobs are sent; {} in flight {}; carry on with `mqota deploy --resume {}`",
+                d.id,
+                devices(in_flight),
+                if in_flight == 1 { "finishes" } else { "finish" },
+                d.id
+            );
+            return Ok(());
+        }
+        if let Some(id) = &self.stop {
+            let d = store.stop(id)?;
+            println!(
+                "deployment {} stopped: {} skipped, {} in flight cancelled by its rollout",
+                d.id,
+                devices(count(&d, DeviceState::Skipped)),
+                count(&d, DeviceState::Sent)
+            );
+            return Ok(());
+        }
         runtime()?.block_on(async {
             let fleet = connect_and_settle(&s, "deploy").await?;
             let id = match &self.resume {
                 Some(id) => {
-                    let d = store.deployment(id)?;
+                    let d = store.resume(id)?;
                     println!(
                         "resuming deployment {} of {} ({})",
                         d.id, d.firmware, d.version
@@ -193,6 +231,12 @@ impl DeployArgs {
                     "deployment {} failed: {}",
                     d.id,
                     d.reason.as_deref().unwrap_or("see the summary")
+                ),
+                DeploymentState::Stopped => bail!("deployment {} stopped by the operator", d.id),
+                DeploymentState::Paused => bail!(
+                    "deployment {} is paused; carry on with `mqota deploy --resume {}`",
+                    d.id,
+                    d.id
                 ),
                 DeploymentState::Running => bail!("deployment {} is still running", d.id),
             }
@@ -334,6 +378,19 @@ impl Drop for Bars {
     }
 }
 
+fn count(d: &Deployment, state: DeviceState) -> usize {
+    d.devices.iter().filter(|x| x.state == state).count()
+}
+
+/// "1 device", "2 devices".
+pub(crate) fn devices(n: usize) -> String {
+    if n == 1 {
+        "1 device".to_owned()
+    } else {
+        format!("{n} devices")
+    }
+}
+
 fn print_summary(d: &Deployment) {
     println!();
     println!(
@@ -359,11 +416,7 @@ fn print_summary(d: &Deployment) {
         "deployment {} ({}): {} — {}",
         d.id,
         d.version,
-        match d.state {
-            DeploymentState::Succeeded => "succeeded",
-            DeploymentState::Failed => "failed",
-            DeploymentState::Running => "running",
-        },
+        d.state.as_str(),
         counts.join(", ")
     );
 }
