@@ -167,9 +167,13 @@ fn post(url: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) 
 
 #[test]
 fn a_pause_from_the_cli_ends_a_deploy_wait_elsewhere_and_a_resume_over_the_api_finishes_it() {
-    let s = setup(4);
+    let s = setup(6);
     let deploy = s.deploy_wait();
-    let d = s.wait_deployment("had a device done", |d| count(d, "done") >= 1);
+    // Paused as soon as the canary's job is out: devices are quick, and
+    // later stages must still be pending when the pause is written.
+    let d = s.wait_deployment("sent its canary", |d| {
+        count(d, "sent") + count(d, "done") >= 1
+    });
     let id = d["id"].as_str().unwrap().to_owned();
 
     let (ok, out, err) = mqota(&["deploy", "--pause", &id, "--data-dir", s.data_dir()]);
@@ -199,14 +203,14 @@ fn a_pause_from_the_cli_ends_a_deploy_wait_elsewhere_and_a_resume_over_the_api_f
     assert_eq!(code, 200, "{d:#}");
     assert_eq!(d["state"], "running", "{d:#}");
     let d = s.wait_deployment("succeeded", |d| d["state"] == "succeeded");
-    assert_eq!(count(&d, "done"), 4, "{d:#}");
+    assert_eq!(count(&d, "done"), 6, "{d:#}");
     drop(s.devices);
     drop(s.broker);
 }
 
 #[test]
 fn a_stop_ends_the_deployment_stopped_skipping_the_rest_and_is_final() {
-    let s = setup(4);
+    let s = setup(6);
     let deploy = s.deploy_wait();
     let d = s.wait_deployment("sent its canary", |d| {
         count(d, "sent") + count(d, "done") >= 1
@@ -254,7 +258,7 @@ fn a_stop_ends_the_deployment_stopped_skipping_the_rest_and_is_final() {
 
 #[test]
 fn a_serve_killed_mid_rollout_resumes_the_rollouts_it_was_running_at_start() {
-    let mut s = setup(4);
+    let mut s = setup(6);
     let (code, body) = post(
         &format!("{}/api/deployments", s.serve.http),
         Some(
@@ -272,7 +276,7 @@ fn a_serve_killed_mid_rollout_resumes_the_rollouts_it_was_running_at_start() {
     s.serve = Serve::start_at(s.fw.path(), s.data.path(), Some(&s.broker_url), &http);
     // Nobody but the new serve runs it.
     let d = s.wait_deployment("succeeded", |d| d["state"] == "succeeded");
-    assert_eq!(count(&d, "done"), 4, "{d:#}");
+    assert_eq!(count(&d, "done"), 6, "{d:#}");
     assert_eq!(d["id"], id.as_str());
     drop(s.devices);
     drop(s.broker);
