@@ -343,23 +343,24 @@ pub struct LeftOut {
 
 impl LeftOut {
     /// One line per reason, for the operator; empty when nobody was left out.
+    /// Each line names at most 20 ids and counts the rest ("and N more").
     pub fn describe(&self, version: &str) -> Vec<String> {
         let mut lines = Vec::new();
         if !self.current.is_empty() {
             lines.push(format!(
                 "already on {version}: {} (left out)",
-                self.current.join(", ")
+                listed(&self.current)
             ));
         }
         if !self.no_https.is_empty() {
             lines.push(format!(
                 "https is not enabled on: {} (left out: the firmware URL is https)",
-                self.no_https.join(", ")
+                listed(&self.no_https)
             ));
         }
         let mut more = |list: &[String], why: &str| {
             if !list.is_empty() {
-                lines.push(format!("{} {why}: {}", list.len(), list.join(", ")));
+                lines.push(format!("{} {why}: {}", list.len(), listed(list)));
             }
         };
         more(
@@ -386,6 +387,17 @@ impl LeftOut {
             && self.other_project.is_empty()
             && self.downgrade.is_empty()
     }
+}
+
+/// At most 20 ids, then how many more: a fleet of thousands stays one
+/// readable line.
+fn listed(ids: &[String]) -> String {
+    const MAX: usize = 20;
+    let mut out = ids.iter().take(MAX).cloned().collect::<Vec<_>>().join(", ");
+    if ids.len() > MAX {
+        out.push_str(&format!(" and {} more", ids.len() - MAX));
+    }
+    out
 }
 
 /// A version as `MAJOR.MINOR.PATCH[-PRE][+BUILD]`, for ordering: the build

@@ -33,6 +33,7 @@ use mqota_controller::store::{Deployment, DeploymentState, DeviceState, Store};
 use mqota_core::protocol::Progress;
 
 use super::fleet::{connect_and_settle, runtime, Common};
+use super::term::{devices, id_list, safe};
 
 /// `mqota deploy`.
 #[derive(Args)]
@@ -139,7 +140,9 @@ impl DeployArgs {
                     let d = store.resume(id)?;
                     println!(
                         "resuming deployment {} of {} ({})",
-                        d.id, d.firmware, d.version
+                        d.id,
+                        safe(&d.firmware),
+                        safe(&d.version)
                     );
                     d.id
                 }
@@ -178,19 +181,17 @@ impl DeployArgs {
                             &options,
                         )?;
                         for line in left_out.describe(&firmware.version) {
-                            println!("{line}");
+                            println!("{}", safe(&line));
                         }
                         let stages = d.devices.iter().map(|x| x.stage).max().unwrap_or(0) + 1;
+                        let ids: Vec<&str> = d.devices.iter().map(|x| x.device.as_str()).collect();
                         println!(
-                            "dry run: {} ({}) would go to {} devices in {stages} stages: {}",
-                            firmware.name,
-                            firmware.version,
-                            d.devices.len(),
-                            d.devices
-                                .iter()
-                                .map(|x| x.device.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            "dry run: {} ({}) would go to {} in {}: {}",
+                            safe(&firmware.name),
+                            safe(&firmware.version),
+                            devices(d.devices.len()),
+                            stages_text(stages),
+                            id_list(&ids, LIST_MAX)
                         );
                         fleet.close().await?;
                         return Ok(());
@@ -198,15 +199,16 @@ impl DeployArgs {
                     let (d, left_out) =
                         rollout::create(&store, &fleet.devices(), &firmware, &selection, &options)?;
                     for line in left_out.describe(&firmware.version) {
-                        println!("{line}");
+                        println!("{}", safe(&line));
                     }
                     let stages = d.devices.iter().map(|x| x.stage).max().unwrap_or(0) + 1;
                     println!(
-                        "deployment {} of {} ({}) to {} devices in {stages} stages",
+                        "deployment {} of {} ({}) to {} in {}",
                         d.id,
-                        firmware.name,
-                        firmware.version,
-                        d.devices.len()
+                        safe(&firmware.name),
+                        safe(&firmware.version),
+                        devices(d.devices.len()),
+                        stages_text(stages)
                     );
                     if !self.wait {
                         fleet.close().await?;
@@ -282,20 +284,25 @@ fn detach(common: &Common, data_dir: &std::path::Path, id: &str) -> Result<()> {
 pub(crate) struct Lines;
 
 impl Observer for Lines {
-    fn stage(&mut self, index: usize, count: usize, devices: &[String]) {
-        println!("stage {}/{count}: {}", index + 1, devices.join(", "));
+    fn stage(&mut self, index: usize, count: usize, ids: &[String]) {
+        println!(
+            "stage {}/{count}: {}: {}",
+            index + 1,
+            devices(ids.len()),
+            id_list(ids, LIST_MAX)
+        );
     }
     fn result(&mut self, device: &str, state: DeviceState, error: Option<&str>) {
         match error {
-            Some(e) => println!("{device}: {} ({e})", state.as_str()),
-            None => println!("{device}: {}", state.as_str()),
+            Some(e) => println!("{}: {} ({})", safe(device), state.as_str(), safe(e)),
+            None => println!("{}: {}", safe(device), state.as_str()),
         }
     }
     fn stopped(&mut self, reason: &str) {
         println!("stopping: {reason}");
     }
     fn rolling_back(&mut self, device: &str) {
-        println!("{device}: rolling back");
+        println!("{}: rolling back", safe(device));
     }
 }
 
@@ -317,7 +324,7 @@ impl Bars {
             .map(|x| {
                 let b = multi.add(ProgressBar::new(100));
                 b.set_style(style.clone());
-                b.set_prefix(x.device.clone());
+                b.set_prefix(safe(&x.device).into_owned());
                 b.set_message(x.state.as_str());
                 (x.device.clone(), b)
             })
@@ -332,11 +339,11 @@ impl Bars {
 }
 
 impl Observer for Bars {
-    fn stage(&mut self, index: usize, count: usize, devices: &[String]) {
+    fn stage(&mut self, index: usize, count: usize, ids: &[String]) {
         let _ = self.multi.println(format!(
-            "stage {}/{count}: {} devices",
+            "stage {}/{count}: {}",
             index + 1,
-            devices.len()
+            devices(ids.len())
         ));
     }
     fn progress(&mut self, p: &Progress) {
@@ -351,7 +358,7 @@ impl Observer for Bars {
                 b.set_position(100);
             }
             b.finish_with_message(match error {
-                Some(e) => format!("{} ({e})", state.as_str()),
+                Some(e) => format!("{} ({})", state.as_str(), safe(e)),
                 None => state.as_str().to_owned(),
             });
         }
@@ -378,17 +385,19 @@ impl Drop for Bars {
     }
 }
 
-fn count(d: &Deployment, state: DeviceState) -> usize {
-    d.devices.iter().filter(|x| x.state == state).count()
+/// Ids printed on one line at most; the rest are counted.
+const LIST_MAX: usize = 20;
+
+fn stages_text(n: u32) -> String {
+    if n == 1 {
+        "1 stage".to_owned()
+    } else {
+        format!("{n} stages")
+    }
 }
 
-/// "1 device", "2 devices".
-pub(crate) fn devices(n: usize) -> String {
-    if n == 1 {
-        "1 device".to_owned()
-    } else {
-        format!("{n} devices")
-    }
+fn count(d: &Deployment, state: DeviceState) -> usize {
+    d.devices.iter().filter(|x| x.state == state).count()
 }
 
 fn print_summary(d: &Deployment) {
@@ -400,11 +409,11 @@ fn print_summary(d: &Deployment) {
     for x in &d.devices {
         println!(
             "{:<24} {:>5} {:<12} {:<14} {}",
-            x.device,
+            safe(&x.device),
             x.stage + 1,
-            x.from_version.as_deref().unwrap_or("-"),
+            safe(x.from_version.as_deref().unwrap_or("-")),
             x.state.as_str(),
-            x.error.as_deref().unwrap_or("")
+            safe(x.error.as_deref().unwrap_or(""))
         );
     }
     let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
@@ -415,7 +424,7 @@ fn print_summary(d: &Deployment) {
     println!(
         "deployment {} ({}): {} — {}",
         d.id,
-        d.version,
+        safe(&d.version),
         d.state.as_str(),
         counts.join(", ")
     );

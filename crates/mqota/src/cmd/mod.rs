@@ -7,3 +7,4 @@ pub mod image;
 pub mod partitions;
 pub mod serve;
 pub mod sim;
+pub mod term;
