@@ -168,6 +168,59 @@ pub fn next(
     }
 }
 
+/// What a waited-for device's job came to, decided from what the device
+/// said (`said`: the terminal phase and error the rollout believes, see
+/// [`crate::rollout`]) and the clock (`now` against its `deadline`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Its new state.
+    pub state: DeviceState,
+    /// The device's error code or the controller's reason.
+    pub error: Option<String>,
+    /// Send `cancel` first: a job given up on must not finish afterwards.
+    pub cancel: bool,
+}
+
+/// How the wait for one device ends, if it does now. `before` is its state
+/// while waited for: `sent` (its job) or `rollback_sent` (the controller's
+/// rollback, which only `rolled_back` confirms; any other end is
+/// `revert_failed`). `said` is `None` while the device has said nothing
+/// that ends the wait; then the deadline decides.
+pub fn outcome<N: PartialOrd>(
+    before: DeviceState,
+    said: Option<(mqota_core::protocol::Phase, Option<String>)>,
+    now: N,
+    deadline: N,
+) -> Option<Outcome> {
+    use mqota_core::protocol::Phase;
+    let reverting = before == DeviceState::RollbackSent;
+    if let Some((phase, error)) = said {
+        let state = match (reverting, phase) {
+            (true, Phase::RolledBack) => DeviceState::Reverted,
+            (true, _) => DeviceState::RevertFailed,
+            (false, Phase::Done) => DeviceState::Done,
+            (false, Phase::RolledBack) => DeviceState::RolledBack,
+            (false, Phase::Cancelled) => DeviceState::Cancelled,
+            (false, _) => DeviceState::Failed,
+        };
+        return Some(Outcome {
+            state,
+            error,
+            cancel: false,
+        });
+    }
+    (now >= deadline).then(|| Outcome {
+        state: if reverting {
+            DeviceState::RevertFailed
+        } else {
+            DeviceState::TimedOut
+        },
+        error: Some("timeout".to_owned()),
+        // A rollback is never cancelled: the device may be booting back.
+        cancel: !reverting,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,6 +445,35 @@ mod tests {
                 "{}",
                 c.what
             );
+        }
+    }
+
+    #[test]
+    fn a_device_wait_ends_by_what_it_said_or_by_the_clock() {
+        use mqota_core::protocol::Phase;
+        let said = |p: Phase, e: Option<&str>| Some((p, e.map(str::to_owned)));
+        let o = |state, error: Option<&str>, cancel| {
+            Some(Outcome {
+                state,
+                error: error.map(str::to_owned),
+                cancel,
+            })
+        };
+        #[rustfmt::skip]
+        let cases = [
+            ("a job done", Sent, said(Phase::Done, None), 0, 10, o(Done, None, false)),
+            ("a job failed", Sent, said(Phase::Failed, Some("http_status")), 0, 10, o(Failed, Some("http_status"), false)),
+            ("a job rolled back by the device", Sent, said(Phase::RolledBack, Some("health_check_failed")), 0, 10, o(RolledBack, Some("health_check_failed"), false)),
+            ("a job cancelled", Sent, said(Phase::Cancelled, None), 0, 10, o(Cancelled, None, false)),
+            ("silence before the deadline", Sent, None, 9, 10, None),
+            ("silence at the deadline cancels the job", Sent, None, 10, 10, o(TimedOut, Some("timeout"), true)),
+            ("a result wins over a passed deadline", Sent, said(Phase::Done, None), 11, 10, o(Done, None, false)),
+            ("a rollback confirmed", RollbackSent, said(Phase::RolledBack, None), 0, 10, o(Reverted, None, false)),
+            ("a rollback failed", RollbackSent, said(Phase::Failed, Some("no_previous_image")), 0, 10, o(RevertFailed, Some("no_previous_image"), false)),
+            ("a rollback unanswered is not cancelled", RollbackSent, None, 10, 10, o(RevertFailed, Some("timeout"), false)),
+        ];
+        for (what, before, said, now, deadline, want) in cases {
+            assert_eq!(outcome(before, said, now, deadline), want, "{what}");
         }
     }
 }

@@ -630,15 +630,6 @@ fn result_of(d: &DeviceView, job: &str, version: &str) -> Option<(Phase, Option<
     None
 }
 
-fn state_of(phase: Phase) -> DeviceState {
-    match phase {
-        Phase::Done => DeviceState::Done,
-        Phase::RolledBack => DeviceState::RolledBack,
-        Phase::Cancelled => DeviceState::Cancelled,
-        _ => DeviceState::Failed,
-    }
-}
-
 static RUNNER_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// Names this process as the runner of the deployments it runs (default
@@ -946,7 +937,6 @@ async fn wait_for(
     ends: impl Fn(Phase) -> bool,
     obey_stop: bool,
 ) -> Result<(), RolloutError> {
-    let reverting = |s: DeviceState| s == DeviceState::RollbackSent;
     let version = store.deployment(id)?.version;
     let version = version.as_str();
     while !deadlines.is_empty() {
@@ -968,37 +958,20 @@ async fn wait_for(
         let now = Instant::now();
         let waiting: Vec<String> = deadlines.keys().cloned().collect();
         for dev in waiting {
-            let view = fleet.device(&dev);
-            let before = states[&dev].1;
-            let outcome = view
+            let said = fleet
+                .device(&dev)
                 .as_ref()
                 .and_then(|v| result_of(v, id, version))
                 .filter(|(p, _)| ends(*p));
-            let new = match outcome {
-                Some((phase, err)) => {
-                    let s = if reverting(before) {
-                        if phase == Phase::RolledBack {
-                            DeviceState::Reverted
-                        } else {
-                            DeviceState::RevertFailed
-                        }
-                    } else {
-                        state_of(phase)
-                    };
-                    Some((s, err))
+            let new = machine::outcome(states[&dev].1, said, now, deadlines[&dev]);
+            if let Some(o) = &new {
+                if o.cancel {
+                    // Stop a job that may still be running so it cannot
+                    // finish after the rollout gave up on it.
+                    fleet.cancel(&dev, Some(id)).await?;
                 }
-                None if now >= deadlines[&dev] => {
-                    if reverting(before) {
-                        Some((DeviceState::RevertFailed, Some("timeout".to_owned())))
-                    } else {
-                        // Stop a job that may still be running so it cannot
-                        // finish after the rollout gave up on it.
-                        fleet.cancel(&dev, Some(id)).await?;
-                        Some((DeviceState::TimedOut, Some("timeout".to_owned())))
-                    }
-                }
-                None => None,
-            };
+            }
+            let new = new.map(|o| (o.state, o.error));
             if let Some((s, err)) = new {
                 store.set_device_state(id, &dev, s, err.as_deref())?;
                 states.get_mut(&dev).expect("a device of the deployment").1 = s;
