@@ -939,6 +939,7 @@ async fn wait_for(
 ) -> Result<(), RolloutError> {
     let version = store.deployment(id)?.version;
     let version = version.as_str();
+    let mut last_poll = Instant::now();
     while !deadlines.is_empty() {
         // Events only wake us up and feed the observer; the results are read
         // from the fleet's current view, so a lagging channel loses nothing.
@@ -952,8 +953,13 @@ async fn wait_for(
             }
             _ = tokio::time::sleep(POLL) => {}
         }
-        if obey_stop && store.deployment_state(id)?.0 == DeploymentState::Stopped {
-            return Ok(());
+        // Events can come by the thousand per second; the store is asked at
+        // most once per POLL.
+        if obey_stop && last_poll.elapsed() >= POLL {
+            last_poll = Instant::now();
+            if store.deployment_state(id)?.0 == DeploymentState::Stopped {
+                return Ok(());
+            }
         }
         let now = Instant::now();
         let waiting: Vec<String> = deadlines.keys().cloned().collect();

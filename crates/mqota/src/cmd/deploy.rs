@@ -240,7 +240,13 @@ impl DeployArgs {
                     d.id,
                     d.id
                 ),
-                DeploymentState::Running => bail!("deployment {} is still running", d.id),
+                // A runner that saw a pause ends once its jobs in flight are
+                // in, even when the deployment was resumed (and is run by
+                // the resumer) meanwhile.
+                DeploymentState::Running => bail!(
+                    "deployment {} was paused and resumed elsewhere; follow it with `mqota watch`",
+                    d.id
+                ),
             }
         })
     }
