@@ -760,7 +760,11 @@ fn row_to_deployment(r: &rusqlite::Row<'_>) -> rusqlite::Result<Deployment> {
         version: r.get(3)?,
         sha256: r.get(4)?,
         size: r.get(5)?,
-        options: serde_json::from_str(&options).unwrap_or(serde_json::Value::Null),
+        // The options drive what a resume sends: unreadable is an error,
+        // not a default.
+        options: serde_json::from_str(&options).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Text, Box::new(e))
+        })?,
         state: r.get(7)?,
         reason: r.get(8)?,
         created_at: r.get(9)?,
@@ -896,6 +900,34 @@ mod tests {
             let c = s.conn.lock().unwrap();
             c.execute("UPDATE deployments SET state = 'runing'", [])
                 .unwrap();
+        }
+        let err = s.deployment_state("d-1").unwrap_err().to_string();
+        assert!(err.contains("unknown deployment state \"runing\""), "{err}");
+        {
+            let c = s.conn.lock().unwrap();
+            c.execute("UPDATE deployment_devices SET state = 'pending'", [])
+                .unwrap();
+            c.execute("UPDATE deployments SET state = 'running'", [])
+                .unwrap();
+        }
+        s.deployment("d-1").unwrap();
+        {
+            let c = s.conn.lock().unwrap();
+            c.execute("UPDATE deployments SET options = '{'", [])
+                .unwrap();
+        }
+        let err = s.deployment("d-1").unwrap_err().to_string();
+        assert!(
+            err.contains("EOF while parsing"),
+            "unreadable options are an error: {err}"
+        );
+        {
+            let c = s.conn.lock().unwrap();
+            c.execute(
+                "UPDATE deployments SET state = 'runing', options = '{}'",
+                [],
+            )
+            .unwrap();
         }
         let err = s.deployment_state("d-1").unwrap_err().to_string();
         assert!(err.contains("unknown deployment state \"runing\""), "{err}");
