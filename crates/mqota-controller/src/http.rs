@@ -7,6 +7,7 @@
 //! | `GET /api/devices` | `[{id, status, updated_at}]`, the retained statuses as last seen |
 //! | `GET /api/devices/{id}/history` | the device's status changes and job endings |
 //! | `GET /api/deployments`, `/api/deployments/{id}` | deployments with each device's result |
+//! | `POST /api/deployments/{id}/pause`, `/resume`, `/stop` | the operator's command ([`control_router`]); `200` with the deployment, `404` unknown, `409` when its state does not allow it |
 //!
 //! `mqota serve` adds the page and the routes that need the broker
 //! connection from [`crate::dashboard`], and wraps everything in
@@ -68,6 +69,55 @@ pub fn router_with_cache(state: Arc<AppState>, images: Arc<ImageCache>) -> Route
         .route("/api/deployments/{id}", get(api_deployment))
         .with_state(state)
         .merge(firmware)
+}
+
+/// The operator's commands on a deployment, for `serve`: `POST
+/// /api/deployments/{id}/pause`, `/resume` and `/stop`. Pause and stop are
+/// written to the store, where whichever process runs the rollout notices
+/// them; resume makes the deployment `running` again and hands it to
+/// `runner`. Each answers the deployment as stored.
+pub fn control_router(store: Arc<Store>, runner: crate::rollout::Runner) -> Router {
+    Router::new()
+        .route(
+            "/api/deployments/{id}/{action}",
+            axum::routing::post(api_control),
+        )
+        .with_state((store, runner))
+}
+
+async fn api_control(
+    State((store, runner)): State<(Arc<Store>, crate::rollout::Runner)>,
+    Path((id, action)): Path<(String, String)>,
+) -> Response {
+    if !["pause", "resume", "stop"].contains(&action.as_str()) {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            format!("no action {action:?}: use pause, resume or stop"),
+        );
+    }
+    let done = tokio::task::spawn_blocking(move || {
+        let d = match action.as_str() {
+            "pause" => store.pause(&id),
+            "stop" => store.stop(&id),
+            _ => store.resume(&id),
+        }?;
+        if action == "resume" {
+            runner.run(&d.id);
+        }
+        Ok::<_, crate::store::StoreError>(d)
+    })
+    .await;
+    match done {
+        Ok(Ok(d)) => Json(d).into_response(),
+        Ok(Err(crate::store::StoreError::UnknownDeployment(id))) => {
+            api_error(StatusCode::NOT_FOUND, format!("no deployment {id:?}"))
+        }
+        Ok(Err(e @ crate::store::StoreError::NotAllowed { .. })) => {
+            api_error(StatusCode::CONFLICT, e)
+        }
+        Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
 }
 
 /// Guards `router` against DNS rebinding: a request whose `Host`, or whose

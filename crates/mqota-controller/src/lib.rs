@@ -7,6 +7,7 @@ pub mod dashboard;
 pub mod fleet;
 pub mod http;
 pub mod logs;
+pub mod machine;
 pub mod rollout;
 pub mod store;
 pub mod url;

@@ -31,12 +31,20 @@
 //!
 //! Stopping for failures is recorded before anything acts on it: the
 //! deployment stays `running` but gets its `reason`, and that pair means
-//! "stopping". Each device is marked [`ROLLBACK_SENT`] before its rollback
+//! "stopping". Each device is marked [`DeviceState::RollbackSent`] before its rollback
 //! command goes out. A controller stopped in between is resumed into the
 //! same stop: devices not yet marked are sent their rollback, marked ones are
 //! only waited for. A rollback is never sent twice, because a second one
 //! would boot the other slot again, which holds the firmware being rolled
 //! back.
+//!
+//! An operator can pause a deployment (no device is sent a job; those sent
+//! finish; it ends `paused`), resume it, or stop it (`stopped`: devices not
+//! sent a job are skipped, jobs in flight are cancelled) through the store
+//! ([`Store::pause`], [`Store::resume`], [`Store::stop`]): the runner looks
+//! at the deployment's state while it waits and before each job it sends,
+//! so it obeys a command written by any process. What to do next is
+//! decided by [`crate::machine::next`], without I/O; [`run`] does the I/O.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -49,6 +57,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::fleet::{DeviceView, Fleet, FleetError, FleetEvent, StartCommand};
+use crate::machine::{self, Devices, Next, STOPPED_BY_OPERATOR};
 use crate::store::{Deployment, DeploymentDevice, DeploymentState, DeviceState, Store, StoreError};
 use crate::unix_now;
 
@@ -281,10 +290,6 @@ pub enum RolloutError {
     Fleet(#[from] FleetError),
 }
 
-/// The `error` of a device (still `done`) whose `rollback` was sent by an
-/// automatic rollback whose result is not in yet.
-pub const ROLLBACK_SENT: &str = "rollback sent";
-
 /// What a running deployment reports, for progress bars and logs.
 pub trait Observer {
     /// A stage's jobs are being sent.
@@ -338,23 +343,24 @@ pub struct LeftOut {
 
 impl LeftOut {
     /// One line per reason, for the operator; empty when nobody was left out.
+    /// Each line names at most 20 ids and counts the rest ("and N more").
     pub fn describe(&self, version: &str) -> Vec<String> {
         let mut lines = Vec::new();
         if !self.current.is_empty() {
             lines.push(format!(
                 "already on {version}: {} (left out)",
-                self.current.join(", ")
+                listed(&self.current)
             ));
         }
         if !self.no_https.is_empty() {
             lines.push(format!(
                 "https is not enabled on: {} (left out: the firmware URL is https)",
-                self.no_https.join(", ")
+                listed(&self.no_https)
             ));
         }
         let mut more = |list: &[String], why: &str| {
             if !list.is_empty() {
-                lines.push(format!("{} {why}: {}", list.len(), list.join(", ")));
+                lines.push(format!("{} {why}: {}", list.len(), listed(list)));
             }
         };
         more(
@@ -381,6 +387,17 @@ impl LeftOut {
             && self.other_project.is_empty()
             && self.downgrade.is_empty()
     }
+}
+
+/// At most 20 ids, then how many more: a fleet of thousands stays one
+/// readable line.
+fn listed(ids: &[String]) -> String {
+    const MAX: usize = 20;
+    let mut out = ids.iter().take(MAX).cloned().collect::<Vec<_>>().join(", ");
+    if ids.len() > MAX {
+        out.push_str(&format!(" and {} more", ids.len() - MAX));
+    }
+    out
 }
 
 /// A version as `MAJOR.MINOR.PATCH[-PRE][+BUILD]`, for ordering: the build
@@ -613,27 +630,42 @@ fn result_of(d: &DeviceView, job: &str, version: &str) -> Option<(Phase, Option<
     None
 }
 
-fn state_of(phase: Phase) -> DeviceState {
-    match phase {
-        Phase::Done => DeviceState::Done,
-        Phase::RolledBack => DeviceState::RolledBack,
-        Phase::Cancelled => DeviceState::Cancelled,
-        _ => DeviceState::Failed,
-    }
+static RUNNER_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Names this process as the runner of the deployments it runs (default
+/// `deploy`). `serve` calls it with `"serve"` at start, so that a restarted
+/// `serve` finds the deployments it was running ([`Store::running_deployments_of`]).
+/// Only the first call counts.
+pub fn set_runner_name(name: &str) {
+    let _ = RUNNER_NAME.set(name.to_owned());
 }
 
-/// Carries out (or resumes) deployment `id` to its end, and returns it as
-/// stored at the end.
+/// This process's runner name (see [`set_runner_name`]).
+pub fn runner_name() -> &'static str {
+    RUNNER_NAME.get().map(String::as_str).unwrap_or("deploy")
+}
+
+/// How often a waiting rollout looks at the store for an operator's pause
+/// or stop (written by another process, or the API).
+const POLL: Duration = Duration::from_millis(250);
+
+/// Carries out (or resumes) deployment `id` until it ends, is paused (with
+/// nothing in flight) or is stopped, and returns it as stored then. The
+/// decisions are [`crate::machine::next`]'s; this runner does the I/O.
 pub async fn run(
     fleet: &Fleet,
     store: &Store,
     id: &str,
     observer: &mut dyn Observer,
 ) -> Result<Deployment, RolloutError> {
-    let mut dep = store.deployment(id)?;
-    if dep.state != DeploymentState::Running {
+    let dep = store.deployment(id)?;
+    if !matches!(
+        dep.state,
+        DeploymentState::Running | DeploymentState::Paused
+    ) {
         return Ok(dep);
     }
+    store.set_runner(id, runner_name())?;
     let options: RolloutOptions = serde_json::from_value(dep.options.clone())
         .map_err(|e| RolloutError::Option(format!("stored options unreadable: {e}")))?;
     let timeout = Duration::from_secs(options.timeout_s.into());
@@ -645,184 +677,254 @@ pub async fn run(
         job: Some(dep.id.clone()),
         timeout_s: Some(options.timeout_s),
     };
-    let mut states: BTreeMap<String, (u32, DeviceState)> = dep
+    let mut states: Devices = dep
         .devices
         .iter()
         .map(|d| (d.device.clone(), (d.stage, d.state)))
         .collect();
     let stage_count = states.values().map(|(s, _)| *s + 1).max().unwrap_or(0);
     let mut events = fleet.events();
-
-    if let Some(reason) = dep.reason.clone() {
-        // The stop was decided before the controller went away.
-        return stop(
-            fleet,
-            store,
-            id,
-            &reason,
-            &options,
-            &mut events,
-            &mut states,
-            observer,
-        )
-        .await;
-    }
-
-    for stage in 0..stage_count {
-        let members: Vec<String> = states
-            .iter()
-            .filter(|(_, (s, _))| *s == stage)
-            .map(|(d, _)| d.clone())
-            .collect();
-        if members.iter().all(|m| states[m].1.is_finished()) {
-            continue;
-        }
-        observer.stage(stage as usize, stage_count as usize, &members);
-        let mut deadlines: HashMap<String, Instant> = HashMap::new();
-        for m in &members {
-            match states[m].1 {
-                DeviceState::Pending => {
-                    fleet.start(m, &command).await?;
-                    store.set_device_state(id, m, DeviceState::Sent, None)?;
-                    states.get_mut(m).unwrap().1 = DeviceState::Sent;
-                    deadlines.insert(m.clone(), Instant::now() + timeout);
+    // Once this runner has seen a pause it ends when the jobs in flight are
+    // in, even if resumed meanwhile: the resume starts a runner of its own,
+    // and two would send every later stage twice.
+    let mut saw_pause = false;
+    let mut announced_stage = None;
+    loop {
+        let (state, reason) = store.deployment_state(id)?;
+        if state == DeploymentState::Stopped {
+            // The stop skipped the pending devices in the store; take that
+            // picture (and any result written meanwhile) as it is.
+            for x in store.deployment(id)?.devices {
+                if let Some(entry) = states.get_mut(&x.device) {
+                    if entry.1 == DeviceState::Pending {
+                        entry.1 = x.state;
+                    }
                 }
-                DeviceState::Sent => {
-                    // Resumed: the job's clock restarts, since when it was
-                    // sent is not worth trusting across a controller restart.
-                    deadlines.insert(m.clone(), Instant::now() + timeout);
-                }
-                _ => {}
             }
         }
-        wait_for(
-            fleet,
-            store,
-            id,
-            &mut events,
-            &mut deadlines,
-            &mut states,
-            observer,
-            |p| p.is_terminal(),
-        )
-        .await?;
-
-        let attempted = states
-            .values()
-            .filter(|(_, s)| !matches!(s, DeviceState::Pending | DeviceState::Skipped))
-            .count();
-        let failed = states.values().filter(|(_, s)| s.is_failure()).count();
-        if too_many_failures(options.max_failures, failed, attempted) {
-            let reason = format!(
-                "{failed} of {attempted} devices failed (limit {}), stopped after stage {} of {stage_count}",
-                options.max_failures,
-                stage + 1
-            );
-            // Durable before anything acts on it, so a resumed controller
-            // finishes this stop instead of sending more stages.
-            store.set_deployment_state(id, DeploymentState::Running, Some(&reason))?;
-            return stop(
-                fleet,
-                store,
-                id,
-                &reason,
-                &options,
-                &mut events,
-                &mut states,
-                observer,
-            )
-            .await;
+        saw_pause |= state == DeploymentState::Paused;
+        let step = machine::next(&states, &options, state, reason.as_deref());
+        let step = match step {
+            Next::Send { .. } | Next::Finish { .. } if saw_pause => Next::Paused,
+            step => step,
+        };
+        match step {
+            Next::Stopped { cancel } => {
+                observer.stopped(STOPPED_BY_OPERATOR);
+                for d in cancel {
+                    fleet.cancel(&d, Some(id)).await?;
+                    store.set_device_state(
+                        id,
+                        &d,
+                        DeviceState::Cancelled,
+                        Some(STOPPED_BY_OPERATOR),
+                    )?;
+                    states.get_mut(&d).expect("a device of the deployment").1 =
+                        DeviceState::Cancelled;
+                    observer.result(&d, DeviceState::Cancelled, Some(STOPPED_BY_OPERATOR));
+                }
+                return Ok(store.deployment(id)?);
+            }
+            Next::Paused => return Ok(store.deployment(id)?),
+            Next::Finish { state, reason } => {
+                store.set_deployment_state(id, state, reason.as_deref())?;
+                return Ok(store.deployment(id)?);
+            }
+            Next::StopForFailures {
+                reason: why,
+                skip,
+                roll_back,
+                awaiting_rollback,
+            } => {
+                if reason.is_none() {
+                    // Durable before anything acts on it, so a resumed
+                    // controller finishes this stop instead of sending more
+                    // stages.
+                    store.set_deployment_state(id, DeploymentState::Running, Some(&why))?;
+                }
+                observer.stopped(&why);
+                for d in skip {
+                    store.set_device_state(
+                        id,
+                        &d,
+                        DeviceState::Skipped,
+                        Some("rollout stopped"),
+                    )?;
+                    states.get_mut(&d).expect("a device of the deployment").1 =
+                        DeviceState::Skipped;
+                }
+                let mut deadlines = HashMap::new();
+                for d in roll_back {
+                    observer.rolling_back(&d);
+                    // Marked before it goes out: a rollback is never sent
+                    // twice.
+                    store.set_device_state(id, &d, DeviceState::RollbackSent, None)?;
+                    states.get_mut(&d).expect("a device of the deployment").1 =
+                        DeviceState::RollbackSent;
+                    fleet.rollback(&d, Some(id)).await?;
+                    deadlines.insert(d, Instant::now() + timeout);
+                }
+                for d in awaiting_rollback {
+                    deadlines.insert(d, Instant::now() + timeout);
+                }
+                // The device reports the rollback under the deployment's job
+                // id, and its retained `last` still says `done` until then:
+                // only `rolled_back` (or a `failed`) ends this wait.
+                wait_for(
+                    fleet,
+                    store,
+                    id,
+                    &mut events,
+                    &mut deadlines,
+                    &mut states,
+                    observer,
+                    |p| matches!(p, Phase::RolledBack | Phase::Failed),
+                    false,
+                )
+                .await?;
+                store.set_deployment_state(id, DeploymentState::Failed, Some(&why))?;
+                return Ok(store.deployment(id)?);
+            }
+            Next::Wait { stage, devices } => {
+                if announced_stage != Some(stage) {
+                    let members: Vec<String> = states
+                        .iter()
+                        .filter(|(_, (s, _))| *s == stage)
+                        .map(|(d, _)| d.clone())
+                        .collect();
+                    observer.stage(stage as usize, stage_count as usize, &members);
+                    announced_stage = Some(stage);
+                }
+                // Resumed: the job's clock restarts, since when it was sent
+                // is not worth trusting across a controller restart.
+                let mut deadlines: HashMap<String, Instant> = devices
+                    .into_iter()
+                    .map(|d| (d, Instant::now() + timeout))
+                    .collect();
+                wait_for(
+                    fleet,
+                    store,
+                    id,
+                    &mut events,
+                    &mut deadlines,
+                    &mut states,
+                    observer,
+                    |p| p.is_terminal(),
+                    true,
+                )
+                .await?;
+            }
+            Next::Send {
+                stage,
+                members,
+                send,
+            } => {
+                if announced_stage != Some(stage) {
+                    observer.stage(stage as usize, stage_count as usize, &members);
+                    announced_stage = Some(stage);
+                }
+                let mut deadlines: HashMap<String, Instant> = HashMap::new();
+                for m in send {
+                    // A pause or stop is obeyed between two sends, so a
+                    // large stage does not go out whole after it.
+                    if store.deployment_state(id)?.0 != DeploymentState::Running {
+                        break;
+                    }
+                    fleet.start(&m, &command).await?;
+                    store.set_device_state(id, &m, DeviceState::Sent, None)?;
+                    states.get_mut(&m).expect("a device of the deployment").1 = DeviceState::Sent;
+                    deadlines.insert(m, Instant::now() + timeout);
+                }
+                wait_for(
+                    fleet,
+                    store,
+                    id,
+                    &mut events,
+                    &mut deadlines,
+                    &mut states,
+                    observer,
+                    |p| p.is_terminal(),
+                    true,
+                )
+                .await?;
+            }
         }
     }
-    let failed = states.values().filter(|(_, s)| s.is_failure()).count();
-    let state = if failed == 0 {
-        DeploymentState::Succeeded
-    } else {
-        DeploymentState::Failed
-    };
-    let reason = (failed > 0).then(|| format!("{failed} devices failed (within the limit)"));
-    store.set_deployment_state(id, state, reason.as_deref())?;
-    dep = store.deployment(id)?;
-    Ok(dep)
 }
 
-/// Ends a deployment stopped for failures (its `reason` already stored):
-/// skips the stages not sent, rolls back the updated devices when asked to,
-/// and marks it failed.
-#[allow(clippy::too_many_arguments)]
-async fn stop(
-    fleet: &Fleet,
-    store: &Store,
-    id: &str,
-    reason: &str,
-    options: &RolloutOptions,
-    events: &mut tokio::sync::broadcast::Receiver<FleetEvent>,
-    states: &mut BTreeMap<String, (u32, DeviceState)>,
-    observer: &mut dyn Observer,
-) -> Result<Deployment, RolloutError> {
-    observer.stopped(reason);
-    for (d, (_, s)) in states.iter_mut() {
-        if *s == DeviceState::Pending {
-            *s = DeviceState::Skipped;
-            store.set_device_state(id, d, DeviceState::Skipped, Some("rollout stopped"))?;
-        }
-    }
-    if options.auto_rollback {
-        let timeout = Duration::from_secs(options.timeout_s.into());
-        roll_back_updated(fleet, store, id, events, states, timeout, observer).await?;
-    }
-    store.set_deployment_state(id, DeploymentState::Failed, Some(reason))?;
-    Ok(store.deployment(id)?)
+/// Runs deployments handed to it, each to its end, on a thread of its own
+/// (see [`spawn_runner`]).
+#[derive(Debug, Clone)]
+pub struct Runner {
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
-async fn roll_back_updated(
-    fleet: &Fleet,
-    store: &Store,
-    id: &str,
-    events: &mut tokio::sync::broadcast::Receiver<FleetEvent>,
-    states: &mut BTreeMap<String, (u32, DeviceState)>,
-    timeout: Duration,
-    observer: &mut dyn Observer,
-) -> Result<(), RolloutError> {
-    let already_sent: std::collections::HashSet<String> = store
-        .deployment(id)?
-        .devices
-        .into_iter()
-        .filter(|d| d.state == DeviceState::Done && d.error.as_deref() == Some(ROLLBACK_SENT))
-        .map(|d| d.device)
-        .collect();
-    let updated: Vec<String> = states
-        .iter()
-        .filter(|(_, (_, s))| *s == DeviceState::Done)
-        .map(|(d, _)| d.clone())
-        .collect();
-    let mut deadlines = HashMap::new();
-    for d in &updated {
-        if !already_sent.contains(d) {
-            observer.rolling_back(d);
-            store.set_device_state(id, d, DeviceState::Done, Some(ROLLBACK_SENT))?;
-            fleet.rollback(d, Some(id)).await?;
-        }
-        deadlines.insert(d.clone(), Instant::now() + timeout);
+impl Runner {
+    /// Runs deployment `id` (resumed from the store); a deployment this
+    /// runner is already running is run once more after it returns, so a
+    /// resume that arrives while a paused rollout finishes its jobs in
+    /// flight is not lost.
+    pub fn run(&self, id: &str) {
+        let _ = self.tx.send(id.to_owned());
     }
-    // The device reports the rollback under the deployment's job id, and its
-    // retained `last` still says `done` until then: only `rolled_back` (or a
-    // `failed`) ends this wait.
-    wait_for(
-        fleet,
-        store,
-        id,
-        events,
-        &mut deadlines,
-        states,
-        observer,
-        |p| matches!(p, Phase::RolledBack | Phase::Failed),
-    )
-    .await
+}
+
+/// Starts a thread that runs deployments with [`run`] on `fleet` and
+/// `store`, logging how each ended. [`run`] reports to a `&mut dyn
+/// Observer`, which makes its future `!Send`, so it runs on a `LocalSet`;
+/// the fleet's MQTT task stays on the caller's runtime. The thread ends
+/// when every [`Runner`] is dropped.
+pub fn spawn_runner(fleet: std::sync::Arc<Fleet>, store: std::sync::Arc<Store>) -> Runner {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::Builder::new()
+        .name("rollout-runner".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("cannot start the rollout runner: {e}");
+                    return;
+                }
+            };
+            // Deployment id -> whether to run it again when it returns.
+            let active = std::rc::Rc::new(std::cell::RefCell::new(HashMap::<String, bool>::new()));
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                while let Some(id) = rx.recv().await {
+                    if let Some(again) = active.borrow_mut().get_mut(&id) {
+                        *again = true;
+                        continue;
+                    }
+                    active.borrow_mut().insert(id.clone(), false);
+                    let (fleet, store, active) = (fleet.clone(), store.clone(), active.clone());
+                    tokio::task::spawn_local(async move {
+                        loop {
+                            match run(&fleet, &store, &id, &mut Silent).await {
+                                Ok(d) => tracing::info!("deployment {id} is {}", d.state.as_str()),
+                                Err(e) => tracing::error!(
+                                    "deployment {id} stopped: {e}; carry on with `mqota deploy --resume {id}`"
+                                ),
+                            }
+                            let again = active.borrow_mut().insert(id.clone(), false);
+                            if again != Some(true) {
+                                active.borrow_mut().remove(&id);
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+        })
+        .expect("a thread can be started");
+    Runner { tx }
 }
 
 /// Waits until every device in `deadlines` has a result that `ends` accepts,
-/// or its deadline passes; records results as they come.
+/// or its deadline passes; records results as they come. With
+/// `obey_stop`, returns early when an operator stops the deployment.
 #[allow(clippy::too_many_arguments)]
 async fn wait_for(
     fleet: &Fleet,
@@ -830,13 +932,14 @@ async fn wait_for(
     id: &str,
     events: &mut tokio::sync::broadcast::Receiver<FleetEvent>,
     deadlines: &mut HashMap<String, Instant>,
-    states: &mut BTreeMap<String, (u32, DeviceState)>,
+    states: &mut Devices,
     observer: &mut dyn Observer,
     ends: impl Fn(Phase) -> bool,
+    obey_stop: bool,
 ) -> Result<(), RolloutError> {
-    let reverting = |s: DeviceState| s == DeviceState::Done;
     let version = store.deployment(id)?.version;
     let version = version.as_str();
+    let mut last_poll = Instant::now();
     while !deadlines.is_empty() {
         // Events only wake us up and feed the observer; the results are read
         // from the fleet's current view, so a lagging channel loses nothing.
@@ -848,45 +951,36 @@ async fn wait_for(
                     }
                 }
             }
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(POLL) => {}
+        }
+        // Events can come by the thousand per second; the store is asked at
+        // most once per POLL.
+        if obey_stop && last_poll.elapsed() >= POLL {
+            last_poll = Instant::now();
+            if store.deployment_state(id)?.0 == DeploymentState::Stopped {
+                return Ok(());
+            }
         }
         let now = Instant::now();
         let waiting: Vec<String> = deadlines.keys().cloned().collect();
         for dev in waiting {
-            let view = fleet.device(&dev);
-            let before = states[&dev].1;
-            let outcome = view
+            let said = fleet
+                .device(&dev)
                 .as_ref()
                 .and_then(|v| result_of(v, id, version))
                 .filter(|(p, _)| ends(*p));
-            let new = match outcome {
-                Some((phase, err)) => {
-                    let s = if reverting(before) {
-                        if phase == Phase::RolledBack {
-                            DeviceState::Reverted
-                        } else {
-                            DeviceState::RevertFailed
-                        }
-                    } else {
-                        state_of(phase)
-                    };
-                    Some((s, err))
+            let new = machine::outcome(states[&dev].1, said, now, deadlines[&dev]);
+            if let Some(o) = &new {
+                if o.cancel {
+                    // Stop a job that may still be running so it cannot
+                    // finish after the rollout gave up on it.
+                    fleet.cancel(&dev, Some(id)).await?;
                 }
-                None if now >= deadlines[&dev] => {
-                    if reverting(before) {
-                        Some((DeviceState::RevertFailed, Some("timeout".to_owned())))
-                    } else {
-                        // Stop a job that may still be running so it cannot
-                        // finish after the rollout gave up on it.
-                        fleet.cancel(&dev, Some(id)).await?;
-                        Some((DeviceState::TimedOut, Some("timeout".to_owned())))
-                    }
-                }
-                None => None,
-            };
+            }
+            let new = new.map(|o| (o.state, o.error));
             if let Some((s, err)) = new {
                 store.set_device_state(id, &dev, s, err.as_deref())?;
-                states.get_mut(&dev).unwrap().1 = s;
+                states.get_mut(&dev).expect("a device of the deployment").1 = s;
                 deadlines.remove(&dev);
                 observer.result(&dev, s, err.as_deref());
             }

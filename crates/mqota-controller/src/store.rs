@@ -46,34 +46,78 @@ pub enum StoreError {
     /// (`mqota deploy --list`, `/api/deployments`).
     #[error("no deployment {0:?}")]
     UnknownDeployment(String),
+    /// The database was written by a newer mqota (its schema version is
+    /// above the ones this build knows): use that mqota, or another
+    /// `--data-dir`. Nothing was changed.
+    #[error("the database {path} has schema version {found}; this mqota knows up to {known}")]
+    NewerSchema {
+        /// The database file.
+        path: PathBuf,
+        /// Its `user_version`.
+        found: i64,
+        /// The newest this build knows.
+        known: i64,
+    },
+    /// An operator command (pause, resume, stop) that the deployment's state
+    /// does not allow, e.g. pausing a finished one: nothing was changed.
+    #[error("deployment {id} is {state}: cannot {action} it")]
+    NotAllowed {
+        /// The deployment.
+        id: String,
+        /// Where it stands (`stopping` for a failing one).
+        state: String,
+        /// What was asked.
+        action: &'static str,
+    },
 }
 
 /// Where a deployment stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeploymentState {
-    /// Stages are still being sent or waited for.
+    /// Stages are still being sent or waited for (with a `reason`: it is
+    /// stopping for failures).
     Running,
+    /// An operator paused it: no device is sent a job; jobs already sent
+    /// finish. `deploy --resume ID` (or `POST .../resume`) carries on.
+    Paused,
     /// Every selected device runs the new firmware.
     Succeeded,
     /// Stopped because failures passed the threshold.
     Failed,
+    /// An operator stopped it: no more jobs; final.
+    Stopped,
 }
 
 impl DeploymentState {
-    fn as_str(self) -> &'static str {
+    /// Every state.
+    pub const ALL: [DeploymentState; 5] = [
+        Self::Running,
+        Self::Paused,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Stopped,
+    ];
+
+    /// The name in the database, the API and the summary.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
+            Self::Stopped => "stopped",
         }
     }
-    fn parse(s: &str) -> Self {
-        match s {
-            "succeeded" => Self::Succeeded,
-            "failed" => Self::Failed,
-            _ => Self::Running,
-        }
+
+    /// The state named `s`, if there is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+
+    /// Nothing more will happen to it.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Stopped)
     }
 }
 
@@ -102,11 +146,15 @@ pub enum DeviceState {
     Reverted,
     /// The controller's rollback did not confirm in time or failed.
     RevertFailed,
+    /// It had updated, and the controller's `rollback` was sent
+    /// (`--auto-rollback`); the result is not in yet. Never sent twice: a
+    /// second rollback would boot the firmware being removed.
+    RollbackSent,
 }
 
 impl DeviceState {
     /// Every state.
-    pub const ALL: [DeviceState; 10] = [
+    pub const ALL: [DeviceState; 11] = [
         Self::Pending,
         Self::Sent,
         Self::Done,
@@ -117,6 +165,7 @@ impl DeviceState {
         Self::Skipped,
         Self::Reverted,
         Self::RevertFailed,
+        Self::RollbackSent,
     ];
 
     /// The name in the database, the API and the summary.
@@ -132,14 +181,13 @@ impl DeviceState {
             Self::Skipped => "skipped",
             Self::Reverted => "reverted",
             Self::RevertFailed => "revert_failed",
+            Self::RollbackSent => "rollback_sent",
         }
     }
 
-    fn parse(s: &str) -> Self {
-        Self::ALL
-            .into_iter()
-            .find(|d| d.as_str() == s)
-            .unwrap_or(Self::Pending)
+    /// The state named `s`, if there is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.as_str() == s)
     }
 
     /// A job that ended without the new firmware running.
@@ -155,6 +203,45 @@ impl DeviceState {
         !matches!(self, Self::Pending | Self::Sent)
     }
 }
+
+/// A state string in the database that names no state: the row was written
+/// by a newer mqota or corrupted. Reading it fails rather than guess, since
+/// a guess of `running` or `pending` would make a resume send jobs again.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {kind} state {value:?} in the database")]
+pub struct UnknownState {
+    /// `deployment` or `device`.
+    pub kind: &'static str,
+    /// What the row holds.
+    pub value: String,
+}
+
+// Strict enums in and out of SQLite: stored by name, read back only if the
+// name is known.
+macro_rules! sql_enum {
+    ($t:ty, $kind:literal) => {
+        impl rusqlite::types::ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+        impl rusqlite::types::FromSql for $t {
+            fn column_result(
+                v: rusqlite::types::ValueRef<'_>,
+            ) -> rusqlite::types::FromSqlResult<Self> {
+                let s = v.as_str()?;
+                <$t>::parse(s).ok_or_else(|| {
+                    rusqlite::types::FromSqlError::Other(Box::new(UnknownState {
+                        kind: $kind,
+                        value: s.to_owned(),
+                    }))
+                })
+            }
+        }
+    };
+}
+sql_enum!(DeploymentState, "deployment");
+sql_enum!(DeviceState, "device");
 
 /// One device in a deployment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,7 +323,15 @@ impl std::fmt::Debug for Store {
     }
 }
 
-const SCHEMA: &str = "
+/// The schema, one migration per version: `PRAGMA user_version` says how
+/// many have been applied. Migrations only ever get appended.
+///
+/// | version | change |
+/// |---|---|
+/// | 1 | the tables (databases from before versioning are at 0 and already have them: every statement is `IF NOT EXISTS`) |
+/// | 2 | `deployments.runner` (who runs it, for `serve` to resume its own); the rollback mark moves from `error = 'rollback sent'` to the state `rollback_sent` |
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE IF NOT EXISTS firmware (
     name TEXT PRIMARY KEY, chip TEXT, project TEXT, version TEXT,
     size INTEGER NOT NULL, sha256 TEXT NOT NULL, error TEXT, mtime INTEGER NOT NULL,
@@ -255,7 +350,42 @@ CREATE TABLE IF NOT EXISTS deployment_devices (
     deployment TEXT NOT NULL, device TEXT NOT NULL, stage INTEGER NOT NULL,
     state TEXT NOT NULL, error TEXT, from_version TEXT, updated_at INTEGER NOT NULL,
     PRIMARY KEY (deployment, device));
-";
+",
+    "
+ALTER TABLE deployments ADD COLUMN runner TEXT;
+UPDATE deployment_devices SET state = 'rollback_sent', error = NULL
+    WHERE state = 'done' AND error = 'rollback sent';
+",
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database up to [`SCHEMA_VERSION`], each migration in its own
+/// transaction with the version bump, so a crash leaves a whole version.
+fn migrate(c: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let found: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            path: path.to_owned(),
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Another process may have migrated while this one waited for the
+        // lock.
+        let now: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if now > i as i64 {
+            continue;
+        }
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
 
 impl Store {
     /// Opens (creating if needed) the database in `data_dir`.
@@ -267,7 +397,7 @@ impl Store {
         };
         std::fs::create_dir_all(data_dir)
             .map_err(|e| open_err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        let conn = Connection::open(&path).map_err(open_err)?;
+        let mut conn = Connection::open(&path).map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(open_err)?;
         // WAL lets `serve` read while `deploy` writes; NORMAL sync is
@@ -276,7 +406,7 @@ impl Store {
             .map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(open_err)?;
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&mut conn, &path)?;
         Ok(Self {
             conn: Mutex::new(conn),
             path,
@@ -496,11 +626,133 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()?;
         list.into_iter().map(|d| with_devices(&c, d)).collect()
     }
+
+    /// A deployment's state and reason, read cheaply (a rollout polls it to
+    /// notice an operator's pause or stop written by another process).
+    pub fn deployment_state(
+        &self,
+        id: &str,
+    ) -> Result<(DeploymentState, Option<String>), StoreError> {
+        let c = self.conn.lock().unwrap();
+        c.query_row(
+            "SELECT state, reason FROM deployments WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::UnknownDeployment(id.to_owned()))
+    }
+
+    /// Records who runs deployment `id` (e.g. `serve`, `deploy`).
+    pub fn set_runner(&self, id: &str, runner: &str) -> Result<(), StoreError> {
+        let c = self.conn.lock().unwrap();
+        let n = c.execute(
+            "UPDATE deployments SET runner = ?2 WHERE id = ?1",
+            params![id, runner],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownDeployment(id.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The `running` deployments last run by `runner`, oldest first.
+    pub fn running_deployments_of(&self, runner: &str) -> Result<Vec<String>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c.prepare(
+            "SELECT id FROM deployments WHERE state = 'running' AND runner = ?1
+             ORDER BY created_at, id",
+        )?;
+        let rows = st.query_map([runner], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Pauses a running deployment: its rollout sends no more jobs (those
+    /// sent finish) and ends `paused`. A deployment stopping for failures
+    /// cannot be paused.
+    pub fn pause(&self, id: &str) -> Result<Deployment, StoreError> {
+        self.operator(id, "pause", |state, reason| match (state, reason) {
+            (DeploymentState::Running, None) => Some(DeploymentState::Paused),
+            _ => None,
+        })
+    }
+
+    /// Makes a paused deployment `running` again (an interrupted `running`
+    /// one stays so); the caller then runs it.
+    pub fn resume(&self, id: &str) -> Result<Deployment, StoreError> {
+        self.operator(id, "resume", |state, _| match state {
+            DeploymentState::Running | DeploymentState::Paused => Some(DeploymentState::Running),
+            _ => None,
+        })
+    }
+
+    /// Stops a running or paused deployment for good: it becomes `stopped`
+    /// and its devices not yet sent a job are `skipped`. A rollout running
+    /// it cancels the jobs in flight when it notices. A deployment stopping
+    /// for failures is left to finish its stop (and rollback).
+    pub fn stop(&self, id: &str) -> Result<Deployment, StoreError> {
+        self.operator(id, "stop", |state, reason| match (state, reason) {
+            (DeploymentState::Running, None) | (DeploymentState::Paused, _) => {
+                Some(DeploymentState::Stopped)
+            }
+            _ => None,
+        })
+    }
+
+    fn operator(
+        &self,
+        id: &str,
+        action: &'static str,
+        to: impl Fn(DeploymentState, Option<&str>) -> Option<DeploymentState>,
+    ) -> Result<Deployment, StoreError> {
+        {
+            let mut c = self.conn.lock().unwrap();
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let (state, reason): (DeploymentState, Option<String>) = tx
+                .query_row(
+                    "SELECT state, reason FROM deployments WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::UnknownDeployment(id.to_owned()))?;
+            let Some(new) = to(state, reason.as_deref()) else {
+                let state = if state == DeploymentState::Running && reason.is_some() {
+                    "stopping for failures".to_owned()
+                } else {
+                    state.as_str().to_owned()
+                };
+                return Err(StoreError::NotAllowed {
+                    id: id.to_owned(),
+                    state,
+                    action,
+                });
+            };
+            let now = unix_now();
+            let reason = if new == DeploymentState::Stopped {
+                Some(crate::machine::STOPPED_BY_OPERATOR.to_owned())
+            } else {
+                reason
+            };
+            tx.execute(
+                "UPDATE deployments SET state = ?2, reason = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id, new, reason, now],
+            )?;
+            if new == DeploymentState::Stopped {
+                tx.execute(
+                    "UPDATE deployment_devices SET state = 'skipped', error = 'rollout stopped',
+                     updated_at = ?2 WHERE deployment = ?1 AND state = 'pending'",
+                    params![id, now],
+                )?;
+            }
+            tx.commit()?;
+        }
+        self.deployment(id)
+    }
 }
 
 fn row_to_deployment(r: &rusqlite::Row<'_>) -> rusqlite::Result<Deployment> {
     let options: String = r.get(6)?;
-    let state: String = r.get(7)?;
     Ok(Deployment {
         id: r.get(0)?,
         firmware: r.get(1)?,
@@ -508,8 +760,12 @@ fn row_to_deployment(r: &rusqlite::Row<'_>) -> rusqlite::Result<Deployment> {
         version: r.get(3)?,
         sha256: r.get(4)?,
         size: r.get(5)?,
-        options: serde_json::from_str(&options).unwrap_or(serde_json::Value::Null),
-        state: DeploymentState::parse(&state),
+        // The options drive what a resume sends: unreadable is an error,
+        // not a default.
+        options: serde_json::from_str(&options).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        state: r.get(7)?,
         reason: r.get(8)?,
         created_at: r.get(9)?,
         updated_at: r.get(10)?,
@@ -523,11 +779,10 @@ fn with_devices(c: &Connection, mut d: Deployment) -> Result<Deployment, StoreEr
          WHERE deployment = ?1 ORDER BY stage, device",
     )?;
     let rows = st.query_map([&d.id], |r| {
-        let state: String = r.get(2)?;
         Ok(DeploymentDevice {
             device: r.get(0)?,
             stage: r.get(1)?,
-            state: DeviceState::parse(&state),
+            state: r.get(2)?,
             error: r.get(3)?,
             from_version: r.get(4)?,
             updated_at: r.get(5)?,
@@ -624,5 +879,143 @@ mod tests {
             s.deployment("nope"),
             Err(StoreError::UnknownDeployment(id)) if id == "nope"
         ));
+    }
+
+    #[test]
+    fn an_unknown_state_string_fails_loudly_instead_of_reading_as_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.create_deployment(&deployment("d-1")).unwrap();
+        {
+            let c = s.conn.lock().unwrap();
+            c.execute(
+                "UPDATE deployment_devices SET state = 'sennt' WHERE device = 'b'",
+                [],
+            )
+            .unwrap();
+        }
+        let err = s.deployment("d-1").unwrap_err().to_string();
+        assert!(err.contains("unknown device state \"sennt\""), "{err}");
+        {
+            let c = s.conn.lock().unwrap();
+            c.execute("UPDATE deployments SET state = 'runing'", [])
+                .unwrap();
+        }
+        let err = s.deployment_state("d-1").unwrap_err().to_string();
+        assert!(err.contains("unknown deployment state \"runing\""), "{err}");
+        {
+            let c = s.conn.lock().unwrap();
+            c.execute("UPDATE deployment_devices SET state = 'pending'", [])
+                .unwrap();
+            c.execute("UPDATE deployments SET state = 'running'", [])
+                .unwrap();
+        }
+        s.deployment("d-1").unwrap();
+        {
+            let c = s.conn.lock().unwrap();
+            c.execute("UPDATE deployments SET options = '{'", [])
+                .unwrap();
+        }
+        let err = s.deployment("d-1").unwrap_err().to_string();
+        assert!(
+            err.contains("EOF while parsing"),
+            "unreadable options are an error: {err}"
+        );
+        {
+            let c = s.conn.lock().unwrap();
+            c.execute(
+                "UPDATE deployments SET state = 'runing', options = '{}'",
+                [],
+            )
+            .unwrap();
+        }
+        let err = s.deployment_state("d-1").unwrap_err().to_string();
+        assert!(err.contains("unknown deployment state \"runing\""), "{err}");
+        assert!(s.deployments().is_err());
+    }
+
+    #[test]
+    fn a_database_from_before_versioning_is_migrated_and_its_rollback_marks_become_a_state() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.execute_batch(
+                "INSERT INTO deployments VALUES ('d-1','f','u','1.1.0','00',1,'{}','running','1 of 2 failed',1,1);
+                 INSERT INTO deployment_devices VALUES ('d-1','a',0,'done','rollback sent','1.0.0',1);
+                 INSERT INTO deployment_devices VALUES ('d-1','b',0,'done',NULL,'1.0.0',1);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let d = s.deployment("d-1").unwrap();
+        assert_eq!(d.devices[0].state, DeviceState::RollbackSent);
+        assert_eq!(d.devices[0].error, None);
+        assert_eq!(d.devices[1].state, DeviceState::Done);
+        let v: i64 = s
+            .conn
+            .lock()
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        drop(s);
+        // Opening again changes nothing.
+        Store::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_database_of_a_newer_mqota_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+                .unwrap();
+        }
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::NewerSchema { .. }), "{err}");
+    }
+
+    #[test]
+    fn operator_commands_move_a_deployment_only_where_its_state_allows() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.create_deployment(&deployment("d-1")).unwrap();
+        assert!(matches!(
+            s.resume("nope"),
+            Err(StoreError::UnknownDeployment(_))
+        ));
+        assert_eq!(s.pause("d-1").unwrap().state, DeploymentState::Paused);
+        let err = s.pause("d-1").unwrap_err();
+        assert!(err.to_string().contains("is paused: cannot pause"), "{err}");
+        assert_eq!(s.resume("d-1").unwrap().state, DeploymentState::Running);
+        assert_eq!(s.resume("d-1").unwrap().state, DeploymentState::Running);
+        let d = s.stop("d-1").unwrap();
+        assert_eq!(d.state, DeploymentState::Stopped);
+        assert_eq!(
+            d.reason.as_deref(),
+            Some(crate::machine::STOPPED_BY_OPERATOR)
+        );
+        assert_eq!(
+            d.devices[0].state,
+            DeviceState::Sent,
+            "in flight: the runner cancels it"
+        );
+        assert_eq!(d.devices[1].state, DeviceState::Skipped);
+        for (name, r) in [
+            ("stop", s.stop("d-1")),
+            ("resume", s.resume("d-1")),
+            ("pause", s.pause("d-1")),
+        ] {
+            let err = r.unwrap_err().to_string();
+            assert!(err.contains(&format!("is stopped: cannot {name}")), "{err}");
+        }
+        // Stopping for failures: the stop (and rollback) is left to finish.
+        s.create_deployment(&deployment("d-2")).unwrap();
+        s.set_deployment_state("d-2", DeploymentState::Running, Some("1 of 1 failed"))
+            .unwrap();
+        let err = s.stop("d-2").unwrap_err().to_string();
+        assert!(err.contains("stopping for failures"), "{err}");
+        assert!(s.pause("d-2").is_err());
     }
 }

@@ -75,15 +75,12 @@ async fn deploy_refuses_offline_older_and_foreign_targets_unless_told() {
     );
     let (ok, out, err) = deploy(&new, &["--to", "off", "--include-offline"]);
     assert!(ok, "{err}");
-    assert!(out.contains("would go to 1 devices"), "{out}");
+    assert!(out.contains("would go to 1 device"), "{out}");
 
     let (ok, out, err) = deploy(&new, &["--all"]);
     assert!(ok, "{err}");
     assert!(out.contains("1 offline device(s) skipped"), "{out}");
-    assert!(
-        out.contains("would go to 1 devices in 1 stages: on"),
-        "{out}"
-    );
+    assert!(out.contains("would go to 1 device in 1 stage: on"), "{out}");
 
     let old = files.url("old.bin");
     let (ok, _, err) = deploy(&old, &["--to", "on"]);
@@ -91,7 +88,7 @@ async fn deploy_refuses_offline_older_and_foreign_targets_unless_told() {
     assert!(err.contains("--allow-downgrade"), "{err}");
     let (ok, out, err) = deploy(&old, &["--to", "on", "--allow-downgrade"]);
     assert!(ok, "{err}");
-    assert!(out.contains("would go to 1 devices"), "{out}");
+    assert!(out.contains("would go to 1 device"), "{out}");
 
     let foreign = files.url("foreign.bin");
     let (ok, _, err) = deploy(&foreign, &["--to", "on"]);

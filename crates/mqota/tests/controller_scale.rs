@@ -115,6 +115,11 @@ fn cli_sees_everyone(broker: &str, data: &std::path::Path, firmware_url: &str, n
         "{}",
         &line[..line.len().min(200)]
     );
+    assert!(
+        line.ends_with(&format!(" and {} more", n - 20)),
+        "a fleet's ids are not one endless line: {}",
+        &line[..line.len().min(200)]
+    );
 }
 
 /// Polls `GET /api/fleet` until it lists `n` devices with a status.

@@ -231,6 +231,8 @@ fn state_word(s: DeploymentState) -> &'static str {
         DeploymentState::Succeeded => "succeeded",
         DeploymentState::Failed => "failed",
         DeploymentState::Running => "still running",
+        DeploymentState::Paused => "paused",
+        DeploymentState::Stopped => "stopped",
     }
 }
 

@@ -11,7 +11,14 @@
 //! same one `serve` reads. Without `--wait` the rollout continues in a
 //! detached `mqota deploy --resume ID` whose log is in the data directory,
 //! and this command returns at once. `--resume ID` carries on a deployment
-//! whose controller was stopped.
+//! whose controller was stopped, or one that was paused.
+//!
+//! `--pause ID` and `--stop ID` write the operator's command to the store;
+//! whichever process runs the rollout (`serve`, a detached `deploy`, a
+//! `deploy --wait`) notices it within a second. Pause: no device is sent a
+//! job, those sent finish, the deployment ends `paused`. Stop: no more jobs,
+//! devices not sent one are `skipped`, jobs in flight are cancelled, and the
+//! deployment ends `stopped`.
 
 use std::io::IsTerminal as _;
 use std::time::Duration;
@@ -26,12 +33,13 @@ use mqota_controller::store::{Deployment, DeploymentState, DeviceState, Store};
 use mqota_core::protocol::Progress;
 
 use super::fleet::{connect_and_settle, runtime, Common};
+use super::term::{devices, id_list, safe};
 
 /// `mqota deploy`.
 #[derive(Args)]
 pub struct DeployArgs {
     /// Image name on the firmware server, or an http(s):// URL of an image.
-    #[arg(required_unless_present = "resume")]
+    #[arg(required_unless_present_any = ["resume", "pause", "stop"])]
     firmware: Option<String>,
     /// Devices by id, comma-separated.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["all", "where_", "resume"])]
@@ -79,9 +87,18 @@ pub struct DeployArgs {
     /// stored or sent.
     #[arg(long, conflicts_with = "resume")]
     dry_run: bool,
-    /// Carry on deployment ID (after its controller was stopped).
-    #[arg(long, value_name = "ID")]
+    /// Carry on deployment ID: a paused one, or one whose controller was
+    /// stopped.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["pause", "stop"])]
     resume: Option<String>,
+    /// Pause deployment ID: no more devices are sent the job; jobs in flight
+    /// finish. `--resume ID` carries on.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["stop", "firmware", "to", "all", "where_", "wait", "dry_run"])]
+    pause: Option<String>,
+    /// Stop deployment ID for good: no more jobs, jobs in flight are
+    /// cancelled, it ends `stopped`.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["firmware", "to", "all", "where_", "wait", "dry_run"])]
+    stop: Option<String>,
     /// Firmware server to resolve a FIRMWARE name [default: http://127.0.0.1:8080]
     #[arg(long)]
     server: Option<String>,
@@ -94,14 +111,38 @@ impl DeployArgs {
     pub fn run(self) -> Result<()> {
         let s = self.common.settings()?;
         let store = Store::open(&s.data_dir)?;
+        if let Some(id) = &self.pause {
+            let d = store.pause(id)?;
+            let in_flight = count(&d, DeviceState::Sent);
+            println!(
+                "deployment {} paused: no more jobs are sent; {} in flight {}; carry on with `mqota deploy --resume {}`",
+                d.id,
+                devices(in_flight),
+                if in_flight == 1 { "finishes" } else { "finish" },
+                d.id
+            );
+            return Ok(());
+        }
+        if let Some(id) = &self.stop {
+            let d = store.stop(id)?;
+            println!(
+                "deployment {} stopped: {} skipped, {} in flight cancelled by its rollout",
+                d.id,
+                devices(count(&d, DeviceState::Skipped)),
+                count(&d, DeviceState::Sent)
+            );
+            return Ok(());
+        }
         runtime()?.block_on(async {
             let fleet = connect_and_settle(&s, "deploy").await?;
             let id = match &self.resume {
                 Some(id) => {
-                    let d = store.deployment(id)?;
+                    let d = store.resume(id)?;
                     println!(
                         "resuming deployment {} of {} ({})",
-                        d.id, d.firmware, d.version
+                        d.id,
+                        safe(&d.firmware),
+                        safe(&d.version)
                     );
                     d.id
                 }
@@ -140,19 +181,17 @@ impl DeployArgs {
                             &options,
                         )?;
                         for line in left_out.describe(&firmware.version) {
-                            println!("{line}");
+                            println!("{}", safe(&line));
                         }
                         let stages = d.devices.iter().map(|x| x.stage).max().unwrap_or(0) + 1;
+                        let ids: Vec<&str> = d.devices.iter().map(|x| x.device.as_str()).collect();
                         println!(
-                            "dry run: {} ({}) would go to {} devices in {stages} stages: {}",
-                            firmware.name,
-                            firmware.version,
-                            d.devices.len(),
-                            d.devices
-                                .iter()
-                                .map(|x| x.device.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            "dry run: {} ({}) would go to {} in {}: {}",
+                            safe(&firmware.name),
+                            safe(&firmware.version),
+                            devices(d.devices.len()),
+                            stages_text(stages),
+                            id_list(&ids, LIST_MAX)
                         );
                         fleet.close().await?;
                         return Ok(());
@@ -160,15 +199,16 @@ impl DeployArgs {
                     let (d, left_out) =
                         rollout::create(&store, &fleet.devices(), &firmware, &selection, &options)?;
                     for line in left_out.describe(&firmware.version) {
-                        println!("{line}");
+                        println!("{}", safe(&line));
                     }
                     let stages = d.devices.iter().map(|x| x.stage).max().unwrap_or(0) + 1;
                     println!(
-                        "deployment {} of {} ({}) to {} devices in {stages} stages",
+                        "deployment {} of {} ({}) to {} in {}",
                         d.id,
-                        firmware.name,
-                        firmware.version,
-                        d.devices.len()
+                        safe(&firmware.name),
+                        safe(&firmware.version),
+                        devices(d.devices.len()),
+                        stages_text(stages)
                     );
                     if !self.wait {
                         fleet.close().await?;
@@ -194,7 +234,19 @@ impl DeployArgs {
                     d.id,
                     d.reason.as_deref().unwrap_or("see the summary")
                 ),
-                DeploymentState::Running => bail!("deployment {} is still running", d.id),
+                DeploymentState::Stopped => bail!("deployment {} stopped by the operator", d.id),
+                DeploymentState::Paused => bail!(
+                    "deployment {} is paused; carry on with `mqota deploy --resume {}`",
+                    d.id,
+                    d.id
+                ),
+                // A runner that saw a pause ends once its jobs in flight are
+                // in, even when the deployment was resumed (and is run by
+                // the resumer) meanwhile.
+                DeploymentState::Running => bail!(
+                    "deployment {} was paused and resumed elsewhere; follow it with `mqota watch`",
+                    d.id
+                ),
             }
         })
     }
@@ -238,20 +290,25 @@ fn detach(common: &Common, data_dir: &std::path::Path, id: &str) -> Result<()> {
 pub(crate) struct Lines;
 
 impl Observer for Lines {
-    fn stage(&mut self, index: usize, count: usize, devices: &[String]) {
-        println!("stage {}/{count}: {}", index + 1, devices.join(", "));
+    fn stage(&mut self, index: usize, count: usize, ids: &[String]) {
+        println!(
+            "stage {}/{count}: {}: {}",
+            index + 1,
+            devices(ids.len()),
+            id_list(ids, LIST_MAX)
+        );
     }
     fn result(&mut self, device: &str, state: DeviceState, error: Option<&str>) {
         match error {
-            Some(e) => println!("{device}: {} ({e})", state.as_str()),
-            None => println!("{device}: {}", state.as_str()),
+            Some(e) => println!("{}: {} ({})", safe(device), state.as_str(), safe(e)),
+            None => println!("{}: {}", safe(device), state.as_str()),
         }
     }
     fn stopped(&mut self, reason: &str) {
         println!("stopping: {reason}");
     }
     fn rolling_back(&mut self, device: &str) {
-        println!("{device}: rolling back");
+        println!("{}: rolling back", safe(device));
     }
 }
 
@@ -273,7 +330,7 @@ impl Bars {
             .map(|x| {
                 let b = multi.add(ProgressBar::new(100));
                 b.set_style(style.clone());
-                b.set_prefix(x.device.clone());
+                b.set_prefix(safe(&x.device).into_owned());
                 b.set_message(x.state.as_str());
                 (x.device.clone(), b)
             })
@@ -288,11 +345,11 @@ impl Bars {
 }
 
 impl Observer for Bars {
-    fn stage(&mut self, index: usize, count: usize, devices: &[String]) {
+    fn stage(&mut self, index: usize, count: usize, ids: &[String]) {
         let _ = self.multi.println(format!(
-            "stage {}/{count}: {} devices",
+            "stage {}/{count}: {}",
             index + 1,
-            devices.len()
+            devices(ids.len())
         ));
     }
     fn progress(&mut self, p: &Progress) {
@@ -307,7 +364,7 @@ impl Observer for Bars {
                 b.set_position(100);
             }
             b.finish_with_message(match error {
-                Some(e) => format!("{} ({e})", state.as_str()),
+                Some(e) => format!("{} ({})", state.as_str(), safe(e)),
                 None => state.as_str().to_owned(),
             });
         }
@@ -334,6 +391,21 @@ impl Drop for Bars {
     }
 }
 
+/// Ids printed on one line at most; the rest are counted.
+const LIST_MAX: usize = 20;
+
+fn stages_text(n: u32) -> String {
+    if n == 1 {
+        "1 stage".to_owned()
+    } else {
+        format!("{n} stages")
+    }
+}
+
+fn count(d: &Deployment, state: DeviceState) -> usize {
+    d.devices.iter().filter(|x| x.state == state).count()
+}
+
 fn print_summary(d: &Deployment) {
     println!();
     println!(
@@ -343,11 +415,11 @@ fn print_summary(d: &Deployment) {
     for x in &d.devices {
         println!(
             "{:<24} {:>5} {:<12} {:<14} {}",
-            x.device,
+            safe(&x.device),
             x.stage + 1,
-            x.from_version.as_deref().unwrap_or("-"),
+            safe(x.from_version.as_deref().unwrap_or("-")),
             x.state.as_str(),
-            x.error.as_deref().unwrap_or("")
+            safe(x.error.as_deref().unwrap_or(""))
         );
     }
     let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
@@ -358,12 +430,8 @@ fn print_summary(d: &Deployment) {
     println!(
         "deployment {} ({}): {} — {}",
         d.id,
-        d.version,
-        match d.state {
-            DeploymentState::Succeeded => "succeeded",
-            DeploymentState::Failed => "failed",
-            DeploymentState::Running => "running",
-        },
+        safe(&d.version),
+        d.state.as_str(),
         counts.join(", ")
     );
 }

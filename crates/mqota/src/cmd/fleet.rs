@@ -14,6 +14,7 @@
 //! server = "http://10.0.0.2:8080"
 //! ```
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ use clap::Args;
 use mqota_controller::fleet::{DeviceView, Fleet};
 use mqota_controller::url::BrokerUrl;
 use serde::Deserialize;
+
+use super::term::safe;
 
 /// The config file's keys.
 #[derive(Debug, Default, Deserialize)]
@@ -202,7 +205,7 @@ pub async fn connect_and_settle(s: &Settings, role: &str) -> Result<Fleet> {
         Vec::new()
     };
     for gap in fleet.gaps(&recorded) {
-        eprintln!("warning: {gap}");
+        eprintln!("warning: {}", super::term::safe(&gap.to_string()));
     }
     Ok(fleet)
 }
@@ -225,7 +228,7 @@ fn last_text(d: &DeviceView) -> String {
                 t.push_str(&format!(" ({})", e.as_str()));
             }
             if let Some(j) = &l.job {
-                t.push_str(&format!(" [{j}]"));
+                t.push_str(&format!(" [{}]", safe(j)));
             }
             t
         }
@@ -266,17 +269,17 @@ impl StatusArgs {
                     let st = d.status.as_ref().expect("filtered");
                     println!(
                         "{:<24} {:<7} {:<9} {:<16} {:<24} {:<4} {:<15} {}",
-                        d.id,
+                        safe(&d.id),
                         if d.online { "yes" } else { "no" },
-                        st.chip.as_str(),
-                        st.project.as_str(),
-                        st.version.as_str(),
+                        safe(st.chip.as_str()),
+                        safe(st.project.as_str()),
+                        safe(st.version.as_str()),
                         st.slot.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
-                        st.state.as_str(),
+                        safe(st.state.as_str()),
                         last_text(d)
                     );
                 }
-                println!("{} devices", devices.len());
+                println!("{}", super::term::devices(devices.len()));
             }
             fleet.close().await?;
             Ok(())
@@ -305,7 +308,13 @@ impl WatchArgs {
                 .seconds
                 .map(|n| tokio::time::Instant::now() + Duration::from_secs(n));
             loop {
-                let mut out = String::from("\x1b[2J\x1b[H");
+                // Clear the screen only on a terminal: a pipe or a log gets
+                // plain text.
+                let mut out = if std::io::stdout().is_terminal() {
+                    String::from("\x1b[2J\x1b[H")
+                } else {
+                    String::new()
+                };
                 out.push_str(&format!(
                     "{:<24} {:<7} {:<24} {:<12} {:>4} {:<24} LAST\n",
                     "ID", "ONLINE", "VERSION", "PHASE", "%", "JOB"
@@ -315,7 +324,12 @@ impl WatchArgs {
                     let (online, version) = d
                         .status
                         .as_ref()
-                        .map(|s| (if d.online { "yes" } else { "no" }, s.version.to_string()))
+                        .map(|s| {
+                            (
+                                if d.online { "yes" } else { "no" },
+                                safe(s.version.as_str()).into_owned(),
+                            )
+                        })
                         .unwrap_or(("?", "?".into()));
                     let (phase, pct, job) = d
                         .progress
@@ -324,13 +338,13 @@ impl WatchArgs {
                             (
                                 p.phase.as_str().to_owned(),
                                 p.percent.to_string(),
-                                p.job.as_deref().unwrap_or("-").to_owned(),
+                                safe(p.job.as_deref().unwrap_or("-")).into_owned(),
                             )
                         })
                         .unwrap_or(("-".into(), "-".into(), "-".into()));
                     out.push_str(&format!(
                         "{:<24} {:<7} {:<24} {:<12} {:>4} {:<24} {}\n",
-                        d.id,
+                        safe(&d.id),
                         online,
                         version,
                         phase,
@@ -339,7 +353,10 @@ impl WatchArgs {
                         last_text(d)
                     ));
                 }
-                out.push_str(&format!("{} devices — Ctrl-C to stop\n", devices.len()));
+                out.push_str(&format!(
+                    "{} — Ctrl-C to stop\n",
+                    super::term::devices(devices.len())
+                ));
                 print!("{out}");
                 if until.is_some_and(|u| tokio::time::Instant::now() >= u) {
                     break;
@@ -441,14 +458,14 @@ impl DeviceCommandArgs {
                     .error
                     .map(|e| format!(" ({})", e.as_str()))
                     .unwrap_or_default();
-                println!("{id}: {}{error}", p.phase.as_str());
+                println!("{}: {}{error}", safe(id), p.phase.as_str());
                 let ok = if rollback {
                     p.phase == mqota_core::protocol::Phase::RolledBack
                 } else {
                     p.phase == mqota_core::protocol::Phase::Cancelled
                 };
                 if !ok {
-                    refused.push(format!("{id}: {}{error}", p.phase.as_str()));
+                    refused.push(format!("{}: {}{error}", safe(id), p.phase.as_str()));
                 }
             }
             fleet.close().await?;

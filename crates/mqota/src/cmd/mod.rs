@@ -9,3 +9,4 @@ pub mod logs;
 pub mod partitions;
 pub mod serve;
 pub mod sim;
+pub mod term;

@@ -54,6 +54,9 @@ impl ServeArgs {
                 self.firmware_dir.display()
             );
         }
+        // Deployments run here are recorded as serve's, so that the next
+        // serve resumes them.
+        mqota_controller::rollout::set_runner_name("serve");
         let store = Arc::new(Store::open(&s.data_dir)?);
         println!("data in {}", store.path().display());
         let catalogue = Catalogue::new(&self.firmware_dir);
@@ -141,6 +144,12 @@ impl ServeArgs {
                 }
             });
 
+            let runner = mqota_controller::rollout::spawn_runner(fleet.clone(), store.clone());
+            for id in store.running_deployments_of("serve")? {
+                println!("resuming deployment {id}, which was running when serve stopped");
+                runner.run(&id);
+            }
+
             let state = Arc::new(AppState {
                 catalogue,
                 store,
@@ -157,7 +166,12 @@ impl ServeArgs {
                 allowed.push(host.to_owned());
             }
             let app = mqota_controller::http::guard_hosts(
-                router(state.clone()).merge(dashboard::router(state, fleet.clone())),
+                router(state.clone())
+                    .merge(mqota_controller::http::control_router(
+                        state.store.clone(),
+                        runner,
+                    ))
+                    .merge(dashboard::router(state, fleet.clone())),
                 allowed,
             );
             axum::serve(listener, app)
