@@ -46,7 +46,6 @@ use crate::http::{api_error, listings, AppState};
 use crate::rollout::{
     self, resolve_firmware, Amount, FirmwareError, RolloutError, RolloutOptions, Selection,
 };
-use crate::store::Store;
 
 const PAGE: &str = include_str!("dashboard.html");
 const SCRIPT: &str = include_str!("dashboard.js");
@@ -61,17 +60,15 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'unsafe-inli
 struct Dashboard {
     app: Arc<AppState>,
     fleet: Arc<Fleet>,
-    rollouts: mpsc::UnboundedSender<String>,
+    rollouts: rollout::Runner,
 }
 
 /// The page and its routes, for merging into [`crate::http::router`]'s.
 ///
-/// Starts a thread that runs the rollouts begun through `POST
-/// /api/deployments`; it ends once the router is dropped, leaving any
-/// rollout still going `running` in the store, to be carried on with
-/// `mqota deploy --resume ID`.
-pub fn router(app: Arc<AppState>, fleet: Arc<Fleet>) -> Router {
-    let rollouts = start_runner(fleet.clone(), app.store.clone());
+/// Rollouts begun through `POST /api/deployments` are handed to `rollouts`,
+/// serve's one [`rollout::Runner`] (the same that resumes deployments and
+/// obeys pause/resume/stop), so the page keeps no rollout thread of its own.
+pub fn router(app: Arc<AppState>, fleet: Arc<Fleet>, rollouts: rollout::Runner) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/dashboard.js", get(script))
@@ -84,47 +81,6 @@ pub fn router(app: Arc<AppState>, fleet: Arc<Fleet>) -> Router {
             fleet,
             rollouts,
         })
-}
-
-/// A thread of its own runs the rollouts: [`rollout::run`] reports to a
-/// `&mut dyn Observer`, which makes its future `!Send`, so it runs on a
-/// `LocalSet` rather than on serve's worker threads. The fleet's MQTT task
-/// stays on serve's runtime; commands and events cross over channels.
-fn start_runner(fleet: Arc<Fleet>, store: Arc<Store>) -> mpsc::UnboundedSender<String> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    std::thread::Builder::new()
-        .name("rollouts".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!("cannot start the rollout runner: {e}");
-                    return;
-                }
-            };
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                while let Some(id) = rx.recv().await {
-                    let (fleet, store) = (fleet.clone(), store.clone());
-                    tokio::task::spawn_local(async move {
-                        match rollout::run(&fleet, &store, &id, &mut rollout::Silent).await {
-                            Ok(d) => tracing::info!(
-                                "deployment {id} ended {}",
-                                serde_json::to_value(d.state).unwrap_or_default()
-                            ),
-                            Err(e) => tracing::error!(
-                                "deployment {id} stopped: {e}; carry on with `mqota deploy --resume {id}`"
-                            ),
-                        }
-                    });
-                }
-            });
-        })
-        .expect("a thread can be started");
-    tx
 }
 
 async fn page() -> Response {
@@ -528,7 +484,7 @@ async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes)
         Ok(Err(e)) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
-    if d.rollouts.send(dep.id.clone()).is_err() {
+    if !d.rollouts.run(&dep.id) {
         return api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(

@@ -864,8 +864,12 @@ impl Runner {
     /// runner is already running is run once more after it returns, so a
     /// resume that arrives while a paused rollout finishes its jobs in
     /// flight is not lost.
-    pub fn run(&self, id: &str) {
-        let _ = self.tx.send(id.to_owned());
+    ///
+    /// Returns whether the runner took it: `false` once its thread has
+    /// ended (the deployment stays `running` in the store, for
+    /// `mqota deploy --resume ID`).
+    pub fn run(&self, id: &str) -> bool {
+        self.tx.send(id.to_owned()).is_ok()
     }
 }
 

@@ -169,9 +169,9 @@ impl ServeArgs {
                 router(state.clone())
                     .merge(mqota_controller::http::control_router(
                         state.store.clone(),
-                        runner,
+                        runner.clone(),
                     ))
-                    .merge(dashboard::router(state, fleet.clone())),
+                    .merge(dashboard::router(state, fleet.clone(), runner)),
                 allowed,
             );
             axum::serve(listener, app)
