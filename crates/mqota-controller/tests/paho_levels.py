@@ -68,6 +68,13 @@ class Peer:
 
     def subscribe(self, topic):
         self.client.subscribe(topic, qos=1)
+        if self.subscribed.wait(3.0):
+            return
+        # Known issue, not yet understood: now and then (about 1 run in 6)
+        # the embedded broker leaves a 3.1.1 client's first SUBSCRIBE
+        # unanswered. Ask once more, and say so on stderr.
+        sys.stderr.write(f"MQTT {self.level}: no SUBACK in 3 s for {topic}, subscribing again\n")
+        self.client.subscribe(topic, qos=1)
         if not self.subscribed.wait(DEADLINE):
             fail(f"MQTT {self.level} client got no SUBACK for {topic}")
 
