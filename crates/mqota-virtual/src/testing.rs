@@ -258,9 +258,16 @@ impl Drop for FileServer {
 /// # Panics
 /// If `mosquitto_pub` fails.
 pub async fn publish_to(port: u16, topic: &str, payload: &[u8], retain: bool) {
+    if try_publish_to(port, topic, payload, retain).await {
+        return;
+    }
+    // Known issue, not yet understood: now and then the embedded broker
+    // leaves the first packet after a CONNACK unanswered. Publish once more
+    // (QoS 1 allows a duplicate) and say so.
+    eprintln!("mosquitto_pub to {topic} failed; publishing once more");
     assert!(
         try_publish_to(port, topic, payload, retain).await,
-        "mosquitto_pub to {topic} failed"
+        "mosquitto_pub to {topic} failed twice"
     );
 }
 
