@@ -86,7 +86,9 @@ pub struct Config {
 const TRUSTED: ([KeyDigest; MAX_BLOCKS], usize) =
     match parse_key_list(env_or!("MQOTA_TRUSTED_KEYS", "")) {
         Some(keys) => keys,
-        None => panic!("MQOTA_TRUSTED_KEYS must be up to 3 comma-separated 64-hex-digit key digests"),
+        None => {
+            panic!("MQOTA_TRUSTED_KEYS must be up to 3 comma-separated 64-hex-digit key digests")
+        }
     };
 
 const BROKER: BrokerUrl<'static> = broker(env_or!("MQOTA_BROKER_URL", "mqtt://broker:1883"));
