@@ -39,7 +39,7 @@ use mqota_core::protocol::{
 };
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
@@ -183,16 +183,7 @@ impl Fleet {
         prefix: &str,
         client_id: &str,
     ) -> Result<Self, FleetError> {
-        let mut o = MqttOptions::new(client_id, url.host.clone(), url.port);
-        o.set_keep_alive(Duration::from_secs(30));
-        o.set_clean_start(true);
-        // rumqttc's default caps incoming packets at 10 KiB; statuses are
-        // smaller, but a generous cap avoids dropping the link over one odd
-        // retained message under the same prefix.
-        o.set_max_packet_size(Some(1024 * 1024));
-        if let Some(u) = &url.username {
-            o.set_credentials(u.clone(), url.password.clone().unwrap_or_default());
-        }
+        let o = url.mqtt_options(client_id);
         // Big enough that a rollout to thousands of devices queues its
         // commands without waiting on the event loop.
         let (client, mut ev) = AsyncClient::new(o, 4096);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use mqota_core::protocol::{LogRecord, LogsChunk, LogsGet, Topics};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event};
 use tokio::sync::mpsc;
 
 use crate::url::BrokerUrl;
@@ -82,13 +82,7 @@ impl LogReader {
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
         let client_id = format!("mqota-logs-{}-{nonce:x}", std::process::id());
-        let mut o = MqttOptions::new(client_id, url.host.clone(), url.port);
-        o.set_keep_alive(Duration::from_secs(30));
-        o.set_clean_start(true);
-        o.set_max_packet_size(Some(1024 * 1024));
-        if let Some(u) = &url.username {
-            o.set_credentials(u.clone(), url.password.clone().unwrap_or_default());
-        }
+        let o = url.mqtt_options(client_id);
         let (client, mut ev) = AsyncClient::new(o, 64);
         let (tx, chunks) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();

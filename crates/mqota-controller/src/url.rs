@@ -43,6 +43,23 @@ pub enum BrokerUrlError {
     Port(String),
 }
 
+impl BrokerUrl {
+    /// The controller's MQTT 5 session options for this broker: keep-alive
+    /// 30 s, a clean start, the URL's login, and incoming packets up to
+    /// 1 MiB (rumqttc's default cap of 10 KiB would drop the link over one
+    /// odd retained message under the same prefix).
+    pub fn mqtt_options(&self, client_id: impl Into<String>) -> rumqttc::v5::MqttOptions {
+        let mut o = rumqttc::v5::MqttOptions::new(client_id, self.host.clone(), self.port);
+        o.set_keep_alive(std::time::Duration::from_secs(30));
+        o.set_clean_start(true);
+        o.set_max_packet_size(Some(1024 * 1024));
+        if let Some(u) = &self.username {
+            o.set_credentials(u.clone(), self.password.clone().unwrap_or_default());
+        }
+        o
+    }
+}
+
 impl FromStr for BrokerUrl {
     type Err = BrokerUrlError;
 
