@@ -44,12 +44,39 @@
 //! connection (a copy through a socket pair on this machine; negligible next
 //! to the network the devices are on) and one more thread.
 //!
-//! rumqttd has no per-topic access control. The front door is where it will
-//! go: it already sees every CONNECT before rumqttd does (client id, user
-//! name) and could read the packets that follow. Two things to know for that
-//! work: rumqttd sees every client as coming from 127.0.0.1, and the inner
-//! listeners are reachable by anyone on this machine, so the ACL work must
-//! also keep local users from bypassing the front door.
+//! # Logins and topics
+//!
+//! rumqttd has no per-topic access control, so the front door does it. With
+//! [`Access::Login`], the door reads the whole CONNECT (with rumqttd's own
+//! parser, so the door and the broker can never read one packet two ways)
+//! and checks the user name and password against the store's identities
+//! ([`crate::access`]) before a single byte reaches rumqttd:
+//!
+//! | CONNECT | 3.1.1 CONNACK | 5 CONNACK |
+//! |---|---|---|
+//! | no user name | 5 not authorized | 0x87 not authorized |
+//! | unknown user name, wrong password | 4 bad user name or password | 0x86 bad user name or password |
+//! | a device whose client id is not its device id | 2 identifier rejected | 0x85 client identifier not valid |
+//! | a will on a topic the client may not publish on | 5 not authorized | 0x87 not authorized |
+//!
+//! A device's id is its user name and must also be its client id: rumqttd
+//! keeps sessions by client id, and a device connecting under another's
+//! client id would otherwise take over that session and its subscriptions.
+//! After the CONNECT, the door reads every packet a device sends and checks
+//! each PUBLISH (topic aliases of MQTT 5 followed) and SUBSCRIBE against
+//! [`Acl`]: one outside it, or anything that does not parse, ends the
+//! connection (MQTT 5 clients first get a DISCONNECT with reason 0x87, "not
+//! authorized", sent between two of the broker's packets), and rumqttd sees
+//! an abrupt drop, so the device's will says it is offline. Packets of the
+//! controller are spliced unread, as are all packets when the door is
+//! [`Access::Open`] (anonymous clients may then do anything: `serve` says so
+//! when it starts).
+//!
+//! Still open: rumqttd's two inner listeners are on loopback ports that any
+//! local user of this machine can connect to directly, past the door. On a
+//! machine shared with people who should not control the fleet, use
+//! Mosquitto (`mqota broker mosquitto-conf`) instead of the embedded broker.
+//! rumqttd also sees every client as coming from 127.0.0.1.
 //!
 //! Two other rumqttd limits shape this module: it binds its listeners on its
 //! own threads and only logs a bind failure, so [`EmbeddedBroker::start`]
@@ -59,10 +86,16 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+use rumqttd::protocol::{Packet, Protocol as _};
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::access::{verify_password, Acl, Client, Role};
+use crate::store::Store;
 
 /// How long a client has to send the start of its CONNECT (the same bound
 /// rumqttd puts on the whole CONNECT).
@@ -72,10 +105,44 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// clients read the same bytes the same way.
 const CONNACK_UNACCEPTABLE_PROTOCOL: [u8; 4] = [0x20, 0x02, 0x00, 0x01];
 
+/// The largest payload rumqttd takes (its `max_payload_size`); the door
+/// refuses a client packet whose remaining length is above this plus room for
+/// the headers, as rumqttd would.
+const MAX_PAYLOAD: usize = 64 * 1024;
+
+/// The largest client packet the door reads: [`MAX_PAYLOAD`] plus room for
+/// a topic and properties.
+const MAX_CLIENT_PACKET: usize = MAX_PAYLOAD + 4 * 1024;
+
+/// The largest broker packet the door relays to a device (rumqttd's own
+/// bound is [`MAX_PAYLOAD`]; this only stops a runaway buffer).
+const MAX_BROKER_PACKET: usize = 16 * 1024 * 1024;
+
+/// MQTT 5 DISCONNECT, reason 0x87 "not authorized", no properties.
+const DISCONNECT_NOT_AUTHORIZED: [u8; 4] = [0xe0, 0x02, 0x87, 0x00];
+
+/// Who may connect and what they may do.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// Anyone may connect, with or without a login, and publish and
+    /// subscribe anywhere: the door is open.
+    Open,
+    /// A user name and password of one of `store`'s identities is needed;
+    /// devices are held to `acl`.
+    Login {
+        /// Where the identities are (read at each CONNECT, so `mqota device
+        /// add` and `remove` take effect at a device's next connection).
+        store: Arc<Store>,
+        /// The topic rules.
+        acl: Acl,
+    },
+}
+
 /// A running embedded broker.
 #[derive(Debug)]
 pub struct EmbeddedBroker {
     addr: SocketAddr,
+    open: bool,
 }
 
 /// Why the embedded broker did not start.
@@ -98,9 +165,17 @@ pub enum BrokerError {
 }
 
 impl EmbeddedBroker {
-    /// Starts the broker on `addr`; port 0 picks a free port. Returns once
-    /// MQTT 3.1.1 and MQTT 5 clients can connect there.
+    /// Starts the broker on `addr` with the door open ([`Access::Open`]);
+    /// port 0 picks a free port. Returns once MQTT 3.1.1 and MQTT 5 clients
+    /// can connect there.
     pub fn start(addr: SocketAddr) -> Result<Self, BrokerError> {
+        Self::start_with(addr, Access::Open)
+    }
+
+    /// Starts the broker on `addr` with `access`; port 0 picks a free port.
+    /// Returns once MQTT 3.1.1 and MQTT 5 clients can connect there.
+    pub fn start_with(addr: SocketAddr, access: Access) -> Result<Self, BrokerError> {
+        let open = matches!(access, Access::Open);
         let bind_err = |source| BrokerError::Bind { addr, source };
         let front = TcpListener::bind(addr).map_err(bind_err)?;
         let public = front.local_addr().map_err(bind_err)?;
@@ -138,11 +213,16 @@ impl EmbeddedBroker {
             .map_err(bind_err)?;
         std::thread::Builder::new()
             .name("mqota-broker-front".into())
-            .spawn(move || runtime.block_on(front_door(front, Inner { v4, v5 })))
+            .spawn(move || runtime.block_on(front_door(front, Inner { v4, v5 }, access)))
             .map_err(bind_err)?;
         // The public socket is bound and listening already: connections
         // made from here on wait in its backlog until the front door runs.
-        Ok(Self { addr: public })
+        Ok(Self { addr: public, open })
+    }
+
+    /// Whether anonymous clients get in and may do anything.
+    pub fn is_open(&self) -> bool {
+        self.open
     }
 
     /// Where the broker listens.
@@ -172,7 +252,7 @@ struct Inner {
     v5: SocketAddr,
 }
 
-async fn front_door(listener: TcpListener, inner: Inner) {
+async fn front_door(listener: TcpListener, inner: Inner, access: Access) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -183,7 +263,7 @@ async fn front_door(listener: TcpListener, inner: Inner) {
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
-                tokio::spawn(serve_client(client, peer, inner));
+                tokio::spawn(serve_client(client, peer, inner, access.clone()));
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait, do not spin.
@@ -194,7 +274,12 @@ async fn front_door(listener: TcpListener, inner: Inner) {
     }
 }
 
-async fn serve_client(mut client: tokio::net::TcpStream, peer: SocketAddr, inner: Inner) {
+async fn serve_client(
+    mut client: tokio::net::TcpStream,
+    peer: SocketAddr,
+    inner: Inner,
+    access: Access,
+) {
     let mut head = Vec::with_capacity(64);
     let verdict = match tokio::time::timeout(CONNECT_TIMEOUT, read_head(&mut client, &mut head))
         .await
@@ -207,9 +292,9 @@ async fn serve_client(mut client: tokio::net::TcpStream, peer: SocketAddr, inner
             return;
         }
     };
-    let target = match verdict {
-        Verdict::V311 => inner.v4,
-        Verdict::V5 => inner.v5,
+    let (target, level) = match verdict {
+        Verdict::V311 => (inner.v4, Level::V311),
+        Verdict::V5 => (inner.v5, Level::V5),
         Verdict::Unsupported(level) => {
             tracing::info!(
                 "mqtt client {peer}: protocol level {level} refused (this broker serves 3.1.1 and 5)"
@@ -224,6 +309,45 @@ async fn serve_client(mut client: tokio::net::TcpStream, peer: SocketAddr, inner
         }
         Verdict::NeedMore => unreachable!("read_head returns a decision"),
     };
+    let who = match &access {
+        Access::Open => Client::Anonymous,
+        Access::Login { store, acl } => {
+            let connect = match tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                read_frame(&mut client, &mut head, MAX_CLIENT_PACKET),
+            )
+            .await
+            {
+                Ok(Ok(Some(n))) => n,
+                Ok(Ok(None)) | Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::debug!(
+                        "mqtt client {peer}: CONNECT incomplete after {CONNECT_TIMEOUT:?}, closed"
+                    );
+                    return;
+                }
+            };
+            let frame = head[..connect].to_vec();
+            let (store, acl) = (store.clone(), acl.clone());
+            // SQLite and PBKDF2 off the door's one thread.
+            let checked =
+                tokio::task::spawn_blocking(move || check_connect(&frame, level, &store, &acl))
+                    .await;
+            match checked {
+                Ok(Ok(who)) => who,
+                Ok(Err(refusal)) => {
+                    tracing::info!("mqtt client {peer}: refused: {}", refusal.why);
+                    let _ = client.write_all(refusal.code.connack(level)).await;
+                    let _ = client.shutdown().await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!("embedded broker: checking a CONNECT failed: {e}");
+                    return;
+                }
+            }
+        }
+    };
     let mut upstream = match tokio::net::TcpStream::connect(target).await {
         Ok(s) => s,
         Err(e) => {
@@ -233,10 +357,372 @@ async fn serve_client(mut client: tokio::net::TcpStream, peer: SocketAddr, inner
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    if upstream.write_all(&head).await.is_err() {
-        return;
+    match (who, access) {
+        (Client::Device(id), Access::Login { acl, .. }) => {
+            // The CONNECT goes up as it came; whatever followed it is read
+            // packet by packet like the rest.
+            let connect = frame_len(&head)
+                .ok()
+                .flatten()
+                .expect("the CONNECT was read whole");
+            if upstream.write_all(&head[..connect]).await.is_err() {
+                return;
+            }
+            let guard = Guard {
+                level,
+                acl,
+                who: Client::Device(id),
+                aliases: HashMap::new(),
+            };
+            let mut from_client = Framer::new(MAX_CLIENT_PACKET);
+            from_client.buf.extend_from_slice(&head[connect..]);
+            guarded(client, upstream, from_client, guard, peer).await;
+        }
+        _ => {
+            if upstream.write_all(&head).await.is_err() {
+                return;
+            }
+            splice(client, upstream).await;
+        }
     }
-    splice(client, upstream).await;
+}
+
+/// The protocol level of a connection that got past [`classify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
+    V311,
+    V5,
+}
+
+/// Why a CONNECT was refused, as a CONNACK code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RefusalCode {
+    /// No login where one is needed, or a will outside the ACL.
+    NotAuthorized,
+    /// Unknown user or wrong password.
+    BadLogin,
+    /// A device connecting under a client id that is not its own.
+    BadClientId,
+}
+
+impl RefusalCode {
+    fn connack(self, level: Level) -> &'static [u8] {
+        match (level, self) {
+            (Level::V311, RefusalCode::NotAuthorized) => &[0x20, 0x02, 0x00, 0x05],
+            (Level::V311, RefusalCode::BadLogin) => &[0x20, 0x02, 0x00, 0x04],
+            (Level::V311, RefusalCode::BadClientId) => &[0x20, 0x02, 0x00, 0x02],
+            // Flags, reason code, no properties.
+            (Level::V5, RefusalCode::NotAuthorized) => &[0x20, 0x03, 0x00, 0x87, 0x00],
+            (Level::V5, RefusalCode::BadLogin) => &[0x20, 0x03, 0x00, 0x86, 0x00],
+            (Level::V5, RefusalCode::BadClientId) => &[0x20, 0x03, 0x00, 0x85, 0x00],
+        }
+    }
+}
+
+/// A refused CONNECT: the code sent and the reason logged (never the
+/// password).
+#[derive(Debug)]
+struct Refusal {
+    code: RefusalCode,
+    why: String,
+}
+
+fn refuse(code: RefusalCode, why: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        why: why.into(),
+    }
+}
+
+/// Checks one whole CONNECT packet against the store's identities and the
+/// ACL; returns who the client is.
+fn check_connect(frame: &[u8], level: Level, store: &Store, acl: &Acl) -> Result<Client, Refusal> {
+    let mut buf = BytesMut::from(frame);
+    let packet = match level {
+        Level::V311 => rumqttd::protocol::v4::V4.read_mut(&mut buf, MAX_CLIENT_PACKET),
+        Level::V5 => rumqttd::protocol::v5::V5.read_mut(&mut buf, MAX_CLIENT_PACKET),
+    };
+    let Ok(Packet::Connect(connect, _, will, _, login)) = packet else {
+        return Err(refuse(RefusalCode::NotAuthorized, "malformed CONNECT"));
+    };
+    let Some(login) = login else {
+        return Err(refuse(
+            RefusalCode::NotAuthorized,
+            "no user name (anonymous clients are not let in)",
+        ));
+    };
+    let identity = match store.identity(&login.username) {
+        Ok(Some(i)) => i,
+        Ok(None) => {
+            return Err(refuse(
+                RefusalCode::BadLogin,
+                format!("unknown user {:?}", login.username),
+            ))
+        }
+        Err(e) => {
+            tracing::error!("embedded broker: reading identities: {e}");
+            return Err(refuse(RefusalCode::BadLogin, "the store could not be read"));
+        }
+    };
+    if !verify_password(&identity.hash, login.password.as_bytes()) {
+        return Err(refuse(
+            RefusalCode::BadLogin,
+            format!("wrong password for {:?}", login.username),
+        ));
+    }
+    let who = match identity.role {
+        Role::Controller => Client::Controller,
+        Role::Device => {
+            if connect.client_id != identity.name {
+                return Err(refuse(
+                    RefusalCode::BadClientId,
+                    format!(
+                        "device {:?} connected with client id {:?}",
+                        identity.name, connect.client_id
+                    ),
+                ));
+            }
+            Client::Device(identity.name)
+        }
+    };
+    if let Some(will) = will {
+        let topic = std::str::from_utf8(&will.topic).unwrap_or("");
+        if !acl.may_publish(&who, topic) {
+            return Err(refuse(
+                RefusalCode::NotAuthorized,
+                format!("{who:?} may not have a will on {topic:?}"),
+            ));
+        }
+    }
+    Ok(who)
+}
+
+/// The ACL state of one device's connection.
+struct Guard {
+    level: Level,
+    acl: Acl,
+    who: Client,
+    /// MQTT 5 topic aliases the client set: a later PUBLISH may name only
+    /// the alias, and is checked against the topic it stands for.
+    aliases: HashMap<u16, String>,
+}
+
+impl Guard {
+    /// Whether the client's `frame` (one whole packet) may go on to the
+    /// broker; `Err` says why not.
+    fn check(&mut self, frame: &[u8]) -> Result<(), String> {
+        // PUBLISH, SUBSCRIBE and a (second, forbidden) CONNECT are read;
+        // acknowledgements, pings, UNSUBSCRIBE and DISCONNECT carry nothing
+        // the ACL is about.
+        if !matches!(frame.first().map(|b| b >> 4), Some(1 | 3 | 8)) {
+            return Ok(());
+        }
+        let mut buf = BytesMut::from(frame);
+        let packet = match self.level {
+            Level::V311 => rumqttd::protocol::v4::V4.read_mut(&mut buf, MAX_CLIENT_PACKET),
+            Level::V5 => rumqttd::protocol::v5::V5.read_mut(&mut buf, MAX_CLIENT_PACKET),
+        }
+        .map_err(|e| format!("malformed packet ({e:?})"))?;
+        match packet {
+            Packet::Publish(publish, properties) => {
+                let alias = properties.and_then(|p| p.topic_alias);
+                let topic = if publish.topic.is_empty() {
+                    alias
+                        .and_then(|a| self.aliases.get(&a).cloned())
+                        .ok_or("PUBLISH without a topic or a known topic alias")?
+                } else {
+                    std::str::from_utf8(&publish.topic)
+                        .map_err(|_| "PUBLISH topic is not UTF-8")?
+                        .to_owned()
+                };
+                if !self.acl.may_publish(&self.who, &topic) {
+                    return Err(format!("PUBLISH on {topic:?} is not allowed"));
+                }
+                if let Some(a) = alias {
+                    self.aliases.insert(a, topic);
+                }
+                Ok(())
+            }
+            Packet::Subscribe(subscribe, _) => {
+                for f in &subscribe.filters {
+                    if !self.acl.may_subscribe(&self.who, &f.path) {
+                        return Err(format!("SUBSCRIBE to {:?} is not allowed", f.path));
+                    }
+                }
+                Ok(())
+            }
+            Packet::Connect(..) => Err("a second CONNECT".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Reads whole packets from a stream; what was read past a packet's end
+/// stays in `buf` for the next call, so a call may be cancelled and made
+/// again without losing bytes.
+struct Framer {
+    buf: BytesMut,
+    max: usize,
+}
+
+impl Framer {
+    fn new(max: usize) -> Self {
+        Self {
+            buf: BytesMut::with_capacity(1024),
+            max,
+        }
+    }
+
+    /// The next whole packet; `None` at the end of the stream.
+    async fn next<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> std::io::Result<Option<BytesMut>> {
+        loop {
+            match frame_len(&self.buf) {
+                Err(why) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why)),
+                Ok(Some(n)) if n > self.max + 5 => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "packet too large",
+                    ))
+                }
+                Ok(Some(n)) if self.buf.len() >= n => return Ok(Some(self.buf.split_to(n))),
+                _ => {}
+            }
+            if r.read_buf(&mut self.buf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Reads until `head` holds the whole first packet; returns its length.
+async fn read_frame(
+    client: &mut tokio::net::TcpStream,
+    head: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<usize>> {
+    let mut buf = [0u8; 1024];
+    loop {
+        match frame_len(head) {
+            Err(_) => return Ok(None),
+            Ok(Some(n)) if n > max + 5 => return Ok(None),
+            Ok(Some(n)) if head.len() >= n => return Ok(Some(n)),
+            _ => {}
+        }
+        let n = client.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The length of the packet at the start of `buf` (fixed header included)
+/// once its fixed header is complete.
+fn frame_len(buf: &[u8]) -> Result<Option<usize>, &'static str> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut remaining: usize = 0;
+    for i in 1..5 {
+        let Some(&b) = buf.get(i) else {
+            return Ok(None);
+        };
+        remaining |= usize::from(b & 0x7f) << (7 * (i - 1));
+        if b & 0x80 == 0 {
+            return Ok(Some(1 + i + remaining));
+        }
+    }
+    Err("malformed remaining length")
+}
+
+/// Relays a device's connection packet by packet: each packet from the
+/// device is checked by `guard` before it goes up; one that fails ends the
+/// connection (MQTT 5: with a DISCONNECT 0x87 sent between two of the
+/// broker's packets). Returning drops (closes) both.
+async fn guarded(
+    client: tokio::net::TcpStream,
+    upstream: tokio::net::TcpStream,
+    mut from_client: Framer,
+    mut guard: Guard,
+    peer: SocketAddr,
+) {
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut upstream_rx, mut upstream_tx) = upstream.into_split();
+    let level = guard.level;
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+
+    let up = async {
+        loop {
+            match from_client.next(&mut client_rx).await {
+                Ok(Some(packet)) => match guard.check(&packet) {
+                    Ok(()) => {
+                        if upstream_tx.write_all(&packet).await.is_err() {
+                            return UpEnd::Failed;
+                        }
+                    }
+                    Err(why) => {
+                        tracing::warn!("mqtt client {peer} ({:?}): {why}; disconnected", guard.who);
+                        return UpEnd::Refused;
+                    }
+                },
+                Ok(None) => {
+                    let _ = upstream_tx.shutdown().await;
+                    return UpEnd::Closed;
+                }
+                Err(_) => return UpEnd::Failed,
+            }
+        }
+    };
+    let down = async {
+        let mut from_broker = Framer::new(MAX_BROKER_PACKET);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut stop_rx => {
+                    if level == Level::V5 {
+                        let _ = client_tx.write_all(&DISCONNECT_NOT_AUTHORIZED).await;
+                    }
+                    let _ = client_tx.shutdown().await;
+                    return;
+                }
+                packet = from_broker.next(&mut upstream_rx) => match packet {
+                    Ok(Some(p)) => {
+                        if client_tx.write_all(&p).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ => return,
+                },
+            }
+        }
+    };
+    tokio::pin!(up, down);
+    tokio::select! {
+        _ = &mut down => {}
+        end = &mut up => match end {
+            // The broker gets a moment to finish, as in `splice`.
+            UpEnd::Closed => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut down).await;
+            }
+            // The broker's packets stop at a packet boundary, then the
+            // client hears why.
+            UpEnd::Refused => {
+                let _ = stop_tx.send(());
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut down).await;
+            }
+            UpEnd::Failed => {}
+        },
+    }
+}
+
+/// How the client-to-broker half of [`guarded`] ended.
+enum UpEnd {
+    /// The client closed its side after whole packets.
+    Closed,
+    /// A packet outside the ACL (or malformed).
+    Refused,
+    /// A read or write failed.
+    Failed,
 }
 
 /// Copies both ways until one side is done; returning drops (closes) both.
@@ -358,7 +844,7 @@ fn config(v4: SocketAddr, v5: SocketAddr) -> Config {
         connection_timeout_ms: 10_000,
         // Commands are at most 1 KiB and statuses smaller; this only bounds
         // what a misbehaving client can make the broker buffer.
-        max_payload_size: 64 * 1024,
+        max_payload_size: MAX_PAYLOAD,
         max_inflight_count: 256,
         auth: None,
         external_auth: None,
@@ -396,7 +882,97 @@ fn config(v4: SocketAddr, v5: SocketAddr) -> Config {
 
 #[cfg(test)]
 mod tests {
-    use super::{classify, Verdict};
+    use super::{classify, frame_len, Guard, Level, Verdict};
+    use crate::access::{Acl, Client};
+
+    fn guard(level: Level) -> Guard {
+        Guard {
+            level,
+            acl: Acl::new("device"),
+            who: Client::Device("dev-1".into()),
+            aliases: Default::default(),
+        }
+    }
+
+    /// An MQTT 5 QoS 1 PUBLISH, with a topic alias property if given.
+    fn publish_v5(topic: &str, alias: Option<u16>) -> Vec<u8> {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&[0, 1]);
+        let props: Vec<u8> = alias.map_or(vec![], |a| {
+            let [hi, lo] = a.to_be_bytes();
+            vec![0x23, hi, lo]
+        });
+        body.push(props.len() as u8);
+        body.extend_from_slice(&props);
+        body.extend_from_slice(b"{}");
+        let mut v = vec![0x32, body.len() as u8];
+        v.extend_from_slice(&body);
+        v
+    }
+
+    /// An MQTT 3.1.1 SUBSCRIBE of one filter at QoS 1.
+    fn subscribe_v4(filter: &str) -> Vec<u8> {
+        let mut body = vec![0, 1];
+        body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+        body.extend_from_slice(filter.as_bytes());
+        body.push(1);
+        let mut v = vec![0x82, body.len() as u8];
+        v.extend_from_slice(&body);
+        v
+    }
+
+    #[test]
+    fn a_device_publishes_on_its_own_topics_only_and_aliases_are_followed() {
+        let mut g = guard(Level::V5);
+        assert_eq!(g.check(&publish_v5("device/dev-1/status", None)), Ok(()));
+        assert!(g.check(&publish_v5("device/dev-2/status", None)).is_err());
+        assert!(g
+            .check(&publish_v5("device/dev-1/ota/start", None))
+            .is_err());
+        // An alias stands for the topic it was set with.
+        assert_eq!(
+            g.check(&publish_v5("device/dev-1/progress", Some(3))),
+            Ok(())
+        );
+        assert_eq!(g.check(&publish_v5("", Some(3))), Ok(()));
+        assert!(g.check(&publish_v5("", Some(4))).is_err(), "unknown alias");
+        assert!(g.check(&publish_v5("", None)).is_err(), "no topic at all");
+        // Moving an alias to a forbidden topic is itself refused.
+        assert!(g
+            .check(&publish_v5("device/dev-2/status", Some(3)))
+            .is_err());
+    }
+
+    #[test]
+    fn a_device_subscribes_to_its_commands_only_and_a_second_connect_is_refused() {
+        let mut g = guard(Level::V311);
+        assert_eq!(g.check(&subscribe_v4("device/dev-1/ota/cancel")), Ok(()));
+        assert_eq!(g.check(&subscribe_v4("device/ota/start")), Ok(()));
+        for f in ["device/dev-2/ota/cancel", "device/+/ota/cancel", "#"] {
+            let e = g.check(&subscribe_v4(f)).unwrap_err();
+            assert!(e.contains("not allowed"), "{f}: {e}");
+        }
+        // PINGREQ and PUBACK pass unread; a CONNECT and garbage do not.
+        assert_eq!(g.check(&[0xc0, 0x00]), Ok(()));
+        assert_eq!(g.check(&[0x40, 0x02, 0x00, 0x01]), Ok(()));
+        let connect = [0x10, 0x0c, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 30, 0, 0];
+        assert!(g.check(&connect).is_err());
+        assert!(
+            g.check(&[0x82, 0x02, 0x00, 0x01]).is_err(),
+            "SUBSCRIBE without filters"
+        );
+    }
+
+    #[test]
+    fn frame_lengths_are_read_from_the_fixed_header() {
+        assert_eq!(frame_len(&[]), Ok(None));
+        assert_eq!(frame_len(&[0xc0]), Ok(None));
+        assert_eq!(frame_len(&[0xc0, 0x00]), Ok(Some(2)));
+        assert_eq!(frame_len(&[0x30, 0x80]), Ok(None));
+        assert_eq!(frame_len(&[0x30, 0x80, 0x01]), Ok(Some(3 + 128)));
+        assert!(frame_len(&[0x30, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
 
     /// A CONNECT start: fixed header with `remaining`, then name and level.
     fn connect(remaining: u8, name: &[u8], level: u8) -> Vec<u8> {

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod broker;
 pub mod catalogue;
 pub mod dashboard;

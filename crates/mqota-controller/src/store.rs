@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use crate::access::{Identity, Role};
 use crate::catalogue::FirmwareEntry;
 use crate::unix_now;
 
@@ -58,6 +59,10 @@ pub enum StoreError {
         /// The newest this build knows.
         known: i64,
     },
+    /// `mqota device add` for a name that already has a login: remove it
+    /// first (`mqota device remove`) to give it a new password.
+    #[error("{0:?} already has MQTT credentials")]
+    IdentityExists(String),
     /// An operator command (pause, resume, stop) that the deployment's state
     /// does not allow, e.g. pausing a finished one: nothing was changed.
     #[error("deployment {id} is {state}: cannot {action} it")]
@@ -242,6 +247,7 @@ macro_rules! sql_enum {
 }
 sql_enum!(DeploymentState, "deployment");
 sql_enum!(DeviceState, "device");
+sql_enum!(Role, "identity role");
 
 /// One device in a deployment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -330,6 +336,7 @@ impl std::fmt::Debug for Store {
 /// |---|---|
 /// | 1 | the tables (databases from before versioning are at 0 and already have them: every statement is `IF NOT EXISTS`) |
 /// | 2 | `deployments.runner` (who runs it, for `serve` to resume its own); the rollback mark moves from `error = 'rollback sent'` to the state `rollback_sent` |
+/// | 3 | `mqtt_identities`: MQTT user name, role (`device`, `controller`), password hash |
 const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE IF NOT EXISTS firmware (
@@ -355,6 +362,10 @@ CREATE TABLE IF NOT EXISTS deployment_devices (
 ALTER TABLE deployments ADD COLUMN runner TEXT;
 UPDATE deployment_devices SET state = 'rollback_sent', error = NULL
     WHERE state = 'done' AND error = 'rollback sent';
+",
+    "
+CREATE TABLE mqtt_identities (
+    name TEXT PRIMARY KEY, role TEXT NOT NULL, hash TEXT NOT NULL, created_at INTEGER NOT NULL);
 ",
 ];
 
@@ -699,6 +710,45 @@ impl Store {
         })
     }
 
+    /// Adds an MQTT identity; refuses a name that has one.
+    pub fn add_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        let c = self.conn.lock().unwrap();
+        let n = c.execute(
+            "INSERT OR IGNORE INTO mqtt_identities (name, role, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![identity.name, identity.role, identity.hash, identity.created_at],
+        )?;
+        if n == 0 {
+            return Err(StoreError::IdentityExists(identity.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Removes an MQTT identity; `false` when there was none.
+    pub fn remove_identity(&self, name: &str) -> Result<bool, StoreError> {
+        let c = self.conn.lock().unwrap();
+        Ok(c.execute("DELETE FROM mqtt_identities WHERE name = ?1", [name])? > 0)
+    }
+
+    /// The MQTT identity named `name`, if there is one.
+    pub fn identity(&self, name: &str) -> Result<Option<Identity>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        Ok(c.query_row(
+            "SELECT name, role, hash, created_at FROM mqtt_identities WHERE name = ?1",
+            [name],
+            row_to_identity,
+        )
+        .optional()?)
+    }
+
+    /// Every MQTT identity, by name.
+    pub fn identities(&self) -> Result<Vec<Identity>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st =
+            c.prepare("SELECT name, role, hash, created_at FROM mqtt_identities ORDER BY name")?;
+        let rows = st.query_map([], row_to_identity)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn operator(
         &self,
         id: &str,
@@ -749,6 +799,15 @@ impl Store {
         }
         self.deployment(id)
     }
+}
+
+fn row_to_identity(r: &rusqlite::Row<'_>) -> rusqlite::Result<Identity> {
+    Ok(Identity {
+        name: r.get(0)?,
+        role: r.get(1)?,
+        hash: r.get(2)?,
+        created_at: r.get(3)?,
+    })
 }
 
 fn row_to_deployment(r: &rusqlite::Row<'_>) -> rusqlite::Result<Deployment> {
@@ -1017,5 +1076,34 @@ mod tests {
         let err = s.stop("d-2").unwrap_err().to_string();
         assert!(err.contains("stopping for failures"), "{err}");
         assert!(s.pause("d-2").is_err());
+    }
+
+    #[test]
+    fn identities_are_kept_by_name_once_and_an_unknown_role_fails_loudly() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let id = Identity {
+            name: "dev-1".into(),
+            role: Role::Device,
+            hash: "$7$101$x$y".into(),
+            created_at: 1,
+        };
+        s.add_identity(&id).unwrap();
+        let again = s.add_identity(&id).unwrap_err().to_string();
+        assert!(again.contains("already has MQTT credentials"), "{again}");
+        assert_eq!(s.identity("dev-1").unwrap(), Some(id.clone()));
+        assert_eq!(s.identities().unwrap(), vec![id]);
+        s.conn
+            .lock()
+            .unwrap()
+            .execute("UPDATE mqtt_identities SET role = 'admin'", [])
+            .unwrap();
+        let err = s.identity("dev-1").unwrap_err().to_string();
+        assert!(
+            err.contains("unknown identity role state \"admin\""),
+            "{err}"
+        );
+        assert!(s.remove_identity("dev-1").unwrap());
+        assert!(!s.remove_identity("dev-1").unwrap());
     }
 }
