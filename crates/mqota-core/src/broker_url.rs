@@ -16,7 +16,8 @@ pub const DEFAULT_MQTT_PORT: u16 = 1883;
 /// parsed once, at build time, by [`parse_broker_url`] in a `const`.
 /// Credentials are taken literally (no percent-decoding): the password runs
 /// from the first `:` to the last `@`, so it may hold both characters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `Debug` shows whether there is a password, never the password.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct BrokerUrl<'a> {
     /// Host name or IP address (IPv6 without its brackets).
     pub host: &'a str,
@@ -26,6 +27,17 @@ pub struct BrokerUrl<'a> {
     pub username: Option<&'a str>,
     /// Password, if the URL has one.
     pub password: Option<&'a str>,
+}
+
+impl core::fmt::Debug for BrokerUrl<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BrokerUrl")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &self.password.map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Why a broker URL was refused. Fix the URL; nothing else helps.
@@ -185,6 +197,15 @@ const fn text(bytes: &[u8]) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        extern crate std;
+        let u = parse_broker_url("mqtt://dev-1:hunter2@broker.lan").unwrap();
+        let text = std::format!("{u:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("dev-1"), "{text}");
+    }
 
     #[test]
     fn credentials_host_and_port_are_split() {

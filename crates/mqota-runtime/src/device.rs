@@ -82,7 +82,9 @@ pub const PROGRESS_QUEUE: usize = 8;
 ///
 /// The one place those defaults live: the firmware and the virtual device
 /// start from [`DeviceConfig::new`] and override only what they were given.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Its `Debug` output shows whether a password is set, never the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct DeviceConfig<'a> {
     /// Broker host name or address.
     pub broker_host: &'a str,
@@ -134,6 +136,26 @@ impl<'a> DeviceConfig<'a> {
             progress_copy: true,
             trust: TrustPolicy::none(),
         }
+    }
+}
+
+impl core::fmt::Debug for DeviceConfig<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DeviceConfig")
+            .field("broker_host", &self.broker_host)
+            .field("broker_port", &self.broker_port)
+            .field("username", &self.username)
+            .field("password", &self.password.map(|_| "<redacted>"))
+            .field("prefix", &self.prefix)
+            .field("health_timeout", &self.health_timeout)
+            .field("update_timeout", &self.update_timeout)
+            .field("stall_timeout", &self.stall_timeout)
+            .field("progress_interval", &self.progress_interval)
+            .field("keep_alive_secs", &self.keep_alive_secs)
+            .field("seed", &self.seed)
+            .field("progress_copy", &self.progress_copy)
+            .field("trust", &self.trust)
+            .finish()
     }
 }
 
@@ -984,6 +1006,22 @@ fn during_download(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_shows_the_user_name_but_never_the_password() {
+        extern crate std;
+        let mut c = DeviceConfig::new("broker.lan", 1883);
+        c.username = Some("dev-1");
+        c.password = Some(b"s3cret-pw");
+        let device = std::format!("{c:?}");
+        let mut m = MqttConfig::new("broker.lan", 1883, "dev-1", "t", b"offline");
+        m.password = c.password;
+        let mqtt = std::format!("{m:?}");
+        for text in [device, mqtt] {
+            assert!(!text.contains("s3cret"), "{text}");
+            assert!(text.contains("<redacted>"), "{text}");
+        }
+    }
 
     fn message(topic: &str, payload: &[u8], retain: bool) -> Message {
         Message {

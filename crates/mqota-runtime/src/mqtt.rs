@@ -199,7 +199,8 @@ pub enum MqttError {
 }
 
 /// Tunables of the session. [`MqttConfig::new`] fills sensible defaults.
-#[derive(Debug, Clone)]
+/// Its `Debug` output never shows the password.
+#[derive(Clone)]
 pub struct MqttConfig<'a> {
     /// Broker host name or IP literal.
     pub host: &'a str,
@@ -261,6 +262,26 @@ impl<'a> MqttConfig<'a> {
             link_check_interval: Duration::from_secs(1),
             replay_retained: false,
         }
+    }
+}
+
+impl core::fmt::Debug for MqttConfig<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .field("will_topic", &self.will_topic)
+            .field("will_payload", &self.will_payload)
+            .field("username", &self.username)
+            .field("password", &self.password.map(|_| "<redacted>"))
+            .field("keep_alive_secs", &self.keep_alive_secs)
+            .field("session_expiry_secs", &self.session_expiry_secs)
+            .field("io_timeout", &self.io_timeout)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("link_check_interval", &self.link_check_interval)
+            .field("replay_retained", &self.replay_retained)
+            .finish()
     }
 }
 

@@ -62,6 +62,11 @@ pub struct VirtualConfig {
     pub broker_host: String,
     /// Broker port.
     pub broker_port: u16,
+    /// MQTT user name ([`DeviceConfig::username`]); brokers with per-device
+    /// logins want the device id.
+    pub username: Option<String>,
+    /// MQTT password ([`DeviceConfig::password`]).
+    pub password: Option<Password>,
     /// Topic prefix ([`DeviceConfig::prefix`]).
     pub prefix: String,
     /// Health check budget of a trial boot ([`DeviceConfig::health_timeout`]).
@@ -101,6 +106,8 @@ impl VirtualConfig {
             bootloader: BootConfig::Stock,
             broker_host: broker_host.to_string(),
             broker_port,
+            username: None,
+            password: None,
             prefix: defaults.prefix.to_string(),
             health_timeout: to_std(defaults.health_timeout),
             update_timeout: to_std(defaults.update_timeout),
@@ -118,6 +125,8 @@ impl VirtualConfig {
     /// from the id (devices started together must not retry in step).
     pub fn device_config(&self) -> DeviceConfig<'_> {
         let mut d = DeviceConfig::new(&self.broker_host, self.broker_port);
+        d.username = self.username.as_deref();
+        d.password = self.password.as_ref().map(|p| p.0.as_bytes());
         d.prefix = &self.prefix;
         d.health_timeout = to_embassy(self.health_timeout);
         d.update_timeout = to_embassy(self.update_timeout);
@@ -132,6 +141,32 @@ impl VirtualConfig {
             (h ^ b as u32).wrapping_mul(0x0100_0193)
         });
         d
+    }
+}
+
+/// An MQTT password; its `Debug` output is `"<redacted>"`, so a logged
+/// [`VirtualConfig`] never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    /// Wraps a password (one trailing newline, as a file written by an
+    /// editor or `echo` ends, is dropped).
+    pub fn new(s: impl Into<String>) -> Self {
+        let mut s = s.into();
+        if s.ends_with('\n') {
+            s.pop();
+            if s.ends_with('\r') {
+                s.pop();
+            }
+        }
+        Password(s)
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
     }
 }
 

@@ -19,6 +19,9 @@ pub struct Mosquitto {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// A configuration written elsewhere (`mqota broker mosquitto-conf`);
+    /// `None`: an anonymous listener on `port`.
+    config: Option<PathBuf>,
 }
 
 impl Mosquitto {
@@ -33,9 +36,32 @@ impl Mosquitto {
             port,
             dir,
             child: None,
+            config: None,
         };
         broker.spawn();
         broker
+    }
+
+    /// Starts a broker with the configuration file `config`, whose listener
+    /// is on 127.0.0.1:`port`, and waits until it accepts connections.
+    ///
+    /// # Panics
+    /// If the broker cannot be started or does not listen within 10 s.
+    pub fn start_with_config(config: &std::path::Path, port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for mosquitto");
+        let mut broker = Self {
+            port,
+            dir,
+            child: None,
+            config: Some(config.to_owned()),
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// What the broker wrote to its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 
     /// The port the broker listens on.
@@ -59,15 +85,21 @@ impl Mosquitto {
     }
 
     fn spawn(&mut self) {
-        let config: PathBuf = self.dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
-                self.port
-            ),
-        )
-        .expect("write mosquitto.conf");
+        let config: PathBuf = match &self.config {
+            Some(c) => c.clone(),
+            None => {
+                let config = self.dir.path().join("mosquitto.conf");
+                std::fs::write(
+                    &config,
+                    format!(
+                        "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
+                        self.port
+                    ),
+                )
+                .expect("write mosquitto.conf");
+                config
+            }
+        };
         let program = std::env::var("MOSQUITTO").unwrap_or_else(|_| MOSQUITTO.to_owned());
         let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).expect("log file");
         let child = Command::new(program)

@@ -45,6 +45,12 @@ enum Command {
     Cancel(cmd::fleet::DeviceCommandArgs),
     /// A device's field log (boots, job phases, connection losses, ...).
     Logs(cmd::logs::LogsArgs),
+    /// MQTT logins of devices: add, remove, list.
+    #[command(subcommand)]
+    Device(cmd::access::DeviceCommand),
+    /// Configuration for an external broker (Mosquitto).
+    #[command(subcommand)]
+    Broker(cmd::access::BrokerCommand),
     /// Try it all on this machine: a broker, a firmware server and virtual
     /// devices; a good update, then a bad one that every device rolls back.
     Demo(cmd::demo::DemoArgs),
@@ -66,6 +72,8 @@ fn main() -> std::process::ExitCode {
         Command::Cancel(c) => c.run(false),
         Command::Logs(c) => c.run(),
         Command::Demo(c) => c.run(),
+        Command::Device(c) => c.run(),
+        Command::Broker(c) => c.run(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

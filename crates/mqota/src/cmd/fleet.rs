@@ -3,16 +3,25 @@
 //! commands: `status`, `watch`, `rollback`, `cancel`.
 //!
 //! Defaults come, highest first, from the command line, the environment
-//! (`MQOTA_BROKER`, `MQOTA_PREFIX`, `MQOTA_DATA_DIR`, `MQOTA_SERVER`), the
-//! config file (`MQOTA_CONFIG`, else `~/.config/mqota/config.toml`) and
-//! built-in values:
+//! (`MQOTA_BROKER`, `MQOTA_PREFIX`, `MQOTA_DATA_DIR`, `MQOTA_SERVER`,
+//! `MQOTA_MQTT_USER`, `MQOTA_MQTT_PASSWORD`), the config file (`MQOTA_CONFIG`,
+//! else `~/.config/mqota/config.toml`) and built-in values:
 //!
 //! ```toml
-//! broker = "mqtt://user:pass@broker.lan:1883"
+//! broker = "mqtt://broker.lan:1883"
 //! prefix = "device"
 //! data_dir = "/var/lib/mqota"
 //! server = "http://10.0.0.2:8080"
+//! mqtt_user = "controller"
+//! mqtt_password_file = "/etc/mqota/controller.password"
 //! ```
+//!
+//! The controller's MQTT password comes, first found, from
+//! `--mqtt-password-file`, `MQOTA_MQTT_PASSWORD`, the config file's
+//! `mqtt_password_file`, the broker URL (discouraged: URLs end up in shell
+//! history), or `DATA_DIR/credentials/controller.password` (what `serve` and
+//! `mqota broker mosquitto-conf` write). The user name, when a password is
+//! found, defaults to `controller`. Neither is ever printed.
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -20,6 +29,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
+use mqota_controller::access::{password_path, read_password_file, Secret, CONTROLLER_USER};
 use mqota_controller::fleet::{DeviceView, Fleet};
 use mqota_controller::url::BrokerUrl;
 use serde::Deserialize;
@@ -38,6 +48,10 @@ pub struct ConfigFile {
     pub data_dir: Option<PathBuf>,
     /// Firmware server base URL.
     pub server: Option<String>,
+    /// The controller's MQTT user name.
+    pub mqtt_user: Option<String>,
+    /// File holding the controller's MQTT password.
+    pub mqtt_password_file: Option<PathBuf>,
 }
 
 impl ConfigFile {
@@ -82,6 +96,13 @@ pub struct Common {
     /// Where the controller keeps its database [default: ~/.local/share/mqota]
     #[arg(long, env = "MQOTA_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The controller's MQTT user name [default: the URL's, else controller]
+    #[arg(long, env = "MQOTA_MQTT_USER", value_name = "NAME")]
+    pub mqtt_user: Option<String>,
+    /// File holding the controller's MQTT password [default:
+    /// MQOTA_MQTT_PASSWORD, the URL's, else DATA_DIR/credentials/controller.password]
+    #[arg(long, value_name = "FILE")]
+    pub mqtt_password_file: Option<PathBuf>,
     /// More log output (-v info, -vv debug, -vvv also the broker's and MQTT client's)
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -98,16 +119,29 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Firmware server, when named in the config file.
     pub server: Option<String>,
+    /// The controller's MQTT login, when a password was found anywhere
+    /// (already applied to `broker`).
+    pub login: Option<(String, Secret)>,
 }
 
 impl Settings {
-    /// The broker, or the default one on this machine.
+    /// The broker, or the default one on this machine, with the login.
     pub fn broker_or_default(&self) -> BrokerUrl {
         self.broker.clone().unwrap_or_else(|| {
-            "mqtt://127.0.0.1:1883"
+            let mut b: BrokerUrl = "mqtt://127.0.0.1:1883"
                 .parse()
-                .expect("the default broker URL parses")
+                .expect("the default broker URL parses");
+            apply_login(&mut b, &self.login);
+            b
         })
+    }
+}
+
+/// Puts `login` (if any) into `b`.
+pub fn apply_login(b: &mut BrokerUrl, login: &Option<(String, Secret)>) {
+    if let Some((user, password)) = login {
+        b.username = Some(user.clone());
+        b.password = Some(password.expose().to_owned());
     }
 }
 
@@ -139,11 +173,46 @@ impl Common {
                 .join("mqota")
         });
         let server = std::env::var("MQOTA_SERVER").ok().or(file.server);
+        let read = |path: &PathBuf, from: &str| {
+            read_password_file(path).with_context(|| format!("{from}: reading {}", path.display()))
+        };
+        let url_login = broker.as_ref().and_then(|b| b.password.clone());
+        let password = match (
+            &self.mqtt_password_file,
+            std::env::var("MQOTA_MQTT_PASSWORD"),
+        ) {
+            (Some(f), _) => Some(read(f, "--mqtt-password-file")?),
+            (None, Ok(p)) => Some(Secret::new(p)),
+            (None, Err(_)) => match (&file.mqtt_password_file, url_login) {
+                (Some(f), _) => Some(read(f, "mqtt_password_file in the config file")?),
+                (None, Some(p)) => Some(Secret::new(p)),
+                (None, None) => {
+                    let f = password_path(&data_dir, CONTROLLER_USER);
+                    f.exists()
+                        .then(|| read(&f, "the controller's password file"))
+                        .transpose()?
+                }
+            },
+        };
+        let login = password.map(|p| {
+            let user = self
+                .mqtt_user
+                .clone()
+                .or(file.mqtt_user)
+                .or_else(|| broker.as_ref().and_then(|b| b.username.clone()))
+                .unwrap_or_else(|| CONTROLLER_USER.to_owned());
+            (user, p)
+        });
+        let mut broker = broker;
+        if let Some(b) = &mut broker {
+            apply_login(b, &login);
+        }
         Ok(Settings {
             broker,
             prefix,
             data_dir,
             server,
+            login,
         })
     }
 }

@@ -1,4 +1,5 @@
 //! The subcommands, one module each.
+pub mod access;
 pub mod demo;
 pub mod deploy;
 pub mod flash;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use mqota_controller::broker::EmbeddedBroker;
+use mqota_controller::access::{controller_login, password_path, Acl, Role, CONTROLLER_USER};
+use mqota_controller::broker::{Access, EmbeddedBroker};
 use mqota_controller::catalogue::Catalogue;
 use mqota_controller::dashboard;
 use mqota_controller::fleet::{Fleet, FleetEvent};
@@ -16,7 +17,7 @@ use mqota_controller::http::{router, AppState};
 use mqota_controller::store::Store;
 use mqota_controller::url::BrokerUrl;
 
-use super::fleet::{client_id, runtime, Common};
+use super::fleet::{apply_login, client_id, runtime, Common, Settings};
 
 /// `mqota serve`.
 #[derive(Args)]
@@ -40,11 +41,73 @@ pub struct ServeArgs {
     /// are refused, against DNS rebinding.
     #[arg(long, value_name = "NAME")]
     allow_host: Vec<String>,
+    /// Let clients into the embedded broker without a login, with no topic
+    /// rules (the door is open). Without this flag the door is open only
+    /// while no device has credentials (`mqota device add`) and
+    /// --mqtt-listen is a loopback address.
+    #[arg(long)]
+    mqtt_anonymous: bool,
     #[command(flatten)]
     common: Common,
 }
 
 impl ServeArgs {
+    /// Starts the embedded broker with the door the settings call for, and
+    /// says which; returns the URL (with the controller's login) to follow
+    /// the fleet on.
+    fn start_embedded_broker(&self, s: &Settings, store: &Arc<Store>) -> Result<BrokerUrl> {
+        let devices = store
+            .identities()?
+            .iter()
+            .filter(|i| i.role == Role::Device)
+            .count();
+        let loopback = self.mqtt_listen.ip().is_loopback();
+        let open = self.mqtt_anonymous || (devices == 0 && loopback);
+        let access = if open {
+            Access::Open
+        } else {
+            Access::Login {
+                store: store.clone(),
+                acl: Acl::new(&s.prefix),
+            }
+        };
+        let b = EmbeddedBroker::start_with(self.mqtt_listen, access)?;
+        // The broker lives as long as the process: rumqttd cannot be
+        // stopped.
+        let mut url: BrokerUrl = b.url().parse().expect("the embedded broker's URL parses");
+        println!("mqtt broker listening on {}", b.url());
+        if open {
+            let why = if self.mqtt_anonymous {
+                "--mqtt-anonymous".to_owned()
+            } else {
+                "no device has MQTT credentials yet and it listens on loopback only".to_owned()
+            };
+            println!(
+                "mqtt door OPEN ({why}): any client may connect without a login and publish or \
+                 subscribe anywhere; `mqota device add ID` gives a device its login and closes it at the next start"
+            );
+            tracing::warn!("embedded broker: anonymous access allowed ({why})");
+            apply_login(&mut url, &s.login);
+        } else {
+            let (password, new) = controller_login(store, &s.data_dir)?;
+            if new {
+                println!(
+                    "controller login made: {}",
+                    password_path(&s.data_dir, CONTROLLER_USER).display()
+                );
+            }
+            url.username = Some(CONTROLLER_USER.to_owned());
+            url.password = Some(password.expose().to_owned());
+            println!(
+                "mqtt logins required: {devices} device(s) and the controller; anonymous clients are refused, devices are held to their own topics"
+            );
+            if devices == 0 {
+                println!("no device has credentials yet: `mqota device add ID` makes them");
+            }
+        }
+        Ok(url)
+    }
+
     /// Run until Ctrl-C.
     pub fn run(self) -> Result<()> {
         let s = self.common.settings()?;
@@ -80,13 +143,7 @@ impl ServeArgs {
 
         let broker_url: BrokerUrl = match s.broker.clone() {
             Some(b) => b,
-            None => {
-                let b = EmbeddedBroker::start(self.mqtt_listen)?;
-                println!("mqtt broker listening on {}", b.url());
-                // The broker lives as long as the process: rumqttd cannot
-                // be stopped.
-                b.url().parse().expect("the embedded broker's URL parses")
-            }
+            None => self.start_embedded_broker(&s, &store)?,
         };
 
         runtime()?.block_on(async move {

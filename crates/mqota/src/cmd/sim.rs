@@ -12,7 +12,7 @@ use mqota_core::partition::{PartitionTable, TABLE_MAX_LEN, TABLE_OFFSET};
 use mqota_core::protocol::Topics;
 use mqota_flash_sim::sweep::{sweep, Scenario, SweepConfig};
 use mqota_flash_sim::BootConfig;
-use mqota_virtual::device::{spawn, Handle, VirtualConfig, FLASH_SIZE};
+use mqota_virtual::device::{spawn, Handle, Password, VirtualConfig, FLASH_SIZE};
 
 /// Which ESP-IDF bootloader build a virtual device boots with.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -89,6 +89,17 @@ struct RunArgs {
     /// times): the devices then activate only images it signed.
     #[arg(long = "trust", value_name = "DIGEST", value_parser = crate::cmd::keys::parse_digest)]
     trust: Vec<[u8; 32]>,
+    /// MQTT user name of every device [default: the URL's, else each
+    /// device's id when a password is given].
+    #[arg(long, value_name = "NAME")]
+    mqtt_user: Option<String>,
+    /// File holding the MQTT password of every device (overrides the URL's).
+    #[arg(long, value_name = "FILE")]
+    mqtt_password_file: Option<PathBuf>,
+    /// Directory of per-device password files, ID.password, as `mqota device
+    /// add` writes them: each device logs in as its id with its own file.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["mqtt_user", "mqtt_password_file"])]
+    credentials: Option<PathBuf>,
     /// Fault: cut the power once this many flash bytes have been programmed
     /// or erased (the operation crossing it is torn); the devices boot again.
     #[arg(long)]
@@ -158,6 +169,13 @@ impl SimArgs {
     }
 }
 
+/// Reads a password file; its content never goes into the error.
+fn read_password(path: &std::path::Path) -> Result<Password> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the password file {}", path.display()))?;
+    Ok(Password::new(text))
+}
+
 fn run_devices(args: RunArgs) -> Result<()> {
     let broker: BrokerUrl = args.broker.parse()?;
     let chip: Chip = args
@@ -197,10 +215,34 @@ fn run_devices(args: RunArgs) -> Result<()> {
             check_flash_file(&path)?;
         }
     }
+    let shared_password = match &args.mqtt_password_file {
+        Some(f) => Some(read_password(f)?),
+        None => broker.password.clone().map(Password::new),
+    };
+    let mut logins = Vec::new();
+    for k in 1..=args.devices {
+        let id = device_id(&args, k);
+        logins.push(match &args.credentials {
+            Some(dir) => (
+                Some(id.clone()),
+                Some(read_password(&dir.join(format!("{id}.password")))?),
+            ),
+            None => (
+                args.mqtt_user
+                    .clone()
+                    .or_else(|| broker.username.clone())
+                    .or_else(|| shared_password.as_ref().map(|_| id.clone())),
+                shared_password.clone(),
+            ),
+        });
+    }
     let configs: Vec<VirtualConfig> = (1..=args.devices)
-        .map(|k| {
+        .zip(logins)
+        .map(|(k, (username, password))| {
             let id = device_id(&args, k);
             let mut c = VirtualConfig::new(&id, &broker.host, broker.port);
+            c.username = username;
+            c.password = password;
             c.chip = chip;
             c.initial_version = args.version.clone();
             c.bootloader = args.bootloader.into();
