@@ -47,8 +47,9 @@ use mqota_runtime::DeviceConfig;
 /// The runtime's defaults, for every setting the build leaves unset.
 const DEFAULTS: DeviceConfig<'static> = DeviceConfig::new("", 0);
 
-/// Settings baked into the firmware image.
-#[derive(Debug, Clone, Copy)]
+/// Settings baked into the firmware image. `Debug` never shows the WiFi or
+/// MQTT password.
+#[derive(Clone, Copy)]
 pub struct Config {
     /// WiFi network name; empty means "do not start WiFi".
     pub wifi_ssid: &'static str,
@@ -81,6 +82,32 @@ pub struct Config {
     pub trial_timeout_secs: u32,
     /// Digests of the keys updates must be signed by; empty: any valid image.
     pub trusted_keys: &'static [KeyDigest],
+}
+
+impl core::fmt::Debug for Config {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let hidden = |set: bool| if set { "<redacted>" } else { "" };
+        f.debug_struct("Config")
+            .field("wifi_ssid", &self.wifi_ssid)
+            .field("wifi_password", &hidden(!self.wifi_password.is_empty()))
+            .field("broker", &self.broker)
+            .field("broker_user", &self.broker_user)
+            .field(
+                "broker_password",
+                &self.broker_password.map(|_| "<redacted>"),
+            )
+            .field("device_id", &self.device_id)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("keep_alive_secs", &self.keep_alive_secs)
+            .field("progress_copy", &self.progress_copy)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .field("download_stall_secs", &self.download_stall_secs)
+            .field("health_timeout_secs", &self.health_timeout_secs)
+            .field("update_timeout_secs", &self.update_timeout_secs)
+            .field("trial_timeout_secs", &self.trial_timeout_secs)
+            .field("trusted_keys", &self.trusted_keys.len())
+            .finish()
+    }
 }
 
 const TRUSTED: ([KeyDigest; MAX_BLOCKS], usize) =

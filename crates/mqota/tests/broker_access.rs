@@ -111,7 +111,8 @@ async fn answer(el: &mut EventLoop) -> Answer {
             Ok(Ok(_)) => continue,
             // rumqttc reports the broker's DISCONNECT as an error.
             Ok(Err(ConnectionError::MqttState(StateError::ServerDisconnect {
-                reason_code, ..
+                reason_code,
+                ..
             }))) => {
                 assert_eq!(reason_code, DisconnectReasonCode::NotAuthorized);
                 return Answer::DisconnectedNotAuthorized;
@@ -236,10 +237,18 @@ fn locked_down_fleet(door: Door) {
         .trim()
         .to_owned();
 
-    let devices = Devices::start(vec![
-        device("dev-a", port, &pw_a),
-        device("dev-b", port, &pw_b),
-    ]);
+    // dev-a runs in this test; dev-b is `mqota sim --credentials DIR`, the
+    // way a fleet of simulated devices finds its logins.
+    let devices = Devices::start(vec![device("dev-a", port, &pw_a)]);
+    let sim = std::process::Command::new(controller_support::MQOTA)
+        .args(["sim", "--broker", &broker, "--id", "dev-b", "--credentials"])
+        .arg(d.join("credentials"))
+        .env("MQOTA_CONFIG", "/dev/null")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sim = KillOnDrop(sim);
     wait_status(&broker, d, "saw dev-a and dev-b online", |s| {
         s.iter().filter(|v| v["online"] == true).count() == 2
     });
@@ -286,6 +295,39 @@ fn locked_down_fleet(door: Door) {
                 matches!(r, Err(rumqttc::ConnectionError::ConnectionRefused(_))),
                 "{door:?}: anonymous 3.1.1 client: {r:?}"
             );
+        }
+
+        // dev-x with its own password but dev-b's client id (to take over
+        // dev-b's session), and dev-x with a will on dev-b's availability.
+        if door == Door::Embedded {
+            let (_c, mut el) = AsyncClient::new(options("dev-b", port, Some(("dev-x", &pw_x))), 10);
+            match connect(&mut el).await {
+                Err(ConnectionError::ConnectionRefused(code)) => {
+                    assert_eq!(code, ConnectReturnCode::ClientIdentifierNotValid)
+                }
+                other => panic!("another device's client id was let in: {other:?}"),
+            }
+        }
+        {
+            let mut o = options("dev-x", port, Some(("dev-x", &pw_x)));
+            o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                "device/dev-b/availability",
+                "offline",
+                QoS::AtLeastOnce,
+                true,
+                None,
+            ));
+            let (_c, mut el) = AsyncClient::new(o, 10);
+            match connect(&mut el).await {
+                Err(ConnectionError::ConnectionRefused(code)) => {
+                    assert_eq!(code, ConnectReturnCode::NotAuthorized)
+                }
+                // Mosquitto takes the CONNECT and checks the will when it
+                // would publish it: dropping the connection must not make
+                // dev-b look offline.
+                Ok(()) if door == Door::Mosquitto => drop(el),
+                other => panic!("a will on another device's topic was let in: {other:?}"),
+            }
         }
 
         // dev-x, logged in, forges dev-b's retained status.
@@ -396,12 +438,46 @@ fn locked_down_fleet(door: Door) {
         s.iter()
             .any(|v| v["device"] == "dev-a" && v["version"] == "1.1.0" && v["online"] == true)
     });
+    // No forged status or will reached dev-b: on 1.0.0 and online.
+    let s = status(&broker, d);
+    assert!(
+        s.iter()
+            .any(|v| v["device"] == "dev-b" && v["version"] == "1.0.0" && v["online"] == true),
+        "{door:?}: {s:#?}"
+    );
     for text in [&out, &err] {
         for pw in [&pw_a, &pw_b, &pw_x, &controller_pw] {
             assert!(!text.contains(pw.as_str()), "a password was printed");
         }
     }
     drop(devices);
+    let mut sim = sim;
+    let out = sim.wait_with_output_ref();
+    assert!(!out.contains(&pw_b), "sim printed its password");
+}
+
+/// A child process killed when dropped (a failing test leaves none behind).
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    /// Kills it (if still running) and returns its stderr.
+    fn wait_with_output_ref(&mut self) -> String {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let mut err = String::new();
+        if let Some(mut e) = self.0.stderr.take() {
+            use std::io::Read as _;
+            let _ = e.read_to_string(&mut err);
+        }
+        err
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
