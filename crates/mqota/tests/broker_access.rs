@@ -489,3 +489,45 @@ fn mosquitto_with_the_written_conf_refuses_strangers_and_holds_devices_to_their_
 fn the_embedded_broker_refuses_strangers_and_disconnects_a_device_leaving_its_topics() {
     locked_down_fleet(Door::Embedded);
 }
+
+#[test]
+fn device_logins_are_listed_without_passwords_made_once_and_removed() {
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let dir = d.to_str().unwrap();
+    let pw = add_device(d, "dev-1");
+    let (ok, _, err) = mqota(&["device", "add", "dev-1", "--data-dir", dir]);
+    assert!(!ok && err.contains("already has MQTT credentials"), "{err}");
+    let (ok, _, err) = mqota(&["device", "add", "controller", "--data-dir", dir]);
+    assert!(!ok && err.contains("controller's user name"), "{err}");
+    let (ok, _, err) = mqota(&["device", "add", "a/b", "--data-dir", dir]);
+    assert!(!ok && err.contains("bad device id"), "{err}");
+    let (ok, out, err) = mqota(&["device", "add", "dev-2", "--print", "--data-dir", dir]);
+    assert!(ok, "{err}");
+    let printed = out.trim();
+    let file = std::fs::read_to_string(d.join("credentials/dev-2.password")).unwrap();
+    assert_eq!(
+        printed,
+        file.trim(),
+        "--print prints the password in the file"
+    );
+
+    let (ok, out, _) = mqota(&["device", "list", "--data-dir", dir]);
+    assert!(ok);
+    assert!(
+        out.contains("dev-1\tdevice") && out.contains("dev-2\tdevice"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&pw) && !out.contains('$'),
+        "list shows a secret: {out}"
+    );
+
+    let (ok, _, err) = mqota(&["device", "remove", "dev-1", "--data-dir", dir]);
+    assert!(ok, "{err}");
+    assert!(!d.join("credentials/dev-1.password").exists());
+    let (ok, _, err) = mqota(&["device", "remove", "dev-1", "--data-dir", dir]);
+    assert!(!ok && err.contains("has no MQTT credentials"), "{err}");
+    let (_, out, _) = mqota(&["device", "list", "--data-dir", dir]);
+    assert!(!out.contains("dev-1"), "{out}");
+}
