@@ -231,6 +231,14 @@ fn locked_down_fleet(door: Door) {
         }
     };
     let broker = serve.broker.clone();
+    let api = controller_support::get_json(&format!("{}/api/broker", serve.http));
+    match door {
+        Door::Embedded => {
+            assert_eq!(api["anonymous"], false, "{api}");
+            assert_eq!(api["topic_rules"], true, "{api}");
+        }
+        Door::Mosquitto => assert_eq!(api["broker"], "external", "{api}"),
+    }
     let port: u16 = broker.rsplit(':').next().unwrap().parse().unwrap();
     let controller_pw = std::fs::read_to_string(d.join("credentials/controller.password"))
         .unwrap()
@@ -530,4 +538,15 @@ fn device_logins_are_listed_without_passwords_made_once_and_removed() {
     assert!(!ok && err.contains("has no MQTT credentials"), "{err}");
     let (_, out, _) = mqota(&["device", "list", "--data-dir", dir]);
     assert!(!out.contains("dev-1"), "{out}");
+}
+
+#[test]
+fn without_device_logins_on_loopback_the_embedded_door_is_open_and_says_so() {
+    let fw = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let serve = Serve::start(fw.path(), data.path(), None);
+    let api = controller_support::get_json(&format!("{}/api/broker", serve.http));
+    assert_eq!(api["anonymous"], true, "{api}");
+    assert_eq!(api["topic_rules"], false, "{api}");
+    assert!(api["why"].as_str().unwrap().contains("no device"), "{api}");
 }

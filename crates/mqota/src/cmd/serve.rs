@@ -54,8 +54,12 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// Starts the embedded broker with the door the settings call for, and
     /// says which; returns the URL (with the controller's login) to follow
-    /// the fleet on.
-    fn start_embedded_broker(&self, s: &Settings, store: &Arc<Store>) -> Result<BrokerUrl> {
+    /// the fleet on, and what `GET /api/broker` answers.
+    fn start_embedded_broker(
+        &self,
+        s: &Settings,
+        store: &Arc<Store>,
+    ) -> Result<(BrokerUrl, serde_json::Value)> {
         let devices = store
             .identities()?
             .iter()
@@ -88,6 +92,10 @@ impl ServeArgs {
             );
             tracing::warn!("embedded broker: anonymous access allowed ({why})");
             apply_login(&mut url, &s.login);
+            let door = serde_json::json!({
+                "broker": "embedded", "anonymous": true, "topic_rules": false, "why": why,
+            });
+            Ok((url, door))
         } else {
             let (password, new) = controller_login(store, &s.data_dir)?;
             if new {
@@ -104,8 +112,11 @@ impl ServeArgs {
             if devices == 0 {
                 println!("no device has credentials yet: `mqota device add ID` makes them");
             }
+            let door = serde_json::json!({
+                "broker": "embedded", "anonymous": false, "topic_rules": true, "devices": devices,
+            });
+            Ok((url, door))
         }
-        Ok(url)
     }
 
     /// Run until Ctrl-C.
@@ -141,8 +152,14 @@ impl ServeArgs {
             }
         }
 
-        let broker_url: BrokerUrl = match s.broker.clone() {
-            Some(b) => b,
+        let (broker_url, door) = match s.broker.clone() {
+            Some(b) => (
+                b,
+                serde_json::json!({
+                    "broker": "external",
+                    "why": "the external broker's own configuration decides who may connect",
+                }),
+            ),
             None => self.start_embedded_broker(&s, &store)?,
         };
 
@@ -228,7 +245,8 @@ impl ServeArgs {
                         state.store.clone(),
                         runner.clone(),
                     ))
-                    .merge(dashboard::router(state, fleet.clone(), runner)),
+                    .merge(dashboard::router(state, fleet.clone(), runner))
+                    .merge(broker_door_router(door)),
                 allowed,
             );
             axum::serve(listener, app)
@@ -245,4 +263,23 @@ impl ServeArgs {
             Ok(())
         })
     }
+}
+
+/// `GET /api/broker`: whether the embedded broker's door is open (anonymous
+/// clients, no topic rules) or takes logins, so the open door shows in the
+/// API and not only in `serve`'s first lines.
+fn broker_door_router(door: serde_json::Value) -> axum::Router {
+    let body = door.to_string();
+    axum::Router::new().route(
+        "/api/broker",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+            }
+        }),
+    )
 }
