@@ -338,6 +338,49 @@ fn locked_down_fleet(door: Door) {
             }
         }
 
+        // The same forgery at MQTT 3.1.1, which has no way to say no:
+        // Mosquitto acknowledges and drops it, the embedded broker closes
+        // the connection. Either way dev-b's status stays.
+        {
+            let mut o = rumqttc::MqttOptions::new("dev-x", "127.0.0.1", port);
+            o.set_keep_alive(Duration::from_secs(5));
+            o.set_credentials("dev-x", pw_x.as_str());
+            let (c, mut el) = rumqttc::AsyncClient::new(o, 10);
+            c.publish(
+                "device/dev-b/status",
+                rumqttc::QoS::AtLeastOnce,
+                true,
+                br#"{"device":"dev-b","version":"3.1.1"}"#.to_vec(),
+            )
+            .await
+            .unwrap();
+            let mut connected = false;
+            let outcome = loop {
+                match tokio::time::timeout(Duration::from_secs(10), el.poll())
+                    .await
+                    .expect("an answer within 10 s")
+                {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => connected = true,
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break "acked",
+                    Ok(_) => continue,
+                    Err(e) => {
+                        assert!(connected, "{door:?}: dev-x not let in at 3.1.1: {e}");
+                        break "closed";
+                    }
+                }
+            };
+            let want = match door {
+                Door::Mosquitto => "acked",
+                Door::Embedded => "closed",
+            };
+            assert_eq!(outcome, want, "{door:?} at 3.1.1");
+            assert_eq!(
+                retained(port, &controller_pw, "device/dev-b/status").await,
+                b_status,
+                "{door:?}: dev-b's retained status changed at 3.1.1"
+            );
+        }
+
         // dev-x, logged in, forges dev-b's retained status.
         let (c, mut el) = AsyncClient::new(options("dev-x", port, Some(("dev-x", &pw_x))), 10);
         connect(&mut el).await.expect("dev-x connects");
