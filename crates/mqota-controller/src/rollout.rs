@@ -400,43 +400,19 @@ fn listed(ids: &[String]) -> String {
     out
 }
 
-/// A version as `MAJOR.MINOR.PATCH[-PRE][+BUILD]`, for ordering: the build
-/// suffix is ignored, a pre-release sorts before its release. `None` when
-/// it is not of that form (a leading `v` is accepted).
-pub fn parse_version(v: &str) -> Option<(u64, u64, u64, Option<String>)> {
-    let v = v.trim();
-    let v = v.strip_prefix('v').unwrap_or(v);
-    let v = v.split('+').next().unwrap_or(v);
-    let (core, pre) = match v.split_once('-') {
-        Some((c, p)) => (c, Some(p.to_owned())),
-        None => (v, None),
-    };
-    let mut parts = core.split('.').map(|n| n.parse::<u64>().ok());
-    let (a, b, c) = (parts.next()??, parts.next()??, parts.next()??);
-    if parts.next().is_some() {
-        return None;
-    }
-    Some((a, b, c, pre))
-}
-
-/// Whether installing `new` over `running` is a downgrade, or the two cannot
-/// be compared (then it is treated as one: the operator must say so).
+/// Whether installing `new` over `running` is a downgrade (the core's
+/// [`mqota_core::version`] order, the one the device applies), or the two
+/// cannot be compared (then it is treated as one: the operator must say so).
 pub fn is_downgrade(running: &str, new: &str) -> bool {
-    let (Some(r), Some(n)) = (parse_version(running), parse_version(new)) else {
-        return running.split('+').next() != new.split('+').next();
-    };
-    let key = |v: &(u64, u64, u64, Option<String>)| (v.0, v.1, v.2, v.3.is_none());
-    match key(&n).cmp(&key(&r)) {
-        std::cmp::Ordering::Less => true,
-        std::cmp::Ordering::Greater => false,
-        // Same release; both pre-releases: compare them as text.
-        std::cmp::Ordering::Equal => n.3 < r.3,
+    match mqota_core::version::compare(new, running) {
+        Some(order) => order.is_lt(),
+        None => !same_version(running, new),
     }
 }
 
 /// Whether two versions name the same release (build suffixes ignored).
 fn same_version(a: &str, b: &str) -> bool {
-    a.split('+').next() == b.split('+').next()
+    mqota_core::version::same_release(a, b)
 }
 
 /// Plans a deployment of `firmware` to the selected devices of `fleet` and
