@@ -652,6 +652,8 @@ pub async fn run(
         size: Some(dep.size),
         job: Some(dep.id.clone()),
         timeout_s: Some(options.timeout_s),
+        allow_downgrade: options.allow_downgrade,
+        allow_other_project: options.allow_other_project,
     };
     let mut states: Devices = dep
         .devices

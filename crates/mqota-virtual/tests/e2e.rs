@@ -21,7 +21,7 @@ fn image(version: &str, size: u32) -> Vec<u8> {
 fn image_for(chip: Chip, version: &str, size: u32) -> Vec<u8> {
     ImageBuilder::new(chip)
         .version(version)
-        .project("e2e")
+        .project("mqota-virtual")
         .size(size)
         .build()
         .unwrap()

@@ -12,6 +12,7 @@
 //! prefix = "device"
 //! data_dir = "/var/lib/mqota"
 //! server = "http://10.0.0.2:8080"
+//! job_key = "/etc/mqota/job.pem"
 //! ```
 
 use std::io::IsTerminal as _;
@@ -38,6 +39,8 @@ pub struct ConfigFile {
     pub data_dir: Option<PathBuf>,
     /// Firmware server base URL.
     pub server: Option<String>,
+    /// The private job key every command is signed with.
+    pub job_key: Option<PathBuf>,
 }
 
 impl ConfigFile {
@@ -82,6 +85,11 @@ pub struct Common {
     /// Where the controller keeps its database [default: ~/.local/share/mqota]
     #[arg(long, env = "MQOTA_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Sign every command with this ECDSA P-256 private key (PEM), for
+    /// devices built with its public key; sequence numbers are kept in
+    /// DATA_DIR/job-seq
+    #[arg(long, env = "MQOTA_JOB_KEY_FILE", value_name = "KEY.pem")]
+    pub job_key: Option<PathBuf>,
     /// More log output (-v info, -vv debug, -vvv also the broker's and MQTT client's)
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -98,9 +106,22 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Firmware server, when named in the config file.
     pub server: Option<String>,
+    /// The job key commands are signed with, if any.
+    pub job_key: Option<PathBuf>,
 }
 
 impl Settings {
+    /// `fleet` signing every command with the job key, if one was named;
+    /// the key is read (and refused with the reason) before anything is sent.
+    pub fn signing(&self, fleet: Fleet) -> Result<Fleet> {
+        let Some(path) = &self.job_key else {
+            return Ok(fleet);
+        };
+        let key = super::keys::read_job_signing_key(path)?;
+        let signer = mqota_controller::signer::JobSigner::new(key, &self.data_dir.join("job-seq"))?;
+        Ok(fleet.with_signer(signer))
+    }
+
     /// The broker, or the default one on this machine.
     pub fn broker_or_default(&self) -> BrokerUrl {
         self.broker.clone().unwrap_or_else(|| {
@@ -139,11 +160,13 @@ impl Common {
                 .join("mqota")
         });
         let server = std::env::var("MQOTA_SERVER").ok().or(file.server);
+        let job_key = self.job_key.clone().or(file.job_key);
         Ok(Settings {
             broker,
             prefix,
             data_dir,
             server,
+            job_key,
         })
     }
 }
@@ -186,6 +209,7 @@ pub fn client_id(role: &str) -> String {
 /// it exists) have no retained status on the broker.
 pub async fn connect_and_settle(s: &Settings, role: &str) -> Result<Fleet> {
     let fleet = Fleet::connect(&s.broker_or_default(), &s.prefix, &client_id(role)).await?;
+    let fleet = s.signing(fleet)?;
     let settled = fleet
         .settle(Duration::from_millis(400), Duration::from_secs(60))
         .await;
