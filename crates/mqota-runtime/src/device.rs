@@ -744,6 +744,8 @@ fn below_floor<F: NorFlash>(flash: &mut F, layout: &Layout, floor: u32) -> Optio
 }
 
 /// A message on one of the device's topics, read.
+// Built and consumed at once, never stored: no allocator to box in.
+#[allow(clippy::large_enum_variant)]
 enum Incoming {
     /// A command for this device, with its sequence number if it was signed
     /// (fresh: above every one accepted so far).
