@@ -73,3 +73,16 @@ fn a_power_cut_at_every_flash_operation_keeps_the_old_or_the_new_value() {
         }
     }
 }
+
+#[test]
+fn the_default_table_has_the_state_partition() {
+    use embedded_storage::nor_flash::NorFlash as _;
+    use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
+    let mut f = SimFlash::new(4 * 1024 * 1024);
+    let table = PartitionTable::from_csv(DEFAULT_4MB_CSV).unwrap();
+    f.write(TABLE_OFFSET, &table.to_bytes()).unwrap();
+    let mut s = block_on(TrustState::open(&mut f));
+    assert!(s.persistent());
+    block_on(s.accept_seq(&mut f, 42)).unwrap();
+    assert_eq!(block_on(TrustState::open(&mut f)).seq(), Some(42));
+}

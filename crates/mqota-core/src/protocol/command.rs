@@ -246,14 +246,17 @@ pub fn parse_signed_command(
     if !starts_object {
         return Err(bad_sig(signed::NOT_OBJECT, None));
     }
+    // The binding first: a command signed for another topic is refused as
+    // that, before its body is judged by this topic's rules.
+    let (job, pre) = parse_stop(payload, device_id)?;
+    if pre.op.as_deref() != Some(kind.name()) {
+        return Err(bad_sig(signed::WRONG_OP, job));
+    }
     let (outcome, meta) = parse_any(kind, payload, device_id)?;
     let job = match &outcome {
         CommandOutcome::Command(cmd) => command_job(cmd),
         CommandOutcome::NotForMe => None,
     };
-    if meta.op.as_deref() != Some(kind.name()) {
-        return Err(bad_sig(signed::WRONG_OP, job));
-    }
     let Some(seq) = meta.seq else {
         return Err(bad_sig(signed::NO_SEQ, job));
     };
