@@ -256,6 +256,10 @@ pub struct Firmware {
     /// Project name in its app descriptor (unknown: not checked).
     #[serde(default)]
     pub project: Option<String>,
+    /// Key digests of its valid signature blocks; empty: unsigned, sent to
+    /// no device that takes only signed images (unknown: not checked).
+    #[serde(default)]
+    pub signers: Option<Vec<String>>,
 }
 
 /// Why a deployment could not be made or carried on.
@@ -339,6 +343,9 @@ pub struct LeftOut {
     /// They run a newer version, or one that cannot be compared (without
     /// `--allow-downgrade`).
     pub downgrade: Vec<String>,
+    /// They take only signed images (`"signed_only": true`) and the image
+    /// is unsigned: they would refuse it (`bad_signature`).
+    pub unsigned: Vec<String>,
 }
 
 impl LeftOut {
@@ -376,6 +383,10 @@ impl LeftOut {
             &self.downgrade,
             "device(s) running a newer or incomparable version left out (--allow-downgrade)",
         );
+        more(
+            &self.unsigned,
+            "device(s) that take only signed images left out: the image is unsigned (mqota image sign)",
+        );
         lines
     }
 
@@ -386,6 +397,7 @@ impl LeftOut {
             && self.wrong_chip.is_empty()
             && self.other_project.is_empty()
             && self.downgrade.is_empty()
+            && self.unsigned.is_empty()
     }
 }
 
@@ -493,6 +505,10 @@ pub fn plan_deployment(
     let (downgrade, todo): (Vec<_>, Vec<_>) = todo.into_iter().partition(|d| {
         !options.allow_downgrade && is_downgrade(status(d).version.as_str(), &firmware.version)
     });
+    let unsigned_image = firmware.signers.as_ref().is_some_and(|s| s.is_empty());
+    let (unsigned, todo): (Vec<_>, Vec<_>) = todo
+        .into_iter()
+        .partition(|d| unsigned_image && status(d).signed_only);
     let needs_https = is_https(&firmware.url);
     let (no_https, todo): (Vec<_>, Vec<_>) = todo
         .into_iter()
@@ -505,12 +521,14 @@ pub fn plan_deployment(
         wrong_chip: ids_of(wrong_chip),
         other_project: ids_of(other_project),
         downgrade: ids_of(downgrade),
+        unsigned: ids_of(unsigned),
     };
     if todo.is_empty() {
         let only_current_or_https = left_out.offline.is_empty()
             && left_out.wrong_chip.is_empty()
             && left_out.other_project.is_empty()
-            && left_out.downgrade.is_empty();
+            && left_out.downgrade.is_empty()
+            && left_out.unsigned.is_empty();
         return Err(RolloutError::NoDevices(if left_out.is_empty() {
             "the selection is empty".into()
         } else if !only_current_or_https {
@@ -1003,6 +1021,7 @@ mod tests {
             size: 1000,
             chip: Some("esp32c3".into()),
             project: Some("p".into()),
+            signers: None,
         }
     }
 
@@ -1175,6 +1194,31 @@ mod tests {
             ended: Vec::new(),
             in_flight: None,
         }
+    }
+
+    #[test]
+    fn an_unsigned_image_is_not_sent_to_devices_that_take_only_signed_ones() {
+        let mut strict = view("strict", "esp32c3", "p", "1.0.0", true);
+        strict.status.as_mut().unwrap().signed_only = true;
+        let fleet = [strict, view("open", "esp32c3", "p", "1.0.0", true)];
+        let o = RolloutOptions::default();
+        let unsigned = Firmware {
+            signers: Some(Vec::new()),
+            ..firmware("http://fw/app.bin")
+        };
+        let (dep, left) = plan_deployment(&fleet, &unsigned, &Selection::All, &o).unwrap();
+        let sent: Vec<&str> = dep.devices.iter().map(|d| d.device.as_str()).collect();
+        assert_eq!(sent, ["open"]);
+        assert_eq!(left.unsigned, ["strict"]);
+        let text = left.describe("1.1.0").join("\n");
+        assert!(text.contains("take only signed images"), "{text}");
+        // Signed (by any key: the status does not name the trusted ones).
+        let signed = Firmware {
+            signers: Some(vec!["ab".repeat(32)]),
+            ..firmware("http://fw/app.bin")
+        };
+        let (dep, _) = plan_deployment(&fleet, &signed, &Selection::All, &o).unwrap();
+        assert_eq!(dep.devices.len(), 2);
     }
 
     #[test]
@@ -1351,6 +1395,7 @@ pub async fn resolve_firmware(spec: &str, server: &str) -> Result<Firmware, Firm
         return Ok(Firmware {
             chip: entry.chip,
             project: entry.project,
+            signers: entry.signers,
             ..built
         });
     }
@@ -1386,6 +1431,7 @@ pub fn deployable(spec: &str, f: &crate::http::FirmwareListing) -> Result<Firmwa
     Ok(Firmware {
         chip: f.chip,
         project: f.project,
+        signers: f.signers,
         ..built
     })
 }
@@ -1424,5 +1470,6 @@ fn firmware_from(
         size,
         chip: None,
         project: None,
+        signers: None,
     })
 }

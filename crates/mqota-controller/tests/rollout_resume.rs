@@ -95,6 +95,7 @@ fn a_rollout_killed_mid_rollback_is_finished_by_resume_without_a_second_rollback
             // the job and refuses it itself.
             chip: None,
             project: None,
+            signers: None,
         };
 
         // Two devices that take the image, then one of another chip that
