@@ -21,6 +21,7 @@
 //! | `MQOTA_UPDATE_TIMEOUT_SECS` | runtime default (600) | overall deadline of an update without its own `timeout_s` |
 //! | `MQOTA_TRIAL_TIMEOUT_SECS` | `120` | the watchdog resets a trial boot that has not confirmed by then |
 //! | `MQOTA_TRUSTED_KEYS` | (empty: unsigned images accepted) | up to 3 signing-key digests (64 hex digits each, comma-separated; `mqota keys digest`); with any, only images signed by one of them are activated |
+//! | `MQOTA_JOB_KEY` | (empty: unsigned commands accepted) | the job key, 128 hex digits (`mqota keys job-key`); with it, only commands signed by it, for this device, with a fresh sequence number are run |
 //!
 //! "Runtime default" is [`DeviceConfig::new`]'s value, read here in a
 //! `const`: the device runtime is the one place those defaults live, shared
@@ -41,6 +42,7 @@ macro_rules! env_or {
 }
 
 use mqota_core::broker_url::{parse_broker_url, BrokerUrl};
+use mqota_core::protocol::envelope::JobKey;
 use mqota_core::signature::{parse_key_list, KeyDigest, MAX_BLOCKS};
 use mqota_runtime::DeviceConfig;
 
@@ -82,6 +84,8 @@ pub struct Config {
     pub trial_timeout_secs: u32,
     /// Digests of the keys updates must be signed by; empty: any valid image.
     pub trusted_keys: &'static [KeyDigest],
+    /// The key commands must be signed with; `None`: unsigned commands.
+    pub job_key: Option<JobKey>,
 }
 
 impl core::fmt::Debug for Config {
@@ -117,6 +121,14 @@ const TRUSTED: ([KeyDigest; MAX_BLOCKS], usize) =
             panic!("MQOTA_TRUSTED_KEYS must be up to 3 comma-separated 64-hex-digit key digests")
         }
     };
+
+const JOB_KEY: Option<JobKey> = match env_or!("MQOTA_JOB_KEY", "").as_bytes() {
+    [] => None,
+    _ => match JobKey::from_hex(env_or!("MQOTA_JOB_KEY", "")) {
+        Some(key) => Some(key),
+        None => panic!("MQOTA_JOB_KEY must be 128 hex digits (mqota keys job-key KEY.pem)"),
+    },
+};
 
 const BROKER: BrokerUrl<'static> = broker(env_or!("MQOTA_BROKER_URL", "mqtt://broker:1883"));
 
@@ -158,6 +170,7 @@ pub const BUILD: Config = Config {
         HEALTH_TIMEOUT_SECS,
     ),
     trusted_keys: TRUSTED.0.split_at(TRUSTED.1).0,
+    job_key: JOB_KEY,
 };
 
 const HEALTH_TIMEOUT_SECS: u32 = secs_or(

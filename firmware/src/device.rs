@@ -18,6 +18,7 @@ use embassy_time::Duration;
 use esp_hal::{peripherals::RTC_TIMER, time::Duration as HalDuration};
 use log::{info, warn};
 use mqota_core::bootguard::Verdict;
+use mqota_core::protocol::envelope::JobTrust;
 use mqota_core::signature::{SoftVerifier, TrustPolicy};
 use mqota_runtime::{early_boot, BootError, Booted, DeviceConfig, Link};
 
@@ -127,6 +128,10 @@ pub fn device_config(config: &'static Config) -> DeviceConfig<'static> {
         // through the same trait.
         device.trust = TrustPolicy::new(config.trusted_keys, SoftVerifier::INSTANCE);
     }
+    // Commands are ES256: the same software P-256 as ECDSA image blocks.
+    device.job_trust = config
+        .job_key
+        .map(|key| JobTrust::new(key, SoftVerifier::INSTANCE));
     device
 }
 

@@ -33,6 +33,10 @@ pub struct FirmwareEntry {
     pub sha256: String,
     /// Why the file is not a valid image; `None` when it is.
     pub error: Option<String>,
+    /// Key digests (hex, what a device trusts) of the Secure Boot V2
+    /// signature blocks that verify against this image; empty: unsigned;
+    /// `None`: not known (an entry read back from the store).
+    pub signers: Option<Vec<String>>,
     /// Modification time, Unix seconds.
     pub mtime: i64,
 }
@@ -49,6 +53,7 @@ impl FirmwareEntry {
             size: bytes.len() as u64,
             sha256,
             error: None,
+            signers: None,
             mtime,
         };
         match validate_bytes(bytes).and_then(|info| info.verify().map(|()| info)) {
@@ -58,6 +63,7 @@ impl FirmwareEntry {
                 e.chip = Some(info.chip.to_string());
                 e.project = Some(info.app.project_name.to_string());
                 e.version = Some(info.app.version.to_string());
+                e.signers = Some(signers(bytes, info.signature_sector()));
             }
             Ok(info) => {
                 e.error = Some(format!(
@@ -75,6 +81,33 @@ impl FirmwareEntry {
     pub fn is_valid(&self) -> bool {
         self.error.is_none()
     }
+}
+
+/// The key digests of the signature blocks after the image (its sector at
+/// `sector`) whose CRC, image digest and signature are right, checked with
+/// the key each block carries: who signed it, not whether a device trusts
+/// that key.
+fn signers(bytes: &[u8], sector: Option<u32>) -> Vec<String> {
+    use mqota_core::signature::{self, SoftVerifier, SECTOR_LEN};
+    let Some(at) = sector.map(|s| s as usize) else {
+        return Vec::new();
+    };
+    let Some(sector) = bytes
+        .get(at..at + SECTOR_LEN)
+        .and_then(|s| <&[u8; SECTOR_LEN]>::try_from(s).ok())
+    else {
+        return Vec::new();
+    };
+    let digest: [u8; 32] = Sha256::digest(&bytes[..at]).into();
+    signature::blocks(sector)
+        .filter_map(Result::ok)
+        .filter(|b| {
+            b.crc_valid()
+                && b.image_digest() == digest
+                && b.signature_verifies(SoftVerifier::INSTANCE)
+        })
+        .map(|b| hex::encode(b.key_digest()))
+        .collect()
 }
 
 /// A firmware directory and what was read from it.
@@ -216,6 +249,45 @@ mod tests {
         assert!(e.is_valid(), "{:?}", e.error);
         assert_eq!(e.size, 12288);
         assert_eq!(e.sha256, hex::encode(Sha256::digest(&img)));
+        assert_eq!(e.signers, Some(vec![]), "garbage blocks sign nothing");
+    }
+
+    #[test]
+    fn the_signers_are_the_keys_whose_blocks_verify() {
+        use mqota_core::signature::sign::{sign_file, Key};
+        use p256::pkcs8::{EncodePrivateKey as _, LineEnding};
+        let img = ImageBuilder::new(Chip::Esp32c6)
+            .version("1.2.3")
+            .project("blinky")
+            .size(5008)
+            .build()
+            .unwrap();
+        let key = |seed: u8| {
+            let pem = p256::SecretKey::from_slice(&[seed; 32])
+                .unwrap()
+                .to_pkcs8_pem(LineEnding::LF)
+                .unwrap();
+            Key::from_pem(&pem).unwrap()
+        };
+        let (a, b) = (key(1), key(2));
+        let twice = sign_file(&sign_file(&img, &a).unwrap(), &b).unwrap();
+        let e = FirmwareEntry::from_bytes("two.bin", &twice, 0);
+        assert!(e.is_valid(), "{:?}", e.error);
+        assert_eq!(
+            e.signers,
+            Some(vec![hex::encode(a.digest()), hex::encode(b.digest())])
+        );
+        let mut flipped = twice.clone();
+        flipped[100] ^= 1;
+        let e = FirmwareEntry::from_bytes("flipped.bin", &flipped, 0);
+        assert!(
+            e.signers.is_none_or(|s| s.is_empty()),
+            "a changed byte: no signer"
+        );
+        assert_eq!(
+            FirmwareEntry::from_bytes("plain.bin", &img, 0).signers,
+            Some(vec![])
+        );
     }
 
     #[test]

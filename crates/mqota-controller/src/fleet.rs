@@ -43,6 +43,7 @@ use rumqttc::v5::{AsyncClient, Event};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
+use crate::signer::JobSigner;
 use crate::url::BrokerUrl;
 
 /// What the controller knows about one device.
@@ -109,6 +110,12 @@ pub struct StartCommand {
     /// Give up after this many seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u32>,
+    /// The device may install an older version than it runs.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub allow_downgrade: bool,
+    /// The device may install an image of another project.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub allow_other_project: bool,
 }
 
 /// Why talking to the broker failed.
@@ -147,6 +154,9 @@ pub enum FleetError {
         /// The rule it breaks.
         rule: String,
     },
+    /// A command could not be signed (the job key's sequence file).
+    #[error("cannot sign the command: {0}")]
+    Sign(String),
 }
 
 type Devices = Arc<Mutex<BTreeMap<String, DeviceView>>>;
@@ -161,6 +171,8 @@ pub struct Fleet {
     acked: Arc<AtomicU64>,
     link: Arc<Link>,
     task: tokio::task::JoinHandle<()>,
+    /// Signs every command when devices take only signed ones.
+    signer: Option<Arc<JobSigner>>,
 }
 
 /// The state of the broker connection, shared with the event loop.
@@ -284,6 +296,7 @@ impl Fleet {
             acked,
             link,
             task,
+            signer: None,
         })
     }
 
@@ -383,23 +396,61 @@ impl Fleet {
         &self.prefix
     }
 
+    /// Signs every command sent from now on with `signer` (devices built
+    /// with a job key refuse unsigned ones).
+    pub fn with_signer(mut self, signer: JobSigner) -> Self {
+        self.signer = Some(Arc::new(signer));
+        self
+    }
+
+    /// Whether commands are signed.
+    pub fn signs(&self) -> bool {
+        self.signer.is_some()
+    }
+
     /// Sends a start command to one device (`{prefix}/{id}/ota/start`, QoS 1).
     pub async fn start(&self, id: &str, cmd: &StartCommand) -> Result<(), FleetError> {
         let topic = command_topic(&self.prefix, id, TopicKind::Start)?;
-        let payload = serde_json::to_vec(cmd).expect("a start command serialises");
+        let serde_json::Value::Object(fields) =
+            serde_json::to_value(cmd).expect("a start command serialises")
+        else {
+            unreachable!("a start command is an object")
+        };
+        let payload = self.payload(fields, TopicKind::Start, id)?;
         self.publish(topic, payload).await
     }
 
     /// Sends `cancel` to one device, for `job` if given.
     pub async fn cancel(&self, id: &str, job: Option<&str>) -> Result<(), FleetError> {
         let topic = command_topic(&self.prefix, id, TopicKind::Cancel)?;
-        self.publish(topic, job_payload(job)).await
+        let payload = self.payload(job_fields(job), TopicKind::Cancel, id)?;
+        self.publish(topic, payload).await
     }
 
     /// Sends `rollback` to one device, reported under `job` if given.
     pub async fn rollback(&self, id: &str, job: Option<&str>) -> Result<(), FleetError> {
         let topic = command_topic(&self.prefix, id, TopicKind::Rollback)?;
-        self.publish(topic, job_payload(job)).await
+        let payload = self.payload(job_fields(job), TopicKind::Rollback, id)?;
+        self.publish(topic, payload).await
+    }
+
+    /// The payload of a command: signed with `op`, `seq` and `device` when
+    /// there is a signer; else the plain object (empty for a cancel or
+    /// rollback without a job, as the original design sends them).
+    fn payload(
+        &self,
+        fields: serde_json::Map<String, serde_json::Value>,
+        kind: TopicKind,
+        id: &str,
+    ) -> Result<Vec<u8>, FleetError> {
+        match &self.signer {
+            Some(signer) => signer
+                .seal(fields, kind, id)
+                .map(|(payload, _)| payload)
+                .map_err(|e| FleetError::Sign(e.to_string())),
+            None if fields.is_empty() => Ok(Vec::new()),
+            None => Ok(serde_json::to_vec(&fields).expect("json")),
+        }
     }
 
     async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), FleetError> {
@@ -475,11 +526,12 @@ fn sample(ids: &[&str]) -> String {
     s
 }
 
-fn job_payload(job: Option<&str>) -> Vec<u8> {
-    match job {
-        Some(j) => serde_json::to_vec(&serde_json::json!({ "job": j })).expect("json"),
-        None => Vec::new(),
+fn job_fields(job: Option<&str>) -> serde_json::Map<String, serde_json::Value> {
+    let mut fields = serde_json::Map::new();
+    if let Some(j) = job {
+        fields.insert("job".into(), j.into());
     }
+    fields
 }
 
 fn handle_publish(
@@ -623,6 +675,8 @@ mod tests {
             size: Some(262_144),
             job: Some("d-1700000000-42".into()),
             timeout_s: Some(300),
+            allow_downgrade: true,
+            allow_other_project: false,
         };
         let payload = serde_json::to_vec(&cmd).unwrap();
         match parse_command(TopicKind::Start, &payload, "c3-1") {
@@ -633,6 +687,7 @@ mod tests {
                 assert_eq!(job.size, Some(262_144));
                 assert_eq!(job.job.as_deref(), Some("d-1700000000-42"));
                 assert_eq!(job.timeout_s, Some(300));
+                assert!(job.allow_downgrade && !job.allow_other_project);
             }
             other => panic!("device refused the controller's command: {other:?}"),
         }

@@ -296,6 +296,10 @@ pub struct FirmwareListing {
     pub valid: bool,
     /// Why not, if not.
     pub error: Option<String>,
+    /// Key digests of the signature blocks that verify (empty: unsigned);
+    /// absent from older servers (unknown).
+    #[serde(default)]
+    pub signers: Option<Vec<String>>,
 }
 
 pub(crate) fn api_error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
@@ -355,6 +359,7 @@ pub(crate) async fn listings(
             size: e.size,
             sha256: e.sha256,
             error: e.error,
+            signers: e.signers,
         })
         .collect();
     Ok(out)

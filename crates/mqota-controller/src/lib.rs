@@ -10,6 +10,7 @@ pub mod http;
 pub mod logs;
 pub mod machine;
 pub mod rollout;
+pub mod signer;
 pub mod store;
 pub mod url;
 

@@ -256,6 +256,10 @@ pub struct Firmware {
     /// Project name in its app descriptor (unknown: not checked).
     #[serde(default)]
     pub project: Option<String>,
+    /// Key digests of its valid signature blocks; empty: unsigned, sent to
+    /// no device that takes only signed images (unknown: not checked).
+    #[serde(default)]
+    pub signers: Option<Vec<String>>,
 }
 
 /// Why a deployment could not be made or carried on.
@@ -339,6 +343,9 @@ pub struct LeftOut {
     /// They run a newer version, or one that cannot be compared (without
     /// `--allow-downgrade`).
     pub downgrade: Vec<String>,
+    /// They take only signed images (`"signed_only": true`) and the image
+    /// is unsigned: they would refuse it (`bad_signature`).
+    pub unsigned: Vec<String>,
 }
 
 impl LeftOut {
@@ -376,6 +383,10 @@ impl LeftOut {
             &self.downgrade,
             "device(s) running a newer or incomparable version left out (--allow-downgrade)",
         );
+        more(
+            &self.unsigned,
+            "device(s) that take only signed images left out: the image is unsigned (mqota image sign)",
+        );
         lines
     }
 
@@ -386,6 +397,7 @@ impl LeftOut {
             && self.wrong_chip.is_empty()
             && self.other_project.is_empty()
             && self.downgrade.is_empty()
+            && self.unsigned.is_empty()
     }
 }
 
@@ -400,43 +412,19 @@ fn listed(ids: &[String]) -> String {
     out
 }
 
-/// A version as `MAJOR.MINOR.PATCH[-PRE][+BUILD]`, for ordering: the build
-/// suffix is ignored, a pre-release sorts before its release. `None` when
-/// it is not of that form (a leading `v` is accepted).
-pub fn parse_version(v: &str) -> Option<(u64, u64, u64, Option<String>)> {
-    let v = v.trim();
-    let v = v.strip_prefix('v').unwrap_or(v);
-    let v = v.split('+').next().unwrap_or(v);
-    let (core, pre) = match v.split_once('-') {
-        Some((c, p)) => (c, Some(p.to_owned())),
-        None => (v, None),
-    };
-    let mut parts = core.split('.').map(|n| n.parse::<u64>().ok());
-    let (a, b, c) = (parts.next()??, parts.next()??, parts.next()??);
-    if parts.next().is_some() {
-        return None;
-    }
-    Some((a, b, c, pre))
-}
-
-/// Whether installing `new` over `running` is a downgrade, or the two cannot
-/// be compared (then it is treated as one: the operator must say so).
+/// Whether installing `new` over `running` is a downgrade (the core's
+/// [`mqota_core::version`] order, the one the device applies), or the two
+/// cannot be compared (then it is treated as one: the operator must say so).
 pub fn is_downgrade(running: &str, new: &str) -> bool {
-    let (Some(r), Some(n)) = (parse_version(running), parse_version(new)) else {
-        return running.split('+').next() != new.split('+').next();
-    };
-    let key = |v: &(u64, u64, u64, Option<String>)| (v.0, v.1, v.2, v.3.is_none());
-    match key(&n).cmp(&key(&r)) {
-        std::cmp::Ordering::Less => true,
-        std::cmp::Ordering::Greater => false,
-        // Same release; both pre-releases: compare them as text.
-        std::cmp::Ordering::Equal => n.3 < r.3,
+    match mqota_core::version::compare(new, running) {
+        Some(order) => order.is_lt(),
+        None => !same_version(running, new),
     }
 }
 
 /// Whether two versions name the same release (build suffixes ignored).
 fn same_version(a: &str, b: &str) -> bool {
-    a.split('+').next() == b.split('+').next()
+    mqota_core::version::same_release(a, b)
 }
 
 /// Plans a deployment of `firmware` to the selected devices of `fleet` and
@@ -517,6 +505,10 @@ pub fn plan_deployment(
     let (downgrade, todo): (Vec<_>, Vec<_>) = todo.into_iter().partition(|d| {
         !options.allow_downgrade && is_downgrade(status(d).version.as_str(), &firmware.version)
     });
+    let unsigned_image = firmware.signers.as_ref().is_some_and(|s| s.is_empty());
+    let (unsigned, todo): (Vec<_>, Vec<_>) = todo
+        .into_iter()
+        .partition(|d| unsigned_image && status(d).signed_only);
     let needs_https = is_https(&firmware.url);
     let (no_https, todo): (Vec<_>, Vec<_>) = todo
         .into_iter()
@@ -529,12 +521,14 @@ pub fn plan_deployment(
         wrong_chip: ids_of(wrong_chip),
         other_project: ids_of(other_project),
         downgrade: ids_of(downgrade),
+        unsigned: ids_of(unsigned),
     };
     if todo.is_empty() {
         let only_current_or_https = left_out.offline.is_empty()
             && left_out.wrong_chip.is_empty()
             && left_out.other_project.is_empty()
-            && left_out.downgrade.is_empty();
+            && left_out.downgrade.is_empty()
+            && left_out.unsigned.is_empty();
         return Err(RolloutError::NoDevices(if left_out.is_empty() {
             "the selection is empty".into()
         } else if !only_current_or_https {
@@ -676,6 +670,8 @@ pub async fn run(
         size: Some(dep.size),
         job: Some(dep.id.clone()),
         timeout_s: Some(options.timeout_s),
+        allow_downgrade: options.allow_downgrade,
+        allow_other_project: options.allow_other_project,
     };
     let mut states: Devices = dep
         .devices
@@ -1025,6 +1021,7 @@ mod tests {
             size: 1000,
             chip: Some("esp32c3".into()),
             project: Some("p".into()),
+            signers: None,
         }
     }
 
@@ -1197,6 +1194,31 @@ mod tests {
             ended: Vec::new(),
             in_flight: None,
         }
+    }
+
+    #[test]
+    fn an_unsigned_image_is_not_sent_to_devices_that_take_only_signed_ones() {
+        let mut strict = view("strict", "esp32c3", "p", "1.0.0", true);
+        strict.status.as_mut().unwrap().signed_only = true;
+        let fleet = [strict, view("open", "esp32c3", "p", "1.0.0", true)];
+        let o = RolloutOptions::default();
+        let unsigned = Firmware {
+            signers: Some(Vec::new()),
+            ..firmware("http://fw/app.bin")
+        };
+        let (dep, left) = plan_deployment(&fleet, &unsigned, &Selection::All, &o).unwrap();
+        let sent: Vec<&str> = dep.devices.iter().map(|d| d.device.as_str()).collect();
+        assert_eq!(sent, ["open"]);
+        assert_eq!(left.unsigned, ["strict"]);
+        let text = left.describe("1.1.0").join("\n");
+        assert!(text.contains("take only signed images"), "{text}");
+        // Signed (by any key: the status does not name the trusted ones).
+        let signed = Firmware {
+            signers: Some(vec!["ab".repeat(32)]),
+            ..firmware("http://fw/app.bin")
+        };
+        let (dep, _) = plan_deployment(&fleet, &signed, &Selection::All, &o).unwrap();
+        assert_eq!(dep.devices.len(), 2);
     }
 
     #[test]
@@ -1373,6 +1395,7 @@ pub async fn resolve_firmware(spec: &str, server: &str) -> Result<Firmware, Firm
         return Ok(Firmware {
             chip: entry.chip,
             project: entry.project,
+            signers: entry.signers,
             ..built
         });
     }
@@ -1408,6 +1431,7 @@ pub fn deployable(spec: &str, f: &crate::http::FirmwareListing) -> Result<Firmwa
     Ok(Firmware {
         chip: f.chip,
         project: f.project,
+        signers: f.signers,
         ..built
     })
 }
@@ -1446,5 +1470,6 @@ fn firmware_from(
         size,
         chip: None,
         project: None,
+        signers: None,
     })
 }

@@ -461,6 +461,8 @@ impl Store {
                 size: r.get(4)?,
                 sha256: r.get(5)?,
                 error: r.get(6)?,
+                // Not stored: the catalogue reads it from the file.
+                signers: None,
                 mtime: r.get(7)?,
             })
         })?;

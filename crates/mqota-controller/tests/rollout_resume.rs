@@ -80,7 +80,7 @@ fn a_rollout_killed_mid_rollback_is_finished_by_resume_without_a_second_rollback
         let url: BrokerUrl = format!("mqtt://127.0.0.1:{port}").parse().unwrap();
         let img = ImageBuilder::new(Chip::Esp32c3)
             .version("1.1.0")
-            .project("fleet")
+            .project("mqota-virtual")
             .size(64 * 1024)
             .build()
             .unwrap();
@@ -95,6 +95,7 @@ fn a_rollout_killed_mid_rollback_is_finished_by_resume_without_a_second_rollback
             // the job and refuses it itself.
             chip: None,
             project: None,
+            signers: None,
         };
 
         // Two devices that take the image, then one of another chip that

@@ -87,6 +87,7 @@ async fn forged_failures() {
         size: 4096,
         chip: Some("esp32c3".into()),
         project: Some("fleet".into()),
+        signers: None,
     };
     let options = RolloutOptions {
         auto_rollback: true,
@@ -215,6 +216,7 @@ async fn own_failure() {
         size: 4096,
         chip: None,
         project: None,
+        signers: None,
     };
     let options = RolloutOptions {
         timeout_s: 60,

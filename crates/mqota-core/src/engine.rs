@@ -58,7 +58,7 @@
 
 use crate::backoff::{Backoff, Jitter, XorShift32};
 use crate::fetch::FetchError;
-use crate::image::{self, Chip, ImageError, StreamValidator};
+use crate::image::{self, AppDescriptor, Chip, ImageError, StreamValidator};
 use crate::journal::{Flag, JobRecord, PAGE_SIZE};
 use crate::otadata::{self, OtaState};
 use crate::protocol::truncated;
@@ -89,6 +89,14 @@ pub struct Config {
     pub chip: Chip,
     /// Version of the running firmware (from its app descriptor).
     pub running_version: String<32>,
+    /// Project name of the running firmware (from its app descriptor). An
+    /// image of another project is refused (`wrong_project`) unless the job
+    /// allows it; empty: no project check.
+    pub running_project: String<32>,
+    /// The lowest `secure_version` the device may run: images below it are
+    /// refused (`downgrade`), whatever the job says. The runtime keeps it in
+    /// flash and raises it when an image is confirmed.
+    pub secure_floor: u32,
     /// Overall deadline of an update, unless the job sets `timeout_s`.
     pub timeout_ms: Millis,
     /// A fetch that delivers no bytes for this long is treated as a failed
@@ -123,6 +131,8 @@ impl Config {
             device: truncated(device),
             chip,
             running_version: truncated(running_version),
+            running_project: String::new(),
+            secure_floor: 0,
             timeout_ms: 600_000,
             stall_timeout_ms: 15_000,
             max_retries: 5,
@@ -350,6 +360,13 @@ struct Download {
     percent: u8,
     last_publish: Millis,
     validator: StreamValidator,
+    /// The job allows an older version / another project. Not journaled: a
+    /// download resumed after a reboot before its first page was kept
+    /// checks without them.
+    allow_downgrade: bool,
+    allow_other_project: bool,
+    /// The image's app descriptor passed [`check_descriptor`].
+    descriptor_checked: bool,
 }
 
 /// The update engine. See the [module docs](self).
@@ -391,6 +408,13 @@ impl Engine {
             page: [0xFF; PAGE_SIZE as usize],
             fill: 0,
         }
+    }
+
+    /// Raises or sets the `secure_version` floor images are checked
+    /// against ([`Config::secure_floor`]), e.g. after a trial confirmed an
+    /// image with a higher one.
+    pub fn set_secure_floor(&mut self, floor: u32) {
+        self.cfg.secure_floor = floor;
     }
 
     /// Whether an update is in flight.
@@ -490,6 +514,8 @@ impl Engine {
             job: None,
             timeout_s: None,
             force: false,
+            allow_downgrade: false,
+            allow_other_project: false,
         };
         if job.url.push_str(url).is_err() {
             let mut a = Actions::new();
@@ -610,6 +636,9 @@ impl Engine {
         dl.written = written;
         dl.erased_to = written;
         dl.journal_started = true;
+        // Its descriptor was checked (with the job's permissions) before
+        // its first page was kept.
+        dl.descriptor_checked = written > 0;
         // The job's events before the reboot already reached this far.
         dl.percent = Self::handle_progress(written, dl.total).min(99);
         info!("resuming job at byte {} after reboot", written);
@@ -652,6 +681,9 @@ impl Engine {
             last_publish: now,
             validator: StreamValidator::new(Some(self.cfg.chip), slot.max_image_len())
                 .structure_only(),
+            allow_downgrade: false,
+            allow_other_project: false,
+            descriptor_checked: false,
         }
     }
 
@@ -675,7 +707,10 @@ impl Engine {
             return Ok(());
         }
         let record = JobRecord::from_job(&job);
-        self.dl = Some(self.new_download(now, record, target));
+        let mut dl = self.new_download(now, record, target);
+        dl.allow_downgrade = job.allow_downgrade;
+        dl.allow_other_project = job.allow_other_project;
+        self.dl = Some(dl);
         self.fill = 0;
         if let Some(size) = job.size {
             if size > slot.max_image_len() {
@@ -819,6 +854,15 @@ impl Engine {
         let dl = self.dl.as_mut().expect("flush without download");
         let data = &self.page[..self.fill];
         dl.validator.feed(data).map_err(image_fail)?;
+        // The descriptor sits in the first page: the policy is asked before
+        // anything of the old image is erased.
+        if !dl.descriptor_checked {
+            if let Some(desc) = dl.validator.app_descriptor() {
+                check_descriptor(&self.cfg, desc, dl.allow_downgrade, dl.allow_other_project)
+                    .map_err(|(code, why)| fail(code, why))?;
+                dl.descriptor_checked = true;
+            }
+        }
         let need = dl.written + PAGE_SIZE;
         let erase_end = match dl.total {
             Some(t) => round_up(t, PAGE_SIZE),
@@ -1135,6 +1179,41 @@ impl Engine {
             message: (!msg.is_empty()).then(|| truncated(msg)),
         }
     }
+}
+
+/// The device's policy on an image, from its app descriptor (in the first
+/// page, so it is asked before anything is erased): `secure_version` not
+/// below `cfg.secure_floor` (no job can override that); the same project as
+/// the running firmware unless `allow_other_project`; a version not older
+/// than the running one ([`crate::version`] order) unless `allow_downgrade`.
+/// Versions that are not of semver form are not ordered.
+pub fn check_descriptor(
+    cfg: &Config,
+    desc: &AppDescriptor,
+    allow_downgrade: bool,
+    allow_other_project: bool,
+) -> Result<(), (ErrorCode, &'static str)> {
+    if desc.secure_version < cfg.secure_floor {
+        return Err((
+            ErrorCode::Downgrade,
+            "image secure_version is below the device's floor",
+        ));
+    }
+    if !allow_other_project
+        && !cfg.running_project.is_empty()
+        && desc.project_name != cfg.running_project
+    {
+        return Err((ErrorCode::WrongProject, "image belongs to another project"));
+    }
+    let older =
+        crate::version::compare(&desc.version, &cfg.running_version).is_some_and(|o| o.is_lt());
+    if older && !allow_downgrade {
+        return Err((
+            ErrorCode::Downgrade,
+            "image version is older than the running one",
+        ));
+    }
+    Ok(())
 }
 
 fn round_up(v: u32, to: u32) -> u32 {

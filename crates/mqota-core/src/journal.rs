@@ -144,6 +144,8 @@ impl JobRecord {
             job: self.job.clone(),
             timeout_s: self.timeout_s,
             force: true,
+            allow_downgrade: false,
+            allow_other_project: false,
         }
     }
 

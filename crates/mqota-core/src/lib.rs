@@ -22,3 +22,4 @@ pub mod otadata;
 pub mod partition;
 pub mod protocol;
 pub mod signature;
+pub mod version;

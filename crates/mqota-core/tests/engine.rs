@@ -6,7 +6,7 @@ use common::*;
 use embedded_storage::nor_flash::ReadNorFlash;
 use mqota_core::engine::{Config, Engine, Event};
 use mqota_core::fetch::FetchError;
-use mqota_core::image::Chip;
+use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::journal::{Flag, PAGE_SIZE};
 use mqota_core::otadata::{OtaState, Otadata};
 use mqota_core::protocol::{Command, ErrorCode, Phase};
@@ -668,4 +668,84 @@ fn begin_ota_with_an_overlong_url_fails_with_bad_command() {
     assert_eq!(d.last().phase, Phase::Failed);
     assert_eq!(d.last().error, Some(ErrorCode::BadCommand));
     assert!(!d.engine.is_busy());
+}
+
+/// A device running 1.0.0 of `mqota-test` with a `secure_version` floor of 2.
+fn guarded() -> Rig {
+    let mut d = device();
+    let mut cfg = Config::new("dev-1", Chip::Esp32c3, "1.0.0");
+    cfg.progress_interval_ms = 0;
+    cfg.running_project = "mqota-test".try_into().unwrap();
+    cfg.secure_floor = 2;
+    d.engine = Engine::new(cfg, d.layout.clone());
+    d
+}
+
+fn built(version: &str, project: &str, secure_version: u32) -> Vec<u8> {
+    ImageBuilder::new(Chip::Esp32c3)
+        .version(version)
+        .project(project)
+        .secure_version(secure_version)
+        .size(100_000)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn an_older_version_another_project_or_a_lower_secure_version_is_refused_before_any_erase() {
+    let cases = [
+        (
+            built("0.9.0", "mqota-test", 2),
+            ErrorCode::Downgrade,
+            "older than the running",
+        ),
+        (
+            built("1.1.0", "other-app", 2),
+            ErrorCode::WrongProject,
+            "another project",
+        ),
+        (
+            built("1.1.0", "mqota-test", 1),
+            ErrorCode::Downgrade,
+            "below the device's floor",
+        ),
+    ];
+    for (img, code, says) in cases {
+        let mut d = guarded();
+        let before = d.slot_bytes(1, 8192);
+        d.start(job(URL));
+        d.flash.reset_stats();
+        d.serve(&img);
+        let last = d.last();
+        assert_eq!(
+            (last.phase, last.error),
+            (Phase::Failed, Some(code)),
+            "{last:?}"
+        );
+        assert!(last.message.as_deref().unwrap().contains(says), "{last:?}");
+        assert_eq!(d.flash.stats().erases, 0, "nothing erased");
+        assert_eq!(d.slot_bytes(1, 8192), before);
+        assert!(!d.rebooted && !d.engine.is_busy());
+    }
+}
+
+#[test]
+fn the_job_may_allow_an_older_version_or_another_project_but_never_a_lower_secure_version() {
+    let mut allowed = job(URL);
+    allowed.allow_downgrade = true;
+    allowed.allow_other_project = true;
+    for img in [
+        built("0.9.0", "mqota-test", 2),
+        built("1.1.0", "other-app", 3),
+    ] {
+        let mut d = guarded();
+        d.start(allowed.clone());
+        d.serve(&img);
+        assert!(d.rebooted, "{:?}", d.last());
+    }
+    let mut d = guarded();
+    d.start(allowed);
+    d.serve(&built("1.1.0", "mqota-test", 1));
+    assert_eq!(d.last().error, Some(ErrorCode::Downgrade));
+    assert!(!d.rebooted);
 }

@@ -324,6 +324,8 @@ fn cycle<F: MultiwriteNorFlash>(
                 job: Some("sweep".try_into().expect("short id")),
                 timeout_s: None,
                 force: false,
+                allow_downgrade: false,
+                allow_other_project: false,
             };
             engine.handle(flash, now, Event::Command(Command::Start(job)))
         }

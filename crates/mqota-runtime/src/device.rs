@@ -58,10 +58,12 @@ use mqota_core::engine::{
 };
 use mqota_core::image::{self, Chip};
 use mqota_core::partition::{PartitionTable, TABLE_OFFSET};
+use mqota_core::protocol::envelope::{self, JobTrust};
 use mqota_core::protocol::truncated;
 use mqota_core::protocol::{
-    parse_command, Command, CommandOutcome, ErrorCode, LastResult, Phase, Progress, Status, Topics,
-    MAX_PROGRESS_JSON, MAX_STATUS_JSON, MAX_URL_LEN, OFFLINE, ONLINE,
+    parse_command, parse_signed_command, BadCommand, Command, CommandOutcome, ErrorCode,
+    LastResult, Phase, Progress, Status, Topics, MAX_COMMAND_LEN, MAX_PROGRESS_JSON,
+    MAX_STATUS_JSON, MAX_URL_LEN, OFFLINE, ONLINE,
 };
 use mqota_core::signature::TrustPolicy;
 
@@ -74,6 +76,7 @@ use crate::http::{
 };
 use crate::mqtt::{Message, MqttBuffers, MqttConfig, MqttSession, QoS, MQTT_RX_BUFFER};
 use crate::platform::{Link, Platform, Slot};
+use crate::trust::TrustState;
 
 /// Progress events waiting to be published during a download.
 pub const PROGRESS_QUEUE: usize = 8;
@@ -114,6 +117,9 @@ pub struct DeviceConfig<'a> {
     /// Which signing keys updates must carry; none: unsigned images are
     /// taken (and the status says `"signed_only": false`).
     pub trust: TrustPolicy,
+    /// The key commands must be signed with; none: unsigned commands are
+    /// taken (and the status says `"signed_jobs": false`).
+    pub job_trust: Option<JobTrust>,
 }
 
 impl<'a> DeviceConfig<'a> {
@@ -135,6 +141,7 @@ impl<'a> DeviceConfig<'a> {
             seed: 0x6d71_6f74,
             progress_copy: true,
             trust: TrustPolicy::none(),
+            job_trust: None,
         }
     }
 }
@@ -172,6 +179,8 @@ pub struct Booted {
     pub version: String<32>,
     /// Project name of the running image.
     pub project: String<32>,
+    /// `secure_version` of the running image.
+    pub secure_version: u32,
 }
 
 /// Why [`early_boot`] could not describe the running firmware. The device
@@ -211,6 +220,7 @@ pub fn early_boot<F: NorFlash>(flash: &mut F, running: Slot) -> Result<Booted, B
         chip: info.chip,
         version: info.app.version.clone(),
         project: info.app.project_name.clone(),
+        secure_version: info.app.secure_version,
     })
 }
 
@@ -259,6 +269,9 @@ where
         boot_reason: None,
         log_newest: None,
         signed_only: cfg.trust.signed_only(),
+        secure_version: booted.secure_version,
+        signed_jobs: cfg.job_trust.is_some(),
+        job_seq: None,
     };
     // The will marks the device offline on its availability topic, never
     // on its status: the retained status keeps the last real state.
@@ -287,6 +300,21 @@ where
     engine_cfg.stall_timeout_ms = cfg.stall_timeout.as_millis();
     engine_cfg.progress_interval_ms = cfg.progress_interval.as_millis();
     engine_cfg.trust = cfg.trust;
+    engine_cfg.running_project = booted.project.clone();
+    // The trust state: the sequence numbers accepted and the floor. A
+    // confirmed image raises the floor to its own secure_version at every
+    // boot (repairing a cut between confirming and raising).
+    let mut trust = TrustState::open(flash).await;
+    if booted.boot.verdict != Verdict::Trial
+        && trust
+            .raise_floor(flash, booted.secure_version)
+            .await
+            .is_err()
+    {
+        warn!("could not raise the secure_version floor");
+    }
+    engine_cfg.secure_floor = trust.floor();
+    status.job_seq = trust.seq();
     // Download retries draw their jitter from the device's seed too, mixed
     // apart from the reconnect generator's.
     engine_cfg.seed = cfg.seed.rotate_left(16) ^ now_ms() as u32 ^ 0x5bd1_e995;
@@ -319,7 +347,16 @@ where
             booted.boot.state.name()
         ),
     );
+    if !trust.persistent() {
+        log.note(
+            now_ms(),
+            mqota_core::protocol::LogLevel::Warn,
+            "no mqota partition: replay protection and the secure_version floor last until reboot",
+        );
+    }
     let mut dev = Device {
+        trust,
+        job_trust: cfg.job_trust,
         log,
         connected_once: false,
         topics: &topics,
@@ -368,6 +405,15 @@ where
                     "trial passed: image confirmed",
                 );
                 platform.confirmed();
+                if dev
+                    .trust
+                    .raise_floor(flash, booted.secure_version)
+                    .await
+                    .is_err()
+                {
+                    warn!("could not raise the secure_version floor");
+                }
+                engine.set_secure_floor(dev.trust.floor());
                 dev.status.state = truncated("valid");
                 dev.report(&mut session, &report).await;
                 let _ = bootguard::mark_reported(flash, &report);
@@ -465,7 +511,7 @@ where
                 fieldlog::serve_get(&dev.log, &mut session, &topics, &msg, flash).await;
             }
             Ok(Some(msg)) => {
-                let actions = dev.on_message(&msg, &mut engine, flash);
+                let actions = dev.on_message(&mut session, &msg, &mut engine, flash).await;
                 dev.apply(&mut session, actions, flash, &layout).await;
             }
             Ok(None) => {}
@@ -478,6 +524,10 @@ where
 
 /// What the loop carries between steps.
 struct Device<'d> {
+    /// Sequence numbers accepted and the secure_version floor.
+    trust: TrustState,
+    /// The key commands must be signed with, if any.
+    job_trust: Option<JobTrust>,
     /// The field log.
     log: FieldLog,
     /// The broker was reached since the last loss (a loss is logged once).
@@ -625,6 +675,12 @@ impl Device<'_> {
                 Action::StopFetch => self.fetch = None,
                 Action::Reboot => self.reboot = true,
                 Action::Rollback { job } => {
+                    if let Some(why) = below_floor(flash, layout, self.trust.floor()) {
+                        let p = Progress::new(self.topics, job, Phase::Failed)
+                            .with_error(ErrorCode::Downgrade, Some(why));
+                        self.publish(session, p).await;
+                        continue;
+                    }
                     let p = match bootguard::rollback(flash, layout) {
                         Ok(()) => {
                             self.reboot = true;
@@ -641,30 +697,81 @@ impl Device<'_> {
         }
     }
 
-    /// A command arrived while no download runs: the engine decides what it
-    /// means.
-    fn on_message<F: MultiwriteNorFlash>(
+    /// A command arrived while no download runs: a signed one's sequence
+    /// number is checked and recorded first, then the engine decides what
+    /// it means.
+    async fn on_message<T: TcpConnect, D: Dns, F: MultiwriteNorFlash>(
         &mut self,
+        session: &mut MqttSession<'_, T, D>,
         msg: &Message,
         engine: &mut Engine,
         flash: &mut F,
     ) -> Actions {
-        let mut out = Actions::new();
-        match read_command(msg, self.topics) {
-            Incoming::Command(cmd) => out = engine.handle(flash, now_ms(), Event::Command(cmd)),
-            Incoming::Bad(p) => {
-                let _ = out.push(Action::Publish(p));
+        match read_command(msg, self.topics, self.job_trust.as_ref(), &self.trust) {
+            Incoming::Command(cmd, seq) => {
+                if let Some(seq) = seq {
+                    if self.trust.accept_seq(flash, seq).await.is_err() {
+                        let p = Progress::new(self.topics, command_job(&cmd), Phase::Failed)
+                            .with_error(
+                                ErrorCode::Flash,
+                                Some("could not record the command's sequence number"),
+                            );
+                        self.publish_refusal(session, p).await;
+                        return Actions::new();
+                    }
+                    self.status.job_seq = self.trust.seq();
+                    self.publish_status(session).await;
+                }
+                engine.handle(flash, now_ms(), Event::Command(cmd))
             }
-            Incoming::Ignored => {}
+            Incoming::Bad(p) => {
+                self.publish_refusal(session, p).await;
+                Actions::new()
+            }
+            Incoming::Ignored => Actions::new(),
         }
-        out
+    }
+
+    /// Publishes the refusal of a command: an answer, not the result of an
+    /// update, so the retained status keeps the last real one.
+    async fn publish_refusal<T: TcpConnect, D: Dns>(
+        &mut self,
+        session: &mut MqttSession<'_, T, D>,
+        p: Progress,
+    ) {
+        publish_progress(session, self.topics, &p, self.progress_copy).await;
+        fieldlog::note_progress(&self.log, now_ms(), &p);
     }
 }
 
+/// The job a command names, for the events that answer it.
+fn command_job(cmd: &Command) -> Option<mqota_core::protocol::JobId> {
+    match cmd {
+        Command::Start(job) => job.job.clone(),
+        Command::Cancel { job } | Command::Rollback { job } => job.clone(),
+    }
+}
+
+/// Why a rollback must not boot the previous slot: its image's
+/// `secure_version` is below `floor`. `None` when it is not (or the slot
+/// holds no valid image: the boot guard answers that).
+fn below_floor<F: NorFlash>(flash: &mut F, layout: &Layout, floor: u32) -> Option<&'static str> {
+    if floor == 0 {
+        return None;
+    }
+    let slot = layout.slots[layout.target()];
+    let info = image::validate_flash(flash, slot.offset, slot.size).ok()?;
+    (info.app.secure_version < floor)
+        .then_some("previous image's secure_version is below the device's floor")
+}
+
 /// A message on one of the device's topics, read.
+// Built and consumed at once, never stored: no allocator to box in.
+#[allow(clippy::large_enum_variant)]
 enum Incoming {
-    /// A command for this device.
-    Command(Command),
+    /// A command for this device, with its sequence number if it was signed
+    /// (fresh: above every one accepted so far).
+    Command(Command, Option<u64>),
     /// A malformed command: publish this refusal.
     Bad(Progress),
     /// Not a command for this device, or a retained one: nothing to do.
@@ -673,7 +780,15 @@ enum Incoming {
 
 /// Reads a message: a retained command is dropped unread (it would run again
 /// on every reconnect), anything not addressed to this device is ignored.
-fn read_command(msg: &Message, topics: &Topics) -> Incoming {
+/// With a job key, only a command signed with it, bound to this device and
+/// topic, and with a fresh sequence number is a command; anything else is
+/// refused (`bad_signature`, `replayed`).
+fn read_command(
+    msg: &Message,
+    topics: &Topics,
+    job_trust: Option<&JobTrust>,
+    state: &TrustState,
+) -> Incoming {
     let Some(kind) = topics.classify(&msg.topic) else {
         return Incoming::Ignored;
     };
@@ -681,7 +796,40 @@ fn read_command(msg: &Message, topics: &Topics) -> Incoming {
         warn!("dropping a retained command: commands are never retained");
         return Incoming::Ignored;
     }
-    match parse_command(kind, &msg.payload, topics.device_id()) {
+    let (parsed, seq) = match job_trust {
+        None => (parse_command(kind, &msg.payload, topics.device_id()), None),
+        Some(trust) => {
+            let mut inner = [0u8; MAX_COMMAND_LEN];
+            let opened = match envelope::open(&msg.payload, trust, &mut inner) {
+                Ok(inner) => inner,
+                Err(reason) => {
+                    return Incoming::Bad(
+                        BadCommand {
+                            code: ErrorCode::BadSignature,
+                            reason,
+                            job: None,
+                        }
+                        .to_progress(topics),
+                    )
+                }
+            };
+            match parse_signed_command(kind, opened, topics.device_id()) {
+                Ok((outcome, seq)) => (Ok(outcome), Some(seq)),
+                Err(bad) => (Err(bad), None),
+            }
+        }
+    };
+    if let (Some(seq), Ok(CommandOutcome::Command(cmd))) = (seq, &parsed) {
+        if !state.is_fresh(seq) {
+            return Incoming::Bad(
+                Progress::new(topics, command_job(cmd), Phase::Failed).with_error(
+                    ErrorCode::Replayed,
+                    Some("sequence number is not above the last one accepted"),
+                ),
+            );
+        }
+    }
+    match parsed {
         // Refused before the engine sees it: the device could never fetch
         // it, and the controller can tell from `https` in the status.
         Ok(CommandOutcome::Command(Command::Start(job)))
@@ -692,7 +840,7 @@ fn read_command(msg: &Message, topics: &Topics) -> Incoming {
                     .with_error(ErrorCode::BadCommand, Some(HTTPS_NOT_ENABLED)),
             )
         }
-        Ok(CommandOutcome::Command(cmd)) => Incoming::Command(cmd),
+        Ok(CommandOutcome::Command(cmd)) => Incoming::Command(cmd, seq),
         Ok(CommandOutcome::NotForMe) => Incoming::Ignored,
         Err(bad) => Incoming::Bad(bad.to_progress(topics)),
     }
@@ -815,6 +963,8 @@ where
     let finished = engine.finished().clone();
     let copy = dev.progress_copy;
     let flog = &dev.log;
+    let trust_state = &dev.trust;
+    let job_trust = dev.job_trust;
     let outbox = RefCell::new(Deque::new());
     let (result, cancel, ending) = {
         let mut sink = EngineSink {
@@ -860,7 +1010,8 @@ where
                         let state = State::Updating {
                             job: current.as_ref(),
                         };
-                        if let Some(cmd) = during_download(&msg, topics, state, &finished, &outbox)
+                        let read = read_command(&msg, topics, job_trust.as_ref(), trust_state);
+                        if let Some(cmd) = during_download(read, topics, state, &finished, &outbox)
                         {
                             return cmd;
                         }
@@ -894,6 +1045,19 @@ where
     }
     let now = now_ms();
     let mut actions = ending;
+    // A signed cancel's sequence number is recorded before it acts; if that
+    // fails the cancel still runs (the download already stopped), and says so.
+    let cancel = match cancel {
+        Some((cmd, Some(seq))) => {
+            if dev.trust.accept_seq(flash, seq).await.is_err() {
+                warn!("could not record a cancel's sequence number");
+            }
+            dev.status.job_seq = dev.trust.seq();
+            Some(cmd)
+        }
+        Some((cmd, None)) => Some(cmd),
+        None => None,
+    };
     let event = match (result, cancel) {
         (_, Some(cmd)) => Some(Event::Command(cmd)),
         (Some(Ok(_)), None) => Some(Event::BodyEnd),
@@ -970,14 +1134,14 @@ async fn publish_progress<T: TcpConnect, D: Dns>(
 /// refusals (`busy`, `duplicate_job`, `bad_command`) are queued; retained
 /// commands and everything else are ignored.
 fn during_download(
-    msg: &Message,
+    read: Incoming,
     topics: &Topics,
     state: State<'_>,
     finished: &Finished,
     outbox: &RefCell<Deque<Progress, PROGRESS_QUEUE>>,
-) -> Option<Command> {
-    let cmd = match read_command(msg, topics) {
-        Incoming::Command(cmd) => cmd,
+) -> Option<(Command, Option<u64>)> {
+    let (cmd, seq) = match read {
+        Incoming::Command(cmd, seq) => (cmd, seq),
         Incoming::Bad(p) => {
             queue(outbox, p);
             return None;
@@ -985,7 +1149,7 @@ fn during_download(
         Incoming::Ignored => return None,
     };
     match decide(state, finished, &cmd) {
-        Decision::Cancel => Some(cmd),
+        Decision::Cancel => Some((cmd, seq)),
         Decision::Refuse(code, why) => {
             let job = match cmd {
                 Command::Start(job) => job.job,
@@ -1045,14 +1209,24 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    read_command(&message(topic, payload, true), &topics),
+                    read_command(
+                        &message(topic, payload, true),
+                        &topics,
+                        None,
+                        &TrustState::in_ram()
+                    ),
                     Incoming::Ignored
                 ),
                 "{topic}"
             );
             assert!(
                 !matches!(
-                    read_command(&message(topic, payload, false), &topics),
+                    read_command(
+                        &message(topic, payload, false),
+                        &topics,
+                        None,
+                        &TrustState::in_ram()
+                    ),
                     Incoming::Ignored
                 ),
                 "{topic} unretained is read"
@@ -1064,14 +1238,99 @@ mod tests {
     fn an_https_job_is_refused_bad_command_while_tls_is_off() {
         let topics = Topics::new("device", "d").unwrap();
         let msg = message("device/d/ota/start", b"https://fw.example/fw.bin", false);
-        match read_command(&msg, &topics) {
+        match read_command(&msg, &topics, None, &TrustState::in_ram()) {
             Incoming::Bad(p) if !HTTPS_ENABLED => {
                 assert_eq!(p.error, Some(ErrorCode::BadCommand));
                 assert_eq!(p.message.as_deref(), Some(HTTPS_NOT_ENABLED));
             }
-            Incoming::Command(_) if HTTPS_ENABLED => {}
+            Incoming::Command(..) if HTTPS_ENABLED => {}
             _ => panic!("an https job is either refused or read"),
         }
+    }
+
+    fn job_key() -> p256::ecdsa::SigningKey {
+        p256::ecdsa::SigningKey::from_slice(&[7; 32]).unwrap()
+    }
+
+    fn job_trust() -> JobTrust {
+        JobTrust::new(
+            envelope::job_key_of(job_key().verifying_key()),
+            mqota_core::signature::SoftVerifier::INSTANCE,
+        )
+    }
+
+    fn sealed(json: &str) -> std::string::String {
+        envelope::seal(json.as_bytes(), &job_key())
+    }
+
+    fn refusal(i: Incoming) -> (ErrorCode, std::string::String) {
+        match i {
+            Incoming::Bad(p) => (p.error.unwrap(), p.message.unwrap().as_str().into()),
+            _ => panic!("not refused"),
+        }
+    }
+
+    #[test]
+    fn with_a_job_key_only_fresh_commands_signed_for_this_device_and_topic_are_read() {
+        let topics = Topics::new("device", "d").unwrap();
+        let trust = job_trust();
+        let fresh = TrustState::in_ram();
+        let read = |topic: &str, payload: &str, state: &TrustState, retain: bool| {
+            read_command(
+                &message(topic, payload.as_bytes(), retain),
+                &topics,
+                Some(&trust),
+                state,
+            )
+        };
+        let start = sealed(r#"{"op":"start","seq":5,"device":"d","url":"http://h/f","job":"j"}"#);
+        match read("device/d/ota/start", &start, &fresh, false) {
+            Incoming::Command(Command::Start(job), Some(5)) => {
+                assert_eq!(job.job.as_deref(), Some("j"))
+            }
+            _ => panic!("a good signed start is read"),
+        }
+        // Unsigned, bare URL or JSON: refused.
+        for unsigned in ["http://h/f", r#"{"url":"http://h/f"}"#] {
+            assert_eq!(
+                refusal(read("device/d/ota/start", unsigned, &fresh, false)),
+                (ErrorCode::BadSignature, "command is not signed".into())
+            );
+        }
+        // The same bytes after a higher number was accepted: replayed.
+        let mut later = TrustState::in_ram();
+        let mut flash = mqota_flash_sim::SimFlash::new(0x1000);
+        embassy_futures::block_on(later.accept_seq(&mut flash, 5)).unwrap();
+        let (code, _) = refusal(read("device/d/ota/start", &start, &later, false));
+        assert_eq!(code, ErrorCode::Replayed);
+        // Signed for another device, or for another topic.
+        let other = sealed(r#"{"op":"start","seq":6,"device":"e","url":"http://h/f"}"#);
+        assert_eq!(
+            refusal(read("device/d/ota/start", &other, &fresh, false)).0,
+            ErrorCode::BadSignature
+        );
+        let cancel = sealed(r#"{"op":"cancel","seq":7,"device":"d"}"#);
+        assert_eq!(
+            refusal(read("device/d/ota/rollback", &cancel, &fresh, false)).0,
+            ErrorCode::BadSignature
+        );
+        // Signed by another key.
+        let forged = envelope::seal(
+            br#"{"op":"start","seq":8,"device":"d","url":"http://h/f"}"#,
+            &p256::ecdsa::SigningKey::from_slice(&[8; 32]).unwrap(),
+        );
+        assert_eq!(
+            refusal(read("device/d/ota/start", &forged, &fresh, false)),
+            (
+                ErrorCode::BadSignature,
+                "command signature does not verify".into()
+            )
+        );
+        // Retained: dropped unread, signed or not.
+        assert!(matches!(
+            read("device/d/ota/start", &start, &fresh, true),
+            Incoming::Ignored
+        ));
     }
 
     fn ev(phase: Phase, error: Option<ErrorCode>) -> Progress {

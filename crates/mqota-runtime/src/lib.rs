@@ -14,6 +14,7 @@ pub mod fieldlog;
 pub mod http;
 pub mod mqtt;
 pub mod platform;
+pub mod trust;
 
 pub use conn::MQTT_TX_BUFFER;
 pub use device::{early_boot, run, BootError, Booted, DeviceConfig, PROGRESS_QUEUE};

@@ -114,6 +114,8 @@ fn start<F: MultiwriteNorFlash>(engine: &mut Engine, flash: &mut F, url: &str) {
         job: None,
         timeout_s: None,
         force: false,
+        allow_downgrade: false,
+        allow_other_project: false,
     };
     engine.handle(flash, 0, Event::Command(Command::Start(job)));
 }

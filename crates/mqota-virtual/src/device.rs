@@ -28,6 +28,7 @@ use embedded_storage::nor_flash::{ErrorType, MultiwriteNorFlash, NorFlash, ReadN
 use mqota_core::bootguard::Verdict;
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
+use mqota_core::protocol::envelope::{JobKey, JobTrust};
 use mqota_core::signature::{KeyDigest, SoftVerifier, TrustPolicy};
 use mqota_flash_sim::{BootConfig, Bootloader, FileStore, Memory, SimError, SimFlash};
 use mqota_runtime::{early_boot, BootReason, DeviceConfig, Link, Platform, Slot};
@@ -89,6 +90,13 @@ pub struct VirtualConfig {
     /// any, it activates only images one of them signed
     /// ([`DeviceConfig::trust`], checked in software).
     pub trusted_keys: Vec<KeyDigest>,
+    /// The key commands must be signed with; with one the device refuses
+    /// unsigned commands ([`DeviceConfig::job_trust`], checked in software).
+    pub job_key: Option<JobKey>,
+    /// `project_name` of the initial image (`mqota-virtual`).
+    pub initial_project: String,
+    /// `secure_version` of the initial image (0).
+    pub initial_secure_version: u32,
 }
 
 impl VirtualConfig {
@@ -117,6 +125,9 @@ impl VirtualConfig {
             keep_alive_secs: defaults.keep_alive_secs,
             progress_copy: defaults.progress_copy,
             trusted_keys: Vec::new(),
+            job_key: None,
+            initial_project: "mqota-virtual".to_string(),
+            initial_secure_version: 0,
         }
     }
 
@@ -137,6 +148,9 @@ impl VirtualConfig {
         if !self.trusted_keys.is_empty() {
             d.trust = TrustPolicy::new(&self.trusted_keys, SoftVerifier::INSTANCE);
         }
+        d.job_trust = self
+            .job_key
+            .map(|k| JobTrust::new(k, SoftVerifier::INSTANCE));
         d.seed = self.id.bytes().fold(0x811c_9dc5u32, |h, b| {
             (h ^ b as u32).wrapping_mul(0x0100_0193)
         });
@@ -361,7 +375,8 @@ fn provision(flash: &mut DeviceFlash, cfg: &VirtualConfig) -> Result<(), String>
     let table = PartitionTable::from_csv(DEFAULT_4MB_CSV).map_err(|e| format!("{e:?}"))?;
     let image = ImageBuilder::new(cfg.chip)
         .version(&cfg.initial_version)
-        .project("mqota-virtual")
+        .project(&cfg.initial_project)
+        .secure_version(cfg.initial_secure_version)
         .size(cfg.initial_size)
         .build()
         .map_err(|e| format!("initial image: {e:?}"))?;

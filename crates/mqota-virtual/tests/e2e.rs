@@ -21,7 +21,7 @@ fn image(version: &str, size: u32) -> Vec<u8> {
 fn image_for(chip: Chip, version: &str, size: u32) -> Vec<u8> {
     ImageBuilder::new(chip)
         .version(version)
-        .project("e2e")
+        .project("mqota-virtual")
         .size(size)
         .build()
         .unwrap()
@@ -1784,3 +1784,311 @@ on_both_brokers!(
     redirect_loops_too_many_redirects_404_and_a_bad_length_fail_at_once,
     an_https_job_is_refused_with_bad_command_and_no_flash_write,
 );
+
+// ---- trust: signed commands, sequence numbers, no downgrades ----
+
+fn job_signing_key() -> p256::ecdsa::SigningKey {
+    p256::ecdsa::SigningKey::random(&mut rand_core::OsRng)
+}
+
+/// `fields` as a signed command for `device` on the topic `op`.
+fn signed(
+    key: &p256::ecdsa::SigningKey,
+    op: &str,
+    seq: u64,
+    device: &str,
+    fields: serde_json::Value,
+) -> Vec<u8> {
+    let mut cmd = serde_json::json!({ "op": op, "seq": seq, "device": device });
+    cmd.as_object_mut()
+        .unwrap()
+        .extend(fields.as_object().unwrap().clone());
+    mqota_core::protocol::envelope::seal(&serde_json::to_vec(&cmd).unwrap(), key).into_bytes()
+}
+
+/// Waits for a `failed` event of `id` with `error`, whatever its job, that
+/// was not there among the first `skip` events.
+async fn refused_after(obs: &Observer, id: &str, skip: usize, error: ErrorCode) -> Progress {
+    let found = |s: &[Received]| {
+        progress_of(s, id)
+            .into_iter()
+            .skip(skip)
+            .find(|p| p.phase == Phase::Failed && p.error == Some(error))
+    };
+    assert!(
+        obs.wait_until(Duration::from_secs(20), |s| found(s).is_some())
+            .await,
+        "{id}: no {error:?} refusal: {:?}",
+        progress_of(&obs.all(), id).last()
+    );
+    found(&obs.all()).unwrap()
+}
+
+async fn a_device_with_a_job_key_runs_only_fresh_commands_signed_for_it(broker: TestBroker) {
+    local(async {
+        let key = job_signing_key();
+        let v2 = image("1.1.0", 120_000);
+        let v3 = image("1.2.0", 120_000);
+        let http = FileServer::start(&[("v2.bin", &v2), ("v3.bin", &v3)]).await;
+        let obs = broker.observe("device/#").await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(&broker, "dev-j");
+        cfg.job_key = Some(mqota_core::protocol::envelope::job_key_of(
+            key.verifying_key(),
+        ));
+        cfg.flash = Some(dir.path().join("dev-j.flash"));
+        // A genuine signed command left retained on the broker before the
+        // device connects: never run, never answered, on any connect.
+        let retained = signed(
+            &key,
+            "start",
+            5,
+            "dev-j",
+            serde_json::json!({ "url": http.url("v2.bin"), "job": "j-retained" }),
+        );
+        broker
+            .publish("device/dev-j/ota/start", &retained, true)
+            .await;
+        let dev = start(cfg);
+        online(&obs, "dev-j", "1.0.0").await;
+        let status = status_of(&obs.all(), "dev-j").unwrap();
+        assert!(status.signed_jobs);
+        assert_eq!(status.job_seq, None);
+        let start_topic = "device/dev-j/ota/start";
+        let v2_job = serde_json::json!({ "url": http.url("v2.bin"), "job": "j-v2" });
+
+        // Refused, each with its own reason, and nothing installed.
+        let forged = signed(&job_signing_key(), "start", 10, "dev-j", v2_job.clone());
+        let elsewhere = signed(&key, "start", 11, "dev-other", v2_job.clone());
+        let wrong_topic = signed(&key, "rollback", 12, "dev-j", serde_json::json!({}));
+        for (payload, why) in [
+            (http.url("v2.bin").into_bytes(), "command is not signed"),
+            (
+                job(&http.url("v2.bin"), serde_json::json!({})),
+                "command is not signed",
+            ),
+            (forged, "command signature does not verify"),
+            (elsewhere, "command is signed for another device"),
+            (wrong_topic, "command is signed for another topic (op)"),
+        ] {
+            let before = progress_of(&obs.all(), "dev-j").len();
+            broker.publish(start_topic, &payload, false).await;
+            let p = refused_after(&obs, "dev-j", before, ErrorCode::BadSignature).await;
+            assert_eq!(p.message.as_deref(), Some(why));
+        }
+        assert_eq!(dev.boots().len(), 1);
+
+        // The genuine one runs; a recording of it played again does nothing,
+        // also after the reboot into the new image.
+        let good = signed(&key, "start", 30, "dev-j", v2_job.clone());
+        broker.publish(start_topic, &good, false).await;
+        online(&obs, "dev-j", "1.1.0").await;
+        assert!(
+            obs.wait_until(Duration::from_secs(10), |s| status_of(s, "dev-j")
+                .is_some_and(|st| st.job_seq == Some(30)))
+                .await,
+            "the status shows the last accepted sequence number: {:?}",
+            statuses_of(&obs.all(), "dev-j")
+        );
+        let before = progress_of(&obs.all(), "dev-j").len();
+        broker.publish(start_topic, &good, false).await;
+        let p = refused_after(&obs, "dev-j", before, ErrorCode::Replayed).await;
+        assert_eq!(p.job.as_deref(), Some("j-v2"));
+        // So is an older sequence number on a new job.
+        let older = signed(
+            &key,
+            "start",
+            25,
+            "dev-j",
+            serde_json::json!({ "url": http.url("v3.bin"), "job": "j-old" }),
+        );
+        let before = progress_of(&obs.all(), "dev-j").len();
+        broker.publish(start_topic, &older, false).await;
+        refused_after(&obs, "dev-j", before, ErrorCode::Replayed).await;
+
+        // A signed rollback runs once; played again it is refused.
+        let rollback = signed(
+            &key,
+            "rollback",
+            40,
+            "dev-j",
+            serde_json::json!({ "job": "rb" }),
+        );
+        broker
+            .publish("device/dev-j/ota/rollback", &rollback, false)
+            .await;
+        online(&obs, "dev-j", "1.0.0").await;
+        let before = progress_of(&obs.all(), "dev-j").len();
+        broker
+            .publish("device/dev-j/ota/rollback", &rollback, false)
+            .await;
+        refused_after(&obs, "dev-j", before, ErrorCode::Replayed).await;
+        assert!(is_online_on(&obs.all(), "dev-j", "1.0.0"));
+
+        // And the next genuine job succeeds.
+        let next = signed(
+            &key,
+            "start",
+            50,
+            "dev-j",
+            serde_json::json!({ "url": http.url("v3.bin"), "job": "j-v3" }),
+        );
+        broker.publish(start_topic, &next, false).await;
+        online(&obs, "dev-j", "1.2.0").await;
+        let seen = progress_of(&obs.all(), "dev-j");
+        let accepted = |job: &str| {
+            seen.iter()
+                .filter(|p| p.job.as_deref() == Some(job) && p.phase == Phase::Accepted)
+                .count()
+        };
+        assert_eq!(accepted("j-v2"), 1, "the replayed start never ran");
+        assert_eq!(accepted("j-retained"), 0, "the retained start never ran");
+        assert!(!seen.iter().any(|p| p.job.as_deref() == Some("j-retained")));
+        dev.stop();
+    })
+    .await;
+}
+
+on_both_brokers!(a_device_with_a_job_key_runs_only_fresh_commands_signed_for_it);
+
+fn built(version: &str, project: &str, secure_version: u32) -> Vec<u8> {
+    ImageBuilder::new(Chip::Esp32c3)
+        .version(version)
+        .project(project)
+        .secure_version(secure_version)
+        .size(100_000)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn older_versions_other_projects_and_lower_secure_versions_are_refused_before_any_flash_write(
+) {
+    local(async {
+        let broker = TestBroker::mosquitto();
+        let files = [
+            ("older.bin", built("0.9.0", "mqota-virtual", 2)),
+            ("other.bin", built("1.1.0", "someone-else", 2)),
+            ("below.bin", built("1.1.0", "mqota-virtual", 1)),
+            ("raise.bin", built("1.2.0", "mqota-virtual", 3)),
+        ];
+        let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+        let http = FileServer::start(&refs).await;
+        let obs = broker.observe("device/#").await;
+        let mut cfg = config(&broker, "dev-d");
+        cfg.initial_secure_version = 2;
+        let dev = start(cfg);
+        online(&obs, "dev-d", "1.0.0").await;
+        assert_eq!(status_of(&obs.all(), "dev-d").unwrap().secure_version, 2);
+        for (file, code, why) in [
+            ("older.bin", ErrorCode::Downgrade, "image version is older than the running one"),
+            ("other.bin", ErrorCode::WrongProject, "image belongs to another project"),
+            ("below.bin", ErrorCode::Downgrade, "image secure_version is below the device's floor"),
+        ] {
+            let ops = dev.flash_ops();
+            broker
+                .publish("device/dev-d/ota/start", &job(&http.url(file), serde_json::json!({ "job": file })), false)
+                .await;
+            let failed = failure_of(&obs, "dev-d", file).await;
+            assert_eq!((failed.error, failed.message.as_deref()), (Some(code), Some(why)), "{file}");
+            assert_eq!(dev.flash_ops(), ops, "{file}: nothing erased or written");
+        }
+        // The job may allow an older version, but not a lower secure_version.
+        broker
+            .publish(
+                "device/dev-d/ota/start",
+                &job(&http.url("below.bin"), serde_json::json!({ "job": "below-2", "allow_downgrade": true, "allow_other_project": true })),
+                false,
+            )
+            .await;
+        assert_eq!(failure_of(&obs, "dev-d", "below-2").await.error, Some(ErrorCode::Downgrade));
+        broker
+            .publish(
+                "device/dev-d/ota/start",
+                &job(&http.url("older.bin"), serde_json::json!({ "job": "older-2", "allow_downgrade": true })),
+                false,
+            )
+            .await;
+        online(&obs, "dev-d", "0.9.0").await;
+        // An image with a higher secure_version raises the floor once
+        // confirmed: a rollback to the image below it is refused.
+        broker
+            .publish(
+                "device/dev-d/ota/start",
+                &job(&http.url("raise.bin"), serde_json::json!({ "job": "raise" })),
+                false,
+            )
+            .await;
+        online(&obs, "dev-d", "1.2.0").await;
+        broker
+            .publish("device/dev-d/ota/rollback", br#"{"job":"rb"}"#, false)
+            .await;
+        let failed = failure_of(&obs, "dev-d", "rb").await;
+        assert_eq!(failed.error, Some(ErrorCode::Downgrade));
+        assert_eq!(
+            failed.message.as_deref(),
+            Some("previous image's secure_version is below the device's floor")
+        );
+        assert!(is_online_on(&obs.all(), "dev-d", "1.2.0"));
+        dev.stop();
+    })
+    .await;
+}
+
+/// A job signed by PyJWT (an independent JOSE implementation) with a key in
+/// PEM is accepted; a command sealed here verifies in PyJWT.
+#[tokio::test(flavor = "current_thread")]
+async fn a_job_signed_by_pyjwt_updates_the_device_and_pyjwt_verifies_ours() {
+    use p256::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _, LineEnding};
+    local(async {
+        let broker = TestBroker::mosquitto();
+        let key = job_signing_key();
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("job.pem");
+        let public = dir.path().join("job.pub.pem");
+        std::fs::write(&pem, key.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+        std::fs::write(&public, key.verifying_key().to_public_key_pem(LineEnding::LF).unwrap()).unwrap();
+        let v2 = image("1.1.0", 100_000);
+        let http = FileServer::start(&[("v2.bin", &v2)]).await;
+        let payload = serde_json::json!({
+            "op": "start", "seq": 1, "device": "dev-p", "url": http.url("v2.bin"), "job": "py"
+        });
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys, json, jwt; print(jwt.encode(json.loads(sys.argv[2]), open(sys.argv[1]).read(), algorithm='ES256'))",
+                pem.to_str().unwrap(),
+                &payload.to_string(),
+            ])
+            .output()
+            .expect("python3 runs (PyJWT and cryptography from PyPI are prerequisites)");
+        assert!(out.status.success(), "PyJWT: {}", String::from_utf8_lossy(&out.stderr));
+        let token = String::from_utf8(out.stdout).unwrap();
+
+        let obs = broker.observe("device/#").await;
+        let mut cfg = config(&broker, "dev-p");
+        cfg.job_key = Some(mqota_core::protocol::envelope::job_key_of(key.verifying_key()));
+        let dev = start(cfg);
+        online(&obs, "dev-p", "1.0.0").await;
+        broker.publish("device/dev-p/ota/start", token.trim().as_bytes(), false).await;
+        online(&obs, "dev-p", "1.1.0").await;
+        dev.stop();
+
+        let ours = signed(&key, "cancel", 7, "dev-p", serde_json::json!({ "job": "x" }));
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys, json, jwt; print(json.dumps(jwt.decode(sys.argv[2], open(sys.argv[1]).read(), algorithms=['ES256'])))",
+                public.to_str().unwrap(),
+                std::str::from_utf8(&ours).unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "PyJWT refused ours: {}", String::from_utf8_lossy(&out.stderr));
+        let claims: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(claims["op"], "cancel");
+        assert_eq!(claims["seq"], 7);
+        assert_eq!(claims["device"], "dev-p");
+    })
+    .await;
+}

@@ -17,7 +17,7 @@ use tokio::task::LocalSet;
 fn image(version: &str, size: u32) -> Vec<u8> {
     ImageBuilder::new(Chip::Esp32c3)
         .version(version)
-        .project("e2e")
+        .project("mqota-virtual")
         .size(size)
         .build()
         .unwrap()

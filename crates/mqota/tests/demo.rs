@@ -24,7 +24,8 @@ fn demo(args: &[&str]) -> (bool, String, String, Duration) {
 }
 
 #[test]
-fn the_demo_updates_five_devices_then_each_rolls_the_unhealthy_image_back_and_cleans_up() {
+fn the_demo_updates_five_devices_refuses_a_forged_image_then_each_rolls_the_unhealthy_image_back_and_cleans_up(
+) {
     let (ok, out, err, took) = demo(&["--devices", "5"]);
     assert!(ok, "demo failed:\n{out}\n{err}");
     assert!(took < Duration::from_secs(60), "took {took:?}");
@@ -65,6 +66,11 @@ fn the_demo_updates_five_devices_then_each_rolls_the_unhealthy_image_back_and_cl
         "{out}"
     );
     assert!(out.contains("demo passed in"), "{out}");
+    // The devices are locked down: a forged image is refused on the device.
+    assert!(
+        out.contains("demo-01 refused it: bad_signature (unknown key); it still runs 1.1.0"),
+        "{out}"
+    );
 
     // Nothing left behind: the working directory it named is gone.
     let work = out

@@ -254,6 +254,8 @@ fn inspect_shows_the_journal_of_an_update_the_engine_made_and_its_trial_marks() 
         job: Some("rollout-7".try_into().unwrap()),
         timeout_s: None,
         force: false,
+        allow_downgrade: false,
+        allow_other_project: false,
     };
     engine.handle(&mut flash, 0, Event::Command(Command::Start(job)));
     let head = Response {

@@ -21,10 +21,11 @@ use super::{
 };
 
 /// The table mqota devices ship with: two OTA slots of 1.875 MiB on a 4 MiB flash
-/// and no factory app, after ESP-IDF's "two OTA" layout, and a 32 KiB `log`
-/// partition for the device's field log in the free space after `ota_1`
-/// (so every partition an existing device relies on keeps its offset and
-/// size). Virtual devices and the firmware share it.
+/// and no factory app, after ESP-IDF's "two OTA" layout, then in the free
+/// space after `ota_1` a 32 KiB `log` partition for the device's field log
+/// and an 8 KiB `mqota` partition for its trust state (job sequence number,
+/// `secure_version` floor), so every partition an existing device relies on
+/// keeps its offset and size. Virtual devices and the firmware share it.
 pub const DEFAULT_4MB_CSV: &str = "\
 # mqota default: two OTA app slots on a 4 MiB flash, no factory app.
 # Name,   Type, SubType, Offset,   Size,     Flags
@@ -34,6 +35,7 @@ phy_init, data, phy,     0xf000,   0x1000,
 ota_0,    app,  ota_0,   0x10000,  0x1e0000,
 ota_1,    app,  ota_1,   0x1f0000, 0x1e0000,
 log,      data, undefined, 0x3d0000, 0x8000,
+mqota,    data, undefined, 0x3d8000, 0x2000,
 ";
 
 /// A column of the CSV file, to say which one is wrong.

@@ -42,9 +42,13 @@ pub struct Job {
     pub job: Option<JobId>,
     /// Give up after this many seconds (at least 1).
     pub timeout_s: Option<u32>,
-    /// Install even where the device would otherwise refuse (reserved for the
-    /// downgrade check).
+    /// Download and install even when the device already runs `version`.
     pub force: bool,
+    /// Install even if the image's version is older than the running one
+    /// (semver order). Never lowers the `secure_version` floor.
+    pub allow_downgrade: bool,
+    /// Install even if the image belongs to another `project_name`.
+    pub allow_other_project: bool,
 }
 
 /// A command for this device.
@@ -82,6 +86,9 @@ pub enum CommandOutcome {
 /// event ([`BadCommand::to_progress`]) and carry on with whatever was running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadCommand {
+    /// The error code of the answer: `bad_command` for a malformed command,
+    /// `bad_signature` or `replayed` for one a device with a job key refuses.
+    pub code: ErrorCode,
     /// One line naming what is wrong, e.g. `"url is missing"`.
     pub reason: &'static str,
     /// The command's job id, if it could be read.
@@ -89,16 +96,17 @@ pub struct BadCommand {
 }
 
 impl BadCommand {
-    /// The `failed` / `bad_command` event that answers this command.
+    /// The `failed` event that answers this command.
     pub fn to_progress(&self, topics: &Topics) -> Progress {
         Progress::new(topics, self.job.clone(), Phase::Failed)
-            .with_error(ErrorCode::BadCommand, Some(self.reason))
+            .with_error(self.code, Some(self.reason))
     }
 }
 
 impl fmt::Display for BadCommand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("bad command: ")?;
+        f.write_str(self.code.as_str())?;
+        f.write_str(": ")?;
         f.write_str(self.reason)
     }
 }
@@ -133,6 +141,11 @@ pub(crate) mod reason {
     pub const TIMEOUT_NOT_INT: &str = "timeout_s is not an integer in 1..=4294967295";
     pub const TIMEOUT_ZERO: &str = "timeout_s is 0";
     pub const FORCE_NOT_BOOL: &str = "force is not true or false";
+    pub const ALLOW_DOWNGRADE_NOT_BOOL: &str = "allow_downgrade is not true or false";
+    pub const ALLOW_OTHER_PROJECT_NOT_BOOL: &str = "allow_other_project is not true or false";
+    pub const DEVICE_NOT_STRING: &str = "device is not a valid JSON string";
+    pub const SEQ_NOT_INT: &str = "seq is not an integer in 0..=18446744073709551615";
+    pub const OP_NOT_STRING: &str = "op is not a valid JSON string";
     pub const DEVICES_NOT_LIST: &str = "devices is not an array of strings";
     pub const DEVICES_TOO_MANY: &str = "devices names more than 64 ids";
     pub const DEVICE_ID_TOO_LONG: &str = "devices names an id longer than 32 bytes";
@@ -163,6 +176,11 @@ pub(crate) mod reason {
         TIMEOUT_NOT_INT,
         TIMEOUT_ZERO,
         FORCE_NOT_BOOL,
+        ALLOW_DOWNGRADE_NOT_BOOL,
+        ALLOW_OTHER_PROJECT_NOT_BOOL,
+        DEVICE_NOT_STRING,
+        SEQ_NOT_INT,
+        OP_NOT_STRING,
         DEVICES_NOT_LIST,
         DEVICES_TOO_MANY,
         DEVICE_ID_TOO_LONG,
@@ -195,10 +213,111 @@ pub fn parse_command(
     if payload.len() > MAX_COMMAND_LEN {
         return Err(bad(reason::TOO_LONG));
     }
+    let (outcome, meta) = parse_any(kind, payload, device_id)?;
+    // Unsigned, `device` is an address like a one-id `devices` list.
+    if meta.device.as_ref().is_some_and(|d| d != device_id) {
+        return Ok(CommandOutcome::NotForMe);
+    }
+    Ok(outcome)
+}
+
+/// Reads the payload of a *signed* command: the bytes inside an envelope
+/// whose signature [`super::envelope::open`] already verified. Returns the
+/// command and its sequence number.
+///
+/// Besides what [`parse_command`] reads, the object must bind itself to
+/// where it arrived: `"op"` names the topic kind (`start`, `cancel`,
+/// `rollback`), `"seq"` is the sequence number (the caller refuses it with
+/// `replayed` unless it is above the last one accepted), and `"device"`
+/// equals `device_id` or a `"devices"` list names it. A `devices` list
+/// without this device is [`CommandOutcome::NotForMe`]; anything else
+/// missing or naming another device is refused with `bad_signature`: the
+/// signature is genuine, but not for this device or this use.
+pub fn parse_signed_command(
+    kind: TopicKind,
+    payload: &[u8],
+    device_id: &str,
+) -> Result<(CommandOutcome, u64), BadCommand> {
+    if payload.len() > MAX_COMMAND_LEN {
+        return Err(bad(reason::TOO_LONG));
+    }
+    let starts_object =
+        core::str::from_utf8(payload).is_ok_and(|t| t.trim_start().starts_with('{'));
+    if !starts_object {
+        return Err(bad_sig(signed::NOT_OBJECT, None));
+    }
+    // The binding first: a command signed for another topic is refused as
+    // that, before its body is judged by this topic's rules.
+    let (job, pre) = parse_stop(payload, device_id)?;
+    if pre.op.as_deref() != Some(kind.name()) {
+        return Err(bad_sig(signed::WRONG_OP, job));
+    }
+    let (outcome, meta) = parse_any(kind, payload, device_id)?;
+    let job = match &outcome {
+        CommandOutcome::Command(cmd) => command_job(cmd),
+        CommandOutcome::NotForMe => None,
+    };
+    let Some(seq) = meta.seq else {
+        return Err(bad_sig(signed::NO_SEQ, job));
+    };
+    match (&meta.device, meta.devices) {
+        (Some(d), _) if d != device_id => Err(bad_sig(signed::OTHER_DEVICE, job)),
+        (Some(_), _) | (None, Some(true)) => Ok((outcome, seq)),
+        (None, Some(false)) => Ok((CommandOutcome::NotForMe, seq)),
+        (None, None) => Err(bad_sig(signed::NO_DEVICE, job)),
+    }
+}
+
+/// Why a signed command is refused with `bad_signature` although its
+/// signature verified. `docs/PROTOCOL.md` lists them.
+pub(crate) mod signed {
+    pub const NOT_OBJECT: &str = "signed payload is not a JSON object";
+    pub const WRONG_OP: &str = "command is signed for another topic (op)";
+    pub const NO_SEQ: &str = "signed command has no seq";
+    pub const OTHER_DEVICE: &str = "command is signed for another device";
+    pub const NO_DEVICE: &str = "signed command names no device";
+}
+
+fn bad_sig(reason: &'static str, job: Option<JobId>) -> BadCommand {
+    BadCommand {
+        code: ErrorCode::BadSignature,
+        reason,
+        job,
+    }
+}
+
+/// The job a command names.
+fn command_job(cmd: &Command) -> Option<JobId> {
+    match cmd {
+        Command::Start(job) => job.job.clone(),
+        Command::Cancel { job } | Command::Rollback { job } => job.clone(),
+    }
+}
+
+/// What a command says about itself, besides the command: read for signed
+/// commands, and `device` as an address for any.
+#[derive(Default)]
+struct Meta {
+    op: Option<String<8>>,
+    seq: Option<u64>,
+    device: Option<String<MAX_DEVICE_ID_LEN>>,
+    /// Whether a `devices` list names this device; `None` without a list.
+    devices: Option<bool>,
+}
+
+fn parse_any(
+    kind: TopicKind,
+    payload: &[u8],
+    device_id: &str,
+) -> Result<(CommandOutcome, Meta), BadCommand> {
     match kind {
         TopicKind::Start => parse_start(payload, device_id),
-        TopicKind::Cancel => parse_stop(payload).map(|job| Command::Cancel { job }.into()),
-        TopicKind::Rollback => parse_stop(payload).map(|job| Command::Rollback { job }.into()),
+        TopicKind::Cancel => {
+            parse_stop(payload, device_id).map(|(job, m)| (Command::Cancel { job }.into(), m))
+        }
+        TopicKind::Rollback => {
+            parse_stop(payload, device_id).map(|(job, m)| (Command::Rollback { job }.into(), m))
+        }
     }
 }
 
@@ -209,10 +328,44 @@ impl From<Command> for CommandOutcome {
 }
 
 fn bad(reason: &'static str) -> BadCommand {
-    BadCommand { reason, job: None }
+    BadCommand {
+        code: ErrorCode::BadCommand,
+        reason,
+        job: None,
+    }
 }
 
-fn parse_start(payload: &[u8], device_id: &str) -> Result<CommandOutcome, BadCommand> {
+/// The metadata fields of `fields`, unescaped.
+fn meta_of(fields: &Fields<'_>, job: Option<JobId>) -> Result<Meta, BadCommand> {
+    let refuse = |reason| BadCommand {
+        code: ErrorCode::BadCommand,
+        reason,
+        job: job.clone(),
+    };
+    Ok(Meta {
+        // An `op` too long for any kind is simply not one.
+        op: fields
+            .op
+            .map(|raw| unescape::<8>(raw, reason::OP_NOT_STRING, ""))
+            .transpose()
+            .or_else(|r| {
+                if r.is_empty() {
+                    Ok(Some(String::new()))
+                } else {
+                    Err(refuse(r))
+                }
+            })?,
+        seq: fields.seq,
+        device: fields
+            .device
+            .map(|raw| unescape(raw, reason::DEVICE_NOT_STRING, reason::DEVICE_ID_TOO_LONG))
+            .transpose()
+            .map_err(refuse)?,
+        devices: fields.devices,
+    })
+}
+
+fn parse_start(payload: &[u8], device_id: &str) -> Result<(CommandOutcome, Meta), BadCommand> {
     let text = core::str::from_utf8(payload)
         .map_err(|_| bad(reason::NOT_UTF8))?
         .trim();
@@ -223,7 +376,7 @@ fn parse_start(payload: &[u8], device_id: &str) -> Result<CommandOutcome, BadCom
         // The original design's bare-URL form.
         let url = String::try_from(text).map_err(|_| bad(reason::URL_TOO_LONG))?;
         check_url(&url).map_err(bad)?;
-        return Ok(CommandOutcome::Command(Command::Start(Job {
+        let job = Job {
             url,
             version: None,
             sha256: None,
@@ -231,27 +384,33 @@ fn parse_start(payload: &[u8], device_id: &str) -> Result<CommandOutcome, BadCom
             job: None,
             timeout_s: None,
             force: false,
-        })));
+            allow_downgrade: false,
+            allow_other_project: false,
+        };
+        return Ok((Command::Start(job).into(), Meta::default()));
     }
     check_depth(text).map_err(bad)?;
     let fields = match read_object(text, Mode::Start { device_id }, true) {
         Ok(fields) => fields,
         Err(reason) => {
             return Err(BadCommand {
+                code: ErrorCode::BadCommand,
                 reason,
                 job: recover_job(text),
             })
         }
     };
-    if fields.devices == Some(false) {
-        return Ok(CommandOutcome::NotForMe);
-    }
     let job = fields
         .job
         .map(|raw| unescape(raw, reason::JOB_NOT_STRING, reason::JOB_TOO_LONG))
         .transpose()
         .map_err(bad)?;
+    let meta = meta_of(&fields, job.clone())?;
+    if fields.devices == Some(false) {
+        return Ok((CommandOutcome::NotForMe, meta));
+    }
     let refuse = |reason| BadCommand {
+        code: ErrorCode::BadCommand,
         reason,
         job: job.clone(),
     };
@@ -283,7 +442,7 @@ fn parse_start(payload: &[u8], device_id: &str) -> Result<CommandOutcome, BadCom
     if fields.timeout_s == Some(0) {
         return Err(refuse(reason::TIMEOUT_ZERO));
     }
-    Ok(CommandOutcome::Command(Command::Start(Job {
+    let job = Job {
         url,
         version,
         sha256,
@@ -291,24 +450,29 @@ fn parse_start(payload: &[u8], device_id: &str) -> Result<CommandOutcome, BadCom
         job,
         timeout_s: fields.timeout_s,
         force: fields.force.unwrap_or(false),
-    })))
+        allow_downgrade: fields.allow_downgrade.unwrap_or(false),
+        allow_other_project: fields.allow_other_project.unwrap_or(false),
+    };
+    Ok((Command::Start(job).into(), meta))
 }
 
-fn parse_stop(payload: &[u8]) -> Result<Option<JobId>, BadCommand> {
+fn parse_stop(payload: &[u8], device_id: &str) -> Result<(Option<JobId>, Meta), BadCommand> {
     let Ok(text) = core::str::from_utf8(payload) else {
-        return Ok(None);
+        return Ok((None, Meta::default()));
     };
     let text = text.trim();
     if !text.starts_with('{') {
-        return Ok(None);
+        return Ok((None, Meta::default()));
     }
     check_depth(text).map_err(bad)?;
-    let fields = read_object(text, Mode::JobOnly, true).map_err(bad)?;
-    fields
+    let fields = read_object(text, Mode::Stop { device_id }, true).map_err(bad)?;
+    let job = fields
         .job
         .map(|raw| unescape(raw, reason::JOB_NOT_STRING, reason::JOB_TOO_LONG))
         .transpose()
-        .map_err(bad)
+        .map_err(bad)?;
+    let meta = meta_of(&fields, job.clone())?;
+    Ok((job, meta))
 }
 
 /// The job id of a start command that failed to parse, read again ignoring
@@ -444,12 +608,20 @@ struct Fields<'a> {
     /// Whether a `devices` list names this device; `None` without a list.
     devices: Option<bool>,
     force: Option<bool>,
+    allow_downgrade: Option<bool>,
+    allow_other_project: Option<bool>,
+    op: Option<EscapedStr<'a>>,
+    seq: Option<u64>,
+    device: Option<EscapedStr<'a>>,
 }
 
 #[derive(Clone, Copy)]
 enum Mode<'d> {
     /// Read every known field of a start command.
     Start { device_id: &'d str },
+    /// Read the fields of a cancel or rollback: `job` and the signed
+    /// command's `op`, `seq`, `device` and `devices`.
+    Stop { device_id: &'d str },
     /// Read only `job`, skipping everything else unchecked.
     JobOnly,
 }
@@ -502,7 +674,7 @@ impl<'de> de::Visitor<'de> for ObjectVisitor<'_, '_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut fields = Fields::default();
-        let mut seen = 0u8;
+        let mut seen = 0u16;
         // A number followed by `.5` or `e3` parses as its integer part and
         // fails only at the next key; this names the number's field then.
         let mut number_field: Option<&'static str> = None;
@@ -522,17 +694,22 @@ impl<'de> de::Visitor<'de> for ObjectVisitor<'_, '_> {
             // `"u\u0072l"` is `url`, not an unknown field that a second
             // reader might take for the real one. A key too long for a known
             // name, or with a bad escape, is simply unknown.
-            let key: String<16> = unescape(EscapedStr(raw_key), "", "").unwrap_or_default();
+            let key: String<24> = unescape(EscapedStr(raw_key), "", "").unwrap_or_default();
             let key = key.as_str();
             let device_id = match self.mode {
                 Mode::Start { device_id } => device_id,
+                Mode::Stop { device_id }
+                    if matches!(key, "job" | "op" | "seq" | "device" | "devices") =>
+                {
+                    device_id
+                }
                 Mode::JobOnly if key == "job" => "",
-                Mode::JobOnly => {
+                Mode::JobOnly | Mode::Stop { .. } => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
                 }
             };
-            let bit = match key {
+            let bit: u16 = match key {
                 "url" => 1,
                 "version" => 2,
                 "sha256" => 4,
@@ -541,6 +718,11 @@ impl<'de> de::Visitor<'de> for ObjectVisitor<'_, '_> {
                 "timeout_s" => 32,
                 "devices" => 64,
                 "force" => 128,
+                "allow_downgrade" => 256,
+                "allow_other_project" => 512,
+                "op" => 1024,
+                "seq" => 2048,
+                "device" => 4096,
                 _ => 0,
             };
             if seen & bit != 0 {
@@ -553,6 +735,20 @@ impl<'de> de::Visitor<'de> for ObjectVisitor<'_, '_> {
                 "sha256" => fields.sha256 = self.value(&mut map, reason::SHA256_BAD)?,
                 "job" => fields.job = self.value(&mut map, reason::JOB_NOT_STRING)?,
                 "force" => fields.force = self.value(&mut map, reason::FORCE_NOT_BOOL)?,
+                "allow_downgrade" => {
+                    fields.allow_downgrade =
+                        self.value(&mut map, reason::ALLOW_DOWNGRADE_NOT_BOOL)?
+                }
+                "allow_other_project" => {
+                    fields.allow_other_project =
+                        self.value(&mut map, reason::ALLOW_OTHER_PROJECT_NOT_BOOL)?
+                }
+                "op" => fields.op = self.value(&mut map, reason::OP_NOT_STRING)?,
+                "device" => fields.device = self.value(&mut map, reason::DEVICE_NOT_STRING)?,
+                "seq" => {
+                    fields.seq = self.value(&mut map, reason::SEQ_NOT_INT)?;
+                    number_field = Some(reason::SEQ_NOT_INT);
+                }
                 "size" => {
                     fields.size = self.value(&mut map, reason::SIZE_NOT_INT)?;
                     number_field = Some(reason::SIZE_NOT_INT);

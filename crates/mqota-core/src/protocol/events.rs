@@ -169,16 +169,27 @@ pub enum ErrorCode {
     /// journal or this boot remembers it): a replayed or repeated command.
     /// Nothing else happens; to run the same image again, send a new job id.
     DuplicateJob,
-    /// Reserved for image signature checks; not sent by this version.
+    /// A signature check failed: the image carries no block from a trusted
+    /// key or its signature does not verify, or (on a device with a job key)
+    /// the command is unsigned, its signature does not verify, or it is
+    /// signed for another device or topic. Nothing was installed.
     BadSignature,
-    /// Reserved for refusing an older version than the running one unless
-    /// `force` is set; not sent by this version.
+    /// The image is older than what the device may run: its `secure_version`
+    /// is below the device's floor (never overridable), or its version is
+    /// lower than the running one (unless the job sets `allow_downgrade`);
+    /// or a rollback would boot an image below the floor.
     Downgrade,
+    /// The image belongs to another `project_name` than the running firmware
+    /// (unless the job sets `allow_other_project`).
+    WrongProject,
+    /// A signed command whose sequence number is not above the last one this
+    /// device accepted: a recorded command played again. Nothing happened.
+    Replayed,
 }
 
 impl ErrorCode {
-    /// Every error code, reserved ones last.
-    pub const ALL: [ErrorCode; 18] = [
+    /// Every error code.
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadCommand,
         ErrorCode::Busy,
         ErrorCode::HttpStatus,
@@ -197,6 +208,8 @@ impl ErrorCode {
         ErrorCode::DuplicateJob,
         ErrorCode::BadSignature,
         ErrorCode::Downgrade,
+        ErrorCode::WrongProject,
+        ErrorCode::Replayed,
     ];
 
     /// The name on the wire, in logs and on the dashboard.
@@ -220,6 +233,8 @@ impl ErrorCode {
             ErrorCode::DuplicateJob => "duplicate_job",
             ErrorCode::BadSignature => "bad_signature",
             ErrorCode::Downgrade => "downgrade",
+            ErrorCode::WrongProject => "wrong_project",
+            ErrorCode::Replayed => "replayed",
         }
     }
 }
@@ -360,6 +375,19 @@ pub struct Status {
     /// takes unsigned images. Devices that predate the field read as `false`.
     #[serde(default)]
     pub signed_only: bool,
+    /// `secure_version` of the running image's `esp_app_desc_t`: the
+    /// device refuses images below it (`downgrade`). Absent (0) in the
+    /// status of older devices.
+    #[serde(default)]
+    pub secure_version: u32,
+    /// Whether the device takes only commands signed by its job key
+    /// (refusing others with `bad_signature`). Older devices read as `false`.
+    #[serde(default)]
+    pub signed_jobs: bool,
+    /// The highest sequence number of a signed command the device accepted
+    /// (it refuses any not above it with `replayed`); `None` before the first.
+    #[serde(default)]
+    pub job_seq: Option<u64>,
 }
 
 /// How the most recent job ended, as kept in [`Status::last`].
@@ -460,7 +488,7 @@ pub const MAX_PROGRESS_JSON: usize =
 
 /// A buffer this long always holds [`Status::to_json`]'s output.
 pub const MAX_STATUS_JSON: usize =
-    r#"{"device":,"chip":,"project":,"version":,"slot":,"state":,"last":{"job":,"result":,"error":},"https":,"boot_reason":,"log_newest":,"signed_only":}"#
+    r#"{"device":,"chip":,"project":,"version":,"slot":,"state":,"last":{"job":,"result":,"error":},"https":,"boot_reason":,"log_newest":,"signed_only":,"secure_version":,"signed_jobs":,"job_seq":}"#
         .len()
         + json_str(MAX_DEVICE_ID_LEN)
         + json_str(16)
@@ -474,7 +502,10 @@ pub const MAX_STATUS_JSON: usize =
         + "false".len()
         + name(&BOOT_REASON_NAMES)
         + U32_DIGITS
-        + "false".len();
+        + "false".len()
+        + U32_DIGITS
+        + "false".len()
+        + "18446744073709551615".len();
 
 const BOOT_REASON_NAMES: [&str; BootReason::ALL.len()] = {
     let mut names = [""; BootReason::ALL.len()];
@@ -534,6 +565,9 @@ mod tests {
             boot_reason: Some(BootReason::Watchdog),
             log_newest: Some(41),
             signed_only: true,
+            secure_version: 2,
+            signed_jobs: true,
+            job_seq: Some(1_765_000_000_000_000),
         }
     }
 
@@ -639,7 +673,7 @@ mod tests {
         let n = sample_status().to_json(&mut buf).unwrap();
         assert_eq!(
             core::str::from_utf8(&buf[..n]).unwrap(),
-            r#"{"device":"c3-a1b2c3","chip":"esp32c3","project":"blinky","version":"1.2.0","slot":1,"state":"pending_verify","last":{"job":"job-7","result":"rolled_back","error":"health_check_failed"},"https":false,"boot_reason":"watchdog","log_newest":41,"signed_only":true}"#
+            r#"{"device":"c3-a1b2c3","chip":"esp32c3","project":"blinky","version":"1.2.0","slot":1,"state":"pending_verify","last":{"job":"job-7","result":"rolled_back","error":"health_check_failed"},"https":false,"boot_reason":"watchdog","log_newest":41,"signed_only":true,"secure_version":2,"signed_jobs":true,"job_seq":1765000000000000}"#
         );
     }
 
@@ -699,6 +733,9 @@ mod tests {
             boot_reason: Some(BootReason::SoftwareReset),
             log_newest: Some(u32::MAX),
             signed_only: false,
+            secure_version: u32::MAX,
+            signed_jobs: false,
+            job_seq: Some(u64::MAX),
         };
         let mut buf = [0u8; MAX_STATUS_JSON];
         let n = status.to_json(&mut buf).unwrap();

@@ -31,11 +31,14 @@
 //! job id would silently name something else.
 
 mod command;
+pub mod envelope;
 mod events;
 mod logs;
 mod topics;
 
-pub use command::{parse_command, BadCommand, Command, CommandOutcome, Job, JobId};
+pub use command::{
+    parse_command, parse_signed_command, BadCommand, Command, CommandOutcome, Job, JobId,
+};
 pub use events::{
     truncated, EncodeError, ErrorCode, LastResult, Phase, Progress, Status, UnknownName,
     MAX_PROGRESS_JSON, MAX_STATUS_JSON,

@@ -28,6 +28,18 @@ pub enum TopicKind {
     Rollback,
 }
 
+impl TopicKind {
+    /// The command's name, as a signed command's `"op"` spells it:
+    /// `start`, `cancel` or `rollback`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TopicKind::Start => "start",
+            TopicKind::Cancel => "cancel",
+            TopicKind::Rollback => "rollback",
+        }
+    }
+}
+
 /// Why [`Topics::new`] refused a prefix or device id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]

@@ -87,6 +87,8 @@ pub fn job(url: &str) -> Job {
         job: Some("job-1".try_into().unwrap()),
         timeout_s: None,
         force: false,
+        allow_downgrade: false,
+        allow_other_project: false,
     }
 }
 

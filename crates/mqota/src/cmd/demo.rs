@@ -4,11 +4,18 @@
 //! Everything is the real code, wired together in-process: the embedded
 //! broker (rumqttd), the firmware server (`serve`'s axum router), N virtual
 //! devices (the device runtime on simulated flash and the bootloader model)
-//! and the staged rollout of `deploy --wait` with its progress bars. Two
-//! rollouts run: a healthy 1.1.0 that every device must confirm, then a
-//! `1.2.0+unhealthy` whose health check fails on every device, which must
-//! therefore abandon it and boot 1.1.0 again on its own. The command fails
-//! unless exactly that happened, so it doubles as an end-to-end check in CI.
+//! and the staged rollout of `deploy --wait` with its progress bars. The
+//! devices are locked down as the README's trust model describes: they take
+//! only images signed by the demo's image key (Secure Boot V2 ECDSA blocks,
+//! hence ESP32-C6 devices, whose ROM checks ECDSA) and only commands signed
+//! by its job key. Two rollouts run: a healthy 1.1.0 that every device must
+//! confirm, then a `1.2.0+unhealthy` whose health check fails on every
+//! device, which must therefore abandon it and boot 1.1.0 again on its own.
+//! Between them a forged 1.1.1, signed by a key the devices do not trust, is
+//! sent to one device, which must refuse it with `bad_signature`. The
+//! command fails unless exactly that happened, so it doubles as an
+//! end-to-end check in CI. Both keys are made afresh for each run and live
+//! only in memory.
 //!
 //! Nothing is left behind: the devices' thread is joined, the HTTP server
 //! shut down, and the temporary directory removed. The one exception is the
@@ -27,11 +34,15 @@ use clap::Args;
 use mqota_controller::broker::EmbeddedBroker;
 use mqota_controller::catalogue::Catalogue;
 use mqota_controller::fleet::{DeviceView, Fleet};
+use mqota_controller::fleet::{FleetEvent, StartCommand};
 use mqota_controller::http::{router, AppState};
 use mqota_controller::rollout::{self, resolve_firmware, Amount, Observer, RolloutOptions};
+use mqota_controller::signer::JobSigner;
 use mqota_controller::store::{Deployment, DeploymentState, DeviceState, Store};
 use mqota_core::image::{Chip, ImageBuilder};
-use mqota_core::protocol::{Phase, Progress, DEFAULT_PREFIX};
+use mqota_core::protocol::envelope::{job_key_of, JobKey};
+use mqota_core::protocol::{ErrorCode, Phase, Progress, DEFAULT_PREFIX};
+use mqota_core::signature::sign::{sign_file, Key};
 use mqota_virtual::device::{spawn, BootRecord, Handle, VirtualConfig};
 
 use super::deploy::{Bars, Lines};
@@ -41,6 +52,11 @@ use super::fleet::runtime;
 const V0: &str = "1.0.0";
 const V1: &str = "1.1.0";
 const V2: &str = "1.2.0+unhealthy";
+/// The forged image's version.
+const FORGED: &str = "1.1.1";
+/// The chip of the demo's devices: its ROM checks ECDSA P-256 signature
+/// blocks, so the demo's image key is made in an instant.
+const CHIP: Chip = Chip::Esp32c6;
 /// Size of the two images: big enough that the bars visibly move.
 const IMAGE_SIZE: u32 = 192 * 1024;
 /// The demo must finish within a minute; this leaves room for start-up and
@@ -69,25 +85,32 @@ impl DemoArgs {
         let work = WorkDir::create()?;
         let fw_dir = work.path().join("firmware");
         std::fs::create_dir(&fw_dir).with_context(|| format!("creating {}", fw_dir.display()))?;
-        println!("mqota demo: {n} virtual ESP32-C3 devices, one MQTT broker and one firmware server, all in this process");
+        println!("mqota demo: {n} virtual ESP32-C6 devices, one MQTT broker and one firmware server, all in this process");
         println!(
             "  working in {} (removed at the end)",
             work.path().display()
         );
 
+        let keys = DemoKeys::new()?;
         let broker = EmbeddedBroker::start(SocketAddr::from(([127, 0, 0, 1], 0)))?;
         println!(
-            "[1/6] MQTT broker (embedded rumqttd) listening on {}",
+            "[1/7] MQTT broker (embedded rumqttd) listening on {}",
             broker.url()
         );
 
         let rt = runtime()?;
         let ids: Vec<String> = (1..=n).map(|k| format!("demo-{k:02}")).collect();
-        let devices = DeviceThread::start(&ids, broker.addr().port())?;
+        let devices = DeviceThread::start(&ids, broker.addr().port(), &keys)?;
         let outcome = rt.block_on(async {
             tokio::time::timeout(
                 DEADLINE,
-                scenario(&ids, &broker.url(), &fw_dir, &work.path().join("data")),
+                scenario(
+                    &ids,
+                    &broker.url(),
+                    &fw_dir,
+                    &work.path().join("data"),
+                    &keys,
+                ),
             )
             .await
         });
@@ -103,7 +126,7 @@ impl DemoArgs {
             ),
         };
 
-        println!("[6/6] summary");
+        println!("[7/7] summary");
         let unexpected = print_summary(&rows, &boots);
         drop(work);
         if unexpected > 0 {
@@ -112,7 +135,7 @@ impl DemoArgs {
             );
         }
         println!(
-            "demo passed in {:.1} s: every device updated to {V1}, then tried {V2}, failed its health check and rolled back to {V1} by itself",
+            "demo passed in {:.1} s: every device updated to {V1}, refused a forged image, then tried {V2}, failed its health check and rolled back to {V1} by itself",
             started.elapsed().as_secs_f64()
         );
         Ok(())
@@ -136,6 +159,7 @@ async fn scenario(
     broker: &str,
     fw_dir: &Path,
     data_dir: &Path,
+    keys: &DemoKeys,
 ) -> Result<Vec<Row>> {
     let n = ids.len();
     let store = Arc::new(Store::open(data_dir)?);
@@ -156,18 +180,21 @@ async fn scenario(
             })
             .await
     });
-    println!("[2/6] firmware server listening on {http_base} (GET /firmware/NAME, /api/firmware)");
+    println!("[2/7] firmware server listening on {http_base} (GET /firmware/NAME, /api/firmware)");
 
     let result = async {
         let broker_url = broker.parse().expect("the embedded broker's URL parses");
-        let fleet = Fleet::connect(&broker_url, DEFAULT_PREFIX, "mqota-demo").await?;
+        let signer = JobSigner::new(keys.job.clone(), &data_dir.join("job-seq"))?;
+        let fleet = Fleet::connect(&broker_url, DEFAULT_PREFIX, "mqota-demo")
+            .await?
+            .with_signer(signer);
         let before = wait_versions(&fleet, ids, V0, "come online")
             .await
             .context("the virtual devices did not come online")?;
-        println!("[3/6] {n} virtual devices are online, running {V0} (in-memory flash)");
+        println!("[3/7] {n} virtual devices are online, running {V0} (in-memory flash); they take only images signed by key {} and commands signed by the job key", &hex::encode(keys.image.digest())[..16]);
 
-        let good = pack(fw_dir, V1)?;
-        println!("[4/6] packed {good} ({V1}, {} KiB); deploying it to all {n} devices", IMAGE_SIZE / 1024);
+        let good = pack(fw_dir, V1, &keys.image)?;
+        println!("[4/7] packed and signed {good} ({V1}, {} KiB); deploying it to all {n} devices", IMAGE_SIZE / 1024);
         let d1 = deploy(&fleet, &store, &good, &http_base, false).await?;
         let after_good = wait_versions(&fleet, ids, V1, "report the new version")
             .await
@@ -178,8 +205,11 @@ async fn scenario(
             println!("      the {V1} rollout {}: {}", state_word(d1.state), d1.reason.as_deref().unwrap_or("-"));
         }
 
-        let bad = pack(fw_dir, V2)?;
-        println!("[5/6] packed {bad} ({V2}): this build boots but fails its health check, so each device must put {V1} back by itself");
+        let refusal = forged(&fleet, fw_dir, &http_base, &ids[0]).await?;
+        println!("      {} refused it: {refusal}; it still runs {V1}", ids[0]);
+
+        let bad = pack(fw_dir, V2, &keys.image)?;
+        println!("[6/7] packed and signed {bad} ({V2}): this build boots but fails its health check, so each device must put {V1} back by itself");
         let d2 = deploy(&fleet, &store, &bad, &http_base, true).await?;
         let after_bad = wait_versions(&fleet, ids, V1, "report the old version")
             .await
@@ -236,18 +266,97 @@ fn state_word(s: DeploymentState) -> &'static str {
     }
 }
 
-/// Packs an image of `version` into the firmware directory; returns its name.
-fn pack(dir: &Path, version: &str) -> Result<String> {
-    let image = ImageBuilder::new(Chip::Esp32c3)
+/// The demo's keys, made for this run and kept in memory only.
+struct DemoKeys {
+    /// Signs the images (a Secure Boot V2 ECDSA P-256 block).
+    image: Key,
+    /// Signs the commands.
+    job: p256::ecdsa::SigningKey,
+}
+
+impl DemoKeys {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            image: ecdsa_key()?,
+            job: p256::ecdsa::SigningKey::random(&mut rand_core::OsRng),
+        })
+    }
+
+    fn job_key(&self) -> JobKey {
+        job_key_of(self.job.verifying_key())
+    }
+}
+
+/// A fresh ECDSA P-256 image-signing key.
+fn ecdsa_key() -> Result<Key> {
+    use p256::pkcs8::{EncodePrivateKey as _, LineEnding};
+    let pem = p256::SecretKey::random(&mut rand_core::OsRng)
+        .to_pkcs8_pem(LineEnding::LF)
+        .context("encoding the demo's image key")?;
+    Key::from_pem(&pem).map_err(|e| anyhow::anyhow!("the demo's image key: {e}"))
+}
+
+/// Packs an image of `version` signed by `key` into the firmware directory;
+/// returns its name.
+fn pack(dir: &Path, version: &str, key: &Key) -> Result<String> {
+    let image = ImageBuilder::new(CHIP)
         .version(version)
         // The project the virtual devices run: deploy refuses another.
         .project("mqota-virtual")
         .size(IMAGE_SIZE)
         .build()
         .map_err(|e| anyhow::anyhow!("packing {version}: {e:?}"))?;
+    let signed = sign_file(&image, key).map_err(|e| anyhow::anyhow!("signing {version}: {e}"))?;
     let name = format!("app-{version}.bin");
-    std::fs::write(dir.join(&name), image).with_context(|| format!("writing {name}"))?;
+    std::fs::write(dir.join(&name), signed).with_context(|| format!("writing {name}"))?;
     Ok(name)
+}
+
+/// Sends `device` a job for an image signed by a key it does not trust (as
+/// if the firmware server had been taken over); returns the refusal.
+async fn forged(fleet: &Fleet, fw_dir: &Path, server: &str, device: &str) -> Result<String> {
+    let name = pack(fw_dir, FORGED, &ecdsa_key()?)?;
+    println!("[5/7] packed {name} ({FORGED}) signed by a key the devices do not trust; sending it to {device}");
+    let firmware = resolve_firmware(&name, server).await?;
+    let mut events = fleet.events();
+    let job = "demo-forged";
+    fleet
+        .start(
+            device,
+            &StartCommand {
+                url: firmware.url,
+                version: Some(firmware.version),
+                sha256: Some(firmware.sha256),
+                size: Some(firmware.size),
+                job: Some(job.into()),
+                timeout_s: Some(30),
+                allow_downgrade: false,
+                allow_other_project: false,
+            },
+        )
+        .await?;
+    loop {
+        match events.recv().await {
+            Ok(FleetEvent::Progress(p))
+                if p.device.as_str() == device && p.job.as_deref() == Some(job) =>
+            {
+                match (p.phase, p.error) {
+                    (Phase::Failed, Some(ErrorCode::BadSignature)) => {
+                        return Ok(format!(
+                            "bad_signature ({})",
+                            p.message.as_deref().unwrap_or("-")
+                        ))
+                    }
+                    (phase, error) if phase.is_terminal() => bail!(
+                        "{device} did not refuse the forged image: it ended {phase:?} {error:?}"
+                    ),
+                    _ => {}
+                }
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(e) => bail!("the fleet's event stream ended: {e}"),
+        }
+    }
 }
 
 /// One rollout to every online device, all at once, reported like
@@ -458,11 +567,14 @@ struct DeviceThread {
 }
 
 impl DeviceThread {
-    fn start(ids: &[String], port: u16) -> Result<Self> {
+    fn start(ids: &[String], port: u16, keys: &DemoKeys) -> Result<Self> {
         let configs: Vec<VirtualConfig> = ids
             .iter()
             .map(|id| {
                 let mut c = VirtualConfig::new(id, "127.0.0.1", port);
+                c.chip = CHIP;
+                c.trusted_keys = vec![keys.image.digest()];
+                c.job_key = Some(keys.job_key());
                 // Short timeouts keep the demo quick; nothing here is slow.
                 c.health_timeout = Duration::from_secs(2);
                 c.stall_timeout = Duration::from_secs(5);

@@ -14,6 +14,7 @@
 //! server = "http://10.0.0.2:8080"
 //! mqtt_user = "controller"
 //! mqtt_password_file = "/etc/mqota/controller.password"
+//! job_key = "/etc/mqota/job.pem"
 //! ```
 //!
 //! The controller's MQTT password comes, first found, from
@@ -52,6 +53,8 @@ pub struct ConfigFile {
     pub mqtt_user: Option<String>,
     /// File holding the controller's MQTT password.
     pub mqtt_password_file: Option<PathBuf>,
+    /// The private job key every command is signed with.
+    pub job_key: Option<PathBuf>,
 }
 
 impl ConfigFile {
@@ -103,6 +106,11 @@ pub struct Common {
     /// MQOTA_MQTT_PASSWORD, the URL's, else DATA_DIR/credentials/controller.password]
     #[arg(long, value_name = "FILE")]
     pub mqtt_password_file: Option<PathBuf>,
+    /// Sign every command with this ECDSA P-256 private key (PEM), for
+    /// devices built with its public key; sequence numbers are kept in
+    /// DATA_DIR/job-seq
+    #[arg(long, env = "MQOTA_JOB_KEY_FILE", value_name = "KEY.pem")]
+    pub job_key: Option<PathBuf>,
     /// More log output (-v info, -vv debug, -vvv also the broker's and MQTT client's)
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -122,9 +130,22 @@ pub struct Settings {
     /// The controller's MQTT login, when a password was found anywhere
     /// (already applied to `broker`).
     pub login: Option<(String, Secret)>,
+    /// The job key commands are signed with, if any.
+    pub job_key: Option<PathBuf>,
 }
 
 impl Settings {
+    /// `fleet` signing every command with the job key, if one was named;
+    /// the key is read (and refused with the reason) before anything is sent.
+    pub fn signing(&self, fleet: Fleet) -> Result<Fleet> {
+        let Some(path) = &self.job_key else {
+            return Ok(fleet);
+        };
+        let key = super::keys::read_job_signing_key(path)?;
+        let signer = mqota_controller::signer::JobSigner::new(key, &self.data_dir.join("job-seq"))?;
+        Ok(fleet.with_signer(signer))
+    }
+
     /// The broker, or the default one on this machine, with the login.
     pub fn broker_or_default(&self) -> BrokerUrl {
         self.broker.clone().unwrap_or_else(|| {
@@ -207,12 +228,14 @@ impl Common {
         if let Some(b) = &mut broker {
             apply_login(b, &login);
         }
+        let job_key = self.job_key.clone().or(file.job_key);
         Ok(Settings {
             broker,
             prefix,
             data_dir,
             server,
             login,
+            job_key,
         })
     }
 }
@@ -255,6 +278,7 @@ pub fn client_id(role: &str) -> String {
 /// it exists) have no retained status on the broker.
 pub async fn connect_and_settle(s: &Settings, role: &str) -> Result<Fleet> {
     let fleet = Fleet::connect(&s.broker_or_default(), &s.prefix, &client_id(role)).await?;
+    let fleet = s.signing(fleet)?;
     let settled = fleet
         .settle(Duration::from_millis(400), Duration::from_secs(60))
         .await;

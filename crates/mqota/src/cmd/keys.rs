@@ -1,6 +1,8 @@
-//! `mqota keys new|digest`: signing keys. Secure Boot V2 keys (RSA-3072,
-//! ECDSA P-256) sign images; Ed25519 keys are for signing jobs. Private keys
-//! are written with mode 0600 and never printed.
+//! `mqota keys new|digest|job-key`: signing keys. Secure Boot V2 keys
+//! (RSA-3072, ECDSA P-256) sign images; an ECDSA P-256 key also signs jobs
+//! (ES256 envelopes, see `docs/PROTOCOL.md`). Ed25519 keys can be made but
+//! no device takes them yet. Private keys are written with mode 0600 and
+//! never printed.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -32,6 +34,13 @@ pub enum KeysCommand {
         /// The key.
         key: PathBuf,
     },
+    /// Print the job key a device must trust for a P-256 key (private or
+    /// public PEM), as the firmware build takes it: `MQOTA_JOB_KEY=` and
+    /// 128 hex digits (the point's X and Y).
+    JobKey {
+        /// The key.
+        key: PathBuf,
+    },
 }
 
 /// The schemes `mqota keys new` makes.
@@ -41,7 +50,8 @@ pub enum SchemeArg {
     Rsa3072,
     /// ECDSA over P-256 (Secure Boot V2 block version 3; ESP32-C6, not C3).
     EcdsaP256,
-    /// Ed25519 (job signing; Secure Boot V2 has no Ed25519 block).
+    /// Ed25519 (no Secure Boot V2 block and no device takes it for jobs
+    /// yet: job keys are ECDSA P-256).
     Ed25519,
 }
 
@@ -52,6 +62,11 @@ impl KeysCommand {
             KeysCommand::New { scheme, output } => new(scheme, &output),
             KeysCommand::Digest { key } => {
                 println!("{}", hex::encode(digest_of_file(&key)?));
+                Ok(())
+            }
+            KeysCommand::JobKey { key } => {
+                let k = read_job_public_key(&key)?;
+                println!("MQOTA_JOB_KEY={}", hex::encode(k.xy()));
                 Ok(())
             }
         }
@@ -104,6 +119,49 @@ pub fn digest_of_file(path: &Path) -> anyhow::Result<KeyDigest> {
         "{}: not an RSA-3072, ECDSA P-256 or Ed25519 key in PEM",
         path.display()
     )
+}
+
+/// Why a key file is no job key.
+fn not_a_job_key(path: &Path, text: &str) -> anyhow::Error {
+    if ed25519_public(text).is_some() {
+        anyhow::anyhow!(
+            "{}: an Ed25519 key; jobs are signed with ECDSA P-256 (ES256): make one with `mqota keys new --scheme ecdsa-p256`",
+            path.display()
+        )
+    } else {
+        anyhow::anyhow!("{}: not an ECDSA P-256 key in PEM", path.display())
+    }
+}
+
+/// The private job key in `path` (PKCS#8 or SEC1 PEM, P-256), to sign
+/// commands with.
+pub fn read_job_signing_key(path: &Path) -> anyhow::Result<p256::ecdsa::SigningKey> {
+    use p256::pkcs8::{DecodePrivateKey as _, DecodePublicKey as _};
+    let text = read_pem(path)?;
+    if let Ok(k) = p256::SecretKey::from_pkcs8_pem(&text) {
+        return Ok(k.into());
+    }
+    if let Ok(k) = p256::SecretKey::from_sec1_pem(&text) {
+        return Ok(k.into());
+    }
+    if p256::PublicKey::from_public_key_pem(&text).is_ok() {
+        bail!(
+            "{}: a public key; signing needs the private key",
+            path.display()
+        );
+    }
+    Err(not_a_job_key(path, &text))
+}
+
+/// The public job key of the key in `path` (private or public PEM, P-256).
+pub fn read_job_public_key(path: &Path) -> anyhow::Result<mqota_core::protocol::envelope::JobKey> {
+    use p256::pkcs8::DecodePublicKey as _;
+    let text = read_pem(path)?;
+    let public: p256::ecdsa::VerifyingKey = match p256::PublicKey::from_public_key_pem(&text) {
+        Ok(k) => k.into(),
+        Err(_) => *read_job_signing_key(path)?.verifying_key(),
+    };
+    Ok(mqota_core::protocol::envelope::job_key_of(&public))
 }
 
 /// Reads a Secure Boot V2 key, refusing Ed25519 with the reason.

@@ -170,8 +170,9 @@ impl ServeArgs {
             let addr = listener.local_addr()?;
             println!("http listening on http://{addr}");
 
-            let fleet =
-                Arc::new(Fleet::connect(&broker_url, &s.prefix, &client_id("serve")).await?);
+            let fleet = Arc::new(
+                s.signing(Fleet::connect(&broker_url, &s.prefix, &client_id("serve")).await?)?,
+            );
             println!("following the fleet on {broker_url} (prefix {})", s.prefix);
             let recorder_store = store.clone();
             let mut events = fleet.events();

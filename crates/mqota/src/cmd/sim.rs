@@ -100,6 +100,18 @@ struct RunArgs {
     /// add` writes them: each device logs in as its id with its own file.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["mqtt_user", "mqtt_password_file"])]
     credentials: Option<PathBuf>,
+    /// Take only commands signed with this job key (an ECDSA P-256 key in
+    /// PEM, private or public, e.g. from `mqota keys new --scheme
+    /// ecdsa-p256`); unsigned ones are refused with `bad_signature`.
+    #[arg(long, value_name = "KEY.pub.pem")]
+    trust_job_key: Option<PathBuf>,
+    /// `project_name` of the initial image: images of other projects are
+    /// refused (`wrong_project`) unless a job allows them.
+    #[arg(long, default_value = "mqota-virtual")]
+    project: String,
+    /// `secure_version` of the initial image: the devices refuse images below it.
+    #[arg(long, default_value_t = 0)]
+    secure_version: u32,
     /// Fault: cut the power once this many flash bytes have been programmed
     /// or erased (the operation crossing it is torn); the devices boot again.
     #[arg(long)]
@@ -236,6 +248,11 @@ fn run_devices(args: RunArgs) -> Result<()> {
             ),
         });
     }
+    let job_key = args
+        .trust_job_key
+        .as_deref()
+        .map(crate::cmd::keys::read_job_public_key)
+        .transpose()?;
     let configs: Vec<VirtualConfig> = (1..=args.devices)
         .zip(logins)
         .map(|(k, (username, password))| {
@@ -249,6 +266,9 @@ fn run_devices(args: RunArgs) -> Result<()> {
             c.prefix = args.prefix.clone();
             c.progress_copy = !args.no_progress_copy;
             c.trusted_keys = args.trust.clone();
+            c.job_key = job_key;
+            c.initial_project = args.project.clone();
+            c.initial_secure_version = args.secure_version;
             c.flash = flash_path(&args, &id);
             c
         })

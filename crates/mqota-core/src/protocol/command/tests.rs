@@ -31,6 +31,8 @@ fn job(url: &str) -> Job {
         job: None,
         timeout_s: None,
         force: false,
+        allow_downgrade: false,
+        allow_other_project: false,
     }
 }
 
@@ -97,6 +99,8 @@ fn accepted_start_commands_read_as_documented() {
                 job: Some(s("job-7")),
                 timeout_s: Some(300),
                 force: true,
+                allow_downgrade: false,
+                allow_other_project: false,
                 ..job("https://h/fw.bin")
             },
         ),
@@ -345,6 +349,30 @@ fn rejected_start_cases() -> Vec<(Vec<u8>, &'static str)> {
             reason::FORCE_NOT_BOOL,
         ),
         (
+            r#"{"url":"http://h/","allow_downgrade":"yes"}"#.into(),
+            reason::ALLOW_DOWNGRADE_NOT_BOOL,
+        ),
+        (
+            r#"{"url":"http://h/","allow_other_project":1}"#.into(),
+            reason::ALLOW_OTHER_PROJECT_NOT_BOOL,
+        ),
+        (
+            r#"{"url":"http://h/","device":7}"#.into(),
+            reason::DEVICE_NOT_STRING,
+        ),
+        (
+            r#"{"url":"http://h/","seq":-1}"#.into(),
+            reason::SEQ_NOT_INT,
+        ),
+        (
+            r#"{"url":"http://h/","seq":1.5,"job":"j"}"#.into(),
+            reason::SEQ_NOT_INT,
+        ),
+        (
+            r#"{"url":"http://h/","op":["start"]}"#.into(),
+            reason::OP_NOT_STRING,
+        ),
+        (
             r#"{"url":"http://h/","devices":"dev1"}"#.into(),
             reason::DEVICES_NOT_LIST,
         ),
@@ -473,4 +501,84 @@ fn a_bad_command_answer_is_a_failed_bad_command_progress_event() {
     assert_eq!(p.phase, Phase::Failed);
     assert_eq!(p.error, Some(ErrorCode::BadCommand));
     assert_eq!(p.message.as_deref(), Some(reason::URL_NOT_HTTP));
+}
+
+#[test]
+fn the_downgrade_permissions_are_read_from_a_job() {
+    let payload = r#"{"url":"http://h/f","allow_downgrade":true,"allow_other_project":true}"#;
+    let Ok(CommandOutcome::Command(Command::Start(job))) =
+        parse_command(TopicKind::Start, payload.as_bytes(), ME)
+    else {
+        panic!("not a start");
+    };
+    assert!(job.allow_downgrade && job.allow_other_project && !job.force);
+}
+
+#[test]
+fn an_unsigned_command_naming_another_device_is_not_for_me() {
+    let payload = r#"{"url":"http://h/f","device":"someone-else"}"#;
+    assert_eq!(
+        parse_command(TopicKind::Start, payload.as_bytes(), ME),
+        Ok(CommandOutcome::NotForMe)
+    );
+    let payload = format!(r#"{{"url":"http://h/f","device":"{ME}"}}"#);
+    assert!(matches!(
+        parse_command(TopicKind::Start, payload.as_bytes(), ME),
+        Ok(CommandOutcome::Command(Command::Start(_)))
+    ));
+}
+
+#[test]
+fn a_signed_command_binds_its_topic_its_device_and_a_sequence_number() {
+    use crate::protocol::parse_signed_command as signed;
+    let ok = format!(r#"{{"op":"start","seq":7,"device":"{ME}","url":"http://h/f","job":"j"}}"#);
+    let (outcome, seq) = signed(TopicKind::Start, ok.as_bytes(), ME).unwrap();
+    assert_eq!(seq, 7);
+    assert!(matches!(
+        outcome,
+        CommandOutcome::Command(Command::Start(_))
+    ));
+
+    let listed = format!(r#"{{"op":"rollback","seq":8,"devices":["a","{ME}"],"job":"r"}}"#);
+    let (outcome, seq) = signed(TopicKind::Rollback, listed.as_bytes(), ME).unwrap();
+    assert_eq!(seq, 8);
+    assert_eq!(
+        outcome,
+        CommandOutcome::Command(Command::Rollback {
+            job: Some(JobId::try_from("r").unwrap())
+        })
+    );
+    let not_listed = r#"{"op":"start","seq":9,"devices":["a"],"url":"http://h/f"}"#;
+    assert_eq!(
+        signed(TopicKind::Start, not_listed.as_bytes(), ME).map(|o| o.0),
+        Ok(CommandOutcome::NotForMe)
+    );
+
+    let refused = |kind, text: &str| {
+        let e = signed(kind, text.as_bytes(), ME).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadSignature, "{text}");
+        e.reason
+    };
+    // A signed cancel cannot be replayed onto the rollback topic.
+    let cancel = format!(r#"{{"op":"cancel","seq":10,"device":"{ME}","job":"j"}}"#);
+    assert_eq!(
+        refused(TopicKind::Rollback, &cancel),
+        super::signed::WRONG_OP
+    );
+    let other = r#"{"op":"start","seq":11,"device":"someone-else","url":"http://h/f","job":"j"}"#;
+    assert_eq!(
+        refused(TopicKind::Start, other),
+        super::signed::OTHER_DEVICE
+    );
+    let no_seq = format!(r#"{{"op":"start","device":"{ME}","url":"http://h/f"}}"#);
+    assert_eq!(refused(TopicKind::Start, &no_seq), super::signed::NO_SEQ);
+    let nobody = r#"{"op":"start","seq":12,"url":"http://h/f"}"#;
+    assert_eq!(refused(TopicKind::Start, nobody), super::signed::NO_DEVICE);
+    assert_eq!(
+        refused(TopicKind::Cancel, "cancel"),
+        super::signed::NOT_OBJECT
+    );
+    // The job id of a refused command is kept for the answer.
+    let e = signed(TopicKind::Start, other.as_bytes(), ME).unwrap_err();
+    assert_eq!(e.job.as_deref(), Some("j"));
 }
