@@ -110,6 +110,7 @@ impl core::fmt::Debug for Config {
             .field("update_timeout_secs", &self.update_timeout_secs)
             .field("trial_timeout_secs", &self.trial_timeout_secs)
             .field("trusted_keys", &self.trusted_keys.len())
+            .field("job_key", &self.job_key.is_some())
             .finish()
     }
 }

@@ -162,6 +162,7 @@ impl core::fmt::Debug for DeviceConfig<'_> {
             .field("seed", &self.seed)
             .field("progress_copy", &self.progress_copy)
             .field("trust", &self.trust)
+            .field("job_trust", &self.job_trust)
             .finish()
     }
 }
