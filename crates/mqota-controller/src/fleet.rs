@@ -154,6 +154,7 @@ type Devices = Arc<Mutex<BTreeMap<String, DeviceView>>>;
 /// A connection to the broker that follows the fleet.
 pub struct Fleet {
     client: AsyncClient,
+    url: BrokerUrl,
     prefix: String,
     devices: Devices,
     events: broadcast::Sender<FleetEvent>,
@@ -277,6 +278,7 @@ impl Fleet {
         }
         Ok(Self {
             client,
+            url: url.clone(),
             prefix: prefix.to_owned(),
             devices,
             events,
@@ -381,6 +383,12 @@ impl Fleet {
     /// The topic prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The broker this fleet follows (for a second connection, such as the
+    /// log reader's).
+    pub fn broker_url(&self) -> &BrokerUrl {
+        &self.url
     }
 
     /// Sends a start command to one device (`{prefix}/{id}/ota/start`, QoS 1).
