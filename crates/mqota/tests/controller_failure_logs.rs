@@ -3,7 +3,8 @@
 //! device (the real device runtime) that installs an image whose health
 //! check fails and rolls back. The controller reads the device's last log
 //! records when the rollback is reported, keeps them with the result, and
-//! both the summary and `GET /api/deployments/{id}` say why.
+//! both the summary and `GET /api/deployments/{id}` say why. The page's
+//! `GET /api/devices/{id}/log` reads the same log on demand.
 
 mod controller_support;
 
@@ -28,7 +29,7 @@ fn a_rolled_back_job_keeps_the_devices_last_log_records_and_the_summary_and_api_
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap().to_owned();
     let serve = Serve::start(fw.path(), data.path(), Some(&url));
-    let _devices = Devices::start(vec![device_config("fl-a", broker.port())]);
+    let devices = Devices::start(vec![device_config("fl-a", broker.port())]);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = status_json(&url);
@@ -102,4 +103,49 @@ fn a_rolled_back_job_keeps_the_devices_last_log_records_and_the_summary_and_api_
         numbers.windows(2).all(|w| w[1] == w[0] + 1),
         "one run of records, oldest first: {numbers:?}"
     );
+
+    // The page's reading of a log: now, from the device; refused with the
+    // reason for a device that is not there or not connected.
+    let get = |path: &str| {
+        let url = format!("{}{path}", serve.http);
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let r = reqwest::get(url).await.unwrap();
+                    (
+                        r.status().as_u16(),
+                        r.json::<serde_json::Value>().await.unwrap(),
+                    )
+                })
+        })
+        .join()
+        .unwrap()
+    };
+    let (status, v) = get("/api/devices/fl-a/log?max=5");
+    assert_eq!(status, 200, "{v:#}");
+    let records = v["records"].as_array().unwrap();
+    assert_eq!(records.len(), 5, "{v:#}");
+    assert_eq!(records[4]["n"], v["newest"], "the newest five: {v:#}");
+    let (status, v) = get("/api/devices/nobody/log");
+    assert_eq!(status, 404, "{v:#}");
+    drop(devices);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, v) = get("/api/devices/fl-a/log");
+        if status == 409 {
+            assert!(
+                v["error"].as_str().unwrap().contains("fl-a is offline"),
+                "{v:#}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never refused as offline: {status} {v:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
