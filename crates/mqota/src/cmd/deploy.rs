@@ -406,6 +406,24 @@ fn count(d: &Deployment, state: DeviceState) -> usize {
     d.devices.iter().filter(|x| x.state == state).count()
 }
 
+/// A device's error, with what its log said about it when the job failed:
+/// `health_check_failed — trial failed: health check failed, rolling back`.
+fn why(x: &mqota_controller::store::DeploymentDevice) -> String {
+    let mut out = x.error.clone().unwrap_or_default();
+    let said = x.log.as_ref().and_then(|l| match (&l.line, &l.error) {
+        (Some(line), _) => Some(line.clone()),
+        (None, Some(e)) => Some(format!("(log not read: {e})")),
+        (None, None) => None,
+    });
+    if let Some(said) = said {
+        if !out.is_empty() {
+            out.push_str(" — ");
+        }
+        out.push_str(&said);
+    }
+    out
+}
+
 fn print_summary(d: &Deployment) {
     println!();
     println!(
@@ -419,7 +437,7 @@ fn print_summary(d: &Deployment) {
             x.stage + 1,
             safe(x.from_version.as_deref().unwrap_or("-")),
             x.state.as_str(),
-            safe(x.error.as_deref().unwrap_or(""))
+            safe(&why(x))
         );
     }
     let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
