@@ -163,6 +163,23 @@ impl DeployArgs {
                         .unwrap_or_else(|| "http://127.0.0.1:8080".to_owned());
                     let spec = self.firmware.as_deref().expect("clap requires FIRMWARE");
                     let firmware = resolve_firmware(spec, &server).await?;
+                    // Who signed it, so the operator sees what signed-only
+                    // devices will check.
+                    match firmware.signers.as_deref() {
+                        Some([]) => println!(
+                            "{} is unsigned: devices that take only signed images will be left out",
+                            safe(&firmware.name)
+                        ),
+                        Some(keys) => println!(
+                            "{} is signed by key {}",
+                            safe(&firmware.name),
+                            keys.join(", key ")
+                        ),
+                        None => {}
+                    }
+                    if fleet.signs() {
+                        println!("commands are signed with the job key");
+                    }
                     let options = RolloutOptions {
                         canary: self.canary,
                         batch: self.batch,
