@@ -3,9 +3,9 @@
 //! rustfmt and clippy; Mosquitto and its command-line clients (the
 //! integration tests start their own broker); esptool (golden-file checks);
 //! paho-mqtt 2.x (a Python MQTT client at 3.1.1 and 5, a peer in the
-//! embedded broker's tests); Debian's Chromium and ChromeDriver (the page's
-//! browser test);
-//! and what `cargo install espflash` needs to link (libudev, pkg-config).
+//! embedded broker's tests); PyJWT and cryptography (an independent JOSE
+//! implementation for the signed-command tests); Debian's Chromium and
+//! ChromeDriver (the page's browser test); and what `cargo install espflash` needs to link (libudev, pkg-config).
 
 use anyhow::{bail, Result};
 use std::process::{Command, Stdio};
@@ -112,6 +112,26 @@ pub fn ensure() -> Result<()> {
         )?;
         if !paho() {
             bail!("paho-mqtt 2.x was installed but python3 cannot import it");
+        }
+    }
+    // PyJWT: an independent JOSE implementation, signing and checking the
+    // ES256 command envelopes in the e2e tests.
+    let pyjwt = || {
+        Command::new("python3")
+            .args(["-c", "import jwt, cryptography; jwt.encode"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !pyjwt() {
+        super::run(
+            &root,
+            "python3",
+            &["-m", "pip", "install", "-q", "pyjwt>=2", "cryptography"],
+        )?;
+        if !pyjwt() {
+            bail!("pyjwt and cryptography were installed but python3 cannot import them");
         }
     }
     if !have("esptool") {

@@ -202,6 +202,102 @@ impl Catalogue {
     }
 }
 
+/// The largest file [`Catalogue::add`] takes: what the largest OTA slot of
+/// the ESP32 family holds (16 MiB of flash, all of it one slot at most).
+pub const MAX_UPLOAD: usize = 16 * 1024 * 1024;
+
+/// Why a file was not added to the catalogue or removed from it. Each is
+/// the operator's to fix; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CatalogueError {
+    /// The name is not one path component of letters, digits, `.`, `-`,
+    /// `_`, `+` (or starts with a dot): rename the file.
+    #[error("{0:?} is not a usable file name: use letters, digits, '.', '-', '_' and '+', not starting with '.'")]
+    BadName(String),
+    /// The file is larger than [`MAX_UPLOAD`].
+    #[error("{size} bytes is more than the {max} an OTA slot can hold")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The bytes are not an ESP-IDF app image a device would accept (the
+    /// reason says why, as the device's own validator does).
+    #[error("{0}")]
+    NotAnImage(String),
+    /// A file of that name is in the catalogue: delete it first, or choose
+    /// another name (a name a deployment refers to never changes content).
+    #[error("{0:?} is already in the catalogue: delete it first or rename the file")]
+    Exists(String),
+    /// No such file in the catalogue.
+    #[error("no firmware {0:?}")]
+    Unknown(String),
+    /// Reading or writing the directory failed.
+    #[error("firmware directory: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Catalogue {
+    /// Adds `bytes` as file `name`, if they are a valid app image of at most
+    /// [`MAX_UPLOAD`] bytes and the name is free. The file appears whole or
+    /// not at all: it is written under a hidden name (which [`scan`] skips)
+    /// and renamed.
+    ///
+    /// [`scan`]: Catalogue::scan
+    pub fn add(&self, name: &str, bytes: &[u8]) -> Result<FirmwareEntry, CatalogueError> {
+        if !is_plain_name(name) {
+            return Err(CatalogueError::BadName(name.to_owned()));
+        }
+        if bytes.len() > MAX_UPLOAD {
+            return Err(CatalogueError::TooLarge {
+                size: bytes.len(),
+                max: MAX_UPLOAD,
+            });
+        }
+        let checked = FirmwareEntry::from_bytes(name, bytes, 0);
+        if let Some(e) = checked.error {
+            return Err(CatalogueError::NotAnImage(e));
+        }
+        let path = self.dir.join(name);
+        let tmp = self
+            .dir
+            .join(format!(".upload-{}-{name}", std::process::id()));
+        std::fs::write(&tmp, bytes)?;
+        // `hard_link` fails when the name is taken, so two uploads of one
+        // name cannot both win (a rename would silently replace).
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(CatalogueError::Exists(name.to_owned()))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(self.entry(name)?.expect("the file was just written"))
+    }
+
+    /// Removes file `name` (the caller checks that no running deployment
+    /// uses it).
+    pub fn remove(&self, name: &str) -> Result<(), CatalogueError> {
+        if !is_plain_name(name) {
+            return Err(CatalogueError::Unknown(name.to_owned()));
+        }
+        match std::fs::remove_file(self.dir.join(name)) {
+            Ok(()) => {
+                self.cache.lock().unwrap().remove(name);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(CatalogueError::Unknown(name.to_owned()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +384,49 @@ mod tests {
             FirmwareEntry::from_bytes("plain.bin", &img, 0).signers,
             Some(vec![])
         );
+    }
+
+    #[test]
+    fn only_a_valid_image_under_a_free_plain_name_is_added_and_a_removed_one_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalogue::new(dir.path());
+        let img = ImageBuilder::new(Chip::Esp32c3)
+            .version("2.0.0")
+            .project("blinky")
+            .size(4096)
+            .build()
+            .unwrap();
+        let e = c.add("blinky-2.bin", &img).unwrap();
+        assert_eq!(e.version.as_deref(), Some("2.0.0"));
+        assert!(matches!(
+            c.add("blinky-2.bin", &img),
+            Err(CatalogueError::Exists(_))
+        ));
+        let err = c.add("notes.bin", b"hello").unwrap_err();
+        assert!(
+            matches!(&err, CatalogueError::NotAnImage(why) if why.starts_with("not a valid app image")),
+            "{err}"
+        );
+        assert!(matches!(
+            c.add("../x.bin", &img),
+            Err(CatalogueError::BadName(_))
+        ));
+        assert!(matches!(
+            c.add("big.bin", &vec![0xE9; MAX_UPLOAD + 1]),
+            Err(CatalogueError::TooLarge { .. })
+        ));
+        // Nothing refused was left behind, not even half-written.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["blinky-2.bin"]);
+        c.remove("blinky-2.bin").unwrap();
+        assert!(c.scan().unwrap().is_empty());
+        assert!(matches!(
+            c.remove("blinky-2.bin"),
+            Err(CatalogueError::Unknown(_))
+        ));
     }
 
     #[test]

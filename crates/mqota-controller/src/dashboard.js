@@ -260,6 +260,7 @@ function openDetail(id) {
   historyAt = 0;
   $("detail").hidden = false;
   renderDetail();
+  loadLog(id);
   $("detail").scrollIntoView({ block: "nearest" });
 }
 
@@ -297,6 +298,35 @@ async function loadHistory(id) {
     $("detail-empty").hidden = false;
   }
 }
+
+// Reads the device's log over MQTT (through serve): it takes a moment, and
+// fails with serve's reason when the device is offline or silent.
+async function loadLog(id) {
+  const status = $("detail-log-status");
+  status.textContent = "reading the log from the device…";
+  status.className = "muted";
+  $("detail-log").replaceChildren();
+  try {
+    const r = await fetch("/api/devices/" + encodeURIComponent(id) + "/log", { cache: "no-store" });
+    const j = await r.json().catch(() => ({}));
+    if (id !== detailId) return;
+    if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
+    $("detail-log").replaceChildren(...j.records.slice().reverse().map((x) => {
+      const tr = row([x.n, x.boot, (x.ms / 1000).toFixed(3) + " s", x.level, x.msg]);
+      if (x.level === "error") tr.cells[3].className = "bad";
+      else if (x.level === "warn") tr.cells[3].className = "running";
+      return tr;
+    }));
+    status.textContent = j.records.length ? j.records.length + " records, newest first" + (j.lost_chunks ? " (" + j.lost_chunks + " chunks lost)" : "") : "the log is empty";
+    status.className = "muted";
+  } catch (e) {
+    if (id !== detailId) return;
+    status.textContent = "cannot read the log: " + e.message;
+    status.className = "bad";
+  }
+}
+
+$("detail-log-read").addEventListener("click", () => { if (detailId !== null) loadLog(detailId); });
 
 function renderDetail() {
   if (detailId === null) return;
@@ -356,7 +386,9 @@ function renderFirmware(list) {
       f.size.toLocaleString() + " B",
       el("code", f.sha256.slice(0, 12), "muted"),
       f.valid ? null : el("span", f.error, "bad"),
+      deleteButton(f.name),
     ]));
+    body.lastChild.dataset.name = f.name;
   }
   // Rebuild the choices only when they change, so a choice being made
   // survives the refresh.
@@ -375,52 +407,290 @@ function renderFirmware(list) {
   if (valid.some((f) => f.name === chosen)) sel.value = chosen;
 }
 
+function deleteButton(name) {
+  const b = el("button", "delete");
+  b.type = "button";
+  b.setAttribute("aria-label", "delete " + name);
+  b.addEventListener("click", async () => {
+    const out = $("firmware-result");
+    try {
+      const r = await fetch("/api/firmware/" + encodeURIComponent(name), { method: "DELETE" });
+      const j = await r.json();
+      if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
+      out.textContent = "deleted " + name;
+      out.className = "good";
+    } catch (e) {
+      out.textContent = "cannot delete " + name + ": " + e.message;
+      out.className = "bad";
+    }
+    loadFirmware();
+  });
+  return b;
+}
+
+// Sends a file to the catalogue; serve checks that it is an app image.
+async function upload(file) {
+  const out = $("upload-result");
+  out.textContent = "checking " + file.name + "…";
+  out.className = "muted";
+  try {
+    const r = await fetch("/api/firmware/" + encodeURIComponent(file.name), {
+      method: "POST",
+      headers: { "Content-Type": "application/octet-stream" },
+      body: file,
+    });
+    const j = await r.json().catch(() => ({}));
+    if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
+    out.textContent = "added " + j.name + " (" + j.chip + " " + j.project + " " + j.version + ")";
+    out.className = "good";
+    loadFirmware();
+  } catch (e) {
+    out.textContent = "refused " + file.name + ": " + e.message;
+    out.className = "bad";
+  }
+}
+
+$("upload-file").addEventListener("change", (e) => {
+  const f = e.target.files[0];
+  if (f) upload(f);
+  e.target.value = "";
+});
+const drop = $("drop");
+for (const kind of ["dragenter", "dragover"]) {
+  drop.addEventListener(kind, (e) => { e.preventDefault(); drop.classList.add("over"); });
+}
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  const f = e.dataTransfer && e.dataTransfer.files[0];
+  if (f) upload(f);
+});
+// A file dropped beside the zone must not replace the page.
+for (const kind of ["dragover", "drop"]) window.addEventListener(kind, (e) => e.preventDefault());
+
 function when(unix) {
   return new Date(unix * 1000).toLocaleString();
 }
 
-function renderDeployments(list) {
-  const box = $("deployments");
-  box.replaceChildren();
-  for (const d of list) {
-    const h = el("h3");
-    h.appendChild(el("code", d.id));
-    h.appendChild(document.createTextNode(" " + d.firmware + " → " + d.version + " "));
-    h.appendChild(stateSpan(d.state));
-    box.appendChild(h);
-    const counts = {};
-    for (const x of d.devices) counts[x.state] = (counts[x.state] || 0) + 1;
-    const o = d.options || {};
-    const summary = Object.entries(counts).map(([k, v]) => v + " " + k).join(", ");
-    box.appendChild(el("p",
-      "created " + when(d.created_at) + " · " + d.devices.length + " devices: " + summary +
-      (o.auto_rollback ? " · auto-rollback" : ""), "muted"));
-    if (d.reason) box.appendChild(el("p", d.reason, "bad"));
-    const t = el("table");
-    const head = el("thead");
-    const hr = el("tr");
-    for (const name of ["device", "stage", "from", "result", "error", "phase", "percent"]) hr.appendChild(el("th", name));
-    head.appendChild(hr);
-    t.appendChild(head);
-    const tb = el("tbody");
-    for (const x of d.devices) {
-      const p = progressOf.get(x.device);
-      // Live progress belongs to this deployment only if it carries its job id.
-      const live = x.state === "sent" && p && p.job === d.id ? p : null;
-      tb.appendChild(row([
-        x.device,
-        x.stage + 1,
-        x.from_version,
-        stateSpan(x.state),
-        x.error ? el("span", x.error, "bad") : null,
-        phaseCell(live),
-        percentCell(live),
-      ]));
+// The states a deployment's counts always show (with `downloading`: sent,
+// and the device says it is downloading this job), then any other state
+// that has devices.
+const COUNTED = ["pending", "sent", "downloading", "done", "failed", "rolled_back", "timed_out"];
+const FINISHED = (state) => state !== "pending" && state !== "sent" && state !== "rollback_sent";
+
+// The live progress of device `x` of deployment `d`, if it is this job's.
+function liveOf(d, x) {
+  const p = progressOf.get(x.device);
+  return (x.state === "sent" || x.state === "rollback_sent") && p && p.job === d.id ? p : null;
+}
+
+// Where a device stands for the counts.
+function countedState(d, x) {
+  const p = liveOf(d, x);
+  return x.state === "sent" && p && p.phase === "downloading" ? "downloading" : x.state;
+}
+
+function countsOf(d) {
+  const counts = Object.fromEntries(COUNTED.map((k) => [k, 0]));
+  for (const x of d.devices) {
+    const k = countedState(d, x);
+    counts[k] = (counts[k] || 0) + 1;
+  }
+  return counts;
+}
+
+// Share of a deployment's work done, 0..1: finished devices count whole,
+// devices in flight by their percentage.
+function doneShare(d, devices) {
+  if (!devices.length) return 0;
+  let sum = 0;
+  for (const x of devices) {
+    if (FINISHED(x.state)) sum += 100;
+    else {
+      const p = liveOf(d, x);
+      if (p) sum += p.percent;
     }
-    t.appendChild(tb);
-    box.appendChild(t);
+  }
+  return sum / (devices.length * 100);
+}
+
+function bar(share, label) {
+  const b = el("progress");
+  b.max = 100;
+  b.value = Math.round(share * 100);
+  b.setAttribute("aria-label", label);
+  b.title = b.value + "%";
+  return b;
+}
+
+let depId = null;
+// What the list and the detail last drew: they are drawn again only when
+// it changes, so a button or an open log keeps its focus and state.
+let listKey = "";
+let depKey = "";
+// Devices whose log records are unfolded in the deployment's detail.
+const unfolded = new Set();
+
+function renderDeployments(list) {
+  const key = JSON.stringify(list.map((d) => [d.id, d.state, d.firmware, d.version, d.created_at, countsOf(d), doneShare(d, d.devices)]));
+  if (key !== listKey) {
+    listKey = key;
+    drawDeploymentList(list);
+  }
+  renderDeployment();
+}
+
+function drawDeploymentList(list) {
+  const body = $("deployments");
+  body.replaceChildren();
+  for (const d of list) {
+    const open = el("button", d.id, "link");
+    open.type = "button";
+    open.title = "details of deployment " + d.id;
+    open.addEventListener("click", () => openDeployment(d.id));
+    const counts = countsOf(d);
+    const summary = Object.entries(counts).filter(([, v]) => v > 0).map(([k, v]) => v + " " + k.replace(/_/g, " ")).join(", ");
+    const tr = row([open, d.firmware + " → " + d.version, stateSpan(d.state), d.devices.length + ": " + summary,
+      bar(doneShare(d, d.devices), "progress of " + d.id), when(d.created_at)]);
+    tr.dataset.id = d.id;
+    body.appendChild(tr);
   }
   $("deployments-empty").hidden = list.length > 0;
+}
+
+function openDeployment(id) {
+  depId = id;
+  depKey = "";
+  $("dep-result").textContent = "";
+  $("dep").hidden = false;
+  renderDeployment();
+  $("dep").scrollIntoView({ block: "nearest" });
+  $("dep-title").focus();
+}
+
+$("dep-close").addEventListener("click", () => {
+  depId = null;
+  $("dep").hidden = true;
+});
+
+// A device's error in words, with what its log said when the job failed.
+function whyCell(x) {
+  if (!x.error && !x.log) return null;
+  const box = el("div");
+  if (x.error) box.appendChild(el("span", words(ERROR_WORDS, x.error), "bad"));
+  const log = x.log;
+  if (log && log.line) {
+    box.appendChild(document.createTextNode(" — "));
+    box.appendChild(el("q", log.line, "log-line"));
+  } else if (log && log.error) {
+    box.appendChild(el("span", " (log not read: " + log.error + ")", "muted"));
+  }
+  if (log && log.records && log.records.length) {
+    const more = el("details");
+    more.open = unfolded.has(x.device);
+    more.addEventListener("toggle", () => {
+      if (more.open) unfolded.add(x.device);
+      else unfolded.delete(x.device);
+    });
+    more.appendChild(el("summary", "last " + log.records.length + " log records"));
+    more.appendChild(el("pre", log.records.map(recordLine).join("\n"), "log"));
+    box.appendChild(more);
+  }
+  return box;
+}
+
+function recordLine(r) {
+  return "#" + r.n + " boot " + r.boot + " +" + (r.ms / 1000).toFixed(3) + "s " + r.level + " " + r.msg;
+}
+
+function renderDeployment() {
+  if (depId === null) return;
+  const d = deploymentList.find((x) => x.id === depId);
+  const key = JSON.stringify([d, d ? d.devices.map((x) => liveOf(d, x)) : null]);
+  if (key === depKey) return;
+  depKey = key;
+  $("dep-title").textContent = "Deployment " + depId;
+  $("dep-title").tabIndex = -1;
+  if (!d) {
+    $("dep-about").textContent = "not in the store (any more)";
+    return;
+  }
+  $("dep-state").replaceChildren(stateSpan(d.state === "running" && d.reason ? "stopping" : d.state));
+  const o = d.options || {};
+  $("dep-about").textContent = d.firmware + " → " + d.version + " · created " + when(d.created_at) +
+    " · canary " + (o.canary || 0) + " · timeout " + (o.timeout_s || "?") + " s" + (o.auto_rollback ? " · auto-rollback" : "");
+  $("dep-reason").textContent = d.reason || "";
+  $("dep-reason").hidden = !d.reason;
+  const stopping = d.state === "running" && !!d.reason;
+  $("dep-pause").disabled = d.state !== "running" || stopping;
+  $("dep-resume").disabled = d.state !== "paused";
+  $("dep-stop").disabled = !((d.state === "running" && !stopping) || d.state === "paused");
+
+  const counts = countsOf(d);
+  $("dep-counts").replaceChildren(...Object.entries(counts)
+    .filter(([k, v]) => COUNTED.includes(k) || v > 0)
+    .map(([k, v]) => {
+      const li = el("li");
+      li.dataset.state = k;
+      li.appendChild(el("b", v));
+      li.appendChild(document.createTextNode(" " + k.replace(/_/g, " ")));
+      return li;
+    }));
+
+  const stages = new Map();
+  for (const x of d.devices) {
+    if (!stages.has(x.stage)) stages.set(x.stage, []);
+    stages.get(x.stage).push(x);
+  }
+  const box = $("dep-stages");
+  box.replaceChildren();
+  const canary = (o.canary || 0) > 0;
+  for (const [stage, members] of [...stages.entries()].sort((a, b) => a[0] - b[0])) {
+    const name = "stage " + (stage + 1) + (canary && stage === 0 ? " (canary)" : "");
+    const finished = members.filter((x) => FINISHED(x.state)).length;
+    const failed = members.filter((x) => BAD.has(x.state)).length;
+    const label = el("span", name);
+    const b = bar(doneShare(d, members), name);
+    b.dataset.stage = stage;
+    box.appendChild(label);
+    box.appendChild(b);
+    box.appendChild(el("span", finished + " of " + members.length + " finished" + (failed ? ", " + failed + " failed" : ""), failed ? "bad" : "muted"));
+  }
+
+  const tb = $("dep-devices");
+  tb.replaceChildren();
+  for (const x of d.devices) {
+    const live = liveOf(d, x);
+    const tr = row([x.device, x.stage + 1, x.from_version, stateSpan(x.state),
+      live ? (() => { const s = el("span"); s.appendChild(phaseCell(live)); s.appendChild(document.createTextNode(" ")); s.appendChild(percentCell(live)); return s; })() : null,
+      whyCell(x)]);
+    tr.dataset.id = x.device;
+    tr.lastChild.className = "why";
+    tb.appendChild(tr);
+  }
+}
+
+for (const b of document.querySelectorAll("#dep .actions button")) {
+  b.addEventListener("click", async () => {
+    const out = $("dep-result");
+    const id = depId;
+    out.textContent = b.dataset.action + "…";
+    out.className = "muted";
+    try {
+      const r = await fetch("/api/deployments/" + encodeURIComponent(id) + "/" + b.dataset.action, { method: "POST" });
+      const j = await r.json();
+      if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
+      // The answer is the deployment as stored now: show it at once.
+      deploymentList = deploymentList.map((x) => (x.id === j.id ? j : x));
+      out.textContent = b.dataset.action === "pause" ? "paused: jobs already sent finish" : b.dataset.action === "resume" ? "resumed" : "stopped";
+      out.className = "good";
+      render();
+    } catch (e) {
+      out.textContent = "cannot " + b.dataset.action + ": " + e.message;
+      out.className = "bad";
+    }
+  });
 }
 
 async function loadFirmware() {

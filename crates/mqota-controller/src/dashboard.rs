@@ -8,6 +8,7 @@
 //! | `GET /api/events` | Server-Sent Events: a `snapshot` first, then numbered `change`, `deployments` and `gaps` events (see [`api_events`]) |
 //! | `GET /api/fleet` | `[{id, status, online, progress}]`: every retained status, availability and the latest progress event, live from the broker; header `x-mqota-fleet-complete: true` or `false` with the reasons in `x-mqota-fleet-gaps` (broker unreachable, replay cut, devices in the store without a retained status) |
 //! | `POST /api/deployments` | starts a staged rollout inside serve; `201 {id, version, devices, stages, current, no_https}`; `503` while the broker is unreachable |
+//! | `GET /api/devices/{id}/log?max=N` | the device's newest `N` (default 64, at most 512) field-log records, read over MQTT now ([`crate::logs`]): `{device, newest, lost_chunks, records}`; `404` for a device the fleet does not know, `409` while it is offline, `504` when it does not answer within [`DEVICE_LOG_LIMIT`] |
 //!
 //! The body of `POST /api/deployments` mirrors `mqota deploy`'s options:
 //!
@@ -74,6 +75,7 @@ pub fn router(app: Arc<AppState>, fleet: Arc<Fleet>, rollouts: rollout::Runner) 
         .route("/dashboard.js", get(script))
         .route("/api/fleet", get(api_fleet))
         .route("/api/events", get(api_events))
+        .route("/api/devices/{id}/log", get(api_device_log))
         // Merged with the `GET` of the same path in `http::router`.
         .route("/api/deployments", post(api_deploy))
         .with_state(Dashboard {
@@ -309,6 +311,73 @@ async fn follow(
         if tx.send(event).await.is_err() {
             return;
         }
+    }
+}
+
+/// The longest `GET /api/devices/{id}/log` waits for the device.
+pub const DEVICE_LOG_LIMIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    max: Option<u16>,
+}
+
+async fn api_device_log(
+    State(d): State<Dashboard>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::Query(q): axum::extract::Query<LogQuery>,
+) -> Response {
+    let Some(view) = d.fleet.device(&id) else {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            format!("no device {id:?} in the fleet"),
+        );
+    };
+    if !view.online {
+        return api_error(
+            StatusCode::CONFLICT,
+            format!("device {id} is offline: its log can be read once it is connected again"),
+        );
+    }
+    let max = q
+        .max
+        .unwrap_or(mqota_core::protocol::DEFAULT_LOGS_MAX)
+        .clamp(1, 512);
+    let hint = view.status.as_ref().and_then(|s| s.log_newest);
+    let read = tokio::time::timeout(
+        DEVICE_LOG_LIMIT,
+        crate::logs::fetch_last(
+            d.fleet.broker_url(),
+            d.fleet.prefix(),
+            &id,
+            hint,
+            max,
+            Duration::from_secs(3),
+        ),
+    )
+    .await;
+    match read {
+        Ok(Ok(f)) => Json(serde_json::json!({
+            "device": id,
+            "newest": f.newest,
+            "lost_chunks": f.lost_chunks,
+            "records": f.records,
+        }))
+        .into_response(),
+        Ok(Err(e @ crate::logs::LogsError::NoAnswer { .. })) => {
+            api_error(StatusCode::GATEWAY_TIMEOUT, e)
+        }
+        Ok(Err(e @ crate::logs::LogsError::BadTopic { .. })) => {
+            api_error(StatusCode::BAD_REQUEST, e)
+        }
+        Ok(Err(e)) => api_error(StatusCode::BAD_GATEWAY, e),
+        Err(_) => api_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "device {id} did not answer within {} s",
+                DEVICE_LOG_LIMIT.as_secs()
+            ),
+        ),
     }
 }
 

@@ -164,6 +164,7 @@ type Devices = Arc<Mutex<BTreeMap<String, DeviceView>>>;
 /// A connection to the broker that follows the fleet.
 pub struct Fleet {
     client: AsyncClient,
+    url: BrokerUrl,
     prefix: String,
     devices: Devices,
     events: broadcast::Sender<FleetEvent>,
@@ -289,6 +290,7 @@ impl Fleet {
         }
         Ok(Self {
             client,
+            url: url.clone(),
             prefix: prefix.to_owned(),
             devices,
             events,
@@ -406,6 +408,12 @@ impl Fleet {
     /// Whether commands are signed.
     pub fn signs(&self) -> bool {
         self.signer.is_some()
+    }
+
+    /// The broker this fleet follows (for a second connection, such as the
+    /// log reader's).
+    pub fn broker_url(&self) -> &BrokerUrl {
+        &self.url
     }
 
     /// Sends a start command to one device (`{prefix}/{id}/ota/start`, QoS 1).

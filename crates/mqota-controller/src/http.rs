@@ -8,6 +8,8 @@
 //! | `GET /api/devices/{id}/history` | the device's status changes and job endings |
 //! | `GET /api/deployments`, `/api/deployments/{id}` | deployments with each device's result |
 //! | `POST /api/deployments/{id}/pause`, `/resume`, `/stop` | the operator's command ([`control_router`]); `200` with the deployment, `404` unknown, `409` when its state does not allow it |
+//! | `POST /api/firmware/{name}` | adds the body (the raw file, `Content-Type: application/octet-stream`) to the catalogue ([`catalogue_router`]): `201` with its entry; refused with `{"error"}` and `400` (name), `409` (name taken), `413` (larger than [`MAX_UPLOAD`]), `422` (not a valid app image, with the validator's reason) |
+//! | `DELETE /api/firmware/{name}` | removes it: `200`, `404` unknown, `409` while a running or paused deployment uses it |
 //!
 //! `mqota serve` adds the page and the routes that need the broker
 //! connection from [`crate::dashboard`], and wraps everything in
@@ -32,7 +34,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::catalogue::Catalogue;
+use crate::catalogue::{Catalogue, CatalogueError, MAX_UPLOAD};
 use crate::store::Store;
 
 /// What the handlers share.
@@ -118,6 +120,113 @@ async fn api_control(
         Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
+}
+
+/// The operator's changes to the firmware catalogue, for `serve`: `POST
+/// /api/firmware/{name}` with the file as the body, `DELETE
+/// /api/firmware/{name}`. State-changing, like [`control_router`]: `serve`
+/// puts both behind [`guard_hosts`].
+pub fn catalogue_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(
+            "/api/firmware/{name}",
+            axum::routing::post(api_upload).delete(api_delete_firmware),
+        )
+        // One byte over the limit is enough to tell "too large" apart.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_UPLOAD + 1))
+        .with_state(state)
+}
+
+fn catalogue_error(e: CatalogueError) -> Response {
+    let status = match &e {
+        CatalogueError::BadName(_) => StatusCode::BAD_REQUEST,
+        CatalogueError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        CatalogueError::NotAnImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        CatalogueError::Exists(_) => StatusCode::CONFLICT,
+        CatalogueError::Unknown(_) => StatusCode::NOT_FOUND,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    api_error(status, e)
+}
+
+async fn api_upload(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    // Like `POST /api/deployments`' JSON: a type no HTML form can send, so
+    // a browser asks before sending it cross-site, and this server never
+    // says yes.
+    let is_binary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/octet-stream"));
+    if !is_binary {
+        return api_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the file as Content-Type: application/octet-stream",
+        );
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the file is larger than the {MAX_UPLOAD} bytes an OTA slot can hold"),
+            )
+        }
+        Err(e) => return api_error(e.status(), e.body_text()),
+    };
+    let added = tokio::task::spawn_blocking(move || {
+        let e = st.catalogue.add(&name, &body)?;
+        // The store's copy of the catalogue follows at once.
+        if let Ok(list) = st.catalogue.scan() {
+            let _ = st.store.replace_firmware(&list);
+        }
+        Ok::<_, CatalogueError>(e)
+    })
+    .await;
+    match added {
+        Ok(Ok(e)) => (StatusCode::CREATED, Json(e)).into_response(),
+        Ok(Err(e)) => catalogue_error(e),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn api_delete_firmware(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Response {
+    let done = tokio::task::spawn_blocking(move || {
+        let users = match st.store.unfinished_deployments_of(&name) {
+            Ok(u) => u,
+            Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        };
+        if !users.is_empty() {
+            return api_error(
+                StatusCode::CONFLICT,
+                format!(
+                    "{name:?} is used by {}: stop it (or let it end) first",
+                    users
+                        .iter()
+                        .map(|(id, state)| format!("{} deployment {id}", state.as_str()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+        if let Err(e) = st.catalogue.remove(&name) {
+            return catalogue_error(e);
+        }
+        if let Ok(list) = st.catalogue.scan() {
+            let _ = st.store.replace_firmware(&list);
+        }
+        Json(serde_json::json!({ "deleted": name })).into_response()
+    })
+    .await;
+    done.unwrap_or_else(|e| api_error(StatusCode::INTERNAL_SERVER_ERROR, e))
 }
 
 /// Guards `router` against DNS rebinding: a request whose `Host`, or whose

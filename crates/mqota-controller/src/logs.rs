@@ -228,6 +228,72 @@ pub async fn fetch_logs(
         .await
 }
 
+/// Reads the last `count` records of a device's log (or fewer, if it holds
+/// fewer). `newest_hint` is the `log_newest` of its latest status; it may
+/// be stale (the status that follows a failure can still be on its way), so
+/// the answer's own `newest` is believed, and the records are asked for once
+/// more when the hint fell short. Without a hint, an empty answer (`since`
+/// past every record) learns the newest first. At most two requests.
+pub async fn fetch_last(
+    url: &BrokerUrl,
+    prefix: &str,
+    device: &str,
+    newest_hint: Option<u32>,
+    count: u16,
+    wait: Duration,
+) -> Result<Fetched, LogsError> {
+    let count = count.max(1);
+    let from = |newest: u32| newest.saturating_sub(u32::from(count) - 1);
+    let mut reader = LogReader::connect(url, prefix, device).await?;
+    let ask = |since| LogsGet {
+        since: Some(since),
+        max: Some(count),
+        ..LogsGet::default()
+    };
+    let first = reader
+        .fetch(&ask(newest_hint.map_or(u32::MAX, from)), wait)
+        .await?;
+    let behind = match (first.newest, first.records.last()) {
+        (Some(newest), Some(last)) => newest > last.n,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if !behind {
+        return Ok(first);
+    }
+    let newest = first.newest.expect("behind only with a newest");
+    reader.fetch(&ask(from(newest)), wait).await
+}
+
+/// The record among `records` that best says why job `job` failed: the newest `error` record that says more than
+/// the job's own result (the device logs `job ID: rolled_back CODE` when it
+/// reports; the record worth reading is the one before, such as `trial
+/// failed: health check failed`), else the newest such `warn` record, else
+/// the newest `error` record of any kind; its message, trimmed. `None` when
+/// nothing is an error or a warning.
+pub fn relevant_line(records: &[LogRecord], job: &str) -> Option<String> {
+    use mqota_core::protocol::LogLevel;
+    // `job ID: PHASE CODE` and nothing more (the device's note of a
+    // progress event without a message).
+    let echoes_result = |r: &LogRecord| {
+        r.msg
+            .strip_prefix("job ")
+            .and_then(|rest| rest.strip_prefix(job))
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|rest| rest.split_whitespace().count() <= 2)
+    };
+    let newest = |level: LogLevel, telling: bool| {
+        records
+            .iter()
+            .rev()
+            .find(|r| r.level == level && (!telling || !echoes_result(r)))
+    };
+    newest(LogLevel::Error, true)
+        .or_else(|| newest(LogLevel::Warn, true))
+        .or_else(|| newest(LogLevel::Error, false))
+        .map(|r| r.msg.trim().to_owned())
+}
+
 /// One record as a line: `#n boot b +ms level message`.
 pub fn format_record(r: &LogRecord) -> String {
     format!(
@@ -238,4 +304,79 @@ pub fn format_record(r: &LogRecord) -> String {
         r.level.as_str(),
         r.msg
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqota_core::protocol::LogLevel;
+
+    fn rec(n: u32, level: LogLevel, msg: &str) -> LogRecord {
+        LogRecord {
+            n,
+            boot: 1,
+            ms: 0,
+            level,
+            msg: heapless::String::try_from(msg).unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_relevant_line_is_the_newest_error_that_says_more_than_the_result_code() {
+        let rolled_back = [
+            rec(
+                0,
+                LogLevel::Info,
+                "boot 2: software_reset, app 1.2.0 slot 1 trial",
+            ),
+            rec(1, LogLevel::Warn, "broker connection lost"),
+            rec(
+                2,
+                LogLevel::Error,
+                "trial failed: health check failed, rolling back",
+            ),
+            rec(
+                3,
+                LogLevel::Info,
+                "boot 3: software_reset, app 1.0.0 slot 0 valid",
+            ),
+            rec(
+                4,
+                LogLevel::Error,
+                "job d-1: rolled_back health_check_failed ",
+            ),
+        ];
+        assert_eq!(
+            relevant_line(&rolled_back, "d-1").as_deref(),
+            Some("trial failed: health check failed, rolling back")
+        );
+        // A failure whose own record carries the message is its own reason.
+        let failed = [
+            rec(7, LogLevel::Info, "job d-2: accepted  "),
+            rec(8, LogLevel::Error, "job d-2: failed http_status HTTP 404"),
+        ];
+        assert_eq!(
+            relevant_line(&failed, "d-2").as_deref(),
+            Some("job d-2: failed http_status HTTP 404")
+        );
+        // Only the bare result: better than nothing.
+        let bare = [rec(9, LogLevel::Error, "job d-3: failed flash")];
+        assert_eq!(
+            relevant_line(&bare, "d-3").as_deref(),
+            Some("job d-3: failed flash")
+        );
+        // Another job's bare result is a telling error for this one.
+        assert_eq!(
+            relevant_line(&bare, "d-4").as_deref(),
+            Some("job d-3: failed flash")
+        );
+        // Warnings when there is no error; nothing from info alone.
+        let warned = [rec(1, LogLevel::Warn, "WiFi link lost")];
+        assert_eq!(
+            relevant_line(&warned, "d-1").as_deref(),
+            Some("WiFi link lost")
+        );
+        assert_eq!(relevant_line(&rolled_back[..1], "d-1"), None);
+        assert_eq!(relevant_line(&[], "d-1"), None);
+    }
 }

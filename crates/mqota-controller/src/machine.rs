@@ -181,6 +181,14 @@ pub struct Outcome {
     pub cancel: bool,
 }
 
+/// Whether a device whose job ended in `state` should have its log read
+/// for the job's result: only a job that failed on the device (it reported
+/// `failed`, or its new firmware was rolled back) has a story in its log. A
+/// timed-out device is likely unreachable, and a cancelled one did as told.
+pub fn wants_log(state: DeviceState) -> bool {
+    matches!(state, DeviceState::Failed | DeviceState::RolledBack)
+}
+
 /// How the wait for one device ends, if it does now. `before` is its state
 /// while waited for: `sent` (its job) or `rollback_sent` (the controller's
 /// rollback, which only `rolled_back` confirms; any other end is

@@ -45,6 +45,16 @@
 //! at the deployment's state while it waits and before each job it sends,
 //! so it obeys a command written by any process. What to do next is
 //! decided by [`crate::machine::next`], without I/O; [`run`] does the I/O.
+//!
+//! When a device's job fails or is rolled back ([`machine::wants_log`]),
+//! the runner reads the device's last [`LOG_RECORDS`] log records over MQTT
+//! ([`crate::logs::fetch_last`]) in a task of its own, so the rollout never
+//! waits for a device to answer, and keeps them with the device's result
+//! ([`crate::store::JobLog`]) as they come in. Each read is bounded by
+//! [`LOG_FETCH_LIMIT`]; at most [`LOG_FETCHES_MAX`] devices a run, a few at
+//! a time, so a stage of a thousand failures does not open a thousand
+//! connections. When the rollout is over, the reads still going get up to
+//! [`LOG_FETCH_LIMIT`] more to finish, so `deploy --wait` can show why.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -58,7 +68,9 @@ use tokio::time::Instant;
 
 use crate::fleet::{DeviceView, Fleet, FleetError, FleetEvent, StartCommand};
 use crate::machine::{self, Devices, Next, STOPPED_BY_OPERATOR};
-use crate::store::{Deployment, DeploymentDevice, DeploymentState, DeviceState, Store, StoreError};
+use crate::store::{
+    Deployment, DeploymentDevice, DeploymentState, DeviceState, JobLog, Store, StoreError,
+};
 use crate::unix_now;
 
 /// A count or a percentage, as in `--batch 5` or `--batch 25%`.
@@ -571,6 +583,7 @@ pub fn plan_deployment(
                 error: None,
                 from_version: from.get(id.as_str()).cloned(),
                 updated_at: now,
+                log: None,
             });
         }
     }
@@ -643,6 +656,100 @@ pub fn runner_name() -> &'static str {
 /// or stop (written by another process, or the API).
 const POLL: Duration = Duration::from_millis(250);
 
+/// Log records read from a device whose job failed.
+pub const LOG_RECORDS: u16 = 16;
+/// How long one log request waits for the device's answer (it is asked up
+/// to three times; see [`crate::logs::LogReader::fetch`]).
+const LOG_WAIT: Duration = Duration::from_secs(2);
+/// The most one device's log read may take, connection included.
+pub const LOG_FETCH_LIMIT: Duration = Duration::from_secs(15);
+/// The most devices of one run whose log is read.
+pub const LOG_FETCHES_MAX: usize = 32;
+/// Log reads going on at once.
+const LOG_FETCHES_AT_ONCE: usize = 4;
+
+/// The log reads of one run: started as results come in, each in a task of
+/// its own, and written to the store as they end.
+struct LogFetches {
+    url: crate::url::BrokerUrl,
+    prefix: String,
+    tasks: tokio::task::JoinSet<(String, JobLog)>,
+    started: usize,
+    at_once: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl LogFetches {
+    fn new(fleet: &Fleet) -> Self {
+        Self {
+            url: fleet.broker_url().clone(),
+            prefix: fleet.prefix().to_owned(),
+            tasks: tokio::task::JoinSet::new(),
+            started: 0,
+            at_once: std::sync::Arc::new(tokio::sync::Semaphore::new(LOG_FETCHES_AT_ONCE)),
+        }
+    }
+
+    /// Starts reading `device`'s last records for job `job`; returns at once.
+    fn start(&mut self, device: &str, job: &str, newest_hint: Option<u32>) {
+        if self.started >= LOG_FETCHES_MAX {
+            return;
+        }
+        self.started += 1;
+        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        let (device, job) = (device.to_owned(), job.to_owned());
+        let at_once = self.at_once.clone();
+        self.tasks.spawn(async move {
+            let _turn = at_once.acquire_owned().await;
+            let read = tokio::time::timeout(
+                LOG_FETCH_LIMIT,
+                crate::logs::fetch_last(&url, &prefix, &device, newest_hint, LOG_RECORDS, LOG_WAIT),
+            )
+            .await;
+            let (records, error) = match read {
+                Ok(Ok(f)) => (f.records, None),
+                Ok(Err(e)) => (Vec::new(), Some(e.to_string())),
+                Err(_) => (
+                    Vec::new(),
+                    Some(format!(
+                        "the log was not read within {} s",
+                        LOG_FETCH_LIMIT.as_secs()
+                    )),
+                ),
+            };
+            let log = JobLog {
+                fetched_at: unix_now(),
+                line: crate::logs::relevant_line(&records, &job),
+                records,
+                error,
+            };
+            (device, log)
+        });
+    }
+
+    /// Stores the reads that have ended.
+    fn harvest(&mut self, store: &Store, id: &str) -> Result<(), StoreError> {
+        while let Some(done) = self.tasks.try_join_next() {
+            if let Ok((device, log)) = done {
+                store.set_device_log(id, &device, &log)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the reads still going, at most [`LOG_FETCH_LIMIT`], and
+    /// stores them; those not done by then are given up.
+    async fn finish(&mut self, store: &Store, id: &str) -> Result<(), StoreError> {
+        let deadline = Instant::now() + LOG_FETCH_LIMIT;
+        while let Ok(Some(done)) = tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
+            if let Ok((device, log)) = done {
+                store.set_device_log(id, &device, &log)?;
+            }
+        }
+        self.tasks.abort_all();
+        Ok(())
+    }
+}
+
 /// Carries out (or resumes) deployment `id` until it ends, is paused (with
 /// nothing in flight) or is stopped, and returns it as stored then. The
 /// decisions are [`crate::machine::next`]'s; this runner does the I/O.
@@ -652,12 +759,29 @@ pub async fn run(
     id: &str,
     observer: &mut dyn Observer,
 ) -> Result<Deployment, RolloutError> {
+    let mut logs = LogFetches::new(fleet);
+    let ran = steps(fleet, store, id, observer, &mut logs).await;
+    // The rollout has decided everything; the logs of its failures may
+    // still be on their way.
+    let kept = logs.finish(store, id).await;
+    ran?;
+    kept?;
+    Ok(store.deployment(id)?)
+}
+
+async fn steps(
+    fleet: &Fleet,
+    store: &Store,
+    id: &str,
+    observer: &mut dyn Observer,
+    logs: &mut LogFetches,
+) -> Result<(), RolloutError> {
     let dep = store.deployment(id)?;
     if !matches!(
         dep.state,
         DeploymentState::Running | DeploymentState::Paused
     ) {
-        return Ok(dep);
+        return Ok(());
     }
     store.set_runner(id, runner_name())?;
     let options: RolloutOptions = serde_json::from_value(dep.options.clone())
@@ -719,12 +843,12 @@ pub async fn run(
                         DeviceState::Cancelled;
                     observer.result(&d, DeviceState::Cancelled, Some(STOPPED_BY_OPERATOR));
                 }
-                return Ok(store.deployment(id)?);
+                return Ok(());
             }
-            Next::Paused => return Ok(store.deployment(id)?),
+            Next::Paused => return Ok(()),
             Next::Finish { state, reason } => {
                 store.set_deployment_state(id, state, reason.as_deref())?;
-                return Ok(store.deployment(id)?);
+                return Ok(());
             }
             Next::StopForFailures {
                 reason: why,
@@ -774,12 +898,13 @@ pub async fn run(
                     &mut deadlines,
                     &mut states,
                     observer,
+                    logs,
                     |p| matches!(p, Phase::RolledBack | Phase::Failed),
                     false,
                 )
                 .await?;
                 store.set_deployment_state(id, DeploymentState::Failed, Some(&why))?;
-                return Ok(store.deployment(id)?);
+                return Ok(());
             }
             Next::Wait { stage, devices } => {
                 if announced_stage != Some(stage) {
@@ -805,6 +930,7 @@ pub async fn run(
                     &mut deadlines,
                     &mut states,
                     observer,
+                    logs,
                     |p| p.is_terminal(),
                     true,
                 )
@@ -839,6 +965,7 @@ pub async fn run(
                     &mut deadlines,
                     &mut states,
                     observer,
+                    logs,
                     |p| p.is_terminal(),
                     true,
                 )
@@ -934,6 +1061,7 @@ async fn wait_for(
     deadlines: &mut HashMap<String, Instant>,
     states: &mut Devices,
     observer: &mut dyn Observer,
+    logs: &mut LogFetches,
     ends: impl Fn(Phase) -> bool,
     obey_stop: bool,
 ) -> Result<(), RolloutError> {
@@ -941,6 +1069,7 @@ async fn wait_for(
     let version = version.as_str();
     let mut last_poll = Instant::now();
     while !deadlines.is_empty() {
+        logs.harvest(store, id)?;
         // Events only wake us up and feed the observer; the results are read
         // from the fleet's current view, so a lagging channel loses nothing.
         tokio::select! {
@@ -980,6 +1109,12 @@ async fn wait_for(
             let new = new.map(|o| (o.state, o.error));
             if let Some((s, err)) = new {
                 store.set_device_state(id, &dev, s, err.as_deref())?;
+                if machine::wants_log(s) {
+                    let hint = fleet
+                        .device(&dev)
+                        .and_then(|v| v.status.and_then(|st| st.log_newest));
+                    logs.start(&dev, id, hint);
+                }
                 states.get_mut(&dev).expect("a device of the deployment").1 = s;
                 deadlines.remove(&dev);
                 observer.result(&dev, s, err.as_deref());

@@ -11,7 +11,7 @@
 //! | `devices` | `id` | the latest retained status (JSON) |
 //! | `device_history` | row id | every status change and every terminal progress event |
 //! | `deployments` | `id` (the job id) | firmware, job fields, options, state |
-//! | `deployment_devices` | `(deployment, device)` | stage, result, error, the version before |
+//! | `deployment_devices` | `(deployment, device)` | stage, result, error, the version before, the device's last log records when its job failed ([`JobLog`]) |
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -264,6 +264,26 @@ pub struct DeploymentDevice {
     pub from_version: Option<String>,
     /// Last change, Unix seconds.
     pub updated_at: i64,
+    /// The device's last log records, fetched when its job failed or rolled
+    /// back (see [`crate::rollout`]); `None` until then, and for jobs that
+    /// did not fail.
+    #[serde(default)]
+    pub log: Option<JobLog>,
+}
+
+/// What a device's field log said when its job failed: the records read
+/// back over MQTT ([`crate::logs`]), or why they could not be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobLog {
+    /// When they were read, Unix seconds.
+    pub fetched_at: i64,
+    /// The records, oldest first (empty when the fetch failed).
+    pub records: Vec<mqota_core::protocol::LogRecord>,
+    /// The record that best says why the job failed, as one line (see
+    /// [`crate::logs::relevant_line`]).
+    pub line: Option<String>,
+    /// Why no record could be read (device offline, no log partition).
+    pub error: Option<String>,
 }
 
 /// A deployment and its devices.
@@ -336,7 +356,8 @@ impl std::fmt::Debug for Store {
 /// |---|---|
 /// | 1 | the tables (databases from before versioning are at 0 and already have them: every statement is `IF NOT EXISTS`) |
 /// | 2 | `deployments.runner` (who runs it, for `serve` to resume its own); the rollback mark moves from `error = 'rollback sent'` to the state `rollback_sent` |
-/// | 3 | `mqtt_identities`: MQTT user name, role (`device`, `controller`), password hash |
+/// | 3 | `deployment_devices.log`: the [`JobLog`] of a failed job, as JSON |
+/// | 4 | `mqtt_identities`: MQTT user name, role (`device`, `controller`), password hash |
 const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE IF NOT EXISTS firmware (
@@ -362,6 +383,9 @@ CREATE TABLE IF NOT EXISTS deployment_devices (
 ALTER TABLE deployments ADD COLUMN runner TEXT;
 UPDATE deployment_devices SET state = 'rollback_sent', error = NULL
     WHERE state = 'done' AND error = 'rollback sent';
+",
+    "
+ALTER TABLE deployment_devices ADD COLUMN log TEXT;
 ",
     "
 CREATE TABLE mqtt_identities (
@@ -550,9 +574,10 @@ impl Store {
         )?;
         for dev in &d.devices {
             tx.execute(
-                "INSERT INTO deployment_devices (deployment, device, stage, state, error, from_version, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![d.id, dev.device, dev.stage, dev.state.as_str(), dev.error, dev.from_version, dev.updated_at],
+                "INSERT INTO deployment_devices (deployment, device, stage, state, error, from_version, updated_at, log)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![d.id, dev.device, dev.stage, dev.state.as_str(), dev.error, dev.from_version, dev.updated_at,
+                        dev.log.as_ref().map(|l| serde_json::to_string(l).expect("a log serialises"))],
             )?;
         }
         tx.commit()?;
@@ -574,6 +599,61 @@ impl Store {
              WHERE deployment = ?1 AND device = ?2",
             params![deployment, device, state.as_str(), error, now],
         )?;
+        c.execute(
+            "UPDATE deployments SET updated_at = ?2 WHERE id = ?1",
+            params![deployment, now],
+        )?;
+        Ok(())
+    }
+
+    /// The deployments not yet over (`running` or `paused`) that install
+    /// the catalogue file `name`, named by it or by a URL ending in
+    /// `/firmware/{name}`: id and state, oldest first.
+    pub fn unfinished_deployments_of(
+        &self,
+        name: &str,
+    ) -> Result<Vec<(String, DeploymentState)>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c.prepare(
+            "SELECT id, state, firmware, url FROM deployments
+             WHERE state IN ('running', 'paused') ORDER BY created_at, id",
+        )?;
+        let served = format!("/firmware/{name}");
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, DeploymentState>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, state, firmware, url) = row?;
+            if firmware == name || url.ends_with(&served) {
+                out.push((id, state));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keeps what a device's log said about its failed job in `deployment`.
+    pub fn set_device_log(
+        &self,
+        deployment: &str,
+        device: &str,
+        log: &JobLog,
+    ) -> Result<(), StoreError> {
+        let c = self.conn.lock().unwrap();
+        let now = unix_now();
+        let text = serde_json::to_string(log).expect("a log serialises");
+        let n = c.execute(
+            "UPDATE deployment_devices SET log = ?3 WHERE deployment = ?1 AND device = ?2",
+            params![deployment, device, text],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownDeployment(deployment.to_owned()));
+        }
         c.execute(
             "UPDATE deployments SET updated_at = ?2 WHERE id = ?1",
             params![deployment, now],
@@ -836,10 +916,11 @@ fn row_to_deployment(r: &rusqlite::Row<'_>) -> rusqlite::Result<Deployment> {
 
 fn with_devices(c: &Connection, mut d: Deployment) -> Result<Deployment, StoreError> {
     let mut st = c.prepare(
-        "SELECT device, stage, state, error, from_version, updated_at FROM deployment_devices
+        "SELECT device, stage, state, error, from_version, updated_at, log FROM deployment_devices
          WHERE deployment = ?1 ORDER BY stage, device",
     )?;
     let rows = st.query_map([&d.id], |r| {
+        let log: Option<String> = r.get(6)?;
         Ok(DeploymentDevice {
             device: r.get(0)?,
             stage: r.get(1)?,
@@ -847,6 +928,18 @@ fn with_devices(c: &Connection, mut d: Deployment) -> Result<Deployment, StoreEr
             error: r.get(3)?,
             from_version: r.get(4)?,
             updated_at: r.get(5)?,
+            // Like the options: a log this build cannot read is an error,
+            // not silently nothing.
+            log: log
+                .map(|t| serde_json::from_str(&t))
+                .transpose()
+                .map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        6,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
+                })?,
         })
     })?;
     d.devices = rows.collect::<Result<_, _>>()?;
@@ -878,6 +971,7 @@ mod tests {
                     error: None,
                     from_version: Some("1.0.0".into()),
                     updated_at: 1,
+                    log: None,
                 },
                 DeploymentDevice {
                     device: "b".into(),
@@ -886,6 +980,7 @@ mod tests {
                     error: None,
                     from_version: Some("1.0.0".into()),
                     updated_at: 1,
+                    log: None,
                 },
             ],
         }
@@ -1023,6 +1118,58 @@ mod tests {
         drop(s);
         // Opening again changes nothing.
         Store::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_failed_jobs_log_is_kept_with_its_result_and_a_version_2_database_gains_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A database as version 2 left it, with a deployment in it.
+            let mut c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            for m in &MIGRATIONS[..2] {
+                c.execute_batch(m).unwrap();
+            }
+            c.pragma_update(None, "user_version", 2).unwrap();
+            let tx = c.transaction().unwrap();
+            tx.execute_batch(
+                "INSERT INTO deployments VALUES ('d-1','f','u','1.1.0','00',1,'{}','running',NULL,1,1,'serve');
+                 INSERT INTO deployment_devices VALUES ('d-1','a',0,'rolled_back','health_check_failed','1.0.0',1);",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let d = s.deployment("d-1").unwrap();
+        assert_eq!(d.devices[0].log, None, "no log until one is read");
+        let log = JobLog {
+            fetched_at: 5,
+            records: vec![mqota_core::protocol::LogRecord {
+                n: 3,
+                boot: 2,
+                ms: 1500,
+                level: mqota_core::protocol::LogLevel::Error,
+                msg: heapless::String::try_from("trial failed: health check failed").unwrap(),
+            }],
+            line: Some("trial failed: health check failed".into()),
+            error: None,
+        };
+        s.set_device_log("d-1", "a", &log).unwrap();
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        let d = s.deployment("d-1").unwrap();
+        assert_eq!(d.devices[0].log.as_ref(), Some(&log));
+        assert_eq!(d.devices[0].state, DeviceState::RolledBack);
+        assert!(matches!(
+            s.set_device_log("d-2", "a", &log),
+            Err(StoreError::UnknownDeployment(_))
+        ));
+        // Strict like the rest: a log this build cannot read is an error.
+        s.conn
+            .lock()
+            .unwrap()
+            .execute("UPDATE deployment_devices SET log = '{\"records\": 1}'", [])
+            .unwrap();
+        assert!(s.deployment("d-1").is_err());
     }
 
     #[test]

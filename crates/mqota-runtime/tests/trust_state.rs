@@ -86,3 +86,35 @@ fn the_default_table_has_the_state_partition() {
     block_on(s.accept_seq(&mut f, 42)).unwrap();
     assert_eq!(block_on(TrustState::open(&mut f)).seq(), Some(42));
 }
+
+#[test]
+fn a_power_cut_at_every_flash_operation_of_a_floor_raise_keeps_the_old_or_the_new_floor() {
+    for before in [1u32, 150, 300] {
+        let mut cut_at = 0;
+        loop {
+            let mut f = flash();
+            let mut s = block_on(TrustState::open_range(&mut f, RANGE));
+            for floor in 1..=before {
+                block_on(s.raise_floor(&mut f, floor)).unwrap();
+            }
+            // The sequence number written meanwhile must survive too.
+            block_on(s.accept_seq(&mut f, 7)).unwrap();
+            f.cut_power_after_ops(cut_at);
+            let done = block_on(s.raise_floor(&mut f, before + 1)).is_ok() && f.is_powered();
+            f.power_on();
+            let after = block_on(TrustState::open_range(&mut f, RANGE));
+            assert!(
+                after.floor() == before || after.floor() == before + 1,
+                "cut after {cut_at} ops with floor {before}: read {}",
+                after.floor()
+            );
+            assert_eq!(after.seq(), Some(7), "cut after {cut_at} ops");
+            if done {
+                assert_eq!(after.floor(), before + 1);
+                break;
+            }
+            cut_at += 1;
+            assert!(cut_at < 64, "the write never completed");
+        }
+    }
+}

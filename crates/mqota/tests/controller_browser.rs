@@ -7,7 +7,11 @@
 //! and `chromium-driver`; `cargo xtask ci` installs them when missing): without them
 //! the test fails and says so. It writes a screenshot of the page to
 //! `target/page-browser.png` (and one mid-update to
-//! `target/page-browser-progress.png`).
+//! `target/page-browser-progress.png`); the operator scenario writes
+//! `target/page-browser-deployment.png`, `…-firmware.png`, `…-rollback.png`
+//! and `…-device.png`.
+//!
+//! The tests take turns (one Chromium at a time on a small machine).
 
 mod controller_support;
 
@@ -19,6 +23,9 @@ use controller_support::{device_config, image, Devices, Serve};
 use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Held by each test for its whole run: one browser and one serve at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// ChromeDriver running on a port of its own; killed on drop.
 struct Driver {
@@ -177,9 +184,72 @@ impl Browser {
             .await;
     }
 
+    /// Clicks the element `css` selects. A live page may draw it anew
+    /// between finding and clicking: then it is found again (a few times).
     async fn click(&self, css: &str) {
-        let e = self.element(css).await;
-        self.post(&format!("/element/{e}/click"), json!({})).await;
+        for _ in 0..5 {
+            let e = self.element(css).await;
+            // In the middle of the window: the table's sticky header would
+            // cover a row scrolled to the top.
+            let r = self
+                .http
+                .post(format!("{}/execute/sync", self.session))
+                .json(&json!({"script": "document.querySelector(arguments[0])\
+                                           .scrollIntoView({block: 'center'});",
+                              "args": [css]}))
+                .send()
+                .await
+                .unwrap();
+            if !r.status().is_success() {
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(
+                    v["value"]["error"], "stale element reference",
+                    "WebDriver scroll to {css}: {v:#}"
+                );
+                continue;
+            }
+            let r = self
+                .http
+                .post(format!("{}/element/{e}/click", self.session))
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            if r.status().is_success() {
+                return;
+            }
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(
+                v["value"]["error"], "stale element reference",
+                "WebDriver click on {css}: {v:#}"
+            );
+        }
+        panic!("{css} was drawn anew five times in a row");
+    }
+
+    /// Runs `script` (a function body) with `args` and returns its value.
+    async fn js_with(&self, script: &str, args: Value) -> Value {
+        self.post("/execute/sync", json!({"script": script, "args": args}))
+            .await
+    }
+
+    /// Polls `script` until `check` accepts its value, for at most `secs`.
+    async fn wait_for(
+        &self,
+        what: &str,
+        secs: u64,
+        script: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = self.js(script).await;
+            if check(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "the page never {what}: {v:#}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn screenshot(&self, to: &std::path::Path) {
@@ -342,6 +412,7 @@ const LAST: usize = 7;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_device_go_offline() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let driver = start_driver().await;
     let fw = tempfile::tempdir().unwrap();
     // Big enough that the download takes a few progress events.
@@ -590,4 +661,261 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
     );
     drop(b);
     drop(fleet);
+}
+
+/// The deployment detail's counts, by state: `{"pending": 2, ...}`.
+const COUNTS: &str = "const o = {}; for (const li of document.querySelectorAll('#dep-counts li')) \
+                      o[li.dataset.state] = Number(li.querySelector('b').textContent); \
+                      return {state: document.getElementById('dep-state').textContent, counts: o, \
+                      stages: [...document.querySelectorAll('#dep-stages progress')].map(p => p.value)};";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_device_log_in_chromium(
+) {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let driver = start_driver().await;
+    let broker = mqota_virtual::testing::Mosquitto::start();
+    let broker_url = format!("mqtt://127.0.0.1:{}", broker.port());
+    let fw = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
+    let ids = ["op-a", "op-b", "op-c"];
+    let _fleet = Devices::start(
+        ids.iter()
+            .map(|id| device_config(id, broker.port()))
+            .collect(),
+    );
+    let b = Browser::start(&driver).await;
+    let started = Instant::now();
+    b.goto(&format!("{}/", serve.http)).await;
+    wait_rows(&b, "listed three devices online", 30, |rows| {
+        rows.len() == 3 && rows.iter().all(|r| r[ONLINE] == "online")
+    })
+    .await;
+
+    // 1. A rollout in three stages of one device each, from the page's form;
+    // downloads are slow enough (about 2 s) to pause in the first stage.
+    let slow = slow_firmware(image("1.1.0", 1024 * 1024)).await;
+    b.js_with(
+        "const s = document.getElementById('d-firmware'); \
+         const o = document.createElement('option'); \
+         o.value = arguments[0]; o.textContent = arguments[0]; \
+         s.appendChild(o); s.value = arguments[0]; \
+         document.getElementById('d-mode').value = 'to';",
+        json!([slow]),
+    )
+    .await;
+    b.type_into("#d-targets", &ids.join(",")).await;
+    b.type_into("#d-canary", "1").await;
+    b.type_into("#d-batch", "1").await;
+    b.type_into("#d-timeout", "60").await;
+    b.click("#deploy button[type=submit]").await;
+    let v = b
+        .wait_for(
+            "listed the deployment",
+            20,
+            "const r = document.querySelector('#deployments tr'); return r ? r.dataset.id : null;",
+            Value::is_string,
+        )
+        .await;
+    let dep = v.as_str().unwrap().to_owned();
+    b.click(&format!("#deployments tr[data-id='{dep}'] button"))
+        .await;
+    // Pause while the canary downloads: its job finishes, nothing more is
+    // sent.
+    let v = b
+        .wait_for("showed the canary downloading", 20, COUNTS, |v| {
+            v["counts"]["downloading"] == 1
+        })
+        .await;
+    assert_eq!(v["counts"]["pending"], 2, "{v:#}");
+    assert_eq!(v["stages"].as_array().unwrap().len(), 3, "{v:#}");
+    b.click("#dep-pause").await;
+    let v = b
+        .wait_for(
+            "showed the rollout paused after the canary",
+            30,
+            COUNTS,
+            |v| v["state"] == "paused" && v["counts"]["done"] == 1,
+        )
+        .await;
+    assert_eq!(v["counts"]["pending"], 2, "paused: no new job: {v:#}");
+    assert_eq!(v["stages"], json!([100, 0, 0]), "{v:#}");
+    assert_eq!(
+        b.js("return [document.getElementById('dep-pause').disabled, \
+              document.getElementById('dep-resume').disabled];")
+            .await,
+        json!([true, false]),
+        "a paused rollout can be resumed, not paused"
+    );
+    b.screenshot(&target_dir().join("page-browser-deployment.png"))
+        .await;
+    // The store agrees with what the page shows.
+    let stored = controller_support::get_json(&format!("{}/api/deployments/{dep}", serve.http));
+    assert_eq!(stored["state"], "paused", "{stored:#}");
+    b.click("#dep-resume").await;
+    let v = b
+        .wait_for(
+            "showed the rollout succeeded after the resume",
+            60,
+            COUNTS,
+            |v| v["state"] == "succeeded",
+        )
+        .await;
+    assert_eq!(v["counts"]["done"], 3, "{v:#}");
+    assert_eq!(v["counts"]["pending"], 0, "{v:#}");
+    assert_eq!(v["stages"], json!([100, 100, 100]), "{v:#}");
+
+    // 2. A file that is not an app image, dropped on the page: refused with
+    // the validator's reason.
+    b.js("const dt = new DataTransfer(); \
+          dt.items.add(new File(['just some notes'], 'notes.bin')); \
+          document.getElementById('drop').dispatchEvent(\
+            new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));")
+        .await;
+    let v = b
+        .wait_for(
+            "showed why notes.bin was refused",
+            10,
+            "return document.getElementById('upload-result').textContent;",
+            |v| v.as_str().is_some_and(|t| t.starts_with("refused")),
+        )
+        .await;
+    assert!(
+        v.as_str()
+            .unwrap()
+            .starts_with("refused notes.bin: not a valid app image"),
+        "{v}"
+    );
+    // A good image through the file picker: in the catalogue.
+    let upload = tempfile::tempdir().unwrap();
+    let file = upload.path().join("app-1.3.0.bin");
+    std::fs::write(&file, image("1.3.0", 64 * 1024)).unwrap();
+    let input = b.element("#upload-file").await;
+    b.post(
+        &format!("/element/{input}/value"),
+        json!({ "text": file.to_str().unwrap() }),
+    )
+    .await;
+    let v = b
+        .wait_for(
+            "listed the uploaded image",
+            10,
+            "const r = document.querySelector(\"#firmware tr[data-name='app-1.3.0.bin']\"); \
+             return [document.getElementById('upload-result').textContent, \
+                     r ? [...r.cells].map(c => c.textContent) : null];",
+            |v| v[1].is_array(),
+        )
+        .await;
+    assert_eq!(
+        v[0], "added app-1.3.0.bin (esp32c3 mqota-virtual 1.3.0)",
+        "{v:#}"
+    );
+    assert_eq!(v[1][3], "1.3.0", "{v:#}");
+    assert!(
+        fw.path().join("app-1.3.0.bin").is_file(),
+        "the file is in the firmware directory"
+    );
+    assert!(
+        !fw.path().join("notes.bin").exists(),
+        "nothing refused is left behind"
+    );
+    b.screenshot(&target_dir().join("page-browser-firmware.png"))
+        .await;
+
+    // An unhealthy image, uploaded and deployed from the page: the device
+    // rolls back, and the deployment's detail says why from its log.
+    let file = upload.path().join("app-1.4.0+unhealthy.bin");
+    std::fs::write(&file, image("1.4.0+unhealthy", 64 * 1024)).unwrap();
+    let input = b.element("#upload-file").await;
+    b.post(
+        &format!("/element/{input}/value"),
+        json!({ "text": file.to_str().unwrap() }),
+    )
+    .await;
+    b.wait_for(
+        "offered the unhealthy image",
+        10,
+        "return [...document.querySelectorAll('#d-firmware option')].map(o => o.value);",
+        |v| {
+            v.as_array()
+                .is_some_and(|a| a.iter().any(|o| o == "app-1.4.0+unhealthy.bin"))
+        },
+    )
+    .await;
+    b.js(
+        "document.getElementById('d-firmware').value = 'app-1.4.0+unhealthy.bin'; \
+          document.getElementById('d-mode').value = 'to';",
+    )
+    .await;
+    b.type_into("#d-targets", "op-c").await;
+    b.type_into("#d-canary", "0").await;
+    b.click("#deploy button[type=submit]").await;
+    let v = b
+        .wait_for(
+            "listed the unhealthy deployment first",
+            20,
+            "const r = document.querySelector('#deployments tr'); return r ? r.dataset.id : null;",
+            |v| v.as_str().is_some_and(|id| id != dep),
+        )
+        .await;
+    let bad = v.as_str().unwrap().to_owned();
+    b.click(&format!("#deployments tr[data-id='{bad}'] button"))
+        .await;
+    let v = b
+        .wait_for(
+            "showed op-c rolled back with the reason from its log",
+            60,
+            "const r = document.querySelector(\"#dep-devices tr[data-id='op-c']\"); \
+             return [document.getElementById('dep-title').textContent, \
+                     r ? r.cells[3].textContent : null, r ? r.cells[5].textContent : null];",
+            |v| {
+                v[2].as_str()
+                    .is_some_and(|t| t.contains("trial failed: health check failed"))
+            },
+        )
+        .await;
+    assert_eq!(v[0], format!("Deployment {bad}"), "{v:#}");
+    assert_eq!(v[1], "rolled_back", "{v:#}");
+    assert!(
+        v[2].as_str()
+            .unwrap()
+            .starts_with("the new firmware failed its health check; rolled back — "),
+        "{v:#}"
+    );
+    let v = b.js(COUNTS).await;
+    assert_eq!(v["counts"]["rolled_back"], 1, "{v:#}");
+    b.screenshot(&target_dir().join("page-browser-rollback.png"))
+        .await;
+
+    // 3. A device's view: its history and its log, read from the device.
+    b.click("#fleet tr[data-id='op-b'] button").await;
+    let v = b
+        .wait_for(
+            "showed op-b's log",
+            30,
+            "return [document.getElementById('detail-log-status').textContent, \
+                     [...document.querySelectorAll('#detail-log tr')].map(r => r.cells[4].textContent), \
+                     document.querySelectorAll('#detail-history tr').length];",
+            |v| v[1].as_array().is_some_and(|a| !a.is_empty()),
+        )
+        .await;
+    let msgs: Vec<String> = serde_json::from_value(v[1].clone()).unwrap();
+    assert!(
+        msgs.iter().any(|m| m.starts_with("boot 1: power_on")),
+        "{msgs:#?}"
+    );
+    assert!(
+        msgs.iter().any(|m| m.contains(&format!("job {dep}: done"))),
+        "{msgs:#?}"
+    );
+    assert!(v[2].as_u64().unwrap() > 0, "no history shown: {v:#}");
+    b.js("document.getElementById('detail-log-title').scrollIntoView();")
+        .await;
+    b.screenshot(&target_dir().join("page-browser-device.png"))
+        .await;
+    eprintln!(
+        "operator scenario took {:.1} s in the browser",
+        started.elapsed().as_secs_f64()
+    );
 }

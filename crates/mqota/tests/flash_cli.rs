@@ -68,7 +68,7 @@ fn inspect_reports_table_otadata_images_and_both_bootloaders() {
         .collect();
     assert_eq!(
         labels,
-        ["nvs", "otadata", "phy_init", "ota_0", "ota_1", "log"]
+        ["nvs", "otadata", "phy_init", "ota_0", "ota_1", "log", "mqota"]
     );
 
     let e = &r["otadata"]["entries"];
@@ -215,8 +215,8 @@ fn a_truncated_dump_reports_what_it_holds() {
     let path = save(dir.path(), "part.bin", &flash.data()[..1 << 20]);
     let r = inspect_json(&path);
     assert_eq!(r["size"], 1 << 20);
-    // The end of the last partition, the log.
-    assert_eq!(r["padded_to"], 0x3d8000);
+    // The end of the last partition, the trust state.
+    assert_eq!(r["padded_to"], 0x3da000);
     assert_eq!(r["apps"][0]["image"]["valid"], true);
     assert_eq!(r["apps"][1]["image"]["empty"], true);
     assert_eq!(r["boot"]["stock"]["booted"], "ota_0");

@@ -163,6 +163,23 @@ impl DeployArgs {
                         .unwrap_or_else(|| "http://127.0.0.1:8080".to_owned());
                     let spec = self.firmware.as_deref().expect("clap requires FIRMWARE");
                     let firmware = resolve_firmware(spec, &server).await?;
+                    // Who signed it, so the operator sees what signed-only
+                    // devices will check.
+                    match firmware.signers.as_deref() {
+                        Some([]) => println!(
+                            "{} is unsigned: devices that take only signed images will be left out",
+                            safe(&firmware.name)
+                        ),
+                        Some(keys) => println!(
+                            "{} is signed by key {}",
+                            safe(&firmware.name),
+                            keys.join(", key ")
+                        ),
+                        None => {}
+                    }
+                    if fleet.signs() {
+                        println!("commands are signed with the job key");
+                    }
                     let options = RolloutOptions {
                         canary: self.canary,
                         batch: self.batch,
@@ -406,6 +423,24 @@ fn count(d: &Deployment, state: DeviceState) -> usize {
     d.devices.iter().filter(|x| x.state == state).count()
 }
 
+/// A device's error, with what its log said about it when the job failed:
+/// `health_check_failed — trial failed: health check failed, rolling back`.
+fn why(x: &mqota_controller::store::DeploymentDevice) -> String {
+    let mut out = x.error.clone().unwrap_or_default();
+    let said = x.log.as_ref().and_then(|l| match (&l.line, &l.error) {
+        (Some(line), _) => Some(line.clone()),
+        (None, Some(e)) => Some(format!("(log not read: {e})")),
+        (None, None) => None,
+    });
+    if let Some(said) = said {
+        if !out.is_empty() {
+            out.push_str(" — ");
+        }
+        out.push_str(&said);
+    }
+    out
+}
+
 fn print_summary(d: &Deployment) {
     println!();
     println!(
@@ -419,7 +454,7 @@ fn print_summary(d: &Deployment) {
             x.stage + 1,
             safe(x.from_version.as_deref().unwrap_or("-")),
             x.state.as_str(),
-            safe(x.error.as_deref().unwrap_or(""))
+            safe(&why(x))
         );
     }
     let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();

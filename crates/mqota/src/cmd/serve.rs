@@ -246,6 +246,7 @@ impl ServeArgs {
                         state.store.clone(),
                         runner.clone(),
                     ))
+                    .merge(mqota_controller::http::catalogue_router(state.clone()))
                     .merge(dashboard::router(state, fleet.clone(), runner))
                     .merge(broker_door_router(door)),
                 allowed,
