@@ -53,6 +53,36 @@ pub struct Fetched {
     /// Chunks that never arrived even after asking again (records may be
     /// missing between the ones returned).
     pub lost_chunks: u32,
+    /// When the device's current boot started, as seen from here: the
+    /// arrival time of its answer less the uptime it stated. `None` for
+    /// devices that do not state it.
+    pub clock: Option<BootClock>,
+}
+
+/// When boot `boot` of a device started, by this machine's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootClock {
+    /// The boot.
+    pub boot: u32,
+    /// Its start.
+    pub started: std::time::SystemTime,
+}
+
+impl BootClock {
+    /// From a chunk's `boot` and `uptime_ms`, received at `at`.
+    pub fn from_chunk(c: &LogsChunk, at: std::time::SystemTime) -> Option<Self> {
+        let started = at.checked_sub(Duration::from_millis(c.uptime_ms?.into()))?;
+        Some(Self {
+            boot: c.boot?,
+            started,
+        })
+    }
+
+    /// The wall-clock time of a record of this boot; `None` for other boots,
+    /// whose start the controller did not see.
+    pub fn time_of(&self, r: &LogRecord) -> Option<std::time::SystemTime> {
+        (r.boot == self.boot).then(|| self.started + Duration::from_millis(r.ms.into()))
+    }
 }
 
 /// A connection that reads one device's log.
@@ -178,6 +208,7 @@ impl LogReader {
                 }
                 heard = true;
                 out.newest = c.newest;
+                out.clock = BootClock::from_chunk(&c, std::time::SystemTime::now()).or(out.clock);
                 if c.seq != expected {
                     // A chunk went missing: keep what came before it.
                     break;
@@ -296,8 +327,19 @@ pub fn relevant_line(records: &[LogRecord], job: &str) -> Option<String> {
 
 /// One record as a line: `#n boot b +ms level message`.
 pub fn format_record(r: &LogRecord) -> String {
+    format_record_at(r, None)
+}
+
+/// One record as a line, with its UTC time (to the millisecond) after the
+/// seconds since boot when `clock` knows its boot's start:
+/// `#n boot b +ms [time] level message`.
+pub fn format_record_at(r: &LogRecord, clock: Option<&BootClock>) -> String {
+    let at = clock
+        .and_then(|c| c.time_of(r))
+        .map(|t| format!(" {}", humantime::format_rfc3339_millis(t)))
+        .unwrap_or_default();
     format!(
-        "#{:<6} boot {:<4} {:>10.3}s {:<5} {}",
+        "#{:<6} boot {:<4} {:>10.3}s{at} {:<5} {}",
         r.n,
         r.boot,
         r.ms as f64 / 1000.0,
@@ -310,6 +352,31 @@ pub fn format_record(r: &LogRecord) -> String {
 mod tests {
     use super::*;
     use mqota_core::protocol::LogLevel;
+
+    #[test]
+    fn the_current_boots_records_get_the_time_the_controller_saw() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let chunk: LogsChunk = serde_json::from_str(
+            r#"{"device":"d","id":null,"seq":0,"last":true,"newest":3,"boot":2,"uptime_ms":10000,"records":[]}"#,
+        )
+        .unwrap();
+        let at = UNIX_EPOCH + Duration::from_secs(1_765_000_000);
+        let clock = BootClock::from_chunk(&chunk, at).unwrap();
+        let mut r = rec(3, LogLevel::Info, "up");
+        r.boot = 2;
+        r.ms = 4_000;
+        let line = format_record_at(&r, Some(&clock));
+        // Sent 10 s after boot, the record 4 s after: 6 s before arrival.
+        assert!(line.contains(" 2025-12-06T05:46:34.000Z info "), "{line}");
+        r.boot = 1;
+        assert!(!format_record_at(&r, Some(&clock)).contains("Z "), "another boot: no time");
+        // An older device states no uptime: no clock.
+        let old: LogsChunk = serde_json::from_str(
+            r#"{"device":"d","id":null,"seq":0,"last":true,"newest":3,"records":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(BootClock::from_chunk(&old, at), None);
+    }
 
     fn rec(n: u32, level: LogLevel, msg: &str) -> LogRecord {
         LogRecord {

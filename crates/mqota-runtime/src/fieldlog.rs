@@ -543,6 +543,7 @@ impl FieldLog {
         flash: &mut F,
         topics: &Topics,
         req: &LogsGet,
+        now_ms: u64,
         mut send: impl AsyncFnMut(&[u8]),
     ) {
         let mut left = req.limit() as usize;
@@ -577,6 +578,8 @@ impl FieldLog {
                 seq,
                 last: !more,
                 newest: self.newest(),
+                boot: self.store.as_ref().map(|s| s.boot()),
+                uptime_ms: Some(now_ms as u32),
                 records,
             };
             if let Ok(n) = chunk.to_json(&mut buf) {
@@ -692,7 +695,8 @@ async fn serve<F: NorFlash, T: embedded_nal_async::TcpConnect, D: embedded_nal_a
     flash: &mut F,
 ) {
     let topic = topics.logs();
-    log.answer(flash, topics, req, async |json: &[u8]| {
+    let now_ms = embassy_time::Instant::now().as_millis();
+    log.answer(flash, topics, req, now_ms, async |json: &[u8]| {
         let _ = session
             .publish(&topic, json, crate::mqtt::QoS::AtMostOnce, false)
             .await;

@@ -188,6 +188,7 @@ fn a_flood_of_log_calls_stays_within_the_erase_budget() {
         &mut flash,
         &topics,
         &LogsGet::parse(br#"{"max":512}"#),
+        0,
         async |json: &[u8]| chunks.push(serde_json::from_slice::<serde_json::Value>(json).unwrap()),
     ));
     let text = serde_json::to_string(&chunks).unwrap();
@@ -209,6 +210,7 @@ fn a_missing_or_garbled_log_partition_never_stops_the_device() {
         &mut flash,
         &topics,
         &LogsGet::default(),
+        0,
         async |json: &[u8]| chunks.push(serde_json::from_slice::<serde_json::Value>(json).unwrap()),
     ));
     assert_eq!(chunks.len(), 1);

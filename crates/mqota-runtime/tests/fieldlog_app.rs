@@ -22,6 +22,7 @@ fn what_the_application_logs_reaches_flash() {
         &mut flash,
         &topics,
         &LogsGet::default(),
+        0,
         async |j: &[u8]| got.push(String::from_utf8(j.to_vec()).unwrap()),
     ));
     assert_eq!(got.len(), 1);

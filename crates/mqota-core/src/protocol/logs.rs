@@ -210,6 +210,14 @@ pub struct LogsChunk {
     /// The number of the newest record the device holds (`None`: none, or
     /// the log is unusable).
     pub newest: Option<u32>,
+    /// The device's current boot number (absent from older devices).
+    #[serde(default)]
+    pub boot: Option<u32>,
+    /// Milliseconds since the current boot when the chunk was sent (absent
+    /// from older devices): with the time it arrived, a reader makes the
+    /// current boot's record times absolute.
+    #[serde(default)]
+    pub uptime_ms: Option<u32>,
     /// The records, oldest first.
     pub records: Vec<LogRecord, LOGS_PER_CHUNK>,
 }
@@ -239,12 +247,14 @@ const MAX_RECORD_JSON: usize = r#"{"n":,"boot":,"ms":,"level":,"msg":}"#.len()
     + json_str(MAX_LOG_MSG);
 
 /// A buffer this long always holds [`LogsChunk::to_json`]'s output.
-pub const MAX_LOGS_CHUNK_JSON: usize = r#"{"device":,"id":,"seq":,"last":,"newest":,"records":[]}"#
-    .len()
+pub const MAX_LOGS_CHUNK_JSON: usize =
+    r#"{"device":,"id":,"seq":,"last":,"newest":,"boot":,"uptime_ms":,"records":[]}"#.len()
     + json_str(MAX_DEVICE_ID_LEN)
     + json_str(MAX_LOGS_REQUEST_ID)
     + "65535".len()
     + "false".len()
+    + U32_DIGITS
+    + U32_DIGITS
     + U32_DIGITS
     + LOGS_PER_CHUNK * MAX_RECORD_JSON
     + (LOGS_PER_CHUNK - 1);
@@ -280,6 +290,8 @@ mod tests {
             seq: u16::MAX,
             last: false,
             newest: Some(u32::MAX),
+            boot: Some(u32::MAX),
+            uptime_ms: Some(u32::MAX),
             records,
         };
         let mut buf = std::vec![0u8; MAX_LOGS_CHUNK_JSON];

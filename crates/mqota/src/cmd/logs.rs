@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use mqota_controller::logs::{format_record, LogReader};
+use mqota_controller::logs::{format_record_at, LogReader};
 use mqota_core::protocol::LogsGet;
 
 use super::fleet::{runtime, Common};
@@ -64,7 +64,7 @@ impl LogsArgs {
                     if self.json {
                         println!("{}", serde_json::to_string(r)?);
                     } else {
-                        println!("{}", format_record(r));
+                        println!("{}", format_record_at(r, got.clock.as_ref()));
                     }
                 }
                 if !self.follow {
