@@ -369,7 +369,10 @@ mod tests {
         // Sent 10 s after boot, the record 4 s after: 6 s before arrival.
         assert!(line.contains(" 2025-12-06T05:46:34.000Z info "), "{line}");
         r.boot = 1;
-        assert!(!format_record_at(&r, Some(&clock)).contains("Z "), "another boot: no time");
+        assert!(
+            !format_record_at(&r, Some(&clock)).contains("Z "),
+            "another boot: no time"
+        );
         // An older device states no uptime: no clock.
         let old: LogsChunk = serde_json::from_str(
             r#"{"device":"d","id":null,"seq":0,"last":true,"newest":3,"records":[]}"#,

@@ -47,7 +47,10 @@ fn logs_prints_why_a_job_failed_as_text_and_json_and_from_a_record_on() {
     // The device never rebooted: its records are of the boot the
     // controller sees, so they carry this machine's UTC time.
     let year = humantime::format_rfc3339(std::time::SystemTime::now()).to_string()[..4].to_owned();
-    assert!(first.contains(&format!(" {year}-")) && first.contains("Z "), "{text}");
+    assert!(
+        first.contains(&format!(" {year}-")) && first.contains("Z "),
+        "{text}"
+    );
 
     // --json: one record per line.
     let mut json_args = base.to_vec();

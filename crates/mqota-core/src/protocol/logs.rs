@@ -249,15 +249,15 @@ const MAX_RECORD_JSON: usize = r#"{"n":,"boot":,"ms":,"level":,"msg":}"#.len()
 /// A buffer this long always holds [`LogsChunk::to_json`]'s output.
 pub const MAX_LOGS_CHUNK_JSON: usize =
     r#"{"device":,"id":,"seq":,"last":,"newest":,"boot":,"uptime_ms":,"records":[]}"#.len()
-    + json_str(MAX_DEVICE_ID_LEN)
-    + json_str(MAX_LOGS_REQUEST_ID)
-    + "65535".len()
-    + "false".len()
-    + U32_DIGITS
-    + U32_DIGITS
-    + U32_DIGITS
-    + LOGS_PER_CHUNK * MAX_RECORD_JSON
-    + (LOGS_PER_CHUNK - 1);
+        + json_str(MAX_DEVICE_ID_LEN)
+        + json_str(MAX_LOGS_REQUEST_ID)
+        + "65535".len()
+        + "false".len()
+        + U32_DIGITS
+        + U32_DIGITS
+        + U32_DIGITS
+        + LOGS_PER_CHUNK * MAX_RECORD_JSON
+        + (LOGS_PER_CHUNK - 1);
 
 #[cfg(test)]
 mod tests {
