@@ -315,13 +315,7 @@ fn espflash() -> Result<String> {
     Ok(local)
 }
 
-/// The workspace root (xtask lives one level below it).
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask has a parent")
-        .to_path_buf()
-}
+use crate::root;
 
 fn path_str(path: &Path) -> Result<&str> {
     path.to_str()

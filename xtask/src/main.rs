@@ -32,12 +32,21 @@ fn main() -> Result<()> {
     }
 }
 
-/// The workspace root (xtask lives one level below it).
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+/// The workspace root: the nearest directory at or above the one `cargo
+/// xtask` runs in that holds this workspace (`Cargo.toml` beside `xtask/`),
+/// so a moved or freshly cloned checkout is found without rebuilding;
+/// failing that, where xtask was built from.
+pub(crate) fn root() -> PathBuf {
+    let is_root = |d: &Path| d.join("Cargo.toml").is_file() && d.join("xtask/Cargo.toml").is_file();
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| cwd.ancestors().find(|d| is_root(d)).map(Path::to_path_buf))
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("xtask has a parent")
+                .to_path_buf()
+        })
 }
 
 /// Runs a command in `dir`, echoing it, failing on a non-zero exit.
