@@ -15,7 +15,7 @@ use mqota_controller::access::{
 use mqota_controller::store::Store;
 use mqota_core::protocol::Topics;
 
-use super::fleet::Common;
+use super::settings::Common;
 use super::term::safe;
 
 /// `mqota device …`.

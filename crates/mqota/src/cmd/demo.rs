@@ -46,7 +46,7 @@ use mqota_core::signature::sign::{sign_file, Key};
 use mqota_virtual::device::{spawn, BootRecord, Handle, VirtualConfig};
 
 use super::deploy::{Bars, Lines};
-use super::fleet::runtime;
+use super::settings::runtime;
 
 /// The version the devices start on, the good update and the bad one.
 const V0: &str = "1.0.0";

@@ -32,7 +32,7 @@ use mqota_controller::rollout::{
 use mqota_controller::store::{Deployment, DeploymentState, DeviceState, Store};
 use mqota_core::protocol::Progress;
 
-use super::fleet::{connect_and_settle, runtime, Common};
+use super::settings::{connect_and_settle, runtime, Common};
 use super::term::{devices, id_list, safe};
 
 /// `mqota deploy`.

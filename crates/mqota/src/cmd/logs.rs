@@ -8,7 +8,7 @@ use clap::Args;
 use mqota_controller::logs::{format_record_at, LogReader};
 use mqota_core::protocol::LogsGet;
 
-use super::fleet::{runtime, Common};
+use super::settings::{runtime, Common};
 
 /// `mqota logs`.
 #[derive(Args)]

@@ -9,5 +9,6 @@ pub mod keys;
 pub mod logs;
 pub mod partitions;
 pub mod serve;
+pub mod settings;
 pub mod sim;
 pub mod term;

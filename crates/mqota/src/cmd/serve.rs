@@ -17,7 +17,7 @@ use mqota_controller::http::{router, AppState};
 use mqota_controller::store::Store;
 use mqota_controller::url::BrokerUrl;
 
-use super::fleet::{apply_login, client_id, runtime, Common, Settings};
+use super::settings::{apply_login, client_id, runtime, Common, Settings};
 
 /// `mqota serve`.
 #[derive(Args)]

@@ -54,6 +54,13 @@
 //! [`validate_and_rollback`](crate::bootguard::validate_and_rollback) in the
 //! boot guard, which owns the trial.
 //!
+//! # Where things are
+//!
+//! This file holds the state machine over a fetch and [`decide`]; the slot
+//! writer (page buffer, erase-ahead, journal marks) is in `writer.rs`, the
+//! progress percentage, its throttling and the event builders in
+//! `progress.rs`. Both add methods to [`Engine`].
+//!
 //! [journal]: crate::journal
 
 use crate::backoff::{Backoff, Jitter, XorShift32};
@@ -70,9 +77,10 @@ use core::fmt::Write as _;
 use embedded_storage::nor_flash::{MultiwriteNorFlash, ReadNorFlash};
 use heapless::{String, Vec};
 
-/// Erase-ahead unit where alignment allows: one 64 KiB block erase costs about
-/// as much as five sector erases and replaces sixteen.
-pub const BLOCK_SIZE: u32 = 64 * 1024;
+mod progress;
+mod writer;
+
+pub use writer::BLOCK_SIZE;
 
 /// Milliseconds since some fixed point (boot); only differences matter.
 pub type Millis = u64;
@@ -538,15 +546,6 @@ impl Engine {
         self.handle(flash, now, Event::Tick)
     }
 
-    /// Seed API: the percentage of `current` in `total` that progress events
-    /// carry (0 when the total is unknown, never above 100).
-    pub fn handle_progress(current: u32, total: Option<u32>) -> u8 {
-        match total {
-            Some(t) if t > 0 => ((current as u64 * 100) / t as u64).min(100) as u8,
-            _ => 0,
-        }
-    }
-
     /// Feeds one event; returns what the caller must do, in order.
     pub fn handle<F: MultiwriteNorFlash>(
         &mut self,
@@ -806,107 +805,6 @@ impl Engine {
         Ok(())
     }
 
-    fn received(&self) -> u32 {
-        self.dl.as_ref().map_or(0, |d| d.written + self.fill as u32)
-    }
-
-    fn on_body<F: MultiwriteNorFlash>(
-        &mut self,
-        flash: &mut F,
-        now: Millis,
-        mut data: &[u8],
-        actions: &mut Actions,
-    ) -> Result<(), Fail> {
-        let received = self.received();
-        let Some(dl) = self.dl.as_mut() else {
-            return Ok(());
-        };
-        if dl.fetch != Fetch::Body {
-            return Ok(());
-        }
-        dl.last_data = now;
-        let limit = dl.total.unwrap_or(dl.slot.max_image_len());
-        if received as u64 + data.len() as u64 > limit as u64 {
-            return Err(if dl.total.is_some() {
-                fail(
-                    ErrorCode::SizeMismatch,
-                    "server sent more than the announced size",
-                )
-            } else {
-                fail(ErrorCode::TooLarge, "image exceeds the OTA slot")
-            });
-        }
-        while !data.is_empty() {
-            let n = data.len().min(self.page.len() - self.fill);
-            self.page[self.fill..self.fill + n].copy_from_slice(&data[..n]);
-            self.fill += n;
-            data = &data[n..];
-            if self.fill == self.page.len() {
-                self.flush_page(flash)?;
-            }
-        }
-        self.maybe_progress(now, actions);
-        Ok(())
-    }
-
-    /// Validates, erases ahead, programs and journals the buffered page.
-    fn flush_page<F: MultiwriteNorFlash>(&mut self, flash: &mut F) -> Result<(), Fail> {
-        let dl = self.dl.as_mut().expect("flush without download");
-        let data = &self.page[..self.fill];
-        dl.validator.feed(data).map_err(image_fail)?;
-        // The descriptor sits in the first page: the policy is asked before
-        // anything of the old image is erased.
-        if !dl.descriptor_checked {
-            if let Some(desc) = dl.validator.app_descriptor() {
-                check_descriptor(&self.cfg, desc, dl.allow_downgrade, dl.allow_other_project)
-                    .map_err(|(code, why)| fail(code, why))?;
-                dl.descriptor_checked = true;
-            }
-        }
-        let need = dl.written + PAGE_SIZE;
-        let erase_end = match dl.total {
-            Some(t) => round_up(t, PAGE_SIZE),
-            None => dl.slot.max_image_len(),
-        };
-        while dl.erased_to < need {
-            let from = dl.erased_to;
-            let to = if from % BLOCK_SIZE == 0 && from + BLOCK_SIZE <= erase_end {
-                from + BLOCK_SIZE
-            } else {
-                from + PAGE_SIZE
-            };
-            flash
-                .erase(dl.slot.offset + from, dl.slot.offset + to)
-                .map_err(|_| fail(ErrorCode::Flash, "erase failed"))?;
-            dl.erased_to = to;
-        }
-        if !dl.journal_started {
-            // Only now, with the header accepted and the old image's first
-            // block already erased (so it can never boot or be rolled back to),
-            // does the journal switch to this job. A cut in between leaves an
-            // unbootable slot whose journal still describes the old image.
-            dl.slot
-                .journal()
-                .begin(flash, &dl.record)
-                .map_err(|_| fail(ErrorCode::Flash, "journal write failed"))?;
-            dl.journal_started = true;
-        }
-        // Program whole write units; the padding is 0xFF, which NOR leaves as it is.
-        let len = round_up(self.fill as u32, F::WRITE_SIZE as u32) as usize;
-        self.page[self.fill..len].fill(0xFF);
-        flash
-            .write(dl.slot.offset + dl.written, &self.page[..len])
-            .map_err(|_| fail(ErrorCode::Flash, "write failed"))?;
-        dl.slot
-            .journal()
-            .mark_page(flash, dl.written / PAGE_SIZE)
-            .map_err(|_| fail(ErrorCode::Flash, "journal write failed"))?;
-        dl.written += self.fill as u32;
-        self.fill = 0;
-        self.page.fill(0xFF);
-        Ok(())
-    }
-
     fn on_end<F: MultiwriteNorFlash>(
         &mut self,
         flash: &mut F,
@@ -1120,65 +1018,6 @@ impl Engine {
         push(actions, Action::StopFetch);
         push(actions, Action::Publish(ev));
     }
-
-    fn maybe_progress(&mut self, now: Millis, actions: &mut Actions) {
-        let received = self.received();
-        let interval = self.cfg.progress_interval_ms;
-        let Some(dl) = self.dl.as_mut() else { return };
-        let pct = Self::handle_progress(received, dl.total).min(99);
-        if pct > dl.percent && now.saturating_sub(dl.last_publish) >= interval {
-            dl.percent = pct;
-            dl.last_publish = now;
-            push(
-                actions,
-                Action::Publish(self.progress_event(Phase::Downloading, None, "")),
-            );
-        }
-    }
-
-    fn progress_event(&self, phase: Phase, error: Option<ErrorCode>, msg: &str) -> Progress {
-        let (job, total, pct) = match &self.dl {
-            Some(d) => (d.record.job.clone(), d.total, d.percent),
-            None => (None, None, 0),
-        };
-        let mut ev = self.event_msg(job, phase, pct, error, msg);
-        ev.bytes = self.received();
-        ev.total = total;
-        ev
-    }
-
-    fn event(
-        &self,
-        job: Option<JobId>,
-        phase: Phase,
-        percent: u8,
-        error: Option<ErrorCode>,
-        bytes: u32,
-    ) -> Progress {
-        let mut ev = self.event_msg(job, phase, percent, error, "");
-        ev.bytes = bytes;
-        ev
-    }
-
-    fn event_msg(
-        &self,
-        job: Option<JobId>,
-        phase: Phase,
-        percent: u8,
-        error: Option<ErrorCode>,
-        msg: &str,
-    ) -> Progress {
-        Progress {
-            device: self.cfg.device.clone(),
-            job,
-            phase,
-            bytes: 0,
-            total: None,
-            percent,
-            error,
-            message: (!msg.is_empty()).then(|| truncated(msg)),
-        }
-    }
 }
 
 /// The device's policy on an image, from its app descriptor (in the first
@@ -1214,10 +1053,6 @@ pub fn check_descriptor(
         ));
     }
     Ok(())
-}
-
-fn round_up(v: u32, to: u32) -> u32 {
-    v.div_ceil(to) * to
 }
 
 fn image_fail(e: ImageError) -> Fail {
