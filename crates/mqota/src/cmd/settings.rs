@@ -24,6 +24,7 @@
 //! `mqota broker mosquitto-conf` write). The user name, when a password is
 //! found, defaults to `controller`. Neither is ever printed.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -251,6 +252,9 @@ fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: logs piped to a file or a test stay
+        // plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
