@@ -26,7 +26,10 @@ pub const MAX_REDIRECTS: usize = 5;
 /// Which hosts a firmware URL may point at besides public addresses.
 #[derive(Debug, Clone, Default)]
 pub struct RemoteFirmware {
+    /// Hosts allowed on any port.
     allowed: Arc<Vec<String>>,
+    /// Host and port pairs allowed.
+    origins: Arc<Vec<(String, u16)>>,
 }
 
 impl RemoteFirmware {
@@ -41,36 +44,56 @@ impl RemoteFirmware {
                     .filter(|h| !h.is_empty())
                     .collect(),
             ),
+            origins: Arc::default(),
         }
     }
 
-    /// The same, plus the host of `url` (e.g. the firmware server the
-    /// operator pointed `--server` at, or `serve`'s own base URL).
-    pub fn and_host_of(self, url: &str) -> Self {
+    /// The same, plus the host and port of `url` (e.g. the firmware server
+    /// the operator pointed `--server` at, or `serve`'s own base URL): that
+    /// one port only, so allowing `serve`'s own `127.0.0.1:8080` does not
+    /// open every loopback service.
+    pub fn and_origin_of(self, url: &str) -> Self {
         let Ok(u) = reqwest::Url::parse(url) else {
             return self;
         };
-        let Some(h) = u.host_str() else { return self };
-        let mut allowed = (*self.allowed).clone();
-        allowed.push(normal_host(h));
+        let (Some(h), Some(port)) = (u.host_str(), u.port_or_known_default()) else {
+            return self;
+        };
+        let mut origins = (*self.origins).clone();
+        origins.push((normal_host(h), port));
         Self {
-            allowed: Arc::new(allowed),
+            origins: Arc::new(origins),
+            ..self
         }
     }
 
-    fn allows_host(&self, host: &str) -> bool {
-        self.allowed.contains(&normal_host(host))
+    /// Whether a name may resolve to any address: it is allowed, or one
+    /// port of it is (the port is checked on the URL, [`Self::refuse`]).
+    fn allows_name(&self, host: &str) -> bool {
+        let host = normal_host(host);
+        self.allowed.contains(&host) || self.origins.iter().any(|(h, _)| *h == host)
     }
 
     /// Why `url` may not be fetched, if it may not (checked before any
     /// connection, and again on each redirect).
     fn refuse(&self, url: &reqwest::Url) -> Option<String> {
         let host = url.host_str()?;
-        if self.allows_host(host) {
+        let normal = normal_host(host);
+        if self.allowed.contains(&normal) {
             return None;
         }
-        let ip: IpAddr = normal_host(host).parse().ok()?;
-        (!is_public(ip)).then(|| not_public(host))
+        let port = url.port_or_known_default();
+        let origin_hosts: Vec<&(String, u16)> =
+            self.origins.iter().filter(|(h, _)| *h == normal).collect();
+        if origin_hosts.iter().any(|(_, p)| Some(*p) == port) {
+            return None;
+        }
+        let private = match normal.parse::<IpAddr>() {
+            Ok(ip) => !is_public(ip),
+            // A name with only another port allowed: that port only.
+            Err(_) => !origin_hosts.is_empty(),
+        };
+        private.then(|| not_public(host))
     }
 
     /// Fetches `url`: the whole body, at most [`MAX_FIRMWARE_SIZE`] bytes.
@@ -191,7 +214,7 @@ struct PublicOnly(RemoteFirmware);
 impl Resolve for PublicOnly {
     fn resolve(&self, name: Name) -> Resolving {
         let host = name.as_str().to_owned();
-        let allowed = self.0.allows_host(&host);
+        let allowed = self.0.allows_name(&host);
         Box::pin(async move {
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
                 .await?

@@ -1499,7 +1499,7 @@ pub enum FirmwareError {
 /// Resolves what the operator named: an `http(s)://` URL of an image (fetched
 /// once, under `remote`'s rules, to read its version, size and SHA-256), or
 /// the name of an image that the firmware server at `server` lists under
-/// `/api/firmware`. The host of `server` is always allowed to serve a URL.
+/// `/api/firmware`. `server`'s own host and port may always serve a URL.
 pub async fn resolve_firmware(
     spec: &str,
     server: &str,
@@ -1517,7 +1517,7 @@ pub async fn resolve_firmware(
     if lower.starts_with("http://") || lower.starts_with("https://") {
         let bytes = remote
             .clone()
-            .and_host_of(server)
+            .and_origin_of(server)
             .fetch(spec)
             .await
             .map_err(|e| fetch_err(spec, &e))?;

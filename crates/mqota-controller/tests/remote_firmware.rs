@@ -155,4 +155,14 @@ async fn an_error_never_quotes_what_was_fetched() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("not a valid app image"), "{err}");
+    // ... that port of it only: another loopback service stays out of reach.
+    let err = resolve_firmware(
+        &url,
+        &format!("http://127.0.0.1:{}", port.wrapping_add(1)),
+        &RemoteFirmware::default(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--allow-remote-firmware 127.0.0.1"), "{err}");
 }

@@ -42,8 +42,8 @@ pub struct DeployArgs {
     #[arg(required_unless_present_any = ["resume", "pause", "stop"])]
     firmware: Option<String>,
     /// A host (name or IP address, any port) a firmware URL may point at
-    /// although it is loopback, private or link-local (repeatable); the
-    /// --server host always may.
+    /// although it is loopback, private or link-local (repeatable); --server
+    /// (its host and port) always may.
     #[arg(long, value_name = "HOST")]
     allow_remote_firmware: Vec<String>,
     /// Devices by id, comma-separated.

@@ -44,7 +44,7 @@ pub struct ServeArgs {
     /// A host (name or IP address, any port) a firmware URL given to the
     /// page or POST /api/deployments may point at although it is loopback,
     /// private or link-local (repeatable); serve's own address and
-    /// --public-url's host always may.
+    /// --public-url (that host and port) always may.
     #[arg(long, value_name = "HOST")]
     allow_remote_firmware: Vec<String>,
     /// Let clients into the embedded broker without a login, with no topic
@@ -235,9 +235,9 @@ impl ServeArgs {
             let own = format!("http://{addr}");
             let mut remote_firmware =
                 mqota_controller::remote::RemoteFirmware::allow(&self.allow_remote_firmware)
-                    .and_host_of(&own);
+                    .and_origin_of(&own);
             if let Some(u) = &self.public_url {
-                remote_firmware = remote_firmware.and_host_of(u);
+                remote_firmware = remote_firmware.and_origin_of(u);
             }
             let state = Arc::new(AppState {
                 catalogue,
