@@ -1,13 +1,21 @@
 //! The firmware directory: each regular file is read through the same image
 //! validator the device runs, so the catalogue says what a device would
-//! accept. Files that are not valid images stay listed with an `error`, and
-//! `deploy` refuses them.
+//! accept. [`Catalogue::scan`] reports every file (with an `error` for those
+//! that are not valid images, so `serve` can say why it skips them); the API
+//! lists and the firmware server serves only valid images.
 //!
-//! Results are cached by (size, modification time): the firmware server
-//! answers `ETag` from the cached SHA-256 without hashing the file on every
-//! request.
+//! The directory is not trusted to hold only images:
+//! - a file larger than [`MAX_UPLOAD`] is never read (it cannot be an image
+//!   a device accepts), so a 1 GiB file costs a `stat`, not a gigabyte;
+//! - a symbolic link counts only if it resolves to a regular file inside the
+//!   directory, so `ln -s /etc/passwd fw/x.bin` is not served;
+//! - results (metadata, never file contents) are cached by (size,
+//!   modification time), at most [`MAX_CACHED`] of them, and a file found
+//!   gone is forgotten at once: the firmware server answers `ETag` from the
+//!   cached SHA-256 without hashing the file on every request.
 
 use std::collections::HashMap;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
@@ -117,10 +125,21 @@ pub struct Catalogue {
     cache: Mutex<HashMap<String, FirmwareEntry>>,
 }
 
+/// The most entries [`Catalogue`] remembers; past it, the cache is emptied
+/// and refilled as files are asked for (an entry is a few hundred bytes, so
+/// this bounds the cache at a few megabytes whatever the directory holds).
+pub const MAX_CACHED: usize = 4096;
+
+/// The longest name a served file may have: `NAME_MAX` of Linux file
+/// systems. Longer names are no file of the directory (and the OS would
+/// refuse to look them up).
+pub const MAX_NAME_LEN: usize = 255;
+
 /// A served file's name is one path component of ordinary characters, so a
 /// request can never leave the directory.
 pub fn is_plain_name(name: &str) -> bool {
     !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
         && !name.starts_with('.')
         && name
             .chars()
@@ -150,7 +169,8 @@ impl Catalogue {
             let Ok(name) = ent.file_name().into_string() else {
                 continue;
             };
-            if is_plain_name(&name) && ent.file_type()?.is_file() {
+            let kind = ent.file_type()?;
+            if is_plain_name(&name) && (kind.is_file() || kind.is_symlink()) {
                 names.push(name);
             }
         }
@@ -168,38 +188,108 @@ impl Catalogue {
         Ok(out)
     }
 
-    /// One entry, read again if the file changed; `None` if there is no such
-    /// file.
-    pub fn entry(&self, name: &str) -> std::io::Result<Option<FirmwareEntry>> {
+    /// The file `name` stands for, with its metadata: `None` when there is
+    /// no such regular file, or when `name` is a symbolic link that leaves
+    /// the directory (or points at anything but a regular file).
+    pub fn resolve(&self, name: &str) -> std::io::Result<Option<(PathBuf, std::fs::Metadata)>> {
         if !is_plain_name(name) {
             return Ok(None);
         }
         let path = self.dir.join(name);
-        let meta = match std::fs::metadata(&path) {
-            Ok(m) if m.is_file() => m,
-            Ok(_) => return Ok(None),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        let link = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if gone(&e) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0);
+        let path = if link.file_type().is_symlink() {
+            // Followed only to a file that stays inside the directory (the
+            // directory itself may be reached through links).
+            let (target, dir) = match (path.canonicalize(), self.dir.canonicalize()) {
+                (Ok(t), Ok(d)) => (t, d),
+                (Err(e), _) | (_, Err(e)) if gone(&e) => return Ok(None),
+                (Err(e), _) | (_, Err(e)) => return Err(e),
+            };
+            if target.parent() != Some(dir.as_path()) {
+                return Ok(None);
+            }
+            target
+        } else {
+            path
+        };
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some((path, m))),
+            Ok(_) => Ok(None),
+            Err(e) if gone(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One entry, read again if the file changed; `None` if there is no such
+    /// file (see [`Catalogue::resolve`]).
+    pub fn entry(&self, name: &str) -> std::io::Result<Option<FirmwareEntry>> {
+        let Some((path, meta)) = self.resolve(name)? else {
+            self.cache.lock().unwrap().remove(name);
+            return Ok(None);
+        };
+        let mtime = mtime_of(&meta);
         if let Some(e) = self.cache.lock().unwrap().get(name) {
             if e.size == meta.len() && e.mtime == mtime {
                 return Ok(Some(e.clone()));
             }
         }
-        let bytes = std::fs::read(&path)?;
-        let e = FirmwareEntry::from_bytes(name, &bytes, mtime);
-        self.cache
-            .lock()
-            .unwrap()
-            .insert(name.to_owned(), e.clone());
+        let e = if meta.len() > MAX_UPLOAD as u64 {
+            // Not read at all: no image a device accepts is this large.
+            FirmwareEntry {
+                name: name.to_owned(),
+                chip: None,
+                project: None,
+                version: None,
+                size: meta.len(),
+                sha256: String::new(),
+                error: Some(format!(
+                    "{} bytes is more than the {MAX_UPLOAD} an OTA slot can hold",
+                    meta.len()
+                )),
+                signers: None,
+                mtime,
+            }
+        } else {
+            // At most one byte more than the limit, should the file grow
+            // between the `stat` and the read.
+            let mut bytes = Vec::with_capacity(meta.len() as usize);
+            std::fs::File::open(&path)?
+                .take(MAX_UPLOAD as u64 + 1)
+                .read_to_end(&mut bytes)?;
+            FirmwareEntry::from_bytes(name, &bytes, mtime)
+        };
+        let mut cache = self.cache.lock().unwrap();
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        cache.insert(name.to_owned(), e.clone());
         Ok(Some(e))
     }
+}
+
+/// Modification time in nanoseconds since the Unix epoch, as entries record
+/// it.
+pub(crate) fn mtime_of(meta: &std::fs::Metadata) -> i64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Whether a lookup failed because there is nothing by that name (a name
+/// too long for the file system is nothing by that name either).
+fn gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound
+            | std::io::ErrorKind::NotADirectory
+            | std::io::ErrorKind::InvalidFilename
+    )
 }
 
 /// The largest file [`Catalogue::add`] takes: what the largest OTA slot of

@@ -511,7 +511,7 @@ async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes)
     }
     let lower = spec.to_ascii_lowercase();
     let firmware = if lower.starts_with("http://") || lower.starts_with("https://") {
-        resolve_firmware(spec, "").await
+        resolve_firmware(spec, "", &d.app.remote_firmware).await
     } else {
         let list = match listings(&d.app, &headers).await {
             Ok(l) => l,

@@ -2,8 +2,8 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET`/`HEAD /firmware/{name}` | the image; one `Range` (206, or 416 when unsatisfiable), a strong `ETag` (the file's SHA-256) with `If-None-Match` (304) and `If-Range` |
-//! | `GET /api/firmware` | `[{name, url, chip, project, version, size, sha256, valid, error}]` |
+//! | `GET`/`HEAD /firmware/{name}` | the image, if valid (else 404); one `Range` (206, or 416 when unsatisfiable or past any number), a strong `ETag` (the file's SHA-256) with `If-None-Match` (304) and `If-Range` |
+//! | `GET /api/firmware` | the valid images: `[{name, url, chip, project, version, size, sha256, valid, error, signers}]` |
 //! | `GET /api/devices` | `[{id, status, updated_at}]`, the retained statuses as last seen |
 //! | `GET /api/devices/{id}/history` | the device's status changes and job endings |
 //! | `GET /api/deployments`, `/api/deployments/{id}` | deployments with each device's result |
@@ -15,17 +15,18 @@
 //! connection from [`crate::dashboard`], and wraps everything in
 //! [`guard_hosts`] (the `Host`/`Origin` check against DNS rebinding).
 //!
-//! Images are at most 16 MiB and a rollout sends the same one to every
-//! device at once, so the server keeps one shared copy of each image version
-//! ([`ImageCache`]) and answers every request, whole or `Range`, with a
-//! slice of it: a thousand concurrent downloads cost one image, not a
-//! thousand, and `Range` stays exact without streaming machinery.
+//! Images are streamed from disk, whole or by `Range`, never read into
+//! memory to be served: the page cache already shares one copy among a
+//! thousand concurrent downloads, and a file the directory should not hold
+//! costs nothing. Only valid images ([`crate::catalogue`]) are listed and
+//! served.
+//!
+//! [`serve`] runs the router under [`HttpLimits`]: a header-read timeout, a
+//! connection cap, a request-body limit, and JSON errors under `/api/`.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -34,7 +35,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::catalogue::{Catalogue, CatalogueError, MAX_UPLOAD};
+use crate::catalogue::{Catalogue, CatalogueError, FirmwareEntry, MAX_UPLOAD};
 use crate::store::Store;
 
 /// What the handlers share.
@@ -47,22 +48,16 @@ pub struct AppState {
     /// Base URL devices should download from (e.g. `http://10.0.0.2:8080`);
     /// without it, the `Host` of each API request is used.
     pub public_url: Option<String>,
+    /// Which hosts a firmware URL given to `POST /api/deployments` may
+    /// point at besides public addresses (`--allow-remote-firmware`).
+    pub remote_firmware: crate::remote::RemoteFirmware,
 }
 
-/// The router of the whole server, with a fresh [`ImageCache`].
+/// The router of the whole server.
 pub fn router(state: Arc<AppState>) -> Router {
-    router_with_cache(state, Arc::default())
-}
-
-/// The router of the whole server, serving images through `images` (which
-/// the caller may keep to read [`ImageCache::reads`]).
-pub fn router_with_cache(state: Arc<AppState>, images: Arc<ImageCache>) -> Router {
     let firmware = Router::new()
         .route("/firmware/{name}", get(firmware_file))
-        .with_state(Served {
-            app: state.clone(),
-            images,
-        });
+        .with_state(state.clone());
     Router::new()
         .route("/api/firmware", get(api_firmware))
         .route("/api/devices", get(api_devices))
@@ -302,88 +297,6 @@ pub fn host_allowed(authority: &str, allowed: &[String]) -> bool {
         || allowed.contains(&host)
 }
 
-#[derive(Clone)]
-struct Served {
-    app: Arc<AppState>,
-    images: Arc<ImageCache>,
-}
-
-/// One copy in memory of each image being served, shared by every request
-/// for it.
-///
-/// A copy is keyed by the file's name and SHA-256 as the catalogue last read
-/// them (the catalogue notices a changed file by its size and modification
-/// time), so a replaced file is read again and the old copy is freed once
-/// the last response that slices it is sent.
-#[derive(Debug, Default)]
-pub struct ImageCache {
-    images: Mutex<HashMap<String, Image>>,
-    // Held while a file is read, so a burst of first requests reads it once.
-    loading: tokio::sync::Mutex<()>,
-    reads: AtomicU64,
-}
-
-#[derive(Debug, Clone)]
-struct Image {
-    sha256: String,
-    bytes: Bytes,
-}
-
-impl ImageCache {
-    /// How many times an image file was read from disk.
-    pub fn reads(&self) -> u64 {
-        self.reads.load(Ordering::Relaxed)
-    }
-
-    fn cached(&self, name: &str, sha256: &str) -> Option<Image> {
-        self.images
-            .lock()
-            .unwrap()
-            .get(name)
-            .filter(|i| i.sha256 == sha256)
-            .cloned()
-    }
-
-    fn forget(&self, name: &str) {
-        self.images.lock().unwrap().remove(name);
-    }
-
-    /// The bytes of `name` as the catalogue describes it (`sha256`), read
-    /// from `path` unless a copy of that version is already held. The SHA-256
-    /// returned is that of the bytes returned: the file may have changed
-    /// since the catalogue looked, and the `ETag` must describe what is sent.
-    async fn get(
-        &self,
-        name: &str,
-        sha256: &str,
-        path: std::path::PathBuf,
-    ) -> std::io::Result<Image> {
-        if let Some(i) = self.cached(name, sha256) {
-            return Ok(i);
-        }
-        let _loading = self.loading.lock().await;
-        if let Some(i) = self.cached(name, sha256) {
-            return Ok(i);
-        }
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        let image = tokio::task::spawn_blocking(move || -> std::io::Result<Image> {
-            use sha2::Digest;
-            let bytes = std::fs::read(path)?;
-            Ok(Image {
-                sha256: hex::encode(sha2::Sha256::digest(&bytes)),
-                bytes: Bytes::from(bytes),
-            })
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-        self.images
-            .lock()
-            .unwrap()
-            .insert(name.to_owned(), image.clone());
-        Ok(image)
-    }
-}
-
 /// One catalogue entry as the API lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct FirmwareListing {
@@ -458,6 +371,9 @@ pub(crate) async fn listings(
     };
     let out: Vec<FirmwareListing> = list
         .into_iter()
+        // Files that are not valid images are the operator's business
+        // (`serve` says at start why it skips each), not the API's.
+        .filter(FirmwareEntry::is_valid)
         .map(|e| FirmwareListing {
             url: format!("{base}/firmware/{}", e.name),
             valid: e.is_valid(),
@@ -533,10 +449,19 @@ pub fn parse_range(value: &str, len: u64) -> RangeRequest {
         return RangeRequest::Whole;
     };
     let (a, b) = (a.trim(), b.trim());
+    // A position of digits only that overflows `u64` is well-formed and
+    // lies past any file: unsatisfiable, not a reason to send it all.
+    let number = |t: &str| match t.parse::<u64>() {
+        Ok(n) => Some(Ok(n)),
+        Err(_) if !t.is_empty() && t.bytes().all(|c| c.is_ascii_digit()) => Some(Err(())),
+        Err(_) => None,
+    };
     if a.is_empty() {
-        // Suffix: the last b bytes.
-        let Ok(n) = b.parse::<u64>() else {
-            return RangeRequest::Whole;
+        // Suffix: the last b bytes (more than the file: all of it).
+        let n = match number(b) {
+            Some(Ok(n)) => n,
+            Some(Err(())) => u64::MAX,
+            None => return RangeRequest::Whole,
         };
         if n == 0 || len == 0 {
             return RangeRequest::Unsatisfiable;
@@ -546,14 +471,17 @@ pub fn parse_range(value: &str, len: u64) -> RangeRequest {
             end: len - 1,
         };
     }
-    let Ok(start) = a.parse::<u64>() else {
-        return RangeRequest::Whole;
+    let start = match number(a) {
+        Some(Ok(n)) => n,
+        Some(Err(())) => return RangeRequest::Unsatisfiable,
+        None => return RangeRequest::Whole,
     };
     let end = if b.is_empty() {
         len.saturating_sub(1)
     } else {
-        match b.parse::<u64>() {
-            Ok(e) if e >= start => e.min(len.saturating_sub(1)),
+        match number(b) {
+            Some(Ok(e)) if e >= start => e.min(len.saturating_sub(1)),
+            Some(Err(())) => len.saturating_sub(1),
             _ => return RangeRequest::Whole,
         }
     };
@@ -569,34 +497,51 @@ fn etag_matches(list: &str, etag: &str) -> bool {
         .any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
 }
 
+/// The file behind a valid catalogue entry, opened, with the entry that
+/// describes exactly the bytes opened: the file may be replaced between the
+/// catalogue's look and the open, and the `ETag` must describe what is sent.
+async fn open_image(
+    app: Arc<AppState>,
+    name: String,
+) -> std::io::Result<Option<(FirmwareEntry, std::fs::File)>> {
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..3 {
+            let Some(entry) = app.catalogue.entry(&name)?.filter(FirmwareEntry::is_valid) else {
+                return Ok(None);
+            };
+            let Some((path, _)) = app.catalogue.resolve(&name)? else {
+                return Ok(None);
+            };
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let meta = file.metadata()?;
+            if meta.len() == entry.size && crate::catalogue::mtime_of(&meta) == entry.mtime {
+                return Ok(Some((entry, file)));
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "{name} keeps changing while it is opened"
+        )))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 async fn firmware_file(
-    State(st): State<Served>,
+    State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let app = st.app.clone();
-    let name2 = name.clone();
-    let entry = tokio::task::spawn_blocking(move || app.catalogue.entry(&name2)).await;
-    let entry = match entry {
-        Ok(Ok(Some(e))) => e,
-        Ok(Ok(None)) => {
-            st.images.forget(&name);
-            return (StatusCode::NOT_FOUND, "no such firmware\n").into_response();
-        }
-        Ok(Err(e)) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    let (entry, file) = match open_image(app, name).await {
+        Ok(Some(found)) => found,
+        Ok(None) => return (StatusCode::NOT_FOUND, "no such firmware\n").into_response(),
         Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
-    let path = st.app.catalogue.dir().join(&name);
-    let Image { sha256: sha, bytes } = match st.images.get(&name, &entry.sha256, path).await {
-        Ok(i) => i,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            st.images.forget(&name);
-            return (StatusCode::NOT_FOUND, "no such firmware\n").into_response();
-        }
-        Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
-    };
-    let etag = format!("\"{sha}\"");
-    let len = bytes.len() as u64;
+    let etag = format!("\"{}\"", entry.sha256);
+    let len = entry.size;
     let mut h = HeaderMap::new();
     h.insert(
         header::ETAG,
@@ -626,28 +571,41 @@ async fn firmware_file(
         Some(r) if range_applies => parse_range(r, len),
         _ => RangeRequest::Whole,
     };
-    match range {
-        RangeRequest::Whole => {
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-            (StatusCode::OK, h, bytes).into_response()
-        }
+    let (status, start, end) = match range {
+        RangeRequest::Whole => (StatusCode::OK, 0, len.saturating_sub(1)),
         RangeRequest::Part { start, end } => {
-            let part = bytes.slice(start as usize..=end as usize);
             h.insert(
                 header::CONTENT_RANGE,
                 HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")).expect("ascii"),
             );
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(part.len() as u64));
-            (StatusCode::PARTIAL_CONTENT, h, part).into_response()
+            (StatusCode::PARTIAL_CONTENT, start, end)
         }
         RangeRequest::Unsatisfiable => {
             h.insert(
                 header::CONTENT_RANGE,
                 HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii"),
             );
-            (StatusCode::RANGE_NOT_SATISFIABLE, h).into_response()
+            return (StatusCode::RANGE_NOT_SATISFIABLE, h).into_response();
         }
-    }
+    };
+    let count = if len == 0 { 0 } else { end - start + 1 };
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    let body = match stream_part(file, start, count).await {
+        Ok(b) => b,
+        Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    (status, h, body).into_response()
+}
+
+/// `count` bytes of `file` from `start`, streamed from disk in 64 KiB reads.
+async fn stream_part(file: std::fs::File, start: u64, count: u64) -> std::io::Result<Body> {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+    let mut file = tokio::fs::File::from_std(file);
+    file.seek(std::io::SeekFrom::Start(start)).await?;
+    let reader = file.take(count);
+    Ok(Body::from_stream(
+        tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024),
+    ))
 }
 
 #[cfg(test)]
@@ -689,6 +647,19 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,5-6", 1000), Whole);
         assert_eq!(parse_range("items=0-1", 1000), Whole);
         assert_eq!(parse_range("bytes=x-1", 1000), Whole);
+        let huge = "99999999999999999999999";
+        assert_eq!(parse_range(&format!("bytes={huge}-"), 1000), Unsatisfiable);
+        assert_eq!(
+            parse_range(&format!("bytes=990-{huge}"), 1000),
+            Part {
+                start: 990,
+                end: 999
+            }
+        );
+        assert_eq!(
+            parse_range(&format!("bytes=-{huge}"), 1000),
+            Part { start: 0, end: 999 }
+        );
     }
 
     #[test]

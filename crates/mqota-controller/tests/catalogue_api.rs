@@ -29,6 +29,7 @@ async fn uploads_are_checked_as_app_images_and_a_file_in_use_cannot_be_deleted()
         catalogue: Catalogue::new(fw.path()),
         store: store.clone(),
         public_url: None,
+        remote_firmware: Default::default(),
     });
     let app = guard_hosts(
         router(state.clone()).merge(catalogue_router(state)),

@@ -55,6 +55,9 @@ async fn deploy_refuses_offline_older_and_foreign_targets_unless_told() {
             &broker_url,
             "--data-dir",
             &data,
+            // The images come from this test's own server on loopback.
+            "--allow-remote-firmware",
+            "127.0.0.1",
         ];
         args.extend_from_slice(extra);
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();

@@ -99,6 +99,9 @@ fn cli_sees_everyone(broker: &str, data: &std::path::Path, firmware_url: &str, n
         broker,
         "--data-dir",
         data,
+        // The image comes from this test's own server on loopback.
+        "--allow-remote-firmware",
+        "127.0.0.1",
     ]);
     assert!(ok, "deploy --dry-run failed: {err}");
     let line = out

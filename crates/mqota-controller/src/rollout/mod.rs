@@ -1156,9 +1156,14 @@ pub enum FirmwareError {
 }
 
 /// Resolves what the operator named: an `http(s)://` URL of an image (fetched
-/// once to read its version, size and SHA-256), or the name of an image that
-/// the firmware server at `server` lists under `/api/firmware`.
-pub async fn resolve_firmware(spec: &str, server: &str) -> Result<Firmware, FirmwareError> {
+/// once, under `remote`'s rules, to read its version, size and SHA-256), or
+/// the name of an image that the firmware server at `server` lists under
+/// `/api/firmware`. `server`'s own host and port may always serve a URL.
+pub async fn resolve_firmware(
+    spec: &str,
+    server: &str,
+    remote: &crate::remote::RemoteFirmware,
+) -> Result<Firmware, FirmwareError> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
@@ -1169,15 +1174,22 @@ pub async fn resolve_firmware(spec: &str, server: &str) -> Result<Firmware, Firm
     };
     let lower = spec.to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
-        let resp = client
-            .get(spec)
-            .send()
+        let bytes = remote
+            .clone()
+            .and_origin_of(server)
+            .fetch(spec)
             .await
-            .and_then(|r| r.error_for_status())
             .map_err(|e| fetch_err(spec, &e))?;
-        let bytes = resp.bytes().await.map_err(|e| fetch_err(spec, &e))?;
         let name = spec.rsplit('/').next().unwrap_or(spec);
-        let entry = crate::catalogue::FirmwareEntry::from_bytes(name, &bytes, 0);
+        let mut entry = crate::catalogue::FirmwareEntry::from_bytes(name, &bytes, 0);
+        // The validator's reason may quote bytes of the file (a magic byte,
+        // a name): of a URL's body, that is not ours to repeat.
+        if entry.error.is_some() {
+            entry.error = Some(format!(
+                "the {} bytes fetched are not a valid app image",
+                bytes.len()
+            ));
+        }
         let built = firmware_from(
             spec,
             spec.to_owned(),

@@ -171,6 +171,7 @@ async fn scenario(
         catalogue: Catalogue::new(fw_dir),
         store: store.clone(),
         public_url: Some(http_base.clone()),
+        remote_firmware: Default::default(),
     });
     let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -317,7 +318,7 @@ fn pack(dir: &Path, version: &str, key: &Key) -> Result<String> {
 async fn forged(fleet: &Fleet, fw_dir: &Path, server: &str, device: &str) -> Result<String> {
     let name = pack(fw_dir, FORGED, &ecdsa_key()?)?;
     println!("[5/7] packed {name} ({FORGED}) signed by a key the devices do not trust; sending it to {device}");
-    let firmware = resolve_firmware(&name, server).await?;
+    let firmware = resolve_firmware(&name, server, &Default::default()).await?;
     let mut events = fleet.events();
     let job = "demo-forged";
     fleet
@@ -368,7 +369,7 @@ async fn deploy(
     server: &str,
     narrate: bool,
 ) -> Result<Deployment> {
-    let firmware = resolve_firmware(name, server).await?;
+    let firmware = resolve_firmware(name, server, &Default::default()).await?;
     let options = RolloutOptions {
         canary: 0,
         batch: Amount::Percent(100),

@@ -41,6 +41,11 @@ pub struct DeployArgs {
     /// Image name on the firmware server, or an http(s):// URL of an image.
     #[arg(required_unless_present_any = ["resume", "pause", "stop"])]
     firmware: Option<String>,
+    /// A host (name or IP address, any port) a firmware URL may point at
+    /// although it is loopback, private or link-local (repeatable); --server
+    /// (its host and port) always may.
+    #[arg(long, value_name = "HOST")]
+    allow_remote_firmware: Vec<String>,
     /// Devices by id, comma-separated.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["all", "where_", "resume"])]
     to: Vec<String>,
@@ -162,7 +167,14 @@ impl DeployArgs {
                         .or(s.server.clone())
                         .unwrap_or_else(|| "http://127.0.0.1:8080".to_owned());
                     let spec = self.firmware.as_deref().expect("clap requires FIRMWARE");
-                    let firmware = resolve_firmware(spec, &server).await?;
+                    let firmware = resolve_firmware(
+                        spec,
+                        &server,
+                        &mqota_controller::remote::RemoteFirmware::allow(
+                            &self.allow_remote_firmware,
+                        ),
+                    )
+                    .await?;
                     // Who signed it, so the operator sees what signed-only
                     // devices will check.
                     match firmware.signers.as_deref() {

@@ -41,6 +41,12 @@ pub struct ServeArgs {
     /// are refused, against DNS rebinding.
     #[arg(long, value_name = "NAME")]
     allow_host: Vec<String>,
+    /// A host (name or IP address, any port) a firmware URL given to the
+    /// page or POST /api/deployments may point at although it is loopback,
+    /// private or link-local (repeatable); serve's own address and
+    /// --public-url (that host and port) always may.
+    #[arg(long, value_name = "HOST")]
+    allow_remote_firmware: Vec<String>,
     /// Let clients into the embedded broker without a login, with no topic
     /// rules (the door is open). Without this flag the door is open only
     /// while no device has credentials (`mqota device add`) and
@@ -225,10 +231,19 @@ impl ServeArgs {
                 runner.run(&id);
             }
 
+            // serve's own firmware URLs stay usable as URLs.
+            let own = format!("http://{addr}");
+            let mut remote_firmware =
+                mqota_controller::remote::RemoteFirmware::allow(&self.allow_remote_firmware)
+                    .and_origin_of(&own);
+            if let Some(u) = &self.public_url {
+                remote_firmware = remote_firmware.and_origin_of(u);
+            }
             let state = Arc::new(AppState {
                 catalogue,
                 store,
                 public_url: self.public_url,
+                remote_firmware,
             });
             let mut allowed = self.allow_host.clone();
             if let Some(host) = state
@@ -251,11 +266,17 @@ impl ServeArgs {
                     .merge(broker_door_router(door)),
                 allowed,
             );
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
+            // Header-read timeout, connection cap, body limit and JSON
+            // errors under /api/: see mqota_controller::server.
+            mqota_controller::server::serve(
+                listener,
+                app,
+                mqota_controller::server::HttpLimits::default(),
+                async {
                     let _ = tokio::signal::ctrl_c().await;
-                })
-                .await?;
+                },
+            )
+            .await?;
             recorder.abort();
             // Rollouts still running hold the connection; they stay
             // `running` in the store for `deploy --resume`.

@@ -48,6 +48,9 @@ impl Serve {
             .arg("--data-dir")
             .arg(data)
             .args(["--http", http, "--mqtt-listen", "127.0.0.1:0"])
+            // Tests serve firmware URLs from their own HTTP servers on
+            // loopback (see controller_browser.rs's slow_firmware).
+            .args(["--allow-remote-firmware", "127.0.0.1"])
             .env_remove("MQOTA_BROKER")
             .env("MQOTA_CONFIG", "/dev/null")
             .stdout(Stdio::piped())
