@@ -712,11 +712,10 @@ impl Device<'_> {
             Incoming::Command(cmd, seq) => {
                 if let Some(seq) = seq {
                     if self.trust.accept_seq(flash, seq).await.is_err() {
-                        let p = Progress::new(self.topics, command_job(&cmd), Phase::Failed)
-                            .with_error(
-                                ErrorCode::Flash,
-                                Some("could not record the command's sequence number"),
-                            );
+                        let p = Progress::new(self.topics, cmd.job(), Phase::Failed).with_error(
+                            ErrorCode::Flash,
+                            Some("could not record the command's sequence number"),
+                        );
                         self.publish_refusal(session, p).await;
                         return Actions::new();
                     }
@@ -742,14 +741,6 @@ impl Device<'_> {
     ) {
         publish_progress(session, self.topics, &p, self.progress_copy).await;
         fieldlog::note_progress(&self.log, now_ms(), &p);
-    }
-}
-
-/// The job a command names, for the events that answer it.
-fn command_job(cmd: &Command) -> Option<mqota_core::protocol::JobId> {
-    match cmd {
-        Command::Start(job) => job.job.clone(),
-        Command::Cancel { job } | Command::Rollback { job } => job.clone(),
     }
 }
 
@@ -822,12 +813,10 @@ fn read_command(
     };
     if let (Some(seq), Ok(CommandOutcome::Command(cmd))) = (seq, &parsed) {
         if !state.is_fresh(seq) {
-            return Incoming::Bad(
-                Progress::new(topics, command_job(cmd), Phase::Failed).with_error(
-                    ErrorCode::Replayed,
-                    Some("sequence number is not above the last one accepted"),
-                ),
-            );
+            return Incoming::Bad(Progress::new(topics, cmd.job(), Phase::Failed).with_error(
+                ErrorCode::Replayed,
+                Some("sequence number is not above the last one accepted"),
+            ));
         }
     }
     match parsed {
@@ -1152,10 +1141,7 @@ fn during_download(
     match decide(state, finished, &cmd) {
         Decision::Cancel => Some((cmd, seq)),
         Decision::Refuse(code, why) => {
-            let job = match cmd {
-                Command::Start(job) => job.job,
-                Command::Cancel { job } | Command::Rollback { job } => job,
-            };
+            let job = cmd.job();
             queue(
                 outbox,
                 Progress::new(topics, job, Phase::Failed).with_error(code, Some(why)),

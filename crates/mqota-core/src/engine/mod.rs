@@ -315,14 +315,6 @@ pub fn decide(state: State<'_>, finished: &Finished, cmd: &Command) -> Decision 
     }
 }
 
-/// The job a command names, for the events that answer it.
-fn command_job(cmd: &Command) -> Option<JobId> {
-    match cmd {
-        Command::Start(job) => job.job.clone(),
-        Command::Cancel { job } | Command::Rollback { job } => job.clone(),
-    }
-}
-
 /// The actions of one step (never more than four).
 pub type Actions = Vec<Action, 4>;
 
@@ -559,7 +551,7 @@ impl Engine {
                 (Decision::Start, Command::Start(job)) => self.start(now, job, &mut actions),
                 (Decision::Refuse(code, why), cmd) => {
                     let ev = self
-                        .event(command_job(&cmd), Phase::Failed, 0, None, 0)
+                        .event(cmd.job(), Phase::Failed, 0, None, 0)
                         .with_error(code, Some(why));
                     push(&mut actions, Action::Publish(ev));
                     Ok(())
@@ -576,7 +568,7 @@ impl Engine {
                 }
                 // Rollback is the boot guard's business: the caller performs it.
                 (Decision::Rollback, cmd) => {
-                    let job = command_job(&cmd);
+                    let job = cmd.job();
                     push(&mut actions, Action::Rollback { job });
                     Ok(())
                 }

@@ -71,6 +71,16 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The job id the command names, for the events that answer it.
+    pub fn job(&self) -> Option<JobId> {
+        match self {
+            Command::Start(job) => job.job.clone(),
+            Command::Cancel { job } | Command::Rollback { job } => job.clone(),
+        }
+    }
+}
+
 /// What [`parse_command`] found.
 #[allow(clippy::large_enum_variant)] // as for `Command`
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,7 +264,7 @@ pub fn parse_signed_command(
     }
     let (outcome, meta) = parse_any(kind, payload, device_id)?;
     let job = match &outcome {
-        CommandOutcome::Command(cmd) => command_job(cmd),
+        CommandOutcome::Command(cmd) => cmd.job(),
         CommandOutcome::NotForMe => None,
     };
     let Some(seq) = meta.seq else {
@@ -283,14 +293,6 @@ fn bad_sig(reason: &'static str, job: Option<JobId>) -> BadCommand {
         code: ErrorCode::BadSignature,
         reason,
         job,
-    }
-}
-
-/// The job a command names.
-fn command_job(cmd: &Command) -> Option<JobId> {
-    match cmd {
-        Command::Start(job) => job.job.clone(),
-        Command::Cancel { job } | Command::Rollback { job } => job.clone(),
     }
 }
 
