@@ -12,14 +12,16 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("prereq") => prereq::ensure(),
         Some("firmware") => firmware::firmware(&args[1..]),
         Some("flash") => firmware::flash(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <ci|firmware|flash|bench>");
+            eprintln!("usage: cargo xtask <ci|prereq|firmware|flash|bench>");
             eprintln!(
                 "  ci    fmt check, clippy, no_std builds of core and runtime, all tests, firmware"
             );
+            eprintln!("  prereq   install what ci needs and a fresh machine lacks");
             eprintln!(
                 "  firmware --chip esp32c3|esp32c6   build, clippy, app image, checks, size report"
             );
