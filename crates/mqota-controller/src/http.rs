@@ -310,7 +310,7 @@ pub struct FirmwareListing {
     pub project: Option<String>,
     /// Version.
     pub version: Option<String>,
-    /// Bytes.
+    /// Size of the file on disk in bytes.
     pub size: u64,
     /// SHA-256 of the file, hex.
     pub sha256: String,
@@ -438,6 +438,12 @@ pub enum RangeRequest {
 /// Reads a `Range` header value for a file of `len` bytes (RFC 9110
 /// §14.1.2). Several ranges are answered with the whole file, which the RFC
 /// allows and which devices never ask for.
+///
+/// Kept here rather than taken from the `headers` crate: its `Range` yields
+/// unresolved bounds and cannot tell a well-formed range past the end (or a
+/// position that overflows `u64`), which must be answered 416, from a
+/// malformed header, which must be ignored; this resolver decides both
+/// against the file's length in one place.
 pub fn parse_range(value: &str, len: u64) -> RangeRequest {
     let Some(spec) = value.trim().strip_prefix("bytes=") else {
         return RangeRequest::Whole;

@@ -36,7 +36,8 @@ pub enum StoreError {
     Open {
         /// The database file.
         path: PathBuf,
-        /// Why.
+        /// SQLite's reason (file not found, permission denied, not a
+        /// database).
         source: rusqlite::Error,
     },
     /// A query failed (disk full, database locked for too long, corrupt
@@ -44,7 +45,8 @@ pub enum StoreError {
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
     /// A deployment id that the database does not know: check the id
-    /// (`mqota deploy --list`, `/api/deployments`).
+    /// (`mqota deploy` prints it when it creates one; `GET /api/deployments`
+    /// lists them all).
     #[error("no deployment {0:?}")]
     UnknownDeployment(String),
     /// The database was written by a newer mqota (its schema version is

@@ -260,7 +260,8 @@ pub struct Firmware {
     pub version: String,
     /// SHA-256 of the file, hex.
     pub sha256: String,
-    /// Bytes.
+    /// Size of the image file in bytes, as the device will download it
+    /// (and checks against the job's `size`).
     pub size: u32,
     /// Chip in its image header, e.g. `esp32c3` (unknown: not checked).
     #[serde(default)]
@@ -325,16 +326,11 @@ pub trait Observer {
 pub struct Silent;
 impl Observer for Silent {}
 
+/// A new deployment id, also the job id the devices see: `d-` and a ULID
+/// (time-ordered, so ids sort by creation; 28 characters, within the
+/// protocol's job id limit).
 fn new_job_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    format!("d-{}-{:06x}", unix_now(), h.finish() & 0xff_ffff)
+    format!("d-{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
 }
 
 /// Selected devices a deployment leaves out, by reason.
@@ -1150,7 +1146,7 @@ pub enum FirmwareError {
     Invalid {
         /// The firmware.
         name: String,
-        /// Why.
+        /// What the image validator found wrong, in words.
         reason: String,
     },
 }
