@@ -17,7 +17,7 @@ pub mod platform;
 pub mod trust;
 
 pub use conn::MQTT_TX_BUFFER;
-pub use device::{early_boot, run, BootError, Booted, DeviceConfig, PROGRESS_QUEUE};
+pub use device::{early_boot, run, DeviceConfig, EarlyBootError, RunningFirmware, PROGRESS_QUEUE};
 pub use fieldlog::{log, FieldLog, LogError, LogStore};
 pub use http::{
     Abort, BodySink, ContentRange, DownloadError, Downloader, RedirectError, ResponseInfo,

@@ -7,8 +7,9 @@
 /// Control of the network link underneath TCP (WiFi on the ESP32 boards).
 ///
 /// The MQTT session asks [`Link::is_connected`] between packets; when it turns
-/// false the session drops its TCP connection, calls [`Link::reconnect`] and
-/// rejoins the broker once the link is back.
+/// false the session drops its TCP connection, calls [`Link::connect`] (the
+/// first time the link is needed) or [`Link::reconnect`] (after a loss) and
+/// joins the broker once the link is up.
 #[allow(async_fn_in_trait)]
 pub trait Link {
     /// Why the link could not be brought up.

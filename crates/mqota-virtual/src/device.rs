@@ -669,15 +669,21 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
 /// Starts a device on the current [`tokio::task::LocalSet`] and returns its
 /// handle. Errors opening the flash end the device and are logged.
 pub fn spawn(cfg: VirtualConfig) -> Handle {
+    spawn_task(cfg).0
+}
+
+/// [`spawn`], also returning the device's task, which ends once the device
+/// has stopped ([`Handle::stop`]) and dropped its connections.
+pub fn spawn_task(cfg: VirtualConfig) -> (Handle, tokio::task::JoinHandle<()>) {
     let handle = Handle::new();
     let h = handle.clone();
-    tokio::task::spawn_local(async move {
+    let task = tokio::task::spawn_local(async move {
         let id = cfg.id.clone();
         if let Err(e) = run_device(cfg, h).await {
             log::error!("{id}: {e}");
         }
     });
-    handle
+    (handle, task)
 }
 
 /// Bytes of the device runtime's future with the virtual device's types: the

@@ -7,7 +7,7 @@ mod controller_support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, get_json, image, mqota, Devices, Serve, MQOTA};
+use controller_support::{device_config, get_json, image, mqota, start_devices, Serve, MQOTA};
 use mqota_virtual::testing::Mosquitto;
 
 #[test]
@@ -21,7 +21,7 @@ fn a_controller_restarted_mid_rollout_still_knows_the_rollout_and_finishes_it() 
     let mut serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
 
     let port = broker.port();
-    let devices = Devices::start(
+    let devices = start_devices(
         (0..6)
             .map(|i| {
                 let mut c = device_config(&format!("r-{i}"), port);

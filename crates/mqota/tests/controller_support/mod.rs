@@ -118,8 +118,7 @@ pub fn mqota(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// Each device's id and boots.
-pub type Boots = Vec<(String, Vec<mqota_virtual::device::BootRecord>)>;
+pub use mqota_virtual::fleet::VirtualFleet;
 
 /// A virtual device for these tests: the defaults, with timeouts short enough
 /// for a test and keep-alive pings often enough to notice a dead broker.
@@ -134,58 +133,10 @@ pub fn device_config(id: &str, port: u16) -> mqota_virtual::device::VirtualConfi
     c
 }
 
-/// Virtual devices on a thread of their own (the runtime is `!Send`),
-/// stopped when dropped; [`Devices::stop`] returns each device's boots.
-pub struct Devices {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Boots>>,
-}
-
-impl Devices {
-    /// Starts one device per configuration.
-    pub fn start(configs: Vec<mqota_virtual::device::VirtualConfig>) -> Self {
-        let (tx, rx) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let handles: Vec<_> = configs
-                    .into_iter()
-                    .map(|c| (c.id.clone(), mqota_virtual::device::spawn(c)))
-                    .collect();
-                while rx.try_recv() == Err(mpsc::TryRecvError::Empty) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                for (_, h) in &handles {
-                    h.stop();
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                handles.into_iter().map(|(id, h)| (id, h.boots())).collect()
-            })
-        });
-        Self {
-            stop: Some(tx),
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops the devices and returns what each booted.
-    pub fn stop(mut self) -> Boots {
-        drop(self.stop.take());
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-impl Drop for Devices {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// Starts one virtual device per configuration on a thread of their own
+/// (stopped when dropped; [`VirtualFleet::stop`] returns each device's boots).
+pub fn start_devices(configs: Vec<mqota_virtual::device::VirtualConfig>) -> VirtualFleet {
+    VirtualFleet::start(configs).expect("the virtual devices' thread starts")
 }
 
 /// `mqota status --json` against `broker`, parsed.
