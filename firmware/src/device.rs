@@ -67,8 +67,8 @@ impl Guarded {
 pub enum GuardSetupError {
     /// The booted partition could not be looked up.
     Slot(SlotError),
-    /// Running from a factory app or an `ota_N` past `ota_1`: mqota's layout
-    /// has exactly `ota_0` and `ota_1`.
+    /// Running from a factory app, not an `ota_N` slot: mqota updates only
+    /// an OTA layout.
     NotAnOtaSlot,
     /// The runtime could not read the partition table, the running image or
     /// otadata.
@@ -90,8 +90,10 @@ pub fn boot_guard(
 ) -> Result<Guarded, GuardSetupError> {
     let mut watchdog = TrialWatchdog::new(rtc_timer);
     let booted_slot = flash::booted_slot(flash).map_err(GuardSetupError::Slot)?;
-    let slot = booted_slot.slot().ok_or(GuardSetupError::NotAnOtaSlot)?;
-    let booted = early_boot(flash, slot).map_err(GuardSetupError::Boot)?;
+    let slot = booted_slot
+        .ota_index()
+        .ok_or(GuardSetupError::NotAnOtaSlot)?;
+    let booted = early_boot(flash, usize::from(slot)).map_err(GuardSetupError::Boot)?;
     match booted.boot.verdict {
         Verdict::Reboot => {
             warn!("boot guard: switching slots, resetting");
@@ -106,7 +108,7 @@ pub fn boot_guard(
         }
         _ => {}
     }
-    let platform = EspPlatform::new(platform::device_id(config), slot, watchdog);
+    let platform = EspPlatform::new(platform::device_id(config), watchdog);
     Ok(Guarded { booted, platform })
 }
 

@@ -75,7 +75,7 @@ use crate::http::{
     Abort, BodySink, DownloadError, Downloader, RedirectError, ResponseInfo, HTTPS_ENABLED,
 };
 use crate::mqtt::{Message, MqttBuffers, MqttConfig, MqttSession, QoS, MQTT_RX_BUFFER};
-use crate::platform::{Link, Platform, Slot};
+use crate::platform::{Link, Platform};
 use crate::trust::TrustState;
 
 /// Progress events waiting to be published during a download.
@@ -191,7 +191,8 @@ pub struct RunningFirmware {
 pub enum EarlyBootError {
     /// The partition table is missing or broken.
     PartitionTable,
-    /// The table has no otadata or fewer than two OTA slots.
+    /// The table has no otadata or fewer than two OTA slots, or none at the
+    /// running index.
     NoOtaLayout,
     /// The running slot does not hold a valid image (it is running, so the
     /// flash read failed or the slot lookup is wrong).
@@ -201,18 +202,17 @@ pub enum EarlyBootError {
 }
 
 /// Runs as early as possible at every boot: reads the partition table,
-/// describes the running image and runs the boot guard. On
-/// [`Verdict::Reboot`] reset at once; otherwise hand the result to [`run`].
+/// describes the running image and runs the boot guard. `running` is the
+/// index of the OTA slot the bootloader started (`ota_0` is 0), as the chip
+/// glue finds it. On [`Verdict::Reboot`] reset at once; otherwise hand the
+/// result to [`run`].
 pub fn early_boot<F: NorFlash>(
     flash: &mut F,
-    running: Slot,
+    running: usize,
 ) -> Result<RunningFirmware, EarlyBootError> {
     let table = PartitionTable::read_from(flash, TABLE_OFFSET)
         .map_err(|_| EarlyBootError::PartitionTable)?;
-    let index = match running {
-        Slot::Ota0 => 0,
-        Slot::Ota1 => 1,
-    };
+    let index = running;
     let layout = Layout::from_table(&table, index).ok_or(EarlyBootError::NoOtaLayout)?;
     let slot = layout.slots[index];
     let info = image::validate_flash(flash, slot.offset, slot.size)

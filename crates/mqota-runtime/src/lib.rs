@@ -32,4 +32,4 @@ pub use mqtt::{
     INBOX_DEPTH, MAX_INCOMING_PAYLOAD, MAX_INFLIGHT, MAX_QOS1_PAYLOAD, MAX_SUBSCRIPTIONS,
     MAX_TOPIC_LEN, MQTT_RX_BUFFER,
 };
-pub use platform::{Link, Platform, Slot};
+pub use platform::{Link, Platform};

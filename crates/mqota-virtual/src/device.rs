@@ -31,7 +31,7 @@ use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
 use mqota_core::protocol::envelope::{JobKey, JobTrust};
 use mqota_core::signature::{KeyDigest, SoftVerifier, TrustPolicy};
 use mqota_flash_sim::{BootConfig, Bootloader, FileStore, Memory, SimError, SimFlash};
-use mqota_runtime::{early_boot, BootReason, DeviceConfig, Link, Platform, Slot};
+use mqota_runtime::{early_boot, BootReason, DeviceConfig, Link, Platform};
 use tokio::sync::Notify;
 
 use crate::net::VirtualNet;
@@ -507,7 +507,6 @@ impl Link for VirtualLink {
 /// The board of a virtual device.
 struct VirtualPlatform {
     id: String,
-    slot: Slot,
     unhealthy: bool,
     reboot: Rc<Notify>,
     /// Why this boot happened, from the fault that ended the last one.
@@ -520,9 +519,6 @@ impl Platform for VirtualPlatform {
         loop {
             std::future::pending::<()>().await;
         }
-    }
-    fn running_slot(&self) -> Slot {
-        self.slot
     }
     fn device_id(&self) -> &str {
         &self.id
@@ -584,12 +580,7 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
             }
             break;
         };
-        let slot = if slot_index == 0 {
-            Slot::Ota0
-        } else {
-            Slot::Ota1
-        };
-        let booted = match early_boot(&mut pflash, slot) {
+        let booted = match early_boot(&mut pflash, slot_index) {
             Ok(b) => b,
             Err(e) => {
                 if handle.powered() {
@@ -625,7 +616,6 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
         let reboot = Rc::new(Notify::new());
         let mut platform = VirtualPlatform {
             id: cfg.id.clone(),
-            slot,
             unhealthy: version.ends_with("+unhealthy"),
             reboot: reboot.clone(),
             boot_reason,
@@ -697,12 +687,11 @@ pub fn runtime_future_size() -> usize {
         flash: &mut flash,
         handle: handle.clone(),
     };
-    let booted = early_boot(&mut pflash, Slot::Ota0).expect("fresh flash boots");
+    let booted = early_boot(&mut pflash, 0).expect("fresh flash boots");
     let dcfg = cfg.device_config();
     let net = VirtualNet::new(handle.clone());
     let mut platform = VirtualPlatform {
         id: cfg.id.clone(),
-        slot: Slot::Ota0,
         unhealthy: false,
         reboot: Rc::new(Notify::new()),
         boot_reason: BootReason::PowerOn,

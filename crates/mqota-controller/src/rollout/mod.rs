@@ -326,11 +326,12 @@ pub trait Observer {
 pub struct Silent;
 impl Observer for Silent {}
 
-/// A new deployment id, also the job id the devices see: `d-` and a ULID
-/// (time-ordered, so ids sort by creation; 28 characters, within the
-/// protocol's job id limit).
+/// A new deployment id, also the job id the devices see: a ULID in lower
+/// case (time-ordered, so ids sort by creation; 26 characters, well within
+/// the protocol's job id limit and short enough that a device's field-log
+/// line about the job keeps its error code).
 fn new_job_id() -> String {
-    format!("d-{}", ulid::Ulid::new().to_string().to_ascii_lowercase())
+    ulid::Ulid::new().to_string().to_ascii_lowercase()
 }
 
 /// Selected devices a deployment leaves out, by reason.
