@@ -46,6 +46,12 @@
 //! so it obeys a command written by any process. What to do next is
 //! decided by [`crate::machine::next`], without I/O; [`run`] does the I/O.
 //!
+//! One deployment has one runner: [`run`] first claims the deployment in
+//! the store ([`crate::lease`]; [`RolloutError::Claimed`] when another
+//! process's claim holds), renews the claim while it waits and before
+//! every command it sends, stops ([`RolloutError::ClaimLost`]) if another
+//! process took it over meanwhile, and releases it when it returns.
+//!
 //! When a device's job fails or is rolled back ([`machine::wants_log`]),
 //! the runner reads the device's last [`LOG_RECORDS`] log records over MQTT
 //! ([`crate::logs::fetch_last`]) in a task of its own, so the rollout never
@@ -67,6 +73,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::fleet::{DeviceView, Fleet, FleetError, FleetEvent, StartCommand};
+use crate::lease::{self, Claim, Lease};
 use crate::machine::{self, Devices, Next, STOPPED_BY_OPERATOR};
 use crate::store::{
     Deployment, DeploymentDevice, DeploymentState, DeviceState, JobLog, Store, StoreError,
@@ -304,6 +311,35 @@ pub enum RolloutError {
     /// `deploy --resume`.
     #[error(transparent)]
     Fleet(#[from] FleetError),
+    /// Another process runs this deployment (its claim's lease runs, see
+    /// [`crate::lease`]): follow it with `mqota watch`; if that process is
+    /// gone, try again once its claim has lapsed.
+    #[error(
+        "deployment {deployment} is being run by {} (claim renewed until {}); \
+         one deployment has one runner: follow it with `mqota watch`, or try again \
+         once that process has stopped and its claim has lapsed",
+        claim.holder, claim.expires_text()
+    )]
+    Claimed {
+        /// The deployment.
+        deployment: String,
+        /// Who holds it, until when.
+        claim: Claim,
+    },
+    /// This process's claim lapsed (it was held up longer than its lease)
+    /// and another process took the deployment over: this runner stopped
+    /// sending, the other carries on.
+    #[error(
+        "deployment {deployment} was taken over by {} after this process's claim lapsed; \
+         it carries on there",
+        claim.holder
+    )]
+    ClaimLost {
+        /// The deployment.
+        deployment: String,
+        /// Who holds it now.
+        claim: Claim,
+    },
 }
 
 /// What a running deployment reports, for progress bars and logs.
@@ -759,14 +795,67 @@ pub async fn run(
     id: &str,
     observer: &mut dyn Observer,
 ) -> Result<Deployment, RolloutError> {
+    let mut lease = claim(store, id)?;
     let mut logs = LogFetches::new(fleet);
-    let ran = steps(fleet, store, id, observer, &mut logs).await;
-    // The rollout has decided everything; the logs of its failures may
-    // still be on their way.
+    let ran = steps(fleet, store, id, observer, &mut logs, &mut lease).await;
+    // The rollout has decided everything: the next runner may come in (the
+    // log reads below only add to results).
+    let released = store.release(id, lease::holder());
+    // The logs of its failures may still be on their way.
     let kept = logs.finish(store, id).await;
     ran?;
+    released?;
     kept?;
     Ok(store.deployment(id)?)
+}
+
+/// Claims deployment `id` for this process ([`crate::lease`]), or says who
+/// runs it.
+pub fn claim(store: &Store, id: &str) -> Result<Lease, RolloutError> {
+    let now = lease::now_ms();
+    match store.claim(id, lease::holder(), now, lease::lease())? {
+        Ok(()) => Ok(Lease {
+            deployment: id.to_owned(),
+            lease: lease::lease(),
+            renewed_at_ms: now,
+        }),
+        Err(claim) => Err(RolloutError::Claimed {
+            deployment: id.to_owned(),
+            claim,
+        }),
+    }
+}
+
+/// Fails with [`RolloutError::Claimed`] when another process's claim on
+/// `id` is in force: asked before an operator's resume is written, so that
+/// a deployment run elsewhere is not resumed into a second runner.
+pub fn ensure_not_claimed_elsewhere(store: &Store, id: &str) -> Result<(), RolloutError> {
+    match store.claim_in_force(id, lease::now_ms())? {
+        Some(claim) if claim.holder != lease::holder() => Err(RolloutError::Claimed {
+            deployment: id.to_owned(),
+            claim,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Renews this process's claim when it is due; fails when another process
+/// took the deployment over, so this runner stops before it sends again.
+fn keep(store: &Store, lease: &mut Lease) -> Result<(), RolloutError> {
+    let now = lease::now_ms();
+    if !lease.due(now) {
+        return Ok(());
+    }
+    match store.claim(&lease.deployment, lease::holder(), now, lease.lease)? {
+        Ok(()) => {
+            lease.renewed_at_ms = now;
+            Ok(())
+        }
+        Err(claim) => Err(RolloutError::ClaimLost {
+            deployment: lease.deployment.clone(),
+            claim,
+        }),
+    }
 }
 
 async fn steps(
@@ -775,6 +864,7 @@ async fn steps(
     id: &str,
     observer: &mut dyn Observer,
     logs: &mut LogFetches,
+    lease: &mut Lease,
 ) -> Result<(), RolloutError> {
     let dep = store.deployment(id)?;
     if !matches!(
@@ -810,6 +900,7 @@ async fn steps(
     let mut saw_pause = false;
     let mut announced_stage = None;
     loop {
+        keep(store, lease)?;
         let (state, reason) = store.deployment_state(id)?;
         if state == DeploymentState::Stopped {
             // The stop skipped the pending devices in the store; take that
@@ -875,6 +966,7 @@ async fn steps(
                 }
                 let mut deadlines = HashMap::new();
                 for d in roll_back {
+                    keep(store, lease)?;
                     observer.rolling_back(&d);
                     // Marked before it goes out: a rollback is never sent
                     // twice.
@@ -899,6 +991,7 @@ async fn steps(
                     &mut states,
                     observer,
                     logs,
+                    lease,
                     |p| matches!(p, Phase::RolledBack | Phase::Failed),
                     false,
                 )
@@ -931,6 +1024,7 @@ async fn steps(
                     &mut states,
                     observer,
                     logs,
+                    lease,
                     |p| p.is_terminal(),
                     true,
                 )
@@ -952,6 +1046,7 @@ async fn steps(
                     if store.deployment_state(id)?.0 != DeploymentState::Running {
                         break;
                     }
+                    keep(store, lease)?;
                     fleet.start(&m, &command).await?;
                     store.set_device_state(id, &m, DeviceState::Sent, None)?;
                     states.get_mut(&m).expect("a device of the deployment").1 = DeviceState::Sent;
@@ -966,6 +1061,7 @@ async fn steps(
                     &mut states,
                     observer,
                     logs,
+                    lease,
                     |p| p.is_terminal(),
                     true,
                 )
@@ -1031,6 +1127,20 @@ pub fn spawn_runner(fleet: std::sync::Arc<Fleet>, store: std::sync::Arc<Store>) 
                         loop {
                             match run(&fleet, &store, &id, &mut Silent).await {
                                 Ok(d) => tracing::info!("deployment {id} is {}", d.state.as_str()),
+                                Err(RolloutError::Claimed { claim, .. }) => {
+                                    // Another process runs it (or one that
+                                    // died holds it until its lease lapses):
+                                    // try again then; a deployment that has
+                                    // ended meanwhile returns at once.
+                                    tracing::info!(
+                                        "deployment {id} is being run by {} until {} at least; serve takes it over if that claim lapses",
+                                        claim.holder,
+                                        claim.expires_text()
+                                    );
+                                    let wait = (claim.expires_at_ms - lease::now_ms()).max(0) as u64;
+                                    tokio::time::sleep(Duration::from_millis(wait + 100)).await;
+                                    continue;
+                                }
                                 Err(e) => tracing::error!(
                                     "deployment {id} stopped: {e}; carry on with `mqota deploy --resume {id}`"
                                 ),
@@ -1062,6 +1172,7 @@ async fn wait_for(
     states: &mut Devices,
     observer: &mut dyn Observer,
     logs: &mut LogFetches,
+    lease: &mut Lease,
     ends: impl Fn(Phase) -> bool,
     obey_stop: bool,
 ) -> Result<(), RolloutError> {
@@ -1069,6 +1180,7 @@ async fn wait_for(
     let version = version.as_str();
     let mut last_poll = Instant::now();
     while !deadlines.is_empty() {
+        keep(store, lease)?;
         logs.harvest(store, id)?;
         // Events only wake us up and feed the observer; the results are read
         // from the fleet's current view, so a lagging channel loses nothing.

@@ -107,6 +107,11 @@ pub struct DeployArgs {
     /// Firmware server to resolve a FIRMWARE name [default: http://127.0.0.1:8080]
     #[arg(long)]
     server: Option<String>,
+    /// Seconds this process's claim on the deployment it runs lasts without
+    /// renewal (renewed every quarter of it): another `deploy --resume` or
+    /// `serve` takes the deployment over only once a claim has lapsed.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    runner_lease: u64,
     #[command(flatten)]
     common: Common,
 }
@@ -115,7 +120,13 @@ impl DeployArgs {
     /// Run it.
     pub fn run(self) -> Result<()> {
         let s = self.common.settings()?;
+        mqota_controller::lease::set_lease(Duration::from_secs(self.runner_lease));
         let store = Store::open(&s.data_dir)?;
+        if let Some(id) = &self.resume {
+            // Before anything is written or connected: a deployment another
+            // process runs is followed with `watch`, not run twice.
+            rollout::ensure_not_claimed_elsewhere(&store, id)?;
+        }
         if let Some(id) = &self.pause {
             let d = store.pause(id)?;
             let in_flight = count(&d, DeviceState::Sent);
@@ -290,6 +301,8 @@ fn detach(common: &Common, data_dir: &std::path::Path, id: &str) -> Result<()> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(["deploy", "--resume", id, "--data-dir"])
         .arg(data_dir)
+        .arg("--runner-lease")
+        .arg(mqota_controller::lease::lease().as_secs().to_string())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
