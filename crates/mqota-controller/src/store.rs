@@ -942,6 +942,13 @@ impl Store {
         Ok(())
     }
 
+    /// Gives up every claim `holder` has (a process that stops on a
+    /// signal, so that no one waits for its leases to lapse).
+    pub fn release_all(&self, holder: &str) -> Result<usize, StoreError> {
+        let c = self.conn.lock().unwrap();
+        Ok(c.execute("DELETE FROM deployment_claims WHERE holder = ?1", [holder])?)
+    }
+
     /// The claim on `id` that is in force at `now_ms`, if any (a lapsed one
     /// is no claim).
     pub fn claim_in_force(&self, id: &str, now_ms: i64) -> Result<Option<Claim>, StoreError> {

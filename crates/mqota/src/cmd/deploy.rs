@@ -262,7 +262,15 @@ impl DeployArgs {
             } else {
                 Box::new(Lines)
             };
-            let result = rollout::run(&fleet, &store, &id, observer.as_mut()).await;
+            let result = tokio::select! {
+                r = rollout::run(&fleet, &store, &id, observer.as_mut()) => r,
+                _ = tokio::signal::ctrl_c() => {
+                    // Let the next runner in at once rather than after the
+                    // lease: this one sends nothing more.
+                    let _ = store.release_all(mqota_controller::lease::holder());
+                    bail!("interrupted: deployment {id} is left running; carry on with `mqota deploy --resume {id}`");
+                }
+            };
             drop(observer);
             let _ = fleet.close().await;
             let d = result?;

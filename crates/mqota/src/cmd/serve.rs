@@ -290,6 +290,7 @@ impl ServeArgs {
             if let Some(u) = &self.public_url {
                 remote_firmware = remote_firmware.and_origin_of(u);
             }
+            let state_store = store.clone();
             let state = Arc::new(AppState {
                 catalogue,
                 store,
@@ -338,6 +339,11 @@ impl ServeArgs {
             .await?;
             recorder.abort();
             housekeeping.abort();
+            // Rollouts still running stop with the process: their claims
+            // go now, so a `deploy --resume` need not wait for the lease.
+            if let Err(e) = state_store.release_all(mqota_controller::lease::holder()) {
+                tracing::warn!("releasing serve's claims on its deployments: {e}");
+            }
             // Rollouts still running hold the connection; they stay
             // `running` in the store for `deploy --resume`.
             if let Ok(fleet) = Arc::try_unwrap(fleet) {
