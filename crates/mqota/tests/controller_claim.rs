@@ -183,13 +183,96 @@ fn a_deployment_has_one_runner_and_a_dead_runners_claim_is_taken_over_after_its_
     let d = get_json(&format!("{}/api/deployments/{id}", serve.http));
     assert_eq!(d["state"], "succeeded", "{d:#}");
     assert_eq!(count(&d, "done"), 3, "{d:#}");
-    // Every device downloaded the image once: no job was sent twice.
+    // Every device installed the image once: no job was sent twice.
     let boots = devices.stop();
     for (dev, b) in &boots {
         let v: Vec<_> = b.iter().filter_map(|r| r.version.as_deref()).collect();
         let new = v.iter().filter(|x| **x == "1.1.0").count();
         assert_eq!(new, usize::from(dev != "cl-3"), "{dev}: {v:?}");
     }
+    drop(serve);
+    drop(broker);
+}
+
+#[test]
+fn a_deploy_interrupted_with_ctrl_c_lets_the_next_runner_in_at_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let broker = Mosquitto::start();
+    let broker_url = format!("mqtt://127.0.0.1:{}", broker.port());
+    let fw = tempfile::tempdir().unwrap();
+    let img = image("1.1.0", 64 * 1024);
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap().to_owned();
+    let serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
+    // 64 KiB at 8 KiB/s: about 8 s of download.
+    let slow = rt.block_on(FaultServer::start(img, Fault::Throttle(8 * 1024)));
+    let devices = Devices::start(vec![device_config("int-0", broker.port())]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, out, _) = mqota(&["status", "--json", "--broker", &broker_url]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+        if list.iter().any(|d| d["online"] == true) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the device never came online");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A long lease: only a release lets the resume in quickly.
+    let deploy = Command::new(MQOTA)
+        .args(["deploy", &slow.url(), "--to", "int-0", "--wait"])
+        .args([
+            "--allow-remote-firmware",
+            "127.0.0.1",
+            "--runner-lease",
+            "600",
+        ])
+        .args(["--broker", &broker_url, "--data-dir", &data_dir])
+        .env("MQOTA_CONFIG", "/dev/null")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let deps = get_json(&format!("{}/api/deployments", serve.http));
+        if let Some(d) = deps.as_array().and_then(|a| a.first()) {
+            if count(d, "sent") == 1 {
+                break d["id"].as_str().unwrap().to_owned();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job never went out: {deps:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let kill = Command::new("kill")
+        .args(["-INT", &deploy.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = deploy.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("interrupted: deployment {id} is left running")),
+        "{err}"
+    );
+    // At once, although the lease was 600 s.
+    let (ok, out, err) = mqota(&[
+        "deploy",
+        "--resume",
+        &id,
+        "--wait",
+        "--broker",
+        &broker_url,
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert!(ok, "{out}\n{err}");
+    let d = get_json(&format!("{}/api/deployments/{id}", serve.http));
+    assert_eq!(d["state"], "succeeded", "{d:#}");
+    drop(devices);
     drop(serve);
     drop(broker);
 }

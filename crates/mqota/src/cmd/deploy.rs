@@ -19,6 +19,12 @@
 //! job, those sent finish, the deployment ends `paused`. Stop: no more jobs,
 //! devices not sent one are `skipped`, jobs in flight are cancelled, and the
 //! deployment ends `stopped`.
+//!
+//! One deployment has one runner: the process running it holds a claim in
+//! the store, renewed every quarter of `--runner-lease`; `--resume` is
+//! refused, naming the holder, while another process's claim holds. Ctrl-C
+//! releases the claim at once; a killed process's claim lapses after its
+//! lease.
 
 use std::io::IsTerminal as _;
 use std::time::Duration;
