@@ -179,12 +179,17 @@ async fn scenario(
         remote_firmware: Default::default(),
     });
     let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
+    // The same accept loop and limits as `serve`.
     let server = tokio::spawn(async move {
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(async {
+        mqota_controller::server::serve(
+            listener,
+            router(state),
+            mqota_controller::server::HttpLimits::default(),
+            async {
                 let _ = stopped.await;
-            })
-            .await
+            },
+        )
+        .await
     });
     println!("[2/7] firmware server listening on {http_base} (GET /firmware/NAME, /api/firmware)");
 

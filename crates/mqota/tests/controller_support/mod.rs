@@ -41,6 +41,17 @@ impl Serve {
     /// As [`Serve::start`], with HTTP on `http` (a restarted server keeps
     /// the address the deployed URLs name).
     pub fn start_at(fw: &Path, data: &Path, broker: Option<&str>, http: &str) -> Self {
+        Self::start_with(fw, data, broker, http, &[])
+    }
+
+    /// As [`Serve::start_at`], with more command-line arguments.
+    pub fn start_with(
+        fw: &Path,
+        data: &Path,
+        broker: Option<&str>,
+        http: &str,
+        extra: &[&str],
+    ) -> Self {
         let mut cmd = Command::new(MQOTA);
         cmd.arg("serve")
             .arg("--firmware-dir")
@@ -51,6 +62,7 @@ impl Serve {
             // Tests serve firmware URLs from their own HTTP servers on
             // loopback (see controller_browser.rs's slow_firmware).
             .args(["--allow-remote-firmware", "127.0.0.1"])
+            .args(extra)
             .env_remove("MQOTA_BROKER")
             .env("MQOTA_CONFIG", "/dev/null")
             .stdout(Stdio::piped())
