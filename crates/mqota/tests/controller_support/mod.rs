@@ -41,6 +41,17 @@ impl Serve {
     /// As [`Serve::start`], with HTTP on `http` (a restarted server keeps
     /// the address the deployed URLs name).
     pub fn start_at(fw: &Path, data: &Path, broker: Option<&str>, http: &str) -> Self {
+        Self::start_with(fw, data, broker, http, &[])
+    }
+
+    /// As [`Serve::start_at`], with more arguments (e.g. `--home-assistant`).
+    pub fn start_with(
+        fw: &Path,
+        data: &Path,
+        broker: Option<&str>,
+        http: &str,
+        extra: &[&str],
+    ) -> Self {
         let mut cmd = Command::new(MQOTA);
         cmd.arg("serve")
             .arg("--firmware-dir")
@@ -58,6 +69,7 @@ impl Serve {
         if let Some(b) = broker {
             cmd.args(["--broker", b]);
         }
+        cmd.args(extra);
         let mut child = cmd.spawn().expect("mqota serve");
         let out = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
