@@ -986,7 +986,11 @@ impl BridgeState {
                 .as_ref()
                 .map(|s| s.version.to_string())
                 .unwrap_or_default();
-            if self.notices.get(&id).is_some_and(|n| !n.shows(now, &version)) {
+            if self
+                .notices
+                .get(&id)
+                .is_some_and(|n| !n.shows(now, &version))
+            {
                 self.notices.remove(&id);
             }
             let notice = self.notices.get(&id).map(|n| n.text.as_str());
@@ -1045,16 +1049,17 @@ impl BridgeState {
             return;
         }
         let store = self.store.clone();
-        self.pending.retain(|device, dep| match store.deployment(dep) {
-            Ok(d) => {
-                !d.state.is_final()
-                    && d.devices.iter().any(|x| {
-                        x.device == *device
-                            && matches!(x.state, DeviceState::Pending | DeviceState::Sent)
-                    })
-            }
-            Err(_) => false,
-        });
+        self.pending
+            .retain(|device, dep| match store.deployment(dep) {
+                Ok(d) => {
+                    !d.state.is_final()
+                        && d.devices.iter().any(|x| {
+                            x.device == *device
+                                && matches!(x.state, DeviceState::Pending | DeviceState::Sent)
+                        })
+                }
+                Err(_) => false,
+            });
     }
 
     async fn install(&mut self, object: &str, payload: &[u8]) {

@@ -346,7 +346,10 @@ fn every_discovery_and_state_the_bridge_makes_fits_home_assistants_schema() {
     let cat = catalogue();
     let mut checked = 0;
     for (what, v) in fleet() {
-        for (pending, notice) in [(false, None), (true, Some("Install refused: [x](y) *busy*."))] {
+        for (pending, notice) in [
+            (false, None),
+            (true, Some("Install refused: [x](y) *busy*.")),
+        ] {
             let (object, discovery, state) = entity(&cfg, &v, &cat, pending, notice)
                 .unwrap_or_else(|| panic!("{what}: no entity"));
             assert!(level_ok(&object), "{what}: object id {object:?}");
@@ -354,7 +357,13 @@ fn every_discovery_and_state_the_bridge_makes_fits_home_assistants_schema() {
             let levels: Vec<&str> = topic.split('/').collect();
             assert_eq!(
                 levels,
-                ["homeassistant", "update", "mqota", object.as_str(), "config"],
+                [
+                    "homeassistant",
+                    "update",
+                    "mqota",
+                    object.as_str(),
+                    "config"
+                ],
                 "{what}"
             );
             let d = serde_json::to_value(&discovery).unwrap();
@@ -380,17 +389,30 @@ fn the_state_says_versions_progress_and_the_newest_image_of_the_devices_chip_and
     };
     let idle = state("idle, update offered", false);
     assert_eq!(idle["installed_version"], "1.0.0");
-    assert_eq!(idle["latest_version"], "1.2.0", "the newest, not the last listed");
+    assert_eq!(
+        idle["latest_version"], "1.2.0",
+        "the newest, not the last listed"
+    );
     assert_eq!(idle["title"], "app 1.2.0");
     assert_eq!(idle["in_progress"], false);
     assert_eq!(idle["update_percentage"], Value::Null);
     assert_eq!(idle["release_url"], "http://10.0.0.2:8080/");
     let summary = idle["release_summary"].as_str().unwrap();
-    assert!(summary.contains("app\\-1\\.2\\.0\\.bin") && summary.contains("signed"), "{summary}");
+    assert!(
+        summary.contains("app\\-1\\.2\\.0\\.bin") && summary.contains("signed"),
+        "{summary}"
+    );
 
-    for what in ["up to date", "newer than the catalogue", "no image of its project"] {
+    for what in [
+        "up to date",
+        "newer than the catalogue",
+        "no image of its project",
+    ] {
         let s = state(what, false);
-        assert_eq!(s["latest_version"], s["installed_version"], "{what}: nothing to offer");
+        assert_eq!(
+            s["latest_version"], s["installed_version"],
+            "{what}: nothing to offer"
+        );
     }
     for (what, pct) in [
         ("accepted", json!(0)),
@@ -405,7 +427,10 @@ fn the_state_says_versions_progress_and_the_newest_image_of_the_devices_chip_and
         assert_eq!(s["update_percentage"], pct, "{what}");
     }
     let pending = state("idle, update offered", true);
-    assert_eq!(pending["in_progress"], true, "an accepted Install before any event");
+    assert_eq!(
+        pending["in_progress"], true,
+        "an accepted Install before any event"
+    );
     assert_eq!(pending["update_percentage"], Value::Null);
     let failed = state("last job failed", false);
     assert!(
@@ -443,10 +468,16 @@ fn a_device_supplied_string_cannot_add_or_change_discovery_fields() {
             "unique_id"
         ]
     );
-    assert_eq!(d["command_topic"], format!("mqota/homeassistant/mqota/{object}/install"));
+    assert_eq!(
+        d["command_topic"],
+        format!("mqota/homeassistant/mqota/{object}/install")
+    );
     assert_eq!(d["payload_install"], "install");
     assert_eq!(d["device"]["name"], hostile, "the id is one string value");
-    assert_eq!(d["availability"][0]["topic"], format!("device/{hostile}/availability"));
+    assert_eq!(
+        d["availability"][0]["topic"],
+        format!("device/{hostile}/availability")
+    );
     let s = serde_json::to_value(&state).unwrap();
     assert_eq!(s["installed_version"], "1\",\"payload_install\":\"boom");
     assert_eq!(s.as_object().unwrap().len(), 7);
@@ -457,10 +488,15 @@ fn a_device_supplied_string_cannot_add_or_change_discovery_fields() {
 fn bidi_overrides_and_markup_stay_text() {
     let cfg = cfg();
     let v = view("c3\u{202e}1", "1.0.0\u{202e}![x](http://e/)", |_| {});
-    let (_, discovery, state) = entity(&cfg, &v, &catalogue(), false, Some("[click](http://e/)")).unwrap();
+    let (_, discovery, state) =
+        entity(&cfg, &v, &catalogue(), false, Some("[click](http://e/)")).unwrap();
     assert_eq!(discovery.device.name, "c3\u{fffd}1");
     assert!(!state.installed_version.contains('\u{202e}'));
-    assert!(!state.release_summary.contains("[click](http"), "{}", state.release_summary);
+    assert!(
+        !state.release_summary.contains("[click](http"),
+        "{}",
+        state.release_summary
+    );
     assert_eq!(markdown_text("![x](y)"), "\\!\\[x\\]\\(y\\)");
 }
 
@@ -476,7 +512,10 @@ fn ids_that_are_not_topic_levels_get_distinct_object_ids() {
 fn a_device_whose_availability_topic_home_assistant_refuses_gets_no_entity() {
     for id in ["c3\u{7}bell", "c3\u{85}", "a/b", "a#", "a+"] {
         let v = view(id, "1.0.0", |_| {});
-        assert!(entity(&cfg(), &v, &catalogue(), false, None).is_none(), "{id:?}");
+        assert!(
+            entity(&cfg(), &v, &catalogue(), false, None).is_none(),
+            "{id:?}"
+        );
     }
     let mut no_status = view("c3-x", "1.0.0", |_| {});
     no_status.status = None;
@@ -521,8 +560,7 @@ fn install_is_refused_when_busy_offline_or_up_to_date() {
 /// refuses: each of these breaks one rule of the schema.
 #[test]
 fn the_checker_refuses_what_home_assistant_would_drop() {
-    let (_, discovery, state) =
-        entity(&cfg(), &fleet()[0].1, &catalogue(), false, None).unwrap();
+    let (_, discovery, state) = entity(&cfg(), &fleet()[0].1, &catalogue(), false, None).unwrap();
     let good_d = serde_json::to_value(&discovery).unwrap();
     let good_s = serde_json::to_value(&state).unwrap();
     assert!(discovery_errors(&good_d).is_empty() && state_errors(&good_s).is_empty());
@@ -549,25 +587,64 @@ fn the_checker_refuses_what_home_assistant_would_drop() {
         assert!(!state_errors(&s).is_empty(), "state with {k} = {v} passed");
     }
     let bad_discoveries: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
-        ("no payload_install", Box::new(|d| {
-            d.as_object_mut().unwrap().remove("payload_install");
-        })),
-        ("a wildcard command topic", Box::new(|d| d["command_topic"] = json!("a/#"))),
-        ("a control character in a topic", Box::new(|d| d["state_topic"] = json!("a/\u{1}"))),
+        (
+            "no payload_install",
+            Box::new(|d| {
+                d.as_object_mut().unwrap().remove("payload_install");
+            }),
+        ),
+        (
+            "a wildcard command topic",
+            Box::new(|d| d["command_topic"] = json!("a/#")),
+        ),
+        (
+            "a control character in a topic",
+            Box::new(|d| d["state_topic"] = json!("a/\u{1}")),
+        ),
         ("qos 3", Box::new(|d| d["qos"] = json!(3))),
-        ("availability without topic", Box::new(|d| d["availability"][0] = json!({"payload_available": "online"}))),
-        ("both availability forms", Box::new(|d| d["availability_topic"] = json!("a/b"))),
-        ("a device without identifiers", Box::new(|d| d["device"]["identifiers"] = json!([]))),
-        ("a numeric sw_version", Box::new(|d| d["device"]["sw_version"] = json!(1.0))),
-        ("an unknown device key", Box::new(|d| d["device"]["colour"] = json!("red"))),
-        ("an unknown key", Box::new(|d| d["paylod_install"] = json!("x"))),
-        ("entity_category null", Box::new(|d| d["entity_category"] = json!(null))),
-        ("a device class of another platform", Box::new(|d| d["device_class"] = json!("temperature"))),
-        ("origin without name", Box::new(|d| d["origin"] = json!({"sw_version": "1"}))),
+        (
+            "availability without topic",
+            Box::new(|d| d["availability"][0] = json!({"payload_available": "online"})),
+        ),
+        (
+            "both availability forms",
+            Box::new(|d| d["availability_topic"] = json!("a/b")),
+        ),
+        (
+            "a device without identifiers",
+            Box::new(|d| d["device"]["identifiers"] = json!([])),
+        ),
+        (
+            "a numeric sw_version",
+            Box::new(|d| d["device"]["sw_version"] = json!(1.0)),
+        ),
+        (
+            "an unknown device key",
+            Box::new(|d| d["device"]["colour"] = json!("red")),
+        ),
+        (
+            "an unknown key",
+            Box::new(|d| d["paylod_install"] = json!("x")),
+        ),
+        (
+            "entity_category null",
+            Box::new(|d| d["entity_category"] = json!(null)),
+        ),
+        (
+            "a device class of another platform",
+            Box::new(|d| d["device_class"] = json!("temperature")),
+        ),
+        (
+            "origin without name",
+            Box::new(|d| d["origin"] = json!({"sw_version": "1"})),
+        ),
     ];
     for (what, spoil) in bad_discoveries {
         let mut d = good_d.clone();
         spoil(&mut d);
-        assert!(!discovery_errors(&d).is_empty(), "discovery with {what} passed");
+        assert!(
+            !discovery_errors(&d).is_empty(),
+            "discovery with {what} passed"
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use controller_support::{device_config, get_json, image, Devices, Serve};
-use mqota_virtual::testing::Mosquitto;
+use mqota_virtual::testing::{Fault, FaultServer, Mosquitto};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
@@ -133,7 +133,7 @@ fn states(msgs: &[Msg], topic: &str) -> Vec<Value> {
 async fn deployments_when(serve: &Serve, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let end = Instant::now() + WAIT;
     loop {
-        let list = get_json(&format!("http://{}/api/deployments", serve.http));
+        let list = get_json(&format!("{}/api/deployments", serve.http));
         let list = list.as_array().cloned().unwrap_or_default();
         if pred(&list) {
             return list;
@@ -155,12 +155,27 @@ async fn home_assistant_sees_every_device_follows_an_update_and_installs_the_new
     // The newest image of the devices' chip and project is 1.1.0; the
     // others must not be offered.
     std::fs::write(fw.path().join("app-1.0.5.bin"), image("1.0.5", 64 * 1024)).unwrap();
-    std::fs::write(fw.path().join("app-1.1.0.bin"), image("1.1.0", 1536 * 1024)).unwrap();
-    let devices = Devices::start(IDS.iter().map(|id| device_config(id, broker.port())).collect());
+    let newest = image("1.1.0", 1024 * 1024);
+    std::fs::write(fw.path().join("app-1.1.0.bin"), &newest).unwrap();
+    // Devices download through a slow link (serve's --public-url, as a
+    // proxy or CDN in front of it would be), so the download takes seconds
+    // and its progress shows in Home Assistant.
+    let slow_link = FaultServer::start(newest, Fault::Throttle(256 * 1024)).await;
+    let public_url = slow_link.url().trim_end_matches("/fw.bin").to_owned();
+    let devices = Devices::start(
+        IDS.iter()
+            .map(|id| device_config(id, broker.port()))
+            .collect(),
+    );
     let watcher = HomeAssistant::connect(broker.port(), "watch-status", &["device/+/status"]).await;
     assert!(
         watcher
-            .wait(WAIT, |m| m.iter().map(|x| &x.topic).collect::<BTreeSet<_>>().len() == 3)
+            .wait(WAIT, |m| m
+                .iter()
+                .map(|x| &x.topic)
+                .collect::<BTreeSet<_>>()
+                .len()
+                == 3)
             .await,
         "the virtual devices publish their status"
     );
@@ -178,7 +193,7 @@ async fn home_assistant_sees_every_device_follows_an_update_and_installs_the_new
         data.path(),
         Some(&url),
         "127.0.0.1:0",
-        &["--home-assistant"],
+        &["--home-assistant", "--public-url", &public_url],
     );
     assert!(
         ha.wait(WAIT, |m| configs(m).len() == 3).await,
@@ -200,16 +215,22 @@ async fn home_assistant_sees_every_device_follows_an_update_and_installs_the_new
         names.insert(name);
     }
     assert_eq!(names, IDS.iter().map(|s| s.to_string()).collect());
-    let state_topic = |id: &str| discovered[&format!("homeassistant/update/mqota/{id}/config")]["state_topic"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let command_topic = |id: &str| discovered[&format!("homeassistant/update/mqota/{id}/config")]["command_topic"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let state_topic = |id: &str| {
+        discovered[&format!("homeassistant/update/mqota/{id}/config")]["state_topic"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let command_topic = |id: &str| {
+        discovered[&format!("homeassistant/update/mqota/{id}/config")]["command_topic"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
     assert!(
-        ha.wait(WAIT, |m| IDS.iter().all(|id| !states(m, &state_topic(id)).is_empty()))
+        ha.wait(WAIT, |m| IDS
+            .iter()
+            .all(|id| !states(m, &state_topic(id)).is_empty()))
             .await,
         "a state per device"
     );
@@ -229,7 +250,10 @@ async fn home_assistant_sees_every_device_follows_an_update_and_installs_the_new
     )
     .await;
     late.publish("test/marker", "x").await;
-    assert!(late.wait(WAIT, |m| m.iter().any(|x| x.topic == "test/marker")).await);
+    assert!(
+        late.wait(WAIT, |m| m.iter().any(|x| x.topic == "test/marker"))
+            .await
+    );
     let before_marker: Vec<Msg> = late
         .all()
         .into_iter()
@@ -238,7 +262,10 @@ async fn home_assistant_sees_every_device_follows_an_update_and_installs_the_new
     assert_eq!(before_marker.len(), 3, "{before_marker:?}");
     assert!(before_marker.iter().all(|m| m.retain));
     assert_eq!(
-        before_marker.iter().map(|m| &m.topic).collect::<BTreeSet<_>>(),
+        before_marker
+            .iter()
+            .map(|m| &m.topic)
+            .collect::<BTreeSet<_>>(),
         discovered.keys().collect::<BTreeSet<_>>()
     );
 
@@ -270,13 +297,18 @@ async fn home_assistant_sees_every_device_follows_an_update_and_installs_the_new
         .map(|s| &s["update_percentage"])
         .collect();
     assert!(
-        progress.iter().any(|p| p.as_u64().is_some_and(|n| n < 100)),
-        "a percentage below 100 during the update: {progress:?}"
+        progress
+            .iter()
+            .any(|p| p.as_u64().is_some_and(|n| n > 0 && n < 100)),
+        "a percentage between 0 and 100 during the download: {progress:?}"
     );
     assert!(
-        progress.iter().all(|p| p.is_null() || p.as_u64().is_some_and(|n| n <= 100)),
+        progress
+            .iter()
+            .all(|p| p.is_null() || p.as_u64().is_some_and(|n| n <= 100)),
         "{progress:?}"
     );
+    eprintln!("update_percentage seen during the update: {progress:?}");
     let last = seen.last().unwrap();
     assert_eq!(last["latest_version"], "1.1.0");
     assert_eq!(last["update_percentage"], Value::Null);
@@ -284,20 +316,21 @@ async fn home_assistant_sees_every_device_follows_an_update_and_installs_the_new
     // carries the new version.
     assert!(
         watcher
-            .wait(WAIT, |m| m.iter().any(|x| x.topic == "device/ha-1/status"
-                && x.json()["version"] == "1.1.0"))
+            .wait(WAIT, |m| m.iter().any(
+                |x| x.topic == "device/ha-1/status" && x.json()["version"] == "1.1.0"
+            ))
             .await
     );
     assert!(
         ha.wait(WAIT, |m| configs(m)
             .get("homeassistant/update/mqota/ha-1/config")
-            .is_some_and(|d| d["device"]["sw_version"] == "mqota-virtual 1.1.0"))
-            .await
+            .is_some_and(
+                |d| d["device"]["sw_version"] == "mqota-virtual 1.1.0"
+            ))
+        .await
     );
-    let deployments = deployments_when(&serve, |d| {
-        d.len() == 1 && d[0]["state"] == "succeeded"
-    })
-    .await;
+    let deployments =
+        deployments_when(&serve, |d| d.len() == 1 && d[0]["state"] == "succeeded").await;
     assert_eq!(deployments[0]["version"], "1.1.0");
     assert_eq!(deployments[0]["devices"][0]["device"], "ha-1");
     assert_eq!(deployments[0]["devices"].as_array().unwrap().len(), 1);
@@ -306,10 +339,13 @@ async fn home_assistant_sees_every_device_follows_an_update_and_installs_the_new
     ha.clear();
     late.publish(&command_topic("ha-1"), "install").await;
     assert!(
-        ha.wait(WAIT, |m| states(m, &state_topic("ha-1")).iter().any(|s| s["release_summary"]
+        ha.wait(WAIT, |m| states(m, &state_topic("ha-1")).iter().any(|s| s
+            ["release_summary"]
             .as_str()
-            .is_some_and(|t| t.contains("Install refused") && t.contains("newest"))))
-            .await,
+            .is_some_and(
+                |t| t.contains("Install refused") && t.contains("newest")
+            )))
+        .await,
         "{:#?}",
         states(&ha.all(), &state_topic("ha-1"))
     );
@@ -317,18 +353,23 @@ async fn home_assistant_sees_every_device_follows_an_update_and_installs_the_new
     late.publish(&command_topic("ha-2"), "install").await;
     late.publish(&command_topic("ha-2"), "install").await;
     assert!(
-        ha.wait(WAIT, |m| states(m, &state_topic("ha-2")).iter().any(|s| s["release_summary"]
+        ha.wait(WAIT, |m| states(m, &state_topic("ha-2")).iter().any(|s| s
+            ["release_summary"]
             .as_str()
-            .is_some_and(|t| t.contains("Install refused") && t.contains("busy"))))
-            .await,
+            .is_some_and(
+                |t| t.contains("Install refused") && t.contains("busy")
+            )))
+        .await,
         "{:#?}",
         states(&ha.all(), &state_topic("ha-2"))
     );
     assert!(
         ha.wait(Duration::from_secs(90), |m| states(m, &state_topic("ha-2"))
             .iter()
-            .any(|s| s["installed_version"] == "1.1.0" && s["in_progress"] == false))
-            .await
+            .any(
+                |s| s["installed_version"] == "1.1.0" && s["in_progress"] == false
+            ))
+        .await
     );
     let deployments = deployments_when(&serve, |d| {
         d.len() == 2 && d.iter().all(|x| x["state"] == "succeeded")

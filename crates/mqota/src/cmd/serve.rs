@@ -151,9 +151,10 @@ impl ServeArgs {
         // Devices download what an Install deploys from --public-url, or
         // from the address serve listens on (unusable when that is
         // 0.0.0.0 or ::).
-        let base = self.public_url.clone().or_else(|| {
-            (!addr.ip().is_unspecified()).then(|| format!("http://{addr}"))
-        });
+        let base = self
+            .public_url
+            .clone()
+            .or_else(|| (!addr.ip().is_unspecified()).then(|| format!("http://{addr}")));
         if base.is_none() {
             println!(
                 "home assistant: Install is refused until serve is started with --public-url (it listens on {addr})"
