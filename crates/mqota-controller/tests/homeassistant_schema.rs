@@ -556,6 +556,9 @@ fn install_is_refused_when_busy_offline_or_up_to_date() {
     );
 }
 
+/// Breaks one rule in a good discovery message.
+type Spoil = Box<dyn Fn(&mut Value)>;
+
 /// The checker is only worth something if it refuses what Home Assistant
 /// refuses: each of these breaks one rule of the schema.
 #[test]
@@ -586,7 +589,7 @@ fn the_checker_refuses_what_home_assistant_would_drop() {
         s[k] = v.clone();
         assert!(!state_errors(&s).is_empty(), "state with {k} = {v} passed");
     }
-    let bad_discoveries: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    let bad_discoveries: Vec<(&str, Spoil)> = vec![
         (
             "no payload_install",
             Box::new(|d| {
