@@ -61,7 +61,7 @@
 //! deployment from the page: it shows in the page, the API and
 //! `mqota deploy --resume`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1159,18 +1159,4 @@ impl BridgeState {
         }
         Ok((dep.id, version))
     }
-}
-
-/// The entities the bridge would publish for `fleet` now, by object id:
-/// for tests and tools that check payloads without a broker.
-pub fn entities(
-    cfg: &HaConfig,
-    fleet: &[DeviceView],
-    catalogue: &[FirmwareEntry],
-) -> BTreeMap<String, (Discovery, UpdateState)> {
-    fleet
-        .iter()
-        .filter_map(|v| entity(cfg, v, catalogue, false, None))
-        .map(|(o, d, s)| (o, (d, s)))
-        .collect()
 }

@@ -105,6 +105,14 @@ impl HomeAssistant {
             .await
             .unwrap();
     }
+
+    /// Clears the retained message of `topic`.
+    async fn clear_retained(&self, topic: &str) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, Vec::new())
+            .await
+            .unwrap();
+    }
 }
 
 impl Drop for HomeAssistant {
@@ -382,6 +390,19 @@ async fn home_assistant_sees_every_device_follows_an_update_and_installs_the_new
         .into_iter()
         .collect();
     assert_eq!(per_device, ["ha-1", "ha-2"]);
+
+    // A device whose retained status is cleared loses its entity: an empty
+    // retained config removes it from Home Assistant.
+    ha.clear();
+    late.clear_retained("device/ha-3/status").await;
+    assert!(
+        ha.wait(WAIT, |m| m.iter().any(|x| x.topic
+            == "homeassistant/update/mqota/ha-3/config"
+            && x.payload.is_empty()))
+            .await,
+        "{:?}",
+        ha.all().iter().map(|m| &m.topic).collect::<Vec<_>>()
+    );
     drop(serve);
     devices.stop();
 }

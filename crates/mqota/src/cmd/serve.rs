@@ -137,6 +137,19 @@ impl ServeArgs {
         }
     }
 
+    /// The Home Assistant bridge's settings, devices downloading from `base`.
+    fn ha_config(
+        &self,
+        s: &Settings,
+        base: Option<String>,
+    ) -> mqota_controller::homeassistant::HaConfig {
+        let mut cfg = mqota_controller::homeassistant::HaConfig::new(&s.prefix, base);
+        cfg.discovery_prefix = self.ha_discovery_prefix.clone();
+        cfg.node_id = self.ha_node_id.clone();
+        cfg.topic_base = format!("mqota/homeassistant/{}", self.ha_node_id);
+        cfg
+    }
+
     /// Starts the Home Assistant bridge on its own connection to the broker.
     async fn start_home_assistant(
         &self,
@@ -147,7 +160,7 @@ impl ServeArgs {
         store: &Arc<Store>,
         runner: &mqota_controller::rollout::Runner,
     ) -> Result<mqota_controller::homeassistant::Bridge> {
-        use mqota_controller::homeassistant::{self as ha, HaConfig};
+        use mqota_controller::homeassistant as ha;
         // Devices download what an Install deploys from --public-url, or
         // from the address serve listens on (unusable when that is
         // 0.0.0.0 or ::).
@@ -160,10 +173,7 @@ impl ServeArgs {
                 "home assistant: Install is refused until serve is started with --public-url (it listens on {addr})"
             );
         }
-        let mut cfg = HaConfig::new(&s.prefix, base);
-        cfg.discovery_prefix = self.ha_discovery_prefix.clone();
-        cfg.node_id = self.ha_node_id.clone();
-        cfg.topic_base = format!("mqota/homeassistant/{}", self.ha_node_id);
+        let cfg = self.ha_config(s, base);
         let bridge = ha::start(
             cfg.clone(),
             broker_url,
@@ -187,6 +197,10 @@ impl ServeArgs {
     /// Run until Ctrl-C.
     pub fn run(self) -> Result<()> {
         let s = self.common.settings()?;
+        if self.home_assistant {
+            // Refused before anything starts.
+            self.ha_config(&s, None).validate()?;
+        }
         if !self.firmware_dir.is_dir() {
             anyhow::bail!(
                 "--firmware-dir {} is not a directory",
