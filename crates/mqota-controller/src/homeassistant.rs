@@ -41,14 +41,15 @@
 //! state follows the current schema (strings must not be `null`: a value not
 //! known is left out; `update_percentage` is 0–100 or `null`); releases
 //! before 2024.11 ignore `in_progress` and `update_percentage` and read the
-//! rest. `tests/homeassistant_schema.rs` checks the payloads against that
+//! rest (seen with Home Assistant 2024.3.3). `tests/homeassistant_schema.rs` checks the payloads against that
 //! schema, written down as data.
 //!
 //! Strings shown in Home Assistant's frontend have control characters and
 //! bidi overrides replaced ([`plain_text`]); `release_summary` is rendered
-//! there as Markdown, so the image names and versions in it are escaped
-//! ([`markdown_text`]), and nothing a device says goes into it but enum
-//! names (its last result and error code).
+//! there as Markdown, so every string in it that is not the bridge's own
+//! (image names, the device's chip and project, its last result and error
+//! code) is escaped ([`markdown_text`]): a version or name such as
+//! `![x](http://…)` stays text and loads nothing.
 //!
 //! # Install
 //!
