@@ -406,3 +406,49 @@ async fn home_assistant_sees_every_device_follows_an_update_and_installs_the_new
     drop(serve);
     devices.stop();
 }
+
+/// A broker restarted without persistence forgets every retained message:
+/// the bridge announces every device again when it reconnects, so Home
+/// Assistant (re)starting afterwards still finds the entities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_broker_restart_the_discovery_is_retained_again() {
+    let mut broker = Mosquitto::start();
+    let url = format!("mqtt://127.0.0.1:{}", broker.port());
+    let fw = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(fw.path().join("app-1.1.0.bin"), image("1.1.0", 64 * 1024)).unwrap();
+    let _devices = Devices::start(vec![device_config("hb-1", broker.port())]);
+    let _serve = Serve::start_with(
+        fw.path(),
+        data.path(),
+        Some(&url),
+        "127.0.0.1:0",
+        &["--home-assistant"],
+    );
+    let config = "homeassistant/update/mqota/hb-1/config";
+    let retained = |m: &[Msg]| m.iter().any(|x| x.topic == config && x.retain);
+    let ha = HomeAssistant::connect(broker.port(), "ha-before", &["homeassistant/#"]).await;
+    assert!(
+        ha.wait(WAIT, |m| m.iter().any(|x| x.topic == config)).await,
+        "discovery before the restart"
+    );
+    drop(ha);
+
+    // Empty after the restart: a retained config from now on is the
+    // bridge's doing.
+    broker.restart();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ha = HomeAssistant::connect(broker.port(), "ha-after", &["homeassistant/#"]).await;
+        if ha.wait(Duration::from_secs(2), retained).await {
+            let d = configs(&ha.all())[config].clone();
+            assert_eq!(d["device"]["name"], "hb-1");
+            assert_eq!(d["payload_install"], "install");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no retained discovery after the restart"
+        );
+    }
+}
