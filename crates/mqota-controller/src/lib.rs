@@ -6,6 +6,7 @@ pub mod broker;
 pub mod catalogue;
 pub mod dashboard;
 pub mod fleet;
+pub mod homeassistant;
 pub mod http;
 pub mod lease;
 pub mod logs;

@@ -11,7 +11,7 @@ mod controller_support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, get_json, image, mqota, Devices, Serve, MQOTA};
+use controller_support::{device_config, get_json, image, mqota, start_devices, Serve, MQOTA};
 use mqota_virtual::testing::{Fault, FaultServer, Mosquitto};
 
 /// POSTs `body` as JSON to `url`; returns the status and the JSON answer.
@@ -58,7 +58,7 @@ fn a_deployment_has_one_runner_and_a_dead_runners_claim_is_taken_over_after_its_
     let slow = rt.block_on(FaultServer::start(img, Fault::Throttle(8 * 1024)));
     let port = broker.port();
     let ids = ["cl-0", "cl-1", "cl-2", "cl-3"];
-    let devices = Devices::start(ids.iter().map(|id| device_config(id, port)).collect());
+    let devices = start_devices(ids.iter().map(|id| device_config(id, port)).collect());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (ok, out, _) = mqota(&["status", "--json", "--broker", &broker_url]);
@@ -206,7 +206,7 @@ fn a_deploy_interrupted_with_ctrl_c_lets_the_next_runner_in_at_once() {
     let serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
     // 64 KiB at 8 KiB/s: about 8 s of download.
     let slow = rt.block_on(FaultServer::start(img, Fault::Throttle(8 * 1024)));
-    let devices = Devices::start(vec![device_config("int-0", broker.port())]);
+    let devices = start_devices(vec![device_config("int-0", broker.port())]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, out, _) = mqota(&["status", "--json", "--broker", &broker_url]);

@@ -83,6 +83,18 @@ pub struct ServeArgs {
     /// availability cleared.
     #[arg(long, value_name = "SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     ghost_expiry: u64,
+    /// Publish every device to Home Assistant as an MQTT `update` entity
+    /// (discovery, installed and latest version, progress, an Install
+    /// button that deploys the newest catalogue image to the device).
+    #[arg(long)]
+    home_assistant: bool,
+    /// Home Assistant's MQTT discovery prefix.
+    #[arg(long, default_value = mqota_controller::homeassistant::DEFAULT_DISCOVERY_PREFIX, requires = "home_assistant")]
+    ha_discovery_prefix: String,
+    /// The node id in discovery topics (letters, digits, _ and -); give each
+    /// serve on one broker its own.
+    #[arg(long, default_value = mqota_controller::homeassistant::DEFAULT_NODE_ID, requires = "home_assistant")]
+    ha_node_id: String,
     #[command(flatten)]
     common: Common,
 }
@@ -155,9 +167,70 @@ impl ServeArgs {
         }
     }
 
+    /// The Home Assistant bridge's settings, devices downloading from `base`.
+    fn ha_config(
+        &self,
+        s: &Settings,
+        base: Option<String>,
+    ) -> mqota_controller::homeassistant::HaConfig {
+        let mut cfg = mqota_controller::homeassistant::HaConfig::new(&s.prefix, base);
+        cfg.discovery_prefix = self.ha_discovery_prefix.clone();
+        cfg.node_id = self.ha_node_id.clone();
+        cfg.topic_base = format!("mqota/homeassistant/{}", self.ha_node_id);
+        cfg
+    }
+
+    /// Starts the Home Assistant bridge on its own connection to the broker.
+    async fn start_home_assistant(
+        &self,
+        s: &Settings,
+        broker_url: &BrokerUrl,
+        addr: SocketAddr,
+        fleet: &Arc<Fleet>,
+        store: &Arc<Store>,
+        runner: &mqota_controller::rollout::Runner,
+    ) -> Result<mqota_controller::homeassistant::Bridge> {
+        use mqota_controller::homeassistant as ha;
+        // Devices download what an Install deploys from --public-url, or
+        // from the address serve listens on (unusable when that is
+        // 0.0.0.0 or ::).
+        let base = self
+            .public_url
+            .clone()
+            .or_else(|| (!addr.ip().is_unspecified()).then(|| format!("http://{addr}")));
+        if base.is_none() {
+            println!(
+                "home assistant: Install is refused until serve is started with --public-url (it listens on {addr})"
+            );
+        }
+        let cfg = self.ha_config(s, base);
+        let bridge = ha::start(
+            cfg.clone(),
+            broker_url,
+            &client_id("serve-ha"),
+            fleet.clone(),
+            store.clone(),
+            Catalogue::new(&self.firmware_dir),
+            runner.clone(),
+        )
+        .await?;
+        println!(
+            "home assistant: discovery under {}/update/{}/, state and install under {}/, Home Assistant's birth on {}",
+            cfg.discovery_prefix,
+            cfg.node_id,
+            cfg.topic_base,
+            cfg.birth_topic()
+        );
+        Ok(bridge)
+    }
+
     /// Run until Ctrl-C.
     pub fn run(self) -> Result<()> {
         let s = self.common.settings()?;
+        if self.home_assistant {
+            // Refused before anything starts.
+            self.ha_config(&s, None).validate()?;
+        }
         if !self.firmware_dir.is_dir() {
             anyhow::bail!(
                 "--firmware-dir {} is not a directory",
@@ -281,6 +354,14 @@ impl ServeArgs {
                 }
                 runner.run(&id);
             }
+            let bridge = if self.home_assistant {
+                Some(
+                    self.start_home_assistant(&s, &broker_url, addr, &fleet, &store, &runner)
+                        .await?,
+                )
+            } else {
+                None
+            };
 
             // serve's own firmware URLs stay usable as URLs.
             let own = format!("http://{addr}");
@@ -337,6 +418,9 @@ impl ServeArgs {
                 },
             )
             .await?;
+            if let Some(b) = bridge {
+                b.stop().await;
+            }
             recorder.abort();
             housekeeping.abort();
             // Rollouts still running stop with the process: their claims

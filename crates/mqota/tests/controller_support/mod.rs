@@ -44,7 +44,7 @@ impl Serve {
         Self::start_with(fw, data, broker, http, &[])
     }
 
-    /// As [`Serve::start_at`], with more command-line arguments.
+    /// As [`Serve::start_at`], with more arguments (e.g. `--home-assistant`).
     pub fn start_with(
         fw: &Path,
         data: &Path,
@@ -70,6 +70,7 @@ impl Serve {
         if let Some(b) = broker {
             cmd.args(["--broker", b]);
         }
+        cmd.args(extra);
         let mut child = cmd.spawn().expect("mqota serve");
         let out = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
