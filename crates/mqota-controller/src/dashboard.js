@@ -28,10 +28,22 @@ function row(cells) {
   return tr;
 }
 
+// Who is logged in, as GET /api/session says: {login_required, user, role, csrf}.
+let session = { login_required: false, user: null, role: null, csrf: null };
+
 async function getJSON(url) {
   const r = await fetch(url, { cache: "no-store" });
+  if (r.status === 401) showLogin("your session has ended: log in again");
   if (!r.ok) throw new Error(url + ": HTTP " + r.status);
   return r.json();
+}
+
+// A state-changing request: it carries the session's CSRF token, which
+// serve wants besides the cookie (a page elsewhere cannot read it).
+function send(url, options) {
+  const headers = Object.assign({}, options.headers || {});
+  if (session.csrf) headers["x-mqota-csrf"] = session.csrf;
+  return fetch(url, Object.assign({}, options, { headers }));
 }
 
 // Device id -> the device as /api/fleet lists it.
@@ -414,7 +426,7 @@ function deleteButton(name) {
   b.addEventListener("click", async () => {
     const out = $("firmware-result");
     try {
-      const r = await fetch("/api/firmware/" + encodeURIComponent(name), { method: "DELETE" });
+      const r = await send("/api/firmware/" + encodeURIComponent(name), { method: "DELETE" });
       const j = await r.json();
       if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
       out.textContent = "deleted " + name;
@@ -434,7 +446,7 @@ async function upload(file) {
   out.textContent = "checking " + file.name + "…";
   out.className = "muted";
   try {
-    const r = await fetch("/api/firmware/" + encodeURIComponent(file.name), {
+    const r = await send("/api/firmware/" + encodeURIComponent(file.name), {
       method: "POST",
       headers: { "Content-Type": "application/octet-stream" },
       body: file,
@@ -626,6 +638,10 @@ function renderDeployment() {
   $("dep-pause").disabled = d.state !== "running" || stopping;
   $("dep-resume").disabled = d.state !== "paused";
   $("dep-stop").disabled = !((d.state === "running" && !stopping) || d.state === "paused");
+  const over = ["succeeded", "failed", "stopped"].includes(d.state);
+  const failedCount = d.devices.filter((x) => BAD.has(x.state)).length;
+  $("dep-retry").disabled = !over || failedCount === 0;
+  $("dep-retry").textContent = "retry the failed" + (failedCount ? " (" + failedCount + ")" : "");
 
   const counts = countsOf(d);
   $("dep-counts").replaceChildren(...Object.entries(counts)
@@ -671,14 +687,33 @@ function renderDeployment() {
   }
 }
 
-for (const b of document.querySelectorAll("#dep .actions button")) {
+$("dep-retry").addEventListener("click", async () => {
+  const out = $("dep-result");
+  const id = depId;
+  out.textContent = "retrying…";
+  out.className = "muted";
+  try {
+    const r = await send("/api/deployments/" + encodeURIComponent(id) + "/retry", { method: "POST" });
+    const j = await r.json();
+    if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
+    if (!stream) poll();
+    openDeployment(j.id);
+    $("dep-result").textContent = "deployment " + j.id + " retries " + j.devices.length + " device" + (j.devices.length === 1 ? "" : "s") + " of " + id;
+    $("dep-result").className = "good";
+  } catch (e) {
+    out.textContent = "cannot retry: " + e.message;
+    out.className = "bad";
+  }
+});
+
+for (const b of document.querySelectorAll("#dep .actions button[data-action]")) {
   b.addEventListener("click", async () => {
     const out = $("dep-result");
     const id = depId;
     out.textContent = b.dataset.action + "…";
     out.className = "muted";
     try {
-      const r = await fetch("/api/deployments/" + encodeURIComponent(id) + "/" + b.dataset.action, { method: "POST" });
+      const r = await send("/api/deployments/" + encodeURIComponent(id) + "/" + b.dataset.action, { method: "POST" });
       const j = await r.json();
       if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
       // The answer is the deployment as stored now: show it at once.
@@ -727,7 +762,7 @@ function onEvent(kind, handle) {
 }
 
 function connect() {
-  if (stream || document.hidden) return;
+  if (stream || document.hidden || $("app").hidden) return;
   clearTimeout(retryTimer);
   stream = new EventSource("/api/events");
   onEvent("snapshot", (s) => {
@@ -740,7 +775,11 @@ function connect() {
     for (const d of c.devices) devices.set(d.id, d);
     for (const id of c.removed) devices.delete(id);
   });
-  onEvent("deployments", (x) => { deploymentList = x.deployments; });
+  onEvent("deployments", (x) => {
+    deploymentList = x.deployments;
+    loadHealth();
+    loadAudit();
+  });
   onEvent("gaps", (x) => showGaps(x.gaps));
   stream.onopen = () => {
     failures = 0;
@@ -815,8 +854,10 @@ document.addEventListener("visibilitychange", () => {
     setStatus("paused while hidden", "muted");
   } else {
     failures = 0;
-    connect();
-    loadFirmware();
+    if (!$("app").hidden) {
+      connect();
+      loadFirmware();
+    }
   }
 });
 
@@ -827,9 +868,7 @@ function amount(text) {
   return /^\d+$/.test(t) ? Number(t) : t;
 }
 
-$("deploy").addEventListener("submit", async (ev) => {
-  ev.preventDefault();
-  const out = $("deploy-result");
+function deployBody() {
   const body = {
     firmware: $("d-firmware").value,
     canary: Number($("d-canary").value || 0),
@@ -844,10 +883,77 @@ $("deploy").addEventListener("submit", async (ev) => {
     case "to": body.to = targets.split(",").map((s) => s.trim()).filter((s) => s); break;
     case "where": body.where = targets; break;
   }
+  return body;
+}
+
+// Reasons a preview gives for leaving devices out, in words.
+const SKIPPED_WORDS = {
+  current: "already on this version",
+  offline: "offline",
+  wrong_chip: "another chip",
+  other_project: "another project",
+  downgrade: "newer or incomparable version (a downgrade)",
+  unsigned: "take only signed images; this one is unsigned",
+  no_https: "https not enabled on the device",
+};
+
+function idList(ids) {
+  return ids.slice(0, 20).join(", ") + (ids.length > 20 ? " and " + (ids.length - 20) + " more" : "");
+}
+
+// Shows which devices a deployment would touch, and why others are left out.
+async function preview() {
+  const out = $("preview");
+  out.hidden = false;
+  out.replaceChildren(el("p", "planning…", "muted"));
+  try {
+    const r = await send("/api/deployments/preview", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(deployBody()),
+    });
+    const j = await r.json();
+    if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
+    const head = el("p", "Would update " + j.devices.length + " device" + (j.devices.length === 1 ? "" : "s") +
+      " to " + j.version + " in " + j.stages + " stage" + (j.stages === 1 ? "" : "s") + ":", "good");
+    const list = el("ul");
+    list.id = "preview-touch";
+    const byStage = new Map();
+    for (const x of j.devices) {
+      if (!byStage.has(x.stage)) byStage.set(x.stage, []);
+      byStage.get(x.stage).push(x.device + (x.from_version ? " (from " + x.from_version + ")" : ""));
+    }
+    for (const [stage, ids] of byStage) list.appendChild(el("li", "stage " + (stage + 1) + ": " + idList(ids)));
+    const skipped = el("ul");
+    skipped.id = "preview-skip";
+    for (const [why, ids] of Object.entries(j.skipped)) {
+      if (!ids.length) continue;
+      const li = el("li", ids.length + " skipped, " + words(SKIPPED_WORDS, why) + ": " + idList(ids));
+      li.dataset.reason = why;
+      skipped.appendChild(li);
+    }
+    const parts = [head, list];
+    if (skipped.children.length) parts.push(el("p", "Left out:"), skipped);
+    if (j.in_deployment.length) {
+      parts.push(el("p", "In a running deployment (the deployment would be refused): " +
+        j.in_deployment.map((x) => x.device + " in " + x.deployment).join(", "), "bad"));
+    }
+    out.replaceChildren(...parts);
+  } catch (e) {
+    out.replaceChildren(el("p", "No deployment: " + e.message, "bad"));
+  }
+}
+
+$("deploy-preview").addEventListener("click", preview);
+
+$("deploy").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const out = $("deploy-result");
+  const body = deployBody();
   out.textContent = "starting…";
   out.className = "wide muted";
   try {
-    const r = await fetch("/api/deployments", {
+    const r = await send("/api/deployments", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
@@ -867,7 +973,109 @@ $("deploy").addEventListener("submit", async (ev) => {
   }
 });
 
-loadFirmware();
-// The catalogue is a directory: looking again twice a minute is plenty.
-setInterval(() => { if (!document.hidden) loadFirmware(); }, 30000);
-connect();
+// --- health, audit, login ---------------------------------------------------
+
+async function loadHealth() {
+  try {
+    const h = await getJSON("/api/health");
+    const broker = $("health-broker");
+    broker.textContent = h.broker_connected ? "broker reachable" : "broker unreachable";
+    broker.className = h.broker_connected ? "good" : "bad";
+    $("health-online").textContent = h.online + " of " + h.devices + " devices online";
+    $("health-rollouts").textContent = h.rollouts_running + " rollout" + (h.rollouts_running === 1 ? "" : "s") + " running" +
+      (h.rollouts_paused ? ", " + h.rollouts_paused + " paused" : "");
+    $("health-users").textContent = session.login_required
+      ? "logged in: " + (h.logged_in.length ? h.logged_in.join(", ") : "nobody")
+      : "no login (loopback)";
+  } catch (e) {
+    $("health-broker").textContent = "health unknown: " + e.message;
+    $("health-broker").className = "bad";
+  }
+}
+
+async function loadAudit() {
+  try {
+    const list = await getJSON("/api/audit?limit=50");
+    const body = $("audit");
+    body.replaceChildren();
+    for (const a of list) {
+      body.appendChild(row([when(a.at), a.actor, a.action, a.target, a.source,
+        el("span", a.status, a.status >= 400 ? "bad" : "good")]));
+    }
+    $("audit-empty").hidden = list.length > 0;
+  } catch (e) {
+    // The session check says why; nothing more to show here.
+  }
+}
+
+function showLogin(why) {
+  disconnect();
+  stopPolling();
+  $("app").hidden = true;
+  $("login").hidden = false;
+  $("login-result").textContent = why || "";
+  $("whoami").textContent = "";
+  $("logout").hidden = true;
+  setStatus("login required", "muted");
+  $("login-name").focus();
+}
+
+let started = false;
+
+function startApp() {
+  $("login").hidden = true;
+  $("app").hidden = false;
+  $("whoami").textContent = session.user ? session.user + " (" + session.role + ")" : "";
+  $("logout").hidden = !session.user;
+  document.body.dataset.role = session.role || "admin";
+  loadFirmware();
+  loadHealth();
+  loadAudit();
+  connect();
+  if (started) return;
+  started = true;
+  // The catalogue is a directory: looking again twice a minute is plenty.
+  setInterval(() => { if (!document.hidden && !$("app").hidden) loadFirmware(); }, 30000);
+  setInterval(() => { if (!document.hidden && !$("app").hidden) { loadHealth(); loadAudit(); } }, 3000);
+}
+
+async function begin() {
+  try {
+    session = await (await fetch("/api/session", { cache: "no-store" })).json();
+  } catch (e) {
+    setStatus("cannot reach serve: " + e.message, "bad");
+    return;
+  }
+  if (session.login_required && !session.user) showLogin("");
+  else startApp();
+}
+
+$("login-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const out = $("login-result");
+  out.textContent = "checking…";
+  out.className = "muted";
+  try {
+    const r = await fetch("/api/login", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ user: $("login-name").value, password: $("login-password").value }),
+    });
+    const j = await r.json();
+    if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
+    $("login-password").value = "";
+    session = { login_required: true, user: j.user, role: j.role, csrf: j.csrf };
+    startApp();
+  } catch (e) {
+    out.textContent = e.message;
+    out.className = "bad";
+  }
+});
+
+$("logout").addEventListener("click", async () => {
+  await send("/api/logout", { method: "POST" }).catch(() => {});
+  session = { login_required: true, user: null, role: null, csrf: null };
+  showLogin("logged out");
+});
+
+begin();

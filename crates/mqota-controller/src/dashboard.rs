@@ -8,6 +8,9 @@
 //! | `GET /api/events` | Server-Sent Events: a `snapshot` first, then numbered `change`, `deployments` and `gaps` events (see [`api_events`]) |
 //! | `GET /api/fleet` | `[{id, status, online, progress}]`: every retained status, availability and the latest progress event, live from the broker; header `x-mqota-fleet-complete: true` or `false` with the reasons in `x-mqota-fleet-gaps` (broker unreachable, replay cut, devices in the store without a retained status) |
 //! | `POST /api/deployments` | starts a staged rollout inside serve; `201 {id, version, devices, stages, current, no_https}`; `503` while the broker is unreachable |
+//! | `POST /api/deployments/preview` | the same body, nothing started: `200 {version, stages, devices: [{device, stage, from_version}], skipped: {current, offline, wrong_chip, other_project, downgrade, unsigned, no_https}, in_deployment, notes}`; `400` with the reason when no device would be touched |
+//! | `POST /api/deployments/{id}/retry` | a new deployment (same firmware, same options) to the devices whose job in `id` failed, rolled back, was cancelled or timed out: `201` as above; `409` while `id` runs or when none failed |
+//! | `GET /api/health` | `{broker_connected, devices, online, rollouts_running, rollouts_paused, logged_in}` |
 //! | `GET /api/devices/{id}/log?max=N` | the device's newest `N` (default 64, at most 512) field-log records, read over MQTT now ([`crate::logs`]): `{device, newest, lost_chunks, records}`; `404` for a device the fleet does not know, `409` while it is offline, `504` when it does not answer within [`DEVICE_LOG_LIMIT`] |
 //!
 //! The body of `POST /api/deployments` mirrors `mqota deploy`'s options:
@@ -78,6 +81,9 @@ pub fn router(app: Arc<AppState>, fleet: Arc<Fleet>, rollouts: rollout::Runner) 
         .route("/api/devices/{id}/log", get(api_device_log))
         // Merged with the `GET` of the same path in `http::router`.
         .route("/api/deployments", post(api_deploy))
+        .route("/api/deployments/preview", post(api_preview))
+        .route("/api/deployments/{id}/retry", post(api_retry))
+        .route("/api/health", get(api_health))
         .with_state(Dashboard {
             app,
             fleet,
@@ -148,6 +154,37 @@ async fn api_fleet(State(d): State<Dashboard>) -> Response {
         }
     }
     resp
+}
+
+/// `GET /api/health`: the broker and the controller at a glance.
+///
+/// `{broker_connected, devices, online, rollouts_running, rollouts_paused,
+/// logged_in}`; `logged_in` names the accounts with a live session.
+async fn api_health(State(d): State<Dashboard>) -> Response {
+    let devices = d.fleet.devices();
+    let online = devices.iter().filter(|v| v.online).count();
+    let store = d.app.store.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let deployments = store.deployments()?;
+        let logged_in = store.logged_in(crate::unix_now())?;
+        Ok::<_, crate::store::StoreError>((deployments, logged_in))
+    })
+    .await;
+    let (deployments, logged_in) = match read {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let count = |s: crate::store::DeploymentState| deployments.iter().filter(|x| x.state == s).count();
+    Json(serde_json::json!({
+        "broker_connected": d.fleet.connected(),
+        "devices": devices.len(),
+        "online": online,
+        "rollouts_running": count(crate::store::DeploymentState::Running),
+        "rollouts_paused": count(crate::store::DeploymentState::Paused),
+        "logged_in": logged_in,
+    }))
+    .into_response()
 }
 
 /// How often at most `/api/events` sends the changed devices: progress
@@ -472,7 +509,13 @@ fn bad_request(msg: impl std::fmt::Display) -> Response {
     api_error(StatusCode::BAD_REQUEST, one_line)
 }
 
-async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes) -> Response {
+/// What `POST /api/deployments` and its preview share: the body read and
+/// checked, the firmware resolved.
+async fn prepare(
+    d: &Dashboard,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(rollout::Firmware, Selection, RolloutOptions), Response> {
     // Only a JSON request: a browser sends one cross-site only after a CORS
     // preflight, which this server never grants, so another site cannot
     // start a rollout through a visitor's browser with a form post.
@@ -482,41 +525,42 @@ async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes)
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
     if !is_json {
-        return api_error(
+        return Err(api_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "send the deployment as Content-Type: application/json",
-        );
+        ));
     }
     if !d.fleet.connected() {
-        return api_error(
+        return Err(api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the broker is unreachable: no deployment can be sent or followed now",
-        );
+        ));
     }
-    let req: DeployRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return bad_request(format!("bad deployment request: {e}")),
-    };
-    let selection = match req.selection() {
-        Ok(s) => s,
-        Err(e) => return bad_request(e),
-    };
-    let options = match req.options() {
-        Ok(o) => o,
-        Err(e) => return bad_request(e),
-    };
-    let spec = req.firmware.trim();
+    let req: DeployRequest = serde_json::from_slice(body)
+        .map_err(|e| bad_request(format!("bad deployment request: {e}")))?;
+    let selection = req.selection().map_err(bad_request)?;
+    let options = req.options().map_err(bad_request)?;
+    let firmware = firmware_named(d, headers, &req.firmware).await?;
+    Ok((firmware, selection, options))
+}
+
+/// The firmware `spec` names: a catalogue name or an `http(s)://` URL.
+async fn firmware_named(
+    d: &Dashboard,
+    headers: &HeaderMap,
+    spec: &str,
+) -> Result<rollout::Firmware, Response> {
+    let spec = spec.trim();
     if spec.is_empty() {
-        return bad_request("name the firmware");
+        return Err(bad_request("name the firmware"));
     }
     let lower = spec.to_ascii_lowercase();
     let firmware = if lower.starts_with("http://") || lower.starts_with("https://") {
         resolve_firmware(spec, "", &d.app.remote_firmware).await
     } else {
-        let list = match listings(&d.app, &headers).await {
-            Ok(l) => l,
-            Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        };
+        let list = listings(&d.app, headers)
+            .await
+            .map_err(|e| api_error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
         match list.iter().find(|f| f.name == spec) {
             Some(f) => rollout::deployable(spec, f),
             None => Err(FirmwareError::UnknownName {
@@ -530,11 +574,158 @@ async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes)
             }),
         }
     };
-    let firmware = match firmware {
-        Ok(f) => f,
-        Err(e @ FirmwareError::Fetch { .. }) => return api_error(StatusCode::BAD_GATEWAY, e),
-        Err(e) => return bad_request(e),
+    firmware.map_err(|e| match e {
+        e @ FirmwareError::Fetch { .. } => api_error(StatusCode::BAD_GATEWAY, e),
+        e => bad_request(e),
+    })
+}
+
+/// `POST /api/deployments/preview`: what `POST /api/deployments` with the
+/// same body would do, without doing it.
+async fn api_preview(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes) -> Response {
+    let (firmware, selection, options) = match prepare(&d, &headers, &body).await {
+        Ok(x) => x,
+        Err(resp) => return resp,
     };
+    let devices = d.fleet.devices();
+    let store = d.app.store.clone();
+    let planned = tokio::task::spawn_blocking(move || {
+        let planned = rollout::plan_deployment(&devices, &firmware, &selection, &options);
+        let busy = store.devices_in_running_deployments();
+        (planned, busy, firmware)
+    })
+    .await;
+    let (planned, busy, firmware) = match planned {
+        Ok(x) => x,
+        Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let busy = match busy {
+        Ok(b) => b,
+        Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    match planned {
+        Ok((dep, left_out)) => {
+            let stages = dep.devices.iter().map(|x| x.stage).max().unwrap_or(0) + 1;
+            let in_deployment: Vec<serde_json::Value> = dep
+                .devices
+                .iter()
+                .filter_map(|x| {
+                    let other = busy.get(&x.device)?;
+                    Some(serde_json::json!({"device": x.device, "deployment": other}))
+                })
+                .collect();
+            Json(serde_json::json!({
+                "version": dep.version,
+                "devices": dep.devices.iter().map(|x| serde_json::json!({
+                    "device": x.device, "stage": x.stage, "from_version": x.from_version,
+                })).collect::<Vec<_>>(),
+                "stages": stages,
+                "skipped": skipped_json(&left_out),
+                "in_deployment": in_deployment,
+                "notes": left_out.describe(&firmware.version),
+            }))
+            .into_response()
+        }
+        Err(
+            e @ (RolloutError::Option(_)
+            | RolloutError::UnknownDevice(_)
+            | RolloutError::Offline(_)
+            | RolloutError::NoDevices(_)),
+        ) => bad_request(e),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// Who a deployment would skip, by reason, as the preview lists them.
+fn skipped_json(l: &rollout::LeftOut) -> serde_json::Value {
+    serde_json::json!({
+        "current": l.current,
+        "no_https": l.no_https,
+        "offline": l.offline,
+        "wrong_chip": l.wrong_chip,
+        "other_project": l.other_project,
+        "downgrade": l.downgrade,
+        "unsigned": l.unsigned,
+    })
+}
+
+/// `POST /api/deployments/{id}/retry`: a new deployment of the same
+/// firmware, with the same options, to the devices whose job in `id`
+/// failed, rolled back, was cancelled or timed out; `id` must be over.
+async fn api_retry(
+    State(d): State<Dashboard>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let store = d.app.store.clone();
+    let old = match tokio::task::spawn_blocking(move || store.deployment(&id)).await {
+        Ok(Ok(dep)) => dep,
+        Ok(Err(crate::store::StoreError::UnknownDeployment(id))) => {
+            return api_error(StatusCode::NOT_FOUND, format!("no deployment {id:?}"))
+        }
+        Ok(Err(e)) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    if !old.state.is_final() {
+        return api_error(
+            StatusCode::CONFLICT,
+            format!(
+                "deployment {} is {}: retry its failed devices once it is over (stop it first)",
+                old.id,
+                old.state.as_str()
+            ),
+        );
+    }
+    let failed: Vec<String> = old
+        .devices
+        .iter()
+        .filter(|x| x.state.is_failure())
+        .map(|x| x.device.clone())
+        .collect();
+    if failed.is_empty() {
+        return api_error(
+            StatusCode::CONFLICT,
+            format!("no device of deployment {} failed", old.id),
+        );
+    }
+    if !d.fleet.connected() {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker is unreachable: no deployment can be sent or followed now",
+        );
+    }
+    let options: RolloutOptions = match serde_json::from_value(old.options.clone()) {
+        Ok(o) => o,
+        Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let firmware = match firmware_named(&d, &headers, &old.firmware).await {
+        Ok(f) if f.sha256 == old.sha256 => f,
+        Ok(_) => {
+            return api_error(
+                StatusCode::CONFLICT,
+                format!("{} has changed since deployment {}: deploy it anew", old.firmware, old.id),
+            )
+        }
+        Err(resp) => return resp,
+    };
+    start(&d, firmware, Selection::Ids(failed), options).await
+}
+
+async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes) -> Response {
+    let (firmware, selection, options) = match prepare(&d, &headers, &body).await {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    start(&d, firmware, selection, options).await
+}
+
+/// Stores a deployment and hands it to serve's runner: `201` with it.
+async fn start(
+    d: &Dashboard,
+    firmware: rollout::Firmware,
+    selection: Selection,
+    options: RolloutOptions,
+) -> Response {
     let devices = d.fleet.devices();
     let store = d.app.store.clone();
     let created = tokio::task::spawn_blocking(move || {

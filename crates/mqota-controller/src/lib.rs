@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 pub mod access;
+pub mod accounts;
 pub mod broker;
 pub mod catalogue;
 pub mod dashboard;

@@ -13,6 +13,7 @@
 //! | `deployments` | `id` (the job id) | firmware, job fields, options, state |
 //! | `deployment_devices` | `(deployment, device)` | stage, result, error, the version before, the device's last log records when its job failed ([`JobLog`]) |
 //! | `deployment_claims` | `deployment` | the process running it and when its lease lapses ([`crate::lease`]) |
+//! | `web_users`, `api_tokens`, `web_sessions`, `audit` | see [`crate::accounts`] | the page's and API's accounts, and who did what |
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -376,7 +377,8 @@ impl Default for Retention {
 
 /// The database.
 pub struct Store {
-    conn: Mutex<Connection>,
+    // `crate::accounts` keeps its tables' queries beside its types.
+    pub(crate) conn: Mutex<Connection>,
     path: PathBuf,
 }
 
@@ -396,6 +398,7 @@ impl std::fmt::Debug for Store {
 /// | 3 | `deployment_devices.log`: the [`JobLog`] of a failed job, as JSON |
 /// | 4 | `mqtt_identities`: MQTT user name, role (`device`, `controller`), password hash |
 /// | 5 | `deployment_claims`: who runs a deployment, until when ([`crate::lease`]); `device_history` indexed by time, for [`Store::prune_history`] |
+/// | 6 | `web_users`, `api_tokens`, `web_sessions`, `audit`: the web page's and API's accounts and what they did ([`crate::accounts`]) |
 const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE IF NOT EXISTS firmware (
@@ -433,6 +436,19 @@ CREATE TABLE mqtt_identities (
 CREATE TABLE deployment_claims (
     deployment TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at_ms INTEGER NOT NULL);
 CREATE INDEX device_history_by_time ON device_history(at);
+",
+    "
+CREATE TABLE web_users (
+    name TEXT PRIMARY KEY, role TEXT NOT NULL, hash TEXT NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE api_tokens (
+    id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, user TEXT NOT NULL, label TEXT,
+    created_at INTEGER NOT NULL, expires_at INTEGER, revoked_at INTEGER);
+CREATE TABLE web_sessions (
+    hash TEXT PRIMARY KEY, user TEXT NOT NULL, csrf TEXT NOT NULL, source TEXT,
+    created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, actor TEXT NOT NULL,
+    action TEXT NOT NULL, target TEXT, source TEXT, status INTEGER NOT NULL);
 ",
 ];
 

@@ -51,6 +51,12 @@ enum Command {
     /// MQTT logins of devices: add, remove, list.
     #[command(subcommand)]
     Device(cmd::access::DeviceCommand),
+    /// Accounts of serve's web page and API: add, list, remove.
+    #[command(subcommand)]
+    User(cmd::users::UserCommand),
+    /// API tokens for the CLI and scripts: add, list, revoke.
+    #[command(subcommand)]
+    Token(cmd::users::TokenCommand),
     /// Configuration for an external broker (Mosquitto).
     #[command(subcommand)]
     Broker(cmd::access::BrokerCommand),
@@ -78,6 +84,8 @@ fn main() -> std::process::ExitCode {
         Command::Demo(c) => c.run(),
         Command::Device(c) => c.run(),
         Command::Broker(c) => c.run(),
+        Command::User(c) => c.run(),
+        Command::Token(c) => c.run(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -8,8 +8,9 @@
 //! the test fails and says so. It writes a screenshot of the page to
 //! `target/page-browser.png` (and one mid-update to
 //! `target/page-browser-progress.png`); the operator scenario writes
-//! `target/page-browser-deployment.png`, `…-firmware.png`, `…-rollback.png`
-//! and `…-device.png`.
+//! `target/page-browser-deployment.png`, `…-firmware.png`, `…-rollback.png`,
+//! `…-device.png`, `…-login.png` and `…-audit.png`; the first also
+//! `…-preview.png`.
 //!
 //! The tests take turns (one Chromium at a time on a small machine).
 
@@ -417,6 +418,8 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
     let fw = tempfile::tempdir().unwrap();
     // Big enough that the download takes a few progress events.
     std::fs::write(fw.path().join("app-1.1.0.bin"), image("1.1.0", 1024 * 1024)).unwrap();
+    // Newer than what the deployment below installs: previewed at the end.
+    std::fs::write(fw.path().join("app-1.2.0.bin"), image("1.2.0", 64 * 1024)).unwrap();
     let data = tempfile::tempdir().unwrap();
     let serve = Serve::start(fw.path(), data.path(), None);
     let port: u16 = serve.broker.rsplit(':').next().unwrap().parse().unwrap();
@@ -573,6 +576,59 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
             .any(|r| r[ID] == "br-c" && r[ONLINE] == "offline")
     })
     .await;
+    // Health at a glance: the broker, who is online, rollouts, logins.
+    let v = b
+        .wait_for(
+            "showed the health of broker and fleet",
+            10,
+            "return ['health-broker', 'health-online', 'health-rollouts', 'health-users']\
+               .map(id => document.getElementById(id).textContent);",
+            |v| v[1] == "2 of 3 devices online",
+        )
+        .await;
+    assert_eq!(
+        v,
+        json!([
+            "broker reachable",
+            "2 of 3 devices online",
+            "0 rollouts running",
+            "no login (loopback)"
+        ])
+    );
+    // The preview of a deployment to all devices: which it would touch,
+    // and why it would leave br-c out.
+    b.js("document.getElementById('d-firmware').value = 'app-1.2.0.bin'; \
+          document.getElementById('d-mode').value = 'all';")
+        .await;
+    b.click("#deploy-preview").await;
+    let v = b
+        .wait_for(
+            "previewed the deployment",
+            10,
+            "const t = document.getElementById('preview-touch'); \
+             const s = document.querySelector(\"#preview-skip li[data-reason='offline']\"); \
+             return [t ? t.textContent : null, s ? s.textContent : null, \
+                     document.getElementById('preview').textContent];",
+            |v| v[0].is_string(),
+        )
+        .await;
+    assert_eq!(
+        v[0], "stage 1: br-a (from 1.1.0), br-b (from 1.1.0)",
+        "{v:#}"
+    );
+    assert_eq!(v[1], "1 skipped, offline: br-c", "{v:#}");
+    assert!(
+        v[2].as_str().unwrap().starts_with("Would update 2 devices to 1.2.0 in 1 stage"),
+        "{v:#}"
+    );
+    b.js("document.getElementById('preview').scrollIntoView({block: 'center'});")
+        .await;
+    b.screenshot(&target_dir().join("page-browser-preview.png"))
+        .await;
+    // Only a preview: nothing was started.
+    let stored = controller_support::get_json(&format!("{}/api/deployments", serve.http));
+    assert_eq!(stored.as_array().unwrap().len(), 1, "{stored:#}");
+    b.js("window.scrollTo(0, 0);").await;
     let shot = target_dir().join("page-browser.png");
     b.screenshot(&shot).await;
 
@@ -885,8 +941,41 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
     );
     let v = b.js(COUNTS).await;
     assert_eq!(v["counts"]["rolled_back"], 1, "{v:#}");
+    b.wait_for(
+        "offered to retry the failed device once the deployment was over",
+        30,
+        "const r = document.getElementById('dep-retry'); return [r.disabled, r.textContent];",
+        |v| v[0] == false,
+    )
+    .await;
     b.screenshot(&target_dir().join("page-browser-rollback.png"))
         .await;
+    // Retry the failed: a new deployment of the same image to op-c alone.
+    b.click("#dep-retry").await;
+    let v = b
+        .wait_for(
+            "opened the retry's deployment",
+            20,
+            "return [document.getElementById('dep-title').textContent, \
+                     document.getElementById('dep-result').textContent, \
+                     [...document.querySelectorAll('#dep-devices tr')].map(r => r.dataset.id)];",
+            |v| v[0].as_str().is_some_and(|t| t != format!("Deployment {bad}")),
+        )
+        .await;
+    let retry = v[0].as_str().unwrap().trim_start_matches("Deployment ").to_owned();
+    assert_eq!(v[2], json!(["op-c"]), "{v:#}");
+    assert_eq!(
+        v[1],
+        format!("deployment {retry} retries 1 device of {bad}"),
+        "{v:#}"
+    );
+    let stored = controller_support::get_json(&format!("{}/api/deployments/{retry}", serve.http));
+    assert_eq!(stored["firmware"], "app-1.4.0+unhealthy.bin", "{stored:#}");
+    // The same image fails the same way; wait for it, so op-c is idle.
+    b.wait_for("showed the retry rolled back", 60, COUNTS, |v| {
+        v["counts"]["rolled_back"] == 1
+    })
+    .await;
 
     // 3. A device's view: its history and its log, read from the device.
     b.click("#fleet tr[data-id='op-b'] button").await;
@@ -913,6 +1002,85 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
     b.js("document.getElementById('detail-log-title').scrollIntoView();")
         .await;
     b.screenshot(&target_dir().join("page-browser-device.png"))
+        .await;
+
+    // 4. Accounts: once one exists, the page asks for a login, and the
+    // session then drives the page, CSRF token included.
+    let password = "the operator's long password";
+    let (ok, _, err) = controller_support::mqota_env(
+        &["user", "add", "olga", "--role", "operator", "--data-dir", data.path().to_str().unwrap()],
+        &[("MQOTA_PASSWORD", password)],
+    );
+    assert!(ok, "{err}");
+    b.goto(&format!("{}/", serve.http)).await;
+    b.wait_for(
+        "asked for a login",
+        10,
+        "return [document.getElementById('login').hidden, document.getElementById('app').hidden];",
+        |v| *v == json!([false, true]),
+    )
+    .await;
+    b.type_into("#login-name", "olga").await;
+    b.type_into("#login-password", "not it").await;
+    b.click("#login-form button[type=submit]").await;
+    b.wait_for(
+        "refused a wrong password",
+        10,
+        "return document.getElementById('login-result').textContent;",
+        |v| *v == "wrong name or password",
+    )
+    .await;
+    b.screenshot(&target_dir().join("page-browser-login.png"))
+        .await;
+    b.type_into("#login-password", password).await;
+    b.click("#login-form button[type=submit]").await;
+    b.wait_for(
+        "logged olga in",
+        10,
+        "return [document.getElementById('whoami').textContent, \
+                 document.getElementById('health-users').textContent];",
+        |v| *v == json!(["olga (operator)", "logged in: olga"]),
+    )
+    .await;
+    wait_rows(&b, "listed the fleet after the login", 20, |rows| rows.len() == 3).await;
+    // The cookie is HttpOnly: the page's script cannot read it.
+    assert_eq!(b.js("return document.cookie;").await, "");
+    // A state-changing click: the page sends the CSRF token with it.
+    b.click("#firmware tr[data-name='app-1.3.0.bin'] button").await;
+    b.wait_for(
+        "deleted app-1.3.0.bin",
+        10,
+        "return document.getElementById('firmware-result').textContent;",
+        |v| *v == "deleted app-1.3.0.bin",
+    )
+    .await;
+    let v = b
+        .wait_for(
+            "showed the audit log",
+            10,
+            "return [...document.querySelectorAll('#audit tr')].map(r => [...r.cells].map(c => c.textContent));",
+            |v| {
+                v.as_array().is_some_and(|rows| {
+                    rows.iter().any(|r| r[2] == "delete firmware")
+                })
+            },
+        )
+        .await;
+    let rows: Vec<Vec<String>> = serde_json::from_value(v).unwrap();
+    let row = |action: &str, status: &str| {
+        rows.iter()
+            .find(|r| r[2] == action && r[5] == status)
+            .unwrap_or_else(|| panic!("no {action} {status} in {rows:#?}"))
+            .clone()
+    };
+    assert_eq!(&row("delete firmware", "200")[1..5], ["olga", "delete firmware", "app-1.3.0.bin", "127.0.0.1"]);
+    assert_eq!(row("login", "200")[1], "olga");
+    assert_eq!(row("login failed", "401")[1], "olga");
+    assert_eq!(row("retry", "201")[1], "(no login: loopback)");
+    assert_eq!(row("pause", "200")[3], dep);
+    b.js("document.getElementById('audit').scrollIntoView({block: 'center'});")
+        .await;
+    b.screenshot(&target_dir().join("page-browser-audit.png"))
         .await;
     eprintln!(
         "operator scenario took {:.1} s in the browser",

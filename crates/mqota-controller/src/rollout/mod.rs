@@ -1217,6 +1217,18 @@ pub async fn resolve_firmware(
     server: &str,
     remote: &crate::remote::RemoteFirmware,
 ) -> Result<Firmware, FirmwareError> {
+    resolve_firmware_as(spec, server, None, remote).await
+}
+
+/// [`resolve_firmware`], sending `token` (an API token of
+/// [`crate::accounts`]) to `server`'s `/api/firmware` when given: a serve
+/// that requires login answers nobody else.
+pub async fn resolve_firmware_as(
+    spec: &str,
+    server: &str,
+    token: Option<&str>,
+    remote: &crate::remote::RemoteFirmware,
+) -> Result<Firmware, FirmwareError> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
@@ -1259,11 +1271,27 @@ pub async fn resolve_firmware(
         });
     }
     let api = format!("{}/api/firmware", server.trim_end_matches('/'));
-    let list: Vec<crate::http::FirmwareListing> = client
-        .get(&api)
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
+    let mut request = client.get(&api);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let answer = request.send().await.map_err(|e| fetch_err(&api, &e))?;
+    if matches!(answer.status().as_u16(), 401 | 403) {
+        let why = answer
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let hint = if token.is_some() {
+            "check the API token"
+        } else {
+            "send an API token (--token or MQOTA_TOKEN; `mqota token add`)"
+        };
+        return Err(fetch_err(&api, &format!("refused: {why} ({hint})")));
+    }
+    let list: Vec<crate::http::FirmwareListing> = answer
+        .error_for_status()
         .map_err(|e| fetch_err(&api, &e))?
         .json()
         .await

@@ -33,7 +33,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use mqota_controller::rollout::{
-    self, resolve_firmware, Amount, Observer, RolloutOptions, Selection,
+    self, resolve_firmware_as, Amount, Observer, RolloutOptions, Selection,
 };
 use mqota_controller::store::{Deployment, DeploymentState, DeviceState, Store};
 use mqota_core::protocol::Progress;
@@ -118,6 +118,10 @@ pub struct DeployArgs {
     /// `serve` takes the deployment over only once a claim has lapsed.
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     runner_lease: u64,
+    /// API token for a --server that requires login (`mqota token add`);
+    /// sent as `Authorization: Bearer`, never printed.
+    #[arg(long, env = "MQOTA_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: Option<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -184,9 +188,10 @@ impl DeployArgs {
                         .or(s.server.clone())
                         .unwrap_or_else(|| "http://127.0.0.1:8080".to_owned());
                     let spec = self.firmware.as_deref().expect("clap requires FIRMWARE");
-                    let firmware = resolve_firmware(
+                    let firmware = resolve_firmware_as(
                         spec,
                         &server,
+                        self.token.as_deref(),
                         &mqota_controller::remote::RemoteFirmware::allow(
                             &self.allow_remote_firmware,
                         ),

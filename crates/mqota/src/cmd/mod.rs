@@ -12,3 +12,4 @@ pub mod serve;
 pub mod settings;
 pub mod sim;
 pub mod term;
+pub mod users;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use clap::Args;
 use mqota_controller::access::{controller_login, password_path, Acl, Role, CONTROLLER_USER};
+use mqota_controller::accounts::Auth;
 use mqota_controller::broker::{Access, EmbeddedBroker};
 use mqota_controller::catalogue::Catalogue;
 use mqota_controller::dashboard;
@@ -388,19 +389,29 @@ impl ServeArgs {
                 let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
                 allowed.push(host.to_owned());
             }
+            // Secure by default: reachable from other machines, the page and
+            // API take logins only; on loopback, once an account exists.
+            let https = state
+                .public_url
+                .as_deref()
+                .is_some_and(|u| u.to_ascii_lowercase().starts_with("https://"));
+            let auth = Auth::new(state.store.clone(), !addr.ip().is_loopback(), https);
+            announce_login(&state.store, addr)?;
             let app = mqota_controller::http::guard_hosts(
-                router(state.clone())
-                    .merge(mqota_controller::http::control_router(
-                        state.store.clone(),
-                        runner.clone(),
-                    ))
-                    .merge(mqota_controller::http::catalogue_router(state.clone()))
-                    .merge(mqota_controller::http::forget_router(
-                        state.store.clone(),
-                        fleet.clone(),
-                    ))
-                    .merge(dashboard::router(state, fleet.clone(), runner))
-                    .merge(broker_door_router(door)),
+                auth.layer(
+                    router(state.clone())
+                        .merge(mqota_controller::http::control_router(
+                            state.store.clone(),
+                            runner.clone(),
+                        ))
+                        .merge(mqota_controller::http::catalogue_router(state.clone()))
+                        .merge(mqota_controller::http::forget_router(
+                            state.store.clone(),
+                            fleet.clone(),
+                        ))
+                        .merge(dashboard::router(state, fleet.clone(), runner))
+                        .merge(broker_door_router(door)),
+                ),
                 allowed,
             );
             // Header-read timeout, connection cap, body limit and JSON
@@ -484,6 +495,28 @@ async fn housekeeping(
         }
         tokio::time::sleep(sweep).await;
     }
+}
+
+/// Says at start whether the page and API take logins, and how to make the
+/// first account when one is needed and none exists.
+fn announce_login(store: &Store, addr: SocketAddr) -> Result<()> {
+    let users = store.web_users()?.len();
+    let data = store.path().parent().map(|p| p.display().to_string()).unwrap_or_default();
+    if users > 0 {
+        println!("web login required: {users} account(s) (`mqota user list`)");
+    } else if addr.ip().is_loopback() {
+        println!(
+            "web page and API open without login: loopback only and no account yet \
+             (`mqota user add NAME --role admin` makes one, and login is required from then on)"
+        );
+    } else {
+        println!(
+            "web login required (http listens on {addr}, not loopback) and no account exists yet: \
+             create the first with `mqota user add NAME --role admin --data-dir {data}` \
+             (the password is asked for, or read from MQOTA_PASSWORD or stdin)"
+        );
+    }
+    Ok(())
 }
 
 /// `GET /api/broker`: whether the embedded broker's door is open (anonymous

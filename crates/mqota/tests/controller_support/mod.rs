@@ -30,6 +30,8 @@ pub struct Serve {
     child: Child,
     pub http: String,
     pub broker: String,
+    /// serve's stdout, the lines after those `start` read.
+    pub lines: mpsc::Receiver<String>,
 }
 
 impl Serve {
@@ -101,6 +103,21 @@ impl Serve {
             child,
             http: http.unwrap(),
             broker: broker_url.unwrap(),
+            lines: rx,
+        }
+    }
+
+    /// Waits (at most 20 s) for a line of serve's output that `pred`
+    /// accepts, and returns it.
+    pub fn wait_line(&self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if pred(&line) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("serve never printed the line looked for: {e}"),
+            }
         }
     }
 
@@ -118,8 +135,15 @@ impl Drop for Serve {
 
 /// Runs `mqota ARGS` with a clean environment; returns (success, stdout, stderr).
 pub fn mqota(args: &[&str]) -> (bool, String, String) {
+    mqota_env(args, &[])
+}
+
+/// [`mqota`] with these environment variables set.
+pub fn mqota_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(MQOTA)
         .args(args)
+        .envs(env.iter().copied())
+        .env_remove("MQOTA_TOKEN")
         .env("MQOTA_CONFIG", "/dev/null")
         .env_remove("MQOTA_BROKER")
         .output()
