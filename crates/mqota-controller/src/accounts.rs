@@ -589,12 +589,12 @@ impl Auth {
     /// `/api/audit`, `/api/users`, `/api/tokens`).
     pub fn layer(self: &Arc<Self>, router: Router) -> Router {
         let me = self.clone();
-        router
-            .merge(self.routes())
-            .layer(axum::middleware::from_fn(move |req: Request, next: Next| {
+        router.merge(self.routes()).layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| {
                 let me = me.clone();
                 async move { me.check(req, next).await }
-            }))
+            },
+        ))
     }
 
     fn routes(self: &Arc<Self>) -> Router {
@@ -610,11 +610,11 @@ impl Auth {
             .with_state(self.clone())
     }
 
-    /// Who sent `headers`: `Ok(None)` for nobody, `Err` for credentials
-    /// that do not hold.
-    fn identify(&self, headers: &HeaderMap) -> Result<Option<Actor>, Response> {
-        let unauthorized = |msg: &str| api_error(StatusCode::UNAUTHORIZED, msg);
-        let store_error = |e: StoreError| api_error(StatusCode::INTERNAL_SERVER_ERROR, e);
+    /// Who sent `headers`: `Ok(None)` for nobody, `Err` (status and
+    /// reason) for credentials that do not hold.
+    fn identify(&self, headers: &HeaderMap) -> Result<Option<Actor>, (StatusCode, String)> {
+        let unauthorized = |msg: &str| (StatusCode::UNAUTHORIZED, msg.to_owned());
+        let store_error = |e: StoreError| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
         if let Some(auth) = headers.get(header::AUTHORIZATION) {
             let Some(secret) = auth
                 .to_str()
@@ -673,12 +673,12 @@ impl Auth {
         let checked = tokio::task::spawn_blocking(move || {
             let required = me.required();
             let actor = me.identify(&headers)?;
-            Ok::<_, Response>((required, actor))
+            Ok::<_, (StatusCode, String)>((required, actor))
         })
         .await;
         let (required, actor) = match checked {
             Ok(Ok(x)) => x,
-            Ok(Err(refused)) => return refused,
+            Ok(Err((status, why))) => return api_error(status, why),
             Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
         };
         let needed = needed_role(&method, &path);
@@ -762,13 +762,9 @@ impl Auth {
         let store = self.store.clone();
         let name = actor.name.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.record_audit(
-                &name,
-                &action,
-                target.as_deref(),
-                source.as_deref(),
-                status,
-            ) {
+            if let Err(e) =
+                store.record_audit(&name, &action, target.as_deref(), source.as_deref(), status)
+            {
                 tracing::error!("recording the audit log: {e}");
             }
         })
@@ -913,7 +909,13 @@ async fn login(
         })
     };
     if let Some(wait) = wait {
-        let _ = record(auth.clone(), req.user.clone(), "login refused (too many failures)", 429).await;
+        let _ = record(
+            auth.clone(),
+            req.user.clone(),
+            "login refused (too many failures)",
+            429,
+        )
+        .await;
         let mut resp = api_error(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
@@ -953,7 +955,12 @@ async fn login(
     let secret = random_text(32);
     let csrf = random_text(24);
     let auth2 = auth.clone();
-    let (s2, c2, u2, src2) = (secret.clone(), csrf.clone(), req.user.clone(), source.clone());
+    let (s2, c2, u2, src2) = (
+        secret.clone(),
+        csrf.clone(),
+        req.user.clone(),
+        source.clone(),
+    );
     let stored = tokio::task::spawn_blocking(move || {
         auth2
             .store
@@ -987,10 +994,7 @@ async fn logout(State(auth): State<Arc<Auth>>, headers: HeaderMap) -> Response {
 }
 
 /// `GET /api/session`: whether login is required, and who this is.
-async fn session(
-    State(auth): State<Arc<Auth>>,
-    actor: Option<axum::Extension<Actor>>,
-) -> Response {
+async fn session(State(auth): State<Arc<Auth>>, actor: Option<axum::Extension<Actor>>) -> Response {
     let me = auth.clone();
     let required = tokio::task::spawn_blocking(move || me.required())
         .await
@@ -1164,10 +1168,7 @@ async fn revoke_token(State(auth): State<Arc<Auth>>, Path(id): Path<String>) -> 
     let i = id.clone();
     match tokio::task::spawn_blocking(move || store.revoke_token(&i, unix_now())).await {
         Ok(Ok(true)) => Json(serde_json::json!({ "revoked": id })).into_response(),
-        Ok(Ok(false)) => api_error(
-            StatusCode::NOT_FOUND,
-            format!("no live token {id:?}"),
-        ),
+        Ok(Ok(false)) => api_error(StatusCode::NOT_FOUND, format!("no live token {id:?}")),
         Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
@@ -1213,7 +1214,10 @@ mod tests {
         let t0 = Instant::now();
         let mut l = LoginLimiter::new(2, Duration::from_secs(1));
         for i in 0..LIMITER_KEYS * 3 {
-            l.failed(&format!("n{i}"), t0 + Duration::from_secs(i as u64 / 1000 * 2));
+            l.failed(
+                &format!("n{i}"),
+                t0 + Duration::from_secs(i as u64 / 1000 * 2),
+            );
         }
         assert!(l.failures.len() <= LIMITER_KEYS, "{}", l.failures.len());
     }
@@ -1235,7 +1239,10 @@ mod tests {
         assert_eq!(needed_role(&Method::GET, "/api/session"), None);
         assert_eq!(needed_role(&Method::GET, "/api/fleet"), Some(Viewer));
         assert_eq!(needed_role(&Method::POST, "/api/logout"), Some(Viewer));
-        assert_eq!(needed_role(&Method::POST, "/api/deployments"), Some(Operator));
+        assert_eq!(
+            needed_role(&Method::POST, "/api/deployments"),
+            Some(Operator)
+        );
         assert_eq!(
             needed_role(&Method::DELETE, "/api/firmware/a.bin"),
             Some(Operator)
@@ -1254,7 +1261,10 @@ mod tests {
             describe(&Method::POST, "/api/firmware/app%201.bin"),
             ("upload firmware".into(), Some("app 1.bin".into()))
         );
-        assert_eq!(describe(&Method::POST, "/api/deployments"), ("deploy".into(), None));
+        assert_eq!(
+            describe(&Method::POST, "/api/deployments"),
+            ("deploy".into(), None)
+        );
     }
 
     #[test]

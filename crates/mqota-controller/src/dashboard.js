@@ -960,7 +960,8 @@ $("deploy").addEventListener("submit", async (ev) => {
     });
     const j = await r.json();
     if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
-    let text = "deployment " + j.id + " of " + j.version + " to " + j.devices.length + " devices in " + j.stages + " stages";
+    let text = "deployment " + j.id + " of " + j.version + " to " + j.devices.length + " device" + (j.devices.length === 1 ? "" : "s") +
+      " in " + j.stages + " stage" + (j.stages === 1 ? "" : "s");
     if (j.current.length) text += "; already on " + j.version + ": " + j.current.join(", ");
     if (j.no_https && j.no_https.length) text += "; https is not enabled on: " + j.no_https.join(", ") + " (left out)";
     out.textContent = text;

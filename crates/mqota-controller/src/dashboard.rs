@@ -175,7 +175,8 @@ async fn api_health(State(d): State<Dashboard>) -> Response {
         Ok(Err(e)) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
-    let count = |s: crate::store::DeploymentState| deployments.iter().filter(|x| x.state == s).count();
+    let count =
+        |s: crate::store::DeploymentState| deployments.iter().filter(|x| x.state == s).count();
     Json(serde_json::json!({
         "broker_connected": d.fleet.connected(),
         "devices": devices.len(),
@@ -703,7 +704,10 @@ async fn api_retry(
         Ok(_) => {
             return api_error(
                 StatusCode::CONFLICT,
-                format!("{} has changed since deployment {}: deploy it anew", old.firmware, old.id),
+                format!(
+                    "{} has changed since deployment {}: deploy it anew",
+                    old.firmware, old.id
+                ),
             )
         }
         Err(resp) => return resp,

@@ -65,7 +65,10 @@ fn add_token(data: &str, user: &str, expires: Option<&str>) -> (String, String) 
         .nth(1)
         .unwrap_or_else(|| panic!("token add names the id: {err}"))
         .to_owned();
-    assert!(secret.starts_with(&format!("mqota_{id}_")), "{secret} / {err}");
+    assert!(
+        secret.starts_with(&format!("mqota_{id}_")),
+        "{secret} / {err}"
+    );
     (id, secret)
 }
 
@@ -84,7 +87,10 @@ async fn every_way_in_without_the_right_credentials_is_refused_with_its_status()
     add_user(&d, "otto", "operator");
     add_user(&d, "vera", "viewer");
     let (ok, out, _) = mqota(&["user", "list", "--data-dir", &d]);
-    assert!(ok && out.contains("otto") && out.contains("operator"), "{out}");
+    assert!(
+        ok && out.contains("otto") && out.contains("operator"),
+        "{out}"
+    );
     assert!(!out.contains("argon2"), "no hash is listed: {out}");
 
     let serve = {
@@ -100,10 +106,17 @@ async fn every_way_in_without_the_right_credentials_is_refused_with_its_status()
     // Anonymous: reads and writes alike.
     let (s, _) = status_of(c.get(format!("{http}/api/devices"))).await;
     assert_eq!(s, 401, "anonymous read");
-    let (s, _) = status_of(c.post(format!("{http}/api/deployments")).json(&json!({"firmware": "a", "all": true}))).await;
+    let (s, _) = status_of(
+        c.post(format!("{http}/api/deployments"))
+            .json(&json!({"firmware": "a", "all": true})),
+    )
+    .await;
     assert_eq!(s, 401, "anonymous deploy");
     let (s, j) = status_of(c.get(format!("{http}/api/session"))).await;
-    assert_eq!((s, &j["login_required"], &j["user"]), (200, &json!(true), &Value::Null));
+    assert_eq!(
+        (s, &j["login_required"], &j["user"]),
+        (200, &json!(true), &Value::Null)
+    );
     // The page itself and device downloads stay reachable.
     assert_eq!(c.get(&http).send().await.unwrap().status(), 200);
 
@@ -111,12 +124,20 @@ async fn every_way_in_without_the_right_credentials_is_refused_with_its_status()
     assert_eq!(login(&http, "vera", "not her password").await.status(), 401);
     assert_eq!(login(&http, "nobody", PASSWORD).await.status(), 401);
     // A cookie the server never made.
-    let (s, _) = status_of(c.get(format!("{http}/api/devices")).header("cookie", "mqota_session=forged")).await;
+    let (s, _) = status_of(
+        c.get(format!("{http}/api/devices"))
+            .header("cookie", "mqota_session=forged"),
+    )
+    .await;
     assert_eq!(s, 401, "forged session");
 
     // A viewer reads but may not deploy, upload or manage accounts.
     let vera = session(&http, "vera").await;
-    let (s, _) = status_of(c.get(format!("{http}/api/devices")).header("cookie", &vera.cookie)).await;
+    let (s, _) = status_of(
+        c.get(format!("{http}/api/devices"))
+            .header("cookie", &vera.cookie),
+    )
+    .await;
     assert_eq!(s, 200, "viewer reads");
     let (s, j) = status_of(
         c.post(format!("{http}/api/deployments"))
@@ -127,7 +148,11 @@ async fn every_way_in_without_the_right_credentials_is_refused_with_its_status()
     .await;
     assert_eq!(s, 403, "viewer deploys: {j}");
     assert!(j["error"].as_str().unwrap().contains("operator"), "{j}");
-    let (s, _) = status_of(c.get(format!("{http}/api/users")).header("cookie", &vera.cookie)).await;
+    let (s, _) = status_of(
+        c.get(format!("{http}/api/users"))
+            .header("cookie", &vera.cookie),
+    )
+    .await;
     assert_eq!(s, 403, "viewer lists accounts");
 
     // An operator uploads, but only with the session's CSRF token: the same
@@ -161,13 +186,25 @@ async fn every_way_in_without_the_right_credentials_is_refused_with_its_status()
     let (id, token) = add_token(&d, "otto", None);
     let (s, _) = status_of(c.get(format!("{http}/api/firmware")).bearer_auth(&token)).await;
     assert_eq!(s, 200, "a live token");
-    let (s, _) = status_of(c.get(format!("{http}/api/firmware")).bearer_auth(format!("{token}x"))).await;
+    let (s, _) = status_of(
+        c.get(format!("{http}/api/firmware"))
+            .bearer_auth(format!("{token}x")),
+    )
+    .await;
     assert_eq!(s, 401, "a token one character off");
     // The CLI sends it: deploy resolves a name through serve's catalogue.
     let deploy = |token: Option<&str>| {
         let mut args = vec![
-            "deploy", "app-1.1.0.bin", "--all", "--dry-run", "--server", &http, "--broker",
-            &serve.broker, "--data-dir", &d,
+            "deploy",
+            "app-1.1.0.bin",
+            "--all",
+            "--dry-run",
+            "--server",
+            &http,
+            "--broker",
+            &serve.broker,
+            "--data-dir",
+            &d,
         ];
         if let Some(t) = token {
             args.extend(["--token", t]);
@@ -179,7 +216,10 @@ async fn every_way_in_without_the_right_credentials_is_refused_with_its_status()
     let (_, out, err) = deploy(Some(&token));
     // Resolved: what stops it now is that no device has published yet.
     assert!(err.contains("the selection is empty"), "{out}{err}");
-    assert!(!out.contains(&token) && !err.contains(&token), "the token is never printed");
+    assert!(
+        !out.contains(&token) && !err.contains(&token),
+        "the token is never printed"
+    );
     let (ok, _, err) = mqota(&["token", "revoke", &id, "--data-dir", &d]);
     assert!(ok, "{err}");
     let (s, j) = status_of(c.get(format!("{http}/api/firmware")).bearer_auth(&token)).await;
@@ -199,7 +239,11 @@ async fn every_way_in_without_the_right_credentials_is_refused_with_its_status()
     }
     // A viewer's token is a viewer.
     let (_, vt) = add_token(&d, "vera", None);
-    let (s, _) = status_of(c.delete(format!("{http}/api/firmware/app-1.1.0.bin")).bearer_auth(&vt)).await;
+    let (s, _) = status_of(
+        c.delete(format!("{http}/api/firmware/app-1.1.0.bin"))
+            .bearer_auth(&vt),
+    )
+    .await;
     assert_eq!(s, 403, "viewer token deletes");
 
     // Guessing passwords: after five failures the name is locked out, even
@@ -209,11 +253,19 @@ async fn every_way_in_without_the_right_credentials_is_refused_with_its_status()
     }
     let r = login(&http, "ada", PASSWORD).await;
     assert_eq!(r.status(), 429);
-    let wait: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=300).contains(&wait), "{wait}");
 
     // The audit log: who did what, from where, and what was refused.
-    let (s, log) = status_of(c.get(format!("{http}/api/audit")).header("cookie", &vera.cookie)).await;
+    let (s, log) = status_of(
+        c.get(format!("{http}/api/audit"))
+            .header("cookie", &vera.cookie),
+    )
+    .await;
     assert_eq!(s, 200);
     let has = |actor: &str, action: &str, status: u64| {
         log.as_array().unwrap().iter().any(|e| {
@@ -224,11 +276,17 @@ async fn every_way_in_without_the_right_credentials_is_refused_with_its_status()
         })
     };
     assert!(has("otto", "upload firmware", 201), "{log:#}");
-    assert!(has("otto", "upload firmware", 403), "the CSRF attempt: {log:#}");
+    assert!(
+        has("otto", "upload firmware", 403),
+        "the CSRF attempt: {log:#}"
+    );
     assert!(has("vera", "deploy", 403), "{log:#}");
     assert!(has("otto", "login", 200), "{log:#}");
     assert!(has("vera", "login failed", 401), "{log:#}");
-    assert!(has("ada", "login refused (too many failures)", 429), "{log:#}");
+    assert!(
+        has("ada", "login refused (too many failures)", 429),
+        "{log:#}"
+    );
     let upload_entry = log
         .as_array()
         .unwrap()
@@ -236,21 +294,22 @@ async fn every_way_in_without_the_right_credentials_is_refused_with_its_status()
         .find(|e| e["action"] == "upload firmware" && e["status"] == 201)
         .unwrap();
     assert_eq!(upload_entry["target"], "app-1.1.0.bin");
-    assert!(!log.to_string().contains(PASSWORD), "no password in the log");
+    assert!(
+        !log.to_string().contains(PASSWORD),
+        "no password in the log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_reachable_from_other_machines_requires_login_and_says_how_to_make_the_first_account(
-) {
+async fn serve_reachable_from_other_machines_requires_login_and_says_how_to_make_the_first_account()
+{
     let fw = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     let serve = {
         let (fw, data) = (fw.path().to_owned(), data.path().to_owned());
-        tokio::task::spawn_blocking(move || {
-            Serve::start_with(&fw, &data, None, "0.0.0.0:0", &[])
-        })
-        .await
-        .unwrap()
+        tokio::task::spawn_blocking(move || Serve::start_with(&fw, &data, None, "0.0.0.0:0", &[]))
+            .await
+            .unwrap()
     };
     let line = serve.wait_line(|l| l.starts_with("web login required"));
     assert!(line.contains("mqota user add NAME --role admin"), "{line}");
@@ -259,16 +318,28 @@ async fn serve_reachable_from_other_machines_requires_login_and_says_how_to_make
     let c = reqwest::Client::new();
     let (s, j) = status_of(c.get(format!("{http}/api/devices"))).await;
     assert_eq!(s, 401, "no account, still no way in: {j}");
-    let (s, _) = status_of(c.post(format!("{http}/api/users")).json(&json!({"name": "x", "role": "admin", "password": PASSWORD}))).await;
+    let (s, _) = status_of(
+        c.post(format!("{http}/api/users"))
+            .json(&json!({"name": "x", "role": "admin", "password": PASSWORD})),
+    )
+    .await;
     assert_eq!(s, 401, "nobody may make themselves the first account");
 
     // The first account, made as serve said: login works at once.
     add_user(data.path().to_str().unwrap(), "ada", "admin");
     let ada = session(&http, "ada").await;
-    let (s, users) = status_of(c.get(format!("{http}/api/users")).header("cookie", &ada.cookie)).await;
+    let (s, users) = status_of(
+        c.get(format!("{http}/api/users"))
+            .header("cookie", &ada.cookie),
+    )
+    .await;
     assert_eq!(s, 200);
     assert_eq!(users[0]["name"], "ada");
-    let (s, h) = status_of(c.get(format!("{http}/api/health")).header("cookie", &ada.cookie)).await;
+    let (s, h) = status_of(
+        c.get(format!("{http}/api/health"))
+            .header("cookie", &ada.cookie),
+    )
+    .await;
     assert_eq!(s, 200);
     assert_eq!(h["logged_in"], json!(["ada"]), "{h}");
     // Logging out ends the session on the server, not only in the browser.
@@ -279,7 +350,11 @@ async fn serve_reachable_from_other_machines_requires_login_and_says_how_to_make
     )
     .await;
     assert_eq!(s, 200);
-    let (s, _) = status_of(c.get(format!("{http}/api/users")).header("cookie", &ada.cookie)).await;
+    let (s, _) = status_of(
+        c.get(format!("{http}/api/users"))
+            .header("cookie", &ada.cookie),
+    )
+    .await;
     assert_eq!(s, 401, "the old cookie after logout");
 }
 

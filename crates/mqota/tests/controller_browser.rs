@@ -9,7 +9,7 @@
 //! `target/page-browser.png` (and one mid-update to
 //! `target/page-browser-progress.png`); the operator scenario writes
 //! `target/page-browser-deployment.png`, `…-firmware.png`, `…-rollback.png`,
-//! `…-device.png`, `…-login.png` and `…-audit.png`; the first also
+//! `…-device.png`, `…-login.png`, `…-session.png` and `…-audit.png`; the first also
 //! `…-preview.png`.
 //!
 //! The tests take turns (one Chromium at a time on a small machine).
@@ -597,9 +597,11 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
     );
     // The preview of a deployment to all devices: which it would touch,
     // and why it would leave br-c out.
-    b.js("document.getElementById('d-firmware').value = 'app-1.2.0.bin'; \
-          document.getElementById('d-mode').value = 'all';")
-        .await;
+    b.js(
+        "document.getElementById('d-firmware').value = 'app-1.2.0.bin'; \
+          document.getElementById('d-mode').value = 'all';",
+    )
+    .await;
     b.click("#deploy-preview").await;
     let v = b
         .wait_for(
@@ -618,7 +620,9 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
     );
     assert_eq!(v[1], "1 skipped, offline: br-c", "{v:#}");
     assert!(
-        v[2].as_str().unwrap().starts_with("Would update 2 devices to 1.2.0 in 1 stage"),
+        v[2].as_str()
+            .unwrap()
+            .starts_with("Would update 2 devices to 1.2.0 in 1 stage"),
         "{v:#}"
     );
     b.js("document.getElementById('preview').scrollIntoView({block: 'center'});")
@@ -959,10 +963,17 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
             "return [document.getElementById('dep-title').textContent, \
                      document.getElementById('dep-result').textContent, \
                      [...document.querySelectorAll('#dep-devices tr')].map(r => r.dataset.id)];",
-            |v| v[0].as_str().is_some_and(|t| t != format!("Deployment {bad}")),
+            |v| {
+                v[0].as_str()
+                    .is_some_and(|t| t != format!("Deployment {bad}"))
+            },
         )
         .await;
-    let retry = v[0].as_str().unwrap().trim_start_matches("Deployment ").to_owned();
+    let retry = v[0]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("Deployment ")
+        .to_owned();
     assert_eq!(v[2], json!(["op-c"]), "{v:#}");
     assert_eq!(
         v[1],
@@ -1008,7 +1019,15 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
     // session then drives the page, CSRF token included.
     let password = "the operator's long password";
     let (ok, _, err) = controller_support::mqota_env(
-        &["user", "add", "olga", "--role", "operator", "--data-dir", data.path().to_str().unwrap()],
+        &[
+            "user",
+            "add",
+            "olga",
+            "--role",
+            "operator",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
         &[("MQOTA_PASSWORD", password)],
     );
     assert!(ok, "{err}");
@@ -1042,11 +1061,17 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
         |v| *v == json!(["olga (operator)", "logged in: olga"]),
     )
     .await;
-    wait_rows(&b, "listed the fleet after the login", 20, |rows| rows.len() == 3).await;
+    wait_rows(&b, "listed the fleet after the login", 20, |rows| {
+        rows.len() == 3
+    })
+    .await;
+    b.screenshot(&target_dir().join("page-browser-session.png"))
+        .await;
     // The cookie is HttpOnly: the page's script cannot read it.
     assert_eq!(b.js("return document.cookie;").await, "");
     // A state-changing click: the page sends the CSRF token with it.
-    b.click("#firmware tr[data-name='app-1.3.0.bin'] button").await;
+    b.click("#firmware tr[data-name='app-1.3.0.bin'] button")
+        .await;
     b.wait_for(
         "deleted app-1.3.0.bin",
         10,
@@ -1073,7 +1098,10 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
             .unwrap_or_else(|| panic!("no {action} {status} in {rows:#?}"))
             .clone()
     };
-    assert_eq!(&row("delete firmware", "200")[1..5], ["olga", "delete firmware", "app-1.3.0.bin", "127.0.0.1"]);
+    assert_eq!(
+        &row("delete firmware", "200")[1..5],
+        ["olga", "delete firmware", "app-1.3.0.bin", "127.0.0.1"]
+    );
     assert_eq!(row("login", "200")[1], "olga");
     assert_eq!(row("login failed", "401")[1], "olga");
     assert_eq!(row("retry", "201")[1], "(no login: loopback)");

@@ -120,7 +120,12 @@ pub struct DeployArgs {
     runner_lease: u64,
     /// API token for a --server that requires login (`mqota token add`);
     /// sent as `Authorization: Bearer`, never printed.
-    #[arg(long, env = "MQOTA_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        env = "MQOTA_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     token: Option<String>,
     #[command(flatten)]
     common: Common,

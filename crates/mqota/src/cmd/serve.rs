@@ -501,7 +501,11 @@ async fn housekeeping(
 /// first account when one is needed and none exists.
 fn announce_login(store: &Store, addr: SocketAddr) -> Result<()> {
     let users = store.web_users()?.len();
-    let data = store.path().parent().map(|p| p.display().to_string()).unwrap_or_default();
+    let data = store
+        .path()
+        .parent()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     if users > 0 {
         println!("web login required: {users} account(s) (`mqota user list`)");
     } else if addr.ip().is_loopback() {

@@ -119,7 +119,10 @@ impl UserCommand {
         match self {
             UserCommand::Add { name, role, common } => {
                 if !valid_name(&name) {
-                    bail!("{:?}: a name is 1 to 64 letters, digits, '.', '_', '-', '@'", safe(&name));
+                    bail!(
+                        "{:?}: a name is 1 to 64 letters, digits, '.', '_', '-', '@'",
+                        safe(&name)
+                    );
                 }
                 let s = common.settings()?;
                 let store = Store::open(&s.data_dir)?;
@@ -137,7 +140,12 @@ impl UserCommand {
                     println!("no accounts (a loopback serve runs without login)");
                 }
                 for u in users {
-                    println!("{:<24} {:<8} since {}", safe(&u.name), u.role, when(u.created_at));
+                    println!(
+                        "{:<24} {:<8} since {}",
+                        safe(&u.name),
+                        u.role,
+                        when(u.created_at)
+                    );
                 }
             }
             UserCommand::Remove { name, common } => {
@@ -173,7 +181,9 @@ impl TokenCommand {
                 eprintln!(
                     "token {} for {user}{}; it is shown once, here:",
                     t.token.id,
-                    expires_at.map(|t| format!(", expires {}", when(t))).unwrap_or_default()
+                    expires_at
+                        .map(|t| format!(", expires {}", when(t)))
+                        .unwrap_or_default()
                 );
                 println!("{}", t.secret);
             }
