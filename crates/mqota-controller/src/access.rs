@@ -32,7 +32,7 @@
 //! PBKDF2 on the 2-core build machine under load), so even a fleet of
 //! thousands reconnecting at once costs seconds, not minutes, and the check
 //! runs off the front door's thread.
-//! (Human passwords, for web logins, would want argon2id; none are kept here.)
+//! (Human passwords, for web logins, want argon2id: [`crate::accounts`] keeps those.)
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -1055,7 +1055,7 @@ $("login-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const out = $("login-result");
   out.textContent = "checking…";
-  out.className = "muted";
+  out.className = "wide muted";
   try {
     const r = await fetch("/api/login", {
       method: "POST",
@@ -1069,7 +1069,7 @@ $("login-form").addEventListener("submit", async (ev) => {
     startApp();
   } catch (e) {
     out.textContent = e.message;
-    out.className = "bad";
+    out.className = "wide bad";
   }
 });
 

@@ -28,13 +28,22 @@ async fn login(http: &str, user: &str, password: &str) -> reqwest::Response {
 }
 
 async fn session(http: &str, user: &str) -> Session {
+    session_over(http, user, false).await
+}
+
+/// [`session`], where serve's `--public-url` is `https://` (`secure`) or not.
+async fn session_over(http: &str, user: &str, secure: bool) -> Session {
     let r = login(http, user, PASSWORD).await;
     assert_eq!(r.status(), 200, "{user} logs in");
     let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
     for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(set.contains(attr), "the cookie is {attr}: {set}");
     }
-    assert!(!set.contains("Secure"), "no Secure over plain HTTP: {set}");
+    assert_eq!(
+        set.contains("; Secure"),
+        secure,
+        "Secure only under HTTPS: {set}"
+    );
     let cookie = set.split(';').next().unwrap().to_owned();
     let j: Value = r.json().await.unwrap();
     Session {
@@ -307,9 +316,17 @@ async fn serve_reachable_from_other_machines_requires_login_and_says_how_to_make
     let data = tempfile::tempdir().unwrap();
     let serve = {
         let (fw, data) = (fw.path().to_owned(), data.path().to_owned());
-        tokio::task::spawn_blocking(move || Serve::start_with(&fw, &data, None, "0.0.0.0:0", &[]))
-            .await
-            .unwrap()
+        tokio::task::spawn_blocking(move || {
+            Serve::start_with(
+                &fw,
+                &data,
+                None,
+                "0.0.0.0:0",
+                &["--public-url", "https://ota.example:8443"],
+            )
+        })
+        .await
+        .unwrap()
     };
     let line = serve.wait_line(|l| l.starts_with("web login required"));
     assert!(line.contains("mqota user add NAME --role admin"), "{line}");
@@ -327,7 +344,7 @@ async fn serve_reachable_from_other_machines_requires_login_and_says_how_to_make
 
     // The first account, made as serve said: login works at once.
     add_user(data.path().to_str().unwrap(), "ada", "admin");
-    let ada = session(&http, "ada").await;
+    let ada = session_over(&http, "ada", true).await;
     let (s, users) = status_of(
         c.get(format!("{http}/api/users"))
             .header("cookie", &ada.cookie),
@@ -342,6 +359,23 @@ async fn serve_reachable_from_other_machines_requires_login_and_says_how_to_make
     .await;
     assert_eq!(s, 200);
     assert_eq!(h["logged_in"], json!(["ada"]), "{h}");
+    // An admin makes an API token over the API; it works as ada, shown once.
+    let (s, t) = status_of(
+        c.post(format!("{http}/api/tokens"))
+            .header("cookie", &ada.cookie)
+            .header("x-mqota-csrf", &ada.csrf)
+            .json(&json!({"label": "ci", "expires_in": 3600})),
+    )
+    .await;
+    assert_eq!(s, 201, "{t}");
+    let token = t["token"].as_str().unwrap();
+    let (s, list) = status_of(c.get(format!("{http}/api/tokens")).bearer_auth(token)).await;
+    assert_eq!(s, 200);
+    assert_eq!(list[0]["label"], "ci");
+    assert!(
+        !list.to_string().contains(token),
+        "listed without the secret"
+    );
     // Logging out ends the session on the server, not only in the browser.
     let (s, _) = status_of(
         c.post(format!("{http}/api/logout"))
@@ -356,6 +390,66 @@ async fn serve_reachable_from_other_machines_requires_login_and_says_how_to_make
     )
     .await;
     assert_eq!(s, 401, "the old cookie after logout");
+}
+
+#[test]
+fn user_add_takes_the_password_from_stdin_never_from_an_argument_and_refuses_short_ones() {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path().to_str().unwrap();
+    let add = |name: &str, stdin: &str| {
+        let mut child = Command::new(controller_support::MQOTA)
+            .args(["user", "add", name, "--role", "viewer", "--data-dir", d])
+            .env("MQOTA_CONFIG", "/dev/null")
+            .env_remove("MQOTA_PASSWORD")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = add("short", "tiny\n");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 10 characters"));
+    let out = add("piped", "from a pipe, long enough\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, list, _) = mqota(&["user", "list", "--data-dir", d]);
+    assert!(
+        ok && list.contains("piped") && !list.contains("short"),
+        "{list}"
+    );
+    let (ok, _, err) = mqota(&["user", "add", "x", "--role", "root", "--data-dir", d]);
+    assert!(
+        !ok && err.contains("use viewer, operator or admin"),
+        "{err}"
+    );
+    // No way to hand the password over as an argument.
+    let (ok, _, err) = mqota(&[
+        "user",
+        "add",
+        "y",
+        "--role",
+        "admin",
+        "--password",
+        "p",
+        "--data-dir",
+        d,
+    ]);
+    assert!(!ok && err.contains("--password"), "{err}");
+    let (ok, _, _) = mqota(&["user", "add", "piped", "--role", "admin", "--data-dir", d]);
+    assert!(!ok, "a taken name");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
