@@ -890,6 +890,23 @@ async fn login(
         );
     };
     let source = source_of(&ci);
+    // A name no account can have is not worth a hash, and is not written
+    // to the audit log as given (it could be a megabyte of anything).
+    if !valid_name(&req.user) {
+        let store = auth.store.clone();
+        let src = source.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            store.record_audit(
+                "(not a valid name)",
+                "login failed",
+                None,
+                src.as_deref(),
+                401,
+            )
+        })
+        .await;
+        return api_error(StatusCode::UNAUTHORIZED, "wrong name or password");
+    }
     let name_key = format!("name:{}", req.user);
     let addr_key = format!("address:{}", source.as_deref().unwrap_or("?"));
     let now = Instant::now();
@@ -1265,6 +1282,14 @@ mod tests {
             describe(&Method::POST, "/api/deployments"),
             ("deploy".into(), None)
         );
+    }
+
+    #[test]
+    fn names_are_short_and_plain() {
+        assert!(valid_name("ada.lovelace@lab-1"));
+        for bad in ["", "a b", "a\u{202e}b", "<script>", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
     }
 
     #[test]
