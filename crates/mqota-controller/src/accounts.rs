@@ -3,7 +3,7 @@
 //! | role | may |
 //! |---|---|
 //! | `viewer` | read: every `GET` under `/api/` |
-//! | `operator` | also change the fleet: deploy, pause, resume, stop, retry, upload and delete firmware, roll back, cancel (every other method under `/api/`) |
+//! | `operator` | also change the fleet: deploy, pause, resume, stop, retry, upload and delete firmware, forget a device (every other method under `/api/`) |
 //! | `admin` | also manage accounts and API tokens (`/api/users`, `/api/tokens`) |
 //!
 //! A person logs in with a name and password (`POST /api/login`) and gets a
@@ -810,6 +810,7 @@ fn describe(method: &Method, path: &str) -> (String, Option<String>) {
         ("POST", ["firmware", name]) => ("upload firmware".to_owned(), Some(decoded(name))),
         ("DELETE", ["firmware", name]) => ("delete firmware".to_owned(), Some(decoded(name))),
         ("POST", ["devices", id, action]) => ((*action).to_owned(), Some(decoded(id))),
+        ("DELETE", ["devices", id]) => ("forget device".to_owned(), Some(decoded(id))),
         ("POST", ["logout"]) => ("logout".to_owned(), None),
         ("POST", ["users"]) => ("add account".to_owned(), None),
         ("DELETE", ["users", name]) => ("remove account".to_owned(), Some(decoded(name))),
