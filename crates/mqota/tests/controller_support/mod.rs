@@ -64,7 +64,6 @@ impl Serve {
             // Tests serve firmware URLs from their own HTTP servers on
             // loopback (see controller_browser.rs's slow_firmware).
             .args(["--allow-remote-firmware", "127.0.0.1"])
-            .args(extra)
             .env_remove("MQOTA_BROKER")
             .env("MQOTA_CONFIG", "/dev/null")
             .stdout(Stdio::piped())
