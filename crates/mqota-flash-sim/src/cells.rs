@@ -243,7 +243,7 @@ mod tests {
         a.program(SECTOR + 8, &[0x00; 4]);
         assert_eq!(a.private_bytes(), SECTOR);
         // A program that clears nothing leaves the sector shared.
-        a.program(2 * SECTOR, &base[2 * SECTOR..2 * SECTOR + 4].to_vec());
+        a.program(2 * SECTOR, &base[2 * SECTOR..2 * SECTOR + 4]);
         assert_eq!(a.private_bytes(), SECTOR);
         let mut got = [0; 6];
         a.read(SECTOR + 6, &mut got);
