@@ -20,7 +20,7 @@ use log::{info, warn};
 use mqota_core::bootguard::Verdict;
 use mqota_core::protocol::envelope::JobTrust;
 use mqota_core::signature::{SoftVerifier, TrustPolicy};
-use mqota_runtime::{early_boot, BootError, Booted, DeviceConfig, Link};
+use mqota_runtime::{early_boot, DeviceConfig, EarlyBootError, Link, RunningFirmware};
 
 use crate::{
     config::Config,
@@ -39,13 +39,13 @@ pub const TCP_RX_BUFFER: usize = 4096;
 
 /// The boot guard has run: what the device task needs to carry on.
 pub struct Guarded {
-    booted: Booted,
+    booted: RunningFirmware,
     platform: EspPlatform,
 }
 
 impl Guarded {
     /// What the boot guard found (verdict, running version, slot layout).
-    pub fn booted(&self) -> &Booted {
+    pub fn booted(&self) -> &RunningFirmware {
         &self.booted
     }
 
@@ -64,15 +64,15 @@ impl Guarded {
 /// `cargo xtask flash` (which writes mqota's partition table).
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum GuardError {
+pub enum GuardSetupError {
     /// The booted partition could not be looked up.
     Slot(SlotError),
-    /// Running from a factory app or an `ota_N` past `ota_1`: mqota's layout
-    /// has exactly `ota_0` and `ota_1`.
+    /// Running from a factory app, not an `ota_N` slot: mqota updates only
+    /// an OTA layout.
     NotAnOtaSlot,
     /// The runtime could not read the partition table, the running image or
     /// otadata.
-    Boot(BootError),
+    Boot(EarlyBootError),
 }
 
 /// Runs the boot guard. Call it right after `esp_hal::init`, before anything
@@ -87,11 +87,13 @@ pub fn boot_guard(
     flash: &mut FlashStorage<'static>,
     rtc_timer: RTC_TIMER<'static>,
     config: &Config,
-) -> Result<Guarded, GuardError> {
+) -> Result<Guarded, GuardSetupError> {
     let mut watchdog = TrialWatchdog::new(rtc_timer);
-    let booted_slot = flash::booted_slot(flash).map_err(GuardError::Slot)?;
-    let slot = booted_slot.slot().ok_or(GuardError::NotAnOtaSlot)?;
-    let booted = early_boot(flash, slot).map_err(GuardError::Boot)?;
+    let booted_slot = flash::booted_slot(flash).map_err(GuardSetupError::Slot)?;
+    let slot = booted_slot
+        .ota_index()
+        .ok_or(GuardSetupError::NotAnOtaSlot)?;
+    let booted = early_boot(flash, usize::from(slot)).map_err(GuardSetupError::Boot)?;
     match booted.boot.verdict {
         Verdict::Reboot => {
             warn!("boot guard: switching slots, resetting");
@@ -106,7 +108,7 @@ pub fn boot_guard(
         }
         _ => {}
     }
-    let platform = EspPlatform::new(platform::device_id(config), slot, watchdog);
+    let platform = EspPlatform::new(platform::device_id(config), watchdog);
     Ok(Guarded { booted, platform })
 }
 

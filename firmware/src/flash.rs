@@ -11,7 +11,6 @@ use esp_bootloader_esp_idf::partitions::{
 };
 use esp_hal::peripherals::FLASH;
 pub use esp_storage::FlashStorage;
-use mqota_runtime::Slot;
 
 /// The whole flash chip as a `NorFlash` (erase 4 KiB sectors, write 4-byte words).
 pub fn storage(flash: FLASH<'static>) -> FlashStorage<'static> {
@@ -35,16 +34,6 @@ impl BootedSlot {
         let raw = self.kind as u8;
         let ota0 = AppPartitionSubType::Ota0 as u8;
         raw.checked_sub(ota0)
-    }
-
-    /// The runtime's name for this slot; `None` for a factory app or an
-    /// `ota_N` beyond the two slots mqota uses.
-    pub fn slot(&self) -> Option<Slot> {
-        match self.ota_index() {
-            Some(0) => Some(Slot::Ota0),
-            Some(1) => Some(Slot::Ota1),
-            _ => None,
-        }
     }
 }
 

@@ -28,4 +28,4 @@ pub mod platform;
 pub mod watchdog;
 pub mod wifi;
 
-pub use device::{boot_guard, run, spawn, task, GuardError, Guarded};
+pub use device::{boot_guard, run, spawn, task, GuardSetupError, Guarded};

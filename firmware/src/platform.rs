@@ -6,7 +6,7 @@
 use core::fmt::Write as _;
 
 use esp_hal::efuse::{self, InterfaceMacAddress};
-use mqota_runtime::{Platform, Slot};
+use mqota_runtime::Platform;
 
 use crate::{config::Config, watchdog::TrialWatchdog};
 
@@ -70,18 +70,15 @@ pub type HealthCheck = fn() -> bool;
 /// The chip as the runtime sees it.
 pub struct EspPlatform {
     device_id: DeviceId,
-    slot: Slot,
     watchdog: TrialWatchdog,
     health_check: Option<HealthCheck>,
 }
 
 impl EspPlatform {
-    /// `slot` comes from [`crate::flash::booted_slot`], read once at boot:
-    /// it cannot change until the next reset.
-    pub fn new(device_id: DeviceId, slot: Slot, watchdog: TrialWatchdog) -> Self {
+    /// The chip with its id and the trial watchdog the boot guard armed.
+    pub fn new(device_id: DeviceId, watchdog: TrialWatchdog) -> Self {
         Self {
             device_id,
-            slot,
             watchdog,
             health_check: None,
         }
@@ -96,7 +93,7 @@ impl EspPlatform {
         self
     }
 
-    /// The trial watchdog, for the boot guard to feed or disarm.
+    /// The trial watchdog, for the boot guard to disarm.
     pub fn watchdog(&mut self) -> &mut TrialWatchdog {
         &mut self.watchdog
     }
@@ -107,10 +104,6 @@ impl Platform for EspPlatform {
         // Give the UART a moment to drain the last log lines before the reset.
         embassy_time::Timer::after_millis(50).await;
         reset()
-    }
-
-    fn running_slot(&self) -> Slot {
-        self.slot
     }
 
     fn device_id(&self) -> &str {

@@ -18,7 +18,6 @@ use esp_hal::{
 /// The RTC watchdog, armed only while a trial boot is undecided.
 pub struct TrialWatchdog {
     rtc: Rtc<'static>,
-    armed: bool,
 }
 
 impl TrialWatchdog {
@@ -26,35 +25,20 @@ impl TrialWatchdog {
     pub fn new(rtc_timer: RTC_TIMER<'static>) -> Self {
         Self {
             rtc: Rtc::new(rtc_timer),
-            armed: false,
         }
     }
 
-    /// Starts (or restarts) the countdown: if neither [`feed`](Self::feed)
-    /// nor [`disarm`](Self::disarm) comes within `timeout`, the chip resets.
+    /// Starts (or restarts) the countdown: if [`disarm`](Self::disarm) does
+    /// not come within `timeout`, the chip resets. Nothing feeds it: a trial
+    /// that takes longer than its deadline is a failed trial.
     pub fn arm(&mut self, timeout: Duration) {
         self.rtc.rwdt.set_timeout(RwdtStage::Stage0, timeout);
         self.rtc.rwdt.enable();
         self.rtc.rwdt.feed();
-        self.armed = true;
-    }
-
-    /// Pushes the deadline out by the armed timeout. Only for long but
-    /// healthy work (a download) that the runtime can vouch for.
-    pub fn feed(&mut self) {
-        if self.armed {
-            self.rtc.rwdt.feed();
-        }
     }
 
     /// Stops the countdown once the boot guard has confirmed the image.
     pub fn disarm(&mut self) {
         self.rtc.rwdt.disable();
-        self.armed = false;
-    }
-
-    /// Whether a trial deadline is running.
-    pub fn is_armed(&self) -> bool {
-        self.armed
     }
 }

@@ -2,9 +2,8 @@
 //! in `firmware/` for one chip, turn it into an ESP-IDF app image, check the
 //! image with the vendor tools and against the OTA slot, and report its size.
 //!
-//! The ELF section table is read here directly rather than through the
-//! `object` crate: only the 32-bit little-endian section headers are needed,
-//! and every `cargo xtask` run would otherwise compile a large parser.
+//! Arguments are read with clap, the firmware's manifest with toml and the
+//! ELF section table with object: the field's parsers, not hand-written ones.
 
 use anyhow::{bail, ensure, Context, Result};
 use mqota_core::journal::JOURNAL_SIZE;
@@ -61,34 +60,28 @@ struct Options {
     monitor: bool,
 }
 
+/// What clap reads; [`parse_options`] turns it into [`Options`].
+#[derive(clap::Parser)]
+#[command(name = "cargo xtask firmware|flash", no_binary_name = true)]
+struct Args {
+    /// The chip to build for: esp32c3 or esp32c6.
+    #[arg(long)]
+    chip: String,
+    /// Serial port of the board (`flash` only).
+    #[arg(long)]
+    port: Option<String>,
+    /// Open the serial monitor after flashing (`flash` only).
+    #[arg(long)]
+    monitor: bool,
+}
+
 fn parse_options(args: &[String]) -> Result<Options> {
-    let mut chip = None;
-    let mut port = None;
-    let mut monitor = false;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) => (flag, Some(value.to_string())),
-            None => (arg.as_str(), None),
-        };
-        let mut value = || -> Result<String> {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .with_context(|| format!("{flag} needs a value"))
-        };
-        match flag {
-            "--chip" => chip = Some(Chip::parse(&value()?)?),
-            "--port" => port = Some(value()?),
-            "--monitor" => monitor = true,
-            other => bail!("unknown argument `{other}`"),
-        }
-    }
-    let chip = chip.context("--chip esp32c3|esp32c6 is required")?;
+    use clap::Parser as _;
+    let a = Args::try_parse_from(args).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Options {
-        chip,
-        port,
-        monitor,
+        chip: Chip::parse(&a.chip)?,
+        port: a.port,
+        monitor: a.monitor,
     })
 }
 
@@ -353,17 +346,14 @@ fn run_env<S: AsRef<str>>(
 
 /// The `version` of the `[package]` section of a Cargo.toml.
 fn crate_version(manifest: &str) -> Result<String> {
-    let mut in_package = false;
-    for line in manifest.lines().map(str::trim) {
-        if line.starts_with('[') {
-            in_package = line == "[package]";
-        } else if let Some(rest) = line.strip_prefix("version").filter(|_| in_package) {
-            if let Some(value) = rest.trim_start().strip_prefix('=') {
-                return Ok(value.trim().trim_matches('"').to_string());
-            }
-        }
-    }
-    bail!("no [package] version in firmware/Cargo.toml")
+    let doc: toml::Table = manifest
+        .parse()
+        .context("firmware/Cargo.toml is not TOML")?;
+    doc.get("package")
+        .and_then(|p| p.get("version"))
+        .and_then(toml::Value::as_str)
+        .map(str::to_string)
+        .context("no [package] version in firmware/Cargo.toml")
 }
 
 /// Checks esptool's `image-info` report: checksum and SHA-256 valid, and the
@@ -475,48 +465,16 @@ struct Sizes {
     sections: Vec<Section>,
 }
 
-const SHT_NOBITS: u32 = 8;
-const SHF_WRITE: u32 = 0x1;
-const SHF_ALLOC: u32 = 0x2;
-const SHF_EXECINSTR: u32 = 0x4;
-
 /// Sums the allocated sections of a 32-bit little-endian ELF by kind.
 fn elf_sizes(elf: &[u8]) -> Result<Sizes> {
-    ensure!(
-        elf.len() >= 52 && elf[..4] == *b"\x7fELF",
-        "not an ELF file"
-    );
-    ensure!(elf[4] == 1 && elf[5] == 1, "not a 32-bit little-endian ELF");
-    let u16_at = |o: usize| -> Result<u64> {
-        let b = elf.get(o..o + 2).context("ELF truncated")?;
-        Ok(u64::from(u16::from_le_bytes([b[0], b[1]])))
-    };
-    let u32_at = |o: usize| -> Result<u32> {
-        let b = elf.get(o..o + 4).context("ELF truncated")?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let (shoff, shentsize) = (u32_at(0x20)? as usize, u16_at(0x2e)? as usize);
-    let (shnum, shstrndx) = (u16_at(0x30)? as usize, u16_at(0x32)? as usize);
-    ensure!(shentsize >= 40, "ELF section header entries are too small");
-    ensure!(
-        shoff + shnum * shentsize <= elf.len(),
-        "ELF truncated: section headers run past the end"
-    );
-    let header = |i: usize| shoff + i * shentsize;
-    let names_at = u32_at(header(shstrndx) + 16)? as usize;
-    let name = |off: u32| -> Result<String> {
-        let start = names_at + off as usize;
-        let rest = elf.get(start..).context("ELF section name out of range")?;
-        let end = rest
-            .iter()
-            .position(|&b| b == 0)
-            .context("unterminated ELF section name")?;
-        Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
-    };
+    use object::elf::{SHF_ALLOC, SHF_EXECINSTR, SHF_WRITE, SHT_NOBITS};
+    use object::read::elf::{ElfFile32, SectionHeader as _};
+    use object::{LittleEndian as LE, Object as _, ObjectSection as _};
+    let file = ElfFile32::<LE>::parse(elf).context("not a 32-bit little-endian ELF file")?;
     let mut sizes = Sizes::default();
-    for i in 0..shnum {
-        let h = header(i);
-        let (sh_type, flags, size) = (u32_at(h + 4)?, u32_at(h + 8)?, u64::from(u32_at(h + 20)?));
+    for section in file.sections() {
+        let h = section.elf_section_header();
+        let (sh_type, flags, size) = (h.sh_type(LE), h.sh_flags(LE), u64::from(h.sh_size(LE)));
         if flags & SHF_ALLOC == 0 || size == 0 {
             continue;
         }
@@ -539,7 +497,7 @@ fn elf_sizes(elf: &[u8]) -> Result<Sizes> {
             Kind::Reserved => {}
         }
         sizes.sections.push(Section {
-            name: name(u32_at(h)?)?,
+            name: section.name().context("ELF section name")?.to_string(),
             size,
             kind,
         });
@@ -617,6 +575,7 @@ fn size_report(chip: Chip, image: u64, slot: &Slot, sizes: &Sizes, base: &Footpr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use object::elf::{SHF_ALLOC, SHF_EXECINSTR, SHF_WRITE, SHT_NOBITS};
 
     fn testdata(path: &str) -> String {
         std::fs::read_to_string(root().join("testdata").join(path)).unwrap()
@@ -769,7 +728,8 @@ mod tests {
         let shoff = names_off + names.len() as u32;
         let shnum = sections.len() as u16 + 2;
         let mut elf = vec![0u8; 52];
-        elf[..6].copy_from_slice(b"\x7fELF\x01\x01");
+        // Magic, 32-bit, little-endian, ELF version 1.
+        elf[..7].copy_from_slice(b"\x7fELF\x01\x01\x01");
         elf[0x20..0x24].copy_from_slice(&shoff.to_le_bytes());
         elf[0x2e..0x30].copy_from_slice(&40u16.to_le_bytes());
         elf[0x30..0x32].copy_from_slice(&shnum.to_le_bytes());

@@ -33,7 +33,7 @@
 //!
 //! rumqttd was checked against the device's client (rust-mqtt, MQTT v5) and
 //! the controller's (rumqttc v5): retained status, the last will on an abrupt
-//! drop and QoS 1 round trips all work (see `tests/embedded_broker.rs`; the
+//! drop and QoS 1 round trips all work (see `mqota-e2e`'s `tests/controller_embedded_broker.rs`; the
 //! other levels in `tests/broker_levels.rs`). The alternative considered was
 //! rmqtt (0.24), a broker library that serves 3.1, 3.1.1 and 5 itself and has
 //! ACL plugins. It is not used for now: it is a much larger dependency (its

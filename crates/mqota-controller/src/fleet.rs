@@ -28,7 +28,7 @@
 //! retained statuses again. What the replay may still miss is reported by
 //! [`Fleet::gaps`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -174,6 +174,8 @@ pub struct Fleet {
     task: tokio::task::JoinHandle<()>,
     /// Signs every command when devices take only signed ones.
     signer: Option<Arc<JobSigner>>,
+    /// Ids seen without a status, and since when ([`Fleet::expire_ghosts`]).
+    ghosts: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// The state of the broker connection, shared with the event loop.
@@ -299,6 +301,7 @@ impl Fleet {
             link,
             task,
             signer: None,
+            ghosts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -435,6 +438,61 @@ impl Fleet {
         self.publish(topic, payload).await
     }
 
+    /// Clears device `id`'s retained status and availability on the broker
+    /// (empty retained messages), so that no controller learns it again
+    /// from the broker's replay. A device that is still alive publishes
+    /// them again when it next connects or changes state.
+    pub async fn clear_retained(&self, id: &str) -> Result<(), FleetError> {
+        self.clear(id, true).await
+    }
+
+    /// Clears only device `id`'s retained availability: what a ghost
+    /// ([`Fleet::expire_ghosts`]) left. Its status, if one the controller
+    /// could not read is retained, is left alone.
+    pub async fn clear_availability(&self, id: &str) -> Result<(), FleetError> {
+        self.clear(id, false).await
+    }
+
+    async fn clear(&self, id: &str, status: bool) -> Result<(), FleetError> {
+        // The same id rules as commands: no topic nobody could own.
+        command_topic(&self.prefix, id, TopicKind::Cancel)?;
+        let topics = Topics::new(&self.prefix, id).expect("checked above");
+        let mut clear = vec![topics.availability()];
+        if status {
+            clear.push(topics.status());
+        }
+        for topic in clear {
+            self.client
+                .publish(topic.to_string(), QoS::AtLeastOnce, true, Vec::new())
+                .await
+                .map_err(|_| FleetError::Closed)?;
+            self.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Forgets the ghosts whose time is up at `now`: ids the fleet has
+    /// known for `max_age` without ever a status (only an availability was
+    /// heard: a device that never got as far as publishing its status, or
+    /// a client making ids up). They are removed from the picture (a
+    /// [`FleetEvent::Removed`] each) and returned, for the caller to clear
+    /// their retained availability ([`Fleet::clear_retained`]). The clock
+    /// starts when a sweep first finds an id without status, so call this
+    /// regularly, at most `max_age / 2` apart.
+    pub fn expire_ghosts(&self, now: std::time::Instant, max_age: Duration) -> Vec<String> {
+        let mut devices = self.devices.lock().unwrap();
+        let mut ghosts = self.ghosts.lock().unwrap();
+        let gone = expired_ghosts(&devices, &mut ghosts, now, max_age);
+        for id in &gone {
+            devices.remove(id);
+        }
+        drop((devices, ghosts));
+        for id in &gone {
+            let _ = self.events.send(FleetEvent::Removed(id.clone()));
+        }
+        gone
+    }
+
     /// Sends `rollback` to one device, reported under `job` if given.
     pub async fn rollback(&self, id: &str, job: Option<&str>) -> Result<(), FleetError> {
         let topic = command_topic(&self.prefix, id, TopicKind::Rollback)?;
@@ -523,6 +581,30 @@ fn command_topic(prefix: &str, id: &str, kind: TopicKind) -> Result<String, Flee
         TopicKind::Rollback => topics.rollback(),
     };
     Ok(topic.to_string())
+}
+
+/// The ghosts of `devices` whose time is up at `now`, without I/O (see
+/// [`Fleet::expire_ghosts`]): `first_seen` says since when each id without
+/// a status has been seen so; ids that gained a status, or left, are
+/// dropped from it, and new ones start their clock at `now`.
+pub fn expired_ghosts(
+    devices: &BTreeMap<String, DeviceView>,
+    first_seen: &mut HashMap<String, std::time::Instant>,
+    now: std::time::Instant,
+    max_age: Duration,
+) -> Vec<String> {
+    first_seen.retain(|id, _| devices.get(id).is_some_and(|d| d.status.is_none()));
+    let mut gone = Vec::new();
+    for d in devices.values().filter(|d| d.status.is_none()) {
+        let since = *first_seen.entry(d.id.clone()).or_insert(now);
+        if now.saturating_duration_since(since) >= max_age {
+            gone.push(d.id.clone());
+        }
+    }
+    for id in &gone {
+        first_seen.remove(id);
+    }
+    gone
 }
 
 /// Up to five ids, then how many more.
@@ -629,6 +711,11 @@ fn handle_publish(
                 }
             };
             let mut d = devices.lock().unwrap();
+            if payload.is_empty() && !d.contains_key(id) {
+                // A cleared availability (a forgotten device or ghost) is
+                // no sign of a device.
+                return;
+            }
             let mut entry = view(&mut d);
             entry.online = online;
             d.insert(id.to_owned(), entry);
@@ -645,6 +732,56 @@ fn handle_publish(
 mod tests {
     use super::*;
     use mqota_core::protocol::{parse_command, Command, CommandOutcome};
+
+    #[test]
+    fn an_id_without_a_status_is_forgotten_once_it_has_been_one_for_the_max_age() {
+        let view = |id: &str, status: bool| DeviceView {
+            id: id.into(),
+            status: status.then(|| {
+                serde_json::from_value(serde_json::json!({
+                    "device": id, "chip": "esp32c3", "project": "p",
+                    "version": "1.0.0", "slot": 0, "state": "valid", "last": null,
+                }))
+                .unwrap()
+            }),
+            online: true,
+            progress: None,
+            ended: Vec::new(),
+            in_flight: None,
+        };
+        let mut devices: BTreeMap<String, DeviceView> = ["real", "ghost", "late"]
+            .iter()
+            .map(|id| (id.to_string(), view(id, *id == "real")))
+            .collect();
+        let mut seen = HashMap::new();
+        let t0 = std::time::Instant::now();
+        let s = Duration::from_secs;
+        let age = s(600);
+        assert!(expired_ghosts(&devices, &mut seen, t0, age).is_empty());
+        assert_eq!(
+            seen.len(),
+            2,
+            "the clock starts for both ids without status"
+        );
+        // `late` publishes its status before its time is up: no ghost.
+        devices.insert("late".into(), view("late", true));
+        assert!(expired_ghosts(&devices, &mut seen, t0 + s(599), age).is_empty());
+        assert!(!seen.contains_key("late"));
+        assert_eq!(
+            expired_ghosts(&devices, &mut seen, t0 + s(600), age),
+            ["ghost"]
+        );
+        assert!(seen.is_empty());
+        // An id seen first later has its own clock.
+        devices.insert("new".into(), view("new", false));
+        devices.remove("ghost");
+        assert!(expired_ghosts(&devices, &mut seen, t0 + s(700), age).is_empty());
+        assert!(expired_ghosts(&devices, &mut seen, t0 + s(1299), age).is_empty());
+        assert_eq!(
+            expired_ghosts(&devices, &mut seen, t0 + s(1300), age),
+            ["new"]
+        );
+    }
 
     #[test]
     fn commands_go_to_the_topics_the_device_subscribes_to() {

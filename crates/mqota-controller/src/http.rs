@@ -5,7 +5,8 @@
 //! | `GET`/`HEAD /firmware/{name}` | the image, if valid (else 404); one `Range` (206, or 416 when unsatisfiable or past any number), a strong `ETag` (the file's SHA-256) with `If-None-Match` (304) and `If-Range` |
 //! | `GET /api/firmware` | the valid images: `[{name, url, chip, project, version, size, sha256, valid, error, signers}]` |
 //! | `GET /api/devices?limit=N&after=ID` | one page of the devices recorded in the store, in id order: `{devices: [{id, status, updated_at}], next}`, the retained statuses as last seen; at most `N` devices (default [`DEVICES_PAGE`], at most [`DEVICES_PAGE_MAX`]) whose ids sort after `ID`; `next` is the `after` of the following page, `null` on the last; `400` for a bad `limit` |
-//! | `GET /api/devices/{id}/history` | the device's status changes and job endings |
+//! | `GET /api/devices/{id}/history?limit=N&before=SEQ` | a page of the device's status changes and job endings, oldest first: its newest `limit` entries (default [`HISTORY_PAGE`], at most [`HISTORY_PAGE_MAX`]) before entry `before` (default: the newest); when there are older ones, `x-mqota-history-before` names the `before` of the page before |
+//! | `DELETE /api/devices/{id}` | forgets the device ([`forget_router`]): `200`, `404` unknown, `409` while it is online or in a deployment not over |
 //! | `GET /api/deployments`, `/api/deployments/{id}` | deployments with each device's result |
 //! | `POST /api/deployments/{id}/pause`, `/resume`, `/stop` | the operator's command ([`control_router`]); `200` with the deployment, `404` unknown, `409` when its state does not allow it |
 //! | `POST /api/firmware/{name}` | adds the body (the raw file, `Content-Type: application/octet-stream`) to the catalogue ([`catalogue_router`]): `201` with its entry; refused with `{"error"}` and `400` (name), `409` (name taken), `413` (larger than [`MAX_UPLOAD`]), `422` (not a valid app image, with the validator's reason) |
@@ -93,6 +94,14 @@ async fn api_control(
         );
     }
     let done = tokio::task::spawn_blocking(move || {
+        if action == "resume" {
+            // Run elsewhere (a `deploy` holds its claim): resuming here
+            // would make a second runner.
+            crate::rollout::ensure_not_claimed_elsewhere(&store, &id).map_err(|e| match e {
+                crate::rollout::RolloutError::Store(e) => Control::Store(e),
+                e => Control::Claimed(e),
+            })?;
+        }
         let d = match action.as_str() {
             "pause" => store.pause(&id),
             "stop" => store.stop(&id),
@@ -101,19 +110,35 @@ async fn api_control(
         if action == "resume" {
             runner.run(&d.id);
         }
-        Ok::<_, crate::store::StoreError>(d)
+        Ok::<_, Control>(d)
     })
     .await;
     match done {
         Ok(Ok(d)) => Json(d).into_response(),
-        Ok(Err(crate::store::StoreError::UnknownDeployment(id))) => {
+        Ok(Err(Control::Claimed(e))) => api_error(StatusCode::CONFLICT, e),
+        Ok(Err(Control::Store(crate::store::StoreError::UnknownDeployment(id)))) => {
             api_error(StatusCode::NOT_FOUND, format!("no deployment {id:?}"))
         }
-        Ok(Err(e @ crate::store::StoreError::NotAllowed { .. })) => {
+        Ok(Err(Control::Store(e @ crate::store::StoreError::NotAllowed { .. }))) => {
             api_error(StatusCode::CONFLICT, e)
         }
-        Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(Err(Control::Store(e))) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// Why an operator's command over the API was not carried out.
+enum Control {
+    /// The store refused it (unknown deployment, state does not allow it)
+    /// or failed.
+    Store(crate::store::StoreError),
+    /// Another process runs the deployment.
+    Claimed(crate::rollout::RolloutError),
+}
+
+impl From<crate::store::StoreError> for Control {
+    fn from(e: crate::store::StoreError) -> Self {
+        Control::Store(e)
     }
 }
 
@@ -310,7 +335,7 @@ pub struct FirmwareListing {
     pub project: Option<String>,
     /// Version.
     pub version: Option<String>,
-    /// Bytes.
+    /// Size of the file on disk in bytes.
     pub size: u64,
     /// SHA-256 of the file, hex.
     pub sha256: String,
@@ -443,8 +468,148 @@ async fn api_devices(State(st): State<Arc<AppState>>, Query(q): Query<DevicesQue
     .await
 }
 
-async fn api_history(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    blocking(move || st.store.history(&id)).await
+/// Entries of a device's history one `GET /api/devices/{id}/history`
+/// answers unless it asks for another number.
+pub const HISTORY_PAGE: usize = 200;
+/// The most entries one page of history may have.
+pub const HISTORY_PAGE_MAX: usize = 1000;
+
+/// The query of `GET /api/devices/{id}/history`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    limit: Option<usize>,
+    before: Option<i64>,
+}
+
+async fn api_history(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    q: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let limit = q.limit.unwrap_or(HISTORY_PAGE);
+    if !(1..=HISTORY_PAGE_MAX).contains(&limit) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be 1..={HISTORY_PAGE_MAX}"),
+        );
+    }
+    let page = tokio::task::spawn_blocking(move || st.store.history_page(&id, q.before, limit));
+    match page.await {
+        Ok(Ok((entries, before))) => {
+            let mut resp = Json(entries).into_response();
+            if let Some(b) = before {
+                resp.headers_mut()
+                    .insert("x-mqota-history-before", HeaderValue::from(b));
+            }
+            resp
+        }
+        Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// `DELETE /api/devices/{id}`, for `serve`: forgets a device that is gone
+/// ([`forget`]). State-changing: `serve` puts it behind [`guard_hosts`].
+pub fn forget_router(store: Arc<Store>, fleet: Arc<crate::fleet::Fleet>) -> Router {
+    Router::new()
+        .route("/api/devices/{id}", axum::routing::delete(api_forget))
+        .with_state((store, fleet))
+}
+
+async fn api_forget(
+    State((store, fleet)): State<(Arc<Store>, Arc<crate::fleet::Fleet>)>,
+    Path(id): Path<String>,
+) -> Response {
+    match forget(&store, &fleet, &id).await {
+        Ok(f) => Json(f).into_response(),
+        Err(e @ ForgetError::Unknown(_)) => api_error(StatusCode::NOT_FOUND, e),
+        Err(
+            e @ (ForgetError::Online(_)
+            | ForgetError::Store(crate::store::StoreError::DeviceInDeployment { .. })),
+        ) => api_error(StatusCode::CONFLICT, e),
+        Err(ForgetError::Fleet(e)) => api_error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// What [`forget`] removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Forgotten {
+    /// The device.
+    pub id: String,
+    /// Its record and history were in the store.
+    pub store: bool,
+    /// The broker had a retained status or availability of it (now
+    /// cleared).
+    pub broker: bool,
+}
+
+/// Why a device cannot be forgotten.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ForgetError {
+    /// Neither the store nor the broker knows the id: check it.
+    #[error("device {0:?} is not known (not in the store, no retained status)")]
+    Unknown(String),
+    /// The device is online: it would be back with its next status.
+    /// Forget a device that is gone (switched off for good, renamed).
+    #[error("device {0} is online: it would be back with its next status; forget only a device that is gone")]
+    Online(String),
+    /// The store refused (the device is in a deployment not over) or
+    /// failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The broker could not be told: nothing was removed from the store;
+    /// try again when it is reachable.
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
+}
+
+/// Forgets device `id` for good: its retained status and availability are
+/// cleared on the broker (else every controller would learn it again from
+/// the replay), then its record and history leave the store (its results in
+/// past deployments stay with them). Refused while the device is online,
+/// or while it is in a deployment that is not over.
+pub async fn forget(
+    store: &Arc<Store>,
+    fleet: &crate::fleet::Fleet,
+    id: &str,
+) -> Result<Forgotten, ForgetError> {
+    let seen = fleet.device(id);
+    if seen.as_ref().is_some_and(|d| d.online) {
+        return Err(ForgetError::Online(id.to_owned()));
+    }
+    if !fleet.connected() {
+        return Err(ForgetError::Fleet(crate::fleet::FleetError::Closed));
+    }
+    // Short indexed queries: not worth a blocking task.
+    let in_store = store.device_known(id)?;
+    if seen.is_none() && !in_store {
+        return Err(ForgetError::Unknown(id.to_owned()));
+    }
+    // A deployment not over still counts on it: asked before the broker is
+    // changed (the store asks again when it removes the record).
+    if let Some(deployment) = store.unfinished_deployment_of_device(id)? {
+        return Err(ForgetError::Store(
+            crate::store::StoreError::DeviceInDeployment {
+                device: id.to_owned(),
+                deployment,
+            },
+        ));
+    }
+    fleet.clear_retained(id).await?;
+    fleet.flush(std::time::Duration::from_secs(10)).await?;
+    let removed = store.forget_device(id)?;
+    Ok(Forgotten {
+        id: id.to_owned(),
+        store: removed || in_store,
+        broker: seen.is_some(),
+    })
 }
 
 async fn api_deployments(State(st): State<Arc<AppState>>) -> Response {
@@ -474,6 +639,12 @@ pub enum RangeRequest {
 /// Reads a `Range` header value for a file of `len` bytes (RFC 9110
 /// §14.1.2). Several ranges are answered with the whole file, which the RFC
 /// allows and which devices never ask for.
+///
+/// Kept here rather than taken from the `headers` crate: its `Range` yields
+/// unresolved bounds and cannot tell a well-formed range past the end (or a
+/// position that overflows `u64`), which must be answered 416, from a
+/// malformed header, which must be ignored; this resolver decides both
+/// against the file's length in one place.
 pub fn parse_range(value: &str, len: u64) -> RangeRequest {
     let Some(spec) = value.trim().strip_prefix("bytes=") else {
         return RangeRequest::Whole;

@@ -7,6 +7,7 @@ pub mod catalogue;
 pub mod dashboard;
 pub mod fleet;
 pub mod http;
+pub mod lease;
 pub mod logs;
 pub mod machine;
 pub mod remote;

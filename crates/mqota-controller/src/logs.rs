@@ -30,7 +30,7 @@ pub enum LogsError {
     Connect {
         /// The broker.
         url: String,
-        /// Why.
+        /// What the connection or subscription attempt failed with.
         reason: String,
     },
     /// The device did not answer (it is offline, or too old to keep a log).

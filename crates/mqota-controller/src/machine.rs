@@ -5,9 +5,21 @@
 //! rollout decides (next stage, failure threshold, automatic rollback,
 //! pause, stop) is here, so it is tested as a table (below) rather than
 //! through a broker.
+//!
+//! The same goes for the waits in between: [`Wait`] holds the devices a
+//! stage (or a stop's rollback) waits for with their deadlines, and is told
+//! what each device said ([`result_of`], read from the device's own topics
+//! only), the clock and the operator's state; it answers whose wait ended,
+//! how ([`Outcome`]), and whether an operator's stop ends the wait. [`Course`]
+//! is what one runner remembers between two steps (a pause it saw, the
+//! stage it announced). The runner is left with the I/O: the broker, the
+//! store, the clock and the observer.
 
 use std::collections::BTreeMap;
 
+use mqota_core::protocol::{ErrorCode, Phase};
+
+use crate::fleet::DeviceView;
 use crate::rollout::{too_many_failures, RolloutOptions};
 use crate::store::{DeploymentState, DeviceState};
 
@@ -166,6 +178,161 @@ pub fn next(
             )),
         }
     }
+}
+
+/// What one runner remembers between two steps: [`Course::next`] is
+/// [`next`] for a runner that has seen a pause (it must end once its jobs in
+/// flight are in, even when resumed meanwhile: the resume starts a runner
+/// of its own, and two would send every later stage twice), and
+/// [`Course::announce`] tells each stage once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Course {
+    saw_pause: bool,
+    announced: Option<u32>,
+}
+
+impl Course {
+    /// [`next`], after a pause seen by this runner: no more sending, no
+    /// end; the runner stops with its jobs in flight in.
+    pub fn next(
+        &mut self,
+        devices: &Devices,
+        options: &RolloutOptions,
+        state: DeploymentState,
+        reason: Option<&str>,
+    ) -> Next {
+        self.saw_pause |= state == DeploymentState::Paused;
+        match next(devices, options, state, reason) {
+            Next::Send { .. } | Next::Finish { .. } if self.saw_pause => Next::Paused,
+            step => step,
+        }
+    }
+
+    /// Whether stage `stage` is to be announced now (the first time it is
+    /// sent or waited for).
+    pub fn announce(&mut self, stage: u32) -> bool {
+        let first = self.announced != Some(stage);
+        self.announced = Some(stage);
+        first
+    }
+}
+
+/// What a [`Wait`] waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaiting {
+    /// Jobs: any terminal phase of the job ends a device's wait, and an
+    /// operator's stop ends the whole wait (the stop then cancels them).
+    Jobs,
+    /// Rollbacks the controller sent: the device reports one under the
+    /// deployment's job id while its retained `last` still says `done`, so
+    /// only `rolled_back` (or a `failed`) ends it; a stop does not (a
+    /// rollback is never cancelled: the device may be booting back).
+    Rollbacks,
+}
+
+/// The devices a runner waits for, each with its deadline, without I/O
+/// (see the module doc). `I` is the clock's instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wait<I> {
+    awaiting: Awaiting,
+    deadlines: BTreeMap<String, I>,
+}
+
+impl<I: Copy + PartialOrd> Wait<I> {
+    /// Nobody waited for yet.
+    pub fn new(awaiting: Awaiting) -> Self {
+        Self {
+            awaiting,
+            deadlines: BTreeMap::new(),
+        }
+    }
+
+    /// Waits for `device` until `deadline`.
+    pub fn add(&mut self, device: String, deadline: I) {
+        self.deadlines.insert(device, deadline);
+    }
+
+    /// Whether every device's wait has ended.
+    pub fn is_over(&self) -> bool {
+        self.deadlines.is_empty()
+    }
+
+    /// Whether `device` is still waited for.
+    pub fn is_waiting(&self, device: &str) -> bool {
+        self.deadlines.contains_key(device)
+    }
+
+    /// The devices still waited for.
+    pub fn waiting(&self) -> Vec<String> {
+        self.deadlines.keys().cloned().collect()
+    }
+
+    /// Whether the deployment's state, as the operator left it, matters to
+    /// this wait (the runner then reads it now and then).
+    pub fn obeys_operator(&self) -> bool {
+        self.awaiting == Awaiting::Jobs
+    }
+
+    /// Whether the operator's `state` ends the wait now: a stop ends a
+    /// wait for jobs (the runner's next step cancels them).
+    pub fn ended_by(&self, state: DeploymentState) -> bool {
+        self.obeys_operator() && state == DeploymentState::Stopped
+    }
+
+    /// What `device` (waited for in state `before`) said, at `now`: its
+    /// outcome when its wait ends (it is then no longer waited for). `said`
+    /// is [`result_of`] the device; a phase that does not end what is
+    /// awaited counts as nothing said.
+    pub fn device(
+        &mut self,
+        device: &str,
+        before: DeviceState,
+        said: Option<(Phase, Option<String>)>,
+        now: I,
+    ) -> Option<Outcome> {
+        let deadline = *self.deadlines.get(device)?;
+        let said = said.filter(|(p, _)| match self.awaiting {
+            Awaiting::Jobs => p.is_terminal(),
+            Awaiting::Rollbacks => matches!(p, Phase::RolledBack | Phase::Failed),
+        });
+        let o = outcome(before, said, now, deadline)?;
+        self.deadlines.remove(device);
+        Some(o)
+    }
+}
+
+/// How a job of deployment `job` (installing `version`) ended on `d`, if it
+/// did. Everything read here came from the device's own topics with its own
+/// id in the payload ([`crate::fleet`] drops the rest). A failure is
+/// believed from a terminal progress event of the job; success only from
+/// the retained status: it must run `version` and its `last.job` must be
+/// the job, since a progress `done` alone proves nothing about what boots.
+pub fn result_of(d: &DeviceView, job: &str, version: &str) -> Option<(Phase, Option<String>)> {
+    let status = d.status.as_ref();
+    if let Some(last) = status.and_then(|s| s.last.as_ref()) {
+        if last.job.as_deref() == Some(job) && last.result.is_terminal() {
+            let runs_it = status
+                .is_some_and(|s| mqota_core::version::same_release(s.version.as_str(), version));
+            if last.result != Phase::Done || runs_it {
+                return Some((last.result, last.error.map(|e| e.as_str().to_owned())));
+            }
+        }
+    }
+    for p in d.ended.iter().rev() {
+        if p.job.as_deref() != Some(job) || p.phase == Phase::Done {
+            continue;
+        }
+        match p.error {
+            // A refusal of a repeated start (`duplicate_job`, or `busy`
+            // while this very job runs: a redelivered command) is not how
+            // the job ended: the job's own events and the status say that.
+            Some(ErrorCode::DuplicateJob) => continue,
+            Some(ErrorCode::Busy) if d.in_flight.as_deref() == Some(job) => continue,
+            // `busy` with another job: this one will never run.
+            _ => return Some((p.phase, p.error.map(|e| e.as_str().to_owned()))),
+        }
+    }
+    None
 }
 
 /// What a waited-for device's job came to, decided from what the device
@@ -454,6 +621,97 @@ mod tests {
                 c.what
             );
         }
+    }
+
+    #[test]
+    fn a_runner_that_saw_a_pause_sends_nothing_more_even_once_resumed() {
+        let none = opts(Amount::Count(0), false);
+        let mut c = Course::default();
+        let sent = devices(&[("a", 0, Sent), ("b", 1, Pending)]);
+        let done = devices(&[("a", 0, Done), ("b", 1, Pending)]);
+        let all_done = devices(&[("a", 0, Done), ("b", 1, Done)]);
+        // Running: it sends the next stage.
+        assert!(matches!(
+            c.clone().next(&done, &none, D::Running, None),
+            Next::Send { stage: 1, .. }
+        ));
+        // Paused with a job in flight: it waits for it.
+        assert!(matches!(
+            c.next(&sent, &none, D::Paused, None),
+            Next::Wait { stage: 0, .. }
+        ));
+        // Resumed meanwhile (by another process or this one's next run): this
+        // run still ends once its job is in, and ends nothing itself.
+        assert_eq!(c.next(&done, &none, D::Running, None), Next::Paused);
+        assert_eq!(c.next(&all_done, &none, D::Running, None), Next::Paused);
+        // A stop or a stop for failures is still carried out.
+        assert!(matches!(
+            c.next(&sent, &none, D::Stopped, Some(STOPPED_BY_OPERATOR)),
+            Next::Stopped { .. }
+        ));
+        let failed = devices(&[("a", 0, Failed), ("b", 1, Pending)]);
+        assert!(matches!(
+            c.next(&failed, &none, D::Running, None),
+            Next::StopForFailures { .. }
+        ));
+        // Each stage is announced once.
+        let mut c = Course::default();
+        assert!(c.announce(0));
+        assert!(!c.announce(0));
+        assert!(c.announce(1));
+    }
+
+    #[test]
+    fn a_wait_ends_device_by_device_by_what_each_said_or_its_deadline() {
+        let said = |p: Phase, e: Option<&str>| Some((p, e.map(str::to_owned)));
+        let mut w = Wait::new(Awaiting::Jobs);
+        w.add("a".into(), 10);
+        w.add("b".into(), 20);
+        assert!(w.obeys_operator());
+        assert!(!w.ended_by(D::Paused), "a pause lets the jobs finish");
+        assert!(!w.ended_by(D::Running));
+        assert!(w.ended_by(D::Stopped));
+        // A phase that is not an end is nothing said.
+        assert_eq!(w.device("a", Sent, said(Phase::Downloading, None), 5), None);
+        assert_eq!(
+            w.device("x", Sent, said(Phase::Done, None), 5),
+            None,
+            "not waited for"
+        );
+        let o = w
+            .device("a", Sent, said(Phase::Failed, Some("http_status")), 5)
+            .unwrap();
+        assert_eq!(
+            (o.state, o.error.as_deref(), o.cancel),
+            (Failed, Some("http_status"), false)
+        );
+        assert!(!w.is_waiting("a"));
+        assert_eq!(
+            w.device("a", Failed, said(Phase::Done, None), 6),
+            None,
+            "ended once"
+        );
+        assert_eq!(w.device("b", Sent, None, 19), None);
+        let o = w.device("b", Sent, None, 20).unwrap();
+        assert_eq!((o.state, o.cancel), (TimedOut, true));
+        assert!(w.is_over());
+
+        // A rollback's wait: only `rolled_back` or `failed` ends it, a stop
+        // does not, and a timeout sends no cancel.
+        let mut w = Wait::new(Awaiting::Rollbacks);
+        w.add("a".into(), 10);
+        w.add("b".into(), 10);
+        assert!(!w.obeys_operator() && !w.ended_by(D::Stopped));
+        assert_eq!(
+            w.device("a", RollbackSent, said(Phase::Cancelled, None), 1),
+            None
+        );
+        let o = w
+            .device("a", RollbackSent, said(Phase::RolledBack, None), 1)
+            .unwrap();
+        assert_eq!(o.state, Reverted);
+        let o = w.device("b", RollbackSent, None, 10).unwrap();
+        assert_eq!((o.state, o.cancel), (RevertFailed, false));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! | `device_history` | row id | every status change and every terminal progress event |
 //! | `deployments` | `id` (the job id) | firmware, job fields, options, state |
 //! | `deployment_devices` | `(deployment, device)` | stage, result, error, the version before, the device's last log records when its job failed ([`JobLog`]) |
+//! | `deployment_claims` | `deployment` | the process running it and when its lease lapses ([`crate::lease`]) |
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::{Identity, Role};
 use crate::catalogue::FirmwareEntry;
+use crate::lease::{Claim, Decision};
 use crate::unix_now;
 
 /// File name of the database inside the data directory.
@@ -36,7 +38,8 @@ pub enum StoreError {
     Open {
         /// The database file.
         path: PathBuf,
-        /// Why.
+        /// SQLite's reason (file not found, permission denied, not a
+        /// database).
         source: rusqlite::Error,
     },
     /// A query failed (disk full, database locked for too long, corrupt
@@ -44,7 +47,8 @@ pub enum StoreError {
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
     /// A deployment id that the database does not know: check the id
-    /// (`mqota deploy --list`, `/api/deployments`).
+    /// (`mqota deploy` prints it when it creates one; `GET /api/deployments`
+    /// lists them all).
     #[error("no deployment {0:?}")]
     UnknownDeployment(String),
     /// The database was written by a newer mqota (its schema version is
@@ -63,6 +67,15 @@ pub enum StoreError {
     /// first (`mqota device remove`) to give it a new password.
     #[error("{0:?} already has MQTT credentials")]
     IdentityExists(String),
+    /// `mqota forget` for a device that is in a running or paused
+    /// deployment: stop that deployment first, or wait for it to end.
+    #[error("device {device} is in deployment {deployment}, which is not over: stop it first (`mqota deploy --stop {deployment}`)")]
+    DeviceInDeployment {
+        /// The device.
+        device: String,
+        /// The deployment that still counts on it.
+        deployment: String,
+    },
     /// An operator command (pause, resume, stop) that the deployment's state
     /// does not allow, e.g. pausing a finished one: nothing was changed.
     #[error("deployment {id} is {state}: cannot {action} it")]
@@ -338,12 +351,36 @@ fn row_to_device(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredDevice> {
 /// One entry of a device's history.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HistoryEntry {
+    /// Its place in the history (grows with every entry of any device): the
+    /// cursor for the page before it ([`Store::history_page`]).
+    pub seq: i64,
     /// Unix seconds.
     pub at: i64,
     /// `status` or `progress`.
     pub kind: String,
     /// The document.
     pub data: serde_json::Value,
+}
+
+/// How much device history [`Store::prune_history`] keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Entries older than this go.
+    pub max_age: std::time::Duration,
+    /// Each device keeps at most this many of its newest entries.
+    pub max_entries: usize,
+}
+
+impl Default for Retention {
+    /// 90 days and 1,000 entries a device: a device that changes state a
+    /// few times a day keeps months, and 10,000 devices at the cap are
+    /// about 10 million rows (a few GB at most), not an unbounded file.
+    fn default() -> Self {
+        Self {
+            max_age: std::time::Duration::from_secs(90 * 86_400),
+            max_entries: 1000,
+        }
+    }
 }
 
 /// The database.
@@ -367,6 +404,7 @@ impl std::fmt::Debug for Store {
 /// | 2 | `deployments.runner` (who runs it, for `serve` to resume its own); the rollback mark moves from `error = 'rollback sent'` to the state `rollback_sent` |
 /// | 3 | `deployment_devices.log`: the [`JobLog`] of a failed job, as JSON |
 /// | 4 | `mqtt_identities`: MQTT user name, role (`device`, `controller`), password hash |
+/// | 5 | `deployment_claims`: who runs a deployment, until when ([`crate::lease`]); `device_history` indexed by time, for [`Store::prune_history`] |
 const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE IF NOT EXISTS firmware (
@@ -399,6 +437,11 @@ ALTER TABLE deployment_devices ADD COLUMN log TEXT;
     "
 CREATE TABLE mqtt_identities (
     name TEXT PRIMARY KEY, role TEXT NOT NULL, hash TEXT NOT NULL, created_at INTEGER NOT NULL);
+",
+    "
+CREATE TABLE deployment_claims (
+    deployment TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at_ms INTEGER NOT NULL);
+CREATE INDEX device_history_by_time ON device_history(at);
 ",
 ];
 
@@ -528,14 +571,81 @@ impl Store {
     }
 
     /// Adds a progress event (the controller keeps the terminal ones) to a
-    /// device's history.
-    pub fn record_progress(&self, id: &str, event: &serde_json::Value) -> Result<(), StoreError> {
+    /// device's history, if the device is in the store: an id known only
+    /// from progress events is no device (anyone may publish under a
+    /// made-up id), and gets no record. Returns whether it was added.
+    pub fn record_progress(&self, id: &str, event: &serde_json::Value) -> Result<bool, StoreError> {
         let c = self.conn.lock().unwrap();
-        c.execute(
-            "INSERT INTO device_history (device, at, kind, data) VALUES (?1, ?2, 'progress', ?3)",
+        let n = c.execute(
+            "INSERT INTO device_history (device, at, kind, data)
+             SELECT ?1, ?2, 'progress', ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)",
             params![id, unix_now(), event.to_string()],
         )?;
-        Ok(())
+        Ok(n == 1)
+    }
+
+    /// Whether the store has a record of device `id`.
+    pub fn device_known(&self, id: &str) -> Result<bool, StoreError> {
+        let c = self.conn.lock().unwrap();
+        Ok(
+            c.query_row("SELECT 1 FROM devices WHERE id = ?1", [id], |_| Ok(()))
+                .optional()?
+                .is_some(),
+        )
+    }
+
+    /// The oldest deployment not over (`running` or `paused`) that device
+    /// `id` is in, if any.
+    pub fn unfinished_deployment_of_device(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        unfinished_deployment_of(&c, id)
+    }
+
+    /// Removes device `id` from the store: its record and its history (its
+    /// results in past deployments stay, as part of those). Refused while it
+    /// is in a running or paused deployment, whose rollout still counts on
+    /// it. Returns whether the store knew it.
+    pub fn forget_device(&self, id: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn.lock().unwrap();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if let Some(deployment) = unfinished_deployment_of(&tx, id)? {
+            return Err(StoreError::DeviceInDeployment {
+                device: id.to_owned(),
+                deployment,
+            });
+        }
+        let n = tx.execute("DELETE FROM devices WHERE id = ?1", [id])?;
+        let h = tx.execute("DELETE FROM device_history WHERE device = ?1", [id])?;
+        tx.commit()?;
+        Ok(n + h > 0)
+    }
+
+    /// Applies `retention` to the device history at `now` (Unix seconds):
+    /// entries older than its age go, then each device keeps at most its
+    /// newest `max_entries`. Returns how many entries were removed.
+    pub fn prune_history(&self, now: i64, retention: &Retention) -> Result<usize, StoreError> {
+        let mut c = self.conn.lock().unwrap();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let cutoff = now.saturating_sub(retention.max_age.as_secs() as i64);
+        let mut removed = tx.execute("DELETE FROM device_history WHERE at < ?1", [cutoff])?;
+        let over: Vec<String> = {
+            let mut st = tx.prepare(
+                "SELECT device FROM device_history GROUP BY device HAVING COUNT(*) > ?1",
+            )?;
+            let rows = st.query_map([retention.max_entries as i64], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for device in over {
+            // The seq of the oldest entry kept; everything before it goes.
+            removed += tx.execute(
+                "DELETE FROM device_history WHERE device = ?1 AND seq < (
+                     SELECT seq FROM device_history WHERE device = ?1
+                     ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+                params![device, retention.max_entries as i64 - 1],
+            )?;
+        }
+        tx.commit()?;
+        Ok(removed)
     }
 
     /// Every device with its latest status, by id.
@@ -571,20 +681,49 @@ impl Store {
         Ok((page, more))
     }
 
-    /// A device's history, oldest first.
+    /// A device's whole history, oldest first.
     pub fn history(&self, id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+        Ok(self.history_page(id, None, usize::MAX)?.0)
+    }
+
+    /// One page of a device's history: its newest `limit` entries before
+    /// `before` (a [`HistoryEntry::seq`]; `None`: the newest), oldest
+    /// first, and the cursor of the page before it when there are older
+    /// entries.
+    pub fn history_page(
+        &self,
+        id: &str,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<HistoryEntry>, Option<i64>), StoreError> {
         let c = self.conn.lock().unwrap();
-        let mut st =
-            c.prepare("SELECT at, kind, data FROM device_history WHERE device = ?1 ORDER BY seq")?;
-        let rows = st.query_map([id], |r| {
-            let text: String = r.get(2)?;
+        let mut st = c.prepare(
+            "SELECT seq, at, kind, data FROM device_history WHERE device = ?1 AND seq < ?2
+             ORDER BY seq DESC LIMIT ?3",
+        )?;
+        // One more than asked: whether there is an older page.
+        let take = i64::try_from(limit)
+            .unwrap_or(i64::MAX - 1)
+            .saturating_add(1);
+        let rows = st.query_map(params![id, before.unwrap_or(i64::MAX), take], |r| {
+            let text: String = r.get(3)?;
             Ok(HistoryEntry {
-                at: r.get(0)?,
-                kind: r.get(1)?,
+                seq: r.get(0)?,
+                at: r.get(1)?,
+                kind: r.get(2)?,
                 data: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
             })
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut page: Vec<HistoryEntry> = rows.collect::<Result<_, _>>()?;
+        let more = page.len() > limit;
+        page.truncate(limit);
+        page.reverse();
+        let next = if more {
+            page.first().map(|e| e.seq)
+        } else {
+            None
+        };
+        Ok((page, next))
     }
 
     /// Stores a new deployment with its devices.
@@ -787,6 +926,65 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Claims deployment `id` for `holder` until `now_ms + lease`, or
+    /// renews its claim, as [`crate::lease::decide`] says; inside one write
+    /// transaction, so of two processes claiming at once only one wins.
+    /// `Ok(Err(claim))`: another holder's lease runs; nothing was changed.
+    pub fn claim(
+        &self,
+        id: &str,
+        holder: &str,
+        now_ms: i64,
+        lease: std::time::Duration,
+    ) -> Result<Result<(), Claim>, StoreError> {
+        let mut c = self.conn.lock().unwrap();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let known: Option<String> = tx
+            .query_row("SELECT id FROM deployments WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if known.is_none() {
+            return Err(StoreError::UnknownDeployment(id.to_owned()));
+        }
+        let current = claim_of(&tx, id)?;
+        if let Decision::Refuse(other) = crate::lease::decide(current.as_ref(), holder, now_ms) {
+            return Ok(Err(other));
+        }
+        tx.execute(
+            "INSERT INTO deployment_claims (deployment, holder, expires_at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(deployment) DO UPDATE SET holder = excluded.holder,
+                 expires_at_ms = excluded.expires_at_ms",
+            params![id, holder, now_ms.saturating_add(lease.as_millis() as i64)],
+        )?;
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
+    /// Gives up `holder`'s claim on `id` (another holder's is left alone).
+    pub fn release(&self, id: &str, holder: &str) -> Result<(), StoreError> {
+        let c = self.conn.lock().unwrap();
+        c.execute(
+            "DELETE FROM deployment_claims WHERE deployment = ?1 AND holder = ?2",
+            params![id, holder],
+        )?;
+        Ok(())
+    }
+
+    /// Gives up every claim `holder` has (a process that stops on a
+    /// signal, so that no one waits for its leases to lapse).
+    pub fn release_all(&self, holder: &str) -> Result<usize, StoreError> {
+        let c = self.conn.lock().unwrap();
+        Ok(c.execute("DELETE FROM deployment_claims WHERE holder = ?1", [holder])?)
+    }
+
+    /// The claim on `id` that is in force at `now_ms`, if any (a lapsed one
+    /// is no claim).
+    pub fn claim_in_force(&self, id: &str, now_ms: i64) -> Result<Option<Claim>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        Ok(claim_of(&c, id)?.filter(|cl| now_ms < cl.expires_at_ms))
+    }
+
     /// Pauses a running deployment: its rollout sends no more jobs (those
     /// sent finish) and ends `paused`. A deployment stopping for failures
     /// cannot be paused.
@@ -908,6 +1106,31 @@ impl Store {
         }
         self.deployment(id)
     }
+}
+
+fn unfinished_deployment_of(c: &Connection, device: &str) -> Result<Option<String>, StoreError> {
+    Ok(c.query_row(
+        "SELECT d.id FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment
+         WHERE dd.device = ?1 AND d.state IN ('running', 'paused')
+         ORDER BY d.created_at LIMIT 1",
+        [device],
+        |r| r.get(0),
+    )
+    .optional()?)
+}
+
+fn claim_of(c: &Connection, id: &str) -> Result<Option<Claim>, StoreError> {
+    Ok(c.query_row(
+        "SELECT holder, expires_at_ms FROM deployment_claims WHERE deployment = ?1",
+        [id],
+        |r| {
+            Ok(Claim {
+                holder: r.get(0)?,
+                expires_at_ms: r.get(1)?,
+            })
+        },
+    )
+    .optional()?)
 }
 
 fn row_to_identity(r: &rusqlite::Row<'_>) -> rusqlite::Result<Identity> {
@@ -1209,6 +1432,112 @@ mod tests {
         }
         let err = Store::open(dir.path()).unwrap_err();
         assert!(matches!(err, StoreError::NewerSchema { .. }), "{err}");
+    }
+
+    #[test]
+    fn one_holder_at_a_time_claims_a_deployment_and_a_lapsed_claim_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        // Two processes on the same file, as serve and deploy are.
+        let other = Store::open(dir.path()).unwrap();
+        s.create_deployment(&deployment("d-1")).unwrap();
+        let lease = std::time::Duration::from_secs(10);
+        let (a, b) = ("serve pid 1 #aaaaaa", "deploy pid 2 #bbbbbb");
+        assert!(matches!(
+            s.claim("nope", a, 0, lease),
+            Err(StoreError::UnknownDeployment(_))
+        ));
+        assert_eq!(s.claim("d-1", a, 1_000, lease).unwrap(), Ok(()));
+        let held = Claim {
+            holder: a.into(),
+            expires_at_ms: 11_000,
+        };
+        assert_eq!(
+            other.claim("d-1", b, 10_999, lease).unwrap(),
+            Err(held.clone())
+        );
+        assert_eq!(other.claim_in_force("d-1", 10_999).unwrap(), Some(held));
+        // The holder renews: the lease starts again from then.
+        assert_eq!(s.claim("d-1", a, 8_000, lease).unwrap(), Ok(()));
+        assert!(other.claim("d-1", b, 17_999, lease).unwrap().is_err());
+        // Not renewed: at its expiry the other process takes it over, and
+        // the old holder is then refused.
+        assert_eq!(other.claim_in_force("d-1", 18_000).unwrap(), None);
+        assert_eq!(other.claim("d-1", b, 18_000, lease).unwrap(), Ok(()));
+        let now_b = Claim {
+            holder: b.into(),
+            expires_at_ms: 28_000,
+        };
+        assert_eq!(s.claim("d-1", a, 18_001, lease).unwrap(), Err(now_b));
+        // Releasing someone else's claim does nothing; its holder's does.
+        s.release("d-1", a).unwrap();
+        assert!(s.claim_in_force("d-1", 18_001).unwrap().is_some());
+        other.release("d-1", b).unwrap();
+        assert_eq!(s.claim_in_force("d-1", 18_001).unwrap(), None);
+        assert_eq!(s.claim("d-1", a, 18_002, lease).unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn history_is_paged_newest_last_and_pruned_by_age_and_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for i in 0..5 {
+            s.record_status("a", &serde_json::json!({"n": i})).unwrap();
+            s.record_status("b", &serde_json::json!({"n": i})).unwrap();
+        }
+        let n = |page: &[HistoryEntry]| -> Vec<i64> {
+            page.iter().map(|e| e.data["n"].as_i64().unwrap()).collect()
+        };
+        let (page, next) = s.history_page("a", None, 2).unwrap();
+        assert_eq!(n(&page), [3, 4]);
+        let (page, next) = s.history_page("a", next, 2).unwrap();
+        assert_eq!(n(&page), [1, 2]);
+        let (page, last) = s.history_page("a", next, 2).unwrap();
+        assert_eq!((n(&page), last), (vec![0], None));
+        assert_eq!(n(&s.history("a").unwrap()), [0, 1, 2, 3, 4]);
+
+        // Everything recorded "now": nothing is older than a day; the count
+        // leaves each device its newest three.
+        let now = unix_now();
+        let keep3 = Retention {
+            max_age: std::time::Duration::from_secs(86_400),
+            max_entries: 3,
+        };
+        assert_eq!(s.prune_history(now, &keep3).unwrap(), 4);
+        assert_eq!(n(&s.history("a").unwrap()), [2, 3, 4]);
+        assert_eq!(n(&s.history("b").unwrap()), [2, 3, 4]);
+        assert_eq!(s.prune_history(now, &keep3).unwrap(), 0);
+        // A day later, all of it is past the age.
+        assert_eq!(s.prune_history(now + 86_401, &keep3).unwrap(), 6);
+        assert!(s.history("a").unwrap().is_empty());
+        // The devices themselves stay: retention is about their history.
+        assert_eq!(s.devices().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn progress_of_an_id_without_a_status_is_not_recorded_and_forget_removes_a_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let ev = serde_json::json!({"phase": "failed"});
+        assert!(!s.record_progress("ghost", &ev).unwrap());
+        assert!(s.history("ghost").unwrap().is_empty());
+        s.record_status("a", &serde_json::json!({"v": 1})).unwrap();
+        assert!(s.record_progress("a", &ev).unwrap());
+        assert_eq!(s.history("a").unwrap().len(), 2);
+
+        // In a deployment not over: refused, naming it.
+        let mut d = deployment("d-1");
+        d.devices[0].device = "a".into();
+        s.create_deployment(&d).unwrap();
+        let err = s.forget_device("a").unwrap_err().to_string();
+        assert!(err.contains("is in deployment d-1"), "{err}");
+        s.stop("d-1").unwrap();
+        assert!(s.forget_device("a").unwrap());
+        assert!(s.devices().unwrap().is_empty());
+        assert!(s.history("a").unwrap().is_empty());
+        assert!(!s.forget_device("a").unwrap(), "already gone");
+        // Its result stays with the deployment.
+        assert_eq!(s.deployment("d-1").unwrap().devices[0].device, "a");
     }
 
     #[test]

@@ -359,10 +359,19 @@ pub enum TrialResult {
     RolledBack,
 }
 
-/// Seed API: ends a trial with the health check's verdict — confirm the
-/// running image if `healthy`, otherwise mark it rolled back
-/// (`health_check_failed`) and select the image before it.
+/// Seed API, kept as an alias of [`end_trial`].
 pub fn validate_and_rollback<F: NorFlash>(
+    flash: &mut F,
+    layout: &Layout,
+    healthy: bool,
+) -> Result<TrialResult, GuardError> {
+    end_trial(flash, layout, healthy)
+}
+
+/// Ends a trial with the health check's verdict: confirms the running image
+/// if `healthy`, otherwise marks it rolled back (`health_check_failed`) and
+/// selects the image before it.
+pub fn end_trial<F: NorFlash>(
     flash: &mut F,
     layout: &Layout,
     healthy: bool,

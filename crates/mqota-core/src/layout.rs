@@ -5,6 +5,18 @@
 //! [`Layout`] read off the partition table.
 
 use crate::journal::{Journal, JOURNAL_SIZE};
+
+/// Erase unit of the SPI NOR flash ESP chips boot from: one 4 KiB sector
+/// (`SPI_FLASH_SEC_SIZE` in ESP-IDF). Otadata entries, partitions and the
+/// journal are laid out in whole sectors.
+pub const SECTOR_SIZE: u32 = 0x1000;
+/// A 64 KiB aligned run of sectors the chip erases with one block-erase
+/// command; about as costly as five sector erases while replacing sixteen,
+/// so the engine erases ahead in blocks where alignment allows.
+pub const BLOCK_SIZE: u32 = 0x1_0000;
+/// Program unit: flash is written in aligned 4-byte words (esp-storage's
+/// `WRITE_SIZE`).
+pub const WORD_SIZE: u32 = 4;
 use heapless::Vec;
 
 /// One OTA app slot: where it is on flash and how large.

@@ -18,6 +18,8 @@ pub mod fetch;
 pub mod image;
 pub mod journal;
 pub mod layout;
+#[cfg(feature = "mock-flash")]
+pub mod mock_flash;
 pub mod otadata;
 pub mod partition;
 pub mod protocol;

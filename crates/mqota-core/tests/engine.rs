@@ -553,7 +553,7 @@ fn a_download_cut_by_a_reboot_resumes_from_the_journal() {
     d.respond(200, Some(v2.len() as u32), None);
     d.body(&v2[..170_000]);
     // Reboot: a new engine on the same flash.
-    let flash = std::mem::replace(&mut d.flash, mqota_flash_sim::SimFlash::new(16));
+    let flash = std::mem::replace(&mut d.flash, mqota_core::mock_flash::MockFlash::new(4096));
     let mut d = rig_on(flash, d.layout.clone());
     let a = d
         .engine
@@ -614,7 +614,7 @@ fn percent_does_not_go_down_when_a_download_resumes_after_a_reboot() {
         d.body(&v2[..170_000]);
         let before = d.published.last().unwrap().percent;
         assert!(before > 40, "{before}");
-        let flash = std::mem::replace(&mut d.flash, mqota_flash_sim::SimFlash::new(16));
+        let flash = std::mem::replace(&mut d.flash, mqota_core::mock_flash::MockFlash::new(4096));
         let mut d = rig_on(flash, d.layout.clone());
         let a = d.engine.resume(&mut d.flash, d.now).expect("resumes");
         d.apply(a);

@@ -72,12 +72,9 @@ use embedded_storage::nor_flash::{
 
 use crate::cells::Cells;
 
-/// Erase unit: one sector.
-pub const SECTOR_SIZE: u32 = 4096;
-/// A 64 KiB aligned run of sectors the chip erases in one block-erase command.
-pub const BLOCK_SIZE: u32 = 65536;
-/// Program unit, as esp-storage's `WRITE_SIZE`.
-pub const WORD_SIZE: u32 = 4;
+/// The flash geometry the model implements: the core's, so the two never
+/// disagree (sector erase unit, 64 KiB block erase, 4-byte program word).
+pub use mqota_core::layout::{BLOCK_SIZE, SECTOR_SIZE, WORD_SIZE};
 
 /// What a flash operation can fail with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -12,6 +12,20 @@ use mqota_flash_sim::{BootError, Booted, Bootloader, SimError, SimFlash};
 const FLASH_SIZE: usize = 4 << 20;
 const OTADATA: u32 = 0xd000;
 
+/// What `esp_ota_mark_app_valid_cancel_rollback` does (mqota's boot guard
+/// never does it; the bootloader must still honour it): the active entry's
+/// sector erased and programmed again with the state `VALID`.
+fn mark_app_valid(flash: &mut SimFlash) {
+    use embedded_storage::nor_flash::NorFlash;
+    let od = Otadata::read(flash, OTADATA).unwrap();
+    let i = od.active().expect("an active entry");
+    let mut entry = od.entries[i];
+    entry.state = OtaState::Valid.to_u32();
+    let at = OTADATA + i as u32 * SECTOR_SIZE;
+    flash.erase(at, at + SECTOR_SIZE).unwrap();
+    flash.write(at, &entry.to_bytes()).unwrap();
+}
+
 /// Factory, two OTA slots and a test app.
 const FACTORY_CSV: &str = "\
 nvs,      data, nvs,     0x9000,   0x4000,
@@ -451,8 +465,8 @@ fn rollback_keeps_booting_a_confirmed_app() {
     d.install("ota_0").install("ota_1");
     d.select(0, OtaState::Valid).select(1, OtaState::New);
     Bootloader::rollback().boot(&mut d.flash).unwrap();
-    // The app confirms itself (esp_ota_mark_app_valid_cancel_rollback).
-    otadata::set_state(&mut d.flash, OTADATA, OtaState::Valid).unwrap();
+    // The app confirms itself as a stock ESP-IDF app does.
+    mark_app_valid(&mut d.flash);
     for _ in 0..3 {
         let o = Bootloader::rollback().boot(&mut d.flash).unwrap();
         assert_eq!(o.booted, Booted::Ota(1));

@@ -75,7 +75,7 @@ use crate::http::{
     Abort, BodySink, DownloadError, Downloader, RedirectError, ResponseInfo, HTTPS_ENABLED,
 };
 use crate::mqtt::{Message, MqttBuffers, MqttConfig, MqttSession, QoS, MQTT_RX_BUFFER};
-use crate::platform::{Link, Platform, Slot};
+use crate::platform::{Link, Platform};
 use crate::trust::TrustState;
 
 /// Progress events waiting to be published during a download.
@@ -169,7 +169,7 @@ impl core::fmt::Debug for DeviceConfig<'_> {
 
 /// The running firmware, as [`early_boot`] found it.
 #[derive(Debug, Clone)]
-pub struct Booted {
+pub struct RunningFirmware {
     /// Where the slots and otadata are, and which slot runs.
     pub layout: Layout,
     /// What the boot guard decided.
@@ -188,10 +188,11 @@ pub struct Booted {
 /// cannot take updates; report it on the console and keep running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum BootError {
+pub enum EarlyBootError {
     /// The partition table is missing or broken.
     PartitionTable,
-    /// The table has no otadata or fewer than two OTA slots.
+    /// The table has no otadata or fewer than two OTA slots, or none at the
+    /// running index.
     NoOtaLayout,
     /// The running slot does not hold a valid image (it is running, so the
     /// flash read failed or the slot lookup is wrong).
@@ -201,21 +202,23 @@ pub enum BootError {
 }
 
 /// Runs as early as possible at every boot: reads the partition table,
-/// describes the running image and runs the boot guard. On
-/// [`Verdict::Reboot`] reset at once; otherwise hand the result to [`run`].
-pub fn early_boot<F: NorFlash>(flash: &mut F, running: Slot) -> Result<Booted, BootError> {
-    let table =
-        PartitionTable::read_from(flash, TABLE_OFFSET).map_err(|_| BootError::PartitionTable)?;
-    let index = match running {
-        Slot::Ota0 => 0,
-        Slot::Ota1 => 1,
-    };
-    let layout = Layout::from_table(&table, index).ok_or(BootError::NoOtaLayout)?;
+/// describes the running image and runs the boot guard. `running` is the
+/// index of the OTA slot the bootloader started (`ota_0` is 0), as the chip
+/// glue finds it. On [`Verdict::Reboot`] reset at once; otherwise hand the
+/// result to [`run`].
+pub fn early_boot<F: NorFlash>(
+    flash: &mut F,
+    running: usize,
+) -> Result<RunningFirmware, EarlyBootError> {
+    let table = PartitionTable::read_from(flash, TABLE_OFFSET)
+        .map_err(|_| EarlyBootError::PartitionTable)?;
+    let index = running;
+    let layout = Layout::from_table(&table, index).ok_or(EarlyBootError::NoOtaLayout)?;
     let slot = layout.slots[index];
     let info = image::validate_flash(flash, slot.offset, slot.size)
-        .map_err(|_| BootError::RunningImage)?;
-    let boot = bootguard::on_boot(flash, &layout).map_err(|_| BootError::Guard)?;
-    Ok(Booted {
+        .map_err(|_| EarlyBootError::RunningImage)?;
+    let boot = bootguard::on_boot(flash, &layout).map_err(|_| EarlyBootError::Guard)?;
+    Ok(RunningFirmware {
         layout,
         boot,
         chip: info.chip,
@@ -233,7 +236,7 @@ fn now_ms() -> u64 {
 /// [`Platform::reboot`].
 pub async fn run<P, L, T, D, F>(
     cfg: &DeviceConfig<'_>,
-    booted: Booted,
+    booted: RunningFirmware,
     platform: &mut P,
     link: &mut L,
     tcp: &T,
@@ -388,7 +391,7 @@ where
         .unwrap_or(false);
         let mut healthy = reached;
         if reached {
-            let mut confirming = Progress::new(&topics, job.clone(), Phase::Confirming);
+            let mut confirming = Progress::new(topics.device_id(), job.clone(), Phase::Confirming);
             // The download reached 100 before the reboot; percent never goes down.
             confirming.percent = 100;
             dev.publish(&mut session, confirming).await;
@@ -397,7 +400,7 @@ where
                 .await
                 .unwrap_or(false);
         }
-        match bootguard::validate_and_rollback(flash, &layout, healthy) {
+        match bootguard::end_trial(flash, &layout, healthy) {
             Ok(TrialResult::Confirmed(report)) => {
                 info!("trial passed: image confirmed");
                 dev.log.note(
@@ -518,7 +521,7 @@ where
             Ok(None) => {}
             Err(_) => dev.up = false,
         }
-        let actions = engine.check_for_timeout(flash, now_ms());
+        let actions = engine.tick(flash, now_ms());
         dev.apply(&mut session, actions, flash, &layout).await;
     }
 }
@@ -655,7 +658,7 @@ impl Device<'_> {
         session: &mut MqttSession<'_, T, D>,
         r: &bootguard::Report,
     ) {
-        let mut p = Progress::new(self.topics, r.job.clone(), r.phase);
+        let mut p = Progress::new(self.topics.device_id(), r.job.clone(), r.phase);
         p.percent = 100;
         p.error = r.error;
         self.publish(session, p).await;
@@ -677,7 +680,7 @@ impl Device<'_> {
                 Action::Reboot => self.reboot = true,
                 Action::Rollback { job } => {
                     if let Some(why) = below_floor(flash, layout, self.trust.floor()) {
-                        let p = Progress::new(self.topics, job, Phase::Failed)
+                        let p = Progress::new(self.topics.device_id(), job, Phase::Failed)
                             .with_error(ErrorCode::Downgrade, Some(why));
                         self.publish(session, p).await;
                         continue;
@@ -685,11 +688,12 @@ impl Device<'_> {
                     let p = match bootguard::rollback(flash, layout) {
                         Ok(()) => {
                             self.reboot = true;
-                            let mut p = Progress::new(self.topics, job, Phase::RolledBack);
+                            let mut p =
+                                Progress::new(self.topics.device_id(), job, Phase::RolledBack);
                             p.message = Some(truncated("rolling back to the previous image"));
                             p
                         }
-                        Err(e) => Progress::new(self.topics, job, Phase::Failed)
+                        Err(e) => Progress::new(self.topics.device_id(), job, Phase::Failed)
                             .with_error(e.code(), Some("no valid previous image to roll back to")),
                     };
                     self.publish(session, p).await;
@@ -712,10 +716,11 @@ impl Device<'_> {
             Incoming::Command(cmd, seq) => {
                 if let Some(seq) = seq {
                     if self.trust.accept_seq(flash, seq).await.is_err() {
-                        let p = Progress::new(self.topics, cmd.job(), Phase::Failed).with_error(
-                            ErrorCode::Flash,
-                            Some("could not record the command's sequence number"),
-                        );
+                        let p = Progress::new(self.topics.device_id(), cmd.job(), Phase::Failed)
+                            .with_error(
+                                ErrorCode::Flash,
+                                Some("could not record the command's sequence number"),
+                            );
                         self.publish_refusal(session, p).await;
                         return Actions::new();
                     }
@@ -813,10 +818,12 @@ fn read_command(
     };
     if let (Some(seq), Ok(CommandOutcome::Command(cmd))) = (seq, &parsed) {
         if !state.is_fresh(seq) {
-            return Incoming::Bad(Progress::new(topics, cmd.job(), Phase::Failed).with_error(
-                ErrorCode::Replayed,
-                Some("sequence number is not above the last one accepted"),
-            ));
+            return Incoming::Bad(
+                Progress::new(topics.device_id(), cmd.job(), Phase::Failed).with_error(
+                    ErrorCode::Replayed,
+                    Some("sequence number is not above the last one accepted"),
+                ),
+            );
         }
     }
     match parsed {
@@ -826,7 +833,7 @@ fn read_command(
             if !HTTPS_ENABLED && is_https(&job.url) =>
         {
             Incoming::Bad(
-                Progress::new(topics, job.job, Phase::Failed)
+                Progress::new(topics.device_id(), job.job, Phase::Failed)
                     .with_error(ErrorCode::BadCommand, Some(HTTPS_NOT_ENABLED)),
             )
         }
@@ -1068,7 +1075,7 @@ where
             .any(|a| matches!(a, Action::Fetch { .. } | Action::StopFetch | Action::Reboot))
     {
         // Neither finished nor failed: make sure the engine gets its ticks.
-        for a in engine.check_for_timeout(flash, now) {
+        for a in engine.tick(flash, now) {
             let _ = actions.push(a);
         }
     }
@@ -1144,7 +1151,7 @@ fn during_download(
             let job = cmd.job();
             queue(
                 outbox,
-                Progress::new(topics, job, Phase::Failed).with_error(code, Some(why)),
+                Progress::new(topics.device_id(), job, Phase::Failed).with_error(code, Some(why)),
             );
             None
         }
@@ -1322,7 +1329,7 @@ mod tests {
 
     fn ev(phase: Phase, error: Option<ErrorCode>) -> Progress {
         let topics = Topics::new("device", "d").unwrap();
-        let mut p = Progress::new(&topics, None, phase);
+        let mut p = Progress::new(topics.device_id(), None, phase);
         p.error = error;
         p
     }

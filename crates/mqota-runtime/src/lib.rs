@@ -17,7 +17,7 @@ pub mod platform;
 pub mod trust;
 
 pub use conn::MQTT_TX_BUFFER;
-pub use device::{early_boot, run, BootError, Booted, DeviceConfig, PROGRESS_QUEUE};
+pub use device::{early_boot, run, DeviceConfig, EarlyBootError, RunningFirmware, PROGRESS_QUEUE};
 pub use fieldlog::{log, FieldLog, LogError, LogStore};
 pub use http::{
     Abort, BodySink, ContentRange, DownloadError, Downloader, RedirectError, ResponseInfo,
@@ -32,4 +32,4 @@ pub use mqtt::{
     INBOX_DEPTH, MAX_INCOMING_PAYLOAD, MAX_INFLIGHT, MAX_QOS1_PAYLOAD, MAX_SUBSCRIPTIONS,
     MAX_TOPIC_LEN, MQTT_RX_BUFFER,
 };
-pub use platform::{Link, Platform, Slot};
+pub use platform::{Link, Platform};

@@ -1,4 +1,4 @@
-//! What only the board knows: the radio link and the chip's reset, slots and identity.
+//! What only the board knows: the radio link and the chip's reset and identity.
 //!
 //! The chip glue implements these two traits (around a hundred lines per
 //! concern); the virtual device implements them over host facilities. The
@@ -7,8 +7,9 @@
 /// Control of the network link underneath TCP (WiFi on the ESP32 boards).
 ///
 /// The MQTT session asks [`Link::is_connected`] between packets; when it turns
-/// false the session drops its TCP connection, calls [`Link::reconnect`] and
-/// rejoins the broker once the link is back.
+/// false the session drops its TCP connection, calls [`Link::connect`] (the
+/// first time the link is needed) or [`Link::reconnect`] (after a loss) and
+/// joins the broker once the link is up.
 #[allow(async_fn_in_trait)]
 pub trait Link {
     /// Why the link could not be brought up.
@@ -25,26 +26,6 @@ pub trait Link {
     fn is_connected(&self) -> bool;
 }
 
-/// The two application slots of an ESP-IDF OTA layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub enum Slot {
-    /// The `ota_0` partition.
-    Ota0,
-    /// The `ota_1` partition.
-    Ota1,
-}
-
-impl Slot {
-    /// The other slot: where the next update is written.
-    pub fn other(self) -> Self {
-        match self {
-            Slot::Ota0 => Slot::Ota1,
-            Slot::Ota1 => Slot::Ota0,
-        }
-    }
-}
-
 /// The chip's identity and power control.
 #[allow(async_fn_in_trait)]
 pub trait Platform {
@@ -52,9 +33,6 @@ pub trait Platform {
     /// selects. Never completes: a simulated device signals its harness and
     /// stays pending until the harness drops the task.
     async fn reboot(&mut self) -> !;
-
-    /// The slot the running firmware was booted from.
-    fn running_slot(&self) -> Slot;
 
     /// A stable identifier of this device (e.g. derived from the WiFi MAC),
     /// used as MQTT client id and in topic names.

@@ -33,7 +33,7 @@ use mqota_core::protocol::envelope::{JobKey, JobTrust};
 use mqota_core::signature::{KeyDigest, SoftVerifier, TrustPolicy};
 use mqota_flash_sim::nor::Backing;
 use mqota_flash_sim::{BootConfig, Bootloader, FileStore, Memory, SimError, SimFlash};
-use mqota_runtime::{early_boot, BootReason, DeviceConfig, Link, Platform, Slot};
+use mqota_runtime::{early_boot, BootReason, DeviceConfig, Link, Platform};
 use tokio::sync::Notify;
 
 use crate::net::VirtualNet;
@@ -566,7 +566,6 @@ impl Link for VirtualLink {
 /// The board of a virtual device.
 struct VirtualPlatform {
     id: String,
-    slot: Slot,
     unhealthy: bool,
     reboot: Rc<Notify>,
     /// Why this boot happened, from the fault that ended the last one.
@@ -579,9 +578,6 @@ impl Platform for VirtualPlatform {
         loop {
             std::future::pending::<()>().await;
         }
-    }
-    fn running_slot(&self) -> Slot {
-        self.slot
     }
     fn device_id(&self) -> &str {
         &self.id
@@ -643,12 +639,7 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
             }
             break;
         };
-        let slot = if slot_index == 0 {
-            Slot::Ota0
-        } else {
-            Slot::Ota1
-        };
-        let booted = match early_boot(&mut pflash, slot) {
+        let booted = match early_boot(&mut pflash, slot_index) {
             Ok(b) => b,
             Err(e) => {
                 if handle.powered() {
@@ -684,7 +675,6 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
         let reboot = Rc::new(Notify::new());
         let mut platform = VirtualPlatform {
             id: cfg.id.clone(),
-            slot,
             unhealthy: version.ends_with("+unhealthy"),
             reboot: reboot.clone(),
             boot_reason,
@@ -728,15 +718,21 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
 /// Starts a device on the current [`tokio::task::LocalSet`] and returns its
 /// handle. Errors opening the flash end the device and are logged.
 pub fn spawn(cfg: VirtualConfig) -> Handle {
+    spawn_task(cfg).0
+}
+
+/// [`spawn`], also returning the device's task, which ends once the device
+/// has stopped ([`Handle::stop`]) and dropped its connections.
+pub fn spawn_task(cfg: VirtualConfig) -> (Handle, tokio::task::JoinHandle<()>) {
     let handle = Handle::new();
     let h = handle.clone();
-    tokio::task::spawn_local(async move {
+    let task = tokio::task::spawn_local(async move {
         let id = cfg.id.clone();
         if let Err(e) = run_device(cfg, h).await {
             log::error!("{id}: {e}");
         }
     });
-    handle
+    (handle, task)
 }
 
 /// Bytes of the device runtime's future with the virtual device's types: the
@@ -750,12 +746,11 @@ pub fn runtime_future_size() -> usize {
         flash: &mut flash,
         handle: handle.clone(),
     };
-    let booted = early_boot(&mut pflash, Slot::Ota0).expect("fresh flash boots");
+    let booted = early_boot(&mut pflash, 0).expect("fresh flash boots");
     let dcfg = cfg.device_config();
     let net = VirtualNet::new(handle.clone());
     let mut platform = VirtualPlatform {
         id: cfg.id.clone(),
-        slot: Slot::Ota0,
         unhealthy: false,
         reboot: Rc::new(Notify::new()),
         boot_reason: BootReason::PowerOn,

@@ -1,12 +1,14 @@
 //! The virtual device: mqota's device runtime running on the host.
 //!
-//! [`device`] runs one virtual device (see its docs); [`net`] is the network
+//! [`device`] runs one virtual device (see its docs); [`fleet`] runs many on
+//! a thread of their own; [`net`] is the network
 //! adapter that lets the `no_std` runtime talk through tokio; with the
 //! `testing` feature, [`testing`] starts real peers (Mosquitto, an HTTP
 //! server) for tests.
 #![deny(missing_docs)]
 
 pub mod device;
+pub mod fleet;
 pub mod net;
 #[cfg(feature = "testing")]
 pub mod testing;

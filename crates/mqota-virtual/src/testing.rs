@@ -142,20 +142,16 @@ impl Mosquitto {
             .collect()
     }
 
-    /// Starts `mosquitto_sub` in the background; [`Subscriber::wait`]
-    /// collects what it received. Returns once the subscription is in place
-    /// (give it the returned value's moment: it waits for the broker to
-    /// count the new client).
+    /// Starts recording `filter` in the background; [`Subscriber::wait`]
+    /// collects the first `count` messages, or what came within `timeout`.
+    /// Returns once the broker has the subscription in place.
     pub async fn subscriber(&self, filter: &str, count: usize, timeout: Duration) -> Subscriber {
-        let child = mosquitto_sub(self.port, filter, Some((count, timeout)))
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("mosquitto_sub (apt-get install mosquitto-clients)");
-        // mosquitto_sub has no readiness signal; its CONNECT and SUBSCRIBE
-        // take a few milliseconds on loopback.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        Subscriber { child }
+        let deadline = Instant::now() + timeout;
+        Subscriber {
+            recorder: observe_on(self.port, filter).await,
+            count,
+            deadline,
+        }
     }
 }
 
@@ -187,19 +183,24 @@ fn mosquitto_sub(
     cmd
 }
 
-/// A background `mosquitto_sub`.
+/// A background recording of a topic filter that ends after a number of
+/// messages or at a deadline, whichever comes first.
 pub struct Subscriber {
-    child: tokio::process::Child,
+    recorder: TopicRecorder,
+    count: usize,
+    deadline: Instant,
 }
 
 impl Subscriber {
-    /// Waits for it to finish (count reached or timeout) and returns what it got.
+    /// Waits for the count or the deadline and returns the (at most
+    /// `count`) messages received, oldest first.
     pub async fn wait(self) -> Vec<Received> {
-        let output = self.child.wait_with_output().await.expect("mosquitto_sub");
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter_map(Received::parse)
-            .collect()
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let count = self.count;
+        self.recorder.wait_until(left, |r| r.len() >= count).await;
+        let mut all = self.recorder.all();
+        all.truncate(count);
+        all
     }
 }
 
@@ -350,7 +351,7 @@ pub async fn try_publish_to(port: u16, topic: &str, payload: &[u8], retain: bool
 
 /// Everything the broker carries on a topic filter, recorded by a
 /// long-running `mosquitto_sub`, with waits on what has arrived.
-pub struct Observer {
+pub struct TopicRecorder {
     seen: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
     _child: tokio::process::Child,
     _reader: tokio::task::JoinHandle<()>,
@@ -359,43 +360,69 @@ pub struct Observer {
 impl Mosquitto {
     /// Starts recording everything published on `filter` (retained messages
     /// included). Returns once the subscription is in place.
-    pub async fn observe(&self, filter: &str) -> Observer {
+    pub async fn observe(&self, filter: &str) -> TopicRecorder {
         observe_on(self.port, filter).await
     }
 }
 
 /// Starts recording everything published on `filter` at the broker on
 /// 127.0.0.1:`port` (retained messages included), with a `mosquitto_sub`.
-/// Returns once the subscription is in place.
-pub async fn observe_on(port: u16, filter: &str) -> Observer {
-    {
-        use tokio::io::AsyncBufReadExt;
-        let mut child = mosquitto_sub(port, filter, None)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("mosquitto_sub (apt-get install mosquitto-clients)");
-        let stdout = child.stdout.take().expect("stdout");
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = seen.clone();
-        let reader = tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(r) = Received::parse(&line) {
-                    sink.lock().expect("observer lock").push(r);
-                }
+/// Returns once the broker has the subscription in place: the same SUBSCRIBE
+/// also carries a topic of this recorder's own, and marker messages are
+/// published there until one comes back (they are not recorded).
+pub async fn observe_on(port: u16, filter: &str) -> TopicRecorder {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::AsyncBufReadExt;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let marker = format!(
+        "mqota-test/recorder-ready/{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut cmd = mosquitto_sub(port, filter, None);
+    cmd.args(["-t", &marker]);
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+    let stdout = child.stdout.take().expect("stdout");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ready = std::sync::Arc::new(AtomicBool::new(false));
+    let (sink, ready_flag, own) = (seen.clone(), ready.clone(), marker.clone());
+    let reader = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            match Received::parse(&line) {
+                Some(r) if r.topic == own => ready_flag.store(true, Ordering::Relaxed),
+                Some(r) => sink.lock().expect("observer lock").push(r),
+                None => {}
             }
-        });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        Observer {
-            seen,
-            _child: child,
-            _reader: reader,
         }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.load(Ordering::Relaxed) {
+        assert!(
+            Instant::now() < deadline,
+            "mosquitto_sub on {filter} was not subscribed within 20 s"
+        );
+        // Not retained: only a subscriber already in place receives it.
+        try_publish_to(port, &marker, b"ready", false).await;
+        for _ in 0..10 {
+            if ready.load(Ordering::Relaxed) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    TopicRecorder {
+        seen,
+        _child: child,
+        _reader: reader,
     }
 }
 
-impl Observer {
+impl TopicRecorder {
     /// Everything recorded so far.
     pub fn all(&self) -> Vec<Received> {
         self.seen.lock().expect("observer lock").clone()

@@ -43,6 +43,9 @@ enum Command {
     Rollback(cmd::fleet::DeviceCommandArgs),
     /// Stop the update in flight on these devices.
     Cancel(cmd::fleet::DeviceCommandArgs),
+    /// Forget devices that are gone: their record and history in the store,
+    /// their retained status and availability on the broker.
+    Forget(cmd::fleet::ForgetArgs),
     /// A device's field log (boots, job phases, connection losses, ...).
     Logs(cmd::logs::LogsArgs),
     /// MQTT logins of devices: add, remove, list.
@@ -70,6 +73,7 @@ fn main() -> std::process::ExitCode {
         Command::Watch(c) => c.run(),
         Command::Rollback(c) => c.run(true),
         Command::Cancel(c) => c.run(false),
+        Command::Forget(c) => c.run(),
         Command::Logs(c) => c.run(),
         Command::Demo(c) => c.run(),
         Command::Device(c) => c.run(),

@@ -10,7 +10,7 @@ mod controller_support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, image, mqota, Devices, Serve};
+use controller_support::{device_config, image, mqota, start_devices, Serve};
 use mqota_virtual::device::{Password, VirtualConfig};
 use mqota_virtual::testing::{free_port, Mosquitto};
 use rumqttc::v5::mqttbytes::v5::{
@@ -247,7 +247,7 @@ fn locked_down_fleet(door: Door) {
 
     // dev-a runs in this test; dev-b is `mqota sim --credentials DIR`, the
     // way a fleet of simulated devices finds its logins.
-    let devices = Devices::start(vec![device("dev-a", port, &pw_a)]);
+    let devices = start_devices(vec![device("dev-a", port, &pw_a)]);
     let sim = std::process::Command::new(controller_support::MQOTA)
         .args(["sim", "--broker", &broker, "--id", "dev-b", "--credentials"])
         .arg(d.join("credentials"))

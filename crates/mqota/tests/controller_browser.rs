@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, image, Devices, Serve};
+use controller_support::{device_config, image, start_devices, Serve};
 use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -420,14 +420,14 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
     let data = tempfile::tempdir().unwrap();
     let serve = Serve::start(fw.path(), data.path(), None);
     let port: u16 = serve.broker.rsplit(':').next().unwrap().parse().unwrap();
-    let fleet = Devices::start(
+    let fleet = start_devices(
         ["br-a", "br-b"]
             .iter()
             .map(|id| device_config(id, port))
             .collect(),
     );
     // A device of its own, to be switched off.
-    let leaving = Devices::start(vec![device_config("br-c", port)]);
+    let leaving = start_devices(vec![device_config("br-c", port)]);
 
     let b = Browser::start(&driver).await;
     let started = Instant::now();
@@ -680,7 +680,7 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
     let data = tempfile::tempdir().unwrap();
     let serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
     let ids = ["op-a", "op-b", "op-c"];
-    let _fleet = Devices::start(
+    let _fleet = start_devices(
         ids.iter()
             .map(|id| device_config(id, broker.port()))
             .collect(),

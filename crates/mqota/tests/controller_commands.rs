@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use controller_support::{
-    device_config, get_json, image, mqota, status_json, Devices, Serve, MQOTA,
+    device_config, get_json, image, mqota, start_devices, status_json, Serve, MQOTA,
 };
 use mqota_virtual::testing::{free_port, observe_on, publish_to, Fault, FaultServer, Mosquitto};
 use sha2::Digest;
@@ -49,7 +49,7 @@ fn status_watch_and_rollback_show_and_undo_an_update_and_serve_remembers_the_fle
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap().to_owned();
     let mut serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
-    let devices = Devices::start(vec![
+    let devices = start_devices(vec![
         device_config("cmd-0", broker.port()),
         device_config("cmd-1", broker.port()),
     ]);
@@ -188,7 +188,7 @@ async fn cancel_stops_a_slow_download_which_ends_cancelled() {
     let img = image("1.1.0", 128 * 1024);
     // 16 KiB/s: the download would take eight seconds.
     let server = FaultServer::start(img.clone(), Fault::Throttle(16 * 1024)).await;
-    let _devices = Devices::start(vec![device_config("slow", port)]);
+    let _devices = start_devices(vec![device_config("slow", port)]);
     let b = broker_url.clone();
     tokio::task::spawn_blocking(move || {
         wait_status(&b, "came online", |s| online_on(s, "slow", "1.0.0"))
@@ -295,7 +295,7 @@ fn the_broker_comes_from_the_environment_or_the_config_file_and_a_bad_one_is_a_o
     let broker = Mosquitto::start();
     let good = format!("mqtt://127.0.0.1:{}", broker.port());
     let dead = format!("mqtt://127.0.0.1:{}", free_port());
-    let _devices = Devices::start(vec![device_config("env-0", broker.port())]);
+    let _devices = start_devices(vec![device_config("env-0", broker.port())]);
     wait_status(&good, "came online", |s| online_on(s, "env-0", "1.0.0"));
     let lists_the_device = |(ok, out, err): (bool, String, String)| {
         assert!(ok, "status failed: {err}");

@@ -6,7 +6,7 @@ mod controller_support;
 
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, image, Devices, Serve};
+use controller_support::{device_config, image, start_devices, Serve};
 use reqwest::{header, StatusCode};
 use serde_json::{json, Value};
 
@@ -184,7 +184,7 @@ async fn a_deployment_posted_to_serve_runs_there_and_updates_three_virtual_devic
     let serve = Serve::start(fw.path(), data.path(), None);
     let port: u16 = serve.broker.rsplit(':').next().unwrap().parse().unwrap();
     let ids = ["dash-a", "dash-b", "dash-c"];
-    let devices = Devices::start(ids.iter().map(|id| device_config(id, port)).collect());
+    let devices = start_devices(ids.iter().map(|id| device_config(id, port)).collect());
     let fleet_url = format!("{}/api/fleet", serve.http);
     wait_for(&fleet_url, "saw three devices online on 1.0.0", |v| {
         v.as_array().unwrap().len() == 3

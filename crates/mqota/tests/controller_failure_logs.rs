@@ -10,7 +10,9 @@ mod controller_support;
 
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, get_json, image, mqota, status_json, Devices, Serve};
+use controller_support::{
+    device_config, get_json, image, mqota, start_devices, status_json, Serve,
+};
 use mqota_virtual::testing::Mosquitto;
 
 /// What the device runtime logs when a trial's health check fails.
@@ -29,7 +31,7 @@ fn a_rolled_back_job_keeps_the_devices_last_log_records_and_the_summary_and_api_
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap().to_owned();
     let serve = Serve::start(fw.path(), data.path(), Some(&url));
-    let devices = Devices::start(vec![device_config("fl-a", broker.port())]);
+    let devices = start_devices(vec![device_config("fl-a", broker.port())]);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = status_json(&url);

@@ -7,7 +7,8 @@ mod controller_support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, get_json, image, mqota, Devices, Serve, MQOTA};
+use controller_support::{device_config, get_json, image, mqota, start_devices, Serve, MQOTA};
+use mqota_virtual::fleet::VirtualFleet;
 use mqota_virtual::testing::Mosquitto;
 
 struct Setup {
@@ -16,7 +17,7 @@ struct Setup {
     fw: tempfile::TempDir,
     data: tempfile::TempDir,
     serve: Serve,
-    devices: Devices,
+    devices: VirtualFleet,
 }
 
 fn setup(n: usize) -> Setup {
@@ -27,7 +28,7 @@ fn setup(n: usize) -> Setup {
     let data = tempfile::tempdir().unwrap();
     let serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
     let port = broker.port();
-    let devices = Devices::start(
+    let devices = start_devices(
         (0..n)
             .map(|i| device_config(&format!("op-{i}"), port))
             .collect(),

@@ -7,7 +7,7 @@ mod controller_support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, get_json, image, mqota, Devices, Serve, MQOTA};
+use controller_support::{device_config, get_json, image, mqota, start_devices, Serve, MQOTA};
 use mqota_virtual::testing::Mosquitto;
 
 #[test]
@@ -21,7 +21,7 @@ fn a_controller_restarted_mid_rollout_still_knows_the_rollout_and_finishes_it() 
     let mut serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
 
     let port = broker.port();
-    let devices = Devices::start(
+    let devices = start_devices(
         (0..6)
             .map(|i| {
                 let mut c = device_config(&format!("r-{i}"), port);
@@ -104,16 +104,25 @@ fn a_controller_restarted_mid_rollout_still_knows_the_rollout_and_finishes_it() 
     assert!(!done_before.is_empty() && done_before.len() < 6, "{d:#}");
     assert_eq!(d["devices"].as_array().unwrap().len(), 6);
 
-    let (ok, out, err) = mqota(&[
-        "deploy",
-        "--resume",
-        &id,
-        "--wait",
-        "--broker",
-        &broker_url,
-        "--data-dir",
-        &data_dir,
-    ]);
+    // The killed deploy's claim on the deployment holds until its lease
+    // (10 s) lapses: until then a resume is refused, naming it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (ok, out, err) = loop {
+        let (ok, out, err) = mqota(&[
+            "deploy",
+            "--resume",
+            &id,
+            "--wait",
+            "--broker",
+            &broker_url,
+            "--data-dir",
+            &data_dir,
+        ]);
+        if ok || !err.contains("is being run by deploy pid") || Instant::now() > deadline {
+            break (ok, out, err);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert!(ok, "resume failed:\n{out}\n{err}");
     assert!(out.contains("succeeded — 6 done"), "{out}");
     let d = get_json(&format!("{}/api/deployments/{id}", serve.http));

@@ -6,7 +6,7 @@ mod controller_support;
 
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, image, mqota, status_json, Devices, Serve};
+use controller_support::{device_config, image, mqota, start_devices, status_json, Serve};
 
 /// `n` devices whose flash files live in `dir`, so they keep their state
 /// across a restart: a reboot of the whole fleet.
@@ -57,7 +57,7 @@ fn a_staged_rollout_updates_twenty_devices_and_an_unhealthy_one_stops_after_the_
     let serve = Serve::start(fw.path(), data.path(), None);
     let port: u16 = serve.broker.rsplit(':').next().unwrap().parse().unwrap();
     let data_dir = data.path().to_str().unwrap().to_owned();
-    let devices = Devices::start(fleet(20, port, flash.path()));
+    let devices = start_devices(fleet(20, port, flash.path()));
     wait_fleet(&serve.broker, 20, "came online on 1.0.0", |d| {
         d["version"] == "1.0.0"
     });
@@ -136,7 +136,7 @@ fn a_staged_rollout_updates_twenty_devices_and_an_unhealthy_one_stops_after_the_
     // 3. The whole fleet reboots (same flash files): status still shows
     // what they run.
     drop(devices);
-    let _devices = Devices::start(fleet(20, port, flash.path()));
+    let _devices = start_devices(fleet(20, port, flash.path()));
     wait_fleet(&serve.broker, 20, "came back on 1.1.0", |d| {
         d["version"] == "1.1.0"
     });

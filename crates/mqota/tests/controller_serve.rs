@@ -140,3 +140,104 @@ async fn the_api_lists_each_image_as_read_from_it_and_no_other_file() {
     assert_eq!(app["sha256"], hex::encode(sha2::Sha256::digest(&img)));
     assert_eq!(app["valid"], true);
 }
+
+#[tokio::test]
+async fn serves_http_limits_are_set_by_its_flags() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (fw, _) = firmware_dir();
+    let data = tempfile::tempdir().unwrap();
+    let serve = Serve::start_with(
+        fw.path(),
+        data.path(),
+        None,
+        "127.0.0.1:0",
+        &[
+            "--http-header-timeout",
+            "1",
+            "--http-max-body",
+            "2048",
+            "--http-max-connections",
+            "2",
+        ],
+    );
+    let addr = serve.http.trim_start_matches("http://").to_owned();
+
+    // A body over --http-max-body: 413, as JSON. (No idle pooled
+    // connection: it would hold one of the two slots below.)
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let body = serde_json::json!({"firmware": "app-1.1.0.bin", "to": vec!["x".repeat(64); 64]});
+    let r = c
+        .post(format!("{}/api/deployments", serve.http))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let err: serde_json::Value = r.json().await.unwrap();
+    assert!(err["error"].is_string(), "{err}");
+
+    // A head not sent within --http-header-timeout: the connection is
+    // closed (well before the 10 s default would).
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /api/firmware HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(8), async {
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a half-sent head was kept open");
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
+
+    // --http-max-connections 2: with two connections held open, a third is
+    // closed at once; once they go, it is served again.
+    let held: Vec<_> = {
+        let mut v = Vec::new();
+        for _ in 0..2 {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            // A complete request on a kept-alive connection holds its slot.
+            s.write_all(b"GET /api/firmware HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                .await
+                .unwrap();
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            v.push(s);
+        }
+        v
+    };
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _ = third
+        .write_all(b"GET /api/firmware HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await;
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("the connection over the cap is closed at once")
+        .unwrap_or(0);
+    assert_eq!(
+        n,
+        0,
+        "served over the cap: {:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    drop(held);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Ok(r) = c.get(format!("{}/api/firmware", serve.http)).send().await {
+            if r.status() == StatusCode::OK {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "never served again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -6,7 +6,7 @@ mod controller_support;
 
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, image, mqota, Devices};
+use controller_support::{device_config, image, mqota, start_devices};
 use mqota_virtual::testing::{publish_to, Fault, FaultServer, Mosquitto};
 
 /// Runs `mqota logs ARGS` until its output satisfies `check`.
@@ -28,7 +28,7 @@ fn logs_prints_why_a_job_failed_as_text_and_json_and_from_a_record_on() {
     let broker = Mosquitto::start();
     let url = format!("mqtt://127.0.0.1:{}", broker.port());
     let server = rt.block_on(FaultServer::start(image("1.1.0", 4096), Fault::NotFound));
-    let _devices = Devices::start(vec![device_config("cli-log", broker.port())]);
+    let _devices = start_devices(vec![device_config("cli-log", broker.port())]);
 
     let base = ["logs", "cli-log", "--broker", url.as_str()];
     logs_until(&base, "showed the boot", |o| o.contains("boot 1: power_on"));

@@ -46,6 +46,12 @@
 //! so it obeys a command written by any process. What to do next is
 //! decided by [`crate::machine::next`], without I/O; [`run`] does the I/O.
 //!
+//! One deployment has one runner: [`run`] first claims the deployment in
+//! the store ([`crate::lease`]; [`RolloutError::Claimed`] when another
+//! process's claim holds), renews the claim while it waits and before
+//! every command it sends, stops ([`RolloutError::ClaimLost`]) if another
+//! process took it over meanwhile, and releases it when it returns.
+//!
 //! When a device's job fails or is rolled back ([`machine::wants_log`]),
 //! the runner reads the device's last [`LOG_RECORDS`] log records over MQTT
 //! ([`crate::logs::fetch_last`]) in a task of its own, so the rollout never
@@ -62,12 +68,17 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use mqota_core::fetch::is_https;
-use mqota_core::protocol::{ErrorCode, Phase};
+#[cfg(test)]
+use mqota_core::protocol::Phase;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::fleet::{DeviceView, Fleet, FleetError, FleetEvent, StartCommand};
-use crate::machine::{self, Devices, Next, STOPPED_BY_OPERATOR};
+use crate::lease::{self, Claim, Lease};
+// The tests of `result_of` (now in `machine`) stay with the rollout's.
+#[cfg(test)]
+use crate::machine::result_of;
+use crate::machine::{self, Awaiting, Course, Devices, Next, Wait, STOPPED_BY_OPERATOR};
 use crate::store::{
     Deployment, DeploymentDevice, DeploymentState, DeviceState, JobLog, Store, StoreError,
 };
@@ -260,7 +271,8 @@ pub struct Firmware {
     pub version: String,
     /// SHA-256 of the file, hex.
     pub sha256: String,
-    /// Bytes.
+    /// Size of the image file in bytes, as the device will download it
+    /// (and checks against the job's `size`).
     pub size: u32,
     /// Chip in its image header, e.g. `esp32c3` (unknown: not checked).
     #[serde(default)]
@@ -304,6 +316,35 @@ pub enum RolloutError {
     /// `deploy --resume`.
     #[error(transparent)]
     Fleet(#[from] FleetError),
+    /// Another process runs this deployment (its claim's lease runs, see
+    /// [`crate::lease`]): follow it with `mqota watch`; if that process is
+    /// gone, try again once its claim has lapsed.
+    #[error(
+        "deployment {deployment} is being run by {} (claim renewed until {}); \
+         one deployment has one runner: follow it with `mqota watch`, or try again \
+         once that process has stopped and its claim has lapsed",
+        claim.holder, claim.expires_text()
+    )]
+    Claimed {
+        /// The deployment.
+        deployment: String,
+        /// Who holds it, until when.
+        claim: Claim,
+    },
+    /// This process's claim lapsed (it was held up longer than its lease)
+    /// and another process took the deployment over: this runner stopped
+    /// sending, the other carries on.
+    #[error(
+        "deployment {deployment} was taken over by {} after this process's claim lapsed; \
+         it carries on there",
+        claim.holder
+    )]
+    ClaimLost {
+        /// The deployment.
+        deployment: String,
+        /// Who holds it now.
+        claim: Claim,
+    },
 }
 
 /// What a running deployment reports, for progress bars and logs.
@@ -325,16 +366,12 @@ pub trait Observer {
 pub struct Silent;
 impl Observer for Silent {}
 
+/// A new deployment id, also the job id the devices see: a ULID in lower
+/// case (time-ordered, so ids sort by creation; 26 characters, well within
+/// the protocol's job id limit and short enough that a device's field-log
+/// line about the job keeps its error code).
 fn new_job_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    format!("d-{}-{:06x}", unix_now(), h.finish() & 0xff_ffff)
+    ulid::Ulid::new().to_string().to_ascii_lowercase()
 }
 
 /// Selected devices a deployment leaves out, by reason.
@@ -604,39 +641,6 @@ pub fn plan_deployment(
     Ok((d, left_out))
 }
 
-/// How a job of deployment `job` (installing `version`) ended on `d`, if it
-/// did. Everything read here came from the device's own topics with its own
-/// id in the payload ([`crate::fleet`] drops the rest). A failure is
-/// believed from a terminal progress event of the job; success only from
-/// the retained status: it must run `version` and its `last.job` must be
-/// the job, since a progress `done` alone proves nothing about what boots.
-fn result_of(d: &DeviceView, job: &str, version: &str) -> Option<(Phase, Option<String>)> {
-    let status = d.status.as_ref();
-    if let Some(last) = status.and_then(|s| s.last.as_ref()) {
-        if last.job.as_deref() == Some(job) && last.result.is_terminal() {
-            let runs_it = status.is_some_and(|s| same_version(s.version.as_str(), version));
-            if last.result != Phase::Done || runs_it {
-                return Some((last.result, last.error.map(|e| e.as_str().to_owned())));
-            }
-        }
-    }
-    for p in d.ended.iter().rev() {
-        if p.job.as_deref() != Some(job) || p.phase == Phase::Done {
-            continue;
-        }
-        match p.error {
-            // A refusal of a repeated start (`duplicate_job`, or `busy`
-            // while this very job runs: a redelivered command) is not how
-            // the job ended: the job's own events and the status say that.
-            Some(ErrorCode::DuplicateJob) => continue,
-            Some(ErrorCode::Busy) if d.in_flight.as_deref() == Some(job) => continue,
-            // `busy` with another job: this one will never run.
-            _ => return Some((p.phase, p.error.map(|e| e.as_str().to_owned()))),
-        }
-    }
-    None
-}
-
 static RUNNER_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// Names this process as the runner of the deployments it runs (default
@@ -759,14 +763,67 @@ pub async fn run(
     id: &str,
     observer: &mut dyn Observer,
 ) -> Result<Deployment, RolloutError> {
+    let mut lease = claim(store, id)?;
     let mut logs = LogFetches::new(fleet);
-    let ran = steps(fleet, store, id, observer, &mut logs).await;
-    // The rollout has decided everything; the logs of its failures may
-    // still be on their way.
+    let ran = steps(fleet, store, id, observer, &mut logs, &mut lease).await;
+    // The rollout has decided everything: the next runner may come in (the
+    // log reads below only add to results).
+    let released = store.release(id, lease::holder());
+    // The logs of its failures may still be on their way.
     let kept = logs.finish(store, id).await;
     ran?;
+    released?;
     kept?;
     Ok(store.deployment(id)?)
+}
+
+/// Claims deployment `id` for this process ([`crate::lease`]), or says who
+/// runs it.
+pub fn claim(store: &Store, id: &str) -> Result<Lease, RolloutError> {
+    let now = lease::now_ms();
+    match store.claim(id, lease::holder(), now, lease::lease())? {
+        Ok(()) => Ok(Lease {
+            deployment: id.to_owned(),
+            lease: lease::lease(),
+            renewed_at_ms: now,
+        }),
+        Err(claim) => Err(RolloutError::Claimed {
+            deployment: id.to_owned(),
+            claim,
+        }),
+    }
+}
+
+/// Fails with [`RolloutError::Claimed`] when another process's claim on
+/// `id` is in force: asked before an operator's resume is written, so that
+/// a deployment run elsewhere is not resumed into a second runner.
+pub fn ensure_not_claimed_elsewhere(store: &Store, id: &str) -> Result<(), RolloutError> {
+    match store.claim_in_force(id, lease::now_ms())? {
+        Some(claim) if claim.holder != lease::holder() => Err(RolloutError::Claimed {
+            deployment: id.to_owned(),
+            claim,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Renews this process's claim when it is due; fails when another process
+/// took the deployment over, so this runner stops before it sends again.
+fn keep(store: &Store, lease: &mut Lease) -> Result<(), RolloutError> {
+    let now = lease::now_ms();
+    if !lease.due(now) {
+        return Ok(());
+    }
+    match store.claim(&lease.deployment, lease::holder(), now, lease.lease)? {
+        Ok(()) => {
+            lease.renewed_at_ms = now;
+            Ok(())
+        }
+        Err(claim) => Err(RolloutError::ClaimLost {
+            deployment: lease.deployment.clone(),
+            claim,
+        }),
+    }
 }
 
 async fn steps(
@@ -775,6 +832,7 @@ async fn steps(
     id: &str,
     observer: &mut dyn Observer,
     logs: &mut LogFetches,
+    lease: &mut Lease,
 ) -> Result<(), RolloutError> {
     let dep = store.deployment(id)?;
     if !matches!(
@@ -804,12 +862,9 @@ async fn steps(
         .collect();
     let stage_count = states.values().map(|(s, _)| *s + 1).max().unwrap_or(0);
     let mut events = fleet.events();
-    // Once this runner has seen a pause it ends when the jobs in flight are
-    // in, even if resumed meanwhile: the resume starts a runner of its own,
-    // and two would send every later stage twice.
-    let mut saw_pause = false;
-    let mut announced_stage = None;
+    let mut course = Course::default();
     loop {
+        keep(store, lease)?;
         let (state, reason) = store.deployment_state(id)?;
         if state == DeploymentState::Stopped {
             // The stop skipped the pending devices in the store; take that
@@ -822,13 +877,7 @@ async fn steps(
                 }
             }
         }
-        saw_pause |= state == DeploymentState::Paused;
-        let step = machine::next(&states, &options, state, reason.as_deref());
-        let step = match step {
-            Next::Send { .. } | Next::Finish { .. } if saw_pause => Next::Paused,
-            step => step,
-        };
-        match step {
+        match course.next(&states, &options, state, reason.as_deref()) {
             Next::Stopped { cancel } => {
                 observer.stopped(STOPPED_BY_OPERATOR);
                 for d in cancel {
@@ -873,8 +922,9 @@ async fn steps(
                     states.get_mut(&d).expect("a device of the deployment").1 =
                         DeviceState::Skipped;
                 }
-                let mut deadlines = HashMap::new();
+                let mut wait = Wait::new(Awaiting::Rollbacks);
                 for d in roll_back {
+                    keep(store, lease)?;
                     observer.rolling_back(&d);
                     // Marked before it goes out: a rollback is never sent
                     // twice.
@@ -882,57 +932,51 @@ async fn steps(
                     states.get_mut(&d).expect("a device of the deployment").1 =
                         DeviceState::RollbackSent;
                     fleet.rollback(&d, Some(id)).await?;
-                    deadlines.insert(d, Instant::now() + timeout);
+                    wait.add(d, Instant::now() + timeout);
                 }
                 for d in awaiting_rollback {
-                    deadlines.insert(d, Instant::now() + timeout);
+                    wait.add(d, Instant::now() + timeout);
                 }
-                // The device reports the rollback under the deployment's job
-                // id, and its retained `last` still says `done` until then:
-                // only `rolled_back` (or a `failed`) ends this wait.
                 wait_for(
                     fleet,
                     store,
                     id,
                     &mut events,
-                    &mut deadlines,
+                    &mut wait,
                     &mut states,
                     observer,
                     logs,
-                    |p| matches!(p, Phase::RolledBack | Phase::Failed),
-                    false,
+                    lease,
                 )
                 .await?;
                 store.set_deployment_state(id, DeploymentState::Failed, Some(&why))?;
                 return Ok(());
             }
             Next::Wait { stage, devices } => {
-                if announced_stage != Some(stage) {
+                if course.announce(stage) {
                     let members: Vec<String> = states
                         .iter()
                         .filter(|(_, (s, _))| *s == stage)
                         .map(|(d, _)| d.clone())
                         .collect();
                     observer.stage(stage as usize, stage_count as usize, &members);
-                    announced_stage = Some(stage);
                 }
                 // Resumed: the job's clock restarts, since when it was sent
                 // is not worth trusting across a controller restart.
-                let mut deadlines: HashMap<String, Instant> = devices
-                    .into_iter()
-                    .map(|d| (d, Instant::now() + timeout))
-                    .collect();
+                let mut wait = Wait::new(Awaiting::Jobs);
+                for d in devices {
+                    wait.add(d, Instant::now() + timeout);
+                }
                 wait_for(
                     fleet,
                     store,
                     id,
                     &mut events,
-                    &mut deadlines,
+                    &mut wait,
                     &mut states,
                     observer,
                     logs,
-                    |p| p.is_terminal(),
-                    true,
+                    lease,
                 )
                 .await?;
             }
@@ -941,33 +985,32 @@ async fn steps(
                 members,
                 send,
             } => {
-                if announced_stage != Some(stage) {
+                if course.announce(stage) {
                     observer.stage(stage as usize, stage_count as usize, &members);
-                    announced_stage = Some(stage);
                 }
-                let mut deadlines: HashMap<String, Instant> = HashMap::new();
+                let mut wait = Wait::new(Awaiting::Jobs);
                 for m in send {
                     // A pause or stop is obeyed between two sends, so a
                     // large stage does not go out whole after it.
                     if store.deployment_state(id)?.0 != DeploymentState::Running {
                         break;
                     }
+                    keep(store, lease)?;
                     fleet.start(&m, &command).await?;
                     store.set_device_state(id, &m, DeviceState::Sent, None)?;
                     states.get_mut(&m).expect("a device of the deployment").1 = DeviceState::Sent;
-                    deadlines.insert(m, Instant::now() + timeout);
+                    wait.add(m, Instant::now() + timeout);
                 }
                 wait_for(
                     fleet,
                     store,
                     id,
                     &mut events,
-                    &mut deadlines,
+                    &mut wait,
                     &mut states,
                     observer,
                     logs,
-                    |p| p.is_terminal(),
-                    true,
+                    lease,
                 )
                 .await?;
             }
@@ -1031,6 +1074,20 @@ pub fn spawn_runner(fleet: std::sync::Arc<Fleet>, store: std::sync::Arc<Store>) 
                         loop {
                             match run(&fleet, &store, &id, &mut Silent).await {
                                 Ok(d) => tracing::info!("deployment {id} is {}", d.state.as_str()),
+                                Err(RolloutError::Claimed { claim, .. }) => {
+                                    // Another process runs it (or one that
+                                    // died holds it until its lease lapses):
+                                    // try again then; a deployment that has
+                                    // ended meanwhile returns at once.
+                                    tracing::info!(
+                                        "deployment {id} is being run by {} until {} at least; serve takes it over if that claim lapses",
+                                        claim.holder,
+                                        claim.expires_text()
+                                    );
+                                    let wait = (claim.expires_at_ms - lease::now_ms()).max(0) as u64;
+                                    tokio::time::sleep(Duration::from_millis(wait + 100)).await;
+                                    continue;
+                                }
                                 Err(e) => tracing::error!(
                                     "deployment {id} stopped: {e}; carry on with `mqota deploy --resume {id}`"
                                 ),
@@ -1049,21 +1106,22 @@ pub fn spawn_runner(fleet: std::sync::Arc<Fleet>, store: std::sync::Arc<Store>) 
     Runner { tx }
 }
 
-/// Waits until every device in `deadlines` has a result that `ends` accepts,
-/// or its deadline passes; records results as they come. With
-/// `obey_stop`, returns early when an operator stops the deployment.
+/// Carries out `wait` ([`machine::Wait`]): feeds it what each device said
+/// and the clock until every device's wait has ended (or an operator's stop
+/// ends it), and does what each ending calls for: cancels a job given up
+/// on, records the result, starts reading the log of a failure, tells the
+/// observer.
 #[allow(clippy::too_many_arguments)]
 async fn wait_for(
     fleet: &Fleet,
     store: &Store,
     id: &str,
     events: &mut tokio::sync::broadcast::Receiver<FleetEvent>,
-    deadlines: &mut HashMap<String, Instant>,
+    wait: &mut Wait<Instant>,
     states: &mut Devices,
     observer: &mut dyn Observer,
     logs: &mut LogFetches,
-    ends: impl Fn(Phase) -> bool,
-    obey_stop: bool,
+    lease: &mut Lease,
 ) -> Result<(), RolloutError> {
     let version = store.deployment(id)?.version;
     let version = version.as_str();
@@ -1074,14 +1132,15 @@ async fn wait_for(
     // and looking at every device on each would cost O(devices) per event.
     let mut named: HashSet<String> = HashSet::new();
     let mut last_sweep: Option<Instant> = None;
-    while !deadlines.is_empty() {
+    while !wait.is_over() {
+        keep(store, lease)?;
         logs.harvest(store, id)?;
         // Events only wake us up and feed the observer; the results are read
         // from the fleet's current view, so a lagging channel loses nothing.
         tokio::select! {
             ev = events.recv() => match ev {
                 Ok(FleetEvent::Progress(p)) => {
-                    if p.job.as_deref() == Some(id) && deadlines.contains_key(p.device.as_str()) {
+                    if p.job.as_deref() == Some(id) && wait.is_waiting(p.device.as_str()) {
                         observer.progress(&p);
                     }
                     named.insert(p.device.as_str().to_owned());
@@ -1098,9 +1157,9 @@ async fn wait_for(
         }
         // Events can come by the thousand per second; the store is asked at
         // most once per POLL.
-        if obey_stop && last_poll.elapsed() >= POLL {
+        if wait.obeys_operator() && last_poll.elapsed() >= POLL {
             last_poll = Instant::now();
-            if store.deployment_state(id)?.0 == DeploymentState::Stopped {
+            if wait.ended_by(store.deployment_state(id)?.0) {
                 return Ok(());
             }
         }
@@ -1108,40 +1167,32 @@ async fn wait_for(
         let waiting: Vec<String> = if last_sweep.is_none_or(|t| now - t >= POLL) {
             last_sweep = Some(now);
             named.clear();
-            deadlines.keys().cloned().collect()
+            wait.waiting()
         } else {
-            named
-                .drain()
-                .filter(|d| deadlines.contains_key(d))
-                .collect()
+            named.drain().filter(|d| wait.is_waiting(d)).collect()
         };
         for dev in waiting {
             let said = fleet
                 .device(&dev)
                 .as_ref()
-                .and_then(|v| result_of(v, id, version))
-                .filter(|(p, _)| ends(*p));
-            let new = machine::outcome(states[&dev].1, said, now, deadlines[&dev]);
-            if let Some(o) = &new {
-                if o.cancel {
-                    // Stop a job that may still be running so it cannot
-                    // finish after the rollout gave up on it.
-                    fleet.cancel(&dev, Some(id)).await?;
-                }
+                .and_then(|v| machine::result_of(v, id, version));
+            let Some(o) = wait.device(&dev, states[&dev].1, said, now) else {
+                continue;
+            };
+            if o.cancel {
+                // Stop a job that may still be running so it cannot
+                // finish after the rollout gave up on it.
+                fleet.cancel(&dev, Some(id)).await?;
             }
-            let new = new.map(|o| (o.state, o.error));
-            if let Some((s, err)) = new {
-                store.set_device_state(id, &dev, s, err.as_deref())?;
-                if machine::wants_log(s) {
-                    let hint = fleet
-                        .device(&dev)
-                        .and_then(|v| v.status.and_then(|st| st.log_newest));
-                    logs.start(&dev, id, hint);
-                }
-                states.get_mut(&dev).expect("a device of the deployment").1 = s;
-                deadlines.remove(&dev);
-                observer.result(&dev, s, err.as_deref());
+            store.set_device_state(id, &dev, o.state, o.error.as_deref())?;
+            if machine::wants_log(o.state) {
+                let hint = fleet
+                    .device(&dev)
+                    .and_then(|v| v.status.and_then(|st| st.log_newest));
+                logs.start(&dev, id, hint);
             }
+            states.get_mut(&dev).expect("a device of the deployment").1 = o.state;
+            observer.result(&dev, o.state, o.error.as_deref());
         }
     }
     Ok(())
@@ -1173,7 +1224,7 @@ pub enum FirmwareError {
     Invalid {
         /// The firmware.
         name: String,
-        /// Why.
+        /// What the image validator found wrong, in words.
         reason: String,
     },
 }

@@ -493,14 +493,30 @@ impl Engine {
         &self.layout
     }
 
-    /// Seed API: sets the overall deadline of updates started from now on
-    /// (a job's `timeout_s` still wins).
-    pub fn set_timeout(&mut self, timeout_ms: Millis) {
+    /// Sets the overall deadline of updates started from now on (a job's
+    /// `timeout_s` still wins).
+    pub fn set_default_timeout(&mut self, timeout_ms: Millis) {
         self.cfg.timeout_ms = timeout_ms;
     }
 
-    /// Seed API: start an update from a bare URL.
+    /// Seed API, kept as an alias of [`Engine::set_default_timeout`].
+    pub fn set_timeout(&mut self, timeout_ms: Millis) {
+        self.set_default_timeout(timeout_ms);
+    }
+
+    /// Seed API, kept as an alias of [`Engine::start_from_url`].
     pub fn begin_ota<F: MultiwriteNorFlash>(
+        &mut self,
+        flash: &mut F,
+        now: Millis,
+        url: &str,
+    ) -> Actions {
+        self.start_from_url(flash, now, url)
+    }
+
+    /// Starts an update from a bare URL, as a message of only a URL on a
+    /// start topic does: no version, digest or job id to check.
+    pub fn start_from_url<F: MultiwriteNorFlash>(
         &mut self,
         flash: &mut F,
         now: Millis,
@@ -528,14 +544,19 @@ impl Engine {
         self.handle(flash, now, Event::Command(Command::Start(job)))
     }
 
-    /// Seed API: checks the deadlines (the overall timeout, a stalled fetch, a
-    /// retry that is due). Same as [`Event::Tick`].
+    /// Checks the deadlines (the overall timeout, a stalled fetch, a retry
+    /// that is due): [`Event::Tick`].
+    pub fn tick<F: MultiwriteNorFlash>(&mut self, flash: &mut F, now: Millis) -> Actions {
+        self.handle(flash, now, Event::Tick)
+    }
+
+    /// Seed API, kept as an alias of [`Engine::tick`].
     pub fn check_for_timeout<F: MultiwriteNorFlash>(
         &mut self,
         flash: &mut F,
         now: Millis,
     ) -> Actions {
-        self.handle(flash, now, Event::Tick)
+        self.tick(flash, now)
     }
 
     /// Feeds one event; returns what the caller must do, in order.
@@ -631,7 +652,7 @@ impl Engine {
         // its first page was kept.
         dl.descriptor_checked = written > 0;
         // The job's events before the reboot already reached this far.
-        dl.percent = Self::handle_progress(written, dl.total).min(99);
+        dl.percent = Self::percent(written, dl.total).min(99);
         info!("resuming job at byte {} after reboot", written);
         self.dl = Some(dl);
         self.fill = 0;
@@ -786,7 +807,7 @@ impl Engine {
             }
             // A resumed job learns its total only now: carry on from the
             // bytes already written, never below what was published.
-            let pct = Self::handle_progress(dl.written, Some(total)).min(99);
+            let pct = Self::percent(dl.written, Some(total)).min(99);
             dl.percent = dl.percent.max(pct);
         }
         dl.fetch = Fetch::Body;

@@ -4,20 +4,25 @@ use super::{push, Action, Actions, Engine, Millis};
 use crate::protocol::{truncated, ErrorCode, JobId, Phase, Progress};
 
 impl Engine {
-    /// Seed API: the percentage of `current` in `total` that progress events
-    /// carry (0 when the total is unknown, never above 100).
-    pub fn handle_progress(current: u32, total: Option<u32>) -> u8 {
+    /// The percentage of `current` in `total` that progress events carry (0
+    /// when the total is unknown, never above 100).
+    pub fn percent(current: u32, total: Option<u32>) -> u8 {
         match total {
             Some(t) if t > 0 => ((current as u64 * 100) / t as u64).min(100) as u8,
             _ => 0,
         }
     }
 
+    /// Seed API, kept as an alias of [`Engine::percent`].
+    pub fn handle_progress(current: u32, total: Option<u32>) -> u8 {
+        Self::percent(current, total)
+    }
+
     pub(super) fn maybe_progress(&mut self, now: Millis, actions: &mut Actions) {
         let received = self.received();
         let interval = self.cfg.progress_interval_ms;
         let Some(dl) = self.dl.as_mut() else { return };
-        let pct = Self::handle_progress(received, dl.total).min(99);
+        let pct = Self::percent(received, dl.total).min(99);
         if pct > dl.percent && now.saturating_sub(dl.last_publish) >= interval {
             dl.percent = pct;
             dl.last_publish = now;
@@ -65,15 +70,10 @@ impl Engine {
         error: Option<ErrorCode>,
         msg: &str,
     ) -> Progress {
-        Progress {
-            device: self.cfg.device.clone(),
-            job,
-            phase,
-            bytes: 0,
-            total: None,
-            percent,
-            error,
-            message: (!msg.is_empty()).then(|| truncated(msg)),
-        }
+        let mut ev = Progress::new(&self.cfg.device, job, phase);
+        ev.percent = percent;
+        ev.error = error;
+        ev.message = (!msg.is_empty()).then(|| truncated(msg));
+        ev
     }
 }

@@ -7,9 +7,7 @@ use crate::journal::PAGE_SIZE;
 use crate::protocol::ErrorCode;
 use embedded_storage::nor_flash::MultiwriteNorFlash;
 
-/// Erase-ahead unit where alignment allows: one 64 KiB block erase costs about
-/// as much as five sector erases and replaces sixteen.
-pub const BLOCK_SIZE: u32 = 64 * 1024;
+pub use crate::layout::BLOCK_SIZE;
 
 impl Engine {
     pub(super) fn received(&self) -> u32 {

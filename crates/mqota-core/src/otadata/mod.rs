@@ -45,21 +45,20 @@
 //! place when the requested slot is already selected; that window (erase done,
 //! program not yet) would leave only the older entry, so we do not copy it.
 //!
-//! [`set_state`] mirrors `esp_ota_mark_app_valid_cancel_rollback`: erase and
-//! rewrite the active entry's own sector. That *is* a window in which the older
-//! entry becomes active; the boot guard has to live with it exactly as ESP-IDF
-//! apps do, and the flash model lets the sweeps see it.
+//! There is no writer for `esp_ota_mark_app_valid_cancel_rollback` (rewrite
+//! the active entry's state in place): the boot guard confirms a trial with a
+//! mark in the slot's journal and, where the bootloader needs a state, with a
+//! fresh [`set_boot_slot`] entry, so the in-place window never opens.
 //!
-//! Both keep the entry's `seq_label` as it was. mqota keeps nothing in it:
-//! what a trial needs to remember lives in the slot's journal
-//! ([`crate::journal`]), which the boot guard reads.
+//! mqota keeps nothing in `seq_label`: what a trial needs to remember lives
+//! in the slot's journal ([`crate::journal`]), which the boot guard reads.
 
 use embedded_storage::nor_flash::{NorFlash, ReadNorFlash};
 
 /// Size of one `esp_ota_select_entry_t`.
 pub const ENTRY_SIZE: usize = 32;
 /// Distance between the two entries: one flash sector each.
-pub const SECTOR_SIZE: u32 = 0x1000;
+pub use crate::layout::SECTOR_SIZE;
 /// The size ESP-IDF expects of the otadata partition (two sectors).
 pub const OTADATA_SIZE: u32 = 2 * SECTOR_SIZE;
 /// Length of the `seq_label` field.
@@ -468,7 +467,7 @@ fn rewrite_entry<F: NorFlash>(
 /// hold the active entry (entry 0 when neither is valid): erase, then program.
 /// `state` is [`OtaState::New`] when the bootloader has rollback enabled
 /// (`set_new_state_otadata`), [`OtaState::Undefined`] otherwise. The label of
-/// the new entry is erased (`0xFF`), ready for trial-boot marks.
+/// the new entry is left erased (`0xFF`): mqota keeps nothing there.
 pub fn set_boot_slot<F: NorFlash>(
     flash: &mut F,
     otadata_offset: u32,
@@ -502,33 +501,6 @@ pub fn set_boot_slot<F: NorFlash>(
         entry: entry_index,
         seq,
     })
-}
-
-/// Change the state of the active entry, keeping its `seq_label`, as
-/// `esp_ota_mark_app_valid_cancel_rollback` and
-/// `esp_ota_mark_app_invalid_rollback` do: erase its sector and program it
-/// again. Returns the index of the rewritten entry.
-pub fn set_state<F: NorFlash>(
-    flash: &mut F,
-    otadata_offset: u32,
-    state: OtaState,
-) -> Result<usize, OtadataError<F::Error>> {
-    rewrite_active(flash, otadata_offset, state)
-}
-
-fn rewrite_active<F: NorFlash>(
-    flash: &mut F,
-    otadata_offset: u32,
-    state: OtaState,
-) -> Result<usize, OtadataError<F::Error>> {
-    check_write_layout::<F>(otadata_offset)?;
-    let otadata = Otadata::read(flash, otadata_offset)?;
-    let i = otadata.active().ok_or(OtadataError::NoActiveEntry)?;
-    let mut entry = otadata.entries[i];
-    entry.state = state.to_u32();
-    debug!("otadata: entry {} state <- {}", i, state.name());
-    rewrite_entry(flash, otadata_offset, i, &entry)?;
-    Ok(i)
 }
 
 #[cfg(test)]

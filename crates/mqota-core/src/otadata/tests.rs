@@ -1,25 +1,25 @@
 //! Tests of the otadata format and writers against the NOR model.
 use super::*;
-use mqota_flash_sim::SimFlash;
+use crate::mock_flash::MockFlash;
 
 const OFF: u32 = 0xd000;
 
-fn flash() -> SimFlash {
-    SimFlash::new(0x10000)
+fn flash() -> MockFlash {
+    MockFlash::new(0x10000)
 }
 
-fn read(f: &mut SimFlash) -> Otadata {
+fn read(f: &mut MockFlash) -> Otadata {
     Otadata::read(f, OFF).unwrap()
 }
 
 /// Plant an entry as a previous writer (ESP-IDF, esptool) would have.
-fn plant(f: &mut SimFlash, index: usize, entry: OtaSelectEntry) {
+fn plant(f: &mut MockFlash, index: usize, entry: OtaSelectEntry) {
     let at = (OFF + index as u32 * SECTOR_SIZE) as usize;
     f.raw_mut()[at..at + SECTOR_SIZE as usize].fill(0xFF);
     f.raw_mut()[at..at + ENTRY_SIZE].copy_from_slice(&entry.to_bytes());
 }
 
-fn corrupt_crc(f: &mut SimFlash, index: usize) {
+fn corrupt_crc(f: &mut MockFlash, index: usize) {
     let at = (OFF + index as u32 * SECTOR_SIZE) as usize + 28;
     f.raw_mut()[at] ^= 0x01;
 }
@@ -323,43 +323,6 @@ fn an_unaligned_otadata_offset_is_refused() {
     assert_eq!(
         set_boot_slot(&mut f, OFF + 4, 0, 2, OtaState::New),
         Err(OtadataError::BadLayout)
-    );
-}
-
-#[test]
-fn set_state_rewrites_the_active_entry_in_place_keeping_seq_and_label() {
-    let mut f = flash();
-    set_boot_slot(&mut f, OFF, 0, 2, OtaState::Valid).unwrap();
-    set_boot_slot(&mut f, OFF, 1, 2, OtaState::New).unwrap();
-    // A label the bootloader ignores but set_state must keep.
-    f.write(OFF + SECTOR_SIZE + 4, &[0x7F; SEQ_LABEL_LEN])
-        .unwrap();
-    assert_eq!(set_state(&mut f, OFF, OtaState::Valid), Ok(1));
-    let o = read(&mut f);
-    assert_eq!(o.entries[1].seq, 2);
-    assert_eq!(o.entries[1].state(), OtaState::Valid);
-    assert_eq!(o.entries[1].seq_label, [0x7F; SEQ_LABEL_LEN]);
-    assert_eq!(o.entries[0].state(), OtaState::Valid);
-    assert_eq!(o.selected_slot(2), Some(1));
-}
-
-#[test]
-fn marking_the_active_entry_invalid_hands_the_boot_back_to_the_other() {
-    let mut f = flash();
-    set_boot_slot(&mut f, OFF, 0, 2, OtaState::Valid).unwrap();
-    set_boot_slot(&mut f, OFF, 1, 2, OtaState::New).unwrap();
-    set_state(&mut f, OFF, OtaState::Invalid).unwrap();
-    let o = read(&mut f);
-    assert_eq!(o.checks(), [EntryCheck::Valid, EntryCheck::Rejected]);
-    assert_eq!(o.selected_slot(2), Some(0));
-}
-
-#[test]
-fn set_state_without_an_active_entry_is_an_error() {
-    let mut f = flash();
-    assert_eq!(
-        set_state(&mut f, OFF, OtaState::Valid),
-        Err(OtadataError::NoActiveEntry)
     );
 }
 

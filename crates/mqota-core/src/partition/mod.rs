@@ -56,9 +56,9 @@ pub const MD5_MAGIC: u16 = 0xEBEB;
 /// of that size.
 pub const APP_ALIGN: u32 = 0x1_0000;
 /// Every other partition must start on a 4 KiB boundary, the flash sector size.
-pub const DATA_ALIGN: u32 = 0x1000;
+pub const DATA_ALIGN: u32 = crate::layout::SECTOR_SIZE;
 /// Size the otadata partition must have: two `esp_ota_select_entry_t` sectors.
-pub const OTADATA_SIZE: u32 = 0x2000;
+pub use crate::otadata::OTADATA_SIZE;
 
 /// The partition type byte (`esp_partition_type_t`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -108,7 +108,7 @@ pub struct BadCommand {
 impl BadCommand {
     /// The `failed` event that answers this command.
     pub fn to_progress(&self, topics: &Topics) -> Progress {
-        Progress::new(topics, self.job.clone(), Phase::Failed)
+        Progress::new(topics.device_id(), self.job.clone(), Phase::Failed)
             .with_error(self.code, Some(self.reason))
     }
 }

@@ -11,7 +11,7 @@ use core::str::FromStr;
 use heapless::String;
 use serde::{Deserialize, Serialize};
 
-use super::{BootReason, JobId, Topics, MAX_DEVICE_ID_LEN, MAX_JOB_ID_LEN, MAX_MESSAGE_LEN};
+use super::{BootReason, JobId, MAX_DEVICE_ID_LEN, MAX_JOB_ID_LEN, MAX_MESSAGE_LEN};
 
 /// Where an update stands, as published in [`Progress::phase`].
 ///
@@ -293,11 +293,11 @@ pub fn truncated<const N: usize>(s: &str) -> String<N> {
 }
 
 impl Progress {
-    /// An event of `phase` for the device of `topics`, with no bytes, error
-    /// or message yet.
-    pub fn new(topics: &Topics, job: Option<JobId>, phase: Phase) -> Self {
+    /// An event of `phase` for device `device_id`, with no bytes, error or
+    /// message yet.
+    pub fn new(device_id: &str, job: Option<JobId>, phase: Phase) -> Self {
         Progress {
-            device: truncated(topics.device_id()),
+            device: truncated(device_id),
             job,
             phase,
             bytes: 0,
@@ -520,6 +520,7 @@ const BOOT_REASON_NAMES: [&str; BootReason::ALL.len()] = {
 #[cfg(test)]
 mod tests {
     extern crate std;
+    use crate::protocol::Topics;
     use std::string::String as StdString;
     use std::{format, vec};
 
@@ -747,7 +748,7 @@ mod tests {
     #[test]
     fn percent_follows_bytes_over_total_and_is_zero_while_total_is_unknown() {
         let t = Topics::new("device", "d1").unwrap();
-        let p = Progress::new(&t, None, Phase::Downloading);
+        let p = Progress::new(t.device_id(), None, Phase::Downloading);
         assert_eq!(p.clone().with_bytes(50, Some(200)).percent, 25);
         assert_eq!(p.clone().with_bytes(199, Some(200)).percent, 99);
         assert_eq!(p.clone().with_bytes(u32::MAX, Some(u32::MAX)).percent, 100);
@@ -761,7 +762,8 @@ mod tests {
         let t = Topics::new("device", "d1").unwrap();
         // 47 two-byte characters plus a three-byte one cross the 96-byte limit.
         let long: StdString = "é".repeat(47) + "€€";
-        let p = Progress::new(&t, None, Phase::Failed).with_error(ErrorCode::Network, Some(&long));
+        let p = Progress::new(t.device_id(), None, Phase::Failed)
+            .with_error(ErrorCode::Network, Some(&long));
         let msg = p.message.unwrap();
         assert_eq!(msg.len(), 94);
         assert!(long.starts_with(msg.as_str()));

@@ -1,14 +1,17 @@
-//! A device on the simulated flash: the default partition table, version 1.0.0
-//! in `ota_0`, blank otadata. Shared by the engine and boot guard tests.
+//! A device on a flash: the default partition table, version 1.0.0 in
+//! `ota_0`, blank otadata. Shared by the core's engine tests (on the core's
+//! own [`MockFlash`]) and, through `#[path]`, by the boot guard and flash
+//! contract tests in `mqota-e2e` (on `mqota-flash-sim`'s NOR model with
+//! power cuts and the bootloader model).
 #![allow(dead_code)]
 
-use embedded_storage::nor_flash::{NorFlash, ReadNorFlash};
+use embedded_storage::nor_flash::MultiwriteNorFlash;
 use mqota_core::engine::{Action, Actions, Config, Engine, Event, Response};
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::layout::Layout;
+use mqota_core::mock_flash::MockFlash;
 use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
 use mqota_core::protocol::{Command, ErrorCode, Job, Phase, Progress};
-use mqota_flash_sim::SimFlash;
 
 pub const FLASH_SIZE: usize = 4 * 1024 * 1024;
 pub const CHUNK: usize = 1024;
@@ -27,8 +30,8 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(data).into()
 }
 
-pub struct Rig {
-    pub flash: SimFlash,
+pub struct Rig<F = MockFlash> {
+    pub flash: F,
     pub layout: Layout,
     pub engine: Engine,
     pub now: u64,
@@ -39,9 +42,14 @@ pub struct Rig {
     pub rollbacks: Vec<Option<mqota_core::protocol::JobId>>,
 }
 
-/// A fresh device running 1.0.0 from `ota_0`.
+/// A fresh device running 1.0.0 from `ota_0`, on the core's mock flash.
 pub fn device() -> Rig {
-    let mut flash = SimFlash::new(FLASH_SIZE);
+    device_on(MockFlash::new(FLASH_SIZE))
+}
+
+/// A fresh device running 1.0.0 from `ota_0`, on `flash` (erased,
+/// [`FLASH_SIZE`] bytes).
+pub fn device_on<F: MultiwriteNorFlash>(mut flash: F) -> Rig<F> {
     let table = PartitionTable::from_csv(DEFAULT_4MB_CSV).unwrap();
     flash.write(TABLE_OFFSET, &table.to_bytes()).unwrap();
     let layout = Layout::from_table(&table, 0).unwrap();
@@ -63,7 +71,7 @@ pub fn padded(b: &[u8]) -> Vec<u8> {
     v
 }
 
-pub fn rig_on(flash: SimFlash, layout: Layout) -> Rig {
+pub fn rig_on<F: MultiwriteNorFlash>(flash: F, layout: Layout) -> Rig<F> {
     let mut cfg = Config::new("dev-1", Chip::Esp32c3, "1.0.0");
     cfg.progress_interval_ms = 0;
     Rig {
@@ -92,7 +100,7 @@ pub fn job(url: &str) -> Job {
     }
 }
 
-impl Rig {
+impl<F: MultiwriteNorFlash> Rig<F> {
     pub fn apply(&mut self, actions: Actions) {
         for a in actions {
             match a {

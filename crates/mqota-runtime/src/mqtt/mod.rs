@@ -66,6 +66,7 @@ use rust_mqtt::Bytes;
 
 use crate::conn::{KillSwitch, MqttConn};
 use crate::platform::Link;
+use keepalive::{KeepAliveDue, KeepAliveTimer};
 use mqota_core::backoff::Backoff;
 
 /// Bytes of the receive arena: the largest MQTT packet the device accepts.
@@ -333,11 +334,13 @@ pub struct MqttSession<'a, T: TcpConnect + 'a, D: Dns + 'a> {
     // before the next connect.
     has_net: bool,
     up: bool,
+    // The link has been up at least once: a later loss is brought back with
+    // `Link::reconnect`, the first bring-up is `Link::connect`.
+    link_was_up: bool,
     // A non-cancel-safe client call was in progress; if this is still set at
     // the next call, that call was cancelled and the stream is out of step.
     busy: bool,
-    last_tx: Instant,
-    ping_sent: Option<Instant>,
+    keep_alive: KeepAliveTimer,
     inbox: Deque<Message, INBOX_DEPTH>,
     dropped: u32,
     subscriptions: Vec<String<MAX_TOPIC_LEN>, MAX_SUBSCRIPTIONS>,
@@ -354,6 +357,7 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
         mut config: MqttConfig<'a>,
     ) -> Self {
         config.keep_alive_secs = config.keep_alive_secs.max(1);
+        let keep_alive = KeepAliveTimer::new(config.keep_alive_secs, Instant::now());
         let MqttBuffers { rx, kill } = buffers;
         Self {
             tcp,
@@ -363,9 +367,9 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
             client: Client::new(rx),
             has_net: false,
             up: false,
+            link_was_up: false,
             busy: false,
-            last_tx: Instant::now(),
-            ping_sent: None,
+            keep_alive,
             inbox: Deque::new(),
             dropped: 0,
             subscriptions: Vec::new(),
@@ -472,8 +476,7 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
 
         info!("mqtt: connected (session present: {})", session_present);
         self.up = true;
-        self.last_tx = Instant::now();
-        self.ping_sent = None;
+        self.keep_alive.connected(Instant::now());
 
         if !session_present {
             self.resubscribe().await?;
@@ -561,7 +564,7 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
                 Ok(Err(e)) => return Err(self.fail(error_kind(&e)).await),
                 Err(_) => return Err(self.fail(MqttError::ConnectionLost).await),
             };
-            self.last_tx = Instant::now();
+            self.keep_alive.sent(Instant::now());
             let _ = pending.push(pid);
         }
         let deadline = Instant::now() + self.config.ack_timeout;
@@ -693,7 +696,7 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
         self.busy = false;
         match sent {
             Ok(Ok(pid)) => {
-                self.last_tx = Instant::now();
+                self.keep_alive.sent(Instant::now());
                 Ok(pid)
             }
             Ok(Err(e)) if e.is_recoverable() => Err(error_kind(&e)),
@@ -794,12 +797,18 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
                     info!("mqtt: link down, dropping the connection");
                     self.drop_connection().await;
                 }
-                if link.reconnect().await.is_err() {
+                let brought_up = if self.link_was_up {
+                    link.reconnect().await
+                } else {
+                    link.connect().await
+                };
+                if brought_up.is_err() {
                     warn!("mqtt: link reconnect failed");
                     Timer::after(Duration::from_millis(backoff.next_delay(random()))).await;
                     continue;
                 }
             }
+            self.link_was_up = true;
             if self.busy {
                 self.drop_connection().await;
             }
@@ -844,7 +853,7 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
     pub async fn drop_connection(&mut self) {
         self.up = false;
         self.busy = false;
-        self.ping_sent = None;
+        self.keep_alive.disconnected();
         if !self.has_net {
             return;
         }
@@ -881,32 +890,25 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
         if !self.up {
             return Err(MqttError::NotConnected);
         }
-        let half = Duration::from_millis(u64::from(self.config.keep_alive_secs) * 500);
         loop {
             let now = Instant::now();
-            let keepalive_due = match self.ping_sent {
-                Some(sent) => {
-                    if now >= sent + half {
-                        warn!("mqtt: no PINGRESP");
-                        return Err(self.fail(MqttError::ConnectionLost).await);
-                    }
-                    sent + half
+            let keepalive_due = match self.keep_alive.poll(now) {
+                KeepAliveDue::Until(at) => at,
+                KeepAliveDue::Dead => {
+                    warn!("mqtt: no PINGRESP");
+                    return Err(self.fail(MqttError::ConnectionLost).await);
                 }
-                None => {
-                    if now >= self.last_tx + half {
-                        self.busy = true;
-                        let pinged = with_timeout(self.config.io_timeout, self.client.ping()).await;
-                        self.busy = false;
-                        match pinged {
-                            Ok(Ok(())) => {
-                                self.last_tx = now;
-                                self.ping_sent = Some(now);
-                                continue;
-                            }
-                            _ => return Err(self.fail(MqttError::ConnectionLost).await),
+                KeepAliveDue::Ping => {
+                    self.busy = true;
+                    let pinged = with_timeout(self.config.io_timeout, self.client.ping()).await;
+                    self.busy = false;
+                    match pinged {
+                        Ok(Ok(())) => {
+                            self.keep_alive.pinged(now);
+                            continue;
                         }
+                        _ => return Err(self.fail(MqttError::ConnectionLost).await),
                     }
-                    self.last_tx + half
                 }
             };
             if now >= until {
@@ -976,7 +978,7 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
                 Observed::Puback(r.packet_identifier, Err(r.reason_code.value()))
             }
             Event::Pingresp => {
-                self.ping_sent = None;
+                self.keep_alive.pong();
                 Observed::Other
             }
             _ => Observed::Other,
@@ -1028,5 +1030,6 @@ fn error_kind<const P: usize>(e: &ClientError<'_, P>) -> MqttError {
     }
 }
 
+mod keepalive;
 #[cfg(test)]
 mod tests;

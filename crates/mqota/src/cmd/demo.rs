@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,8 @@ use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::protocol::envelope::{job_key_of, JobKey};
 use mqota_core::protocol::{ErrorCode, Phase, Progress, DEFAULT_PREFIX};
 use mqota_core::signature::sign::{sign_file, Key};
-use mqota_virtual::device::{spawn, BootRecord, Handle, VirtualConfig};
+use mqota_virtual::device::{BootRecord, VirtualConfig};
+use mqota_virtual::fleet::VirtualFleet;
 
 use super::deploy::{Bars, Lines};
 use super::settings::runtime;
@@ -82,7 +83,10 @@ impl DemoArgs {
             bail!("--devices must be between 1 and {MAX_DEVICES} (got {n})");
         }
         let started = Instant::now();
-        let work = WorkDir::create()?;
+        let work = tempfile::Builder::new()
+            .prefix("mqota-demo-")
+            .tempdir()
+            .context("creating the demo's working directory")?;
         let fw_dir = work.path().join("firmware");
         std::fs::create_dir(&fw_dir).with_context(|| format!("creating {}", fw_dir.display()))?;
         println!("mqota demo: {n} virtual ESP32-C6 devices, one MQTT broker and one firmware server, all in this process");
@@ -100,7 +104,8 @@ impl DemoArgs {
 
         let rt = runtime()?;
         let ids: Vec<String> = (1..=n).map(|k| format!("demo-{k:02}")).collect();
-        let devices = DeviceThread::start(&ids, broker.addr().port(), &keys)?;
+        let devices = VirtualFleet::start(device_configs(&ids, broker.addr().port(), &keys))
+            .context("starting the virtual devices")?;
         let outcome = rt.block_on(async {
             tokio::time::timeout(
                 DEADLINE,
@@ -116,7 +121,7 @@ impl DemoArgs {
         });
         // Stop the fleet before judging: the boot records come back with the
         // joined thread.
-        let boots = devices.stop()?;
+        let boots: HashMap<String, Vec<BootRecord>> = devices.stop().into_iter().collect();
         rt.shutdown_timeout(Duration::from_secs(2));
         let rows = match outcome {
             Ok(r) => r?,
@@ -174,12 +179,17 @@ async fn scenario(
         remote_firmware: Default::default(),
     });
     let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
+    // The same accept loop and limits as `serve`.
     let server = tokio::spawn(async move {
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(async {
+        mqota_controller::server::serve(
+            listener,
+            router(state),
+            mqota_controller::server::HttpLimits::default(),
+            async {
                 let _ = stopped.await;
-            })
-            .await
+            },
+        )
+        .await
     });
     println!("[2/7] firmware server listening on {http_base} (GET /firmware/NAME, /api/firmware)");
 
@@ -559,91 +569,23 @@ fn print_summary(rows: &[Row], boots: &HashMap<String, Vec<BootRecord>>) -> usiz
     unexpected
 }
 
-/// The virtual devices, on a thread of their own: the device runtime's
-/// futures are not `Send`, so they run on a current-thread runtime in a
-/// `LocalSet`.
-struct DeviceThread {
-    stop: tokio::sync::oneshot::Sender<()>,
-    thread: std::thread::JoinHandle<HashMap<String, Vec<BootRecord>>>,
-}
-
-impl DeviceThread {
-    fn start(ids: &[String], port: u16, keys: &DemoKeys) -> Result<Self> {
-        let configs: Vec<VirtualConfig> = ids
-            .iter()
-            .map(|id| {
-                let mut c = VirtualConfig::new(id, "127.0.0.1", port);
-                c.chip = CHIP;
-                c.trusted_keys = vec![keys.image.digest()];
-                c.job_key = Some(keys.job_key());
-                // Short timeouts keep the demo quick; nothing here is slow.
-                c.health_timeout = Duration::from_secs(2);
-                c.stall_timeout = Duration::from_secs(5);
-                c.update_timeout = Duration::from_secs(30);
-                c.progress_interval = Duration::from_millis(100);
-                c.watchdog = Duration::from_millis(500);
-                c.keep_alive_secs = 10;
-                c
-            })
-            .collect();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the devices' runtime")?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("mqota-demo-devices".into())
-            .spawn(move || {
-                let local = tokio::task::LocalSet::new();
-                local.block_on(&rt, async move {
-                    let handles: Vec<(String, Handle)> = configs
-                        .into_iter()
-                        .map(|c| (c.id.clone(), spawn(c)))
-                        .collect();
-                    let _ = stopped.await;
-                    for (_, h) in &handles {
-                        h.stop();
-                    }
-                    // Let each device reach an await point and drop its
-                    // connections, so the broker sees them go.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    handles.into_iter().map(|(id, h)| (id, h.boots())).collect()
-                })
-            })
-            .context("starting the devices' thread")?;
-        Ok(Self { stop, thread })
-    }
-
-    /// Stops every device and joins the thread; returns each device's boots.
-    fn stop(self) -> Result<HashMap<String, Vec<BootRecord>>> {
-        let _ = self.stop.send(());
-        self.thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("the virtual devices' thread panicked"))
-    }
-}
-
-/// A temporary directory, removed on drop.
-struct WorkDir(PathBuf);
-
-impl WorkDir {
-    fn create() -> Result<Self> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let p = std::env::temp_dir().join(format!("mqota-demo-{}-{nanos:08x}", std::process::id()));
-        std::fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?;
-        Ok(Self(p))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// The demo's devices: ESP32-C6s on 1.0.0 that take only images and
+/// commands signed with the run's keys.
+fn device_configs(ids: &[String], port: u16, keys: &DemoKeys) -> Vec<VirtualConfig> {
+    ids.iter()
+        .map(|id| {
+            let mut c = VirtualConfig::new(id, "127.0.0.1", port);
+            c.chip = CHIP;
+            c.trusted_keys = vec![keys.image.digest()];
+            c.job_key = Some(keys.job_key());
+            // Short timeouts keep the demo quick; nothing here is slow.
+            c.health_timeout = Duration::from_secs(2);
+            c.stall_timeout = Duration::from_secs(5);
+            c.update_timeout = Duration::from_secs(30);
+            c.progress_interval = Duration::from_millis(100);
+            c.watchdog = Duration::from_millis(500);
+            c.keep_alive_secs = 10;
+            c
+        })
+        .collect()
 }

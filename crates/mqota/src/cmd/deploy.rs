@@ -19,6 +19,12 @@
 //! job, those sent finish, the deployment ends `paused`. Stop: no more jobs,
 //! devices not sent one are `skipped`, jobs in flight are cancelled, and the
 //! deployment ends `stopped`.
+//!
+//! One deployment has one runner: the process running it holds a claim in
+//! the store, renewed every quarter of `--runner-lease`; `--resume` is
+//! refused, naming the holder, while another process's claim holds. Ctrl-C
+//! releases the claim at once; a killed process's claim lapses after its
+//! lease.
 
 use std::io::IsTerminal as _;
 use std::time::Duration;
@@ -107,6 +113,11 @@ pub struct DeployArgs {
     /// Firmware server to resolve a FIRMWARE name [default: http://127.0.0.1:8080]
     #[arg(long)]
     server: Option<String>,
+    /// Seconds this process's claim on the deployment it runs lasts without
+    /// renewal (renewed every quarter of it): another `deploy --resume` or
+    /// `serve` takes the deployment over only once a claim has lapsed.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    runner_lease: u64,
     #[command(flatten)]
     common: Common,
 }
@@ -115,7 +126,13 @@ impl DeployArgs {
     /// Run it.
     pub fn run(self) -> Result<()> {
         let s = self.common.settings()?;
+        mqota_controller::lease::set_lease(Duration::from_secs(self.runner_lease));
         let store = Store::open(&s.data_dir)?;
+        if let Some(id) = &self.resume {
+            // Before anything is written or connected: a deployment another
+            // process runs is followed with `watch`, not run twice.
+            rollout::ensure_not_claimed_elsewhere(&store, id)?;
+        }
         if let Some(id) = &self.pause {
             let d = store.pause(id)?;
             let in_flight = count(&d, DeviceState::Sent);
@@ -251,7 +268,15 @@ impl DeployArgs {
             } else {
                 Box::new(Lines)
             };
-            let result = rollout::run(&fleet, &store, &id, observer.as_mut()).await;
+            let result = tokio::select! {
+                r = rollout::run(&fleet, &store, &id, observer.as_mut()) => r,
+                _ = tokio::signal::ctrl_c() => {
+                    // Let the next runner in at once rather than after the
+                    // lease: this one sends nothing more.
+                    let _ = store.release_all(mqota_controller::lease::holder());
+                    bail!("interrupted: deployment {id} is left running; carry on with `mqota deploy --resume {id}`");
+                }
+            };
             drop(observer);
             let _ = fleet.close().await;
             let d = result?;
@@ -290,6 +315,8 @@ fn detach(common: &Common, data_dir: &std::path::Path, id: &str) -> Result<()> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(["deploy", "--resume", id, "--data-dir"])
         .arg(data_dir)
+        .arg("--runner-lease")
+        .arg(mqota_controller::lease::lease().as_secs().to_string())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);

@@ -1,4 +1,5 @@
-//! The small fleet commands: `status`, `watch`, `rollback`, `cancel`. What
+//! The small fleet commands: `status`, `watch`, `rollback`, `cancel`,
+//! `forget`. What
 //! they share with the other commands (broker, config file, logging) is in
 //! [`super::settings`].
 
@@ -193,6 +194,55 @@ pub struct DeviceCommandArgs {
     timeout: u64,
     #[command(flatten)]
     common: Common,
+}
+
+/// `mqota forget`.
+#[derive(Args)]
+pub struct ForgetArgs {
+    /// Device ids.
+    #[arg(required = true)]
+    ids: Vec<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+impl ForgetArgs {
+    /// Forgets each device ([`mqota_controller::http::forget`]): clears its
+    /// retained status and availability on the broker and removes its
+    /// record and history from the store. Refused for a device that is
+    /// online (it would be back with its next status), in a deployment not
+    /// over, or unknown; fails if any was refused.
+    pub fn run(self) -> Result<()> {
+        let s = self.common.settings()?;
+        let store = std::sync::Arc::new(mqota_controller::store::Store::open(&s.data_dir)?);
+        runtime()?.block_on(async {
+            let fleet = connect_and_settle(&s, "forget").await?;
+            let mut refused = 0;
+            for id in &self.ids {
+                match mqota_controller::http::forget(&store, &fleet, id).await {
+                    Ok(f) => {
+                        let mut from = Vec::new();
+                        if f.store {
+                            from.push("its record and history in the store");
+                        }
+                        if f.broker {
+                            from.push("its retained status and availability on the broker");
+                        }
+                        println!("forgot {}: {}", safe(id), from.join(", "));
+                    }
+                    Err(e) => {
+                        refused += 1;
+                        eprintln!("{}", safe(&e.to_string()));
+                    }
+                }
+            }
+            let _ = fleet.close().await;
+            if refused > 0 {
+                anyhow::bail!("{refused} of {} not forgotten", self.ids.len());
+            }
+            Ok(())
+        })
+    }
 }
 
 impl DeviceCommandArgs {

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
@@ -53,6 +54,35 @@ pub struct ServeArgs {
     /// --mqtt-listen is a loopback address.
     #[arg(long)]
     mqtt_anonymous: bool,
+    /// Seconds serve's claim on a deployment it runs lasts without renewal
+    /// (renewed every quarter of it): a `deploy --resume` (or another serve)
+    /// takes a deployment over only once the claim has lapsed, e.g. after
+    /// serve was killed.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    runner_lease: u64,
+    /// Seconds a client has to send a whole request head; a slower one is
+    /// disconnected (against slow-loris).
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    http_header_timeout: u64,
+    /// HTTP connections served at once; more are closed on arrival, so a
+    /// flood cannot queue real downloads behind it.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    http_max_connections: u64,
+    /// Largest request body in bytes (firmware uploads have their own 16 MiB
+    /// limit); a deployment naming 10,000 devices is about 300 KiB.
+    #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=64 * 1024 * 1024))]
+    http_max_body: u64,
+    /// Days a device's history entries are kept.
+    #[arg(long, value_name = "DAYS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=36_500))]
+    history_max_age: u64,
+    /// History entries kept per device (the newest).
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    history_max_entries: u64,
+    /// Seconds an id may be known without ever a valid status (it announced
+    /// only its availability) before it is forgotten and its retained
+    /// availability cleared.
+    #[arg(long, value_name = "SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    ghost_expiry: u64,
     #[command(flatten)]
     common: Common,
 }
@@ -137,6 +167,7 @@ impl ServeArgs {
         // Deployments run here are recorded as serve's, so that the next
         // serve resumes them.
         mqota_controller::rollout::set_runner_name("serve");
+        mqota_controller::lease::set_lease(std::time::Duration::from_secs(self.runner_lease));
         let store = Arc::new(Store::open(&s.data_dir)?);
         println!("data in {}", store.path().display());
         let catalogue = Catalogue::new(&self.firmware_dir);
@@ -225,9 +256,29 @@ impl ServeArgs {
                 }
             });
 
+            let housekeeping = tokio::spawn(housekeeping(
+                store.clone(),
+                fleet.clone(),
+                mqota_controller::store::Retention {
+                    max_age: Duration::from_secs(self.history_max_age * 86_400),
+                    max_entries: self.history_max_entries as usize,
+                },
+                Duration::from_secs(self.ghost_expiry),
+            ));
+
             let runner = mqota_controller::rollout::spawn_runner(fleet.clone(), store.clone());
             for id in store.running_deployments_of("serve")? {
                 println!("resuming deployment {id}, which was running when serve stopped");
+                let now = mqota_controller::lease::now_ms();
+                if let Some(c) = store.claim_in_force(&id, now)? {
+                    // Most likely the serve that was killed: its claim
+                    // lapses within one lease.
+                    println!(
+                        "deployment {id} is claimed by {} until {}: serve takes it over when that claim lapses",
+                        c.holder,
+                        c.expires_text()
+                    );
+                }
                 runner.run(&id);
             }
 
@@ -239,6 +290,7 @@ impl ServeArgs {
             if let Some(u) = &self.public_url {
                 remote_firmware = remote_firmware.and_origin_of(u);
             }
+            let state_store = store.clone();
             let state = Arc::new(AppState {
                 catalogue,
                 store,
@@ -262,6 +314,10 @@ impl ServeArgs {
                         runner.clone(),
                     ))
                     .merge(mqota_controller::http::catalogue_router(state.clone()))
+                    .merge(mqota_controller::http::forget_router(
+                        state.store.clone(),
+                        fleet.clone(),
+                    ))
                     .merge(dashboard::router(state, fleet.clone(), runner))
                     .merge(broker_door_router(door)),
                 allowed,
@@ -271,13 +327,23 @@ impl ServeArgs {
             mqota_controller::server::serve(
                 listener,
                 app,
-                mqota_controller::server::HttpLimits::default(),
+                mqota_controller::server::HttpLimits {
+                    header_read_timeout: std::time::Duration::from_secs(self.http_header_timeout),
+                    max_connections: self.http_max_connections as usize,
+                    max_body: self.http_max_body as usize,
+                },
                 async {
                     let _ = tokio::signal::ctrl_c().await;
                 },
             )
             .await?;
             recorder.abort();
+            housekeeping.abort();
+            // Rollouts still running stop with the process: their claims
+            // go now, so a `deploy --resume` need not wait for the lease.
+            if let Err(e) = state_store.release_all(mqota_controller::lease::holder()) {
+                tracing::warn!("releasing serve's claims on its deployments: {e}");
+            }
             // Rollouts still running hold the connection; they stay
             // `running` in the store for `deploy --resume`.
             if let Ok(fleet) = Arc::try_unwrap(fleet) {
@@ -285,6 +351,54 @@ impl ServeArgs {
             }
             Ok(())
         })
+    }
+}
+
+/// How often the device history is pruned to its retention.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// serve's upkeep, for as long as it runs: the device history is kept to
+/// `retention` (at start, then every [`PRUNE_EVERY`]), and ghosts (ids
+/// known for `ghost_age` without a valid status) are forgotten, their
+/// retained availability cleared so that the next replay does not bring
+/// them back.
+async fn housekeeping(
+    store: Arc<Store>,
+    fleet: Arc<Fleet>,
+    retention: mqota_controller::store::Retention,
+    ghost_age: Duration,
+) {
+    // A ghost's clock starts at the first sweep that finds it: sweeping at
+    // least twice per age keeps the expiry within half an age of its due.
+    let sweep = (ghost_age / 2).clamp(Duration::from_millis(500), Duration::from_secs(60));
+    let mut pruned_at: Option<tokio::time::Instant> = None;
+    loop {
+        if pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            pruned_at = Some(tokio::time::Instant::now());
+            let st = store.clone();
+            let now = mqota_controller::unix_now();
+            match tokio::task::spawn_blocking(move || st.prune_history(now, &retention)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!("device history: {n} entries past retention removed"),
+                Ok(Err(e)) => tracing::error!("pruning the device history: {e}"),
+                Err(e) => tracing::error!("pruning the device history: {e}"),
+            }
+        }
+        // Only with the broker's picture in hand: while it is unreachable,
+        // a missing status proves nothing.
+        if fleet.connected() {
+            for id in fleet.expire_ghosts(std::time::Instant::now(), ghost_age) {
+                tracing::info!(
+                    "forgetting {}: known for {} s without a valid status",
+                    super::term::safe(&id),
+                    ghost_age.as_secs()
+                );
+                if let Err(e) = fleet.clear_availability(&id).await {
+                    tracing::warn!("clearing the availability of a forgotten id: {e}");
+                }
+            }
+        }
+        tokio::time::sleep(sweep).await;
     }
 }
 

@@ -41,6 +41,17 @@ impl Serve {
     /// As [`Serve::start`], with HTTP on `http` (a restarted server keeps
     /// the address the deployed URLs name).
     pub fn start_at(fw: &Path, data: &Path, broker: Option<&str>, http: &str) -> Self {
+        Self::start_with(fw, data, broker, http, &[])
+    }
+
+    /// As [`Serve::start_at`], with more command-line arguments.
+    pub fn start_with(
+        fw: &Path,
+        data: &Path,
+        broker: Option<&str>,
+        http: &str,
+        extra: &[&str],
+    ) -> Self {
         let mut cmd = Command::new(MQOTA);
         cmd.arg("serve")
             .arg("--firmware-dir")
@@ -51,6 +62,7 @@ impl Serve {
             // Tests serve firmware URLs from their own HTTP servers on
             // loopback (see controller_browser.rs's slow_firmware).
             .args(["--allow-remote-firmware", "127.0.0.1"])
+            .args(extra)
             .env_remove("MQOTA_BROKER")
             .env("MQOTA_CONFIG", "/dev/null")
             .stdout(Stdio::piped())
@@ -118,8 +130,7 @@ pub fn mqota(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// Each device's id and boots.
-pub type Boots = Vec<(String, Vec<mqota_virtual::device::BootRecord>)>;
+pub use mqota_virtual::fleet::VirtualFleet;
 
 /// A virtual device for these tests: the defaults, with timeouts short enough
 /// for a test and keep-alive pings often enough to notice a dead broker.
@@ -134,58 +145,10 @@ pub fn device_config(id: &str, port: u16) -> mqota_virtual::device::VirtualConfi
     c
 }
 
-/// Virtual devices on a thread of their own (the runtime is `!Send`),
-/// stopped when dropped; [`Devices::stop`] returns each device's boots.
-pub struct Devices {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Boots>>,
-}
-
-impl Devices {
-    /// Starts one device per configuration.
-    pub fn start(configs: Vec<mqota_virtual::device::VirtualConfig>) -> Self {
-        let (tx, rx) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let handles: Vec<_> = configs
-                    .into_iter()
-                    .map(|c| (c.id.clone(), mqota_virtual::device::spawn(c)))
-                    .collect();
-                while rx.try_recv() == Err(mpsc::TryRecvError::Empty) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                for (_, h) in &handles {
-                    h.stop();
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                handles.into_iter().map(|(id, h)| (id, h.boots())).collect()
-            })
-        });
-        Self {
-            stop: Some(tx),
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops the devices and returns what each booted.
-    pub fn stop(mut self) -> Boots {
-        drop(self.stop.take());
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-impl Drop for Devices {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// Starts one virtual device per configuration on a thread of their own
+/// (stopped when dropped; [`VirtualFleet::stop`] returns each device's boots).
+pub fn start_devices(configs: Vec<mqota_virtual::device::VirtualConfig>) -> VirtualFleet {
+    VirtualFleet::start(configs).expect("the virtual devices' thread starts")
 }
 
 /// `mqota status --json` against `broker`, parsed.

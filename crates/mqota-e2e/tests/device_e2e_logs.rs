@@ -11,7 +11,7 @@ use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::protocol::{BootReason, LogsGet, Status};
 use mqota_flash_sim::BootConfig;
 use mqota_virtual::device::{run_device, Handle, VirtualConfig};
-use mqota_virtual::testing::{Fault, FaultServer, FileServer, Mosquitto, Observer, Received};
+use mqota_virtual::testing::{Fault, FaultServer, FileServer, Mosquitto, Received, TopicRecorder};
 use tokio::task::LocalSet;
 
 fn image(version: &str, size: u32) -> Vec<u8> {
@@ -101,7 +101,7 @@ async fn log_until(
     }
 }
 
-async fn online_again(obs: &Observer, id: &str, before: usize) {
+async fn online_again(obs: &TopicRecorder, id: &str, before: usize) {
     assert!(
         obs.wait_until(Duration::from_secs(30), |s| online_count(s, id) > before)
             .await,

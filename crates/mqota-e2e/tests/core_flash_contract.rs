@@ -5,6 +5,7 @@
 //! must program each word once per erase, and runs here on the NOR model's
 //! strict single-write view, which refuses a second program.
 
+#[path = "../../mqota-core/tests/common/mod.rs"]
 mod common;
 
 use common::*;
@@ -47,7 +48,7 @@ fn the_strict_view_refuses_a_second_program_of_a_word_until_it_is_erased() {
 
 #[test]
 fn the_journal_flags_program_each_word_once_however_often_they_are_set() {
-    let d = device();
+    let d = device_on(SimFlash::new(FLASH_SIZE));
     let slot = d.layout.slots[1];
     let mut f = SingleWrite::new(d.flash.clone());
     let journal = slot.journal();
@@ -90,7 +91,7 @@ fn the_journal_flags_program_each_word_once_however_often_they_are_set() {
 fn boots_trials_and_rollbacks_program_each_word_once() {
     for config in [BootConfig::Stock, BootConfig::Rollback] {
         for healthy in [true, false] {
-            let mut d = device();
+            let mut d = device_on(SimFlash::new(FLASH_SIZE));
             let v2 = image(Chip::Esp32c3, "1.1.0", 120_000);
             d.start(job("http://fw.example/fw.bin"));
             d.serve(&v2);

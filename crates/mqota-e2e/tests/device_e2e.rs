@@ -9,7 +9,7 @@ use mqota_core::protocol::{ErrorCode, Phase, Progress, Status};
 use mqota_flash_sim::BootConfig;
 use mqota_virtual::device::{run_device, Handle, VirtualConfig};
 use mqota_virtual::testing::{
-    Fault, FaultServer, FileServer, Location, Mosquitto, Observer, Received, Redirect,
+    Fault, FaultServer, FileServer, Location, Mosquitto, Received, Redirect, TopicRecorder,
 };
 use sha2::Digest;
 use tokio::task::LocalSet;
@@ -69,7 +69,7 @@ impl TestBroker {
     async fn publish(&self, topic: &str, payload: &[u8], retain: bool) {
         mqota_virtual::testing::publish_to(self.port(), topic, payload, retain).await
     }
-    async fn observe(&self, filter: &str) -> Observer {
+    async fn observe(&self, filter: &str) -> TopicRecorder {
         mqota_virtual::testing::observe_on(self.port(), filter).await
     }
 }
@@ -103,7 +103,7 @@ macro_rules! on_both_brokers {
 /// (300,000 bytes) from a server sending 50 kB/s, as job `job`.
 async fn downloading_slowly(
     broker: &TestBroker,
-    obs: &Observer,
+    obs: &TopicRecorder,
     id: &str,
     job_id: &str,
 ) -> (Handle, FaultServer) {
@@ -176,7 +176,7 @@ fn ended_with(seen: &[Received], id: &str, phase: Phase) -> bool {
     progress_of(seen, id).iter().any(|p| p.phase == phase)
 }
 
-async fn online(obs: &Observer, id: &str, version: &str) {
+async fn online(obs: &TopicRecorder, id: &str, version: &str) {
     assert!(
         obs.wait_until(Duration::from_secs(20), |s| is_online_on(s, id, version))
             .await,
@@ -1080,7 +1080,7 @@ fn online_count(seen: &[Received], id: &str) -> usize {
 
 /// Waits until `id` said `online` more than `before` times and its status is
 /// on `version`.
-async fn online_again(obs: &Observer, id: &str, before: usize, version: &str) {
+async fn online_again(obs: &TopicRecorder, id: &str, before: usize, version: &str) {
     assert!(
         obs.wait_until(Duration::from_secs(30), |s| online_count(s, id) > before
             && is_online_on(s, id, version))
@@ -1558,7 +1558,7 @@ on_both_brokers!(
 );
 
 /// The `failed` event of job `job` on device `id`, once it arrived.
-async fn failure_of(obs: &Observer, id: &str, job: &str) -> Progress {
+async fn failure_of(obs: &TopicRecorder, id: &str, job: &str) -> Progress {
     assert!(
         obs.wait_until(Duration::from_secs(20), |s| progress_of(s, id)
             .iter()
@@ -1808,7 +1808,7 @@ fn signed(
 
 /// Waits for a `failed` event of `id` with `error`, whatever its job, that
 /// was not there among the first `skip` events.
-async fn refused_after(obs: &Observer, id: &str, skip: usize, error: ErrorCode) -> Progress {
+async fn refused_after(obs: &TopicRecorder, id: &str, skip: usize, error: ErrorCode) -> Progress {
     let found = |s: &[Received]| {
         progress_of(s, id)
             .into_iter()

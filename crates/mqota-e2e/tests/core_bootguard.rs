@@ -3,6 +3,7 @@
 //! Nothing here sleeps: time only matters to the engine, which gets the rig's
 //! fake clock.
 
+#[path = "../../mqota-core/tests/common/mod.rs"]
 mod common;
 
 use common::*;
@@ -15,7 +16,7 @@ use mqota_core::layout::Layout;
 use mqota_core::otadata::{self, OtaState, Otadata, OTADATA_SIZE};
 use mqota_core::protocol::{Command, ErrorCode, Job, LastResult, Phase};
 use mqota_flash_sim::bootloader::{OtadataWrite, WriteReason};
-use mqota_flash_sim::{BootConfig, Bootloader};
+use mqota_flash_sim::{BootConfig, Bootloader, SimFlash};
 
 const URL: &str = "http://fw.example/fw.bin";
 const OLD: &str = "1.0.0";
@@ -25,7 +26,7 @@ const BOTH: [BootConfig; 2] = [BootConfig::Stock, BootConfig::Rollback];
 /// A device that boots through the bootloader model. It has booted 1.0.0 once
 /// before any test step, as a real device does before it can get a command.
 struct Dev {
-    rig: Rig,
+    rig: Rig<SimFlash>,
     bl: Bootloader,
     /// The slot and version the last boot started.
     slot: usize,
@@ -37,7 +38,7 @@ struct Dev {
 impl Dev {
     fn new(config: BootConfig) -> Self {
         let mut d = Dev {
-            rig: device(),
+            rig: device_on(SimFlash::new(FLASH_SIZE)),
             bl: Bootloader::new(config).for_chip(Chip::Esp32c3),
             slot: 0,
             version: String::new(),
@@ -125,7 +126,7 @@ impl Dev {
 
     /// Flash operations a closure performs on a copy of the flash, so a cut
     /// can be placed at the n-th of them on the real one.
-    fn ops_of(&self, f: impl FnOnce(&mut mqota_flash_sim::SimFlash, &Layout)) -> u64 {
+    fn ops_of(&self, f: impl FnOnce(&mut SimFlash, &Layout)) -> u64 {
         let mut copy = self.rig.flash.clone();
         copy.reset_stats();
         f(&mut copy, &self.rig.layout);
@@ -469,7 +470,7 @@ fn a_dead_trial_with_the_stock_bootloader_is_rolled_back_by_the_guard() {
 fn cut_during(
     d: &mut Dev,
     ops: u64,
-    step: impl FnOnce(&mut mqota_flash_sim::SimFlash, &Layout),
+    step: impl FnOnce(&mut SimFlash, &Layout),
 ) -> (Vec<Published>, Boot) {
     d.rig.flash.cut_power_after_ops(ops);
     let layout = d.layout();
