@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET`/`HEAD /firmware/{name}` | the image, if valid (else 404); one `Range` (206, or 416 when unsatisfiable or past any number), a strong `ETag` (the file's SHA-256) with `If-None-Match` (304) and `If-Range` |
 //! | `GET /api/firmware` | the valid images: `[{name, url, chip, project, version, size, sha256, valid, error, signers}]` |
-//! | `GET /api/devices` | `[{id, status, updated_at}]`, the retained statuses as last seen |
+//! | `GET /api/devices?limit=N&after=ID` | one page of the devices recorded in the store, in id order: `{devices: [{id, status, updated_at}], next}`, the retained statuses as last seen; at most `N` devices (default [`DEVICES_PAGE`], at most [`DEVICES_PAGE_MAX`]) whose ids sort after `ID`; `next` is the `after` of the following page, `null` on the last; `400` for a bad `limit` |
 //! | `GET /api/devices/{id}/history?limit=N&before=SEQ` | a page of the device's status changes and job endings, oldest first: its newest `limit` entries (default [`HISTORY_PAGE`], at most [`HISTORY_PAGE_MAX`]) before entry `before` (default: the newest); when there are older ones, `x-mqota-history-before` names the `before` of the page before |
 //! | `DELETE /api/devices/{id}` | forgets the device ([`forget_router`]): `200`, `404` unknown, `409` while it is online or in a deployment not over |
 //! | `GET /api/deployments`, `/api/deployments/{id}` | deployments with each device's result |
@@ -29,12 +29,12 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::catalogue::{Catalogue, CatalogueError, FirmwareEntry, MAX_UPLOAD};
 use crate::store::Store;
@@ -428,8 +428,44 @@ async fn blocking<T: Serialize + Send + 'static>(
     }
 }
 
-async fn api_devices(State(st): State<Arc<AppState>>) -> Response {
-    blocking(move || st.store.devices()).await
+/// Devices in a `GET /api/devices` page unless `limit` says otherwise.
+pub const DEVICES_PAGE: usize = 1000;
+/// The largest `limit` of `GET /api/devices`.
+pub const DEVICES_PAGE_MAX: usize = 10_000;
+
+/// The query of `GET /api/devices`; `limit` is read by hand so a bad one
+/// gets a JSON error that says what is wrong.
+#[derive(Debug, Deserialize)]
+struct DevicesQuery {
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// A page of `GET /api/devices`.
+#[derive(Debug, Serialize)]
+struct DevicesPage {
+    devices: Vec<crate::store::StoredDevice>,
+    /// The `after` of the next page; `None` on the last.
+    next: Option<String>,
+}
+
+async fn api_devices(State(st): State<Arc<AppState>>, Query(q): Query<DevicesQuery>) -> Response {
+    let limit = match q.limit.as_deref().map(str::parse::<usize>) {
+        None => DEVICES_PAGE,
+        Some(Ok(n)) if (1..=DEVICES_PAGE_MAX).contains(&n) => n,
+        Some(_) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be a number from 1 to {DEVICES_PAGE_MAX}"),
+            )
+        }
+    };
+    blocking(move || {
+        let (devices, more) = st.store.devices_page(q.after.as_deref(), limit)?;
+        let next = more.then(|| devices.last().map(|d| d.id.clone())).flatten();
+        Ok(DevicesPage { devices, next })
+    })
+    .await
 }
 
 /// Entries of a device's history one `GET /api/devices/{id}/history`

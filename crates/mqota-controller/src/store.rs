@@ -340,6 +340,15 @@ pub struct StoredDevice {
     pub updated_at: i64,
 }
 
+fn row_to_device(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredDevice> {
+    let text: String = r.get(1)?;
+    Ok(StoredDevice {
+        id: r.get(0)?,
+        status: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        updated_at: r.get(2)?,
+    })
+}
+
 /// One entry of a device's history.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HistoryEntry {
@@ -659,15 +668,33 @@ impl Store {
     pub fn devices(&self) -> Result<Vec<StoredDevice>, StoreError> {
         let c = self.conn.lock().unwrap();
         let mut st = c.prepare("SELECT id, status, updated_at FROM devices ORDER BY id")?;
-        let rows = st.query_map([], |r| {
-            let text: String = r.get(1)?;
-            Ok(StoredDevice {
-                id: r.get(0)?,
-                status: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-                updated_at: r.get(2)?,
-            })
-        })?;
+        let rows = st.query_map([], row_to_device)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One page of the devices in id order: at most `limit` whose ids sort
+    /// after `after` (from the first without it), and whether more follow.
+    /// A walk that passes each page's last id as the next `after` sees
+    /// every device recorded before it began exactly once, however many are
+    /// added meanwhile.
+    pub fn devices_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<StoredDevice>, bool), StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c.prepare(
+            "SELECT id, status, updated_at FROM devices
+             WHERE ?1 IS NULL OR id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = st.query_map(
+            params![after, i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1],
+            row_to_device,
+        )?;
+        let mut page = rows.collect::<Result<Vec<_>, _>>()?;
+        let more = page.len() > limit;
+        page.truncate(limit);
+        Ok((page, more))
     }
 
     /// A device's whole history, oldest first.

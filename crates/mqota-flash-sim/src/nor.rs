@@ -40,6 +40,17 @@
 //! every operation fails with [`SimError::PowerCut`] until
 //! [`SimFlash::power_on`], the reboot.
 //!
+//! # Memory: only what was written
+//!
+//! The contents are kept sector by sector over a base image: none (every
+//! sector erased, nothing allocated) for [`SimFlash::new`], or one shared
+//! with other flashes through an [`Arc`] ([`SimFlash::from_shared`], e.g. the
+//! partition table and first image of a thousand virtual devices). A sector
+//! is copied on its first change and freed again by an erase, so a flash
+//! costs 4 KiB per sector written since it was made
+//! ([`SimFlash::private_bytes`]). Where the bytes live changes nothing of
+//! the rules above.
+//!
 //! # Backing stores
 //!
 //! [`SimFlash<Memory>`] lives in memory; [`SimFlash<FileStore>`] mirrors every
@@ -47,14 +58,19 @@
 //! "rebooted" virtual device) finds the flash as it was left, torn writes and
 //! all.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use embedded_storage::nor_flash::{
     ErrorType, MultiwriteNorFlash, NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash,
 };
+
+use crate::cells::Cells;
 
 /// The flash geometry the model implements: the core's, so the two never
 /// disagree (sector erase unit, 64 KiB block erase, 4-byte program word).
@@ -213,7 +229,7 @@ enum Cut {
 /// The NOR flash model; see the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct SimFlash<B: Backing = Memory> {
-    data: Vec<u8>,
+    cells: Cells,
     backing: B,
     strict: bool,
     powered: bool,
@@ -224,14 +240,22 @@ pub struct SimFlash<B: Backing = Memory> {
 }
 
 impl SimFlash<Memory> {
-    /// An erased flash of `size` bytes (a multiple of 4 KiB).
+    /// An erased flash of `size` bytes (a multiple of 4 KiB). It allocates
+    /// nothing until a sector is written.
     pub fn new(size: usize) -> Self {
-        Self::from_bytes(vec![0xFF; size])
+        Self::with_cells(Cells::erased(size), Memory)
     }
 
     /// A flash holding `bytes`, e.g. a dump read from a file.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
         Self::with_backing(bytes, Memory)
+    }
+
+    /// A flash that starts as `base`, shared with every other flash made
+    /// from it and never changed: a sector is copied on its first change,
+    /// so each flash holds only what it wrote ([`private_bytes`](Self::private_bytes)).
+    pub fn from_shared(base: Arc<[u8]>) -> Self {
+        Self::with_cells(Cells::over(base), Memory)
     }
 }
 
@@ -249,10 +273,12 @@ impl SimFlash<FileStore> {
             .open(path)?;
         let len = file.metadata()?.len();
         let data = if len == 0 {
-            let data = vec![0xFF; size];
-            file.write_all(&data)?;
+            file.write_all(&vec![0xFF; size])?;
             file.sync_all()?;
-            data
+            return Ok(Self::with_cells(
+                Cells::erased(size),
+                FileStore { file, sync },
+            ));
         } else if len == size as u64 {
             let mut data = Vec::with_capacity(size);
             file.read_to_end(&mut data)?;
@@ -273,8 +299,12 @@ impl SimFlash<FileStore> {
 impl<B: Backing> SimFlash<B> {
     /// A flash holding `bytes`, mirrored into `backing`.
     pub fn with_backing(bytes: Vec<u8>, backing: B) -> Self {
+        Self::with_cells(Cells::over(bytes.into()), backing)
+    }
+
+    fn with_cells(cells: Cells, backing: B) -> Self {
         SimFlash {
-            data: bytes,
+            cells,
             backing,
             strict: true,
             powered: true,
@@ -285,20 +315,46 @@ impl<B: Backing> SimFlash<B> {
         }
     }
 
-    /// The whole contents.
-    pub fn data(&self) -> &[u8] {
-        &self.data
+    /// The whole contents (borrowed from the base image while nothing was
+    /// written, else assembled).
+    pub fn data(&self) -> Cow<'_, [u8]> {
+        self.cells.contents()
     }
 
     /// The whole contents, owned.
     pub fn into_data(self) -> Vec<u8> {
-        self.data
+        self.cells.contents().into_owned()
+    }
+
+    /// Bytes this flash holds for itself: 4 KiB for each sector that differs
+    /// from the base image it started from (an erased sector over an erased
+    /// base costs nothing). What a virtual device's flash costs beyond the
+    /// shared image.
+    pub fn private_bytes(&self) -> usize {
+        self.cells.private_bytes()
+    }
+
+    /// A new in-memory flash with the same contents (the base still shared,
+    /// written sectors copied), power on, no cut planned, counters and time
+    /// at zero, the same strict mode and timing: the flash as a device
+    /// would find it after a reboot, to run one of many futures from.
+    pub fn snapshot(&self) -> SimFlash<Memory> {
+        let mut f = SimFlash::with_cells(self.cells.clone(), Memory);
+        f.strict = self.strict;
+        f.timing = self.timing;
+        f
     }
 
     /// Change bytes directly, bypassing every NOR rule, the counters, the
     /// power state and the backing file: for tests that plant corruption.
-    pub fn raw_mut(&mut self) -> &mut [u8] {
-        &mut self.data
+    /// The guard holds a copy of the whole contents and puts back what
+    /// changed when it is dropped.
+    pub fn raw_mut(&mut self) -> RawMut<'_> {
+        let bytes = self.cells.contents().into_owned();
+        RawMut {
+            cells: &mut self.cells,
+            bytes,
+        }
     }
 
     /// Is strict mode on (the default)? See the module docs.
@@ -370,7 +426,7 @@ impl<B: Backing> SimFlash<B> {
         }
         let end = offset as u64 + bytes.len() as u64;
         let erase_end = end.div_ceil(SECTOR_SIZE as u64) * SECTOR_SIZE as u64;
-        if erase_end > self.data.len() as u64 {
+        if erase_end > self.cells.len() as u64 {
             return Err(SimError::OutOfBounds);
         }
         NorFlash::erase(self, offset, erase_end as u32)?;
@@ -394,7 +450,7 @@ impl<B: Backing> SimFlash<B> {
 
     fn check_range(&self, offset: u32, len: usize) -> Result<(), SimError> {
         match (offset as usize).checked_add(len) {
-            Some(end) if end <= self.data.len() => Ok(()),
+            Some(end) if end <= self.cells.len() => Ok(()),
             _ => Err(SimError::OutOfBounds),
         }
     }
@@ -430,8 +486,9 @@ impl<B: Backing> SimFlash<B> {
     }
 
     fn persist(&mut self, offset: usize, len: usize) -> Result<(), SimError> {
-        self.backing
-            .persist(offset, &self.data[offset..offset + len])
+        let backing = &mut self.backing;
+        self.cells
+            .each_piece(offset, len, |at, bytes| backing.persist(at, bytes))
             .map_err(|e| SimError::Io(e.kind()))
     }
 
@@ -456,8 +513,7 @@ impl<B: Backing> ReadNorFlash for SimFlash<B> {
     fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), SimError> {
         self.check_powered()?;
         self.check_range(offset, bytes.len())?;
-        let start = offset as usize;
-        bytes.copy_from_slice(&self.data[start..start + bytes.len()]);
+        self.cells.read(offset as usize, bytes);
         self.stats.reads += 1;
         self.stats.bytes_read += bytes.len() as u64;
         let rate = self.timing.read_bytes_per_sec.max(1);
@@ -466,7 +522,7 @@ impl<B: Backing> ReadNorFlash for SimFlash<B> {
     }
 
     fn capacity(&self) -> usize {
-        self.data.len()
+        self.cells.len()
     }
 }
 
@@ -482,8 +538,7 @@ impl<B: Backing> NorFlash for SimFlash<B> {
         self.check_range(offset, bytes.len())?;
         let start = offset as usize;
         if self.strict {
-            let old = &self.data[start..start + bytes.len()];
-            if let Some(i) = old.iter().zip(bytes).position(|(o, n)| n & !o != 0) {
+            if let Some(i) = self.cells.first_bit_to_set(start, bytes) {
                 return Err(SimError::WouldSetBits {
                     offset: offset + i as u32,
                 });
@@ -493,9 +548,7 @@ impl<B: Backing> NorFlash for SimFlash<B> {
         if done == 0 && !bytes.is_empty() {
             return Err(self.cut_now());
         }
-        for (cell, new) in self.data[start..start + done].iter_mut().zip(bytes) {
-            *cell &= new;
-        }
+        self.cells.program(start, &bytes[..done]);
         self.stats.writes += 1;
         self.stats.bytes_written += done as u64;
         self.elapsed += self.program_time(offset, done);
@@ -508,7 +561,7 @@ impl<B: Backing> NorFlash for SimFlash<B> {
 
     fn erase(&mut self, from: u32, to: u32) -> Result<(), SimError> {
         self.check_powered()?;
-        if from > to || to as usize > self.data.len() {
+        if from > to || to as usize > self.cells.len() {
             return Err(SimError::OutOfBounds);
         }
         if from % SECTOR_SIZE != 0 || to % SECTOR_SIZE != 0 {
@@ -519,7 +572,7 @@ impl<B: Backing> NorFlash for SimFlash<B> {
             return Err(self.cut_now());
         }
         let end = from + done;
-        self.data[from as usize..end as usize].fill(0xFF);
+        self.cells.erase(from as usize, done as usize);
         // The sector the cut falls in is left half erased: its first part
         // 0xFF, the rest still the old data. That is `done` bytes total already.
         self.stats.erases += 1;
@@ -547,6 +600,32 @@ impl<B: Backing> NorFlash for SimFlash<B> {
 }
 
 impl<B: Backing> MultiwriteNorFlash for SimFlash<B> {}
+
+/// The whole contents of a [`SimFlash`], to change freely
+/// ([`SimFlash::raw_mut`]); what changed is put back when it is dropped.
+pub struct RawMut<'a> {
+    cells: &'a mut Cells,
+    bytes: Vec<u8>,
+}
+
+impl Deref for RawMut<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl DerefMut for RawMut<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
+}
+
+impl Drop for RawMut<'_> {
+    fn drop(&mut self) {
+        self.cells.overwrite(0, &self.bytes);
+    }
+}
 
 /// A strict single-write view of a flash: a plain `NorFlash` (deliberately
 /// **not** `MultiwriteNorFlash`) that refuses to program any 4-byte word a

@@ -387,7 +387,7 @@ pub fn sweep(cfg: &SweepConfig) -> Summary {
     };
 
     // The clean run: how many operations, and how long each is.
-    let mut clean = SimFlash::from_bytes(fx.flash.data().to_vec());
+    let mut clean = fx.flash.snapshot();
     let mut rec = Recording {
         inner: &mut clean,
         ops: Vec::new(),
@@ -408,7 +408,7 @@ pub fn sweep(cfg: &SweepConfig) -> Summary {
     let mut bytes_before = 0u64;
     for (i, len) in ops.iter().enumerate() {
         for mid in [false, true] {
-            let mut flash = SimFlash::from_bytes(fx.flash.data().to_vec());
+            let mut flash = fx.flash.snapshot();
             if mid {
                 flash.cut_power_after_bytes(bytes_before + len / 2);
             } else {
@@ -496,7 +496,7 @@ mod tests {
         };
         let fx = fixture(&cfg);
         let op: u64 = std::env::var("MQOTA_SWEEP_CUT").unwrap().parse().unwrap();
-        let mut flash = SimFlash::from_bytes(fx.flash.data().to_vec());
+        let mut flash = fx.flash.snapshot();
         flash.cut_power_after_ops(op);
         let mut log = RunLog::default();
         let end = run(&mut flash, sim_powered, sim_power_on, &cfg, &fx, &mut log);

@@ -22,6 +22,7 @@
 use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration as StdDuration;
 
 use embedded_storage::nor_flash::{ErrorType, MultiwriteNorFlash, NorFlash, ReadNorFlash};
@@ -30,6 +31,7 @@ use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
 use mqota_core::protocol::envelope::{JobKey, JobTrust};
 use mqota_core::signature::{KeyDigest, SoftVerifier, TrustPolicy};
+use mqota_flash_sim::nor::Backing;
 use mqota_flash_sim::{BootConfig, Bootloader, FileStore, Memory, SimError, SimFlash};
 use mqota_runtime::{early_boot, BootReason, DeviceConfig, Link, Platform};
 use tokio::sync::Notify;
@@ -224,6 +226,9 @@ struct Shared {
     log_ops: Cell<u64>,
     /// Where the field log's partition is, once the flash is open.
     log_range: Cell<Option<(u32, u32)>>,
+    /// Bytes the flash holds beyond the shared image, after the last
+    /// write or erase.
+    flash_bytes: Cell<usize>,
     wake: Notify,
 }
 
@@ -301,6 +306,15 @@ impl Handle {
         self.0.log_ops.get()
     }
 
+    /// Bytes of memory the device's flash holds for itself, as of its last
+    /// write or erase: the sectors it changed since it was provisioned
+    /// ([`SimFlash::private_bytes`]). The provisioned image is shared by
+    /// every in-memory device of the process with the same initial image,
+    /// and not counted.
+    pub fn flash_private_bytes(&self) -> usize {
+        self.0.flash_bytes.get()
+    }
+
     pub(crate) fn powered(&self) -> bool {
         self.0.powered.get()
     }
@@ -312,7 +326,9 @@ impl Handle {
 
 /// The flash of a virtual device: in memory or file-backed.
 pub enum DeviceFlash {
-    /// Kept in memory.
+    /// Kept in memory: copy-on-write over the provisioned image, which all
+    /// in-memory devices of the process with the same initial image share
+    /// (see [`DeviceFlash::open`]).
     Memory(SimFlash<Memory>),
     /// Kept in a file that survives the process.
     File(SimFlash<FileStore>),
@@ -328,6 +344,13 @@ impl DeviceFlash {
         .ok()?;
         let p = table.find(mqota_runtime::fieldlog::LOG_PARTITION)?;
         Some((p.offset, p.offset + p.size))
+    }
+
+    fn private_bytes(&self) -> usize {
+        match self {
+            DeviceFlash::Memory(f) => f.private_bytes(),
+            DeviceFlash::File(f) => f.private_bytes(),
+        }
     }
 
     fn is_powered(&self) -> bool {
@@ -352,26 +375,61 @@ impl DeviceFlash {
     }
     /// Creates or opens the flash of `cfg`; a new flash gets the default
     /// partition table and the initial image in `ota_0`.
+    ///
+    /// An in-memory flash starts as a copy-on-write view of that provisioned
+    /// image, which is made once per process for each initial image (chip,
+    /// version, project, secure version, size) and shared by every device
+    /// that has it: a device then costs only the sectors it writes, a few
+    /// KiB while idle instead of 4 MiB.
     pub fn open(cfg: &VirtualConfig) -> std::io::Result<Self> {
-        let (mut flash, fresh) = match &cfg.flash {
-            None => (DeviceFlash::Memory(SimFlash::new(FLASH_SIZE)), true),
+        let failed = |e| std::io::Error::other(format!("provisioning the flash: {e}"));
+        match &cfg.flash {
+            None => Ok(DeviceFlash::Memory(SimFlash::from_shared(
+                provisioned(cfg).map_err(failed)?,
+            ))),
             Some(path) => {
                 let fresh = !path.exists();
-                (
-                    DeviceFlash::File(SimFlash::open_file(path, FLASH_SIZE, false)?),
-                    fresh,
-                )
+                let mut flash = SimFlash::open_file(path, FLASH_SIZE, false)?;
+                if fresh {
+                    provision(&mut flash, cfg).map_err(failed)?;
+                }
+                Ok(DeviceFlash::File(flash))
             }
-        };
-        if fresh {
-            provision(&mut flash, cfg)
-                .map_err(|e| std::io::Error::other(format!("provisioning the flash: {e}")))?;
         }
-        Ok(flash)
     }
 }
 
-fn provision(flash: &mut DeviceFlash, cfg: &VirtualConfig) -> Result<(), String> {
+/// What sets a provisioned image apart.
+type ImageKey = (Chip, String, String, u32, u32);
+
+/// The provisioned flash image for `cfg`'s initial image, shared while any
+/// device holds it.
+fn provisioned(cfg: &VirtualConfig) -> Result<Arc<[u8]>, String> {
+    static IMAGES: Mutex<Vec<(ImageKey, Weak<[u8]>)>> = Mutex::new(Vec::new());
+    let key = (
+        cfg.chip,
+        cfg.initial_version.clone(),
+        cfg.initial_project.clone(),
+        cfg.initial_secure_version,
+        cfg.initial_size,
+    );
+    let mut images = IMAGES.lock().unwrap_or_else(|e| e.into_inner());
+    images.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(image) = images
+        .iter()
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        return Ok(image);
+    }
+    let mut flash = SimFlash::new(FLASH_SIZE);
+    provision(&mut flash, cfg)?;
+    let image: Arc<[u8]> = flash.into_data().into();
+    images.push((key, Arc::downgrade(&image)));
+    Ok(image)
+}
+
+fn provision<B: Backing>(flash: &mut SimFlash<B>, cfg: &VirtualConfig) -> Result<(), String> {
     let table = PartitionTable::from_csv(DEFAULT_4MB_CSV).map_err(|e| format!("{e:?}"))?;
     let image = ImageBuilder::new(cfg.chip)
         .version(&cfg.initial_version)
@@ -384,15 +442,10 @@ fn provision(flash: &mut DeviceFlash, cfg: &VirtualConfig) -> Result<(), String>
     let mut padded = image;
     padded.resize(padded.len().div_ceil(4) * 4, 0xFF);
     let table = table.to_bytes();
-    let result = match flash {
-        DeviceFlash::Memory(f) => f
-            .write_flash(TABLE_OFFSET, &table)
-            .and_then(|_| f.write_flash(slot0, &padded)),
-        DeviceFlash::File(f) => f
-            .write_flash(TABLE_OFFSET, &table)
-            .and_then(|_| f.write_flash(slot0, &padded)),
-    };
-    result.map_err(|e| format!("{e}"))
+    flash
+        .write_flash(TABLE_OFFSET, &table)
+        .and_then(|_| flash.write_flash(slot0, &padded))
+        .map_err(|e| format!("{e}"))
 }
 
 /// The device's view of its flash: every operation notices a power cut and
@@ -424,6 +477,12 @@ impl Powered<'_> {
             self.flash.arm(cut);
         }
         Ok(())
+    }
+
+    /// After a write or erase: what the flash now holds for itself.
+    fn changed<T>(&mut self, r: Result<T, SimError>) -> Result<T, SimError> {
+        self.handle.0.flash_bytes.set(self.flash.private_bytes());
+        self.after(r)
     }
 
     fn after<T>(&mut self, r: Result<T, SimError>) -> Result<T, SimError> {
@@ -465,7 +524,7 @@ impl NorFlash for Powered<'_> {
             DeviceFlash::Memory(f) => f.write(offset, bytes),
             DeviceFlash::File(f) => f.write(offset, bytes),
         };
-        self.after(r)
+        self.changed(r)
     }
     fn erase(&mut self, from: u32, to: u32) -> Result<(), SimError> {
         self.before(from)?;
@@ -473,7 +532,7 @@ impl NorFlash for Powered<'_> {
             DeviceFlash::Memory(f) => f.erase(from, to),
             DeviceFlash::File(f) => f.erase(from, to),
         };
-        self.after(r)
+        self.changed(r)
     }
 }
 

@@ -58,8 +58,13 @@ fn until(what: &str, check: impl Fn() -> bool) {
     }
 }
 
+/// The ids of a list (`/api/fleet`) or of a page of one (`/api/devices`,
+/// whose one page holds every device of these tests).
 fn ids(list: &serde_json::Value) -> Vec<String> {
-    list.as_array()
+    assert!(list.get("next").is_none_or(|n| n.is_null()), "one page");
+    list.get("devices")
+        .unwrap_or(list)
+        .as_array()
         .unwrap()
         .iter()
         .map(|d| d["id"].as_str().unwrap().to_owned())

@@ -1,8 +1,9 @@
-//! `mqota status --json`, `GET /api/fleet` and `mqota deploy --all` see
-//! every device of a large fleet, against stock Mosquitto and the embedded
-//! broker. The devices are retained statuses and availabilities published
-//! by one fast client, exactly what a broker replays for real devices.
-//! `MQOTA_SCALE_DEVICES` sets the fleet size (default 10,000).
+//! `mqota status --json`, `GET /api/fleet`, `GET /api/devices` and `mqota
+//! deploy --all` see every device of a large fleet, against stock Mosquitto
+//! and the embedded broker, also right after `serve` restarts. The devices
+//! are retained statuses and availabilities published by one fast client,
+//! exactly what a broker replays for real devices. `MQOTA_SCALE_DEVICES`
+//! sets the fleet size (default 10,000).
 
 mod controller_support;
 
@@ -125,6 +126,68 @@ fn cli_sees_everyone(broker: &str, data: &std::path::Path, firmware_url: &str, n
     );
 }
 
+/// Walks `GET /api/devices` by its `next` cursor; returns the ids listed.
+fn api_devices(http: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut url = format!("{http}/api/devices");
+    loop {
+        let page = get_json(&url);
+        ids.extend(
+            page["devices"]
+                .as_array()
+                .unwrap_or_else(|| panic!("not a page: {page}"))
+                .iter()
+                .map(|d| d["id"].as_str().unwrap().to_owned()),
+        );
+        match page["next"].as_str() {
+            Some(next) => url = format!("{http}/api/devices?after={next}"),
+            None => return ids,
+        }
+    }
+}
+
+/// Polls `GET /api/devices` until it lists all `n` devices, each once.
+fn api_devices_lists_everyone(http: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ids = api_devices(http);
+        if ids.len() == n {
+            let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+            assert_eq!(unique.len(), n, "a device listed twice");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/api/devices lists {} of {n}",
+            ids.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `GET /api/fleet`'s completeness header and its gaps.
+fn fleet_completeness(http: &str) -> (String, String) {
+    let url = format!("{http}/api/fleet");
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let r = reqwest::get(url).await.unwrap();
+                let h = |name| {
+                    r.headers()
+                        .get(name)
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .unwrap_or_default()
+                };
+                (h("x-mqota-fleet-complete"), h("x-mqota-fleet-gaps"))
+            })
+    })
+    .join()
+    .unwrap()
+}
+
 /// Polls `GET /api/fleet` until it lists `n` devices with a status.
 fn api_sees_everyone(http: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -158,8 +221,19 @@ fn a_large_fleet_is_seen_whole_through_stock_mosquitto() {
         &image("1.1.0", 64 * 1024),
     )]));
     cli_sees_everyone(&url, data.path(), &files.url("app-1.1.0.bin"), n);
-    let serve = Serve::start(fw.path(), data.path(), Some(&url));
+    let mut serve = Serve::start(fw.path(), data.path(), Some(&url));
     api_sees_everyone(&serve.http, n);
+    api_devices_lists_everyone(&serve.http, n);
+
+    // Right after a restart the store lists everyone at once, and the
+    // broker's replay brings the live picture back whole.
+    serve.kill();
+    let serve = Serve::start(fw.path(), data.path(), Some(&url));
+    let listed = api_devices(&serve.http).len();
+    assert_eq!(listed, n, "/api/devices right after the restart");
+    api_sees_everyone(&serve.http, n);
+    assert_eq!(fleet_completeness(&serve.http).0, "true");
+    cli_sees_everyone(&url, data.path(), &files.url("app-1.1.0.bin"), n);
 }
 
 #[test]
@@ -176,6 +250,31 @@ fn a_large_fleet_is_seen_whole_through_the_embedded_broker() {
         &image("1.1.0", 64 * 1024),
     )]));
     let cli_data = tempfile::tempdir().unwrap();
+    cli_sees_everyone(
+        &serve.broker,
+        cli_data.path(),
+        &files.url("app-1.1.0.bin"),
+        n,
+    );
+    api_devices_lists_everyone(&serve.http, n);
+
+    // A restarted serve starts an empty broker: the store still lists every
+    // device at once, and /api/fleet says it is missing them rather than
+    // showing an empty fleet as whole; once the devices are back (they
+    // publish their statuses again on reconnecting), everyone is seen.
+    let mut serve = serve;
+    serve.kill();
+    let serve = Serve::start(fw.path(), data.path(), None);
+    assert_eq!(api_devices(&serve.http).len(), n, "right after the restart");
+    let (complete, gaps) = fleet_completeness(&serve.http);
+    assert_eq!(complete, "false", "{gaps}");
+    assert!(
+        gaps.contains(&format!("{n} device(s) in the store")),
+        "{gaps}"
+    );
+    publish_fleet(port_of(&serve.broker), n);
+    api_sees_everyone(&serve.http, n);
+    assert_eq!(fleet_completeness(&serve.http).0, "true");
     cli_sees_everyone(
         &serve.broker,
         cli_data.path(),

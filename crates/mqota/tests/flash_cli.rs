@@ -57,7 +57,7 @@ fn inspect_json(path: &Path) -> serde_json::Value {
 #[test]
 fn inspect_reports_table_otadata_images_and_both_bootloaders() {
     let dir = tempfile::tempdir().unwrap();
-    let path = save(dir.path(), "flash.bin", device_after_an_update().data());
+    let path = save(dir.path(), "flash.bin", &device_after_an_update().data());
     let r = inspect_json(&path);
 
     let labels: Vec<_> = r["partitions"]
@@ -116,7 +116,7 @@ fn inspect_never_changes_the_file() {
 #[test]
 fn the_text_form_names_what_boots() {
     let dir = tempfile::tempdir().unwrap();
-    let path = save(dir.path(), "flash.bin", device_after_an_update().data());
+    let path = save(dir.path(), "flash.bin", &device_after_an_update().data());
     let out = stdout(&mqota(&[path.as_os_str()]));
     assert!(
         out.contains("stock     boots ota_1 at 0x1f0000 (version 1.1.0)"),
@@ -138,7 +138,7 @@ fn a_corrupt_entry_and_a_corrupt_image_are_reported() {
     flash.raw_mut()[(OTADATA + 0x1000 + 28) as usize] ^= 0xFF;
     flash.raw_mut()[0x10000 + 300] ^= 0x01;
     let dir = tempfile::tempdir().unwrap();
-    let path = save(dir.path(), "flash.bin", flash.data());
+    let path = save(dir.path(), "flash.bin", &flash.data());
     let r = inspect_json(&path);
     assert_eq!(r["otadata"]["entries"][1]["check"], "bad_crc");
     assert_eq!(r["otadata"]["entries"][1]["crc_ok"], false);
@@ -162,7 +162,7 @@ fn an_empty_slot_is_shown_as_empty_and_a_wrong_chip_as_not_bootable() {
     let image = ImageBuilder::new(Chip::Esp32c6).build().unwrap();
     flash.write_flash(0x10000, &image).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let path = save(dir.path(), "flash.bin", flash.data());
+    let path = save(dir.path(), "flash.bin", &flash.data());
 
     let r = inspect_json(&path);
     assert_eq!(r["apps"][1]["image"]["empty"], true);
@@ -276,7 +276,7 @@ fn inspect_shows_the_journal_of_an_update_the_engine_made_and_its_trial_marks() 
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let path = save(dir.path(), "flash.bin", flash.data());
+    let path = save(dir.path(), "flash.bin", &flash.data());
     let r = inspect_json(&path);
     let j = &r["apps"][1]["journal"];
     assert_eq!(j["job"], "rollout-7");

@@ -96,6 +96,32 @@ fn ids_made_with_devices_n_must_fit_too() {
 }
 
 #[test]
+fn first_and_step_number_the_devices_and_their_ids_must_fit_too() {
+    let broker = Broker::new();
+    // 28 bytes: ids `-9` and `-999` fit; the third device, `-1989`, does not.
+    let id = "d".repeat(28);
+    let args = [
+        "--id",
+        &id,
+        "--devices",
+        "3",
+        "--first",
+        "9",
+        "--step",
+        "990",
+    ];
+    let err = refused(&broker, &args);
+    assert!(
+        err.contains(&format!("bad device id \"{id}-1989\"")),
+        "{err}"
+    );
+    let err = refused(&broker, &["--devices", "3", "--step", "0"]);
+    assert!(err.contains("--step must be at least 1"), "{err}");
+    let err = refused(&broker, &["--devices", "3", "--first", "4294967295"]);
+    assert!(err.contains("numbers devices past"), "{err}");
+}
+
+#[test]
 fn prefixes_no_device_could_use_are_refused() {
     let broker = Broker::new();
     let long = "p".repeat(mqota_core::protocol::MAX_PREFIX_LEN + 1);

@@ -62,7 +62,7 @@
 //! connections. When the rollout is over, the reads still going get up to
 //! [`LOG_FETCH_LIMIT`] more to finish, so `deploy --wait` can show why.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -1126,19 +1126,33 @@ async fn wait_for(
     let version = store.deployment(id)?.version;
     let version = version.as_str();
     let mut last_poll = Instant::now();
+    // Every waiting device is looked at once per POLL (for its deadline,
+    // and for what a lagging channel skipped); in between only those an
+    // event named. A fleet of 10,000 sends thousands of events a second,
+    // and looking at every device on each would cost O(devices) per event.
+    let mut named: HashSet<String> = HashSet::new();
+    let mut last_sweep: Option<Instant> = None;
     while !wait.is_over() {
         keep(store, lease)?;
         logs.harvest(store, id)?;
         // Events only wake us up and feed the observer; the results are read
         // from the fleet's current view, so a lagging channel loses nothing.
         tokio::select! {
-            ev = events.recv() => {
-                if let Ok(FleetEvent::Progress(p)) = ev {
+            ev = events.recv() => match ev {
+                Ok(FleetEvent::Progress(p)) => {
                     if p.job.as_deref() == Some(id) && wait.is_waiting(p.device.as_str()) {
                         observer.progress(&p);
                     }
+                    named.insert(p.device.as_str().to_owned());
                 }
-            }
+                Ok(FleetEvent::Status(s)) => {
+                    named.insert(s.device.as_str().to_owned());
+                }
+                Ok(FleetEvent::Removed(d) | FleetEvent::Availability { id: d, .. }) => {
+                    named.insert(d);
+                }
+                Err(_) => last_sweep = None,
+            },
             _ = tokio::time::sleep(POLL) => {}
         }
         // Events can come by the thousand per second; the store is asked at
@@ -1150,7 +1164,14 @@ async fn wait_for(
             }
         }
         let now = Instant::now();
-        for dev in wait.waiting() {
+        let waiting: Vec<String> = if last_sweep.is_none_or(|t| now - t >= POLL) {
+            last_sweep = Some(now);
+            named.clear();
+            wait.waiting()
+        } else {
+            named.drain().filter(|d| wait.is_waiting(d)).collect()
+        };
+        for dev in waiting {
             let said = fleet
                 .device(&dev)
                 .as_ref()

@@ -74,6 +74,17 @@ struct RunArgs {
     /// Number of devices to run in this process.
     #[arg(long, default_value_t = 1)]
     devices: u32,
+    /// With --devices N: the number of the first device (ids ID-FIRST,
+    /// ID-(FIRST+STEP), ...), so several processes can share one fleet's
+    /// numbering.
+    #[arg(long, default_value_t = 1, value_name = "FIRST")]
+    first: u32,
+    /// With --devices N: how far apart the numbers of the devices are; with
+    /// K processes each given its own --first from 1 to K and --step K,
+    /// their ids interleave, and a rollout's batches (in id order) reach
+    /// every process at once.
+    #[arg(long, default_value_t = 1, value_name = "STEP")]
+    step: u32,
     /// Bootloader build of the devices.
     #[arg(long, value_enum, default_value = "stock")]
     bootloader: BootloaderArg,
@@ -197,6 +208,19 @@ fn run_devices(args: RunArgs) -> Result<()> {
     if args.devices == 0 {
         bail!("--devices must be at least 1");
     }
+    if args.step == 0 {
+        bail!("--step must be at least 1");
+    }
+    let last = u64::from(args.first) + u64::from(args.devices - 1) * u64::from(args.step);
+    if last > u64::from(u32::MAX) {
+        bail!(
+            "--first {} --step {} with --devices {} numbers devices past {}",
+            args.first,
+            args.step,
+            args.devices,
+            u32::MAX
+        );
+    }
     if args.trust.len() > mqota_core::signature::MAX_BLOCKS {
         bail!(
             "--trust given {} times; a device trusts at most {} keys",
@@ -311,12 +335,13 @@ fn run_devices(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The id of device `k` (from 1): `--id` itself, or `ID-K` with `--devices N`.
+/// The id of device `k` (from 1): `--id` itself, or `ID-M` with `--devices
+/// N`, where M is `--first` plus `k - 1` times `--step`.
 fn device_id(args: &RunArgs, k: u32) -> String {
     if args.devices == 1 {
         args.id.clone()
     } else {
-        format!("{}-{k}", args.id)
+        format!("{}-{}", args.id, args.first + (k - 1) * args.step)
     }
 }
 
