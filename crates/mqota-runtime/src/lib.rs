@@ -13,7 +13,9 @@ pub mod device;
 pub mod fieldlog;
 pub mod http;
 pub mod mqtt;
+pub mod net;
 pub mod platform;
+pub mod tls;
 pub mod trust;
 
 pub use conn::MQTT_TX_BUFFER;
@@ -21,7 +23,11 @@ pub use device::{early_boot, run, BootError, Booted, DeviceConfig, PROGRESS_QUEU
 pub use fieldlog::{log, FieldLog, LogError, LogStore};
 pub use http::{
     Abort, BodySink, ContentRange, DownloadError, Downloader, RedirectError, ResponseInfo,
-    BODY_CHUNK, HTTPS_ENABLED, HTTP_RX_BUFFER, MAX_REDIRECTS,
+    BODY_CHUNK, HTTP_RX_BUFFER, MAX_REDIRECTS,
+};
+pub use net::{ConnectError, Connector, NetConnector, NetStream, StreamError};
+pub use tls::{
+    der_from_pem_or_der, CredentialError, TlsBuffers, TlsFailure, TlsIdentity, TlsSetup, TLS_RAM,
 };
 /// Retry pacing lives in the core, shared with the update engine.
 pub use mqota_core::backoff::{self, Backoff, Jitter, XorShift32};
