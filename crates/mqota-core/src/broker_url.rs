@@ -286,7 +286,10 @@ mod tests {
     fn mqtts_is_taken_by_the_tls_parser_on_8883_unless_a_port_is_given() {
         let (u, tls) = parse_broker_url_tls("mqtts://dev:pw@broker.lan").unwrap();
         assert!(tls);
-        assert_eq!((u.host, u.port, u.username), ("broker.lan", 8883, Some("dev")));
+        assert_eq!(
+            (u.host, u.port, u.username),
+            ("broker.lan", 8883, Some("dev"))
+        );
         let (u, tls) = parse_broker_url_tls("MQTTS://[::1]:9000").unwrap();
         assert!(tls);
         assert_eq!((u.host, u.port), ("::1", 9000));
@@ -297,6 +300,9 @@ mod tests {
             parse_broker_url("mqtts://broker.lan"),
             Err(BrokerUrlError::TlsUnsupported)
         );
-        assert_eq!(parse_broker_url_tls("http://h"), Err(BrokerUrlError::Scheme));
+        assert_eq!(
+            parse_broker_url_tls("http://h"),
+            Err(BrokerUrlError::Scheme)
+        );
     }
 }

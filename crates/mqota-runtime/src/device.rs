@@ -71,8 +71,8 @@ use mqota_core::fetch::{is_https, FetchError, HTTPS_NOT_ENABLED};
 
 use crate::fieldlog::{self, FieldLog};
 use crate::http::{Abort, BodySink, DownloadError, Downloader, RedirectError, ResponseInfo};
-use crate::net::Connector;
 use crate::mqtt::{Message, MqttBuffers, MqttConfig, MqttSession, QoS, MQTT_RX_BUFFER};
+use crate::net::Connector;
 use crate::platform::{Link, Platform, Slot};
 use crate::trust::TrustState;
 
@@ -596,11 +596,7 @@ impl Device<'_> {
         }
     }
 
-    async fn publish<C: Connector>(
-        &mut self,
-        session: &mut MqttSession<'_, C>,
-        p: Progress,
-    ) {
+    async fn publish<C: Connector>(&mut self, session: &mut MqttSession<'_, C>, p: Progress) {
         publish_progress(session, self.topics, &p, self.progress_copy).await;
         fieldlog::note_progress(&self.log, now_ms(), &p);
         // Refusals of a command (malformed, busy) are not results of an update:
@@ -710,7 +706,13 @@ impl Device<'_> {
         engine: &mut Engine,
         flash: &mut F,
     ) -> Actions {
-        match read_command(msg, self.topics, self.job_trust.as_ref(), &self.trust, self.status.https) {
+        match read_command(
+            msg,
+            self.topics,
+            self.job_trust.as_ref(),
+            &self.trust,
+            self.status.https,
+        ) {
             Incoming::Command(cmd, seq) => {
                 if let Some(seq) = seq {
                     if self.trust.accept_seq(flash, seq).await.is_err() {
@@ -825,9 +827,7 @@ fn read_command(
     match parsed {
         // Refused before the engine sees it: the device could never fetch
         // it, and the controller can tell from `https` in the status.
-        Ok(CommandOutcome::Command(Command::Start(job)))
-            if !tls && is_https(&job.url) =>
-        {
+        Ok(CommandOutcome::Command(Command::Start(job))) if !tls && is_https(&job.url) => {
             Incoming::Bad(
                 Progress::new(topics, job.job, Phase::Failed)
                     .with_error(ErrorCode::BadCommand, Some(HTTPS_NOT_ENABLED)),
@@ -1277,6 +1277,7 @@ mod tests {
                 &topics,
                 Some(&trust),
                 state,
+                false,
             )
         };
         let start = sealed(r#"{"op":"start","seq":5,"device":"d","url":"http://h/f","job":"j"}"#);

@@ -638,10 +638,7 @@ pub(crate) fn note_progress(log: &FieldLog, now_ms: u64, p: &mqota_core::protoco
 /// Answers a `{prefix}/{id}/logs/get` message on `{prefix}/{id}/logs`
 /// (QoS 0, like progress: `seq` tells a reader what it missed). A retained
 /// request is dropped unread, like a retained command.
-pub(crate) async fn serve_get<
-    F: NorFlash,
-    C: crate::net::Connector,
->(
+pub(crate) async fn serve_get<F: NorFlash, C: crate::net::Connector>(
     log: &FieldLog,
     session: &mut crate::mqtt::MqttSession<'_, C>,
     topics: &Topics,
@@ -662,10 +659,7 @@ pub(crate) fn defer_get(log: &FieldLog, msg: &crate::mqtt::Message) {
 }
 
 /// Answers a request kept by [`defer_get`], if any.
-pub(crate) async fn serve_deferred<
-    F: NorFlash,
-    C: crate::net::Connector,
->(
+pub(crate) async fn serve_deferred<F: NorFlash, C: crate::net::Connector>(
     log: &FieldLog,
     session: &mut crate::mqtt::MqttSession<'_, C>,
     topics: &Topics,

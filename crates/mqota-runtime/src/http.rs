@@ -252,7 +252,11 @@ impl<'a, C: Connector + 'a> Downloader<'a, C> {
             let response = match with_timeout(timeout, conn.send(request, &mut self.rx)).await {
                 Err(_) => return Err(DownloadError::Timeout),
                 Ok(Err(reqwless::Error::Codec)) => return Err(refused_head(&self.rx)),
-                Ok(Err(e)) => return Err(net.take_tls_failure().map_or(map_error(e), DownloadError::Tls)),
+                Ok(Err(e)) => {
+                    return Err(net
+                        .take_tls_failure()
+                        .map_or(map_error(e), DownloadError::Tls))
+                }
                 Ok(Ok(r)) => r,
             };
             let status = response.status.0;

@@ -25,10 +25,6 @@ pub use http::{
     Abort, BodySink, ContentRange, DownloadError, Downloader, RedirectError, ResponseInfo,
     BODY_CHUNK, HTTP_RX_BUFFER, MAX_REDIRECTS,
 };
-pub use net::{ConnectError, Connector, NetConnector, NetStream, StreamError};
-pub use tls::{
-    der_from_pem_or_der, CredentialError, TlsBuffers, TlsFailure, TlsIdentity, TlsSetup, TLS_RAM,
-};
 /// Retry pacing lives in the core, shared with the update engine.
 pub use mqota_core::backoff::{self, Backoff, Jitter, XorShift32};
 /// Levels and boot reasons of the field log, from the core's protocol.
@@ -38,4 +34,8 @@ pub use mqtt::{
     INBOX_DEPTH, MAX_INCOMING_PAYLOAD, MAX_INFLIGHT, MAX_QOS1_PAYLOAD, MAX_SUBSCRIPTIONS,
     MAX_TOPIC_LEN, MQTT_RX_BUFFER,
 };
+pub use net::{ConnectError, Connector, NetConnector, NetStream, StreamError};
 pub use platform::{Link, Platform, Slot};
+pub use tls::{
+    der_from_pem_or_der, CredentialError, TlsBuffers, TlsFailure, TlsIdentity, TlsSetup, TLS_RAM,
+};

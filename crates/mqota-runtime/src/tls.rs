@@ -42,11 +42,11 @@ use embedded_io::ErrorKind;
 use embedded_io_async::{Read, Write};
 use embedded_tls::alert::AlertDescription;
 use embedded_tls::pki::CertVerifier;
-pub use embedded_tls::{NoClock, TlsClock};
 use embedded_tls::{
     Aes128GcmSha256, Certificate, CryptoProvider, SignatureScheme, TlsConfig, TlsConnection,
     TlsContext, TlsError, TlsVerifier,
 };
+pub use embedded_tls::{NoClock, TlsClock};
 use p256::ecdsa::{DerSignature, SigningKey};
 use p256::pkcs8::DecodePrivateKey;
 
@@ -65,8 +65,9 @@ pub const TLS_SESSIONS: usize = 2;
 /// the handshake.
 pub const MAX_SERVER_CERT: usize = 2_048;
 /// Bytes of the session state besides the buffers (keys, transcript,
-/// record state), upper bound; a unit test holds it to the real size.
-pub const TLS_STATE: usize = 1_024;
+/// record state), upper bound: 1,320 measured on a 64-bit host, less on
+/// the 32-bit chips; a unit test holds it to the real size.
+pub const TLS_STATE: usize = 1_536;
 /// RAM both TLS sessions take: buffers and state, [`TLS_SESSIONS`] ×
 /// ([`TLS_READ_BUFFER`] + [`TLS_WRITE_BUFFER`] + [`TLS_STATE`]).
 pub const TLS_RAM: usize = TLS_SESSIONS * (TLS_READ_BUFFER + TLS_WRITE_BUFFER + TLS_STATE);
@@ -200,7 +201,11 @@ impl<'a> TlsIdentity<'a> {
 
     /// Adds the device's client certificate (DER) and its P-256 private key
     /// (PKCS#8 or SEC1 DER). The key is parsed here, once.
-    pub fn with_client(mut self, cert_der: &'a [u8], key_der: &[u8]) -> Result<Self, CredentialError> {
+    pub fn with_client(
+        mut self,
+        cert_der: &'a [u8],
+        key_der: &[u8],
+    ) -> Result<Self, CredentialError> {
         if cert_der.is_empty() || key_der.is_empty() {
             return Err(CredentialError::Empty);
         }
@@ -549,7 +554,13 @@ where
 
     fn signer(
         &mut self,
-    ) -> Result<(impl p256::ecdsa::signature::SignerMut<DerSignature>, SignatureScheme), TlsError> {
+    ) -> Result<
+        (
+            impl p256::ecdsa::signature::SignerMut<DerSignature>,
+            SignatureScheme,
+        ),
+        TlsError,
+    > {
         let (_, key) = self.client.ok_or(TlsError::InvalidPrivateKey)?;
         Ok((key.clone(), SignatureScheme::EcdsaSecp256r1Sha256))
     }
@@ -603,8 +614,12 @@ mod tests {
             async fn write(&mut self, b: &[u8]) -> Result<usize, Self::Error> {
                 Ok(b.len())
             }
+            async fn flush(&mut self) -> Result<(), Self::Error> {
+                Ok(())
+            }
         }
-        let state = core::mem::size_of::<TlsConnection<'static, Counted<'static, Sock>, Aes128GcmSha256>>();
+        let state =
+            core::mem::size_of::<TlsConnection<'static, Counted<'static, Sock>, Aes128GcmSha256>>();
         assert!(state <= TLS_STATE, "TLS state is {state} bytes");
         assert_eq!(
             core::mem::size_of::<TlsBuffers>(),
@@ -623,10 +638,16 @@ mod tests {
         assert_eq!(der_from_pem_or_der(pem, &mut out), Ok(&der[..]));
         let mut out = [0u8; 64];
         assert_eq!(
-            der_from_pem_or_der(b"-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n", &mut out),
+            der_from_pem_or_der(
+                b"-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n",
+                &mut out
+            ),
             Err(CredentialError::Pem)
         );
-        assert_eq!(der_from_pem_or_der(b"  ", &mut out), Err(CredentialError::Empty));
+        assert_eq!(
+            der_from_pem_or_der(b"  ", &mut out),
+            Err(CredentialError::Empty)
+        );
     }
 
     #[test]

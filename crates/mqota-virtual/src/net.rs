@@ -257,7 +257,8 @@ impl TlsFiles {
         client: Option<(&std::path::Path, &std::path::Path)>,
     ) -> std::io::Result<Self> {
         let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+            std::fs::read(p)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
         };
         let ca = read(ca)?;
         let client = match client {
@@ -277,7 +278,9 @@ impl TlsFiles {
     }
 
     /// The runtime's view of this material.
-    pub fn identity(&self) -> Result<mqota_runtime::TlsIdentity<'_>, mqota_runtime::CredentialError> {
+    pub fn identity(
+        &self,
+    ) -> Result<mqota_runtime::TlsIdentity<'_>, mqota_runtime::CredentialError> {
         let id = mqota_runtime::TlsIdentity::new(&self.ca_der)?;
         match (&self.client_cert_der, &self.client_key_der) {
             (Some(cert), Some(key)) => id.with_client(cert, key),

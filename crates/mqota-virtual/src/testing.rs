@@ -884,7 +884,9 @@ impl TestPki {
     }
 
     fn issue(&self, mut params: rcgen::CertificateParams, cn: &str) -> Issued {
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
         validity(&mut params);
         let key = rcgen::KeyPair::generate().expect("leaf key");
         let issuer = rcgen::Issuer::from_params(&self.params, &self.key);

@@ -18,8 +18,7 @@ use mqota_runtime::{
 use mqota_virtual::device::{run_device, Handle, VirtualConfig};
 use mqota_virtual::net::{SystemClock, TlsFiles, TokioNet};
 use mqota_virtual::testing::{
-    Fault, FaultServer, HttpsFront, Location, Mosquitto, Observer, Received, Redirect,
-    TestPki,
+    Fault, FaultServer, HttpsFront, Location, Mosquitto, Observer, Received, Redirect, TestPki,
 };
 use sha2::Digest;
 use tokio::task::LocalSet;
@@ -39,7 +38,9 @@ fn image(version: &str, size: u32) -> Vec<u8> {
 /// Runs `f` with a TLS connector over the host's network for `files`.
 async fn with_connector<F, Fut, T>(files: &TlsFiles, f: F) -> T
 where
-    F: FnOnce(&'static NetConnector<'static, TokioNet, TokioNet, rand_core::OsRng, SystemClock>) -> Fut,
+    F: FnOnce(
+        &'static NetConnector<'static, TokioNet, TokioNet, rand_core::OsRng, SystemClock>,
+    ) -> Fut,
     Fut: std::future::Future<Output = T>,
 {
     // Leaked: a test's connector lives as long as the test, like the
@@ -86,7 +87,10 @@ async fn a_device_with_the_fleet_certificate_connects_over_mqtts() {
     let pki = TestPki::new("fleet CA");
     let broker = Mosquitto::start_tls(&pki, &pki.server(HOST));
     let files = pki.device_tls(Some(&pki.client("dev-t")));
-    assert_eq!(mqtts_connect(&files, HOST, broker.tls_port(), "dev-t").await, Ok(()));
+    assert_eq!(
+        mqtts_connect(&files, HOST, broker.tls_port(), "dev-t").await,
+        Ok(())
+    );
 }
 
 #[tokio::test]
@@ -301,11 +305,19 @@ async fn a_device_updates_over_mqtts_and_https_resuming_a_drop_at_half() {
             let v2 = image("1.1.0", 400_000);
             let http = FaultServer::start(v2.clone(), Fault::DropOnceAt(50)).await;
             let front = HttpsFront::start(http.addr(), &pki.server(HOST)).await;
-            let dev = start(tls_device(&broker, "dev-tls", pki.device_tls(Some(&pki.client("dev-tls")))));
+            let dev = start(tls_device(
+                &broker,
+                "dev-tls",
+                pki.device_tls(Some(&pki.client("dev-tls"))),
+            ));
             online(&obs, "dev-tls", "1.0.0").await;
             assert!(status_of(&obs.all(), "dev-tls").is_some_and(|s| s.https));
             broker
-                .publish("device/dev-tls/ota/start", front.url(HOST).as_bytes(), false)
+                .publish(
+                    "device/dev-tls/ota/start",
+                    front.url(HOST).as_bytes(),
+                    false,
+                )
                 .await;
             online(&obs, "dev-tls", "1.1.0").await;
             assert!(
@@ -333,7 +345,11 @@ async fn a_device_refuses_an_https_server_of_another_ca_and_keeps_its_firmware()
             let obs = broker.observe("device/#").await;
             let http = FaultServer::start(image("6.6.6", 100_000), Fault::None).await;
             let front = HttpsFront::start(http.addr(), &rogue.server(HOST)).await;
-            let dev = start(tls_device(&broker, "dev-r", pki.device_tls(Some(&pki.client("dev-r")))));
+            let dev = start(tls_device(
+                &broker,
+                "dev-r",
+                pki.device_tls(Some(&pki.client("dev-r"))),
+            ));
             online(&obs, "dev-r", "1.0.0").await;
             broker
                 .publish("device/dev-r/ota/start", front.url(HOST).as_bytes(), false)
@@ -350,7 +366,10 @@ async fn a_device_refuses_an_https_server_of_another_ca_and_keeps_its_firmware()
                 .collect();
             assert_eq!(failed[0].error, Some(ErrorCode::Network));
             let message = failed[0].message.as_deref().unwrap_or_default();
-            assert!(message.starts_with("TLS: server certificate not trusted"), "{message}");
+            assert!(
+                message.starts_with("TLS: server certificate not trusted"),
+                "{message}"
+            );
             // Refused once, not retried against the same certificate.
             assert!(http.requests().is_empty());
             let status = status_of(&obs.all(), "dev-r").expect("status");
@@ -374,16 +393,21 @@ async fn a_device_without_tls_reports_https_false_and_refuses_https_jobs() {
             online(&obs, "dev-p", "1.0.0").await;
             assert!(status_of(&obs.all(), "dev-p").is_some_and(|s| !s.https));
             broker
-                .publish("device/dev-p/ota/start", b"https://localhost:1/fw.bin", false)
+                .publish(
+                    "device/dev-p/ota/start",
+                    b"https://localhost:1/fw.bin",
+                    false,
+                )
                 .await;
             assert!(
                 obs.wait_until(Duration::from_secs(20), |s| progress_of(s, "dev-p")
                     .iter()
-                    .any(|p| p.phase == Phase::Failed && p.error == Some(ErrorCode::BadCommand)))
-                    .await
+                    .any(
+                        |p| p.phase == Phase::Failed && p.error == Some(ErrorCode::BadCommand)
+                    ))
+                .await
             );
             dev.stop();
         })
         .await;
 }
-

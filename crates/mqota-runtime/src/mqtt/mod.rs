@@ -64,8 +64,8 @@ use rust_mqtt::Bytes;
 
 use crate::conn::{KillSwitch, MqttConn};
 use crate::net::{ConnectError, Connector};
-use crate::tls::TlsFailure;
 use crate::platform::Link;
+use crate::tls::TlsFailure;
 use mqota_core::backoff::Backoff;
 
 /// Bytes of the receive arena: the largest MQTT packet the device accepts.
@@ -359,11 +359,7 @@ pub struct MqttSession<'a, C: Connector + 'a> {
 impl<'a, C: Connector + 'a> MqttSession<'a, C> {
     /// A disconnected session. Nothing touches the network until
     /// [`MqttSession::connect`] or [`MqttSession::maintain`].
-    pub fn new(
-        net: &'a C,
-        buffers: &'a mut MqttBuffers<'a>,
-        mut config: MqttConfig<'a>,
-    ) -> Self {
+    pub fn new(net: &'a C, buffers: &'a mut MqttBuffers<'a>, mut config: MqttConfig<'a>) -> Self {
         config.keep_alive_secs = config.keep_alive_secs.max(1);
         let MqttBuffers { rx, kill } = buffers;
         Self {

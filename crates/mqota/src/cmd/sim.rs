@@ -139,10 +139,7 @@ struct RunArgs {
 /// `mqtts://` is the same URL as `mqtt://` over TLS, on 8883 unless a port
 /// is given: the URL with `mqtt://` and whether TLS was asked for.
 fn split_tls_scheme(url: &str) -> (String, bool) {
-    match url
-        .get(..8)
-        .filter(|s| s.eq_ignore_ascii_case("mqtts://"))
-    {
+    match url.get(..8).filter(|s| s.eq_ignore_ascii_case("mqtts://")) {
         Some(_) => {
             let rest = &url[8..];
             let authority = rest.split('/').next().unwrap_or(rest);
@@ -310,11 +307,8 @@ fn run_devices(args: RunArgs) -> Result<()> {
                     _ => None,
                 };
                 Some(
-                    TlsFiles::load(
-                        ca,
-                        client.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
-                    )
-                    .with_context(|| format!("TLS material of {id}"))?,
+                    TlsFiles::load(ca, client.as_ref().map(|(c, k)| (c.as_path(), k.as_path())))
+                        .with_context(|| format!("TLS material of {id}"))?,
                 )
             }
             None => None,
