@@ -95,6 +95,9 @@ impl embedded_io::Error for StreamError {
 
 /// A connection of [`NetConnector`]: the TCP stream itself, or the TCP
 /// stream inside a TLS session.
+// The TLS variant's state (about 1.3 KB) lives inline: boxing it would need
+// a heap, and the runtime has none.
+#[allow(clippy::large_enum_variant)]
 pub enum NetStream<'m, C: Read + Write + 'm, K: TlsClock> {
     /// Plain TCP (`mqtt://`, `http://`).
     Plain(C),
@@ -241,11 +244,10 @@ where
                 tls.open(tcp, host, &self.failure)
                     .await
                     .map(NetStream::Tls)
-                    .map_err(|e| {
+                    .inspect_err(|e| {
                         if let ConnectError::Tls(f) = e {
                             warn!("tls: handshake with {} failed: {}", host, f.as_str());
                         }
-                        e
                     })
             }
         }

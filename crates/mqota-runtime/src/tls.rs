@@ -71,6 +71,8 @@ pub const TLS_STATE: usize = 1_536;
 /// RAM both TLS sessions take: buffers and state, [`TLS_SESSIONS`] ×
 /// ([`TLS_READ_BUFFER`] + [`TLS_WRITE_BUFFER`] + [`TLS_STATE`]).
 pub const TLS_RAM: usize = TLS_SESSIONS * (TLS_READ_BUFFER + TLS_WRITE_BUFFER + TLS_STATE);
+// The budget: both sessions within 48 KiB, or the build fails.
+const _: () = assert!(TLS_RAM <= 48 * 1024, "both TLS sessions must fit 48 KiB");
 
 /// Why a TLS connection failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,8 +136,10 @@ impl TlsFailure {
             | TlsError::InvalidCertificateEntry
             | TlsError::InvalidSignature
             | TlsError::InvalidSignatureScheme => TlsFailure::ServerNotTrusted,
-            // An alert the server sent during the handshake.
-            TlsError::HandshakeAborted(_, d) => match d {
+            // An alert the server sent during the handshake about the
+            // device's certificate.
+            TlsError::HandshakeAborted(
+                _,
                 AlertDescription::BadCertificate
                 | AlertDescription::UnknownCa
                 | AlertDescription::CertificateRequired
@@ -143,9 +147,8 @@ impl TlsFailure {
                 | AlertDescription::CertificateUnknown
                 | AlertDescription::CertificateExpired
                 | AlertDescription::CertificateRevoked
-                | AlertDescription::AccessDenied => refused.unwrap_or(TlsFailure::ClientRefused),
-                _ => TlsFailure::Handshake,
-            },
+                | AlertDescription::AccessDenied,
+            ) => refused.unwrap_or(TlsFailure::ClientRefused),
             TlsError::InvalidPrivateKey => TlsFailure::ClientKey,
             _ => TlsFailure::Handshake,
         })
@@ -240,7 +243,7 @@ pub fn der_from_pem_or_der<'b>(
     // the device pins one anchor).
     let end = find_block_end(trimmed).ok_or(CredentialError::Pem)?;
     pem_rfc7468::decode(&trimmed[..end], out)
-        .map(|(_, der)| &*der)
+        .map(|(_, der)| der)
         .map_err(|_| CredentialError::Pem)
 }
 
@@ -298,7 +301,8 @@ impl TlsBuffers {
     }
 
     /// Lends a free pair, or `None` when every session is open.
-    #[allow(clippy::type_complexity)]
+    // The pair's `UnsafeCell`s make `&self` enough, as in a pool.
+    #[allow(clippy::type_complexity, clippy::mut_from_ref)]
     fn lend(&self) -> Option<(Lease<'_>, &Cell<usize>, &mut [u8], &mut [u8])> {
         let slot = self.slots.iter().find(|s| !s.taken.get())?;
         slot.taken.set(true);
@@ -625,7 +629,6 @@ mod tests {
             core::mem::size_of::<TlsBuffers>(),
             TLS_SESSIONS * (TLS_READ_BUFFER + TLS_WRITE_BUFFER + 2 * core::mem::size_of::<usize>())
         );
-        assert!(TLS_RAM <= 48 * 1024, "{TLS_RAM}");
     }
 
     #[test]
