@@ -217,7 +217,10 @@ mod tls {
 
     /// The fleet CA and the device's certificate and key from `config`;
     /// `None` (TLS off, logged) without a CA or when one does not decode.
-    pub fn identity<'a>(config: &'static Config, pem: &'a mut PemBuffers) -> Option<TlsIdentity<'a>> {
+    pub fn identity<'a>(
+        config: &'static Config,
+        pem: &'a mut PemBuffers,
+    ) -> Option<TlsIdentity<'a>> {
         let Some(ca) = config.tls_ca else {
             warn!("built without MQOTA_TLS_CA: no TLS (status https: false)");
             return None;
@@ -235,9 +238,8 @@ mod tls {
             return Some(identity);
         };
         let client = der_from_pem_or_der(cert.as_bytes(), &mut pem.cert).and_then(|cert| {
-            der_from_pem_or_der(key.as_bytes(), &mut pem.key).and_then(|key| {
-                identity.clone().with_client(cert, key)
-            })
+            der_from_pem_or_der(key.as_bytes(), &mut pem.key)
+                .and_then(|key| identity.clone().with_client(cert, key))
         });
         match client {
             Ok(identity) => {
