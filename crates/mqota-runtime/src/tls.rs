@@ -269,8 +269,9 @@ pub struct TlsBuffers {
 
 struct BufferPair {
     taken: Cell<bool>,
-    /// Bytes the session's TLS layer has taken from TCP (see [`Counted`]).
-    consumed: Cell<usize>,
+    /// The TCP stream under the session stands inside a TLS record (see
+    /// [`Counted`]).
+    in_record: Cell<bool>,
     read: UnsafeCell<[u8; TLS_READ_BUFFER]>,
     write: UnsafeCell<[u8; TLS_WRITE_BUFFER]>,
 }
@@ -279,7 +280,7 @@ impl BufferPair {
     const fn new() -> Self {
         Self {
             taken: Cell::new(false),
-            consumed: Cell::new(0),
+            in_record: Cell::new(false),
             read: UnsafeCell::new([0; TLS_READ_BUFFER]),
             write: UnsafeCell::new([0; TLS_WRITE_BUFFER]),
         }
@@ -303,17 +304,17 @@ impl TlsBuffers {
     /// Lends a free pair, or `None` when every session is open.
     // The pair's `UnsafeCell`s make `&self` enough, as in a pool.
     #[allow(clippy::type_complexity, clippy::mut_from_ref)]
-    fn lend(&self) -> Option<(Lease<'_>, &Cell<usize>, &mut [u8], &mut [u8])> {
+    fn lend(&self) -> Option<(Lease<'_>, &Cell<bool>, &mut [u8], &mut [u8])> {
         let slot = self.slots.iter().find(|s| !s.taken.get())?;
         slot.taken.set(true);
-        slot.consumed.set(0);
+        slot.in_record.set(false);
         // SAFETY: `taken` was false, so no other reference to this pair
         // exists; it stays true until the `Lease` is dropped, and the only
         // holder of the two references ([`TlsStream`]) drops its TLS
         // connection (which holds them) before its lease. `TlsBuffers` is
         // not `Sync`, so `taken` cannot race.
         let (read, write) = unsafe { (&mut *slot.read.get(), &mut *slot.write.get()) };
-        Some((Lease(&slot.taken), &slot.consumed, read, write))
+        Some((Lease(&slot.taken), &slot.in_record, read, write))
     }
 }
 
@@ -354,11 +355,14 @@ impl<'a, R: rand_core::RngCore + rand_core::CryptoRng, K: TlsClock> TlsSetup<'a,
         host: &str,
         failure: &'m Cell<Option<TlsFailure>>,
     ) -> Result<TlsStream<'m, C, K>, ConnectError> {
-        let (lease, consumed, read, write) = self.buffers.lend().ok_or(ConnectError::TlsBusy)?;
+        let (lease, in_record, read, write) = self.buffers.lend().ok_or(ConnectError::TlsBusy)?;
         let mut conn = TlsConnection::new(
             Counted {
                 inner: tcp,
-                consumed,
+                header: [0; 5],
+                have: 0,
+                body_left: 0,
+                in_record,
             },
             read,
             write,
@@ -374,8 +378,8 @@ impl<'a, R: rand_core::RngCore + rand_core::CryptoRng, K: TlsClock> TlsSetup<'a,
         match conn.open(TlsContext::new(&config, provider)).await {
             Ok(()) => Ok(TlsStream {
                 conn,
-                consumed,
-                read_mark: None,
+                in_record,
+                reading: false,
                 asked: asked.get(),
                 received: false,
                 failure,
@@ -393,18 +397,45 @@ impl<'a, R: rand_core::RngCore + rand_core::CryptoRng, K: TlsClock> TlsSetup<'a,
     }
 }
 
-/// The TCP stream under a TLS session, counting the bytes taken from it.
+/// The TCP stream under a TLS session, following the record framing of
+/// the bytes taken from it (5-byte header with the length, then the body).
 ///
 /// embedded-tls keeps a record's header in a local while it reads the
 /// record's body: a read cancelled in between (the MQTT session races its
 /// header read against a timer) would leave the stream out of step. The
-/// count tells [`TlsStream::read`] whether a cancelled read had taken any
-/// bytes: none (the common case, a timer while the broker was silent)
-/// leaves the session intact; some ends it cleanly instead of decrypting
-/// garbage.
+/// framing tells [`TlsStream::read`] whether a cancelled read stopped
+/// between records (harmless: the common case, a timer while the broker
+/// was silent) or inside one (the session ends cleanly instead of
+/// decrypting garbage).
 struct Counted<'m, C> {
     inner: C,
-    consumed: &'m Cell<usize>,
+    header: [u8; 5],
+    have: usize,
+    body_left: usize,
+    in_record: &'m Cell<bool>,
+}
+
+impl<C> Counted<'_, C> {
+    fn follow(&mut self, data: &[u8]) {
+        let mut rest = data;
+        while !rest.is_empty() {
+            if self.body_left > 0 {
+                let k = self.body_left.min(rest.len());
+                self.body_left -= k;
+                rest = &rest[k..];
+            } else {
+                self.header[self.have] = rest[0];
+                self.have += 1;
+                rest = &rest[1..];
+                if self.have == self.header.len() {
+                    self.body_left =
+                        usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                    self.have = 0;
+                }
+            }
+        }
+        self.in_record.set(self.have > 0 || self.body_left > 0);
+    }
 }
 
 impl<C: Read + Write> embedded_io_async::ErrorType for Counted<'_, C> {
@@ -414,7 +445,7 @@ impl<C: Read + Write> embedded_io_async::ErrorType for Counted<'_, C> {
 impl<C: Read + Write> Read for Counted<'_, C> {
     async fn read(&mut self, buf: &mut [u8]) -> Result<usize, C::Error> {
         let n = self.inner.read(buf).await?;
-        self.consumed.set(self.consumed.get().wrapping_add(n));
+        self.follow(&buf[..n]);
         Ok(n)
     }
 }
@@ -433,10 +464,9 @@ pub struct TlsStream<'m, C: Read + Write + 'm, K: TlsClock> {
     // Declared before the lease: fields drop in order, so the connection
     // (which borrows the leased buffers) is gone before they are given back.
     conn: TlsConnection<'m, Counted<'m, C>, Aes128GcmSha256>,
-    consumed: &'m Cell<usize>,
-    /// `consumed` when the read in progress started; still set on entry
-    /// means that read was cancelled.
-    read_mark: Option<usize>,
+    in_record: &'m Cell<bool>,
+    /// A read is in progress; still set on entry means it was cancelled.
+    reading: bool,
     /// Whether the server asked for the device's certificate, and whether
     /// one was presented.
     asked: Option<bool>,
@@ -470,16 +500,14 @@ impl<C: Read + Write, K: TlsClock> TlsStream<'_, C, K> {
     }
 
     pub(crate) async fn read(&mut self, buf: &mut [u8]) -> Result<usize, StreamError> {
-        if let Some(mark) = self.read_mark {
-            if self.consumed.get() != mark {
-                // A read was cancelled in the middle of a record: the
-                // session is out of step for good.
-                return Err(StreamError(ErrorKind::ConnectionAborted));
-            }
+        if self.reading && self.in_record.get() {
+            // A read was cancelled in the middle of a record: the session
+            // is out of step for good.
+            return Err(StreamError(ErrorKind::ConnectionAborted));
         }
-        self.read_mark = Some(self.consumed.get());
+        self.reading = true;
         let result = self.conn.read(buf).await;
-        self.read_mark = None;
+        self.reading = false;
         match result {
             Ok(n) => {
                 self.received |= n > 0;
@@ -625,10 +653,11 @@ mod tests {
         let state =
             core::mem::size_of::<TlsConnection<'static, Counted<'static, Sock>, Aes128GcmSha256>>();
         assert!(state <= TLS_STATE, "TLS state is {state} bytes");
-        assert_eq!(
-            core::mem::size_of::<TlsBuffers>(),
-            TLS_SESSIONS * (TLS_READ_BUFFER + TLS_WRITE_BUFFER + 2 * core::mem::size_of::<usize>())
-        );
+        // The buffers themselves, plus a few bytes of bookkeeping per pair.
+        let overhead = core::mem::size_of::<TlsBuffers>()
+            - TLS_SESSIONS * (TLS_READ_BUFFER + TLS_WRITE_BUFFER);
+        assert!(overhead <= TLS_SESSIONS * 16, "{overhead}");
+        assert!(state + 16 <= TLS_STATE);
     }
 
     #[test]

@@ -989,6 +989,11 @@ impl HttpsFront {
         Self { addr, task }
     }
 
+    /// The address the front listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// `https://HOST:PORT/fw.bin`, with `host` for the name the device
     /// checks (it must resolve to 127.0.0.1: `localhost`).
     pub fn url(&self, host: &str) -> String {

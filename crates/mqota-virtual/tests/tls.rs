@@ -411,3 +411,94 @@ async fn a_device_without_tls_reports_https_false_and_refuses_https_jobs() {
         })
         .await;
 }
+
+/// A TCP relay that passes the server's bytes on in 16-byte pieces every
+/// 20 ms, so that a TLS record arrives over many reads; it counts them.
+async fn trickle(
+    backend: std::net::SocketAddr,
+    slow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(backend).await.unwrap();
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut cr, &mut sw).await;
+        });
+        let mut buf = [0u8; 4096];
+        loop {
+            let Ok(n) = sr.read(&mut buf).await else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            let pieces = if slow.load(Ordering::SeqCst) { 16 } else { n };
+            for piece in buf[..n].chunks(pieces) {
+                if cw.write_all(piece).await.is_err() {
+                    return;
+                }
+                counted.fetch_add(piece.len(), Ordering::SeqCst);
+                if pieces == 16 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    });
+    (port, count)
+}
+
+#[tokio::test]
+async fn a_tls_read_cancelled_before_any_byte_is_harmless_and_one_cancelled_mid_record_ends_the_connection(
+) {
+    use embedded_io_async::{Read, Write};
+    use mqota_runtime::Connector;
+    use std::sync::atomic::Ordering;
+    let pki = TestPki::new("fleet CA");
+    let http = FaultServer::start(vec![7; 4000], Fault::None).await;
+    let front = HttpsFront::start(http.addr(), &pki.server(HOST)).await;
+    let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (port, forwarded) = trickle(front.addr(), slow.clone()).await;
+    let files = pki.device_tls(None);
+    with_connector(&files, |net| async move {
+        let mut s = net.connect(HOST, port, true).await.expect("handshake");
+        let mut buf = [0u8; 64];
+        // The server says nothing until asked (its session tickets are
+        // whole records, not data): this read is cancelled between records.
+        let silent = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await;
+        assert!(silent.is_err(), "read returned without data: {silent:?}");
+        slow.store(true, Ordering::SeqCst);
+        let before = forwarded.load(Ordering::SeqCst);
+        s.write_all(b"GET /fw.bin HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .expect("the session still works after the harmless cancel");
+        s.flush().await.unwrap();
+        // Cancel the read once part of the answer's first record came in.
+        let mid_record = async {
+            while forwarded.load(Ordering::SeqCst) < before + 16 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        tokio::select! {
+            r = s.read(&mut buf) => panic!("a whole record arrived at 16 bytes per 20 ms: {r:?}"),
+            _ = mid_record => {}
+        }
+        let after = s.read(&mut buf).await;
+        assert_eq!(
+            after.map_err(|e| embedded_io::Error::kind(&e)),
+            Err(embedded_io::ErrorKind::ConnectionAborted)
+        );
+        // Ended by the runtime before embedded-tls read the body as a
+        // header: no garbage record was ever decoded.
+        assert_eq!(net.take_tls_failure(), None);
+    })
+    .await;
+}
