@@ -8,7 +8,9 @@
 //! |---|---|---|
 //! | `MQOTA_WIFI_SSID` | (empty: WiFi stays off) | network to join |
 //! | `MQOTA_WIFI_PASSWORD` | (empty: open network) | WPA2 passphrase |
-//! | `MQOTA_BROKER_URL` | `mqtt://broker:1883` | MQTT broker, `mqtt://[user[:password]@]host[:port]` |
+//! | `MQOTA_BROKER_URL` | `mqtt://broker:1883` | MQTT broker, `mqtt[s]://[user[:password]@]host[:port]` (`mqtts`: TLS, port 8883) |
+//! | `MQOTA_TLS_CA` | (empty: no TLS) | the fleet CA certificate, PEM: the one trust anchor for `mqtts://` and `https://` |
+//! | `MQOTA_TLS_CERT` / `MQOTA_TLS_KEY` | (empty: no client certificate) | the device's certificate (CN = device id) and P-256 key, PEM; both or neither |
 //! | `MQOTA_BROKER_USER` | the URL's user | MQTT user name (overrides the URL's) |
 //! | `MQOTA_BROKER_PASSWORD` | the URL's password | MQTT password (overrides the URL's) |
 //! | `MQOTA_DEVICE_ID` | `mqota-` + station MAC in hex | client id and topic segment |
@@ -29,7 +31,7 @@
 //!
 //! A malformed number or broker URL is a compile error, not a surprise on
 //! the device. The URL is split by the core's host-tested
-//! [`parse_broker_url`], evaluated in a `const`.
+//! [`parse_broker_url_tls`], evaluated in a `const`.
 
 /// Picks the build-time value of an environment variable or a default.
 macro_rules! env_or {
@@ -41,7 +43,7 @@ macro_rules! env_or {
     };
 }
 
-use mqota_core::broker_url::{parse_broker_url, BrokerUrl};
+use mqota_core::broker_url::{parse_broker_url_tls, BrokerUrl};
 use mqota_core::protocol::envelope::JobKey;
 use mqota_core::signature::{parse_key_list, KeyDigest, MAX_BLOCKS};
 use mqota_runtime::DeviceConfig;
@@ -59,6 +61,15 @@ pub struct Config {
     pub wifi_password: &'static str,
     /// The broker: host, port and the URL's credentials.
     pub broker: BrokerUrl<'static>,
+    /// The URL was `mqtts://`: MQTT over TLS.
+    pub broker_tls: bool,
+    /// The fleet CA (PEM) pinned for `mqtts://` and `https://`; `None`: no
+    /// TLS (the status says `"https": false`).
+    pub tls_ca: Option<&'static str>,
+    /// The device's client certificate (PEM), presented when a server asks.
+    pub tls_cert: Option<&'static str>,
+    /// The device's P-256 private key (PEM) for that certificate.
+    pub tls_key: Option<&'static str>,
     /// MQTT user name, if the broker wants one.
     pub broker_user: Option<&'static str>,
     /// MQTT password, if the broker wants one.
@@ -95,6 +106,10 @@ impl core::fmt::Debug for Config {
             .field("wifi_ssid", &self.wifi_ssid)
             .field("wifi_password", &hidden(!self.wifi_password.is_empty()))
             .field("broker", &self.broker)
+            .field("broker_tls", &self.broker_tls)
+            .field("tls_ca", &self.tls_ca.is_some())
+            .field("tls_cert", &self.tls_cert.is_some())
+            .field("tls_key", &self.tls_key.map(|_| "<redacted>"))
             .field("broker_user", &self.broker_user)
             .field(
                 "broker_password",
@@ -131,13 +146,55 @@ const JOB_KEY: Option<JobKey> = match env_or!("MQOTA_JOB_KEY", "").as_bytes() {
     },
 };
 
-const BROKER: BrokerUrl<'static> = broker(env_or!("MQOTA_BROKER_URL", "mqtt://broker:1883"));
+const BROKER_TLS: (BrokerUrl<'static>, bool) =
+    broker(env_or!("MQOTA_BROKER_URL", "mqtt://broker:1883"));
+const BROKER: BrokerUrl<'static> = BROKER_TLS.0;
+
+/// A PEM variable: unset or empty is `None`.
+const fn pem(value: Option<&'static str>) -> Option<&'static str> {
+    match value {
+        Some(v) if !v.is_empty() => Some(v),
+        _ => None,
+    }
+}
+
+const TLS_CA: Option<&'static str> = pem(option_env!("MQOTA_TLS_CA"));
+const TLS_CERT: Option<&'static str> = pem(option_env!("MQOTA_TLS_CERT"));
+const TLS_KEY: Option<&'static str> = pem(option_env!("MQOTA_TLS_KEY"));
+
+/// What the TLS variables allow, checked while compiling.
+const fn tls_checked(broker_tls: bool) -> bool {
+    assert!(
+        TLS_CERT.is_some() == TLS_KEY.is_some(),
+        "MQOTA_TLS_CERT and MQOTA_TLS_KEY go together"
+    );
+    if cfg!(feature = "plaintext") {
+        assert!(
+            !broker_tls,
+            "an mqtts:// MQOTA_BROKER_URL needs TLS: build without the `plaintext` feature"
+        );
+        assert!(
+            TLS_CA.is_none() && TLS_CERT.is_none(),
+            "MQOTA_TLS_* given to a `plaintext` build, which has no TLS"
+        );
+    } else {
+        assert!(
+            !broker_tls || TLS_CA.is_some(),
+            "an mqtts:// MQOTA_BROKER_URL needs MQOTA_TLS_CA (the fleet CA, PEM)"
+        );
+    }
+    broker_tls
+}
 
 /// The configuration this image was built with.
 pub const BUILD: Config = Config {
     wifi_ssid: env_or!("MQOTA_WIFI_SSID", ""),
     wifi_password: env_or!("MQOTA_WIFI_PASSWORD", ""),
     broker: BROKER,
+    broker_tls: tls_checked(BROKER_TLS.1),
+    tls_ca: TLS_CA,
+    tls_cert: TLS_CERT,
+    tls_key: TLS_KEY,
     broker_user: match option_env!("MQOTA_BROKER_USER") {
         Some(user) => Some(user),
         None => BROKER.username,
@@ -191,11 +248,11 @@ const fn secs_or(value: Option<&str>, default: embassy_time::Duration) -> u32 {
     }
 }
 
-/// The broker URL, checked while compiling.
-const fn broker(url: &'static str) -> BrokerUrl<'static> {
-    let broker = match parse_broker_url(url) {
-        Ok(broker) => broker,
-        Err(_) => panic!("MQOTA_BROKER_URL must look like mqtt://[user[:password]@]host[:port]"),
+/// The broker URL and whether it is `mqtts://`, checked while compiling.
+const fn broker(url: &'static str) -> (BrokerUrl<'static>, bool) {
+    let (broker, tls) = match parse_broker_url_tls(url) {
+        Ok(parsed) => parsed,
+        Err(_) => panic!("MQOTA_BROKER_URL must look like mqtt[s]://[user[:password]@]host[:port]"),
     };
     // The IP stack is built IPv4-only (smaller), and embassy-net's TCP client
     // panics when asked to connect to an IPv6 address.
@@ -207,7 +264,7 @@ const fn broker(url: &'static str) -> BrokerUrl<'static> {
         );
         i += 1;
     }
-    broker
+    (broker, tls)
 }
 
 /// The watchdog must leave the runtime's health check time to finish (and

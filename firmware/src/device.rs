@@ -5,8 +5,10 @@
 //! Nothing here decides anything: [`mqota_runtime::early_boot`] and
 //! [`mqota_runtime::run`] do, the same code the virtual device runs on the
 //! host. This module only looks up the booted slot, resets or arms the
-//! watchdog as the guard says, and builds the embassy-net TCP client and DNS
-//! resolver the runtime talks through.
+//! watchdog as the guard says, and builds the connector the runtime talks
+//! through: embassy-net's TCP client and DNS resolver, with TLS (the fleet
+//! CA, the device's certificate, the chip's TRNG) unless the firmware is
+//! built `plaintext`.
 
 use embassy_executor::{SpawnError, Spawner};
 use embassy_net::{
@@ -164,7 +166,108 @@ pub async fn run(
     let state = TcpClientState::<TCP_CONNECTIONS, TCP_TX_BUFFER, TCP_RX_BUFFER>::new();
     let tcp = TcpClient::new(stack, &state);
     let dns = DnsSocket::new(stack);
-    mqota_runtime::run(&device, booted, &mut platform, link, &tcp, &dns, &mut flash).await
+    #[cfg(feature = "plaintext")]
+    let net = {
+        warn!("plaintext build: no TLS (status https: false)");
+        mqota_runtime::NetConnector::plain(&tcp, &dns)
+    };
+    #[cfg(not(feature = "plaintext"))]
+    let mut pem = tls::PemBuffers::new();
+    #[cfg(not(feature = "plaintext"))]
+    let identity = tls::identity(config, &mut pem);
+    #[cfg(not(feature = "plaintext"))]
+    let net = mqota_runtime::NetConnector::new(&tcp, &dns, tls::setup(identity.as_ref()));
+    mqota_runtime::run(&device, booted, &mut platform, link, &net, &mut flash).await
+}
+
+/// The TLS material compiled in, turned into what the runtime takes.
+#[cfg(not(feature = "plaintext"))]
+mod tls {
+    use esp_hal::rng::Trng;
+    use log::{info, warn};
+    use mqota_runtime::tls::NoClock;
+    use mqota_runtime::{der_from_pem_or_der, TlsBuffers, TlsIdentity, TlsSetup};
+    use static_cell::ConstStaticCell;
+
+    use crate::config::Config;
+
+    /// The record buffers of both TLS sessions (`mqota_runtime::TLS_RAM`
+    /// with the sessions' state), in `.bss`, not on a stack.
+    static BUFFERS: ConstStaticCell<TlsBuffers> = ConstStaticCell::new(TlsBuffers::new());
+
+    /// Bytes for the DER of the CA, the certificate and the key: a P-256
+    /// certificate is about 500 bytes, its PKCS#8 key 138.
+    const CERT_DER: usize = 2048;
+    const KEY_DER: usize = 512;
+
+    /// Where the PEM variables are decoded to, once, at start-up.
+    pub struct PemBuffers {
+        ca: [u8; CERT_DER],
+        cert: [u8; CERT_DER],
+        key: [u8; KEY_DER],
+    }
+
+    impl PemBuffers {
+        pub fn new() -> Self {
+            Self {
+                ca: [0; CERT_DER],
+                cert: [0; CERT_DER],
+                key: [0; KEY_DER],
+            }
+        }
+    }
+
+    /// The fleet CA and the device's certificate and key from `config`;
+    /// `None` (TLS off, logged) without a CA or when one does not decode.
+    pub fn identity<'a>(
+        config: &'static Config,
+        pem: &'a mut PemBuffers,
+    ) -> Option<TlsIdentity<'a>> {
+        let Some(ca) = config.tls_ca else {
+            warn!("built without MQOTA_TLS_CA: no TLS (status https: false)");
+            return None;
+        };
+        let ca = match der_from_pem_or_der(ca.as_bytes(), &mut pem.ca) {
+            Ok(der) => der,
+            Err(e) => {
+                warn!("MQOTA_TLS_CA unusable ({e:?}): no TLS");
+                return None;
+            }
+        };
+        let identity = TlsIdentity::new(ca).ok()?;
+        let (Some(cert), Some(key)) = (config.tls_cert, config.tls_key) else {
+            info!("tls: fleet CA pinned, no client certificate");
+            return Some(identity);
+        };
+        let client = der_from_pem_or_der(cert.as_bytes(), &mut pem.cert).and_then(|cert| {
+            der_from_pem_or_der(key.as_bytes(), &mut pem.key)
+                .and_then(|key| identity.clone().with_client(cert, key))
+        });
+        match client {
+            Ok(identity) => {
+                info!("tls: fleet CA pinned, client certificate presented");
+                Some(identity)
+            }
+            Err(e) => {
+                warn!("MQOTA_TLS_CERT/KEY unusable ({e:?}): TLS without a client certificate");
+                Some(identity)
+            }
+        }
+    }
+
+    /// TLS with the chip's TRNG (its entropy comes from the radio, which is
+    /// up by now). Without a TRNG there is no TLS: a handshake on guessable
+    /// randomness would protect nothing.
+    pub fn setup<'a>(identity: Option<&'a TlsIdentity<'a>>) -> Option<TlsSetup<'a, Trng, NoClock>> {
+        let identity = identity?;
+        match Trng::try_new() {
+            Ok(rng) => Some(TlsSetup::new(identity, BUFFERS.take(), rng)),
+            Err(_) => {
+                warn!("no TRNG entropy source: no TLS");
+                None
+            }
+        }
+    }
 }
 
 /// mqota as one task of an application that owns the network: the stack is

@@ -90,6 +90,24 @@ fn parse_options(args: &[String]) -> Result<Options> {
 /// mqota, so the image and size report would describe nothing real.
 const PLACEHOLDER_SSID: &str = "mqota-unconfigured";
 
+/// Used for `MQOTA_TLS_CA` when it is unset, for the same reason: without a
+/// CA the firmware never opens TLS and the compiler drops it. A self-signed
+/// P-256 CA whose private key was thrown away when it was made, so an image
+/// built with it trusts no server at all.
+const PLACEHOLDER_CA: &str = "-----BEGIN CERTIFICATE-----\n\
+MIIBszCCAVmgAwIBAgIUb6Vixd8fUiwNSS/qDO3/SLl3huswCgYIKoZIzj0EAwIw\n\
+LzEtMCsGA1UEAwwkbXFvdGEgcGxhY2Vob2xkZXIgQ0EgKGtleSBkaXNjYXJkZWQp\n\
+MB4XDTI2MTIwNzAzMzUzNFoXDTQ2MTIwMjAzMzUzNFowLzEtMCsGA1UEAwwkbXFv\n\
+dGEgcGxhY2Vob2xkZXIgQ0EgKGtleSBkaXNjYXJkZWQpMFkwEwYHKoZIzj0CAQYI\n\
+KoZIzj0DAQcDQgAEr2CTvHojrHpC3zktTxXLgOBkVLkIeaTfiUNfvcVhidMLhovx\n\
+DWnodTdhbZI8uwzjrTWrRxq9H2PPt+a16xeCEKNTMFEwHQYDVR0OBBYEFF9TQsBF\n\
+GreiRfQprqBbYZ8AwdgvMB8GA1UdIwQYMBaAFF9TQsBFGreiRfQprqBbYZ8Awdgv\n\
+MA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSAAwRQIgXzCdv9czvrMBYpoe\n\
+Mkcvag4Ehht5ojxsqyCcDljQyHICIQCMuTjJdlbfi2KHZxdPGrfi+sr+lGcpM6N6\n\
+cV2Z29GjaQ==\n\
+-----END CERTIFICATE-----\n\
+";
+
 /// `cargo xtask firmware --chip CHIP`: release build, clippy, app image, checks, size report.
 pub fn firmware(args: &[String]) -> Result<()> {
     let opts = parse_options(args)?;
@@ -193,11 +211,20 @@ pub fn firmware(args: &[String]) -> Result<()> {
 }
 
 /// The environment for building: the caller's WiFi settings, or a
-/// placeholder SSID for a build check (refused when the image is flashed).
+/// placeholder SSID for a build check (refused when the image is flashed);
+/// the caller's fleet CA, or for a build check a placeholder CA.
 fn wifi_env(for_flash: bool) -> Result<Vec<(&'static str, String)>> {
+    let mut env = Vec::new();
+    if std::env::var("MQOTA_TLS_CA").unwrap_or_default().is_empty() && !for_flash {
+        eprintln!(
+            "note: MQOTA_TLS_CA is not set; building with a placeholder CA that trusts no \
+             server (fine for checks and sizes; set it to the fleet CA for an image to flash)"
+        );
+        env.push(("MQOTA_TLS_CA", PLACEHOLDER_CA.to_string()));
+    }
     let ssid = std::env::var("MQOTA_WIFI_SSID").unwrap_or_default();
     if !ssid.is_empty() {
-        return Ok(Vec::new());
+        return Ok(env);
     }
     ensure!(
         !for_flash,
@@ -208,7 +235,8 @@ fn wifi_env(for_flash: bool) -> Result<Vec<(&'static str, String)>> {
         "note: MQOTA_WIFI_SSID is not set; building with the placeholder `{PLACEHOLDER_SSID}` \
          (fine for checks and sizes; set it for an image to flash)"
     );
-    Ok(vec![("MQOTA_WIFI_SSID", PLACEHOLDER_SSID.to_string())])
+    env.push(("MQOTA_WIFI_SSID", PLACEHOLDER_SSID.to_string()));
+    Ok(env)
 }
 
 fn save_image(espflash: &str, chip: Chip, elf: &Path, image: &Path) -> Result<()> {

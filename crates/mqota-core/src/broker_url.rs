@@ -8,6 +8,8 @@
 
 /// The port MQTT brokers listen on without TLS.
 pub const DEFAULT_MQTT_PORT: u16 = 1883;
+/// The port MQTT brokers listen on with TLS (`mqtts://`).
+pub const DEFAULT_MQTTS_PORT: u16 = 8883;
 
 /// A broker address as the whole project writes it (firmware configuration,
 /// the virtual device, the CLI): `mqtt://[user[:password]@]host[:port]`.
@@ -47,8 +49,8 @@ impl core::fmt::Debug for BrokerUrl<'_> {
 pub enum BrokerUrlError {
     /// Not `mqtt://` (or `tcp://`): write it like `mqtt://192.168.1.10:1883`.
     Scheme,
-    /// `mqtts://` needs TLS, which mqota does not have yet: use
-    /// `mqtt://`, or a TLS-terminating proxy next to the broker.
+    /// `mqtts://` given to [`parse_broker_url`], whose caller has no TLS;
+    /// callers that do parse with [`parse_broker_url_tls`].
     TlsUnsupported,
     /// Nothing where the host belongs.
     NoHost,
@@ -71,6 +73,28 @@ pub const fn parse_broker_url(url: &str) -> Result<BrokerUrl<'_>, BrokerUrlError
             },
         },
     };
+    parse_authority(rest, DEFAULT_MQTT_PORT)
+}
+
+/// Like [`parse_broker_url`], for a device that speaks TLS: also takes
+/// `mqtts://` (port [`DEFAULT_MQTTS_PORT`] unless given) and says whether
+/// the URL asked for TLS.
+pub const fn parse_broker_url_tls(url: &str) -> Result<(BrokerUrl<'_>, bool), BrokerUrlError> {
+    let s = url.trim_ascii().as_bytes();
+    match strip_prefix_ci(s, b"mqtts://") {
+        Some(rest) => match parse_authority(rest, DEFAULT_MQTTS_PORT) {
+            Ok(u) => Ok((u, true)),
+            Err(e) => Err(e),
+        },
+        None => match parse_broker_url(url) {
+            Ok(u) => Ok((u, false)),
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// `[user[:password]@]host[:port][/]`, after the scheme.
+const fn parse_authority(rest: &[u8], default_port: u16) -> Result<BrokerUrl<'_>, BrokerUrlError> {
     let mut rest = rest;
     while let [head @ .., b'/'] = rest {
         rest = head;
@@ -97,7 +121,7 @@ pub const fn parse_broker_url(url: &str) -> Result<BrokerUrl<'_>, BrokerUrlError
             };
             let (host, tail) = v6.split_at(end);
             let port = match tail {
-                [_] => DEFAULT_MQTT_PORT,
+                [_] => default_port,
                 [_, b':', port @ ..] => match parse_port(port) {
                     Some(p) => p,
                     None => return Err(BrokerUrlError::Port),
@@ -107,7 +131,7 @@ pub const fn parse_broker_url(url: &str) -> Result<BrokerUrl<'_>, BrokerUrlError
             (host, port)
         }
         _ => match rfind(hostport, b':') {
-            None => (hostport, DEFAULT_MQTT_PORT),
+            None => (hostport, default_port),
             Some(colon) => {
                 let (host, tail) = hostport.split_at(colon);
                 let (_, port) = tail.split_at(1);
@@ -255,6 +279,30 @@ mod tests {
                 username: Some("u"),
                 password: Some("p")
             }
+        );
+    }
+
+    #[test]
+    fn mqtts_is_taken_by_the_tls_parser_on_8883_unless_a_port_is_given() {
+        let (u, tls) = parse_broker_url_tls("mqtts://dev:pw@broker.lan").unwrap();
+        assert!(tls);
+        assert_eq!(
+            (u.host, u.port, u.username),
+            ("broker.lan", 8883, Some("dev"))
+        );
+        let (u, tls) = parse_broker_url_tls("MQTTS://[::1]:9000").unwrap();
+        assert!(tls);
+        assert_eq!((u.host, u.port), ("::1", 9000));
+        let (u, tls) = parse_broker_url_tls("mqtt://broker.lan").unwrap();
+        assert!(!tls);
+        assert_eq!(u.port, 1883);
+        assert_eq!(
+            parse_broker_url("mqtts://broker.lan"),
+            Err(BrokerUrlError::TlsUnsupported)
+        );
+        assert_eq!(
+            parse_broker_url_tls("http://h"),
+            Err(BrokerUrlError::Scheme)
         );
     }
 }

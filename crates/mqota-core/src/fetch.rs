@@ -64,6 +64,13 @@ pub enum FetchError {
     /// The job's URL cannot be used by this device (unparsable, another
     /// scheme, a host the HTTP client refuses).
     BadUrl,
+    /// The TLS session to the download server failed or was refused: the
+    /// server's certificate is not from the fleet CA the device pins or not
+    /// for the URL's host, or the server refused the device's certificate.
+    /// The text says which (the device's own words, no certificate bytes).
+    /// Reported with the code `network` and not retried: another attempt
+    /// meets the same certificate.
+    Tls(&'static str),
 }
 
 impl FetchError {
@@ -80,16 +87,18 @@ impl FetchError {
             | FetchError::RedirectUnsupported
             | FetchError::BadRedirect
             | FetchError::HttpsNotEnabled
-            | FetchError::BadUrl => false,
+            | FetchError::BadUrl
+            | FetchError::Tls(_) => false,
         }
     }
 
     /// The error code a job that ends with this failure reports.
     pub fn code(&self) -> ErrorCode {
         match self {
-            FetchError::Dns | FetchError::Connection | FetchError::BadResponse => {
-                ErrorCode::Network
-            }
+            FetchError::Dns
+            | FetchError::Connection
+            | FetchError::BadResponse
+            | FetchError::Tls(_) => ErrorCode::Network,
             FetchError::HttpsNotEnabled | FetchError::BadUrl => ErrorCode::BadCommand,
             FetchError::Status(_)
             | FetchError::BadContentLength
@@ -120,6 +129,12 @@ impl FetchError {
             FetchError::BadRedirect => "redirect without a usable Location",
             FetchError::HttpsNotEnabled => HTTPS_NOT_ENABLED,
             FetchError::BadUrl => "URL not usable on this device",
+            FetchError::Tls(why) => {
+                let mut m = String::new();
+                // Longer reasons are cut at the message bound.
+                let _ = write!(m, "TLS: {why}");
+                return m;
+            }
         };
         truncated(fixed)
     }

@@ -69,10 +69,10 @@ async fn next_publish(ev: &mut EventLoop, within: StdDuration) -> Option<(String
 async fn a_retained_device_status_reaches_a_controller_that_subscribes_later() {
     let broker = broker();
     let port = broker.addr().port();
-    let net = TokioNet;
+    let net = TokioNet::plain();
     let mut arena = [0u8; MQTT_RX_BUFFER];
     let mut buffers = MqttBuffers::new(&mut arena);
-    let mut session = MqttSession::new(&net, &net, &mut buffers, device_config(port));
+    let mut session = MqttSession::new(&net, &mut buffers, device_config(port));
     session.connect().await.expect("device connects to rumqttd");
     let d = session
         .publish(STATUS, b"{\"online\":true}", QoS::AtLeastOnce, true)
@@ -93,10 +93,10 @@ async fn a_retained_device_status_reaches_a_controller_that_subscribes_later() {
 async fn the_device_will_is_published_retained_when_it_drops_abruptly() {
     let broker = broker();
     let port = broker.addr().port();
-    let net = TokioNet;
+    let net = TokioNet::plain();
     let mut arena = [0u8; MQTT_RX_BUFFER];
     let mut buffers = MqttBuffers::new(&mut arena);
-    let mut session = MqttSession::new(&net, &net, &mut buffers, device_config(port));
+    let mut session = MqttSession::new(&net, &mut buffers, device_config(port));
     session.connect().await.expect("connect");
     session
         .publish(STATUS, b"online", QoS::AtLeastOnce, true)
@@ -127,10 +127,10 @@ async fn the_device_will_is_published_retained_when_it_drops_abruptly() {
 async fn a_qos1_command_from_the_controller_reaches_the_device_and_its_answer_comes_back() {
     let broker = broker();
     let port = broker.addr().port();
-    let net = TokioNet;
+    let net = TokioNet::plain();
     let mut arena = [0u8; MQTT_RX_BUFFER];
     let mut buffers = MqttBuffers::new(&mut arena);
-    let mut session = MqttSession::new(&net, &net, &mut buffers, device_config(port));
+    let mut session = MqttSession::new(&net, &mut buffers, device_config(port));
     session.connect().await.expect("connect");
     session.subscribe(&[CMD]).await.expect("subscribe");
 

@@ -48,7 +48,6 @@ use core::cell::RefCell;
 
 use embassy_futures::select::{select3, Either3};
 use embassy_time::{with_timeout, Duration, Instant, Timer};
-use embedded_nal_async::{Dns, TcpConnect};
 use embedded_storage::nor_flash::{MultiwriteNorFlash, NorFlash};
 use heapless::{Deque, String};
 use mqota_core::bootguard::{self, Boot, TrialResult, Verdict};
@@ -71,10 +70,9 @@ use mqota_core::backoff::{Backoff, Jitter, XorShift32};
 use mqota_core::fetch::{is_https, FetchError, HTTPS_NOT_ENABLED};
 
 use crate::fieldlog::{self, FieldLog};
-use crate::http::{
-    Abort, BodySink, DownloadError, Downloader, RedirectError, ResponseInfo, HTTPS_ENABLED,
-};
+use crate::http::{Abort, BodySink, DownloadError, Downloader, RedirectError, ResponseInfo};
 use crate::mqtt::{Message, MqttBuffers, MqttConfig, MqttSession, QoS, MQTT_RX_BUFFER};
+use crate::net::Connector;
 use crate::platform::{Link, Platform};
 use crate::trust::TrustState;
 
@@ -93,6 +91,9 @@ pub struct DeviceConfig<'a> {
     pub broker_host: &'a str,
     /// Broker port.
     pub broker_port: u16,
+    /// Reach the broker over TLS (`mqtts://`); the connector given to
+    /// [`run`] must then have TLS.
+    pub broker_tls: bool,
     /// MQTT user name, if the broker wants a login.
     pub username: Option<&'a str>,
     /// MQTT password, if the broker wants a login.
@@ -130,6 +131,7 @@ impl<'a> DeviceConfig<'a> {
         Self {
             broker_host,
             broker_port,
+            broker_tls: false,
             username: None,
             password: None,
             prefix: mqota_core::protocol::DEFAULT_PREFIX,
@@ -151,6 +153,7 @@ impl core::fmt::Debug for DeviceConfig<'_> {
         f.debug_struct("DeviceConfig")
             .field("broker_host", &self.broker_host)
             .field("broker_port", &self.broker_port)
+            .field("broker_tls", &self.broker_tls)
             .field("username", &self.username)
             .field("password", &self.password.map(|_| "<redacted>"))
             .field("prefix", &self.prefix)
@@ -234,20 +237,18 @@ fn now_ms() -> u64 {
 
 /// Runs the device until it reboots. Never returns: a reboot goes through
 /// [`Platform::reboot`].
-pub async fn run<P, L, T, D, F>(
+pub async fn run<P, L, C, F>(
     cfg: &DeviceConfig<'_>,
     booted: RunningFirmware,
     platform: &mut P,
     link: &mut L,
-    tcp: &T,
-    dns: &D,
+    net: &C,
     flash: &mut F,
 ) -> !
 where
     P: Platform,
     L: Link,
-    T: TcpConnect,
-    D: Dns,
+    C: Connector,
     F: MultiwriteNorFlash,
 {
     let device_id: String<{ mqota_core::protocol::MAX_DEVICE_ID_LEN }> =
@@ -269,7 +270,7 @@ where
         slot: Some(booted.layout.running as u8),
         state: truncated(booted.boot.state.name()),
         last: booted.boot.last.clone(),
-        https: HTTPS_ENABLED,
+        https: net.tls(),
         boot_reason: None,
         log_newest: None,
         signed_only: cfg.trust.signed_only(),
@@ -288,11 +289,12 @@ where
         OFFLINE.as_bytes(),
     );
     mqtt_cfg.keep_alive_secs = cfg.keep_alive_secs;
+    mqtt_cfg.tls = cfg.broker_tls;
     mqtt_cfg.username = cfg.username;
     mqtt_cfg.password = cfg.password;
     let mut rx = [0u8; MQTT_RX_BUFFER];
     let mut buffers = MqttBuffers::new(&mut rx);
-    let mut session = MqttSession::new(tcp, dns, &mut buffers, mqtt_cfg);
+    let mut session = MqttSession::new(net, &mut buffers, mqtt_cfg);
     let subs = topics.subscriptions();
     let sub_refs: [&str; 5] = core::array::from_fn(|i| subs[i].as_str());
     let mut backoff = Backoff::new(500, 30_000, Jitter::Full);
@@ -466,7 +468,7 @@ where
         }
     }
 
-    let mut downloader = Downloader::new(tcp, dns).with_io_timeout(cfg.stall_timeout);
+    let mut downloader = Downloader::new(net).with_io_timeout(cfg.stall_timeout);
     loop {
         dev.log.flush(flash, now_ms()).await;
         fieldlog::serve_deferred(&dev.log, &mut session, &topics, flash).await;
@@ -554,9 +556,9 @@ impl Device<'_> {
     /// first failed attempt to subscribe (the trial's health check has its
     /// own deadline around this); otherwise retries until it works.
     #[allow(clippy::too_many_arguments)]
-    async fn bring_up<T: TcpConnect, D: Dns, L: Link>(
+    async fn bring_up<C: Connector, L: Link>(
         &mut self,
-        session: &mut MqttSession<'_, T, D>,
+        session: &mut MqttSession<'_, C>,
         link: &mut L,
         backoff: &mut Backoff,
         random: &mut impl FnMut() -> u32,
@@ -597,11 +599,7 @@ impl Device<'_> {
         }
     }
 
-    async fn publish<T: TcpConnect, D: Dns>(
-        &mut self,
-        session: &mut MqttSession<'_, T, D>,
-        p: Progress,
-    ) {
+    async fn publish<C: Connector>(&mut self, session: &mut MqttSession<'_, C>, p: Progress) {
         publish_progress(session, self.topics, &p, self.progress_copy).await;
         fieldlog::note_progress(&self.log, now_ms(), &p);
         // Refusals of a command (malformed, busy) are not results of an update:
@@ -623,14 +621,14 @@ impl Device<'_> {
     /// Says goodbye before a reboot. A clean DISCONNECT discards the will,
     /// so without this the retained availability would claim the device
     /// online until it (or the image it falls back to) connects again.
-    async fn go_offline<T: TcpConnect, D: Dns>(&mut self, session: &mut MqttSession<'_, T, D>) {
+    async fn go_offline<C: Connector>(&mut self, session: &mut MqttSession<'_, C>) {
         self.publish_availability(session, OFFLINE).await;
         session.disconnect().await;
     }
 
-    async fn publish_availability<T: TcpConnect, D: Dns>(
+    async fn publish_availability<C: Connector>(
         &mut self,
-        session: &mut MqttSession<'_, T, D>,
+        session: &mut MqttSession<'_, C>,
         state: &str,
     ) {
         let _ = session
@@ -643,7 +641,7 @@ impl Device<'_> {
             .await;
     }
 
-    async fn publish_status<T: TcpConnect, D: Dns>(&mut self, session: &mut MqttSession<'_, T, D>) {
+    async fn publish_status<C: Connector>(&mut self, session: &mut MqttSession<'_, C>) {
         self.status.log_newest = self.log.newest();
         let mut buf = [0u8; MAX_STATUS_JSON];
         if let Ok(n) = self.status.to_json(&mut buf) {
@@ -653,9 +651,9 @@ impl Device<'_> {
         }
     }
 
-    async fn report<T: TcpConnect, D: Dns>(
+    async fn report<C: Connector>(
         &mut self,
-        session: &mut MqttSession<'_, T, D>,
+        session: &mut MqttSession<'_, C>,
         r: &bootguard::Report,
     ) {
         let mut p = Progress::new(self.topics.device_id(), r.job.clone(), r.phase);
@@ -665,9 +663,9 @@ impl Device<'_> {
     }
 
     /// Performs the engine's actions that are not about the fetch in flight.
-    async fn apply<T: TcpConnect, D: Dns, F: MultiwriteNorFlash>(
+    async fn apply<C: Connector, F: MultiwriteNorFlash>(
         &mut self,
-        session: &mut MqttSession<'_, T, D>,
+        session: &mut MqttSession<'_, C>,
         actions: Actions,
         flash: &mut F,
         layout: &Layout,
@@ -705,14 +703,20 @@ impl Device<'_> {
     /// A command arrived while no download runs: a signed one's sequence
     /// number is checked and recorded first, then the engine decides what
     /// it means.
-    async fn on_message<T: TcpConnect, D: Dns, F: MultiwriteNorFlash>(
+    async fn on_message<C: Connector, F: MultiwriteNorFlash>(
         &mut self,
-        session: &mut MqttSession<'_, T, D>,
+        session: &mut MqttSession<'_, C>,
         msg: &Message,
         engine: &mut Engine,
         flash: &mut F,
     ) -> Actions {
-        match read_command(msg, self.topics, self.job_trust.as_ref(), &self.trust) {
+        match read_command(
+            msg,
+            self.topics,
+            self.job_trust.as_ref(),
+            &self.trust,
+            self.status.https,
+        ) {
             Incoming::Command(cmd, seq) => {
                 if let Some(seq) = seq {
                     if self.trust.accept_seq(flash, seq).await.is_err() {
@@ -739,9 +743,9 @@ impl Device<'_> {
 
     /// Publishes the refusal of a command: an answer, not the result of an
     /// update, so the retained status keeps the last real one.
-    async fn publish_refusal<T: TcpConnect, D: Dns>(
+    async fn publish_refusal<C: Connector>(
         &mut self,
-        session: &mut MqttSession<'_, T, D>,
+        session: &mut MqttSession<'_, C>,
         p: Progress,
     ) {
         publish_progress(session, self.topics, &p, self.progress_copy).await;
@@ -785,6 +789,7 @@ fn read_command(
     topics: &Topics,
     job_trust: Option<&JobTrust>,
     state: &TrustState,
+    tls: bool,
 ) -> Incoming {
     let Some(kind) = topics.classify(&msg.topic) else {
         return Incoming::Ignored;
@@ -829,9 +834,7 @@ fn read_command(
     match parsed {
         // Refused before the engine sees it: the device could never fetch
         // it, and the controller can tell from `https` in the status.
-        Ok(CommandOutcome::Command(Command::Start(job)))
-            if !HTTPS_ENABLED && is_https(&job.url) =>
-        {
+        Ok(CommandOutcome::Command(Command::Start(job))) if !tls && is_https(&job.url) => {
             Incoming::Bad(
                 Progress::new(topics.device_id(), job.job, Phase::Failed)
                     .with_error(ErrorCode::BadCommand, Some(HTTPS_NOT_ENABLED)),
@@ -933,10 +936,10 @@ impl<F: MultiwriteNorFlash> BodySink for EngineSink<'_, F> {
 /// One fetch: the body streams into the engine while the MQTT side keeps
 /// the session and publishes progress. Returns the engine's next actions.
 #[allow(clippy::too_many_arguments)]
-async fn download<T, D, F, L>(
+async fn download<C, F, L>(
     dev: &mut Device<'_>,
-    session: &mut MqttSession<'_, T, D>,
-    downloader: &mut Downloader<'_, T, D>,
+    session: &mut MqttSession<'_, C>,
+    downloader: &mut Downloader<'_, C>,
     engine: &mut Engine,
     flash: &mut F,
     from: u32,
@@ -945,8 +948,7 @@ async fn download<T, D, F, L>(
     random: &mut impl FnMut() -> u32,
 ) -> Actions
 where
-    T: TcpConnect,
-    D: Dns,
+    C: Connector,
     F: MultiwriteNorFlash,
     L: Link,
 {
@@ -962,6 +964,7 @@ where
     let flog = &dev.log;
     let trust_state = &dev.trust;
     let job_trust = dev.job_trust;
+    let tls = dev.status.https;
     let outbox = RefCell::new(Deque::new());
     let (result, cancel, ending) = {
         let mut sink = EngineSink {
@@ -1007,7 +1010,7 @@ where
                         let state = State::Updating {
                             job: current.as_ref(),
                         };
-                        let read = read_command(&msg, topics, job_trust.as_ref(), trust_state);
+                        let read = read_command(&msg, topics, job_trust.as_ref(), trust_state, tls);
                         if let Some(cmd) = during_download(read, topics, state, &finished, &outbox)
                         {
                             return cmd;
@@ -1098,6 +1101,7 @@ fn fetch_error(e: DownloadError, url: &str) -> FetchError {
             FetchError::RedirectUnsupported
         }
         DownloadError::Redirect(_) => FetchError::BadRedirect,
+        DownloadError::Tls(f) => FetchError::Tls(f.as_str()),
         // Network, and anything a later reqwless adds: worth another try.
         _ => FetchError::Connection,
     }
@@ -1107,8 +1111,8 @@ fn fetch_error(e: DownloadError, url: &str) -> FetchError {
 /// copy on `{prefix}/progress` when `copy`: progress must never wait on the
 /// broker. A lost event is superseded by the next; results also land in the
 /// retained status.
-async fn publish_progress<T: TcpConnect, D: Dns>(
-    session: &mut MqttSession<'_, T, D>,
+async fn publish_progress<C: Connector>(
+    session: &mut MqttSession<'_, C>,
     topics: &Topics,
     p: &Progress,
     copy: bool,
@@ -1207,7 +1211,8 @@ mod tests {
                         &message(topic, payload, true),
                         &topics,
                         None,
-                        &TrustState::in_ram()
+                        &TrustState::in_ram(),
+                        false
                     ),
                     Incoming::Ignored
                 ),
@@ -1219,7 +1224,8 @@ mod tests {
                         &message(topic, payload, false),
                         &topics,
                         None,
-                        &TrustState::in_ram()
+                        &TrustState::in_ram(),
+                        false
                     ),
                     Incoming::Ignored
                 ),
@@ -1229,17 +1235,20 @@ mod tests {
     }
 
     #[test]
-    fn an_https_job_is_refused_bad_command_while_tls_is_off() {
+    fn an_https_job_is_refused_bad_command_while_tls_is_off_and_read_with_it() {
         let topics = Topics::new("device", "d").unwrap();
         let msg = message("device/d/ota/start", b"https://fw.example/fw.bin", false);
-        match read_command(&msg, &topics, None, &TrustState::in_ram()) {
-            Incoming::Bad(p) if !HTTPS_ENABLED => {
+        match read_command(&msg, &topics, None, &TrustState::in_ram(), false) {
+            Incoming::Bad(p) => {
                 assert_eq!(p.error, Some(ErrorCode::BadCommand));
                 assert_eq!(p.message.as_deref(), Some(HTTPS_NOT_ENABLED));
             }
-            Incoming::Command(..) if HTTPS_ENABLED => {}
-            _ => panic!("an https job is either refused or read"),
+            _ => panic!("an https job is refused without TLS"),
         }
+        assert!(matches!(
+            read_command(&msg, &topics, None, &TrustState::in_ram(), true),
+            Incoming::Command(..)
+        ));
     }
 
     fn job_key() -> p256::ecdsa::SigningKey {
@@ -1275,6 +1284,7 @@ mod tests {
                 &topics,
                 Some(&trust),
                 state,
+                false,
             )
         };
         let start = sealed(r#"{"op":"start","seq":5,"device":"d","url":"http://h/f","job":"j"}"#);

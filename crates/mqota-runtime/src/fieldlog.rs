@@ -638,13 +638,9 @@ pub(crate) fn note_progress(log: &FieldLog, now_ms: u64, p: &mqota_core::protoco
 /// Answers a `{prefix}/{id}/logs/get` message on `{prefix}/{id}/logs`
 /// (QoS 0, like progress: `seq` tells a reader what it missed). A retained
 /// request is dropped unread, like a retained command.
-pub(crate) async fn serve_get<
-    F: NorFlash,
-    T: embedded_nal_async::TcpConnect,
-    D: embedded_nal_async::Dns,
->(
+pub(crate) async fn serve_get<F: NorFlash, C: crate::net::Connector>(
     log: &FieldLog,
-    session: &mut crate::mqtt::MqttSession<'_, T, D>,
+    session: &mut crate::mqtt::MqttSession<'_, C>,
     topics: &Topics,
     msg: &crate::mqtt::Message,
     flash: &mut F,
@@ -663,13 +659,9 @@ pub(crate) fn defer_get(log: &FieldLog, msg: &crate::mqtt::Message) {
 }
 
 /// Answers a request kept by [`defer_get`], if any.
-pub(crate) async fn serve_deferred<
-    F: NorFlash,
-    T: embedded_nal_async::TcpConnect,
-    D: embedded_nal_async::Dns,
->(
+pub(crate) async fn serve_deferred<F: NorFlash, C: crate::net::Connector>(
     log: &FieldLog,
-    session: &mut crate::mqtt::MqttSession<'_, T, D>,
+    session: &mut crate::mqtt::MqttSession<'_, C>,
     topics: &Topics,
     flash: &mut F,
 ) {
@@ -687,9 +679,9 @@ fn read_get(msg: &crate::mqtt::Message) -> Option<LogsGet> {
     Some(LogsGet::parse(&msg.payload))
 }
 
-async fn serve<F: NorFlash, T: embedded_nal_async::TcpConnect, D: embedded_nal_async::Dns>(
+async fn serve<F: NorFlash, C: crate::net::Connector>(
     log: &FieldLog,
-    session: &mut crate::mqtt::MqttSession<'_, T, D>,
+    session: &mut crate::mqtt::MqttSession<'_, C>,
     topics: &Topics,
     req: &LogsGet,
     flash: &mut F,

@@ -1,9 +1,10 @@
 //! Firmware downloads over HTTP, streamed chunk by chunk into a sink.
 //!
-//! Built on reqwless 0.14, generic over the same `TcpConnect` + `Dns` as the
-//! MQTT session. TLS is not enabled yet; reqwless wraps the very same
-//! connection in embedded-tls when built with its `embedded-tls` feature, so
-//! [`Downloader::from_client`] accepts a client configured that way later.
+//! Built on reqwless 0.14 over the same [`Connector`] as the MQTT session:
+//! the connector opens the stream (TLS for `https://`, with the pinned fleet
+//! CA and the URL's host name checked) and reqwless speaks HTTP over it
+//! (`HttpConnection::Plain`, whatever the stream is), so plain and secure
+//! downloads are one code path, `Range` resume and redirects included.
 //!
 //! A download can resume: with `range_start > 0` the request carries
 //! `Range: bytes=N-`. A server that honours it answers `206 Partial Content`
@@ -22,24 +23,23 @@
 //! expire. A redirect from `https` to `http` is refused, as is one to a
 //! scheme this build cannot fetch.
 //!
-//! This build has no TLS ([`HTTPS_ENABLED`] is false): an `https://` URL
-//! ends at once with [`DownloadError::UnsupportedScheme`].
+//! A connector without TLS ([`Connector::tls`] false) cannot fetch
+//! `https://`: such a URL ends at once with
+//! [`DownloadError::UnsupportedScheme`].
 
 use core::fmt::Write as _;
 
 use embassy_time::{with_timeout, Duration};
 use embedded_io_async::Read;
-use embedded_nal_async::{Dns, TcpConnect};
 use heapless::String;
 use mqota_core::fetch::is_https;
 use mqota_core::protocol::MAX_URL_LEN;
-use reqwless::client::HttpClient;
-use reqwless::request::{Method, RequestBuilder};
+use nourl::{Url, UrlScheme};
+use reqwless::client::HttpConnection;
+use reqwless::request::{Request, RequestBuilder};
 
-/// Whether this build can fetch `https://` URLs. False until reqwless's TLS
-/// is enabled; the device says so in its status (`https`) and refuses
-/// `https://` jobs at once.
-pub const HTTPS_ENABLED: bool = false;
+use crate::net::{ConnectError, Connector};
+use crate::tls::TlsFailure;
 
 /// Redirects followed in a row before a download fails with
 /// [`RedirectError::TooMany`].
@@ -134,9 +134,13 @@ pub enum DownloadError {
     /// The URL could not be parsed or is longer than a job's URL may be.
     /// Do not retry.
     InvalidUrl,
-    /// The URL's scheme is not one this build fetches (`https://` without
-    /// TLS, see [`HTTPS_ENABLED`], or neither http nor https). Do not retry.
+    /// The URL's scheme is not one this device fetches (`https://` without
+    /// TLS, see [`Connector::tls`], or neither http nor https). Do not retry.
     UnsupportedScheme,
+    /// The TLS session to the server failed or was refused (its certificate
+    /// is not from the fleet CA or not for the URL's host, or the server
+    /// refused this device's certificate). Do not retry; report it.
+    Tls(TlsFailure),
     /// The response was malformed: headers too large for
     /// [`HTTP_RX_BUFFER`], an unparsable header, a 206 for a different range
     /// than requested. Report it; retrying rarely helps.
@@ -157,7 +161,7 @@ pub enum RedirectError {
     TooMany,
     /// A redirect from `https://` to `http://`.
     Insecure,
-    /// A redirect to a scheme this build cannot fetch (`https://` without
+    /// A redirect to a scheme this device cannot fetch (`https://` without
     /// TLS, or neither http nor https).
     UnsupportedScheme,
     /// No `Location`, or one that cannot be resolved or is longer than
@@ -173,25 +177,19 @@ impl defmt::Format for DownloadError {
 }
 
 /// An HTTP downloader with its bounded buffers.
-pub struct Downloader<'a, T: TcpConnect + 'a, D: Dns + 'a> {
-    client: HttpClient<'a, T, D>,
+pub struct Downloader<'a, C: Connector + 'a> {
+    net: &'a C,
     rx: [u8; HTTP_RX_BUFFER],
     chunk: [u8; BODY_CHUNK],
     io_timeout: Duration,
 }
 
-impl<'a, T: TcpConnect + 'a, D: Dns + 'a> Downloader<'a, T, D> {
-    /// A plain-HTTP downloader; every network step (connect, request,
-    /// each body read) is bounded by 10 s.
-    pub fn new(tcp: &'a T, dns: &'a D) -> Self {
-        Self::from_client(HttpClient::new(tcp, dns))
-    }
-
-    /// A downloader over a prepared reqwless client (e.g. one built with
-    /// TLS once that feature is enabled).
-    pub fn from_client(client: HttpClient<'a, T, D>) -> Self {
+impl<'a, C: Connector + 'a> Downloader<'a, C> {
+    /// A downloader over `net`; every network step (connect with its TLS
+    /// handshake, request, each body read) is bounded by 10 s.
+    pub fn new(net: &'a C) -> Self {
         Self {
-            client,
+            net,
             rx: [0; HTTP_RX_BUFFER],
             chunk: [0; BODY_CHUNK],
             io_timeout: Duration::from_secs(10),
@@ -224,23 +222,41 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> Downloader<'a, T, D> {
         current
             .push_str(url)
             .map_err(|_| DownloadError::InvalidUrl)?;
-        if !scheme_supported(&current) {
+        let tls = self.net.tls();
+        if !scheme_supported(&current, tls) {
             return Err(DownloadError::UnsupportedScheme);
         }
+        let net = self.net;
         let mut hops = 0u8;
         loop {
+            let parsed = Url::parse(&current).map_err(|_| DownloadError::InvalidUrl)?;
+            let secure = parsed.scheme() == UrlScheme::HTTPS;
+            let stream = match with_timeout(
+                timeout,
+                net.connect(parsed.host(), parsed.port_or_default(), secure),
+            )
+            .await
+            {
+                Err(_) => return Err(DownloadError::Timeout),
+                Ok(Err(e)) => return Err(connect_error(e)),
+                Ok(Ok(s)) => s,
+            };
+            let mut conn = HttpConnection::Plain(stream);
+            let request = Request::get(parsed.path())
+                .host(parsed.host())
+                .headers(headers)
+                .build();
             // Zeroed, so the head of a response reqwless refused can be
             // examined afterwards without stale bytes of an earlier one.
             self.rx.fill(0);
-            let mut request = with_timeout(timeout, self.client.request(Method::GET, &current))
-                .await
-                .map_err(|_| DownloadError::Timeout)?
-                .map_err(map_error)?
-                .headers(headers);
-            let response = match with_timeout(timeout, request.send(&mut self.rx)).await {
+            let response = match with_timeout(timeout, conn.send(request, &mut self.rx)).await {
                 Err(_) => return Err(DownloadError::Timeout),
                 Ok(Err(reqwless::Error::Codec)) => return Err(refused_head(&self.rx)),
-                Ok(Err(e)) => return Err(map_error(e)),
+                Ok(Err(e)) => {
+                    return Err(net
+                        .take_tls_failure()
+                        .map_or(map_error(e), DownloadError::Tls))
+                }
                 Ok(Ok(r)) => r,
             };
             let status = response.status.0;
@@ -261,16 +277,15 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> Downloader<'a, T, D> {
             resolve_location(&current, location, &mut next)
                 .ok_or(DownloadError::Redirect(RedirectError::BadLocation))?;
             drop(response);
-            drop(request);
-            check_redirect(&current, &next)?;
+            check_redirect_with(&current, &next, tls)?;
             debug!("http: {} redirect, hop {}", status, hops);
             current = next;
         }
     }
 
     /// Streams the body of a final (non-redirect) answer into `sink`.
-    async fn deliver<S: BodySink, C: Read>(
-        response: reqwless::response::Response<'_, '_, C>,
+    async fn deliver<S: BodySink, R: Read>(
+        response: reqwless::response::Response<'_, '_, R>,
         range_start: u64,
         timeout: Duration,
         chunk: &mut [u8; BODY_CHUNK],
@@ -333,24 +348,35 @@ fn is_redirect(status: u16) -> bool {
     matches!(status, 301 | 302 | 303 | 307 | 308)
 }
 
-/// Whether this build fetches `url`'s scheme.
-fn scheme_supported(url: &str) -> bool {
+/// Whether a device with (`tls`) or without TLS fetches `url`'s scheme.
+fn scheme_supported(url: &str, tls: bool) -> bool {
     let http = url
         .get(..7)
         .is_some_and(|s| s.eq_ignore_ascii_case("http://"));
-    http || (HTTPS_ENABLED && is_https(url))
+    http || (tls && is_https(url))
 }
 
-/// Refuses a redirect from `from` to `to` that would drop TLS or that this
-/// build cannot fetch.
-pub fn check_redirect(from: &str, to: &str) -> Result<(), DownloadError> {
+/// Refuses a redirect from `from` to `to` that would drop TLS or that a
+/// device with (`tls`) or without TLS cannot fetch.
+pub fn check_redirect_with(from: &str, to: &str, tls: bool) -> Result<(), DownloadError> {
     if is_https(from) && !is_https(to) {
         return Err(DownloadError::Redirect(RedirectError::Insecure));
     }
-    if !scheme_supported(to) {
+    if !scheme_supported(to, tls) {
         return Err(DownloadError::Redirect(RedirectError::UnsupportedScheme));
     }
     Ok(())
+}
+
+fn connect_error(e: ConnectError) -> DownloadError {
+    match e {
+        ConnectError::Dns => DownloadError::Dns,
+        ConnectError::Network(kind) => DownloadError::Network(kind),
+        ConnectError::TlsUnavailable => DownloadError::UnsupportedScheme,
+        // The other session's handshake finishes soon; worth a retry.
+        ConnectError::TlsBusy => DownloadError::Network(embedded_io::ErrorKind::OutOfMemory),
+        ConnectError::Tls(f) => DownloadError::Tls(f),
+    }
 }
 
 /// Why reqwless refused a response head it received: re-reads the head left
@@ -602,19 +628,28 @@ mod tests {
 
     #[test]
     fn a_redirect_from_https_to_http_is_refused() {
+        for tls in [false, true] {
+            assert_eq!(
+                check_redirect_with("https://a/fw.bin", "http://b/fw.bin", tls),
+                Err(DownloadError::Redirect(RedirectError::Insecure))
+            );
+            assert_eq!(
+                check_redirect_with("http://a/fw.bin", "http://b/fw.bin", tls),
+                Ok(())
+            );
+            assert_eq!(
+                check_redirect_with("http://a/fw.bin", "ftp://b/fw.bin", tls),
+                Err(DownloadError::Redirect(RedirectError::UnsupportedScheme))
+            );
+        }
+        // Without TLS the device cannot follow one to https; with it, it does.
         assert_eq!(
-            check_redirect("https://a/fw.bin", "http://b/fw.bin"),
-            Err(DownloadError::Redirect(RedirectError::Insecure))
-        );
-        assert_eq!(check_redirect("http://a/fw.bin", "http://b/fw.bin"), Ok(()));
-        // Without TLS the device cannot follow one to https either.
-        assert_eq!(
-            check_redirect("http://a/fw.bin", "https://b/fw.bin"),
+            check_redirect_with("http://a/fw.bin", "https://b/fw.bin", false),
             Err(DownloadError::Redirect(RedirectError::UnsupportedScheme))
         );
         assert_eq!(
-            check_redirect("http://a/fw.bin", "ftp://b/fw.bin"),
-            Err(DownloadError::Redirect(RedirectError::UnsupportedScheme))
+            check_redirect_with("https://a/fw.bin", "https://b/fw.bin", true),
+            Ok(())
         );
     }
 

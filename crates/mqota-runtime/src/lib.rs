@@ -13,7 +13,9 @@ pub mod device;
 pub mod fieldlog;
 pub mod http;
 pub mod mqtt;
+pub mod net;
 pub mod platform;
+pub mod tls;
 pub mod trust;
 
 pub use conn::MQTT_TX_BUFFER;
@@ -21,7 +23,7 @@ pub use device::{early_boot, run, DeviceConfig, EarlyBootError, RunningFirmware,
 pub use fieldlog::{log, FieldLog, LogError, LogStore};
 pub use http::{
     Abort, BodySink, ContentRange, DownloadError, Downloader, RedirectError, ResponseInfo,
-    BODY_CHUNK, HTTPS_ENABLED, HTTP_RX_BUFFER, MAX_REDIRECTS,
+    BODY_CHUNK, HTTP_RX_BUFFER, MAX_REDIRECTS,
 };
 /// Retry pacing lives in the core, shared with the update engine.
 pub use mqota_core::backoff::{self, Backoff, Jitter, XorShift32};
@@ -32,4 +34,8 @@ pub use mqtt::{
     INBOX_DEPTH, MAX_INCOMING_PAYLOAD, MAX_INFLIGHT, MAX_QOS1_PAYLOAD, MAX_SUBSCRIPTIONS,
     MAX_TOPIC_LEN, MQTT_RX_BUFFER,
 };
+pub use net::{ConnectError, Connector, NetConnector, NetStream, StreamError};
 pub use platform::{Link, Platform};
+pub use tls::{
+    der_from_pem_or_der, CredentialError, TlsBuffers, TlsFailure, TlsIdentity, TlsSetup, TLS_RAM,
+};

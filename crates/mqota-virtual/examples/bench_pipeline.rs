@@ -135,12 +135,12 @@ async fn main() {
         .unwrap();
     let server = FileServer::start(&[("fw.bin", &image)]).await;
     let url = server.url("fw.bin");
-    let net = TokioNet;
+    let net = TokioNet::plain();
 
     let mut plain = Vec::new();
     let mut update = Vec::new();
     for _ in 0..RUNS {
-        let mut dl = Downloader::new(&net, &net);
+        let mut dl = Downloader::new(&net);
         let mut sink = Discard(0);
         let t = Instant::now();
         dl.download(&url, 0, &mut sink).await.unwrap();
@@ -151,7 +151,7 @@ async fn main() {
         let mut engine = Engine::new(Config::new("bench", Chip::Esp32c3, "1.0.0"), layout);
         let t = Instant::now();
         start(&mut engine, &mut flash, &url);
-        let mut dl = Downloader::new(&net, &net);
+        let mut dl = Downloader::new(&net);
         dl.download(
             &url,
             0,
@@ -177,7 +177,7 @@ async fn main() {
     let slow = FaultServer::start(image.clone(), Fault::Throttle(1_250_000)).await;
     let (mut slow_plain, mut slow_update) = (Vec::new(), Vec::new());
     for _ in 0..2 {
-        let mut dl = Downloader::new(&net, &net);
+        let mut dl = Downloader::new(&net);
         let t = Instant::now();
         dl.download(&slow.url(), 0, &mut Discard(0)).await.unwrap();
         slow_plain.push(t.elapsed());
@@ -185,7 +185,7 @@ async fn main() {
         let mut engine = Engine::new(Config::new("bench", Chip::Esp32c3, "1.0.0"), layout);
         let t = Instant::now();
         start(&mut engine, &mut flash, &slow.url());
-        let mut dl = Downloader::new(&net, &net);
+        let mut dl = Downloader::new(&net);
         dl.download(
             &slow.url(),
             0,

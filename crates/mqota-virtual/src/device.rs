@@ -36,7 +36,8 @@ use mqota_flash_sim::{BootConfig, Bootloader, FileStore, Memory, SimError, SimFl
 use mqota_runtime::{early_boot, BootReason, DeviceConfig, Link, Platform};
 use tokio::sync::Notify;
 
-use crate::net::VirtualNet;
+use crate::net::{TlsFiles, VirtualConnector, VirtualNet};
+use mqota_runtime::{TlsBuffers, TlsSetup};
 
 /// Flash size of every virtual device: 4 MiB, as on most ESP32-C3 modules.
 pub const FLASH_SIZE: usize = 4 * 1024 * 1024;
@@ -65,6 +66,13 @@ pub struct VirtualConfig {
     pub broker_host: String,
     /// Broker port.
     pub broker_port: u16,
+    /// Reach the broker over TLS (`mqtts://`, [`DeviceConfig::broker_tls`]);
+    /// needs [`VirtualConfig::tls`].
+    pub broker_tls: bool,
+    /// The fleet CA the device pins and its client certificate and key;
+    /// with them the device fetches `https://` and can reach an `mqtts://`
+    /// broker, without them it refuses `https://` jobs.
+    pub tls: Option<TlsFiles>,
     /// MQTT user name ([`DeviceConfig::username`]); brokers with per-device
     /// logins want the device id.
     pub username: Option<String>,
@@ -116,6 +124,8 @@ impl VirtualConfig {
             bootloader: BootConfig::Stock,
             broker_host: broker_host.to_string(),
             broker_port,
+            broker_tls: false,
+            tls: None,
             username: None,
             password: None,
             prefix: defaults.prefix.to_string(),
@@ -138,6 +148,7 @@ impl VirtualConfig {
     /// from the id (devices started together must not retry in step).
     pub fn device_config(&self) -> DeviceConfig<'_> {
         let mut d = DeviceConfig::new(&self.broker_host, self.broker_port);
+        d.broker_tls = self.broker_tls;
         d.username = self.username.as_deref();
         d.password = self.password.as_ref().map(|p| p.0.as_bytes());
         d.prefix = &self.prefix;
@@ -596,6 +607,18 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
     let mut flash = DeviceFlash::open(&cfg)?;
     handle.0.log_range.set(flash.log_range());
     let net = VirtualNet::new(handle.clone());
+    // The record buffers of both TLS sessions, as a `static` holds them on
+    // the chip; boxed so they stay off the task's stack.
+    let tls_buffers = Box::new(TlsBuffers::new());
+    let identity = match &cfg.tls {
+        Some(files) => Some(files.identity().map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("TLS certificate or key unusable: {e:?}"),
+            )
+        })?),
+        None => None,
+    };
     let bootloader = Bootloader::new(cfg.bootloader).for_chip(cfg.chip);
     let dcfg = cfg.device_config();
     // What ended the previous boot, as the chip's reset reason would say.
@@ -682,13 +705,20 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
         let mut link = VirtualLink {
             handle: handle.clone(),
         };
+        // A new connector each boot, as the chip's firmware starts afresh.
+        let connector: VirtualConnector<'_> = mqota_runtime::NetConnector::new(
+            &net,
+            &net,
+            identity
+                .as_ref()
+                .map(|id| TlsSetup::new(id, &tls_buffers, rand_core::OsRng)),
+        );
         let runtime = mqota_runtime::run(
             &dcfg,
             booted,
             &mut platform,
             &mut link,
-            &net,
-            &net,
+            &connector,
             &mut pflash,
         );
         let power_or_stop = async {
@@ -756,13 +786,13 @@ pub fn runtime_future_size() -> usize {
         boot_reason: BootReason::PowerOn,
     };
     let mut link = VirtualLink { handle };
+    let connector: VirtualConnector<'_> = mqota_runtime::NetConnector::new(&net, &net, None);
     let fut = mqota_runtime::run(
         &dcfg,
         booted,
         &mut platform,
         &mut link,
-        &net,
-        &net,
+        &connector,
         &mut pflash,
     );
     std::mem::size_of_val(&fut)

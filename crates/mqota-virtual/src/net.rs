@@ -16,6 +16,13 @@ use tokio::net::TcpStream;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TokioNet;
 
+impl TokioNet {
+    /// The runtime's connector over the host's network, without TLS.
+    pub fn plain() -> mqota_runtime::NetConnector<'static, TokioNet, TokioNet> {
+        mqota_runtime::NetConnector::plain(&TokioNet, &TokioNet)
+    }
+}
+
 impl TcpConnect for TokioNet {
     type Error = std::io::Error;
     type Connection<'a>
@@ -189,3 +196,114 @@ impl Dns for VirtualNet {
         TokioNet.get_host_by_address(addr, result).await
     }
 }
+
+/// The TLS material of a virtual device: the fleet CA it pins and,
+/// optionally, its client certificate and P-256 key, all as DER. Its
+/// `Debug` output never shows the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The fleet CA certificate (DER).
+    pub ca_der: Vec<u8>,
+    /// The device's certificate (DER).
+    pub client_cert_der: Option<Vec<u8>>,
+    /// The device's private key (PKCS#8 or SEC1 DER).
+    pub client_key_der: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("ca_der", &format_args!("{} bytes", self.ca_der.len()))
+            .field(
+                "client_cert_der",
+                &self.client_cert_der.as_ref().map(|c| c.len()),
+            )
+            .field(
+                "client_key_der",
+                &self.client_key_der.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+impl TlsFiles {
+    /// From PEM or DER bytes (the first PEM block of each). The client
+    /// certificate and key come together or not at all.
+    pub fn from_pem_or_der(
+        ca: &[u8],
+        client: Option<(&[u8], &[u8])>,
+    ) -> Result<Self, mqota_runtime::CredentialError> {
+        let der = |input: &[u8]| {
+            let mut out = vec![0u8; input.len()];
+            mqota_runtime::der_from_pem_or_der(input, &mut out).map(<[u8]>::to_vec)
+        };
+        let (client_cert_der, client_key_der) = match client {
+            Some((cert, key)) => (Some(der(cert)?), Some(der(key)?)),
+            None => (None, None),
+        };
+        let files = Self {
+            ca_der: der(ca)?,
+            client_cert_der,
+            client_key_der,
+        };
+        // Refuse an unusable key now, not at the first handshake.
+        files.identity()?;
+        Ok(files)
+    }
+
+    /// Reads the CA and, if given, the certificate and key from files.
+    pub fn load(
+        ca: &std::path::Path,
+        client: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> std::io::Result<Self> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+        };
+        let ca = read(ca)?;
+        let client = match client {
+            Some((c, k)) => Some((read(c)?, read(k)?)),
+            None => None,
+        };
+        Self::from_pem_or_der(
+            &ca,
+            client.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+        )
+        .map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("TLS certificate or key unusable: {e:?}"),
+            )
+        })
+    }
+
+    /// The runtime's view of this material.
+    pub fn identity(
+        &self,
+    ) -> Result<mqota_runtime::TlsIdentity<'_>, mqota_runtime::CredentialError> {
+        let id = mqota_runtime::TlsIdentity::new(&self.ca_der)?;
+        match (&self.client_cert_der, &self.client_key_der) {
+            (Some(cert), Some(key)) => id.with_client(cert, key),
+            _ => Ok(id),
+        }
+    }
+}
+
+/// The host's clock for certificate dates: the virtual device checks them,
+/// as a chip with network time would.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemClock;
+
+impl mqota_runtime::tls::TlsClock for SystemClock {
+    fn now() -> Option<u64> {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs())
+    }
+}
+
+/// The connector a virtual device hands the runtime: its network, and TLS
+/// with the host's OS generator and clock when it has TLS material.
+pub type VirtualConnector<'a> =
+    mqota_runtime::NetConnector<'a, VirtualNet, VirtualNet, rand_core::OsRng, SystemClock>;

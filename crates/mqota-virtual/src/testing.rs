@@ -22,6 +22,8 @@ pub struct Mosquitto {
     /// A configuration written elsewhere (`mqota broker mosquitto-conf`);
     /// `None`: an anonymous listener on `port`.
     config: Option<PathBuf>,
+    /// The TLS listener's port, when the broker has one ([`Mosquitto::start_tls`]).
+    tls_port: Option<u16>,
 }
 
 impl Mosquitto {
@@ -37,6 +39,7 @@ impl Mosquitto {
             dir,
             child: None,
             config: None,
+            tls_port: None,
         };
         broker.spawn();
         broker
@@ -54,9 +57,75 @@ impl Mosquitto {
             dir,
             child: None,
             config: Some(config.to_owned()),
+            tls_port: None,
         };
         broker.spawn();
         broker
+    }
+
+    /// Starts a broker with two listeners on 127.0.0.1: an anonymous plain
+    /// one on [`Mosquitto::port`] (for the test's own publishers and
+    /// observers) and a TLS one on [`Mosquitto::tls_port`] with `server`'s
+    /// certificate, `require_certificate true` against `pki`'s CA and
+    /// `use_identity_as_username true`, as a fleet's broker runs.
+    ///
+    /// # Panics
+    /// If the broker cannot be started or does not listen within 10 s.
+    pub fn start_tls(pki: &TestPki, server: &Issued) -> Self {
+        Self::start_tls_with_client_ca(server, pki)
+    }
+
+    /// Like [`Mosquitto::start_tls`], with the server certificate `server`
+    /// (from any CA) and client certificates checked against `clients`.
+    ///
+    /// # Panics
+    /// If the broker cannot be started or does not listen within 10 s.
+    pub fn start_tls_with_client_ca(server: &Issued, clients: &TestPki) -> Self {
+        let pki = clients;
+        let port = free_port();
+        // Two free ports, never the same one twice.
+        let tls_port = std::iter::repeat_with(free_port)
+            .find(|p| *p != port)
+            .expect("a second free port");
+        let dir = tempfile::tempdir().expect("temp dir for mosquitto");
+        let path = |name: &str| dir.path().join(name);
+        std::fs::write(path("ca.pem"), &pki.ca_pem).expect("write ca.pem");
+        std::fs::write(path("server.pem"), &server.cert_pem).expect("write server.pem");
+        write_secret(&path("server.key"), server.key_pem.as_bytes());
+        let config = path("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                // Run as root, Mosquitto would drop to its own user before
+                // reading the key, which stays 0600 in the test's own dir.
+                "user root\nper_listener_settings true\npersistence false\n\
+                 listener {port} 127.0.0.1\nallow_anonymous true\n\
+                 listener {tls_port} 127.0.0.1\nallow_anonymous false\n\
+                 cafile {ca}\ncertfile {cert}\nkeyfile {key}\n\
+                 require_certificate true\nuse_identity_as_username true\n",
+                ca = path("ca.pem").display(),
+                cert = path("server.pem").display(),
+                key = path("server.key").display(),
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let mut broker = Self {
+            port,
+            dir,
+            child: None,
+            config: Some(config),
+            tls_port: Some(tls_port),
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// The TLS listener's port ([`Mosquitto::start_tls`]).
+    ///
+    /// # Panics
+    /// If the broker has no TLS listener.
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port.expect("a broker started with start_tls")
     }
 
     /// What the broker wrote to its log so far.
@@ -111,13 +180,15 @@ impl Mosquitto {
             .expect("start mosquitto (apt-get install mosquitto)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if Instant::now() > deadline {
-                let log = std::fs::read_to_string(self.dir.path().join("mosquitto.log"));
-                panic!("mosquitto did not listen on {addr}: {log:?}");
+        for port in std::iter::once(self.port).chain(self.tls_port) {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                if Instant::now() > deadline {
+                    let log = std::fs::read_to_string(self.dir.path().join("mosquitto.log"));
+                    panic!("mosquitto did not listen on {addr}: {log:?}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -732,6 +803,11 @@ impl FaultServer {
         format!("http://{}/fw.bin", self.addr)
     }
 
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Body bytes sent so far, over all requests.
     pub fn bytes_sent(&self) -> u64 {
         self.sent.load(std::sync::atomic::Ordering::SeqCst)
@@ -749,6 +825,210 @@ impl FaultServer {
 }
 
 impl Drop for FaultServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Writes a key file readable by its owner only (mode 0600).
+fn write_secret(path: &std::path::Path, data: &[u8]) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("create key file");
+    f.write_all(data).expect("write key file");
+}
+
+/// A throw-away fleet CA for one test (P-256, made with rcgen), and the
+/// certificates it issues. Certificates are valid from 2020 to 2040, so
+/// that date checks pass on a machine with a sane clock.
+pub struct TestPki {
+    /// The CA certificate, PEM.
+    pub ca_pem: String,
+    /// The CA certificate, DER.
+    pub ca_der: Vec<u8>,
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+}
+
+/// A certificate and its private key (PKCS#8), issued by a [`TestPki`].
+/// Its `Debug` output never shows the key.
+#[derive(Clone)]
+pub struct Issued {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// The private key, PEM (PKCS#8).
+    pub key_pem: String,
+    /// The private key, DER (PKCS#8).
+    pub key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("cert_der", &format_args!("{} bytes", self.cert_der.len()))
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+fn validity(params: &mut rcgen::CertificateParams) {
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2040, 1, 1);
+}
+
+impl TestPki {
+    /// A new CA named `name`.
+    ///
+    /// # Panics
+    /// If rcgen fails.
+    pub fn new(name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        validity(&mut params);
+        let cert = params.self_signed(&key).expect("self-signed CA");
+        Self {
+            ca_pem: cert.pem(),
+            ca_der: cert.der().to_vec(),
+            params,
+            key,
+        }
+    }
+
+    fn issue(&self, mut params: rcgen::CertificateParams, cn: &str) -> Issued {
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        validity(&mut params);
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).expect("sign leaf");
+        Issued {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            key_pem: key.serialize_pem(),
+            key_der: key.serialize_der(),
+        }
+    }
+
+    /// A server certificate for the DNS name `host` (CN and SAN).
+    ///
+    /// # Panics
+    /// If rcgen fails.
+    pub fn server(&self, host: &str) -> Issued {
+        let mut params = rcgen::CertificateParams::new(vec![host.to_owned()]).expect("params");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(params, host)
+    }
+
+    /// A device's client certificate: CN = `id`, client authentication.
+    ///
+    /// # Panics
+    /// If rcgen fails.
+    pub fn client(&self, id: &str) -> Issued {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(params, id)
+    }
+
+    /// The TLS material of a device that pins this CA, with `client` as its
+    /// certificate and key.
+    ///
+    /// # Panics
+    /// If the runtime refuses the material.
+    pub fn device_tls(&self, client: Option<&Issued>) -> crate::net::TlsFiles {
+        crate::net::TlsFiles::from_pem_or_der(
+            self.ca_pem.as_bytes(),
+            client.map(|c| (c.cert_pem.as_bytes(), c.key_pem.as_bytes())),
+        )
+        .expect("usable TLS material")
+    }
+}
+
+/// An HTTPS front (tokio-rustls, TLS 1.3 and 1.2) for a plain HTTP server:
+/// it terminates TLS with a certificate and passes the bytes on, so every
+/// misbehaviour of a [`FaultServer`] behind it (a drop at 50 %, a redirect)
+/// reaches the device inside TLS.
+pub struct HttpsFront {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpsFront {
+    /// Listens on a free port of 127.0.0.1 with `server`'s certificate and
+    /// forwards each connection to `backend`.
+    ///
+    /// # Panics
+    /// If the certificate is refused or the port cannot be bound.
+    pub async fn start(backend: SocketAddr, server: &Issued) -> Self {
+        use tokio_rustls::rustls;
+        // ring, not aws-lc-rs: no cmake or clang needed to build the tests.
+        // Its provider lacks post-quantum key exchange, which the device
+        // does not offer either.
+        #[allow(deprecated)]
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(server.key_der.clone().into());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![server.cert_der.clone().into()], key)
+            .expect("server certificate");
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind https listener");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A refused handshake (the device did not trust this
+                    // certificate) simply ends the connection.
+                    let Ok(mut tls) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        Self { addr, task }
+    }
+
+    /// The address the front listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `https://HOST:PORT/fw.bin`, with `host` for the name the device
+    /// checks (it must resolve to 127.0.0.1: `localhost`).
+    pub fn url(&self, host: &str) -> String {
+        format!("https://{host}:{}/fw.bin", self.addr.port())
+    }
+}
+
+impl Drop for HttpsFront {
     fn drop(&mut self) {
         self.task.abort();
     }

@@ -56,8 +56,8 @@ impl BodySink for HashSink {
 async fn a_download_streams_every_byte_in_bounded_chunks() {
     let image = firmware();
     let server = FileServer::start(&[("app.bin", &image)]).await;
-    let net = TokioNet;
-    let mut downloader = Downloader::new(&net, &net);
+    let net = TokioNet::plain();
+    let mut downloader = Downloader::new(&net);
     let mut sink = HashSink::default();
 
     let n = downloader
@@ -82,8 +82,8 @@ async fn a_download_streams_every_byte_in_bounded_chunks() {
 /// Downloads `url` from byte `start` and checks that exactly the rest of
 /// `image` arrived; returns the sink for what the test checks further.
 async fn resume_from(url: &str, image: &[u8], start: usize) -> HashSink {
-    let net = TokioNet;
-    let mut downloader = Downloader::new(&net, &net);
+    let net = TokioNet::plain();
+    let mut downloader = Downloader::new(&net);
     let mut sink = HashSink::default();
     let n = downloader
         .download(url, start as u64, &mut sink)
@@ -120,8 +120,8 @@ async fn a_resume_from_the_middle_fetches_only_the_rest_with_206() {
 #[tokio::test]
 async fn a_missing_file_yields_the_status_error_without_touching_the_sink() {
     let server = FileServer::start(&[("app.bin", b"x")]).await;
-    let net = TokioNet;
-    let mut downloader = Downloader::new(&net, &net);
+    let net = TokioNet::plain();
+    let mut downloader = Downloader::new(&net);
     let mut sink = HashSink::default();
 
     let err = downloader
@@ -135,8 +135,8 @@ async fn a_missing_file_yields_the_status_error_without_touching_the_sink() {
 
 #[tokio::test]
 async fn a_refused_connection_yields_the_network_error() {
-    let net = TokioNet;
-    let mut downloader = Downloader::new(&net, &net);
+    let net = TokioNet::plain();
+    let mut downloader = Downloader::new(&net);
     let mut sink = HashSink::default();
     let url = format!("http://127.0.0.1:{}/app.bin", free_port());
 
@@ -152,8 +152,8 @@ async fn a_refused_connection_yields_the_network_error() {
 async fn a_sink_abort_stops_the_download() {
     let image = firmware();
     let server = FileServer::start(&[("app.bin", &image)]).await;
-    let net = TokioNet;
-    let mut downloader = Downloader::new(&net, &net);
+    let net = TokioNet::plain();
+    let mut downloader = Downloader::new(&net);
     let mut sink = HashSink {
         abort_after: Some(10_000),
         ..HashSink::default()
@@ -175,7 +175,7 @@ fn paths(requests: &[Request]) -> Vec<&str> {
 #[tokio::test]
 async fn every_redirect_status_is_followed_to_a_relative_or_absolute_location() {
     let image = firmware();
-    let net = TokioNet;
+    let net = TokioNet::plain();
     for status in [301, 302, 303, 307, 308] {
         for location in [
             Location::Absolute,
@@ -192,7 +192,7 @@ async fn every_redirect_status_is_followed_to_a_relative_or_absolute_location() 
                 }),
             )
             .await;
-            let mut downloader = Downloader::new(&net, &net);
+            let mut downloader = Downloader::new(&net);
             let mut sink = HashSink::default();
 
             let n = downloader
@@ -247,7 +247,7 @@ async fn a_resumed_download_sends_its_range_along_every_hop_to_the_final_locatio
 #[tokio::test]
 async fn five_redirects_are_followed_and_a_sixth_is_refused() {
     let image = firmware();
-    let net = TokioNet;
+    let net = TokioNet::plain();
     let five = FaultServer::start_redirecting(
         image.clone(),
         Fault::None,
@@ -259,7 +259,7 @@ async fn five_redirects_are_followed_and_a_sixth_is_refused() {
     )
     .await;
     let mut sink = HashSink::default();
-    Downloader::new(&net, &net)
+    Downloader::new(&net)
         .download(&five.url(), 0, &mut sink)
         .await
         .expect("five redirects are fine");
@@ -276,7 +276,7 @@ async fn five_redirects_are_followed_and_a_sixth_is_refused() {
     )
     .await;
     let mut sink = HashSink::default();
-    let err = Downloader::new(&net, &net)
+    let err = Downloader::new(&net)
         .download(&six.url(), 0, &mut sink)
         .await
         .expect_err("six redirects");
@@ -289,10 +289,10 @@ async fn five_redirects_are_followed_and_a_sixth_is_refused() {
 async fn a_redirect_loop_ends_with_too_many_redirects() {
     let server =
         FaultServer::start_redirecting(firmware(), Fault::None, Some(Redirect::Loop)).await;
-    let net = TokioNet;
+    let net = TokioNet::plain();
     let mut sink = HashSink::default();
 
-    let err = Downloader::new(&net, &net)
+    let err = Downloader::new(&net)
         .download(&server.url(), 0, &mut sink)
         .await
         .expect_err("loop");
@@ -304,10 +304,10 @@ async fn a_redirect_loop_ends_with_too_many_redirects() {
 #[tokio::test]
 async fn a_negative_content_length_is_its_own_error() {
     let server = FaultServer::start(firmware(), Fault::NegativeLength).await;
-    let net = TokioNet;
+    let net = TokioNet::plain();
     let mut sink = HashSink::default();
 
-    let err = Downloader::new(&net, &net)
+    let err = Downloader::new(&net)
         .download(&server.url(), 0, &mut sink)
         .await
         .expect_err("bad length");
@@ -322,10 +322,10 @@ async fn an_https_url_is_refused_without_connecting() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let url = format!("https://{}/fw.bin", listener.local_addr().unwrap());
-    let net = TokioNet;
+    let net = TokioNet::plain();
     let mut sink = HashSink::default();
 
-    let err = Downloader::new(&net, &net)
+    let err = Downloader::new(&net)
         .download(&url, 0, &mut sink)
         .await
         .expect_err("no TLS");

@@ -53,10 +53,10 @@ impl Link for FakeLink {
 fn spawn_client(port: u16, link: FakeLink) -> mpsc::UnboundedReceiver<Message> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::task::spawn_local(async move {
-        let net = TokioNet;
+        let net = TokioNet::plain();
         let mut arena = [0u8; MQTT_RX_BUFFER];
         let mut buffers = MqttBuffers::new(&mut arena);
-        let mut session = MqttSession::new(&net, &net, &mut buffers, config(port));
+        let mut session = MqttSession::new(&net, &mut buffers, config(port));
         session
             .subscribe(&[CMD])
             .await
@@ -98,10 +98,10 @@ async fn deliver(broker: &Mosquitto, rx: &mut mpsc::UnboundedReceiver<Message>, 
 #[tokio::test]
 async fn a_subscribed_message_arrives_and_publications_reach_other_clients() {
     let broker = Mosquitto::start();
-    let net = TokioNet;
+    let net = TokioNet::plain();
     let mut arena = [0u8; MQTT_RX_BUFFER];
     let mut buffers = MqttBuffers::new(&mut arena);
-    let mut session = MqttSession::new(&net, &net, &mut buffers, config(broker.port()));
+    let mut session = MqttSession::new(&net, &mut buffers, config(broker.port()));
 
     let connected = session.connect().await.expect("connect");
     assert!(!connected.session_present);
@@ -147,10 +147,10 @@ async fn a_subscribed_message_arrives_and_publications_reach_other_clients() {
 async fn a_retained_message_is_not_replayed_to_a_default_session() {
     let broker = Mosquitto::start();
     broker.publish(CMD, b"retained-cmd", true).await;
-    let net = TokioNet;
+    let net = TokioNet::plain();
     let mut arena = [0u8; MQTT_RX_BUFFER];
     let mut buffers = MqttBuffers::new(&mut arena);
-    let mut session = MqttSession::new(&net, &net, &mut buffers, config(broker.port()));
+    let mut session = MqttSession::new(&net, &mut buffers, config(broker.port()));
     session.connect().await.expect("connect");
     session.subscribe(&[CMD]).await.expect("subscribe");
     // A fresh message after the subscription: the first thing delivered.
@@ -174,13 +174,13 @@ async fn a_message_published_before_the_suback_is_not_lost() {
     // Retained: the broker sends it right after the SUBACK, often in the same
     // TCP segment, while the session is still waiting for further SUBACKs.
     broker.publish(CMD, b"retained-cmd", true).await;
-    let net = TokioNet;
+    let net = TokioNet::plain();
     let mut arena = [0u8; MQTT_RX_BUFFER];
     let mut buffers = MqttBuffers::new(&mut arena);
     // This session wants retained messages (a device's does not).
     let mut cfg = config(broker.port());
     cfg.replay_retained = true;
-    let mut session = MqttSession::new(&net, &net, &mut buffers, cfg);
+    let mut session = MqttSession::new(&net, &mut buffers, cfg);
     session.connect().await.expect("connect");
     session
         .subscribe(&[CMD, "mqota/a", "mqota/b", "mqota/c"])
@@ -198,10 +198,10 @@ async fn a_message_published_before_the_suback_is_not_lost() {
 #[tokio::test]
 async fn the_will_is_published_retained_when_the_connection_drops_abruptly() {
     let broker = Mosquitto::start();
-    let net = TokioNet;
+    let net = TokioNet::plain();
     let mut arena = [0u8; MQTT_RX_BUFFER];
     let mut buffers = MqttBuffers::new(&mut arena);
-    let mut session = MqttSession::new(&net, &net, &mut buffers, config(broker.port()));
+    let mut session = MqttSession::new(&net, &mut buffers, config(broker.port()));
     session.connect().await.expect("connect");
     session
         .publish(STATUS, b"online", QoS::AtLeastOnce, true)
@@ -226,10 +226,10 @@ async fn the_will_is_published_retained_when_the_connection_drops_abruptly() {
 #[tokio::test]
 async fn a_polite_disconnect_does_not_publish_the_will() {
     let broker = Mosquitto::start();
-    let net = TokioNet;
+    let net = TokioNet::plain();
     let mut arena = [0u8; MQTT_RX_BUFFER];
     let mut buffers = MqttBuffers::new(&mut arena);
-    let mut session = MqttSession::new(&net, &net, &mut buffers, config(broker.port()));
+    let mut session = MqttSession::new(&net, &mut buffers, config(broker.port()));
     session.connect().await.expect("connect");
     session
         .publish(STATUS, b"rebooting", QoS::AtLeastOnce, true)
@@ -300,14 +300,14 @@ async fn a_link_drop_triggers_link_reconnect_and_mqtt_follows() {
 #[tokio::test]
 async fn keep_alive_pings_hold_an_idle_connection_open() {
     let broker = Mosquitto::start();
-    let net = TokioNet;
+    let net = TokioNet::plain();
     let mut arena = [0u8; MQTT_RX_BUFFER];
     let mut buffers = MqttBuffers::new(&mut arena);
     let mut cfg = config(broker.port());
     // Mosquitto drops a client silent for 1.5 keep-alives (3 s here) but
     // checks coarsely, so idle long enough that it surely would have.
     cfg.keep_alive_secs = 2;
-    let mut session = MqttSession::new(&net, &net, &mut buffers, cfg);
+    let mut session = MqttSession::new(&net, &mut buffers, cfg);
     session.connect().await.expect("connect");
 
     let idle = session

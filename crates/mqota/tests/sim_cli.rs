@@ -231,3 +231,109 @@ fn trust_takes_up_to_three_key_digests_and_nothing_else() {
         broker.assert_untouched();
     }
 }
+
+/// Runs `mqota sim ARGS` (which name their own `--broker`) until it exits
+/// or 30 s pass.
+fn sim_with(args: &[&str]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_mqota"))
+        .arg("sim")
+        .args(args)
+        .env_remove("MQOTA_BROKER")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mqota");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.expect("wait for mqota"),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("mqota sim {args:?} started instead of refusing its input");
+        }
+    }
+}
+
+#[test]
+fn an_mqtts_broker_without_a_fleet_ca_is_refused() {
+    let broker = Broker::new();
+    let url = format!("mqtts://{}", broker.0.local_addr().unwrap());
+    let err = failure(&sim_with(&["--broker", &url, "--id", "dev-1"]));
+    assert!(err.contains("--tls-ca"), "{err}");
+    broker.assert_untouched();
+}
+
+#[test]
+fn a_client_certificate_without_its_key_is_refused() {
+    let broker = Broker::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "x").unwrap();
+    let out = sim_with(&[
+        "--broker",
+        &broker.url(),
+        "--tls-ca",
+        ca.to_str().unwrap(),
+        "--tls-cert",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-key"));
+    broker.assert_untouched();
+}
+
+/// The real binary, a TLS Mosquitto that requires client certificates, and
+/// certificates from a fleet CA: the device comes online over `mqtts://`
+/// and says `https: true`; its key file stays out of every line it prints.
+#[tokio::test(flavor = "multi_thread")]
+async fn sim_devices_reach_an_mqtts_broker_with_per_device_certificates() {
+    use mqota_virtual::testing::{Mosquitto, TestPki};
+    let pki = TestPki::new("fleet CA");
+    let broker = Mosquitto::start_tls(&pki, &pki.server("localhost"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("ca.pem"), &pki.ca_pem).unwrap();
+    for id in ["dev-s-1", "dev-s-2"] {
+        let issued = pki.client(id);
+        std::fs::write(path(&format!("{id}.crt")), &issued.cert_pem).unwrap();
+        std::fs::write(path(&format!("{id}.key")), &issued.key_pem).unwrap();
+    }
+    let obs = broker.observe("device/+/status").await;
+    let url = format!("mqtts://localhost:{}", broker.tls_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mqota"))
+        .arg("sim")
+        .args(["--broker", &url, "--id", "dev-s", "--devices", "2"])
+        .args(["--tls-ca", path("ca.pem").to_str().unwrap()])
+        .args(["--tls-cert", path("{id}.crt").to_str().unwrap()])
+        .args(["--tls-key", path("{id}.key").to_str().unwrap()])
+        .env_remove("MQOTA_BROKER")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mqota");
+    let online = obs
+        .wait_until(Duration::from_secs(30), |seen| {
+            ["dev-s-1", "dev-s-2"].iter().all(|id| {
+                seen.iter().any(|r| {
+                    r.topic == format!("device/{id}/status")
+                        && serde_json::from_slice::<serde_json::Value>(&r.payload)
+                            .is_ok_and(|s| s["https"] == serde_json::Value::Bool(true))
+                })
+            })
+        })
+        .await;
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let printed =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(online, "devices never came online over mqtts: {printed}");
+    assert!(printed.contains("mqtts://localhost"), "{printed}");
+    let key = std::fs::read_to_string(path("dev-s-1.key")).unwrap();
+    let body = key.lines().nth(1).unwrap();
+    assert!(!printed.contains("PRIVATE KEY") && !printed.contains(body));
+}

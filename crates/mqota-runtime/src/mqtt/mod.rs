@@ -46,12 +46,10 @@
 //! and reports [`MqttError::ConnectionLost`], so the caller reconnects.
 //! Messages are never corrupted by a cancellation.
 
-use core::net::{IpAddr, SocketAddr};
 use core::num::NonZero;
 
 use embassy_futures::select::{select, Either};
 use embassy_time::{with_timeout, Duration, Instant, Timer};
-use embedded_nal_async::{AddrType, Dns, TcpConnect};
 use heapless::{Deque, String, Vec};
 use rust_mqtt::buffer::BumpBuffer;
 use rust_mqtt::client::event::Event;
@@ -65,7 +63,9 @@ use rust_mqtt::types::{MqttBinary, MqttString, PacketIdentifier, TopicFilter, To
 use rust_mqtt::Bytes;
 
 use crate::conn::{KillSwitch, MqttConn};
+use crate::net::{ConnectError, Connector};
 use crate::platform::Link;
+use crate::tls::TlsFailure;
 use keepalive::{KeepAliveDue, KeepAliveTimer};
 use mqota_core::backoff::Backoff;
 
@@ -176,6 +176,14 @@ pub enum MqttError {
     /// The broker did not answer in time (CONNACK, SUBACK). The connection
     /// has been dropped; retry after backoff.
     Timeout,
+    /// The TLS session to the broker failed or was refused (untrusted
+    /// broker certificate, wrong name, this device's certificate refused).
+    /// Retrying after backoff is harmless, but only a change of
+    /// configuration helps; report it.
+    Tls(TlsFailure),
+    /// The broker URL is `mqtts://` and this device has no TLS
+    /// configuration. Configure it; do not retry.
+    TlsUnavailable,
     /// The broker refused the CONNECT with this MQTT v5 reason code (e.g.
     /// 0x87 not authorized). Retrying helps only if the broker's
     /// configuration changes; report it.
@@ -207,6 +215,9 @@ pub struct MqttConfig<'a> {
     pub host: &'a str,
     /// Broker TCP port.
     pub port: u16,
+    /// Connect over TLS (`mqtts://`): the broker must present a certificate
+    /// from the pinned fleet CA for [`MqttConfig::host`].
+    pub tls: bool,
     /// MQTT client identifier; also the key of the persistent session.
     pub client_id: &'a str,
     /// Topic of the last will (the device's retained availability topic).
@@ -251,6 +262,7 @@ impl<'a> MqttConfig<'a> {
         Self {
             host,
             port,
+            tls: false,
             client_id,
             will_topic,
             will_payload,
@@ -271,6 +283,7 @@ impl core::fmt::Debug for MqttConfig<'_> {
         f.debug_struct("MqttConfig")
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("tls", &self.tls)
             .field("client_id", &self.client_id)
             .field("will_topic", &self.will_topic)
             .field("will_payload", &self.will_payload)
@@ -324,12 +337,11 @@ enum Observed {
 }
 
 /// One MQTT v5 session with a broker, generic over the TCP stack.
-pub struct MqttSession<'a, T: TcpConnect + 'a, D: Dns + 'a> {
-    tcp: &'a T,
-    dns: &'a D,
+pub struct MqttSession<'a, C: Connector + 'a> {
+    net: &'a C,
     config: MqttConfig<'a>,
     kill: &'a KillSwitch,
-    client: MqttClient<'a, T::Connection<'a>>,
+    client: MqttClient<'a, C::Stream<'a>>,
     // The client holds a transport (healthy or failed) that must be aborted
     // before the next connect.
     has_net: bool,
@@ -347,21 +359,15 @@ pub struct MqttSession<'a, T: TcpConnect + 'a, D: Dns + 'a> {
     inflight: Vec<Outgoing, MAX_INFLIGHT>,
 }
 
-impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
+impl<'a, C: Connector + 'a> MqttSession<'a, C> {
     /// A disconnected session. Nothing touches the network until
     /// [`MqttSession::connect`] or [`MqttSession::maintain`].
-    pub fn new(
-        tcp: &'a T,
-        dns: &'a D,
-        buffers: &'a mut MqttBuffers<'a>,
-        mut config: MqttConfig<'a>,
-    ) -> Self {
+    pub fn new(net: &'a C, buffers: &'a mut MqttBuffers<'a>, mut config: MqttConfig<'a>) -> Self {
         config.keep_alive_secs = config.keep_alive_secs.max(1);
         let keep_alive = KeepAliveTimer::new(config.keep_alive_secs, Instant::now());
         let MqttBuffers { rx, kill } = buffers;
         Self {
-            tcp,
-            dns,
+            net,
             config,
             kill,
             client: Client::new(rx),
@@ -434,24 +440,29 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
         }
 
         let io_timeout = self.config.io_timeout;
-        let addr = with_timeout(io_timeout, self.resolve())
-            .await
-            .map_err(|_| MqttError::Network)??;
-        let stack: &'a T = self.tcp;
-        let tcp = match with_timeout(io_timeout, stack.connect(addr)).await {
-            Ok(Ok(tcp)) => tcp,
+        let stack: &'a C = self.net;
+        let stream = match with_timeout(
+            io_timeout,
+            stack.connect(self.config.host, self.config.port, self.config.tls),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(ConnectError::Tls(f))) => return Err(MqttError::Tls(f)),
+            Ok(Err(ConnectError::TlsUnavailable)) => return Err(MqttError::TlsUnavailable),
             _ => {
-                debug!("mqtt: tcp connect failed");
+                debug!("mqtt: connect failed");
                 return Err(MqttError::Network);
             }
         };
+        let _ = stack.take_tls_failure();
 
         self.has_net = true;
         self.busy = true;
         let result = with_timeout(
             io_timeout,
             self.client
-                .connect(MqttConn::new(tcp, self.kill), &options, Some(client_id)),
+                .connect(MqttConn::new(stream, self.kill), &options, Some(client_id)),
         )
         .await;
         self.busy = false;
@@ -460,7 +471,12 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
             Ok(Err(ClientError::Disconnect { reason, .. })) => {
                 Err(MqttError::Refused(reason.value()))
             }
-            Ok(Err(ClientError::Network(_))) => Err(MqttError::Network),
+            // A server that refuses the client's certificate says so only
+            // after the handshake, in an alert the first read meets.
+            Ok(Err(ClientError::Network(_))) => Err(match stack.take_tls_failure() {
+                Some(f) => MqttError::Tls(f),
+                None => MqttError::Network,
+            }),
             Ok(Err(_)) => Err(MqttError::Protocol),
             Err(_) => Err(MqttError::Timeout),
         };
@@ -483,18 +499,6 @@ impl<'a, T: TcpConnect + 'a, D: Dns + 'a> MqttSession<'a, T, D> {
         }
         self.resend_inflight(session_present).await?;
         Ok(Connected { session_present })
-    }
-
-    async fn resolve(&self) -> Result<SocketAddr, MqttError> {
-        let ip = match self.config.host.parse::<IpAddr>() {
-            Ok(ip) => ip,
-            Err(_) => self
-                .dns
-                .get_host_by_name(self.config.host, AddrType::Either)
-                .await
-                .map_err(|_| MqttError::Network)?,
-        };
-        Ok(SocketAddr::new(ip, self.config.port))
     }
 
     /// Subscribes to each topic filter (QoS 1) and waits, bounded by the ack

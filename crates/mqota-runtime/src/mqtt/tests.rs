@@ -2,7 +2,9 @@
 //! bytes in, the packets the client wrote out.
 use super::*;
 use core::cell::RefCell;
+use core::net::{IpAddr, SocketAddr};
 use embedded_io::ErrorKind;
+use embedded_nal_async::{AddrType, Dns, TcpConnect};
 use std::vec::Vec as StdVec;
 
 /// One TCP peer that records what the client writes and answers with
@@ -79,7 +81,8 @@ fn connect_with(
     config.password = password;
     let mut rx = [0u8; MQTT_RX_BUFFER];
     let mut buffers = MqttBuffers::new(&mut rx);
-    let mut session = MqttSession::new(&peer, &peer, &mut buffers, config);
+    let net = crate::net::NetConnector::plain(&peer, &peer);
+    let mut session = MqttSession::new(&net, &mut buffers, config);
     let outcome = embassy_futures::block_on(session.connect());
     drop(session);
     let written = peer.written.borrow().clone();

@@ -13,6 +13,7 @@ use mqota_core::protocol::Topics;
 use mqota_flash_sim::sweep::{sweep, Scenario, SweepConfig};
 use mqota_flash_sim::BootConfig;
 use mqota_virtual::device::{spawn, Handle, Password, VirtualConfig, FLASH_SIZE};
+use mqota_virtual::net::TlsFiles;
 
 /// Which ESP-IDF bootloader build a virtual device boots with.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -54,7 +55,8 @@ pub struct SimArgs {
 /// Running virtual devices.
 #[derive(Args)]
 struct RunArgs {
-    /// The broker the devices connect to.
+    /// The broker the devices connect to (`mqtts://` for TLS, port 8883
+    /// unless given; needs `--tls-ca`).
     #[arg(long, env = "MQOTA_BROKER", default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
     /// Device id (with --devices N: ids ID-1 .. ID-N).
@@ -130,6 +132,44 @@ struct RunArgs {
     /// Fault: drop the WiFi link every this many seconds, for 3 seconds.
     #[arg(long)]
     drop_link_every: Option<u64>,
+    /// The fleet CA certificate (PEM or DER) the devices pin: with it they
+    /// fetch `https://` firmware and can reach an `mqtts://` broker (which
+    /// needs it). Server certificates must name the host as a DNS name.
+    #[arg(long, value_name = "CA.pem")]
+    tls_ca: Option<PathBuf>,
+    /// The devices' client certificate (PEM or DER, CN = device id); `{id}`
+    /// in the path is replaced by each device's id.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// The devices' P-256 private key (PEM or DER, PKCS#8 or SEC1); `{id}`
+    /// in the path is replaced by each device's id.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+}
+
+/// `mqtts://` is the same URL as `mqtt://` over TLS, on 8883 unless a port
+/// is given: the URL with `mqtt://` and whether TLS was asked for.
+fn split_tls_scheme(url: &str) -> (String, bool) {
+    match url.get(..8).filter(|s| s.eq_ignore_ascii_case("mqtts://")) {
+        Some(_) => {
+            let rest = &url[8..];
+            let authority = rest.split('/').next().unwrap_or(rest);
+            let host_port = authority.rsplit('@').next().unwrap_or(authority);
+            let has_port = match host_port.rfind(']') {
+                Some(close) => host_port[close..].contains(':'),
+                None => host_port.contains(':'),
+            };
+            let port = if has_port { "" } else { ":8883" };
+            let (before, after) = rest.split_at(authority.len());
+            (format!("mqtt://{before}{port}{after}"), true)
+        }
+        None => (url.to_owned(), false),
+    }
+}
+
+/// `path` with `{id}` replaced by the device's id.
+fn per_device(path: &std::path::Path, id: &str) -> PathBuf {
+    PathBuf::from(path.to_string_lossy().replace("{id}", id))
 }
 
 #[derive(Subcommand)]
@@ -200,7 +240,11 @@ fn read_password(path: &std::path::Path) -> Result<Password> {
 }
 
 fn run_devices(args: RunArgs) -> Result<()> {
-    let broker: BrokerUrl = args.broker.parse()?;
+    let (plain_url, broker_tls) = split_tls_scheme(&args.broker);
+    let broker: BrokerUrl = plain_url.parse()?;
+    if broker_tls && args.tls_ca.is_none() {
+        bail!("an mqtts:// broker needs --tls-ca (the fleet CA the devices pin)");
+    }
     let chip: Chip = args
         .chip
         .parse()
@@ -277,11 +321,31 @@ fn run_devices(args: RunArgs) -> Result<()> {
         .as_deref()
         .map(crate::cmd::keys::read_job_public_key)
         .transpose()?;
+    let mut tls = Vec::new();
+    for k in 1..=args.devices {
+        let id = device_id(&args, k);
+        tls.push(match &args.tls_ca {
+            Some(ca) => {
+                let client = match (&args.tls_cert, &args.tls_key) {
+                    (Some(c), Some(k)) => Some((per_device(c, &id), per_device(k, &id))),
+                    _ => None,
+                };
+                Some(
+                    TlsFiles::load(ca, client.as_ref().map(|(c, k)| (c.as_path(), k.as_path())))
+                        .with_context(|| format!("TLS material of {id}"))?,
+                )
+            }
+            None => None,
+        });
+    }
     let configs: Vec<VirtualConfig> = (1..=args.devices)
         .zip(logins)
-        .map(|(k, (username, password))| {
+        .zip(tls)
+        .map(|((k, (username, password)), tls)| {
             let id = device_id(&args, k);
             let mut c = VirtualConfig::new(&id, &broker.host, broker.port);
+            c.broker_tls = broker_tls;
+            c.tls = tls;
             c.username = username;
             c.password = password;
             c.chip = chip;
@@ -308,8 +372,9 @@ fn run_devices(args: RunArgs) -> Result<()> {
     local.block_on(&rt, async move {
         let handles: Vec<Handle> = configs.into_iter().map(spawn).collect();
         eprintln!(
-            "{} virtual device(s) on {}:{} (Ctrl-C stops)",
+            "{} virtual device(s) on {}://{}:{} (Ctrl-C stops)",
             handles.len(),
+            if broker_tls { "mqtts" } else { "mqtt" },
             broker.host,
             broker.port
         );
@@ -403,4 +468,23 @@ fn check_flash_file(path: &std::path::Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_mqtts_url_is_the_mqtt_url_over_tls_on_8883_unless_a_port_is_given() {
+        for (url, want, tls) in [
+            ("mqtts://broker.lan", "mqtt://broker.lan:8883", true),
+            ("MQTTS://broker.lan:9999", "mqtt://broker.lan:9999", true),
+            ("mqtts://u:p@broker.lan", "mqtt://u:p@broker.lan:8883", true),
+            ("mqtts://[::1]", "mqtt://[::1]:8883", true),
+            ("mqtts://[::1]:1234", "mqtt://[::1]:1234", true),
+            ("mqtt://broker.lan:1883", "mqtt://broker.lan:1883", false),
+        ] {
+            assert_eq!(split_tls_scheme(url), (want.to_owned(), tls), "{url}");
+        }
+    }
 }
