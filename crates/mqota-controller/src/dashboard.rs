@@ -472,7 +472,12 @@ fn bad_request(msg: impl std::fmt::Display) -> Response {
     api_error(StatusCode::BAD_REQUEST, one_line)
 }
 
-async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes) -> Response {
+async fn api_deploy(
+    State(d): State<Dashboard>,
+    https: Option<axum::Extension<crate::server::Https>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     // Only a JSON request: a browser sends one cross-site only after a CORS
     // preflight, which this server never grants, so another site cannot
     // start a rollout through a visitor's browser with a form post.
@@ -513,7 +518,7 @@ async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes)
     let firmware = if lower.starts_with("http://") || lower.starts_with("https://") {
         resolve_firmware(spec, "", &d.app.remote_firmware).await
     } else {
-        let list = match listings(&d.app, &headers).await {
+        let list = match listings(&d.app, &headers, https.is_some()).await {
             Ok(l) => l,
             Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
         };
