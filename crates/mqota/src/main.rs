@@ -48,6 +48,9 @@ enum Command {
     /// MQTT logins of devices: add, remove, list.
     #[command(subcommand)]
     Device(cmd::access::DeviceCommand),
+    /// The fleet CA: make it, issue device and server certificates.
+    #[command(subcommand)]
+    Ca(cmd::ca::CaCommand),
     /// Configuration for an external broker (Mosquitto).
     #[command(subcommand)]
     Broker(cmd::access::BrokerCommand),
@@ -74,6 +77,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(c) => c.run(),
         Command::Device(c) => c.run(),
         Command::Broker(c) => c.run(),
+        Command::Ca(c) => c.run(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result};
 use clap::Args;
 use mqota_controller::access::{controller_login, password_path, Acl, Role, CONTROLLER_USER};
-use mqota_controller::broker::{Access, EmbeddedBroker};
+use mqota_controller::broker::{Access, EmbeddedBroker, TlsListener};
 use mqota_controller::catalogue::Catalogue;
 use mqota_controller::dashboard;
 use mqota_controller::fleet::{Fleet, FleetEvent};
@@ -49,10 +49,24 @@ pub struct ServeArgs {
     allow_remote_firmware: Vec<String>,
     /// Let clients into the embedded broker without a login, with no topic
     /// rules (the door is open). Without this flag the door is open only
-    /// while no device has credentials (`mqota device add`) and
-    /// --mqtt-listen is a loopback address.
+    /// while no device has credentials (`mqota device add`), --mqtt-listen
+    /// is a loopback address and there is no --mqtts-listen.
     #[arg(long)]
     mqtt_anonymous: bool,
+    /// Serve the page, the API and the firmware over HTTPS with this
+    /// certificate (`mqota ca issue server --host NAME`); also the
+    /// certificate of the embedded broker's --mqtts-listen.
+    #[arg(long, value_name = "CERT.pem", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert.
+    #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A TLS listener of the embedded broker (mqtts://): a client
+    /// certificate of the fleet CA (--ca, default DATA_DIR/ca/ca.pem) is a
+    /// login, its CN the identity; clients without one log in with a
+    /// password. Needs --tls-cert and --tls-key.
+    #[arg(long, value_name = "ADDR", requires = "tls_cert")]
+    mqtts_listen: Option<SocketAddr>,
     #[command(flatten)]
     common: Common,
 }
@@ -72,7 +86,8 @@ impl ServeArgs {
             .filter(|i| i.role == Role::Device)
             .count();
         let loopback = self.mqtt_listen.ip().is_loopback();
-        let open = self.mqtt_anonymous || (devices == 0 && loopback);
+        // A TLS listener is for devices with certificates: never open.
+        let open = self.mqtt_anonymous || (devices == 0 && loopback && self.mqtts_listen.is_none());
         let access = if open {
             Access::Open
         } else {
@@ -81,11 +96,30 @@ impl ServeArgs {
                 acl: Acl::new(&s.prefix),
             }
         };
-        let b = EmbeddedBroker::start_with(self.mqtt_listen, access)?;
+        let tls = match (&self.mqtts_listen, &self.tls_cert, &self.tls_key) {
+            (Some(addr), Some(cert), Some(key)) => {
+                let Some(ca) = &s.ca else {
+                    anyhow::bail!(
+                        "--mqtts-listen checks client certificates against the fleet CA: run `mqota ca init` (or name one with --ca)"
+                    );
+                };
+                Some(TlsListener {
+                    addr: *addr,
+                    config: mqota_controller::tls::broker_server(cert, key, ca)
+                        .context("--mqtts-listen")?,
+                })
+            }
+            _ => None,
+        };
+        let b = EmbeddedBroker::start_with_tls(self.mqtt_listen, access, tls)?;
         // The broker lives as long as the process: rumqttd cannot be
         // stopped.
         let mut url: BrokerUrl = b.url().parse().expect("the embedded broker's URL parses");
         println!("mqtt broker listening on {}", b.url());
+        if let Some(a) = b.tls_addr() {
+            println!("mqtts broker listening on mqtts://{a}");
+            println!("mqtts: a client certificate of the fleet CA is a login (its CN the identity); clients without one log in with a password");
+        }
         if open {
             let why = if self.mqtt_anonymous {
                 "--mqtt-anonymous".to_owned()
@@ -169,12 +203,19 @@ impl ServeArgs {
             None => self.start_embedded_broker(&s, &store)?,
         };
 
+        let https = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                mqota_controller::tls::http_server(cert, key).context("--tls-cert / --tls-key")?,
+            ),
+            _ => None,
+        };
+        let scheme = if https.is_some() { "https" } else { "http" };
         runtime()?.block_on(async move {
             let listener = tokio::net::TcpListener::bind(self.http)
                 .await
                 .with_context(|| format!("cannot listen on {}", self.http))?;
             let addr = listener.local_addr()?;
-            println!("http listening on http://{addr}");
+            println!("{scheme} listening on {scheme}://{addr}");
 
             let fleet = Arc::new(
                 s.signing(Fleet::connect(&broker_url, &s.prefix, &client_id("serve")).await?)?,
@@ -232,7 +273,7 @@ impl ServeArgs {
             }
 
             // serve's own firmware URLs stay usable as URLs.
-            let own = format!("http://{addr}");
+            let own = format!("{scheme}://{addr}");
             let mut remote_firmware =
                 mqota_controller::remote::RemoteFirmware::allow(&self.allow_remote_firmware)
                     .and_origin_of(&own);
@@ -268,10 +309,11 @@ impl ServeArgs {
             );
             // Header-read timeout, connection cap, body limit and JSON
             // errors under /api/: see mqota_controller::server.
-            mqota_controller::server::serve(
+            mqota_controller::server::serve_tls(
                 listener,
                 app,
                 mqota_controller::server::HttpLimits::default(),
+                https,
                 async {
                     let _ = tokio::signal::ctrl_c().await;
                 },
