@@ -28,8 +28,13 @@ pub fn image(version: &str, size: u32) -> Vec<u8> {
 /// `mqota serve` running; killed on drop.
 pub struct Serve {
     child: Child,
+    /// `http://ADDR`, or `https://ADDR` with `--tls-cert`.
     pub http: String,
     pub broker: String,
+    /// `mqtts://ADDR` of the embedded broker's TLS listener, if any.
+    pub mqtts: Option<String>,
+    /// What serve printed on stdout until it was up.
+    pub printed: Vec<String>,
 }
 
 impl Serve {
@@ -41,6 +46,18 @@ impl Serve {
     /// As [`Serve::start`], with HTTP on `http` (a restarted server keeps
     /// the address the deployed URLs name).
     pub fn start_at(fw: &Path, data: &Path, broker: Option<&str>, http: &str) -> Self {
+        Self::start_with(fw, data, broker, http, &[])
+    }
+
+    /// As [`Serve::start_at`], with more arguments (`--tls-cert …`); with
+    /// `--mqtts-listen` among them, waits for the TLS listener too.
+    pub fn start_with(
+        fw: &Path,
+        data: &Path,
+        broker: Option<&str>,
+        http: &str,
+        extra: &[&str],
+    ) -> Self {
         let mut cmd = Command::new(MQOTA);
         cmd.arg("serve")
             .arg("--firmware-dir")
@@ -58,6 +75,8 @@ impl Serve {
         if let Some(b) = broker {
             cmd.args(["--broker", b]);
         }
+        cmd.args(extra);
+        let want_mqtts = extra.contains(&"--mqtts-listen");
         let mut child = cmd.spawn().expect("mqota serve");
         let out = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -71,16 +90,25 @@ impl Serve {
         });
         let mut http = None;
         let mut broker_url = broker.map(str::to_owned);
-        while http.is_none() || broker_url.is_none() {
+        let mut mqtts = None;
+        let mut printed = Vec::new();
+        while http.is_none() || broker_url.is_none() || (want_mqtts && mqtts.is_none()) {
             let line = rx
                 .recv_timeout(Duration::from_secs(20))
                 .expect("serve prints where it listens");
-            if let Some(a) = line.strip_prefix("http listening on ") {
+            if let Some(a) = line
+                .strip_prefix("http listening on ")
+                .or_else(|| line.strip_prefix("https listening on "))
+            {
                 http = Some(a.trim().to_owned());
             }
             if let Some(a) = line.strip_prefix("mqtt broker listening on ") {
                 broker_url = Some(a.trim().to_owned());
             }
+            if let Some(a) = line.strip_prefix("mqtts broker listening on ") {
+                mqtts = Some(a.trim().to_owned());
+            }
+            printed.push(line);
         }
         // Serve prints its HTTP address before it follows the fleet; the
         // API answers from the first request on, which is all tests need.
@@ -88,6 +116,8 @@ impl Serve {
             child,
             http: http.unwrap(),
             broker: broker_url.unwrap(),
+            mqtts,
+            printed,
         }
     }
 
