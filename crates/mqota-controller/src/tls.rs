@@ -175,6 +175,18 @@ pub fn mqtt_client(ca: &Path, client: Option<&ClientCert>) -> Result<Arc<ClientC
     Ok(Arc::new(config))
 }
 
+/// HTTPS client side (`deploy --server https://…`, firmware URLs): the
+/// server must chain to `ca` and name the host; no client certificate.
+pub fn https_client(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(rustls_err(&[ca]))?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The subject CN of a DER certificate, if it has exactly one that is
 /// UTF-8. (The broker asks only after rustls verified the chain.)
 pub fn common_name(cert: &[u8]) -> Option<String> {

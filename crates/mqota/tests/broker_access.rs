@@ -1229,4 +1229,41 @@ fn the_embedded_brokers_tls_listener_takes_certificates_as_logins_and_serve_spea
         &format!("https://127.0.0.1:{http_port}/api/broker"),
     ]);
     assert_ne!(code, Some(0), "a certificate for another name was accepted");
+
+    // `deploy --server https://…` reads serve's catalogue through the fleet
+    // CA of the data directory; with another CA it refuses to.
+    let deploy = |extra: &[&str]| {
+        let mut args = vec![
+            "deploy",
+            "app-1.1.0.bin",
+            "--to",
+            "dev-a",
+            "--dry-run",
+            "--include-offline",
+            "--allow-other-project",
+            "--server",
+            &base,
+            "--broker",
+            &serve.broker,
+            "--data-dir",
+            f.d().to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        mqota(&args)
+    };
+    // The catalogue was read, and the URL it gave is serve's https one;
+    // dev-a's (hand-made) status does not say it speaks HTTPS, so deploy
+    // leaves it out, naming the URL.
+    let (ok, out, err) = deploy(&[]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains(&format!(
+            "the firmware URL {base}/firmware/app-1.1.0.bin is https, and https is not enabled on dev-a"
+        )),
+        "{err}"
+    );
+    let other_ca = f.other.path().join("ca/ca.pem");
+    let (ok, _, err) = deploy(&["--ca", other_ca.to_str().unwrap()]);
+    assert!(!ok, "a server of another CA was trusted");
+    assert!(err.contains("/api/firmware"), "{err}");
 }

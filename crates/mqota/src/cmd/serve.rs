@@ -280,6 +280,10 @@ impl ServeArgs {
             if let Some(u) = &self.public_url {
                 remote_firmware = remote_firmware.and_origin_of(u);
             }
+            if let Some(ca) = &s.ca {
+                remote_firmware = remote_firmware
+                    .with_tls(mqota_controller::tls::https_client(ca).context("--ca")?);
+            }
             let state = Arc::new(AppState {
                 catalogue,
                 store,
