@@ -85,7 +85,9 @@
 //! device, whose client id must be that CN), the CONNECT's user name and
 //! password are not looked at, and the same [`Acl`] applies. A client
 //! without a certificate logs in with a password as on the plain port. The
-//! TLS handshake must finish within the same 10 s as the CONNECT.
+//! TLS handshake must finish within the same 10 s as the CONNECT. Not yet:
+//! revoking one certificate (no CRL is checked; `mqota device remove`
+//! takes away a password, not a certificate).
 //!
 //! Still open: rumqttd's two inner listeners are on loopback ports that any
 //! local user of this machine can connect to directly, past the door. On a
@@ -101,7 +103,6 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc as StdArc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -161,7 +162,7 @@ pub struct TlsListener {
     pub addr: SocketAddr,
     /// The server certificate and the client-certificate check
     /// ([`crate::tls::broker_server`]).
-    pub config: StdArc<rustls::ServerConfig>,
+    pub config: Arc<rustls::ServerConfig>,
 }
 
 /// A running embedded broker.

@@ -149,7 +149,7 @@ impl ServeArgs {
             println!(
                 "mqtt logins required: {devices} device(s) and the controller; anonymous clients are refused, devices are held to their own topics"
             );
-            if devices == 0 {
+            if devices == 0 && self.mqtts_listen.is_none() {
                 println!("no device has credentials yet: `mqota device add ID` makes them");
             }
             let door = serde_json::json!({
