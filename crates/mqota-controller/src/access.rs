@@ -301,6 +301,47 @@ pub fn mosquitto_conf(
     )
 }
 
+/// The files of a Mosquitto TLS listener (all PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MosquittoTls {
+    /// The fleet CA: client certificates must chain to it.
+    pub cafile: std::path::PathBuf,
+    /// The broker's certificate.
+    pub certfile: std::path::PathBuf,
+    /// Its private key.
+    pub keyfile: std::path::PathBuf,
+}
+
+/// A `mosquitto.conf` for one TLS listener where a client certificate of
+/// the fleet CA is the login: `require_certificate true` (no certificate,
+/// no connection) and `use_identity_as_username true` (the certificate's CN
+/// is the user name the ACL's `%u` stands for; a user name in the CONNECT
+/// is ignored, so no password file is needed).
+pub fn mosquitto_conf_tls(
+    listen: std::net::SocketAddr,
+    tls: &MosquittoTls,
+    acl_file: &std::path::Path,
+) -> String {
+    format!(
+        "# Written by `mqota broker mosquitto-conf --tls`: a client certificate of the fleet CA is the login, topics per device.\n\
+         per_listener_settings false\n\
+         listener {} {}\n\
+         allow_anonymous false\n\
+         cafile {}\n\
+         certfile {}\n\
+         keyfile {}\n\
+         require_certificate true\n\
+         use_identity_as_username true\n\
+         acl_file {}\n",
+        listen.port(),
+        listen.ip(),
+        tls.cafile.display(),
+        tls.certfile.display(),
+        tls.keyfile.display(),
+        acl_file.display()
+    )
+}
+
 /// Where `mqota device add` and the controller keep password files by
 /// default: `DATA_DIR/credentials/` (mode 0700).
 pub fn credentials_dir(data_dir: &Path) -> PathBuf {

@@ -72,6 +72,23 @@
 //! [`Access::Open`] (anonymous clients may then do anything: `serve` says so
 //! when it starts).
 //!
+//! # TLS
+//!
+//! With a TLS listener ([`TlsListener`], `mqota serve --mqtts-listen`) the
+//! door also accepts `mqtts://` on a second public port: it terminates TLS
+//! itself (tokio-rustls, [`crate::tls::broker_server`]) and treats what
+//! comes out exactly like a plain connection. A client certificate is
+//! optional; when one is presented it must chain to the fleet CA (or the
+//! handshake fails), and then it *is* the login, as Mosquitto's
+//! `use_identity_as_username` makes it: its CN names the client
+//! ([`crate::access::CONTROLLER_USER`] is the controller, any other CN a
+//! device, whose client id must be that CN), the CONNECT's user name and
+//! password are not looked at, and the same [`Acl`] applies. A client
+//! without a certificate logs in with a password as on the plain port. The
+//! TLS handshake must finish within the same 10 s as the CONNECT. Not yet:
+//! revoking one certificate (no CRL is checked; `mqota device remove`
+//! takes away a password, not a certificate).
+//!
 //! Still open: rumqttd's two inner listeners are on loopback ports that any
 //! local user of this machine can connect to directly, past the door. On a
 //! machine shared with people who should not control the fleet, use
@@ -92,7 +109,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use rumqttd::protocol::{Packet, Protocol as _};
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::access::{verify_password, Acl, Client, Role};
 use crate::store::Store;
@@ -138,10 +155,21 @@ pub enum Access {
     },
 }
 
+/// A second, TLS, listener of the embedded broker.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// Where it listens (port 0 picks a free port).
+    pub addr: SocketAddr,
+    /// The server certificate and the client-certificate check
+    /// ([`crate::tls::broker_server`]).
+    pub config: Arc<rustls::ServerConfig>,
+}
+
 /// A running embedded broker.
 #[derive(Debug)]
 pub struct EmbeddedBroker {
     addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     open: bool,
 }
 
@@ -175,11 +203,35 @@ impl EmbeddedBroker {
     /// Starts the broker on `addr` with `access`; port 0 picks a free port.
     /// Returns once MQTT 3.1.1 and MQTT 5 clients can connect there.
     pub fn start_with(addr: SocketAddr, access: Access) -> Result<Self, BrokerError> {
+        Self::start_with_tls(addr, access, None)
+    }
+
+    /// [`Self::start_with`], plus a TLS listener when `tls` is given (same
+    /// broker, same door, same rules).
+    pub fn start_with_tls(
+        addr: SocketAddr,
+        access: Access,
+        tls: Option<TlsListener>,
+    ) -> Result<Self, BrokerError> {
         let open = matches!(access, Access::Open);
         let bind_err = |source| BrokerError::Bind { addr, source };
         let front = TcpListener::bind(addr).map_err(bind_err)?;
         let public = front.local_addr().map_err(bind_err)?;
         front.set_nonblocking(true).map_err(bind_err)?;
+        let tls_front = match &tls {
+            None => None,
+            Some(t) => {
+                let bind_err = |source| BrokerError::Bind {
+                    addr: t.addr,
+                    source,
+                };
+                let l = TcpListener::bind(t.addr).map_err(bind_err)?;
+                l.set_nonblocking(true).map_err(bind_err)?;
+                let a = l.local_addr().map_err(bind_err)?;
+                Some((l, tokio_rustls::TlsAcceptor::from(t.config.clone()), a))
+            }
+        };
+        let tls_addr = tls_front.as_ref().map(|(_, _, a)| *a);
 
         // rumqttd cannot report the ports it bound, so pick concrete ones
         // here; the window between this probe and rumqttd's bind is tiny.
@@ -213,11 +265,33 @@ impl EmbeddedBroker {
             .map_err(bind_err)?;
         std::thread::Builder::new()
             .name("mqota-broker-front".into())
-            .spawn(move || runtime.block_on(front_door(front, Inner { v4, v5 }, access)))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let inner = Inner { v4, v5 };
+                    match tls_front {
+                        None => front_door(front, inner, access, None).await,
+                        Some((l, acceptor, _)) => {
+                            tokio::join!(
+                                front_door(front, inner, access.clone(), None),
+                                front_door(l, inner, access, Some(acceptor)),
+                            );
+                        }
+                    }
+                })
+            })
             .map_err(bind_err)?;
-        // The public socket is bound and listening already: connections
-        // made from here on wait in its backlog until the front door runs.
-        Ok(Self { addr: public, open })
+        // The public sockets are bound and listening already: connections
+        // made from here on wait in their backlog until the front door runs.
+        Ok(Self {
+            addr: public,
+            tls_addr,
+            open,
+        })
+    }
+
+    /// Where the TLS listener is, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// Whether anonymous clients get in and may do anything.
@@ -252,7 +326,12 @@ struct Inner {
     v5: SocketAddr,
 }
 
-async fn front_door(listener: TcpListener, inner: Inner, access: Access) {
+async fn front_door(
+    listener: TcpListener,
+    inner: Inner,
+    access: Access,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -263,7 +342,50 @@ async fn front_door(listener: TcpListener, inner: Inner, access: Access) {
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
-                tokio::spawn(serve_client(client, peer, inner, access.clone()));
+                let _ = client.set_nodelay(true);
+                let access = access.clone();
+                match &tls {
+                    None => {
+                        tokio::spawn(serve_client(client, peer, inner, access, None));
+                    }
+                    Some(acceptor) => {
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            let tls = match tokio::time::timeout(
+                                CONNECT_TIMEOUT,
+                                acceptor.accept(client),
+                            )
+                            .await
+                            {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::info!("mqtt client {peer}: TLS refused: {e}");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("mqtt client {peer}: TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            // rustls verified the chain to the fleet CA.
+                            let cert_id = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| crate::tls::common_name(c).ok_or(()));
+                            match cert_id {
+                                Some(Err(())) => tracing::info!(
+                                    "mqtt client {peer}: refused: its certificate has no single CN"
+                                ),
+                                Some(Ok(cn)) => {
+                                    serve_client(tls, peer, inner, access, Some(cn)).await
+                                }
+                                None => serve_client(tls, peer, inner, access, None).await,
+                            }
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait, do not spin.
@@ -274,12 +396,17 @@ async fn front_door(listener: TcpListener, inner: Inner, access: Access) {
     }
 }
 
-async fn serve_client(
-    mut client: tokio::net::TcpStream,
+/// One client connection, plain or with TLS terminated; `cert_id` is the
+/// CN of a verified client certificate.
+async fn serve_client<S>(
+    mut client: S,
     peer: SocketAddr,
     inner: Inner,
     access: Access,
-) {
+    cert_id: Option<String>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut head = Vec::with_capacity(64);
     let verdict = match tokio::time::timeout(CONNECT_TIMEOUT, read_head(&mut client, &mut head))
         .await
@@ -330,9 +457,10 @@ async fn serve_client(
             let frame = head[..connect].to_vec();
             let (store, acl) = (store.clone(), acl.clone());
             // SQLite and PBKDF2 off the door's one thread.
-            let checked =
-                tokio::task::spawn_blocking(move || check_connect(&frame, level, &store, &acl))
-                    .await;
+            let checked = tokio::task::spawn_blocking(move || {
+                check_connect(&frame, level, &store, &acl, cert_id.as_deref())
+            })
+            .await;
             match checked {
                 Ok(Ok(who)) => who,
                 Ok(Err(refusal)) => {
@@ -355,7 +483,6 @@ async fn serve_client(
             return;
         }
     };
-    let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     match (who, access) {
         (Client::Device(id), Access::Login { acl, .. }) => {
@@ -434,9 +561,16 @@ fn refuse(code: RefusalCode, why: impl Into<String>) -> Refusal {
     }
 }
 
-/// Checks one whole CONNECT packet against the store's identities and the
-/// ACL; returns who the client is.
-fn check_connect(frame: &[u8], level: Level, store: &Store, acl: &Acl) -> Result<Client, Refusal> {
+/// Checks one whole CONNECT packet against the store's identities (or the
+/// verified client certificate's CN, `cert_id`) and the ACL; returns who
+/// the client is.
+fn check_connect(
+    frame: &[u8],
+    level: Level,
+    store: &Store,
+    acl: &Acl,
+    cert_id: Option<&str>,
+) -> Result<Client, Refusal> {
     let mut buf = BytesMut::from(frame);
     let packet = match level {
         Level::V311 => rumqttd::protocol::v4::V4.read_mut(&mut buf, MAX_CLIENT_PACKET),
@@ -445,6 +579,25 @@ fn check_connect(frame: &[u8], level: Level, store: &Store, acl: &Acl) -> Result
     let Ok(Packet::Connect(connect, _, will, _, login)) = packet else {
         return Err(refuse(RefusalCode::NotAuthorized, "malformed CONNECT"));
     };
+    if let Some(cn) = cert_id {
+        // The certificate is the login (Mosquitto's
+        // `use_identity_as_username`): whatever user name came with it is
+        // not looked at.
+        let who = if cn == crate::access::CONTROLLER_USER {
+            Client::Controller
+        } else if connect.client_id != cn {
+            return Err(refuse(
+                RefusalCode::BadClientId,
+                format!(
+                    "certificate of device {cn:?} connected with client id {:?}",
+                    connect.client_id
+                ),
+            ));
+        } else {
+            Client::Device(cn.to_owned())
+        };
+        return check_will(acl, who, will.as_ref().map(|w| &w.topic[..]));
+    }
     let Some(login) = login else {
         return Err(refuse(
             RefusalCode::NotAuthorized,
@@ -485,8 +638,13 @@ fn check_connect(frame: &[u8], level: Level, store: &Store, acl: &Acl) -> Result
             Client::Device(identity.name)
         }
     };
-    if let Some(will) = will {
-        let topic = std::str::from_utf8(&will.topic).unwrap_or("");
+    check_will(acl, who, will.as_ref().map(|w| &w.topic[..]))
+}
+
+/// `who`, if its will (topic) is one it may publish.
+fn check_will(acl: &Acl, who: Client, will: Option<&[u8]>) -> Result<Client, Refusal> {
+    if let Some(topic) = will {
+        let topic = std::str::from_utf8(topic).unwrap_or("");
         if !acl.may_publish(&who, topic) {
             return Err(refuse(
                 RefusalCode::NotAuthorized,
@@ -595,8 +753,8 @@ impl Framer {
 }
 
 /// Reads until `head` holds the whole first packet; returns its length.
-async fn read_frame(
-    client: &mut tokio::net::TcpStream,
+async fn read_frame<S: AsyncRead + Unpin>(
+    client: &mut S,
     head: &mut Vec<u8>,
     max: usize,
 ) -> std::io::Result<Option<usize>> {
@@ -639,14 +797,16 @@ fn frame_len(buf: &[u8]) -> Result<Option<usize>, &'static str> {
 /// device is checked by `guard` before it goes up; one that fails ends the
 /// connection (MQTT 5: with a DISCONNECT 0x87 sent between two of the
 /// broker's packets). Returning drops (closes) both.
-async fn guarded(
-    client: tokio::net::TcpStream,
+async fn guarded<S>(
+    client: S,
     upstream: tokio::net::TcpStream,
     mut from_client: Framer,
     mut guard: Guard,
     peer: SocketAddr,
-) {
-    let (mut client_rx, mut client_tx) = client.into_split();
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut upstream_rx, mut upstream_tx) = upstream.into_split();
     let level = guard.level;
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -732,8 +892,11 @@ enum UpEnd {
 /// gets a moment to close its side. When the client's connection fails, or
 /// rumqttd closes (a keep-alive timeout for a client that vanished without a
 /// word, say), both are closed at once, so neither side lingers.
-async fn splice(mut client: tokio::net::TcpStream, mut upstream: tokio::net::TcpStream) {
-    let (mut client_rx, mut client_tx) = client.split();
+async fn splice<S>(client: S, mut upstream: tokio::net::TcpStream)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut upstream_rx, mut upstream_tx) = upstream.split();
     let up = async {
         let r = tokio::io::copy(&mut client_rx, &mut upstream_tx).await;
@@ -755,8 +918,8 @@ async fn splice(mut client: tokio::net::TcpStream, mut upstream: tokio::net::Tcp
 }
 
 /// Reads until the protocol level is known. `None`: the client closed first.
-async fn read_head(
-    client: &mut tokio::net::TcpStream,
+async fn read_head<S: AsyncRead + Unpin>(
+    client: &mut S,
     head: &mut Vec<u8>,
 ) -> std::io::Result<Option<Verdict>> {
     let mut buf = [0u8; 64];

@@ -511,11 +511,13 @@ fn bad_request(msg: impl std::fmt::Display) -> Response {
 }
 
 /// What `POST /api/deployments` and its preview share: the body read and
-/// checked, the firmware resolved.
+/// checked, the firmware resolved (listed as `https://` when the request
+/// came over TLS).
 async fn prepare(
     d: &Dashboard,
     headers: &HeaderMap,
     body: &Bytes,
+    https: bool,
 ) -> Result<(rollout::Firmware, Selection, RolloutOptions), Response> {
     // Only a JSON request: a browser sends one cross-site only after a CORS
     // preflight, which this server never grants, so another site cannot
@@ -541,7 +543,7 @@ async fn prepare(
         .map_err(|e| bad_request(format!("bad deployment request: {e}")))?;
     let selection = req.selection().map_err(bad_request)?;
     let options = req.options().map_err(bad_request)?;
-    let firmware = firmware_named(d, headers, &req.firmware).await?;
+    let firmware = firmware_named(d, headers, &req.firmware, https).await?;
     Ok((firmware, selection, options))
 }
 
@@ -550,6 +552,7 @@ async fn firmware_named(
     d: &Dashboard,
     headers: &HeaderMap,
     spec: &str,
+    https: bool,
 ) -> Result<rollout::Firmware, Response> {
     let spec = spec.trim();
     if spec.is_empty() {
@@ -559,7 +562,7 @@ async fn firmware_named(
     let firmware = if lower.starts_with("http://") || lower.starts_with("https://") {
         resolve_firmware(spec, "", &d.app.remote_firmware).await
     } else {
-        let list = listings(&d.app, headers)
+        let list = listings(&d.app, headers, https)
             .await
             .map_err(|e| api_error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
         match list.iter().find(|f| f.name == spec) {
@@ -583,8 +586,13 @@ async fn firmware_named(
 
 /// `POST /api/deployments/preview`: what `POST /api/deployments` with the
 /// same body would do, without doing it.
-async fn api_preview(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes) -> Response {
-    let (firmware, selection, options) = match prepare(&d, &headers, &body).await {
+async fn api_preview(
+    State(d): State<Dashboard>,
+    https: Option<axum::Extension<crate::server::Https>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (firmware, selection, options) = match prepare(&d, &headers, &body, https.is_some()).await {
         Ok(x) => x,
         Err(resp) => return resp,
     };
@@ -656,6 +664,7 @@ fn skipped_json(l: &rollout::LeftOut) -> serde_json::Value {
 async fn api_retry(
     State(d): State<Dashboard>,
     axum::extract::Path(id): axum::extract::Path<String>,
+    https: Option<axum::Extension<crate::server::Https>>,
     headers: HeaderMap,
 ) -> Response {
     let store = d.app.store.clone();
@@ -699,7 +708,7 @@ async fn api_retry(
         Ok(o) => o,
         Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
-    let firmware = match firmware_named(&d, &headers, &old.firmware).await {
+    let firmware = match firmware_named(&d, &headers, &old.firmware, https.is_some()).await {
         Ok(f) if f.sha256 == old.sha256 => f,
         Ok(_) => {
             return api_error(
@@ -715,8 +724,13 @@ async fn api_retry(
     start(&d, firmware, Selection::Ids(failed), options).await
 }
 
-async fn api_deploy(State(d): State<Dashboard>, headers: HeaderMap, body: Bytes) -> Response {
-    let (firmware, selection, options) = match prepare(&d, &headers, &body).await {
+async fn api_deploy(
+    State(d): State<Dashboard>,
+    https: Option<axum::Extension<crate::server::Https>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (firmware, selection, options) = match prepare(&d, &headers, &body, https.is_some()).await {
         Ok(x) => x,
         Err(resp) => return resp,
     };

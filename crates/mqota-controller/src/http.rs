@@ -357,18 +357,24 @@ pub(crate) fn api_error(status: StatusCode, msg: impl std::fmt::Display) -> Resp
         .into_response()
 }
 
-async fn api_firmware(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    match listings(&st, &headers).await {
+async fn api_firmware(
+    State(st): State<Arc<AppState>>,
+    https: Option<axum::Extension<crate::server::Https>>,
+    headers: HeaderMap,
+) -> Response {
+    match listings(&st, &headers, https.is_some()).await {
         Ok(list) => Json(list).into_response(),
         Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
 /// The catalogue as `GET /api/firmware` lists it, scanned afresh; URLs are
-/// based on `public_url` or the request's `Host`.
+/// based on `public_url` or the request's `Host` (`https://` when the
+/// request came over TLS).
 pub(crate) async fn listings(
     st: &Arc<AppState>,
     headers: &HeaderMap,
+    https: bool,
 ) -> Result<Vec<FirmwareListing>, String> {
     let st2 = st.clone();
     let scanned = tokio::task::spawn_blocking(move || {
@@ -391,7 +397,8 @@ pub(crate) async fn listings(
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("127.0.0.1");
-            format!("http://{host}")
+            let scheme = if https { "https" } else { "http" };
+            format!("{scheme}://{host}")
         }
     };
     let out: Vec<FirmwareListing> = list

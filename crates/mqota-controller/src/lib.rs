@@ -4,6 +4,7 @@
 pub mod access;
 pub mod accounts;
 pub mod broker;
+pub mod ca;
 pub mod catalogue;
 pub mod dashboard;
 pub mod fleet;
@@ -17,6 +18,7 @@ pub mod rollout;
 pub mod server;
 pub mod signer;
 pub mod store;
+pub mod tls;
 pub mod url;
 
 /// Seconds since the Unix epoch, the timestamps kept in the store.

@@ -11,7 +11,10 @@
 //!   every redirect's, and on every address a name resolves to, in the
 //!   resolver itself, so a name cannot resolve to a public address for the
 //!   check and a private one for the connection;
-//! - an error never quotes what was fetched, only its status and size.
+//! - an error never quotes what was fetched, only its status and size;
+//! - `https://` is trusted only through the fleet CA
+//!   ([`RemoteFirmware::with_tls`]), never the system's roots, so a `serve`
+//!   over HTTPS can be read by `deploy --server https://…`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -30,6 +33,8 @@ pub struct RemoteFirmware {
     allowed: Arc<Vec<String>>,
     /// Host and port pairs allowed.
     origins: Arc<Vec<(String, u16)>>,
+    /// How `https://` servers are checked; `None`: no `https://`.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl RemoteFirmware {
@@ -45,6 +50,27 @@ impl RemoteFirmware {
                     .collect(),
             ),
             origins: Arc::default(),
+            tls: None,
+        }
+    }
+
+    /// The same, reading `https://` URLs with `config` (e.g.
+    /// [`crate::tls::https_client`]: the fleet CA pinned).
+    pub fn with_tls(self, config: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            tls: Some(config),
+            ..self
+        }
+    }
+
+    /// An HTTP client with this policy's TLS configuration (if any).
+    pub(crate) fn client_builder(&self) -> reqwest::ClientBuilder {
+        let b = reqwest::Client::builder();
+        match &self.tls {
+            Some(c) => b.use_preconfigured_tls((**c).clone()),
+            // Built-in roots are empty (`rustls-tls-manual-roots`): every
+            // `https://` URL fails on its certificate.
+            None => b,
         }
     }
 
@@ -114,7 +140,8 @@ impl RemoteFirmware {
                 None => attempt.follow(),
             }
         });
-        let client = reqwest::Client::builder()
+        let client = self
+            .client_builder()
             .timeout(Duration::from_secs(60))
             .redirect(redirects)
             .dns_resolver(Arc::new(PublicOnly(self.clone())))

@@ -11,6 +11,13 @@
 //! | connection cap | a semaphore; a connection over the cap is closed at once rather than left in the kernel's backlog, where a device's download would queue behind the flood |
 //! | request-body limit | axum's `DefaultBodyLimit` for every route (the firmware upload route sets its own, larger one) |
 //!
+//! With a TLS configuration ([`serve_tls`], `mqota serve --tls-cert
+//! --tls-key`) every connection is HTTPS: the handshake must finish within
+//! the header-read timeout too (a client that opens a TLS connection and
+//! stalls holds a permit no longer than one that stalls in its request
+//! head), and a client speaking plain HTTP to it gets its connection
+//! closed, with no answer.
+//!
 //! and one courtesy: every error answer under `/api/` is JSON
 //! (`{"error": "…"}`), including those axum's extractors and router make
 //! (unknown route, wrong method, malformed JSON body).
@@ -27,6 +34,11 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+
+/// Marks a request that came over TLS (a request extension [`serve_tls`]
+/// sets), so handlers that write the server's own URLs say `https://`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Https;
 
 /// The limits [`serve`] holds every client to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +74,23 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    serve_tls(listener, app, limits, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given (see [`crate::tls::http_server`]).
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let app = if acceptor.is_some() {
+        app.layer(axum::Extension(Https))
+    } else {
+        app
+    };
     let app = app
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body))
         .layer(axum::middleware::from_fn(json_api_errors));
@@ -99,19 +128,24 @@ pub async fn serve(
                 req
             },
         ));
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            match acceptor {
+                None => serve_connection(stream, service, limits, stop).await,
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(tls)) => serve_connection(tls, service, limits, stop).await,
+                        // Plain HTTP, another protocol, a certificate the
+                        // client refused, or a stall: nothing to answer.
+                        Ok(Err(e)) => tracing::debug!("TLS handshake: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
             }
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
         });
     }
     let _ = stop_tx.send(true);
@@ -119,6 +153,36 @@ pub async fn serve(
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(Duration::from_secs(5), slots.acquire_many(all)).await;
     Ok(())
+}
+
+/// Runs one HTTP/1 connection under `limits` until it ends, or `stop`
+/// says so (then up to 5 s more for the request in flight).
+async fn serve_connection<I, S>(
+    io: I,
+    service: TowerToHyperService<S>,
+    limits: HttpLimits,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
 }
 
 /// Makes every error answer under `/api/` JSON: those of the handlers

@@ -1,18 +1,26 @@
-//! Broker addresses: `mqtt://[user[:password]@]host[:port]`.
+//! Broker addresses: `mqtt://[user[:password]@]host[:port]` and
+//! `mqtts://…` (TLS, port 8883 unless given).
 //!
 //! Parsed by the core's [`parse_broker_url`], the one parser of this URL form
 //! in the project (the devices use it too); this module only owns the strings
-//! and says what is wrong in words an operator reads. `mqtts://` is recognised so the error can
-//! say TLS is not built in yet.
+//! and says what is wrong in words an operator reads. For `mqtts://` it
+//! hands the core the same URL with the `mqtt://` scheme and remembers that
+//! the connection is TLS: how the broker is checked (the pinned CA, the
+//! client certificate) is not part of a URL and is set with
+//! [`BrokerUrl::with_tls`] (see [`crate::tls::mqtt_client`]).
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use mqota_core::broker_url::parse_broker_url;
 pub use mqota_core::broker_url::DEFAULT_MQTT_PORT;
 
+/// The port of MQTT over TLS when a `mqtts://` URL names none.
+pub const DEFAULT_MQTTS_PORT: u16 = 8883;
+
 /// Where the broker is and how to log in.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct BrokerUrl {
     /// Host name or IP address (IPv6 without brackets).
     pub host: String,
@@ -22,19 +30,40 @@ pub struct BrokerUrl {
     pub username: Option<String>,
     /// Password, if the URL has one.
     pub password: Option<String>,
+    /// `mqtts://`: the connection is TLS.
+    pub secure: bool,
+    /// How a `mqtts://` connection checks the broker and which client
+    /// certificate it presents; `None` until [`BrokerUrl::with_tls`] (a
+    /// secure URL without it trusts nobody, so every connection fails).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
+
+impl PartialEq for BrokerUrl {
+    /// Same address, login and scheme, and the same TLS configuration
+    /// object (configurations are compared by identity).
+    fn eq(&self, other: &Self) -> bool {
+        self.host == other.host
+            && self.port == other.port
+            && self.username == other.username
+            && self.password == other.password
+            && self.secure == other.secure
+            && match (&self.tls, &other.tls) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
+
+impl Eq for BrokerUrl {}
 
 /// Why a broker URL was refused. Fix the URL and try again.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BrokerUrlError {
-    /// Not `mqtt://`: give a URL like `mqtt://127.0.0.1:1883`.
-    #[error("broker URL must start with mqtt:// (got {0:?})")]
+    /// Not `mqtt://` or `mqtts://`: give a URL like `mqtt://127.0.0.1:1883`.
+    #[error("broker URL must start with mqtt:// or mqtts:// (got {0:?})")]
     Scheme(String),
-    /// `mqtts://` needs TLS, which this build does not have: use `mqtt://`
-    /// or a TLS-terminating proxy.
-    #[error("mqtts:// is not supported yet; use mqtt://")]
-    TlsUnsupported,
     /// Nothing between `://` and the port.
     #[error("broker URL has no host")]
     NoHost,
@@ -56,7 +85,43 @@ impl BrokerUrl {
         if let Some(u) = &self.username {
             o.set_credentials(u.clone(), self.password.clone().unwrap_or_default());
         }
+        if self.secure {
+            // No configuration given: an empty trust store, so the
+            // connection fails on the broker's certificate rather than
+            // trusting anything.
+            let config = self.tls.clone().unwrap_or_else(|| {
+                Arc::new(
+                    rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                        .with_safe_default_protocol_versions()
+                        .expect("ring supports the default versions")
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth(),
+                )
+            });
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(config),
+            ));
+        }
         o
+    }
+
+    /// This URL with `config` for its TLS connection (used when it is
+    /// `mqtts://`).
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+}
+
+/// Whether the authority part of a URL (after the scheme) names a port.
+fn has_port(rest: &str) -> bool {
+    let hostport = rest.trim_end_matches('/');
+    let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, h)| h);
+    match hostport.strip_prefix('[') {
+        Some(v6) => v6
+            .split_once(']')
+            .is_some_and(|(_, tail)| tail.starts_with(':')),
+        None => hostport.contains(':'),
     }
 }
 
@@ -68,17 +133,35 @@ impl FromStr for BrokerUrl {
     /// one URL two ways.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         use mqota_core::broker_url::BrokerUrlError as E;
-        let u = parse_broker_url(s).map_err(|e| match e {
-            E::Scheme => BrokerUrlError::Scheme(s.trim().to_owned()),
-            E::TlsUnsupported => BrokerUrlError::TlsUnsupported,
+        let trimmed = s.trim();
+        let tls_rest = trimmed
+            .get(..8)
+            .filter(|scheme| scheme.eq_ignore_ascii_case("mqtts://"))
+            .map(|_| &trimmed[8..]);
+        let plain;
+        let to_parse = match tls_rest {
+            Some(rest) => {
+                plain = format!("mqtt://{rest}");
+                plain.as_str()
+            }
+            None => s,
+        };
+        let u = parse_broker_url(to_parse).map_err(|e| match e {
             E::NoHost => BrokerUrlError::NoHost,
-            _ => BrokerUrlError::Port(s.trim().to_owned()),
+            E::Port => BrokerUrlError::Port(trimmed.to_owned()),
+            _ => BrokerUrlError::Scheme(trimmed.to_owned()),
         })?;
+        let port = match tls_rest {
+            Some(rest) if !has_port(rest) => DEFAULT_MQTTS_PORT,
+            _ => u.port,
+        };
         Ok(BrokerUrl {
             host: u.host.to_owned(),
-            port: u.port,
+            port,
             username: u.username.map(str::to_owned),
             password: u.password.map(str::to_owned),
+            secure: tls_rest.is_some(),
+            tls: None,
         })
     }
 }
@@ -86,7 +169,7 @@ impl FromStr for BrokerUrl {
 impl fmt::Display for BrokerUrl {
     /// Never prints the password, so the URL can go into logs.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("mqtt://")?;
+        f.write_str(if self.secure { "mqtts://" } else { "mqtt://" })?;
         if let Some(u) = &self.username {
             write!(f, "{u}@")?;
         }
@@ -132,11 +215,29 @@ mod tests {
     }
 
     #[test]
-    fn other_schemes_tls_and_bad_ports_are_refused() {
+    fn mqtts_is_tls_on_8883_unless_a_port_is_given() {
+        let u: BrokerUrl = "MQTTS://dev:pw@broker.lan".parse().unwrap();
+        assert!(u.secure);
         assert_eq!(
-            "mqtts://h".parse::<BrokerUrl>(),
-            Err(BrokerUrlError::TlsUnsupported)
+            (u.host.as_str(), u.port),
+            ("broker.lan", DEFAULT_MQTTS_PORT)
         );
+        assert_eq!(u.to_string(), "mqtts://dev@broker.lan:8883");
+        let u: BrokerUrl = "mqtts://[::1]:1883/".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.secure), ("::1", 1883, true));
+        let u: BrokerUrl = "mqtts://u:p:x@h:9".parse().unwrap();
+        assert_eq!((u.port, u.password.as_deref()), (9, Some("p:x")));
+        let u: BrokerUrl = "mqtt://h".parse().unwrap();
+        assert!(!u.secure);
+        assert_eq!(u.port, DEFAULT_MQTT_PORT);
+        assert!(matches!(
+            "mqtts://h:0".parse::<BrokerUrl>(),
+            Err(BrokerUrlError::Port(_))
+        ));
+    }
+
+    #[test]
+    fn other_schemes_and_bad_ports_are_refused() {
         assert!(matches!(
             "http://h".parse::<BrokerUrl>(),
             Err(BrokerUrlError::Scheme(_))
@@ -176,6 +277,17 @@ mod tests {
                     assert_eq!(c.password.as_deref(), d.password, "{url}");
                 }
                 (Err(_), Err(_)) => {}
+                // TLS is the controller's before it is the devices': the
+                // rest of the URL is still read as the devices read it.
+                (Err(_), Ok(c)) if url.starts_with("mqtts://") => {
+                    let plain = url.replacen("mqtts", "mqtt", 1);
+                    let d = mqota_core::broker_url::parse_broker_url(&plain).unwrap();
+                    assert!(c.secure, "{url}");
+                    assert_eq!(
+                        (c.host.as_str(), c.username.as_deref()),
+                        (d.host, d.username)
+                    );
+                }
                 (d, c) => panic!("{url}: devices read {d:?}, the controller {c:?}"),
             }
         }

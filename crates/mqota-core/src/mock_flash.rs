@@ -174,7 +174,7 @@ impl NorFlash for MockFlash {
     const ERASE_SIZE: usize = SECTOR_SIZE as usize;
 
     fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), MockFlashError> {
-        if offset % WORD_SIZE != 0 || bytes.len() % WORD_SIZE as usize != 0 {
+        if !offset.is_multiple_of(WORD_SIZE) || !bytes.len().is_multiple_of(WORD_SIZE as usize) {
             return Err(MockFlashError::NotAligned);
         }
         let start = self.check_range(offset, bytes.len())?;
@@ -196,7 +196,7 @@ impl NorFlash for MockFlash {
         if from > to {
             return Err(MockFlashError::OutOfBounds);
         }
-        if from % SECTOR_SIZE != 0 || to % SECTOR_SIZE != 0 {
+        if !from.is_multiple_of(SECTOR_SIZE) || !to.is_multiple_of(SECTOR_SIZE) {
             return Err(MockFlashError::NotAligned);
         }
         let start = self.check_range(from, (to - from) as usize)?;
@@ -208,7 +208,7 @@ impl NorFlash for MockFlash {
         }
         let mut at = from;
         while at < to {
-            if at % BLOCK_SIZE == 0 && to - at >= BLOCK_SIZE {
+            if at.is_multiple_of(BLOCK_SIZE) && to - at >= BLOCK_SIZE {
                 self.stats.block_erases += 1;
                 at += BLOCK_SIZE;
             } else {

@@ -421,7 +421,7 @@ impl<B: Backing> SimFlash<B> {
     /// program them (padded with `0xFF` to a whole word). The rest of those
     /// sectors ends up erased. Counts as ordinary operations.
     pub fn write_flash(&mut self, offset: u32, bytes: &[u8]) -> Result<(), SimError> {
-        if offset % SECTOR_SIZE != 0 {
+        if !offset.is_multiple_of(SECTOR_SIZE) {
             return Err(SimError::NotAligned);
         }
         let end = offset as u64 + bytes.len() as u64;
@@ -532,7 +532,7 @@ impl<B: Backing> NorFlash for SimFlash<B> {
 
     fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), SimError> {
         self.check_powered()?;
-        if offset % WORD_SIZE != 0 || bytes.len() % WORD_SIZE as usize != 0 {
+        if !offset.is_multiple_of(WORD_SIZE) || !bytes.len().is_multiple_of(WORD_SIZE as usize) {
             return Err(SimError::NotAligned);
         }
         self.check_range(offset, bytes.len())?;
@@ -564,7 +564,7 @@ impl<B: Backing> NorFlash for SimFlash<B> {
         if from > to || to as usize > self.cells.len() {
             return Err(SimError::OutOfBounds);
         }
-        if from % SECTOR_SIZE != 0 || to % SECTOR_SIZE != 0 {
+        if !from.is_multiple_of(SECTOR_SIZE) || !to.is_multiple_of(SECTOR_SIZE) {
             return Err(SimError::NotAligned);
         }
         let done = self.budget((to - from) as u64) as u32;
@@ -581,7 +581,7 @@ impl<B: Backing> NorFlash for SimFlash<B> {
         // blocks where aligned and whole, sectors elsewhere.
         let mut at = from;
         while at < end.min(to) {
-            if at % BLOCK_SIZE == 0 && to - at >= BLOCK_SIZE {
+            if at.is_multiple_of(BLOCK_SIZE) && to - at >= BLOCK_SIZE {
                 self.stats.block_erases += 1;
                 self.elapsed += self.timing.block_erase;
                 at += BLOCK_SIZE;

@@ -57,6 +57,9 @@ enum Command {
     /// API tokens for the CLI and scripts: add, list, revoke.
     #[command(subcommand)]
     Token(cmd::users::TokenCommand),
+    /// The fleet CA: make it, issue device and server certificates.
+    #[command(subcommand)]
+    Ca(cmd::ca::CaCommand),
     /// Configuration for an external broker (Mosquitto).
     #[command(subcommand)]
     Broker(cmd::access::BrokerCommand),
@@ -86,6 +89,7 @@ fn main() -> std::process::ExitCode {
         Command::Broker(c) => c.run(),
         Command::User(c) => c.run(),
         Command::Token(c) => c.run(),
+        Command::Ca(c) => c.run(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

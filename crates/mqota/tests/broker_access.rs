@@ -89,9 +89,10 @@ async fn answer(el: &mut EventLoop) -> Answer {
         match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
             Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => {
                 return match a.reason {
-                    PubAckReason::Success => Answer::Granted,
+                    // Mosquitto says the latter when nobody subscribes.
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Answer::Granted,
                     _ => Answer::Refused,
-                }
+                };
             }
             Ok(Ok(Event::Incoming(Packet::SubAck(a)))) => {
                 return if a
@@ -125,14 +126,20 @@ async fn answer(el: &mut EventLoop) -> Answer {
 
 /// The retained payload on `topic`, read with the controller's login.
 async fn retained(port: u16, controller_pw: &str, topic: &str) -> Vec<u8> {
-    let (c, mut el) = AsyncClient::new(
+    retained_with(
         options(
             &format!("check-{}", std::process::id()),
             port,
             Some(("controller", controller_pw)),
         ),
-        10,
-    );
+        topic,
+    )
+    .await
+}
+
+/// The retained payload on `topic`, read by a client with options `o`.
+async fn retained_with(o: MqttOptions, topic: &str) -> Vec<u8> {
+    let (c, mut el) = AsyncClient::new(o, 10);
     connect(&mut el).await.expect("the controller connects");
     c.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
     loop {
@@ -592,4 +599,671 @@ fn without_device_logins_on_loopback_the_embedded_door_is_open_and_says_so() {
     assert_eq!(api["anonymous"], true, "{api}");
     assert_eq!(api["topic_rules"], false, "{api}");
     assert!(api["why"].as_str().unwrap().contains("no device"), "{api}");
+}
+
+// ---------------------------------------------------------------------------
+// Certificates: `mqota ca`, Mosquitto in certificate mode, the embedded
+// broker's TLS listener, serve over HTTPS.
+
+/// The fleet of the TLS tests: a CA made by `mqota ca init` in `data`, a
+/// server certificate for `localhost` only (so 127.0.0.1 is "the wrong
+/// name"), device certificates for dev-a, dev-b and dev-x, and dev-x's
+/// twin from another CA.
+struct CertFleet {
+    data: tempfile::TempDir,
+    other: tempfile::TempDir,
+    /// Everything `mqota` printed while making them.
+    printed: String,
+}
+
+impl CertFleet {
+    fn new() -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let mut printed = String::new();
+        let mut run = |args: &[&str]| {
+            let (ok, out, err) = mqota(args);
+            assert!(ok, "{args:?}: {err}");
+            printed.push_str(&out);
+            printed.push_str(&err);
+            out
+        };
+        let d = data.path().to_str().unwrap();
+        run(&["ca", "init", "--data-dir", d]);
+        run(&[
+            "ca",
+            "issue",
+            "server",
+            "--host",
+            "localhost",
+            "--data-dir",
+            d,
+        ]);
+        for id in ["dev-a", "dev-b", "dev-x"] {
+            run(&["ca", "issue", "device", id, "--data-dir", d]);
+        }
+        let o = other.path().to_str().unwrap();
+        run(&["ca", "init", "--data-dir", o]);
+        run(&["ca", "issue", "device", "dev-x", "--data-dir", o]);
+        Self {
+            data,
+            other,
+            printed,
+        }
+    }
+
+    fn d(&self) -> &Path {
+        self.data.path()
+    }
+
+    fn ca(&self) -> std::path::PathBuf {
+        self.d().join("ca/ca.pem")
+    }
+
+    /// A device's certificate and key (`other`: from the other CA).
+    fn device(&self, id: &str, other: bool) -> mqota_controller::tls::ClientCert {
+        let root = if other { self.other.path() } else { self.d() };
+        mqota_controller::tls::ClientCert {
+            cert: root.join(format!("ca/devices/{id}.pem")),
+            key: root.join(format!("ca/devices/{id}.key")),
+        }
+    }
+
+    fn controller(&self) -> mqota_controller::tls::ClientCert {
+        mqota_controller::tls::ClientCert {
+            cert: self.d().join("ca/controller.pem"),
+            key: self.d().join("ca/controller.key"),
+        }
+    }
+
+    /// Every private key file the CAs wrote.
+    fn keys(&self) -> Vec<std::path::PathBuf> {
+        let mut keys = Vec::new();
+        for root in [self.d(), self.other.path()] {
+            for dir in ["ca", "ca/devices", "ca/servers"] {
+                let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+                    continue;
+                };
+                for e in entries {
+                    let p = e.unwrap().path();
+                    if p.extension().is_some_and(|x| x == "key") {
+                        keys.push(p);
+                    }
+                }
+            }
+        }
+        keys
+    }
+
+    /// Asserts that no line of any private key's PEM body is in `text`.
+    fn assert_no_key_material(&self, text: &str) {
+        for k in self.keys() {
+            let pem = std::fs::read_to_string(&k).unwrap();
+            for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+                assert!(
+                    !text.contains(line),
+                    "key material of {} was printed",
+                    k.display()
+                );
+            }
+        }
+    }
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// MQTT 5 options over TLS to `host:port`, pinning `ca`, presenting `cert`.
+fn tls_options(
+    client_id: &str,
+    host: &str,
+    port: u16,
+    ca: &Path,
+    cert: Option<&mqota_controller::tls::ClientCert>,
+) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id, host, port);
+    o.set_keep_alive(Duration::from_secs(5));
+    let config = mqota_controller::tls::mqtt_client(ca, cert).unwrap();
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(config),
+    ));
+    o
+}
+
+/// `mosquitto_pub` over TLS with a client certificate (MQTT 3.1.1, QoS 1).
+fn mosquitto_pub_tls(
+    port: u16,
+    ca: &Path,
+    cert: &mqota_controller::tls::ClientCert,
+    id: &str,
+    topic: &str,
+    payload: &str,
+) -> std::process::Output {
+    std::process::Command::new("mosquitto_pub")
+        .args(["-h", "localhost", "-p", &port.to_string(), "-q", "1", "-r"])
+        .args(["-i", id, "-t", topic, "-m", payload])
+        .arg("--cafile")
+        .arg(ca)
+        .arg("--cert")
+        .arg(&cert.cert)
+        .arg("--key")
+        .arg(&cert.key)
+        .output()
+        .expect("mosquitto_pub (apt-get install mosquitto-clients)")
+}
+
+#[test]
+fn the_fleet_ca_is_made_once_and_issues_certificates_openssl_accepts_for_their_purpose() {
+    let f = CertFleet::new();
+    let d = f.d().to_str().unwrap();
+    for k in f.keys() {
+        assert_eq!(mode(&k), 0o600, "{}", k.display());
+    }
+    f.assert_no_key_material(&f.printed);
+
+    // A second init leaves the CA as it was.
+    let key_before = std::fs::read(f.d().join("ca/ca.key")).unwrap();
+    let (ok, _, err) = mqota(&["ca", "init", "--data-dir", d]);
+    assert!(!ok && err.contains("exists already"), "{err}");
+    assert_eq!(std::fs::read(f.d().join("ca/ca.key")).unwrap(), key_before);
+    // A device certificate is not replaced by accident.
+    let (ok, _, err) = mqota(&["ca", "issue", "device", "dev-a", "--data-dir", d]);
+    assert!(!ok && err.contains("--force"), "{err}");
+    let (ok, _, err) = mqota(&["ca", "issue", "device", "a/b", "--data-dir", d]);
+    assert!(!ok && err.contains("bad device id"), "{err}");
+    let empty = tempfile::tempdir().unwrap();
+    let (ok, _, err) = mqota(&[
+        "ca",
+        "issue",
+        "device",
+        "dev-1",
+        "--data-dir",
+        empty.path().to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("mqota ca init"), "{err}");
+
+    // What a firmware build needs, as shell lines that read the files.
+    let (ok, out, err) = mqota(&["ca", "issue", "device", "dev-c", "--data-dir", d]);
+    assert!(ok, "{err}");
+    let key = f.d().join("ca/devices/dev-c.key");
+    assert!(out.contains("export MQOTA_DEVICE_ID=dev-c\n"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "export MQOTA_TLS_KEY=\"$(cat {})\"",
+            key.display()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("export MQOTA_TLS_CA=") && out.contains("export MQOTA_TLS_CERT="));
+    // The lines work in a shell and give the PEM texts.
+    let sh = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{out}\nprintf %s \"$MQOTA_TLS_KEY\""))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&sh.stdout).trim(),
+        std::fs::read_to_string(&key).unwrap().trim()
+    );
+    f.assert_no_key_material(&(out + &err));
+
+    // OpenSSL: chains, subjects and purposes.
+    let openssl = |args: &[&str]| {
+        let o = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    let ca = f.ca();
+    let ca = ca.to_str().unwrap();
+    let dev = f.device("dev-a", false).cert;
+    let dev = dev.to_str().unwrap();
+    let server = f.d().join("ca/servers/localhost.pem");
+    let server = server.to_str().unwrap();
+    let (ok, out) = openssl(&["verify", "-CAfile", ca, "-purpose", "sslclient", dev]);
+    assert!(ok, "{out}");
+    let (ok, out) = openssl(&["verify", "-CAfile", ca, "-purpose", "sslserver", server]);
+    assert!(ok, "{out}");
+    // Each leaf is good for its own purpose only.
+    let (ok, _) = openssl(&["verify", "-CAfile", ca, "-purpose", "sslserver", dev]);
+    assert!(!ok, "a device certificate passes as a server's");
+    let (ok, _) = openssl(&["verify", "-CAfile", ca, "-purpose", "sslclient", server]);
+    assert!(!ok, "a server certificate passes as a client's");
+    // Another CA's certificate does not chain to this one.
+    let foreign = f.device("dev-x", true).cert;
+    let (ok, _) = openssl(&["verify", "-CAfile", ca, foreign.to_str().unwrap()]);
+    assert!(!ok);
+    let (_, text) = openssl(&["x509", "-in", dev, "-noout", "-subject", "-text"]);
+    assert!(
+        text.contains("CN = dev-a") || text.contains("CN=dev-a"),
+        "{text}"
+    );
+    assert!(
+        text.contains("prime256v1") || text.contains("P-256"),
+        "{text}"
+    );
+    assert!(text.contains("TLS Web Client Authentication"), "{text}");
+    let (_, text) = openssl(&["x509", "-in", ca, "-noout", "-text"]);
+    assert!(
+        text.contains("CA:TRUE") && text.contains("pathlen:0"),
+        "{text}"
+    );
+    let (_, text) = openssl(&["x509", "-in", server, "-noout", "-text"]);
+    assert!(text.contains("DNS:localhost"), "{text}");
+}
+
+/// What both doors must do with certificates: the right device certificate
+/// gets in (rumqttc and mosquitto_pub); another CA's, none at all, and a
+/// server reached by a name its certificate does not hold are refused; a
+/// device publishing on another's status is refused and the status stays.
+async fn certificate_door(door: Door, port: u16, f: &CertFleet) {
+    let ca = f.ca();
+    // Devices publish their own retained status.
+    for id in ["dev-a", "dev-b"] {
+        let (c, mut el) = AsyncClient::new(
+            tls_options(id, "localhost", port, &ca, Some(&f.device(id, false))),
+            10,
+        );
+        connect(&mut el)
+            .await
+            .unwrap_or_else(|e| panic!("{door:?}: {id} with its certificate: {e:?}"));
+        c.publish(
+            format!("device/{id}/status"),
+            QoS::AtLeastOnce,
+            true,
+            serde_json::to_vec(&serde_json::json!({
+                "device": id, "chip": "esp32c3", "project": "fleet", "version": "1.0.0",
+                "slot": 0, "state": "valid", "last": null
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer(&mut el).await, Answer::Granted, "{door:?}: {id}");
+        let _ = c.disconnect().await;
+    }
+    let controller = tls_options("ctl-check", "localhost", port, &ca, Some(&f.controller()));
+    let b_status = retained_with(controller.clone(), "device/dev-b/status").await;
+    assert!(String::from_utf8_lossy(&b_status).contains("dev-b"));
+
+    // An independent client with the same files.
+    let out = mosquitto_pub_tls(
+        port,
+        &ca,
+        &f.device("dev-a", false),
+        "dev-a",
+        "device/dev-a/status",
+        &serde_json::json!({
+            "device": "dev-a", "chip": "esp32c3", "project": "fleet", "version": "1.0.1",
+            "slot": 0, "state": "valid", "last": null
+        })
+        .to_string(),
+    );
+    assert!(
+        out.status.success(),
+        "{door:?}: mosquitto_pub with dev-a's certificate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a_status = retained_with(controller.clone(), "device/dev-a/status").await;
+    assert!(String::from_utf8_lossy(&a_status).contains("1.0.1"));
+
+    // Another CA's certificate (same CN as a real device).
+    let (_c, mut el) = AsyncClient::new(
+        tls_options(
+            "dev-x",
+            "localhost",
+            port,
+            &ca,
+            Some(&f.device("dev-x", true)),
+        ),
+        10,
+    );
+    let r = connect(&mut el).await;
+    assert!(
+        matches!(
+            r,
+            Err(ConnectionError::Tls(_) | ConnectionError::Io(_) | ConnectionError::MqttState(_))
+        ),
+        "{door:?}: another CA's certificate: {r:?}"
+    );
+    // No certificate, no login.
+    let (_c, mut el) = AsyncClient::new(tls_options("dev-x", "localhost", port, &ca, None), 10);
+    match connect(&mut el).await {
+        // The embedded broker takes TLS without a certificate (password
+        // logins), then refuses the anonymous CONNECT.
+        Err(ConnectionError::ConnectionRefused(code)) if door == Door::Embedded => {
+            assert_eq!(code, ConnectReturnCode::NotAuthorized)
+        }
+        // Mosquitto requires the certificate in the handshake.
+        Err(ConnectionError::Tls(_) | ConnectionError::Io(_) | ConnectionError::MqttState(_))
+            if door == Door::Mosquitto => {}
+        other => panic!("{door:?}: an anonymous TLS client: {other:?}"),
+    }
+    // A broker reached by a name its certificate does not hold.
+    let (_c, mut el) = AsyncClient::new(
+        tls_options(
+            "dev-a",
+            "127.0.0.1",
+            port,
+            &ca,
+            Some(&f.device("dev-a", false)),
+        ),
+        10,
+    );
+    match connect(&mut el).await {
+        Err(ConnectionError::Tls(e)) => {
+            assert!(format!("{e:?}").contains("NotValidForName"), "{e:?}")
+        }
+        other => panic!("{door:?}: a certificate for another name was accepted: {other:?}"),
+    }
+    // Plain MQTT on the TLS port.
+    let (_c, mut el) = AsyncClient::new(options("dev-a", port, None), 10);
+    assert!(connect(&mut el).await.is_err(), "{door:?}: plain MQTT");
+
+    // dev-a, with its own certificate, forges dev-b's retained status;
+    // and (embedded broker) connects under dev-b's client id.
+    let (c, mut el) = AsyncClient::new(
+        tls_options(
+            "dev-a",
+            "localhost",
+            port,
+            &ca,
+            Some(&f.device("dev-a", false)),
+        ),
+        10,
+    );
+    connect(&mut el).await.expect("dev-a connects");
+    c.publish(
+        "device/dev-b/status",
+        QoS::AtLeastOnce,
+        true,
+        br#"{"device":"dev-b","version":"6.6.6"}"#.to_vec(),
+    )
+    .await
+    .unwrap();
+    let a = answer(&mut el).await;
+    match door {
+        Door::Mosquitto => assert_eq!(a, Answer::Refused),
+        Door::Embedded => assert_eq!(a, Answer::DisconnectedNotAuthorized),
+    }
+    // The same at MQTT 3.1.1, which cannot say no: Mosquitto drops the
+    // message, the embedded broker the connection; the status below stays
+    // either way.
+    mosquitto_pub_tls(
+        port,
+        &ca,
+        &f.device("dev-a", false),
+        "dev-a",
+        "device/dev-b/status",
+        r#"{"device":"dev-b","version":"7.7.7"}"#,
+    );
+    if door == Door::Embedded {
+        let (_c, mut el) = AsyncClient::new(
+            tls_options(
+                "dev-b",
+                "localhost",
+                port,
+                &ca,
+                Some(&f.device("dev-a", false)),
+            ),
+            10,
+        );
+        match connect(&mut el).await {
+            Err(ConnectionError::ConnectionRefused(code)) => {
+                assert_eq!(code, ConnectReturnCode::ClientIdentifierNotValid)
+            }
+            other => panic!("dev-a's certificate under dev-b's client id: {other:?}"),
+        }
+    }
+    assert_eq!(
+        retained_with(controller, "device/dev-b/status").await,
+        b_status,
+        "{door:?}: dev-b's retained status changed"
+    );
+}
+
+/// `mqota status` over `mqtts://`, with the controller's certificate and
+/// the fleet CA from the data directory.
+fn status_over_tls(f: &CertFleet, broker: &str) -> Vec<serde_json::Value> {
+    let (ok, out, err) = mqota(&[
+        "status",
+        "--json",
+        "--broker",
+        broker,
+        "--data-dir",
+        f.d().to_str().unwrap(),
+    ]);
+    assert!(ok, "status over {broker}: {err}");
+    f.assert_no_key_material(&(out.clone() + &err));
+    serde_json::from_str(&out).unwrap()
+}
+
+fn cli_refuses_wrong_name_and_missing_ca(f: &CertFleet, port: u16) {
+    let (ok, _, err) = mqota(&[
+        "status",
+        "--broker",
+        &format!("mqtts://127.0.0.1:{port}"),
+        "--data-dir",
+        f.d().to_str().unwrap(),
+    ]);
+    assert!(!ok, "status over a certificate for another name");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    let empty = tempfile::tempdir().unwrap();
+    let (ok, _, err) = mqota(&[
+        "status",
+        "--broker",
+        &format!("mqtts://localhost:{port}"),
+        "--data-dir",
+        empty.path().to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("--ca"), "{err}");
+}
+
+#[test]
+fn mosquitto_in_certificate_mode_lets_in_only_the_fleet_and_holds_devices_to_their_topics() {
+    let f = CertFleet::new();
+    let d = f.d().to_str().unwrap();
+    let port = free_port();
+    let conf_dir = tempfile::tempdir().unwrap();
+    let (ok, out, err) = mqota(&[
+        "broker",
+        "mosquitto-conf",
+        "--tls",
+        "--tls-cert",
+        f.d().join("ca/servers/localhost.pem").to_str().unwrap(),
+        "--tls-key",
+        f.d().join("ca/servers/localhost.key").to_str().unwrap(),
+        "--out",
+        conf_dir.path().to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        d,
+    ]);
+    assert!(ok, "mosquitto-conf --tls: {err}");
+    f.assert_no_key_material(&(out + &err));
+    let conf = std::fs::read_to_string(conf_dir.path().join("mosquitto.conf")).unwrap();
+    for line in [
+        "require_certificate true",
+        "use_identity_as_username true",
+        "allow_anonymous false",
+    ] {
+        assert!(conf.lines().any(|l| l == line), "{line}: {conf}");
+    }
+    let acl = std::fs::read_to_string(conf_dir.path().join("acl")).unwrap();
+    assert!(acl.contains("pattern write device/%u/status") && !acl.contains("%c"));
+    assert_eq!(mode(&conf_dir.path().join("server.key")), 0o600);
+    // As the README says: the files are Mosquitto's user's.
+    let root = std::process::Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&root.stdout).trim() == "0" {
+        let ok = std::process::Command::new("chown")
+            .arg("-R")
+            .arg("mosquitto")
+            .arg(conf_dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+    let _m = Mosquitto::start_with_config(&conf_dir.path().join("mosquitto.conf"), port);
+
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(certificate_door(Door::Mosquitto, port, &f));
+
+    // The controller's own client, through the CLI: both devices seen.
+    let s = status_over_tls(&f, &format!("mqtts://localhost:{port}"));
+    for (id, version) in [("dev-a", "1.0.1"), ("dev-b", "1.0.0")] {
+        assert!(
+            s.iter()
+                .any(|v| v["device"] == id && v["version"] == version),
+            "{id} on {version}: {s:#?}"
+        );
+    }
+    cli_refuses_wrong_name_and_missing_ca(&f, port);
+}
+
+#[test]
+fn the_embedded_brokers_tls_listener_takes_certificates_as_logins_and_serve_speaks_https() {
+    let f = CertFleet::new();
+    let fw = tempfile::tempdir().unwrap();
+    std::fs::write(fw.path().join("app-1.1.0.bin"), image("1.1.0", 64 * 1024)).unwrap();
+    let cert = f.d().join("ca/servers/localhost.pem");
+    let key = f.d().join("ca/servers/localhost.key");
+    let serve = Serve::start_with(
+        fw.path(),
+        f.d(),
+        None,
+        "127.0.0.1:0",
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--mqtts-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    f.assert_no_key_material(&serve.printed.join("\n"));
+    let mqtts = serve
+        .mqtts
+        .clone()
+        .expect("serve printed its mqtts listener");
+    let port: u16 = mqtts.rsplit(':').next().unwrap().parse().unwrap();
+
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(certificate_door(Door::Embedded, port, &f));
+
+    let s = status_over_tls(&f, &format!("mqtts://localhost:{port}"));
+    for (id, version) in [("dev-a", "1.0.1"), ("dev-b", "1.0.0")] {
+        assert!(
+            s.iter()
+                .any(|v| v["device"] == id && v["version"] == version),
+            "{id} on {version}: {s:#?}"
+        );
+    }
+    cli_refuses_wrong_name_and_missing_ca(&f, port);
+
+    // HTTPS: curl with the fleet CA gets the API and firmware URLs that say
+    // https; without the CA (system roots), or in plain HTTP, it gets
+    // nothing.
+    assert!(serve.http.starts_with("https://"), "{}", serve.http);
+    let http_port = serve.http.rsplit(':').next().unwrap();
+    let curl = |args: &[&str]| {
+        let o = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .args(args)
+            .output()
+            .expect("curl");
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let base = format!("https://localhost:{http_port}");
+    let ca = f.ca();
+    let (code, body) = curl(&[
+        "--cacert",
+        ca.to_str().unwrap(),
+        &format!("{base}/api/broker"),
+    ]);
+    assert_eq!(code, Some(0), "{body}");
+    let door: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(door["anonymous"], false, "{door}");
+    let (code, body) = curl(&[
+        "--cacert",
+        ca.to_str().unwrap(),
+        &format!("{base}/api/firmware"),
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(
+        body.contains(&format!("\"url\":\"{base}/firmware/app-1.1.0.bin\"")),
+        "{body}"
+    );
+    let (code, _) = curl(&[
+        "--cacert",
+        ca.to_str().unwrap(),
+        "-o",
+        "/dev/null",
+        &format!("{base}/firmware/app-1.1.0.bin"),
+    ]);
+    assert_eq!(code, Some(0), "firmware over HTTPS");
+    let (code, _) = curl(&[&format!("{base}/api/broker")]);
+    assert_ne!(code, Some(0), "trusted without the fleet CA");
+    let (code, _) = curl(&[&format!("http://localhost:{http_port}/api/broker")]);
+    assert_ne!(code, Some(0), "plain HTTP answered");
+    let (code, _) = curl(&[
+        "--cacert",
+        ca.to_str().unwrap(),
+        &format!("https://127.0.0.1:{http_port}/api/broker"),
+    ]);
+    assert_ne!(code, Some(0), "a certificate for another name was accepted");
+
+    // `deploy --server https://…` reads serve's catalogue through the fleet
+    // CA of the data directory; with another CA it refuses to.
+    let deploy = |extra: &[&str]| {
+        let mut args = vec![
+            "deploy",
+            "app-1.1.0.bin",
+            "--to",
+            "dev-a",
+            "--dry-run",
+            "--include-offline",
+            "--allow-other-project",
+            "--server",
+            &base,
+            "--broker",
+            &serve.broker,
+            "--data-dir",
+            f.d().to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        mqota(&args)
+    };
+    // The catalogue was read, and the URL it gave is serve's https one;
+    // dev-a's (hand-made) status does not say it speaks HTTPS, so deploy
+    // leaves it out, naming the URL.
+    let (ok, out, err) = deploy(&[]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains(&format!(
+            "the firmware URL {base}/firmware/app-1.1.0.bin is https, and https is not enabled on dev-a"
+        )),
+        "{err}"
+    );
+    let other_ca = f.other.path().join("ca/ca.pem");
+    let (ok, _, err) = deploy(&["--ca", other_ca.to_str().unwrap()]);
+    assert!(!ok, "a server of another CA was trusted");
+    assert!(err.contains("/api/firmware"), "{err}");
 }

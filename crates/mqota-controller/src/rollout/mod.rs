@@ -1250,10 +1250,14 @@ pub async fn resolve_firmware_as(
     token: Option<&str>,
     remote: &crate::remote::RemoteFirmware,
 ) -> Result<Firmware, FirmwareError> {
-    let client = reqwest::Client::builder()
+    let client = remote
+        .client_builder()
         .timeout(Duration::from_secs(60))
         .build()
-        .expect("an HTTP client without TLS builds");
+        .map_err(|e| FirmwareError::Fetch {
+            url: server.to_owned(),
+            reason: e.to_string(),
+        })?;
     let fetch_err = |url: &str, e: &dyn fmt::Display| FirmwareError::Fetch {
         url: url.to_owned(),
         reason: e.to_string(),

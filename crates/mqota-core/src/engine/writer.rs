@@ -74,7 +74,7 @@ impl Engine {
         };
         while dl.erased_to < need {
             let from = dl.erased_to;
-            let to = if from % BLOCK_SIZE == 0 && from + BLOCK_SIZE <= erase_end {
+            let to = if from.is_multiple_of(BLOCK_SIZE) && from + BLOCK_SIZE <= erase_end {
                 from + BLOCK_SIZE
             } else {
                 from + PAGE_SIZE

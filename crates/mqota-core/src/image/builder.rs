@@ -149,7 +149,7 @@ impl<'a> ImageBuilder<'a> {
                 min: Self::MIN_SIZE,
             });
         }
-        if size % 16 != 0 {
+        if !size.is_multiple_of(16) {
             return Err(BuildError::SizeNotAligned);
         }
         let max = Self::max_size(self.chip);

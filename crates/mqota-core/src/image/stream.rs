@@ -673,7 +673,7 @@ impl StreamValidator {
         let header = SegmentHeader::parse(&raw);
         let len = header.data_len;
         // Mirrors verify_segment_header() in esp_image_format.c.
-        if len % 4 != 0 || len >= MAX_IMAGE_LEN {
+        if !len.is_multiple_of(4) || len >= MAX_IMAGE_LEN {
             return Err(ImageError::BadSegmentLength { index, len });
         }
         // `seen` never exceeds `max_len` and `len` is below 16 MiB, so this
@@ -816,7 +816,7 @@ fn validate_flash_inner<F: ReadNorFlash>(
 ) -> Result<StreamValidator, ImageError> {
     const BUF: usize = 64;
     let rs = F::READ_SIZE;
-    if rs == 0 || BUF % rs != 0 || offset as usize % rs != 0 {
+    if rs == 0 || !BUF.is_multiple_of(rs) || !(offset as usize).is_multiple_of(rs) {
         return Err(ImageError::Flash(NorFlashErrorKind::NotAligned));
     }
     let capacity = flash.capacity();

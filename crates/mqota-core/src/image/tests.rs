@@ -534,7 +534,7 @@ impl ReadNorFlash for WordFlash {
 
     fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), Self::Error> {
         let o = offset as usize;
-        if o % 4 != 0 || bytes.len() % 4 != 0 {
+        if !o.is_multiple_of(4) || !bytes.len().is_multiple_of(4) {
             return Err(NorFlashErrorKind::NotAligned);
         }
         if o + bytes.len() > self.data.len() {

@@ -340,7 +340,7 @@ impl<E: core::fmt::Debug> core::fmt::Display for OtadataError<E> {
 impl<E: core::fmt::Debug> std::error::Error for OtadataError<E> {}
 
 fn check_layout<F: ReadNorFlash>(otadata_offset: u32) -> Result<(), OtadataError<F::Error>> {
-    if otadata_offset % SECTOR_SIZE != 0 || ENTRY_SIZE % F::READ_SIZE != 0 {
+    if !otadata_offset.is_multiple_of(SECTOR_SIZE) || !ENTRY_SIZE.is_multiple_of(F::READ_SIZE) {
         return Err(OtadataError::BadLayout);
     }
     Ok(())
@@ -348,7 +348,9 @@ fn check_layout<F: ReadNorFlash>(otadata_offset: u32) -> Result<(), OtadataError
 
 fn check_write_layout<F: NorFlash>(otadata_offset: u32) -> Result<(), OtadataError<F::Error>> {
     check_layout::<F>(otadata_offset)?;
-    if SECTOR_SIZE as usize % F::ERASE_SIZE != 0 || ENTRY_SIZE % F::WRITE_SIZE != 0 {
+    if !(SECTOR_SIZE as usize).is_multiple_of(F::ERASE_SIZE)
+        || !ENTRY_SIZE.is_multiple_of(F::WRITE_SIZE)
+    {
         return Err(OtadataError::BadLayout);
     }
     Ok(())

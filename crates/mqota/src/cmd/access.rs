@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
 use mqota_controller::access::{
-    controller_login, mosquitto_acl, mosquitto_conf, mosquitto_passwords, new_identity,
-    password_path, write_password_file, Role, CONTROLLER_USER,
+    controller_login, mosquitto_acl, mosquitto_conf, mosquitto_conf_tls, mosquitto_passwords,
+    new_identity, password_path, write_password_file, MosquittoTls, Role, CONTROLLER_USER,
 };
+use mqota_controller::ca::CaDir;
 use mqota_controller::store::Store;
 use mqota_core::protocol::Topics;
 
@@ -61,13 +62,29 @@ pub enum BrokerCommand {
     /// Mosquitto runs as (Debian: `chown mosquitto DIR/passwords DIR/acl`);
     /// later runs rewrite them in place, keeping owner and mode. Run it again
     /// after `device add` or `remove`, then reload Mosquitto (SIGHUP).
+    ///
+    /// With --tls: one TLS listener where a client certificate of the fleet
+    /// CA is the login (`require_certificate`, `use_identity_as_username`:
+    /// the CN is the user name the ACL keys on); writes mosquitto.conf,
+    /// acl, and copies of the CA certificate and the server certificate
+    /// and key (ca.pem, server.pem, server.key) next to them.
     MosquittoConf {
-        /// Directory to write the three files to (created if missing).
+        /// Directory to write the files to (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// The listener's address.
-        #[arg(long, default_value = "0.0.0.0:1883")]
-        listen: SocketAddr,
+        /// The listener's address [default: 0.0.0.0:1883, with --tls 0.0.0.0:8883].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Certificate mode: TLS, and a client certificate of the fleet CA
+        /// (`mqota ca issue device ID`) instead of a password.
+        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+        tls: bool,
+        /// With --tls: the broker's certificate (`mqota ca issue server --host NAME`).
+        #[arg(long, value_name = "CERT.pem", requires = "tls")]
+        tls_cert: Option<PathBuf>,
+        /// With --tls: its private key.
+        #[arg(long, value_name = "KEY.pem", requires = "tls")]
+        tls_key: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
@@ -147,9 +164,72 @@ impl BrokerCommand {
             BrokerCommand::MosquittoConf {
                 out,
                 listen,
+                tls: true,
+                tls_cert: Some(cert),
+                tls_key: Some(key),
                 common,
             } => {
                 let s = common.settings()?;
+                let listen = listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8883)));
+                let Some(ca) = s.ca.clone() else {
+                    bail!("no fleet CA: run `mqota ca init` (or name one with --ca)");
+                };
+                // Check the pair before writing anything: a key that is not
+                // the certificate's would only show in Mosquitto's log.
+                mqota_controller::tls::broker_server(&cert, &key, &ca)
+                    .context("the broker's certificate and key")?;
+                std::fs::create_dir_all(&out)
+                    .with_context(|| format!("creating {}", out.display()))?;
+                let out = out
+                    .canonicalize()
+                    .with_context(|| format!("resolving {}", out.display()))?;
+                let acl = mosquitto_acl(&s.prefix, CONTROLLER_USER).map_err(|e| {
+                    anyhow::anyhow!("bad prefix {:?}: {}", safe(&s.prefix), e.rule())
+                })?;
+                let files = MosquittoTls {
+                    cafile: out.join("ca.pem"),
+                    certfile: out.join("server.pem"),
+                    keyfile: out.join("server.key"),
+                };
+                let acl_file = out.join("acl");
+                let conf = out.join("mosquitto.conf");
+                for (from, to) in [
+                    (&ca, &files.cafile),
+                    (&cert, &files.certfile),
+                    (&key, &files.keyfile),
+                ] {
+                    let text = std::fs::read_to_string(from)
+                        .with_context(|| format!("reading {}", from.display()))?;
+                    write_private(to, &text)?;
+                }
+                write_private(&acl_file, &acl)?;
+                write_private(&conf, &mosquitto_conf_tls(listen, &files, &acl_file))?;
+                println!("{}", conf.display());
+                eprintln!(
+                    "wrote {} (TLS on {listen}, client certificates of the fleet CA required, CN = user name), \
+                     {} (prefix {}) and copies of the CA and server certificate and key in {}; \
+                     Mosquitto must be able to read them as the user it runs as (Debian: `chown mosquitto {}/*`), \
+                     then `mosquitto -c {}`. Devices: `mqota ca issue device ID`; the controller uses {} \
+                     with --broker mqtts://NAME:{}",
+                    conf.display(),
+                    acl_file.display(),
+                    s.prefix,
+                    out.display(),
+                    out.display(),
+                    conf.display(),
+                    CaDir::new(&s.data_dir).controller().cert.display(),
+                    listen.port()
+                );
+                Ok(())
+            }
+            BrokerCommand::MosquittoConf {
+                out,
+                listen,
+                common,
+                ..
+            } => {
+                let s = common.settings()?;
+                let listen = listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 1883)));
                 let store = Store::open(&s.data_dir)?;
                 let (_, new) = controller_login(&store, &s.data_dir)?;
                 if new {

@@ -193,15 +193,15 @@ impl DeployArgs {
                         .or(s.server.clone())
                         .unwrap_or_else(|| "http://127.0.0.1:8080".to_owned());
                     let spec = self.firmware.as_deref().expect("clap requires FIRMWARE");
-                    let firmware = resolve_firmware_as(
-                        spec,
-                        &server,
-                        self.token.as_deref(),
-                        &mqota_controller::remote::RemoteFirmware::allow(
-                            &self.allow_remote_firmware,
-                        ),
-                    )
-                    .await?;
+                    let mut remote = mqota_controller::remote::RemoteFirmware::allow(
+                        &self.allow_remote_firmware,
+                    );
+                    if let Some(ca) = &s.ca {
+                        remote = remote
+                            .with_tls(mqota_controller::tls::https_client(ca).context("--ca")?);
+                    }
+                    let firmware =
+                        resolve_firmware_as(spec, &server, self.token.as_deref(), &remote).await?;
                     // Who signed it, so the operator sees what signed-only
                     // devices will check.
                     match firmware.signers.as_deref() {

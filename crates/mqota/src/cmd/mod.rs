@@ -1,5 +1,6 @@
 //! The subcommands, one module each.
 pub mod access;
+pub mod ca;
 pub mod demo;
 pub mod deploy;
 pub mod flash;

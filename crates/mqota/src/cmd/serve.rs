@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use mqota_controller::access::{controller_login, password_path, Acl, Role, CONTROLLER_USER};
 use mqota_controller::accounts::Auth;
-use mqota_controller::broker::{Access, EmbeddedBroker};
+use mqota_controller::broker::{Access, EmbeddedBroker, TlsListener};
 use mqota_controller::catalogue::Catalogue;
 use mqota_controller::dashboard;
 use mqota_controller::fleet::{Fleet, FleetEvent};
@@ -51,8 +51,8 @@ pub struct ServeArgs {
     allow_remote_firmware: Vec<String>,
     /// Let clients into the embedded broker without a login, with no topic
     /// rules (the door is open). Without this flag the door is open only
-    /// while no device has credentials (`mqota device add`) and
-    /// --mqtt-listen is a loopback address.
+    /// while no device has credentials (`mqota device add`), --mqtt-listen
+    /// is a loopback address and there is no --mqtts-listen.
     #[arg(long)]
     mqtt_anonymous: bool,
     /// Seconds serve's claim on a deployment it runs lasts without renewal
@@ -96,6 +96,20 @@ pub struct ServeArgs {
     /// serve on one broker its own.
     #[arg(long, default_value = mqota_controller::homeassistant::DEFAULT_NODE_ID, requires = "home_assistant")]
     ha_node_id: String,
+    /// Serve the page, the API and the firmware over HTTPS with this
+    /// certificate (`mqota ca issue server --host NAME`); also the
+    /// certificate of the embedded broker's --mqtts-listen.
+    #[arg(long, value_name = "CERT.pem", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert.
+    #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A TLS listener of the embedded broker (mqtts://): a client
+    /// certificate of the fleet CA (--ca, default DATA_DIR/ca/ca.pem) is a
+    /// login, its CN the identity; clients without one log in with a
+    /// password. Needs --tls-cert and --tls-key.
+    #[arg(long, value_name = "ADDR", requires = "tls_cert")]
+    mqtts_listen: Option<SocketAddr>,
     #[command(flatten)]
     common: Common,
 }
@@ -115,7 +129,8 @@ impl ServeArgs {
             .filter(|i| i.role == Role::Device)
             .count();
         let loopback = self.mqtt_listen.ip().is_loopback();
-        let open = self.mqtt_anonymous || (devices == 0 && loopback);
+        // A TLS listener is for devices with certificates: never open.
+        let open = self.mqtt_anonymous || (devices == 0 && loopback && self.mqtts_listen.is_none());
         let access = if open {
             Access::Open
         } else {
@@ -124,11 +139,30 @@ impl ServeArgs {
                 acl: Acl::new(&s.prefix),
             }
         };
-        let b = EmbeddedBroker::start_with(self.mqtt_listen, access)?;
+        let tls = match (&self.mqtts_listen, &self.tls_cert, &self.tls_key) {
+            (Some(addr), Some(cert), Some(key)) => {
+                let Some(ca) = &s.ca else {
+                    anyhow::bail!(
+                        "--mqtts-listen checks client certificates against the fleet CA: run `mqota ca init` (or name one with --ca)"
+                    );
+                };
+                Some(TlsListener {
+                    addr: *addr,
+                    config: mqota_controller::tls::broker_server(cert, key, ca)
+                        .context("--mqtts-listen")?,
+                })
+            }
+            _ => None,
+        };
+        let b = EmbeddedBroker::start_with_tls(self.mqtt_listen, access, tls)?;
         // The broker lives as long as the process: rumqttd cannot be
         // stopped.
         let mut url: BrokerUrl = b.url().parse().expect("the embedded broker's URL parses");
         println!("mqtt broker listening on {}", b.url());
+        if let Some(a) = b.tls_addr() {
+            println!("mqtts broker listening on mqtts://{a}");
+            println!("mqtts: a client certificate of the fleet CA is a login (its CN the identity); clients without one log in with a password");
+        }
         if open {
             let why = if self.mqtt_anonymous {
                 "--mqtt-anonymous".to_owned()
@@ -158,7 +192,7 @@ impl ServeArgs {
             println!(
                 "mqtt logins required: {devices} device(s) and the controller; anonymous clients are refused, devices are held to their own topics"
             );
-            if devices == 0 {
+            if devices == 0 && self.mqtts_listen.is_none() {
                 println!("no device has credentials yet: `mqota device add ID` makes them");
             }
             let door = serde_json::json!({
@@ -274,12 +308,19 @@ impl ServeArgs {
             None => self.start_embedded_broker(&s, &store)?,
         };
 
+        let https = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                mqota_controller::tls::http_server(cert, key).context("--tls-cert / --tls-key")?,
+            ),
+            _ => None,
+        };
+        let scheme = if https.is_some() { "https" } else { "http" };
         runtime()?.block_on(async move {
             let listener = tokio::net::TcpListener::bind(self.http)
                 .await
                 .with_context(|| format!("cannot listen on {}", self.http))?;
             let addr = listener.local_addr()?;
-            println!("http listening on http://{addr}");
+            println!("{scheme} listening on {scheme}://{addr}");
 
             let fleet = Arc::new(
                 s.signing(Fleet::connect(&broker_url, &s.prefix, &client_id("serve")).await?)?,
@@ -365,7 +406,7 @@ impl ServeArgs {
             };
 
             // serve's own firmware URLs stay usable as URLs.
-            let own = format!("http://{addr}");
+            let own = format!("{scheme}://{addr}");
             let mut remote_firmware =
                 mqota_controller::remote::RemoteFirmware::allow(&self.allow_remote_firmware)
                     .and_origin_of(&own);
@@ -373,6 +414,10 @@ impl ServeArgs {
                 remote_firmware = remote_firmware.and_origin_of(u);
             }
             let state_store = store.clone();
+            if let Some(ca) = &s.ca {
+                remote_firmware = remote_firmware
+                    .with_tls(mqota_controller::tls::https_client(ca).context("--ca")?);
+            }
             let state = Arc::new(AppState {
                 catalogue,
                 store,
@@ -391,11 +436,14 @@ impl ServeArgs {
             }
             // Secure by default: reachable from other machines, the page and
             // API take logins only; on loopback, once an account exists.
-            let https = state
-                .public_url
-                .as_deref()
-                .is_some_and(|u| u.to_ascii_lowercase().starts_with("https://"));
-            let auth = Auth::new(state.store.clone(), !addr.ip().is_loopback(), https);
+            // The session cookie is `Secure` when serve speaks TLS itself or
+            // sits behind an https:// public URL.
+            let secure_cookie = https.is_some()
+                || state
+                    .public_url
+                    .as_deref()
+                    .is_some_and(|u| u.to_ascii_lowercase().starts_with("https://"));
+            let auth = Auth::new(state.store.clone(), !addr.ip().is_loopback(), secure_cookie);
             announce_login(&state.store, addr)?;
             let app = mqota_controller::http::guard_hosts(
                 auth.layer(
@@ -416,7 +464,7 @@ impl ServeArgs {
             );
             // Header-read timeout, connection cap, body limit and JSON
             // errors under /api/: see mqota_controller::server.
-            mqota_controller::server::serve(
+            mqota_controller::server::serve_tls(
                 listener,
                 app,
                 mqota_controller::server::HttpLimits {
@@ -424,6 +472,7 @@ impl ServeArgs {
                     max_connections: self.http_max_connections as usize,
                     max_body: self.http_max_body as usize,
                 },
+                https,
                 async {
                     let _ = tokio::signal::ctrl_c().await;
                 },

@@ -15,7 +15,17 @@
 //! mqtt_user = "controller"
 //! mqtt_password_file = "/etc/mqota/controller.password"
 //! job_key = "/etc/mqota/job.pem"
+//! ca = "/etc/mqota/ca.pem"            # for mqtts:// brokers
+//! cert = "/etc/mqota/controller.pem"  # client certificate, when the broker asks
+//! key = "/etc/mqota/controller.key"
 //! ```
+//!
+//! A `mqtts://` broker is reached over TLS and must present a certificate
+//! that chains to the CA given by `--ca` (`MQOTA_CA`, `ca`), by default the
+//! fleet CA `DATA_DIR/ca/ca.pem` (`mqota ca init`), and names the URL's
+//! host; the system's roots are never used. The client certificate (`--cert`
+//! and `--key`, `MQOTA_CERT` and `MQOTA_KEY`, `cert` and `key`) defaults to
+//! the controller's, `DATA_DIR/ca/controller.{pem,key}`, when both exist.
 //!
 //! The controller's MQTT password comes, first found, from
 //! `--mqtt-password-file`, `MQOTA_MQTT_PASSWORD`, the config file's
@@ -32,6 +42,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use mqota_controller::access::{password_path, read_password_file, Secret, CONTROLLER_USER};
 use mqota_controller::fleet::Fleet;
+use mqota_controller::tls::ClientCert;
 use mqota_controller::url::BrokerUrl;
 use serde::Deserialize;
 
@@ -53,6 +64,12 @@ pub struct ConfigFile {
     pub mqtt_password_file: Option<PathBuf>,
     /// The private job key every command is signed with.
     pub job_key: Option<PathBuf>,
+    /// The CA a `mqtts://` broker's certificate must chain to.
+    pub ca: Option<PathBuf>,
+    /// The controller's client certificate for `mqtts://`.
+    pub cert: Option<PathBuf>,
+    /// Its private key.
+    pub key: Option<PathBuf>,
 }
 
 impl ConfigFile {
@@ -109,6 +126,17 @@ pub struct Common {
     /// DATA_DIR/job-seq
     #[arg(long, env = "MQOTA_JOB_KEY_FILE", value_name = "KEY.pem")]
     pub job_key: Option<PathBuf>,
+    /// For a mqtts:// broker: the CA its certificate must chain to (the
+    /// system's roots are not used) [default: DATA_DIR/ca/ca.pem]
+    #[arg(long, env = "MQOTA_CA", value_name = "CA.pem")]
+    pub ca: Option<PathBuf>,
+    /// For a mqtts:// broker: the client certificate to present (with --key)
+    /// [default: DATA_DIR/ca/controller.pem, if it exists]
+    #[arg(long, env = "MQOTA_CERT", value_name = "CERT.pem", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert
+    #[arg(long, env = "MQOTA_KEY", value_name = "KEY.pem", requires = "cert")]
+    pub key: Option<PathBuf>,
     /// More log output (-v info, -vv debug, -vvv also the broker's and MQTT client's)
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -130,6 +158,9 @@ pub struct Settings {
     pub login: Option<(String, Secret)>,
     /// The job key commands are signed with, if any.
     pub job_key: Option<PathBuf>,
+    /// The CA to pin for TLS to the broker, if one was named or the fleet
+    /// CA exists.
+    pub ca: Option<PathBuf>,
 }
 
 impl Settings {
@@ -227,6 +258,38 @@ impl Common {
             apply_login(b, &login);
         }
         let job_key = self.job_key.clone().or(file.job_key);
+        let fleet_ca = mqota_controller::ca::CaDir::new(&data_dir);
+        let ca = self
+            .ca
+            .clone()
+            .or(file.ca)
+            .or_else(|| fleet_ca.exists().then(|| fleet_ca.ca_cert()));
+        let client_cert = match (self.cert.clone(), self.key.clone()) {
+            (Some(cert), Some(key)) => Some(ClientCert { cert, key }),
+            _ => match (file.cert, file.key) {
+                (Some(cert), Some(key)) => Some(ClientCert { cert, key }),
+                (None, None) => {
+                    let c = fleet_ca.controller();
+                    (c.cert.is_file() && c.key.is_file()).then_some(ClientCert {
+                        cert: c.cert,
+                        key: c.key,
+                    })
+                }
+                _ => anyhow::bail!("config file: `cert` and `key` go together"),
+            },
+        };
+        if let Some(b) = &mut broker {
+            if b.secure {
+                let Some(ca) = &ca else {
+                    anyhow::bail!(
+                        "{b} is TLS: name the CA its certificate must chain to with --ca (or run `mqota ca init`)"
+                    );
+                };
+                let config = mqota_controller::tls::mqtt_client(ca, client_cert.as_ref())
+                    .context("TLS to the broker")?;
+                *b = b.clone().with_tls(config);
+            }
+        }
         Ok(Settings {
             broker,
             prefix,
@@ -234,6 +297,7 @@ impl Common {
             server,
             login,
             job_key,
+            ca,
         })
     }
 }

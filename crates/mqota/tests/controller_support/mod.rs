@@ -28,10 +28,15 @@ pub fn image(version: &str, size: u32) -> Vec<u8> {
 /// `mqota serve` running; killed on drop.
 pub struct Serve {
     child: Child,
+    /// `http://ADDR`, or `https://ADDR` with `--tls-cert`.
     pub http: String,
     pub broker: String,
     /// serve's stdout, the lines after those `start` read.
     pub lines: mpsc::Receiver<String>,
+    /// `mqtts://ADDR` of the embedded broker's TLS listener, if any.
+    pub mqtts: Option<String>,
+    /// What serve printed on stdout until it was up.
+    pub printed: Vec<String>,
 }
 
 impl Serve {
@@ -46,7 +51,9 @@ impl Serve {
         Self::start_with(fw, data, broker, http, &[])
     }
 
-    /// As [`Serve::start_at`], with more arguments (e.g. `--home-assistant`).
+    /// As [`Serve::start_at`], with more arguments (e.g. `--home-assistant`,
+    /// `--tls-cert …`); with `--mqtts-listen` among them, waits for the TLS
+    /// listener too.
     pub fn start_with(
         fw: &Path,
         data: &Path,
@@ -72,6 +79,7 @@ impl Serve {
             cmd.args(["--broker", b]);
         }
         cmd.args(extra);
+        let want_mqtts = extra.contains(&"--mqtts-listen");
         let mut child = cmd.spawn().expect("mqota serve");
         let out = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -85,16 +93,25 @@ impl Serve {
         });
         let mut http = None;
         let mut broker_url = broker.map(str::to_owned);
-        while http.is_none() || broker_url.is_none() {
+        let mut mqtts = None;
+        let mut printed = Vec::new();
+        while http.is_none() || broker_url.is_none() || (want_mqtts && mqtts.is_none()) {
             let line = rx
                 .recv_timeout(Duration::from_secs(20))
                 .expect("serve prints where it listens");
-            if let Some(a) = line.strip_prefix("http listening on ") {
+            if let Some(a) = line
+                .strip_prefix("http listening on ")
+                .or_else(|| line.strip_prefix("https listening on "))
+            {
                 http = Some(a.trim().to_owned());
             }
             if let Some(a) = line.strip_prefix("mqtt broker listening on ") {
                 broker_url = Some(a.trim().to_owned());
             }
+            if let Some(a) = line.strip_prefix("mqtts broker listening on ") {
+                mqtts = Some(a.trim().to_owned());
+            }
+            printed.push(line);
         }
         // Serve prints its HTTP address before it follows the fleet; the
         // API answers from the first request on, which is all tests need.
@@ -103,6 +120,8 @@ impl Serve {
             http: http.unwrap(),
             broker: broker_url.unwrap(),
             lines: rx,
+            mqtts,
+            printed,
         }
     }
 
