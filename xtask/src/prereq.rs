@@ -69,6 +69,14 @@ pub fn ensure() -> Result<()> {
     if !have("mosquitto_sub") || !have("mosquitto_pub") {
         apt.push("mosquitto-clients");
     }
+    // The TLS tests check certificates with openssl and fetch over HTTPS
+    // with curl (both usually on a Debian base image).
+    if !have("openssl") {
+        apt.push("openssl");
+    }
+    if !have("curl") {
+        apt.push("curl");
+    }
     if !have("chromium") {
         apt.push("chromium");
     }

@@ -154,10 +154,22 @@ function matches(v) {
 
 const collator = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
 
+// Devices the operator ticked, kept across pages, filters and redraws.
+const selected = new Set();
+
 function fleetRow(v) {
   const d = v.d;
   const tr = document.createElement("tr");
   tr.dataset.id = d.id;
+  const tick = document.createElement("input");
+  tick.type = "checkbox";
+  tick.checked = selected.has(d.id);
+  tick.setAttribute("aria-label", "select " + d.id);
+  tick.addEventListener("change", () => {
+    if (tick.checked) selected.add(d.id);
+    else selected.delete(d.id);
+    renderSelection();
+  });
   const online = el("span", d.status ? v.online : "no status", d.status ? (d.online ? "pill good" : "pill bad") : "muted");
   let phase = null;
   if (v.phase) {
@@ -177,7 +189,7 @@ function fleetRow(v) {
   open.title = "details and history of " + d.id;
   open.addEventListener("click", () => openDetail(d.id));
   const cells = [open, online, v.chip, v.project, v.version,
-    v.target ? el("span", v.target, "running") : null, phase, last, v.error ? el("span", v.error, "bad") : null];
+    v.target ? el("span", v.target, "running") : null, phase, last, v.error ? el("span", v.error, "bad") : null, tick];
   cells.forEach((c, i) => {
     const td = document.createElement("td");
     if (c instanceof Node) td.appendChild(c);
@@ -220,6 +232,8 @@ function renderFleet() {
   const from = ui.page * PAGE_SIZE;
   const rows = shown.slice(from, from + PAGE_SIZE).map(fleetRow);
   $("fleet").replaceChildren(...rows);
+  shownIds = shown.slice(from, from + PAGE_SIZE).map((v) => v.id);
+  renderSelection();
   $("fleet-empty").hidden = all.length > 0;
   $("fleet-count").textContent = shown.length === all.length ? all.length + " devices" : shown.length + " of " + all.length + " devices";
   $("page-info").textContent = shown.length ? "rows " + (from + 1) + "–" + (from + rows.length) + " of " + shown.length + ", page " + (ui.page + 1) + " of " + pages : "no rows";
@@ -262,12 +276,68 @@ for (const b of document.querySelectorAll("#fleet-head button")) {
 $("page-prev").addEventListener("click", () => { ui.page = Math.max(0, ui.page - 1); render(); });
 $("page-next").addEventListener("click", () => { ui.page++; render(); });
 
+// --- selection and device commands -----------------------------------------
+
+// The ids of the rows on the fleet page as drawn.
+let shownIds = [];
+
+function renderSelection() {
+  // Devices that left the fleet leave the selection.
+  for (const id of selected) if (!devices.has(id)) selected.delete(id);
+  const n = selected.size;
+  $("selected-count").textContent = n ? n + (n === 1 ? " device selected" : " devices selected") : "none selected";
+  for (const b of ["sel-deploy", "sel-rollback", "sel-cancel", "sel-clear"]) $(b).disabled = n === 0;
+  const page = $("sel-page");
+  page.checked = shownIds.length > 0 && shownIds.every((id) => selected.has(id));
+}
+
+$("sel-page").addEventListener("change", () => {
+  for (const id of shownIds) {
+    if ($("sel-page").checked) selected.add(id);
+    else selected.delete(id);
+  }
+  renderFleet();
+});
+$("sel-clear").addEventListener("click", () => { selected.clear(); renderFleet(); });
+$("sel-deploy").addEventListener("click", () => {
+  $("d-targets").value = [...selected].sort(collator.compare).join(",");
+  $("d-targets").focus();
+  $("d-targets").scrollIntoView({ block: "center" });
+});
+
+// POST /api/devices/commands; says what happened in `status`. The devices'
+// answers (rolled back, cancelled) arrive on the event stream.
+async function deviceCommand(command, ids, status) {
+  status.textContent = "sending " + command + " to " + ids.length + (ids.length === 1 ? " device…" : " devices…");
+  status.className = "muted";
+  try {
+    const r = await send("/api/devices/commands", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ command, devices: ids }),
+    });
+    const j = await r.json().catch(() => ({}));
+    if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
+    status.textContent = command + " sent to " + j.sent.join(", ") + (command === "rollback" ? (j.sent.length === 1 ? ": it rolls back and reboots" : ": each rolls back and reboots") : "");
+    status.className = "good";
+  } catch (e) {
+    status.textContent = command + " not sent: " + e.message;
+    status.className = "bad";
+  }
+}
+
+$("sel-rollback").addEventListener("click", () => deviceCommand("rollback", [...selected].sort(collator.compare), $("sel-status")));
+$("sel-cancel").addEventListener("click", () => deviceCommand("cancel", [...selected].sort(collator.compare), $("sel-status")));
+$("detail-rollback").addEventListener("click", () => { if (detailId !== null) deviceCommand("rollback", [detailId], $("detail-command-status")); });
+$("detail-cancel").addEventListener("click", () => { if (detailId !== null) deviceCommand("cancel", [detailId], $("detail-command-status")); });
+
 // --- one device: details and history ---------------------------------------
 
 let detailId = null;
 let historyAt = 0;
 
 function openDetail(id) {
+  if (detailId !== id) $("detail-command-status").textContent = "";
   detailId = id;
   historyAt = 0;
   $("detail").hidden = false;

@@ -84,6 +84,7 @@ pub fn router(app: Arc<AppState>, fleet: Arc<Fleet>, rollouts: rollout::Runner) 
         .route("/api/deployments/preview", post(api_preview))
         .route("/api/deployments/{id}/retry", post(api_retry))
         .route("/api/health", get(api_health))
+        .route("/api/devices/commands", post(api_device_commands))
         .with_state(Dashboard {
             app,
             fleet,
@@ -158,6 +159,104 @@ async fn api_fleet(State(d): State<Dashboard>) -> Response {
 
 /// `GET /api/health`: the broker and the controller at a glance.
 ///
+/// What `POST /api/devices/commands` asks: one command for several devices.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceCommands {
+    /// `rollback` (boot the previous image again) or `cancel` (stop the
+    /// update in flight).
+    command: String,
+    /// The devices, each known and online.
+    devices: Vec<String>,
+}
+
+/// Most devices one `POST /api/devices/commands` may name.
+const MAX_COMMAND_DEVICES: usize = 10_000;
+
+/// `POST /api/devices/commands` `{command: "rollback"|"cancel", devices}`:
+/// sends the command to each device, as `mqota rollback` / `cancel` do, and
+/// answers `202 {command, job, sent}` at once; the devices' answers arrive
+/// on the event stream like any progress. Nothing is sent unless every
+/// device is known (404) and online (409), and the broker is reachable (503).
+async fn api_device_commands(
+    State(d): State<Dashboard>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return api_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the command as Content-Type: application/json",
+        );
+    }
+    let req: DeviceCommands = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(format!("bad command request: {e}")),
+    };
+    let rollback = match req.command.as_str() {
+        "rollback" => true,
+        "cancel" => false,
+        other => return bad_request(format!("unknown command {:?}: rollback or cancel", other)),
+    };
+    if req.devices.is_empty() || req.devices.len() > MAX_COMMAND_DEVICES {
+        return bad_request(format!("name 1 to {MAX_COMMAND_DEVICES} devices"));
+    }
+    if !d.fleet.connected() {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker is unreachable: the command would be lost",
+        );
+    }
+    for id in &req.devices {
+        match d.fleet.device(id) {
+            Some(x) if x.status.is_some() && x.online => {}
+            Some(x) if x.status.is_some() => {
+                return api_error(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "device {:?} is offline: it would not receive the {}",
+                        id, req.command
+                    ),
+                )
+            }
+            _ => {
+                return api_error(
+                    StatusCode::NOT_FOUND,
+                    format!("device {:?} is not known", id),
+                )
+            }
+        }
+    }
+    // A rollback's events carry the job named in it, so its answer cannot
+    // be confused with an older one.
+    let job =
+        rollback.then(|| format!("rb-{}", ulid::Ulid::new().to_string().to_ascii_lowercase()));
+    for id in &req.devices {
+        let sent = if rollback {
+            d.fleet.rollback(id, job.as_deref()).await
+        } else {
+            d.fleet.cancel(id, None).await
+        };
+        if let Err(e) = sent {
+            return api_error(StatusCode::SERVICE_UNAVAILABLE, e);
+        }
+    }
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({
+            "command": req.command,
+            "job": job,
+            "sent": req.devices,
+        })),
+    )
+        .into_response()
+}
+
 /// `{broker_connected, devices, online, rollouts_running, rollouts_paused,
 /// logged_in}`; `logged_in` names the accounts with a live session.
 async fn api_health(State(d): State<Dashboard>) -> Response {

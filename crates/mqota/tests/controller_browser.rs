@@ -1015,6 +1015,54 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
     b.screenshot(&target_dir().join("page-browser-device.png"))
         .await;
 
+    // A device rolled back from its own view: op-b, updated to 1.1.0 above,
+    // boots 1.0.0 again, and the fleet table shows it without a reload.
+    b.click("#detail-rollback").await;
+    b.wait_for(
+        "said the rollback was sent",
+        20,
+        "return document.getElementById('detail-command-status').textContent;",
+        |v| {
+            v.as_str()
+                .is_some_and(|t| t.starts_with("rollback sent to op-b"))
+        },
+    )
+    .await;
+    wait_rows(&b, "showed op-b back on 1.0.0", 60, |rows| {
+        rows.iter().any(|r| r[0] == "op-b" && r[4] == "1.0.0")
+    })
+    .await;
+    b.screenshot(&target_dir().join("page-browser-device-rolled-back.png"))
+        .await;
+
+    // Several devices selected in the fleet table: "deploy to the selected"
+    // names them in the deployment form.
+    b.click("#fleet tr[data-id='op-a'] input[type=checkbox]")
+        .await;
+    b.click("#fleet tr[data-id='op-c'] input[type=checkbox]")
+        .await;
+    b.wait_for(
+        "counted the selection",
+        10,
+        "return document.getElementById('selected-count').textContent;",
+        |v| v == "2 devices selected",
+    )
+    .await;
+    b.click("#sel-deploy").await;
+    let targets = b
+        .js("return document.getElementById('d-targets').value;")
+        .await;
+    assert_eq!(targets, "op-a,op-c");
+    b.click("#sel-clear").await;
+    b.wait_for(
+        "cleared the selection",
+        10,
+        "return [document.getElementById('selected-count').textContent, \
+                 document.querySelectorAll('#fleet input[type=checkbox]:checked').length];",
+        |v| v[0] == "none selected" && v[1] == 0,
+    )
+    .await;
+
     // 4. Accounts: once one exists, the page asks for a login, and the
     // session then drives the page, CSRF token included.
     let password = "the operator's long password";
