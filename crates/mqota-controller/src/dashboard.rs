@@ -183,16 +183,8 @@ async fn api_device_commands(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        return api_error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send the command as Content-Type: application/json",
-        );
+    if let Some(refused) = refuse_unless_json(&headers, "command") {
+        return refused;
     }
     let req: DeviceCommands = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -602,6 +594,18 @@ impl DeployRequest {
     }
 }
 
+/// The refusal (415) of a state-changing request that is not JSON: a browser sends
+/// one cross-site only after a CORS preflight, which this server never
+/// grants, so another site cannot post `what` through a visitor's browser.
+fn refuse_unless_json(headers: &HeaderMap, what: &str) -> Option<Response> {
+    (!crate::accounts::is_json(headers)).then(|| {
+        api_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("send the {what} as Content-Type: application/json"),
+        )
+    })
+}
+
 fn bad_request(msg: impl std::fmt::Display) -> Response {
     // serde_json's messages are one line already; the page and scripts
     // expect exactly one.
@@ -618,19 +622,8 @@ async fn prepare(
     body: &Bytes,
     https: bool,
 ) -> Result<(rollout::Firmware, Selection, RolloutOptions), Response> {
-    // Only a JSON request: a browser sends one cross-site only after a CORS
-    // preflight, which this server never grants, so another site cannot
-    // start a rollout through a visitor's browser with a form post.
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        return Err(api_error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send the deployment as Content-Type: application/json",
-        ));
+    if let Some(refused) = refuse_unless_json(headers, "deployment") {
+        return Err(refused);
     }
     if !d.fleet.connected() {
         return Err(api_error(
