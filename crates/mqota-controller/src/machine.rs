@@ -323,11 +323,14 @@ pub fn result_of(d: &DeviceView, job: &str, version: &str) -> Option<(Phase, Opt
             continue;
         }
         match p.error {
-            // A refusal of a repeated start (`duplicate_job`, or `busy`
-            // while this very job runs: a redelivered command) is not how
+            // A refusal of a repeated start (`duplicate_job`, or `busy` or
+            // `replayed` while this very job runs: a redelivered command,
+            // from firmware older than the one that ignores it) is not how
             // the job ended: the job's own events and the status say that.
             Some(ErrorCode::DuplicateJob) => continue,
-            Some(ErrorCode::Busy) if d.in_flight.as_deref() == Some(job) => continue,
+            Some(ErrorCode::Busy | ErrorCode::Replayed) if d.in_flight.as_deref() == Some(job) => {
+                continue
+            }
             // `busy` with another job: this one will never run.
             _ => return Some((p.phase, p.error.map(|e| e.as_str().to_owned()))),
         }

@@ -46,7 +46,8 @@ fn every_state_and_command_pair_has_one_meaning() {
         (idle, start(Some("old")), duplicate),
         (busy, start(None), busy_refusal),
         (busy, start(Some("new")), busy_refusal),
-        (busy, start(Some("run")), busy_refusal),
+        // a redelivered start of the job in flight is that job
+        (busy, start(Some("run")), Decision::Ignore),
         (busy, start(Some("old")), duplicate),
         (busy_anonymous, start(Some("new")), busy_refusal),
         // cancel

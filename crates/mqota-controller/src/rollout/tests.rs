@@ -326,6 +326,15 @@ fn done_is_believed_only_from_the_retained_status() {
     assert_eq!(result_of(&d, "j", "1.1.0"), None);
     d.ended = vec![event("j", "failed", Some("duplicate_job"))];
     assert_eq!(result_of(&d, "j", "1.1.0"), None);
+    // a signed start redelivered while it runs carries a used sequence
+    d.ended = vec![event("j", "failed", Some("replayed"))];
+    assert_eq!(result_of(&d, "j", "1.1.0"), None);
+    d.in_flight = None;
+    assert_eq!(
+        result_of(&d, "j", "1.1.0"),
+        Some((Phase::Failed, Some("replayed".into()))),
+        "a replay refused with nothing in flight ends the job"
+    );
 }
 
 #[test]

@@ -285,6 +285,7 @@ const BUSY: &str = "an update is in flight";
 /// | command | idle | updating job `j` |
 /// |---|---|---|
 /// | start of a finished job | refuse `duplicate_job` | refuse `duplicate_job` |
+/// | start of `j` itself (a redelivery) | — | ignore |
 /// | start | start | refuse `busy` |
 /// | cancel (no job, or `j`) | ignore | cancel |
 /// | cancel of another job | ignore | ignore |
@@ -298,6 +299,14 @@ pub fn decide(state: State<'_>, finished: &Finished, cmd: &Command) -> Decision 
             )
         }
         (Command::Start(_), State::Idle) => Decision::Start,
+        // The same job again while it runs: MQTT delivers at least once
+        // (a broker resends an unacknowledged start after a reconnect), so
+        // this is the command already being carried out, not a second one.
+        (Command::Start(job), State::Updating { job: Some(current) })
+            if job.job.as_ref() == Some(current) =>
+        {
+            Decision::Ignore
+        }
         (Command::Start(_), State::Updating { .. }) => Decision::Refuse(ErrorCode::Busy, BUSY),
         (Command::Cancel { .. }, State::Idle) => Decision::Ignore,
         (Command::Cancel { job: None }, State::Updating { .. }) => Decision::Cancel,
