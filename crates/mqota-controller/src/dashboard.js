@@ -695,7 +695,9 @@ function renderDeployment() {
   $("dep-title").textContent = "Deployment " + depId;
   $("dep-title").tabIndex = -1;
   if (!d) {
+    // Not (yet) in the list: show nothing of the deployment drawn before.
     $("dep-about").textContent = "not in the store (any more)";
+    for (const id of ["dep-state", "dep-counts", "dep-stages", "dep-devices"]) $(id).replaceChildren();
     return;
   }
   $("dep-state").replaceChildren(stateSpan(d.state === "running" && d.reason ? "stopping" : d.state));
