@@ -471,6 +471,38 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
     .await;
     wait_rows(&b, "showed all three again", 5, |rows| rows.len() == 3).await;
 
+    // A device that publishes markup and a bidi override: the page shows
+    // the characters as they are, never as elements, and the override as an
+    // escape (it would make "1.0.0<RLO>gnp.exe" read as "1.0.0exe.png").
+    let hostile = json!({
+        "device": "br-evil", "chip": "esp32c3", "project": "<img src=x onerror=pwned=1>",
+        "version": "1.0.0\u{202e}gnp.exe", "slot": 0, "state": "valid", "last": null
+    });
+    mqota_virtual::testing::publish_to(
+        port,
+        "device/br-evil/status",
+        hostile.to_string().as_bytes(),
+        true,
+    )
+    .await;
+    let rows = wait_rows(&b, "listed br-evil", 10, |rows| {
+        rows.iter().any(|r| r[ID] == "br-evil")
+    })
+    .await;
+    let evil = rows.iter().find(|r| r[ID] == "br-evil").unwrap();
+    assert_eq!(evil[3], "<img src=x onerror=pwned=1>");
+    assert_eq!(evil[VERSION], "1.0.0\\u{202e}gnp.exe");
+    assert_eq!(
+        b.js(
+            "return [document.querySelectorAll('#fleet img').length, window.pwned === undefined];"
+        )
+        .await,
+        json!([0, true])
+    );
+    // Gone again: an empty retained status removes a device.
+    mqota_virtual::testing::publish_to(port, "device/br-evil/status", b"", true).await;
+    wait_rows(&b, "dropped br-evil", 10, |rows| rows.len() == 3).await;
+
     // A deployment started from the page's form: the rows follow it through
     // the event stream, without a reload (the marker set here survives).
     // The form offers the catalogue; the deployment names the slow server's
@@ -738,6 +770,31 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
     let broker_url = format!("mqtt://127.0.0.1:{}", broker.port());
     let fw = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
+    // A signed image in the catalogue, to show who signed it.
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("fleet.pem");
+    let unsigned = keys.path().join("app-0.9.0.bin");
+    std::fs::write(&unsigned, image("0.9.0", 64 * 1024)).unwrap();
+    let (key_s, unsigned_s) = (key.to_str().unwrap(), unsigned.to_str().unwrap());
+    let signed = fw.path().join("app-0.9.0-signed.bin");
+    for args in [
+        vec!["keys", "new", "--scheme", "ecdsa-p256", "-o", key_s],
+        vec![
+            "image",
+            "sign",
+            "--key",
+            key_s,
+            unsigned_s,
+            "-o",
+            signed.to_str().unwrap(),
+        ],
+    ] {
+        let (ok, _, err) = controller_support::mqota(&args);
+        assert!(ok, "mqota {args:?}: {err}");
+    }
+    let (ok, digest, err) = controller_support::mqota(&["keys", "digest", key_s]);
+    assert!(ok, "{err}");
+    let digest = digest.trim().to_owned();
     let serve = Serve::start(fw.path(), data.path(), Some(&broker_url));
     let ids = ["op-a", "op-b", "op-c", "op-d", "op-e"];
     let _fleet = start_devices(
@@ -848,6 +905,64 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
         );
     }
 
+    // Stop: a rollout to two devices, one at a time, stopped from the page
+    // while the first downloads: that job is cancelled, the second device
+    // never gets one, and `stopped` is the deployment's final state.
+    let slow = slow_firmware(image("1.2.0", 1024 * 1024)).await;
+    b.js_with(
+        "const s = document.getElementById('d-firmware'); \
+         const o = document.createElement('option'); \
+         o.value = arguments[0]; o.textContent = arguments[0]; \
+         s.appendChild(o); s.value = arguments[0]; \
+         document.getElementById('d-mode').value = 'to';",
+        json!([slow]),
+    )
+    .await;
+    b.type_into("#d-targets", "op-d,op-e").await;
+    b.type_into("#d-canary", "0").await;
+    b.type_into("#d-batch", "1").await;
+    b.click("#deploy button[type=submit]").await;
+    let v = b
+        .wait_for(
+            "listed the deployment to stop",
+            20,
+            "const r = document.querySelector('#deployments tr'); return r ? r.dataset.id : null;",
+            |v| v.as_str().is_some_and(|id| id != dep),
+        )
+        .await;
+    let stopped = v.as_str().unwrap().to_owned();
+    b.click(&format!("#deployments tr[data-id='{stopped}'] button"))
+        .await;
+    b.wait_for("showed op-d downloading", 20, COUNTS, |v| {
+        v["counts"]["downloading"] == 1
+    })
+    .await;
+    b.click("#dep-stop").await;
+    let v = b
+        .wait_for("showed the rollout stopped", 30, COUNTS, |v| {
+            v["state"] == "stopped" && v["counts"]["downloading"] == 0
+        })
+        .await;
+    assert_eq!(v["counts"]["done"], 0, "{v:#}");
+    assert_eq!(v["counts"]["downloading"], 0, "{v:#}");
+    assert_eq!(v["counts"]["sent"], 0, "{v:#}");
+    let states = b
+        .js("return [...document.querySelectorAll('#dep-devices tr')].map(r => [r.dataset.id, r.cells[3].textContent]);")
+        .await;
+    assert_eq!(states[0], json!(["op-d", "cancelled"]), "{states:#}");
+    assert_ne!(states[1][1], "done", "op-e got no job: {states:#}");
+    assert_ne!(states[1][1], "sent", "op-e got no job: {states:#}");
+    b.screenshot(&target_dir().join("page-browser-stopped.png"))
+        .await;
+    let stored = controller_support::get_json(&format!("{}/api/deployments/{stopped}", serve.http));
+    assert_eq!(stored["state"], "stopped", "{stored:#}");
+    wait_rows(&b, "kept op-d and op-e on 1.1.0", 30, |rows| {
+        rows.iter()
+            .filter(|r| r[ID] == "op-d" || r[ID] == "op-e")
+            .all(|r| r[VERSION] == "1.1.0" && r[6].is_empty())
+    })
+    .await;
+
     // 2. A file that is not an app image, dropped on the page: refused with
     // the validator's reason.
     b.js("const dt = new DataTransfer(); \
@@ -894,6 +1009,13 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
         "{v:#}"
     );
     assert_eq!(v[1][3], "1.3.0", "{v:#}");
+    assert_eq!(v[1][6], "unsigned", "{v:#}");
+    let v = b
+        .js("const r = document.querySelector(\"#firmware tr[data-name='app-0.9.0-signed.bin']\"); \
+             return [r.cells[6].textContent, r.cells[6].querySelector('code').title];")
+        .await;
+    assert_eq!(v[0], format!("signed by {}", &digest[..12]), "{v:#}");
+    assert_eq!(v[1], format!("key digest {digest}"), "{v:#}");
     assert!(
         fw.path().join("app-1.3.0.bin").is_file(),
         "the file is in the firmware directory"
@@ -902,6 +1024,8 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
         !fw.path().join("notes.bin").exists(),
         "nothing refused is left behind"
     );
+    b.js("document.getElementById('firmware').scrollIntoView({block: 'center'});")
+        .await;
     b.screenshot(&target_dir().join("page-browser-firmware.png"))
         .await;
 
@@ -931,7 +1055,7 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
             "listed the deployment of the upload first",
             20,
             "const r = document.querySelector('#deployments tr'); return r ? r.dataset.id : null;",
-            |v| v.as_str().is_some_and(|id| id != dep),
+            |v| v.as_str().is_some_and(|id| id != dep && id != stopped),
         )
         .await;
     let all = v.as_str().unwrap().to_owned();
@@ -990,7 +1114,10 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
             "listed the unhealthy deployment first",
             20,
             "const r = document.querySelector('#deployments tr'); return r ? r.dataset.id : null;",
-            |v| v.as_str().is_some_and(|id| id != dep && id != all),
+            |v| {
+                v.as_str()
+                    .is_some_and(|id| id != dep && id != stopped && id != all)
+            },
         )
         .await;
     let bad = v.as_str().unwrap().to_owned();
@@ -1106,6 +1233,26 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
         "{msgs:#?}"
     );
     assert!(v[2].as_u64().unwrap() > 0, "no history shown: {v:#}");
+    let fields = b
+        .js("const o = {}; for (const dt of document.querySelectorAll('#detail-fields dt')) \
+               o[dt.textContent] = dt.nextElementSibling.textContent; \
+             return [o, [...document.querySelectorAll('#detail-history tr')].map(r => r.cells[2].textContent)];")
+        .await;
+    assert_eq!(fields[0]["version"], "1.3.0", "{fields:#}");
+    assert_eq!(fields[0]["installs"], "any valid image", "{fields:#}");
+    assert_eq!(fields[0]["secure version"], "0", "{fields:#}");
+    // Its boot trail: the update's reboots, each status saying why.
+    assert_eq!(
+        fields[0]["last boot"], "software reset (an update or a rollback)",
+        "{fields:#}"
+    );
+    assert!(
+        fields[1].as_array().unwrap().iter().any(|l| l
+            .as_str()
+            .is_some_and(|l| l.starts_with("version 1.3.0, valid")
+                && l.ends_with("; booted: software reset (an update or a rollback)"))),
+        "{fields:#}"
+    );
     b.js("document.getElementById('detail-log-title').scrollIntoView();")
         .await;
     b.screenshot(&target_dir().join("page-browser-device.png"))
