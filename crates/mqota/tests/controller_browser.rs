@@ -1477,3 +1477,87 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Runs `script` (an async function body that settles by calling `done`,
+/// its last argument) in the page and returns what it passed to `done`.
+async fn js_async(b: &Browser, script: &str) -> Value {
+    b.post("/execute/async", json!({"script": script, "args": []}))
+        .await
+}
+
+/// Resolves, in the page, once `#fleet-count` reads `arguments[0]`: with
+/// the page's clock, so the time is the page's and not the polling's.
+const COUNT_READS: &str = "const [want, done] = arguments; \
+    const check = () => document.getElementById('fleet-count').textContent === want; \
+    if (check()) return done(performance.now()); \
+    new MutationObserver((_, o) => { if (check()) { o.disconnect(); done(performance.now()); } }) \
+      .observe(document.body, {childList: true, subtree: true, characterData: true});";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_devices_in_the_store_load_and_filter_in_the_page() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let n = 10_000;
+    let fw = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let serve = Serve::start(fw.path(), data.path(), None);
+    let port: u16 = serve.broker.rsplit(':').next().unwrap().parse().unwrap();
+    tokio::task::spawn_blocking(move || controller_support::publish_fleet(port, n))
+        .await
+        .unwrap();
+    // serve has every one of them before the page is opened.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let h = controller_support::get_json(&format!("{}/api/health", serve.http));
+        if h["devices"] == n {
+            break;
+        }
+        assert!(Instant::now() < deadline, "serve never saw {n}: {h:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let driver = start_driver().await;
+    let b = Browser::start(&driver).await;
+    b.goto(&format!("{}/", serve.http)).await;
+    // From the start of the navigation until the table says all of them.
+    let want = format!("{n} devices");
+    let loaded = b
+        .post(
+            "/execute/async",
+            json!({"script": COUNT_READS, "args": [want]}),
+        )
+        .await;
+    let rows = b
+        .js("return document.querySelectorAll('#fleet tr').length;")
+        .await;
+    assert_eq!(rows, 100, "one page of rows is drawn");
+    // A search typed into the box, until the count says what it found.
+    let searched = js_async(
+        &b,
+        &format!(
+            "const done = arguments[0]; const t0 = performance.now(); \
+             const q = document.getElementById('q'); q.value = 's-0999'; \
+             q.dispatchEvent(new Event('input')); \
+             const want = '10 of {n} devices'; \
+             const check = () => document.getElementById('fleet-count').textContent === want; \
+             if (check()) return done(performance.now() - t0); \
+             new MutationObserver((_, o) => {{ if (check()) {{ o.disconnect(); done(performance.now() - t0); }} }}) \
+               .observe(document.body, {{childList: true, subtree: true, characterData: true}});"
+        ),
+    )
+    .await;
+    let ids = b
+        .js("return [...document.querySelectorAll('#fleet tr')].map(r => r.dataset.id);")
+        .await;
+    let want_ids: Vec<String> = (9990..10_000).map(|i| format!("s-{i:05}")).collect();
+    assert_eq!(ids, json!(want_ids));
+    let (loaded, searched) = (loaded.as_f64().unwrap(), searched.as_f64().unwrap());
+    eprintln!(
+        "{n} devices from the store: page loaded with all of them {loaded:.0} ms after navigation; \
+         a search narrowed them in {searched:.0} ms"
+    );
+    b.screenshot(&target_dir().join("page-browser-10k.png"))
+        .await;
+    assert!(
+        loaded < 1000.0 && searched < 1000.0,
+        "slow: loaded in {loaded:.0} ms, searched in {searched:.0} ms"
+    );
+}
