@@ -241,7 +241,7 @@ pub enum Event {
     Operator(DeploymentState),
     /// What a device's own topics say now (its view in [`crate::fleet`]);
     /// only a device waited for is looked at.
-    Device(DeviceView),
+    Device(Box<DeviceView>),
     /// The clock: every device waited for whose deadline has passed is
     /// given up on.
     Tick,
@@ -393,7 +393,7 @@ impl<I: Copy + PartialOrd + Add<Duration, Output = I>> Rollout<I> {
                 self.course.saw(state);
                 go = state == DeploymentState::Running;
             }
-            Event::Device(view) => self.device(&view.id.clone(), Some(&view), now, &mut out),
+            Event::Device(view) => self.device(&view.id, Some(&view), now, &mut out),
             Event::Tick => {
                 for d in self.waiting() {
                     self.device(&d, None, now, &mut out);
@@ -555,6 +555,15 @@ impl<I: Copy + PartialOrd + Add<Duration, Output = I>> Rollout<I> {
                         state: DeploymentState::Failed,
                         reason: Some(reason.clone()),
                     });
+                    return self.end(out);
+                }
+                Step::Deciding
+                    if matches!(
+                        self.operator,
+                        DeploymentState::Succeeded | DeploymentState::Failed
+                    ) =>
+                {
+                    // Ended by someone else: nothing is left to decide.
                     return self.end(out);
                 }
                 Step::Deciding => {

@@ -384,14 +384,14 @@ fn view(
             .unwrap()
         })
         .collect();
-    Event::Device(DeviceView {
+    Event::Device(Box::new(DeviceView {
         id: id.into(),
         status: Some(serde_json::from_value(status).unwrap()),
         online: true,
         progress: None,
         ended,
         in_flight: in_flight.map(str::to_owned),
-    })
+    }))
 }
 
 /// The device runs the new version and its status says the job is done.
@@ -482,6 +482,7 @@ fn each_rollout_runs_its_course_event_by_event() {
     let none = opts(Amount::Count(0), false);
     let one = opts(Amount::Count(1), false);
     let rb = opts(Amount::Count(0), true);
+    #[rustfmt::skip]
     let runs = [
         Run {
             what: "a canary that succeeds lets the next stage go, a job at a time",
@@ -720,6 +721,19 @@ fn each_rollout_runs_its_course_event_by_event() {
                 ]),
             ],
             after: &[("a", Failed), ("b", Skipped)],
+        },
+        Run {
+            what: "a deployment ended by someone else ends the run without a word",
+            devices: &[("a", 0, Pending), ("b", 0, Pending)],
+            options: none.clone(),
+            state: D::Running,
+            reason: None,
+            script: vec![
+                (0, RUN, &["stage 1 of 1: a, b", "start a", "record a sent"]),
+                (0, Event::Operator(D::Succeeded), &[]),
+                (1, done("a"), &["record a done", "result a done", "end"]),
+            ],
+            after: &[("a", Done), ("b", Pending)],
         },
         Run {
             what: "another device's news, and devices not waited for, change nothing",

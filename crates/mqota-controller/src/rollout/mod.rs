@@ -352,8 +352,8 @@ pub trait Observer {
     fn progress(&mut self, _event: &mqota_core::protocol::Progress) {}
     /// A device's result is in.
     fn result(&mut self, _device: &str, _state: DeviceState, _error: Option<&str>) {}
-    /// The rollout stopped for failures (also when a resumed deployment
-    /// carries on stopping).
+    /// The rollout stops: for failures (also when a resumed deployment
+    /// carries on stopping), or by an operator's stop.
     fn stopped(&mut self, _reason: &str) {}
     /// An automatic rollback is about to be sent to `device`.
     fn rolling_back(&mut self, _device: &str) {}
@@ -1003,7 +1003,7 @@ async fn steps(
         };
         pending.extend(
             look.iter()
-                .filter_map(|d| fleet.device(d).map(Event::Device)),
+                .filter_map(|d| fleet.device(d).map(|v| Event::Device(Box::new(v)))),
         );
         if sweep {
             pending.push_back(Event::Tick);
