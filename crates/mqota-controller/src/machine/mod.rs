@@ -7,7 +7,7 @@
 //! to the observer; end). The runner decides nothing; everything a rollout
 //! decides (next stage, failure threshold, automatic rollback, pause,
 //! resume, stop, timeouts, which answers count) is here, so it is tested
-//! as tables of events and actions ([`tests`](self)) rather than through a
+//! as tables of events and actions (`machine/tests.rs`) rather than through a
 //! broker. Like rumqttc's `state.rs`: pure state, `now` as an input.
 //!
 //! Inside, [`next`] plans the next step from where every device stands,
