@@ -192,7 +192,9 @@ function fleetRow(v) {
     else selected.delete(d.id);
     renderSelection();
   });
-  const online = el("span", d.status ? v.online : "no status", d.status ? (d.online ? "pill good" : "pill bad") : "muted");
+  const online = el("span");
+  online.appendChild(el("span", d.status ? v.online : "no status", d.status ? (d.online ? "pill good" : "pill bad") : "muted"));
+  if (d.status && d.online_since) online.appendChild(el("span", " " + since(d.online_since), "muted since"));
   let phase = null;
   if (v.phase) {
     phase = el("span");
@@ -442,7 +444,7 @@ function renderDetail() {
   const s = (d && d.status) || {};
   const p = d && d.progress;
   const fields = [
-    ["online", d ? (d.online ? "online" : "offline") : "not in the fleet now"],
+    ["online", d ? (d.online ? "online" : "offline") + (d.online_since ? " " + since(d.online_since) : "") : "not in the fleet now"],
     ["chip", s.chip], ["project", s.project], ["version", s.version],
     ["slot", s.slot !== undefined && s.slot !== null ? "ota_" + s.slot : s.version ? "factory" : null],
     ["state", s.state], ["https", s.https === undefined ? null : s.https ? "yes" : "no"],
@@ -597,6 +599,12 @@ for (const kind of ["dragover", "drop"]) window.addEventListener(kind, (e) => e.
 
 function when(unix) {
   return new Date(unix * 1000).toLocaleString();
+}
+
+// "since 6:42:05 AM" today, "since 12/6/2026, 6:42:05 AM" before.
+function since(unix) {
+  const t = new Date(unix * 1000);
+  return "since " + (t.toDateString() === new Date().toDateString() ? t.toLocaleTimeString() : t.toLocaleString());
 }
 
 // The states a deployment's counts always show (with `downloading`: sent,

@@ -56,6 +56,11 @@ pub struct DeviceView {
     /// Whether it is connected: its retained availability says `online`
     /// (false when it says `offline` or said nothing).
     pub online: bool,
+    /// Since when `online` has held, as the controller saw it (seconds since
+    /// the Unix epoch, like the store's times): when it read the
+    /// availability that set it, after its own start or at the latest
+    /// change. None before any availability.
+    pub online_since: Option<u64>,
     /// The latest progress event seen from it since the controller started.
     pub progress: Option<Progress>,
     /// Its latest terminal progress events (`done`, `failed`, `busy` and
@@ -639,6 +644,7 @@ fn handle_publish(
             id: id.to_owned(),
             status: None,
             online: false,
+            online_since: None,
             progress: None,
             ended: Vec::new(),
             in_flight: None,
@@ -717,6 +723,9 @@ fn handle_publish(
                 return;
             }
             let mut entry = view(&mut d);
+            if entry.online != online || entry.online_since.is_none() {
+                entry.online_since = Some(now_secs());
+            }
             entry.online = online;
             d.insert(id.to_owned(), entry);
             drop(d);
@@ -726,6 +735,13 @@ fn handle_publish(
             });
         }
     }
+}
+
+/// The wall clock in seconds since the Unix epoch (0 if it is before it).
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -745,6 +761,7 @@ mod tests {
                 .unwrap()
             }),
             online: true,
+            online_since: None,
             progress: None,
             ended: Vec::new(),
             in_flight: None,

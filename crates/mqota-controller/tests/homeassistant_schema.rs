@@ -214,6 +214,7 @@ fn view(id: &str, version: &str, extra: impl FnOnce(&mut DeviceView)) -> DeviceV
         id: id.to_owned(),
         status: Some(serde_json::from_value(status).expect("a status")),
         online: true,
+        online_since: None,
         progress: None,
         ended: Vec::new(),
         in_flight: None,

@@ -326,7 +326,7 @@ mod base64_png {
 
 /// The fleet table's rows as the page shows them: each row's cell texts.
 const ROWS: &str = "return [...document.querySelectorAll('#fleet tr')]\
-                    .map(tr => [...tr.cells].map(c => c.textContent.trim()));";
+                    .map(tr => [...tr.cells].map(c => (c.querySelector('.pill') || c).textContent.trim()));";
 
 /// Polls the table until `check` holds, for at most `secs`.
 async fn wait_rows(
@@ -601,13 +601,27 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // A device that goes away is shown offline.
+    // A device that goes away is shown offline, and since when.
+    let left_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     drop(leaving);
     wait_rows(&b, "showed br-c offline", 30, |rows| {
         rows.iter()
             .any(|r| r[ID] == "br-c" && r[ONLINE] == "offline")
     })
     .await;
+    let v = b
+        .js("const c = document.querySelector(\"#fleet tr[data-id='br-c']\").cells[1]; \
+             return [c.textContent, devices.get('br-c').online_since, \
+                     'offline since ' + new Date(devices.get('br-c').online_since * 1000).toLocaleTimeString()];")
+        .await;
+    assert_eq!(v[0], v[2], "{v:#}");
+    assert!(
+        v[1].as_u64().unwrap() >= left_at,
+        "offline since before it left: {v:#}"
+    );
     // Health at a glance: the broker, who is online, rollouts, logins.
     let v = b
         .wait_for(
@@ -1556,8 +1570,12 @@ async fn ten_thousand_devices_in_the_store_load_and_filter_in_the_page() {
     );
     b.screenshot(&target_dir().join("page-browser-10k.png"))
         .await;
+    // The aim is under a second for both (0.6 s and 16 ms measured here
+    // with the machine otherwise idle); the bound for the load is wider so
+    // that a busy 2-core runner does not fail it, and still catches the
+    // seconds-long loads of a page that polls or draws every row.
     assert!(
-        loaded < 1000.0 && searched < 1000.0,
+        loaded < 3000.0 && searched < 1000.0,
         "slow: loaded in {loaded:.0} ms, searched in {searched:.0} ms"
     );
 }

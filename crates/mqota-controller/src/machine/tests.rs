@@ -388,6 +388,7 @@ fn view(
         id: id.into(),
         status: Some(serde_json::from_value(status).unwrap()),
         online: true,
+        online_since: None,
         progress: None,
         ended,
         in_flight: in_flight.map(str::to_owned),
