@@ -5,7 +5,7 @@ use embassy_time::{Duration, Instant, Timer};
 use embedded_storage::nor_flash::{MultiwriteNorFlash, NorFlash};
 use heapless::String;
 use mqota_core::bootguard::{self, Verdict};
-use mqota_core::engine::{Action, Actions, Config as EngineConfig, Engine, Event, Layout};
+use mqota_core::engine::{Action, Actions, Engine, EngineConfig, Event, Layout};
 use mqota_core::image;
 use mqota_core::protocol::envelope::JobTrust;
 use mqota_core::protocol::{
