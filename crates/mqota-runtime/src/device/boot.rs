@@ -54,17 +54,29 @@ pub enum EarlyBootError {
 /// Runs as early as possible at every boot: reads the partition table,
 /// describes the running image and runs the boot guard. `running` is the
 /// index of the OTA slot the bootloader started (`ota_0` is 0), as the chip
-/// glue finds it. On [`Verdict::Reboot`](bootguard::Verdict::Reboot) reset at once; otherwise hand the
-/// result to [`run`](super::run).
+/// glue finds it. On [`Verdict::Reboot`](bootguard::Verdict::Reboot) reset at
+/// once; otherwise hand the result to [`run`](super::run).
+///
+/// Glue that has already read the table (to find the booted slot) passes it
+/// to [`early_boot_with_table`] instead, so the table is read once.
 pub fn early_boot<F: NorFlash>(
     flash: &mut F,
     running: usize,
 ) -> Result<RunningFirmware, EarlyBootError> {
     let table = PartitionTable::read_from(flash, TABLE_OFFSET)
         .map_err(|_| EarlyBootError::PartitionTable)?;
-    let index = running;
-    let layout = Layout::from_table(&table, index).ok_or(EarlyBootError::NoOtaLayout)?;
-    let slot = layout.slots[index];
+    early_boot_with_table(flash, &table, running)
+}
+
+/// [`early_boot`] over a partition table the caller already read and parsed
+/// (with [`PartitionTable::from_bytes`] or [`PartitionTable::read_from`]).
+pub fn early_boot_with_table<F: NorFlash>(
+    flash: &mut F,
+    table: &PartitionTable,
+    running: usize,
+) -> Result<RunningFirmware, EarlyBootError> {
+    let layout = Layout::from_table(table, running).ok_or(EarlyBootError::NoOtaLayout)?;
+    let slot = layout.slots[running];
     let info = image::validate_flash(flash, slot.offset, slot.size)
         .map_err(|_| EarlyBootError::RunningImage)?;
     let boot = bootguard::on_boot(flash, &layout).map_err(|_| EarlyBootError::Guard)?;
@@ -77,6 +89,7 @@ pub fn early_boot<F: NorFlash>(
         secure_version: info.app.secure_version,
     })
 }
+
 impl Device<'_> {
     /// The trial of a new image: reach the broker and subscribe within
     /// `health_timeout`, then the platform's hook in what time is left.

@@ -66,7 +66,7 @@ mod uplink;
 #[cfg(test)]
 mod tests;
 
-pub use boot::{early_boot, EarlyBootError, RunningFirmware};
+pub use boot::{early_boot, early_boot_with_table, EarlyBootError, RunningFirmware};
 pub use download::PROGRESS_QUEUE;
 pub use run::run;
 
