@@ -13,12 +13,14 @@
 //!   connection dies without a DISCONNECT.
 //! * A non-zero keep-alive; the session sends PINGREQ after half of it passed
 //!   without traffic and gives up on the connection when the PINGRESP does
-//!   not arrive within the other half.
+//!   not arrive within the other half (the rule, apart from I/O and tested
+//!   with a fake clock: `keepalive.rs`).
 //! * Subscriptions are remembered and sent again when the broker answers a
 //!   reconnect without the old session (it restarted without persistence).
 //! * QoS 1 publications whose PUBACK has not arrived are kept (bounded, see
 //!   [`MAX_INFLIGHT`]) and sent again after a reconnect: as a DUP resend when
-//!   the broker kept the session, as a new message when it did not.
+//!   the broker kept the session, as a new message when it did not (the
+//!   queue, apart from I/O and tested with a fake clock: `inflight.rs`).
 //!
 //! # Incoming messages
 //!
