@@ -32,8 +32,9 @@ pub struct EngineConfig {
     /// How many times a transient failure is retried before the job fails.
     pub max_retries: u8,
     /// Shortest retry delay. Each delay is drawn at random between this and
-    /// three times the one before ([`Jitter::Decorrelated`](crate::backoff::Jitter::Decorrelated)), capped at
-    /// [`EngineConfig::retry_max_ms`].
+    /// three times the one before
+    /// ([`Jitter::Decorrelated`](crate::backoff::Jitter::Decorrelated)),
+    /// capped at [`EngineConfig::retry_max_ms`].
     pub retry_base_ms: Millis,
     /// Cap of the retry delay.
     pub retry_max_ms: Millis,
@@ -46,7 +47,8 @@ pub struct EngineConfig {
     pub progress_interval_ms: Millis,
     /// Which signing keys the device trusts. With keys, an image is
     /// activated only if a block of its signature sector verifies
-    /// ([`signature::check`](crate::signature::check)); otherwise the job fails with `bad_signature`.
+    /// ([`signature::check`](crate::signature::check)); otherwise the job
+    /// fails with `bad_signature`.
     pub trust: TrustPolicy,
 }
 

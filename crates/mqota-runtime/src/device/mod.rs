@@ -3,13 +3,16 @@
 //!
 //! The same code runs on the chip (embassy-net, esp-storage) and in the
 //! virtual device (tokio sockets, the simulated flash). The board supplies
-//! [`Platform`](crate::platform::Platform) and [`Link`](crate::platform::Link); everything else is here or in `mqota-core`.
+//! [`Platform`](crate::platform::Platform) and
+//! [`Link`](crate::platform::Link); everything else is here or in
+//! `mqota-core`.
 //!
 //! # One boot, front to back
 //!
 //! 1. [`early_boot`], before anything that could fail: read the partition
 //!    table, describe the running image, run the boot guard. On
-//!    [`Verdict::Reboot`](mqota_core::bootguard::Verdict::Reboot) the caller resets at once.
+//!    [`Verdict::Reboot`](mqota_core::bootguard::Verdict::Reboot) the caller
+//!    resets at once.
 //! 2. [`run`]: bring up the link and the broker (the last will sets the
 //!    retained `{prefix}/{id}/availability` to `offline`), subscribe to the
 //!    command topics without retained replay, publish `online` and the
@@ -49,7 +52,7 @@
 //! |---|---|
 //! | `boot` | [`early_boot`] and the trial of a new image |
 //! | `run` | [`run`]: the loop over the broker and the engine |
-//! | `download` | one fetch: the body into the engine, the MQTT side beside it, the progress queue |
+//! | `download` | one fetch: the body into the engine beside the MQTT side; the progress queue |
 //! | `command` | reading a command message (retained, signed, addressed) |
 //! | `uplink` | the way to the broker: session, link and reconnect pacing as one value |
 
