@@ -20,13 +20,13 @@ use esp_radio::wifi::{
     Interface, WifiController,
 };
 use log::{error, info};
-use mqota_firmware::config::{self, Config};
+use mqota_firmware::config::{self, FirmwareConfig};
 use static_cell::StaticCell;
 
 esp_bootloader_esp_idf::esp_app_desc!();
 
 /// The build-time settings, with this application's own topic prefix.
-static CONFIG: Config = Config {
+static CONFIG: FirmwareConfig = FirmwareConfig {
     topic_prefix: "plant",
     ..config::BUILD
 };

@@ -54,7 +54,7 @@ const DEFAULTS: DeviceConfig<'static> = DeviceConfig::new("", 0);
 /// Settings baked into the firmware image. `Debug` never shows the WiFi or
 /// MQTT password.
 #[derive(Clone, Copy)]
-pub struct Config {
+pub struct FirmwareConfig {
     /// WiFi network name; empty means "do not start WiFi".
     pub wifi_ssid: &'static str,
     /// WiFi passphrase; empty means an open network.
@@ -99,10 +99,10 @@ pub struct Config {
     pub job_key: Option<JobKey>,
 }
 
-impl core::fmt::Debug for Config {
+impl core::fmt::Debug for FirmwareConfig {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let hidden = |set: bool| if set { "<redacted>" } else { "" };
-        f.debug_struct("Config")
+        f.debug_struct("FirmwareConfig")
             .field("wifi_ssid", &self.wifi_ssid)
             .field("wifi_password", &hidden(!self.wifi_password.is_empty()))
             .field("broker", &self.broker)
@@ -187,7 +187,7 @@ const fn tls_checked(broker_tls: bool) -> bool {
 }
 
 /// The configuration this image was built with.
-pub const BUILD: Config = Config {
+pub const BUILD: FirmwareConfig = FirmwareConfig {
     wifi_ssid: env_or!("MQOTA_WIFI_SSID", ""),
     wifi_password: env_or!("MQOTA_WIFI_PASSWORD", ""),
     broker: BROKER,

@@ -2,9 +2,10 @@
 //! application makes, [`boot_guard`] first thing in `main` and [`run`] (or
 //! the ready-made [`task`], via [`spawn`]) once the network stack exists.
 //!
-//! Nothing here decides anything: [`mqota_runtime::early_boot`] and
+//! Nothing here decides anything: [`mqota_runtime::early_boot_with_table`] and
 //! [`mqota_runtime::run`] do, the same code the virtual device runs on the
-//! host. This module only looks up the booted slot, resets or arms the
+//! host. This module only reads the partition table (once: the booted slot
+//! and the runtime's layout come from the same read), resets or arms the
 //! watchdog as the guard says, and builds the connector the runtime talks
 //! through: embassy-net's TCP client and DNS resolver, with TLS (the fleet
 //! CA, the device's certificate, the chip's TRNG) unless the firmware is
@@ -22,10 +23,10 @@ use log::{info, warn};
 use mqota_core::bootguard::Verdict;
 use mqota_core::protocol::envelope::JobTrust;
 use mqota_core::signature::{SoftVerifier, TrustPolicy};
-use mqota_runtime::{early_boot, DeviceConfig, EarlyBootError, Link, RunningFirmware};
+use mqota_runtime::{early_boot_with_table, DeviceConfig, EarlyBootError, Link, RunningFirmware};
 
 use crate::{
-    config::Config,
+    config::FirmwareConfig,
     flash::{self, FlashStorage, SlotError},
     link::StackLink,
     platform::{self, EspPlatform},
@@ -88,14 +89,16 @@ pub enum GuardSetupError {
 pub fn boot_guard(
     flash: &mut FlashStorage<'static>,
     rtc_timer: RTC_TIMER<'static>,
-    config: &Config,
+    config: &FirmwareConfig,
 ) -> Result<Guarded, GuardSetupError> {
     let mut watchdog = TrialWatchdog::new(rtc_timer);
-    let booted_slot = flash::booted_slot(flash).map_err(GuardSetupError::Slot)?;
-    let slot = booted_slot
+    let partitions = flash::read_partitions(flash).map_err(GuardSetupError::Slot)?;
+    let slot = partitions
+        .booted
         .ota_index()
         .ok_or(GuardSetupError::NotAnOtaSlot)?;
-    let booted = early_boot(flash, usize::from(slot)).map_err(GuardSetupError::Boot)?;
+    let booted = early_boot_with_table(flash, &partitions.table, usize::from(slot))
+        .map_err(GuardSetupError::Boot)?;
     match booted.boot.verdict {
         Verdict::Reboot => {
             warn!("boot guard: switching slots, resetting");
@@ -115,7 +118,7 @@ pub fn boot_guard(
 }
 
 /// The runtime's settings from the firmware's.
-pub fn device_config(config: &'static Config) -> DeviceConfig<'static> {
+pub fn device_config(config: &'static FirmwareConfig) -> DeviceConfig<'static> {
     let mut device = DeviceConfig::new(config.broker.host, config.broker.port);
     device.username = config.broker_user;
     device.password = config.broker_password.map(str::as_bytes);
@@ -144,7 +147,7 @@ pub fn device_config(config: &'static Config) -> DeviceConfig<'static> {
 /// [`crate::wifi::WifiLink`] when mqota owns the radio, [`StackLink`] when
 /// the application does.
 pub async fn run(
-    config: &'static Config,
+    config: &'static FirmwareConfig,
     guarded: Guarded,
     stack: Stack<'static>,
     link: &mut impl Link,
@@ -189,7 +192,7 @@ mod tls {
     use mqota_runtime::{der_from_pem_or_der, TlsBuffers, TlsIdentity, TlsSetup};
     use static_cell::ConstStaticCell;
 
-    use crate::config::Config;
+    use crate::config::FirmwareConfig;
 
     /// The record buffers of both TLS sessions (`mqota_runtime::TLS_RAM`
     /// with the sessions' state), in `.bss`, not on a stack.
@@ -220,7 +223,7 @@ mod tls {
     /// The fleet CA and the device's certificate and key from `config`;
     /// `None` (TLS off, logged) without a CA or when one does not decode.
     pub fn identity<'a>(
-        config: &'static Config,
+        config: &'static FirmwareConfig,
         pem: &'a mut PemBuffers,
     ) -> Option<TlsIdentity<'a>> {
         let Some(ca) = config.tls_ca else {
@@ -274,7 +277,7 @@ mod tls {
 /// the application's, and so is keeping it connected.
 #[embassy_executor::task]
 pub async fn task(
-    config: &'static Config,
+    config: &'static FirmwareConfig,
     guarded: Guarded,
     stack: Stack<'static>,
     flash: FlashStorage<'static>,
@@ -290,7 +293,7 @@ pub async fn task(
 /// embassy-net stack makes after [`boot_guard`].
 pub fn spawn(
     spawner: &Spawner,
-    config: &'static Config,
+    config: &'static FirmwareConfig,
     guarded: Guarded,
     stack: Stack<'static>,
     flash: FlashStorage<'static>,

@@ -1,7 +1,8 @@
 //! Glues the SPI flash to the OTA engine: esp-storage's `FlashStorage`
 //! (which implements `embedded_storage::nor_flash::NorFlash` over the whole
-//! chip, absolute offsets) and the booted-slot lookup of
-//! esp-bootloader-esp-idf.
+//! chip, absolute offsets), and the partition table read once at boot: the
+//! booted-slot lookup of esp-bootloader-esp-idf and the core's parser (which
+//! the boot guard and the runtime use) both work on that one read.
 //!
 //! The runtime and the core are generic over `NorFlash`; this is the only
 //! place that names the concrete driver.
@@ -11,6 +12,7 @@ use esp_bootloader_esp_idf::partitions::{
 };
 use esp_hal::peripherals::FLASH;
 pub use esp_storage::FlashStorage;
+use mqota_core::partition::PartitionTable;
 
 /// The whole flash chip as a `NorFlash` (erase 4 KiB sectors, write 4-byte words).
 pub fn storage(flash: FLASH<'static>) -> FlashStorage<'static> {
@@ -44,27 +46,47 @@ pub enum SlotError {
     /// The partition table is missing or corrupt: reflash it
     /// (`espflash flash --partition-table partitions.csv`).
     PartitionTable(partitions::Error),
+    /// esp-bootloader-esp-idf read the table but mqota's parser refuses it
+    /// (e.g. overlapping partitions): reflash it with `cargo xtask flash`.
+    Refused(mqota_core::partition::Error),
     /// The code is mapped from an offset that no app partition starts at;
     /// the table on flash is not the one the image was flashed with. Report it.
     NotInAppPartition,
 }
 
-/// Looks up which app partition is running, from the MMU mapping of the
-/// code (what ESP-IDF's `esp_ota_get_running_partition` does).
-pub fn booted_slot(flash: &mut FlashStorage<'_>) -> Result<BootedSlot, SlotError> {
+/// The partition table, read once at boot, and the app partition running.
+#[derive(Debug, Clone)]
+pub struct Partitions {
+    /// The table as mqota's core parsed it, for the boot guard and the
+    /// runtime ([`mqota_runtime::early_boot_with_table`]).
+    pub table: PartitionTable,
+    /// The app partition the bootloader started.
+    pub booted: BootedSlot,
+}
+
+/// Reads the partition table and looks up which app partition is running,
+/// from the MMU mapping of the code (what ESP-IDF's
+/// `esp_ota_get_running_partition` does). The flash is read once, by
+/// esp-bootloader-esp-idf (which decrypts it if flash encryption is on); the
+/// core parses the same bytes, so nothing reads the table again.
+pub fn read_partitions(flash: &mut FlashStorage<'_>) -> Result<Partitions, SlotError> {
     let mut buffer = [0u8; PARTITION_TABLE_MAX_LEN];
-    let table =
-        partitions::read_partition_table(flash, &mut buffer).map_err(SlotError::PartitionTable)?;
-    let entry = table
-        .booted_partition()
-        .map_err(SlotError::PartitionTable)?
-        .ok_or(SlotError::NotInAppPartition)?;
-    match entry.partition_type() {
-        PartitionType::App(kind) => Ok(BootedSlot {
-            kind,
-            offset: entry.offset(),
-            size: entry.len(),
-        }),
-        _ => Err(SlotError::NotInAppPartition),
-    }
+    let booted = {
+        let table = partitions::read_partition_table(flash, &mut buffer)
+            .map_err(SlotError::PartitionTable)?;
+        let entry = table
+            .booted_partition()
+            .map_err(SlotError::PartitionTable)?
+            .ok_or(SlotError::NotInAppPartition)?;
+        match entry.partition_type() {
+            PartitionType::App(kind) => BootedSlot {
+                kind,
+                offset: entry.offset(),
+                size: entry.len(),
+            },
+            _ => return Err(SlotError::NotInAppPartition),
+        }
+    };
+    let table = PartitionTable::from_bytes(&buffer).map_err(SlotError::Refused)?;
+    Ok(Partitions { table, booted })
 }

@@ -13,7 +13,7 @@ use esp_backtrace as _;
 use esp_hal::{clock::CpuClock, rng::Rng, timer::timg::TimerGroup};
 use log::{error, info};
 use mqota_firmware::{
-    config::{self, Config},
+    config::{self, FirmwareConfig},
     flash::{self, FlashStorage},
     wifi::{self, WifiLink, SOCKETS},
 };
@@ -24,7 +24,7 @@ use static_cell::StaticCell;
 esp_bootloader_esp_idf::esp_app_desc!();
 
 /// The settings compiled into this image (see `config`).
-static CONFIG: Config = config::BUILD;
+static CONFIG: FirmwareConfig = config::BUILD;
 
 #[esp_rtos::main]
 async fn main(spawner: Spawner) -> ! {

@@ -1,6 +1,6 @@
 //! Glues the chip's identity and reset to the device runtime's
 //! [`mqota_runtime::Platform`]: the device id from the factory MAC in eFuse,
-//! the booted slot, a software reset, the trial watchdog (disarmed when the
+//! a software reset, the trial watchdog (disarmed when the
 //! runtime confirms the image) and an optional application health check.
 
 use core::fmt::Write as _;
@@ -8,7 +8,7 @@ use core::fmt::Write as _;
 use esp_hal::efuse::{self, InterfaceMacAddress};
 use mqota_runtime::Platform;
 
-use crate::{config::Config, watchdog::TrialWatchdog};
+use crate::{config::FirmwareConfig, watchdog::TrialWatchdog};
 
 /// Longest device id: `mqota-` plus 12 hex digits fits, and so does any
 /// `MQOTA_DEVICE_ID` up to this length (a longer one is cut).
@@ -27,7 +27,7 @@ pub fn station_mac() -> [u8; 6] {
 
 /// The configured device id, or `mqota-` followed by the station MAC in
 /// lower-case hex (stable across reflashing, unique per chip).
-pub fn device_id(config: &Config) -> DeviceId {
+pub fn device_id(config: &FirmwareConfig) -> DeviceId {
     let mut id = DeviceId::new();
     match config.device_id {
         Some(fixed) => {

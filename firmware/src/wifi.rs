@@ -16,7 +16,7 @@ use esp_radio::wifi::{
 use log::{info, warn};
 use mqota_runtime::Link;
 
-use crate::config::Config;
+use crate::config::FirmwareConfig;
 
 /// Sockets the stack can hold: DHCP, DNS, the MQTT connection, one HTTP download.
 pub const SOCKETS: usize = 4;
@@ -47,7 +47,7 @@ impl WifiLink {
     /// [`net_task`] with the returned runner before calling [`connect`](Self::connect).
     pub fn new(
         wifi: WIFI<'static>,
-        config: &Config,
+        config: &FirmwareConfig,
         resources: &'static mut StackResources<SOCKETS>,
         seed: u64,
     ) -> Result<(Self, Runner<'static, Interface>), LinkError> {

@@ -20,7 +20,7 @@ use arbitrary::Unstructured;
 use embedded_storage::nor_flash::{ErrorType, NorFlash, ReadNorFlash};
 use libfuzzer_sys::fuzz_target;
 use mqota_core::bootguard::{self, Verdict};
-use mqota_core::engine::{Action, Config, Engine, Event, Response};
+use mqota_core::engine::{Action, EngineConfig, Engine, Event, Response};
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::journal::{RollbackReason, JOURNAL_SIZE};
 use mqota_core::layout::Layout;
@@ -185,7 +185,7 @@ impl Sim {
             fx,
             flash: fx.flash.clone(),
             bootloader,
-            engine: Engine::new(Config::new("fuzz", Chip::Esp32c3, OLD), layout.clone()),
+            engine: Engine::new(EngineConfig::new("fuzz", Chip::Esp32c3, OLD), layout.clone()),
             layout,
             version: OLD,
             now: 0,
@@ -278,7 +278,7 @@ impl Sim {
             );
             self.layout.running = slot;
             self.version = version;
-            let mut cfg = Config::new("fuzz", Chip::Esp32c3, version);
+            let mut cfg = EngineConfig::new("fuzz", Chip::Esp32c3, version);
             cfg.progress_interval_ms = 0;
             self.engine = Engine::new(cfg, self.layout.clone());
 

@@ -131,7 +131,7 @@ fn after_a_reboot_the_journals_remember_the_jobs_that_finished() {
     // The next boot: a fresh engine on the same flash, running the new slot.
     let mut layout = d.layout.clone();
     layout.running = 1;
-    let cfg = mqota_core::engine::Config::new("dev-1", Chip::Esp32c3, "1.1.0");
+    let cfg = mqota_core::engine::EngineConfig::new("dev-1", Chip::Esp32c3, "1.1.0");
     let mut engine = Engine::new(cfg, layout);
     assert_eq!(
         decide(engine.state(), engine.finished(), &start(Some("job-1"))),
@@ -156,7 +156,7 @@ fn an_interrupted_download_is_not_a_finished_job() {
     d.respond(200, Some(v2.len() as u32), None);
     // Three pages reach flash, then the power goes.
     d.body(&v2[..3 * 4096]);
-    let cfg = mqota_core::engine::Config::new("dev-1", Chip::Esp32c3, "1.0.0");
+    let cfg = mqota_core::engine::EngineConfig::new("dev-1", Chip::Esp32c3, "1.0.0");
     let mut engine = Engine::new(cfg, d.layout.clone());
     engine.recall_finished(&mut d.flash);
     assert!(

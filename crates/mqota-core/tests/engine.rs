@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use embedded_storage::nor_flash::ReadNorFlash;
-use mqota_core::engine::{Config, Engine, Event};
+use mqota_core::engine::{Engine, EngineConfig, Event};
 use mqota_core::fetch::FetchError;
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::journal::{Flag, PAGE_SIZE};
@@ -74,7 +74,7 @@ fn percent_never_goes_down_and_reaches_100() {
 #[test]
 fn progress_is_throttled_to_the_configured_interval() {
     let mut d = device();
-    let mut cfg = mqota_core::engine::Config::new("dev-1", Chip::Esp32c3, "1.0.0");
+    let mut cfg = mqota_core::engine::EngineConfig::new("dev-1", Chip::Esp32c3, "1.0.0");
     cfg.progress_interval_ms = 50;
     d.engine = Engine::new(cfg, d.layout.clone());
     let v2 = image(Chip::Esp32c3, "1.1.0", 300_000);
@@ -341,7 +341,7 @@ fn request_timeout_and_too_many_requests_are_retried() {
 fn retry_delays_differ_between_seeds_and_repeat_for_the_same_seed() {
     let gaps_with = |seed: u32| {
         let mut d = device();
-        let mut cfg = Config::new("dev-1", Chip::Esp32c3, "1.0.0");
+        let mut cfg = EngineConfig::new("dev-1", Chip::Esp32c3, "1.0.0");
         cfg.seed = seed;
         d.engine = Engine::new(cfg, d.layout.clone());
         d.start(job(URL));
@@ -673,7 +673,7 @@ fn begin_ota_with_an_overlong_url_fails_with_bad_command() {
 /// A device running 1.0.0 of `mqota-test` with a `secure_version` floor of 2.
 fn guarded() -> Rig {
     let mut d = device();
-    let mut cfg = Config::new("dev-1", Chip::Esp32c3, "1.0.0");
+    let mut cfg = EngineConfig::new("dev-1", Chip::Esp32c3, "1.0.0");
     cfg.progress_interval_ms = 0;
     cfg.running_project = "mqota-test".try_into().unwrap();
     cfg.secure_floor = 2;

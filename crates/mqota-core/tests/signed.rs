@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use mqota_core::engine::{Config, Engine};
+use mqota_core::engine::{Engine, EngineConfig};
 use mqota_core::image::{self, Chip};
 use mqota_core::otadata::Otadata;
 use mqota_core::protocol::{ErrorCode, Phase};
@@ -26,7 +26,7 @@ fn rsa_key(which: usize) -> &'static Key {
 
 fn trusting(keys: &[KeyDigest]) -> Rig {
     let mut d = device();
-    let mut cfg = Config::new("dev-1", Chip::Esp32c3, "1.0.0");
+    let mut cfg = EngineConfig::new("dev-1", Chip::Esp32c3, "1.0.0");
     cfg.progress_interval_ms = 0;
     cfg.trust = TrustPolicy::new(keys, SoftVerifier::INSTANCE);
     d.engine = Engine::new(cfg, d.layout.clone());

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use embedded_storage::nor_flash::NorFlash;
 use mqota_core::bootguard::{self, Boot, GuardError, Verdict};
-use mqota_core::engine::{Action, Config, Engine};
+use mqota_core::engine::{Action, Engine, EngineConfig};
 use mqota_core::image::Chip;
 use mqota_core::journal::{Flag, RollbackReason};
 use mqota_core::layout::Layout;
@@ -67,7 +67,7 @@ impl Dev {
         self.boot_writes = outcome.otadata_writes;
         let mut layout = self.rig.layout.clone();
         layout.running = slot;
-        let mut cfg = Config::new("dev-1", Chip::Esp32c3, &self.version);
+        let mut cfg = EngineConfig::new("dev-1", Chip::Esp32c3, &self.version);
         cfg.progress_interval_ms = 0;
         self.rig.engine = Engine::new(cfg, layout.clone());
         self.rig.layout = layout;
@@ -568,7 +568,7 @@ fn a_download_cut_by_a_reboot_sets_resume_and_the_engine_resumes_from_the_journa
         assert!(boot.resume, "{config:?}");
         assert_eq!(boot.last, None, "an unfinished job has no result yet");
         let layout = d.layout();
-        let mut engine = Engine::new(Config::new("dev-1", Chip::Esp32c3, OLD), layout);
+        let mut engine = Engine::new(EngineConfig::new("dev-1", Chip::Esp32c3, OLD), layout);
         let actions = engine.resume(&mut d.rig.flash, 0).expect("resumes");
         assert!(
             actions.contains(&Action::Fetch { from: 12 * 4096 }),

@@ -17,7 +17,7 @@ use crate::bootloader::{BootConfig, Bootloader};
 use crate::nor::SimFlash;
 use embedded_storage::nor_flash::{ErrorType, MultiwriteNorFlash, NorFlash, ReadNorFlash};
 use mqota_core::bootguard::{self, Verdict};
-use mqota_core::engine::{Action, Config, Engine, Event, Response};
+use mqota_core::engine::{Action, Engine, EngineConfig, Event, Response};
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::journal::RollbackReason;
 use mqota_core::layout::Layout;
@@ -297,7 +297,10 @@ fn cycle<F: MultiwriteNorFlash>(
         }
         bootguard::mark_reported(flash, report).ok()?;
     }
-    let mut engine = Engine::new(Config::new("sweep", Chip::Esp32c3, version), layout.clone());
+    let mut engine = Engine::new(
+        EngineConfig::new("sweep", Chip::Esp32c3, version),
+        layout.clone(),
+    );
     let now = 0;
     let first = if boot.resume {
         let actions = engine.resume(flash, now);

@@ -19,7 +19,10 @@ pub mod tls;
 pub mod trust;
 
 pub use conn::MQTT_TX_BUFFER;
-pub use device::{early_boot, run, DeviceConfig, EarlyBootError, RunningFirmware, PROGRESS_QUEUE};
+pub use device::{
+    early_boot, early_boot_with_table, run, DeviceConfig, EarlyBootError, RunningFirmware,
+    PROGRESS_QUEUE,
+};
 pub use fieldlog::{log, FieldLog, LogError, LogStore};
 pub use http::{
     Abort, BodySink, ContentRange, DownloadError, Downloader, RedirectError, ResponseInfo,

@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use embedded_storage::nor_flash::{ErrorType, MultiwriteNorFlash, NorFlash, ReadNorFlash};
-use mqota_core::engine::{Config, Engine, Event, Response};
+use mqota_core::engine::{Engine, EngineConfig, Event, Response};
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::layout::Layout;
 use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
@@ -148,7 +148,7 @@ async fn main() {
         assert_eq!(sink.0, image.len() as u64);
 
         let (mut flash, layout) = fresh_device();
-        let mut engine = Engine::new(Config::new("bench", Chip::Esp32c3, "1.0.0"), layout);
+        let mut engine = Engine::new(EngineConfig::new("bench", Chip::Esp32c3, "1.0.0"), layout);
         let t = Instant::now();
         start(&mut engine, &mut flash, &url);
         let mut dl = Downloader::new(&net);
@@ -182,7 +182,7 @@ async fn main() {
         dl.download(&slow.url(), 0, &mut Discard(0)).await.unwrap();
         slow_plain.push(t.elapsed());
         let (mut flash, layout) = fresh_device();
-        let mut engine = Engine::new(Config::new("bench", Chip::Esp32c3, "1.0.0"), layout);
+        let mut engine = Engine::new(EngineConfig::new("bench", Chip::Esp32c3, "1.0.0"), layout);
         let t = Instant::now();
         start(&mut engine, &mut flash, &slow.url());
         let mut dl = Downloader::new(&net);
@@ -204,7 +204,7 @@ async fn main() {
     // The flash timing model: one update each way, time of writes and erases.
     let modelled = |sector_only: bool| {
         let (mut flash, layout) = fresh_device();
-        let mut engine = Engine::new(Config::new("bench", Chip::Esp32c3, "1.0.0"), layout);
+        let mut engine = Engine::new(EngineConfig::new("bench", Chip::Esp32c3, "1.0.0"), layout);
         flash.reset_stats();
         let run = |f: &mut dyn FnMut(Event<'_>)| {
             f(Event::Response(Response {
@@ -236,7 +236,7 @@ async fn main() {
 
     // Memory: the runtime's whole state is its future (no heap).
     let (mut flash, layout) = fresh_device();
-    let engine = Engine::new(Config::new("bench", Chip::Esp32c3, "1.0.0"), layout);
+    let engine = Engine::new(EngineConfig::new("bench", Chip::Esp32c3, "1.0.0"), layout);
     let engine_bytes = std::mem::size_of_val(&engine);
     let _ = &mut flash;
 

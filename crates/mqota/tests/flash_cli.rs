@@ -225,7 +225,7 @@ fn a_truncated_dump_reports_what_it_holds() {
 #[test]
 fn inspect_shows_the_journal_of_an_update_the_engine_made_and_its_trial_marks() {
     use mqota_core::bootguard;
-    use mqota_core::engine::{Action, Config, Engine, Event, Response};
+    use mqota_core::engine::{Action, Engine, EngineConfig, Event, Response};
     use mqota_core::layout::Layout;
     use mqota_core::protocol::{Command, Job};
 
@@ -245,7 +245,10 @@ fn inspect_shows_the_journal_of_an_update_the_engine_made_and_its_trial_marks() 
         .build()
         .unwrap();
     let layout = Layout::from_table(&table, 0).unwrap();
-    let mut engine = Engine::new(Config::new("d", Chip::Esp32c3, "1.0.0"), layout.clone());
+    let mut engine = Engine::new(
+        EngineConfig::new("d", Chip::Esp32c3, "1.0.0"),
+        layout.clone(),
+    );
     let job = Job {
         url: "http://fw.example/app.bin".try_into().unwrap(),
         version: Some("1.1.0".try_into().unwrap()),

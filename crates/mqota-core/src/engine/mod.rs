@@ -32,7 +32,7 @@
 //!    in the journal: the resume point. Progress is throttled.
 //! 4. [`Event::BodyEnd`]: the last page is written, the image is verified from
 //!    flash (structure, checksum, appended SHA-256, the job's `sha256`, the
-//!    Secure Boot V2 signature under [`Config::trust`]), the journal records
+//!    Secure Boot V2 signature under [`EngineConfig::trust`]), the journal records
 //!    the activation, otadata selects the slot, and the engine asks for a
 //!    reboot (`verifying`, `rebooting`).
 //!
@@ -40,7 +40,7 @@
 //! [`fetch`](crate::fetch) decides which) are retried after a jittered
 //! exponential [backoff](crate::backoff), resuming from the last page written
 //! with a Range request. The jitter comes from a [`XorShift32`] the engine
-//! owns, seeded from [`Config::seed`]: the engine stays sans-IO and
+//! owns, seeded from [`EngineConfig::seed`]: the engine stays sans-IO and
 //! reproducible under test, and devices seeded differently spread their
 //! retries. Every other failure ends the job at once with a `failed` event,
 //! its error code and a message (`HTTP 404`); the running slot is never
@@ -56,30 +56,40 @@
 //!
 //! # Where things are
 //!
-//! This file holds the state machine over a fetch and [`decide`]; the slot
-//! writer (page buffer, erase-ahead, journal marks) is in `writer.rs`, the
-//! progress percentage, its throttling and the event builders in
-//! `progress.rs`. Both add methods to [`Engine`].
+//! This file holds the state machine over a fetch: its events, actions and
+//! the download it carries. Around it:
+//!
+//! | file | what |
+//! |---|---|
+//! | `config.rs` | [`EngineConfig`], what the engine is told once |
+//! | `decide.rs` | [`decide`]: what a command means, idle or updating |
+//! | `writer.rs` | the slot writer: page buffer, erase-ahead, journal marks |
+//! | `progress.rs` | the progress percentage, its throttling, the event builders |
+//! | `verify.rs` | verifying the image from flash and activating it; [`check_descriptor`] |
+//!
+//! `writer.rs`, `progress.rs` and `verify.rs` add methods to [`Engine`].
 //!
 //! [journal]: crate::journal
 
 use crate::backoff::{Backoff, Jitter, XorShift32};
 use crate::fetch::FetchError;
-use crate::image::{self, AppDescriptor, Chip, ImageError, StreamValidator};
+use crate::image::StreamValidator;
 use crate::journal::{Flag, JobRecord, PAGE_SIZE};
-use crate::otadata::{self, OtaState};
 use crate::protocol::truncated;
-use crate::protocol::{
-    Command, ErrorCode, Job, JobId, Phase, Progress, MAX_DEVICE_ID_LEN, MAX_MESSAGE_LEN,
-};
-use crate::signature::{self, TrustPolicy};
-use core::fmt::Write as _;
+use crate::protocol::{Command, ErrorCode, Job, JobId, Phase, Progress, MAX_MESSAGE_LEN};
 use embedded_storage::nor_flash::{MultiwriteNorFlash, ReadNorFlash};
 use heapless::{String, Vec};
 
+mod config;
+mod decide;
 mod progress;
+mod verify;
 mod writer;
 
+pub use config::EngineConfig;
+pub use decide::{decide, Decision, Finished, State, FINISHED_JOBS};
+pub use verify::check_descriptor;
+use verify::image_fail;
 pub use writer::BLOCK_SIZE;
 
 /// Milliseconds since some fixed point (boot); only differences matter.
@@ -87,71 +97,6 @@ pub type Millis = u64;
 
 // The flash geometry the engine works on; kept importable from here too.
 pub use crate::layout::{Layout, Slot};
-
-/// Tunables of the engine. [`Config::new`] gives the defaults.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// This device's id, named in every progress event.
-    pub device: String<MAX_DEVICE_ID_LEN>,
-    /// The chip images must be built for.
-    pub chip: Chip,
-    /// Version of the running firmware (from its app descriptor).
-    pub running_version: String<32>,
-    /// Project name of the running firmware (from its app descriptor). An
-    /// image of another project is refused (`wrong_project`) unless the job
-    /// allows it; empty: no project check.
-    pub running_project: String<32>,
-    /// The lowest `secure_version` the device may run: images below it are
-    /// refused (`downgrade`), whatever the job says. The runtime keeps it in
-    /// flash and raises it when an image is confirmed.
-    pub secure_floor: u32,
-    /// Overall deadline of an update, unless the job sets `timeout_s`.
-    pub timeout_ms: Millis,
-    /// A fetch that delivers no bytes for this long is treated as a failed
-    /// connection and retried.
-    pub stall_timeout_ms: Millis,
-    /// How many times a transient failure is retried before the job fails.
-    pub max_retries: u8,
-    /// Shortest retry delay. Each delay is drawn at random between this and
-    /// three times the one before ([`Jitter::Decorrelated`]), capped at
-    /// [`Config::retry_max_ms`].
-    pub retry_base_ms: Millis,
-    /// Cap of the retry delay.
-    pub retry_max_ms: Millis,
-    /// Seed of the generator the retry jitter is drawn from. Give every
-    /// device its own (the runtime uses its device seed), so a fleet whose
-    /// server failed does not retry in lockstep.
-    pub seed: u32,
-    /// At most one `downloading` event per this many milliseconds (and at most
-    /// one per whole percent). Phase changes are always sent.
-    pub progress_interval_ms: Millis,
-    /// Which signing keys the device trusts. With keys, an image is
-    /// activated only if a block of its signature sector verifies
-    /// ([`signature::check`]); otherwise the job fails with `bad_signature`.
-    pub trust: TrustPolicy,
-}
-
-impl Config {
-    /// Defaults: 10 minute deadline, 15 s stall timeout, 5 retries jittered
-    /// between 1 s and 16 s, progress at most every 250 ms, a fixed seed.
-    pub fn new(device: &str, chip: Chip, running_version: &str) -> Self {
-        Self {
-            device: truncated(device),
-            chip,
-            running_version: truncated(running_version),
-            running_project: String::new(),
-            secure_floor: 0,
-            timeout_ms: 600_000,
-            stall_timeout_ms: 15_000,
-            max_retries: 5,
-            retry_base_ms: 1_000,
-            retry_max_ms: 16_000,
-            seed: 0x6d71_6f74,
-            progress_interval_ms: 250,
-            trust: TrustPolicy::default(),
-        }
-    }
-}
 
 /// What the caller tells the engine.
 // Events are built and consumed at once, never stored: no allocator to box in.
@@ -216,114 +161,6 @@ pub enum Action {
     },
 }
 
-/// What the engine is doing, as far as the meaning of a command depends on it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State<'a> {
-    /// No update in flight.
-    Idle,
-    /// An update is in flight (downloading, backing off before a retry).
-    Updating {
-        /// Its job id, if the command named one.
-        job: Option<&'a JobId>,
-    },
-}
-
-/// What a command means in a [`State`]: [`decide`] is the one place that
-/// says so, for the engine, the runtime's idle loop and its download loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// Start the job (the engine still checks it against the slot and the
-    /// running version).
-    Start,
-    /// Answer `failed` with this error code and message; nothing else
-    /// changes.
-    Refuse(ErrorCode, &'static str),
-    /// Stop the update in flight: `cancelled`.
-    Cancel,
-    /// Do nothing and say nothing (a cancel with nothing to cancel, or one
-    /// naming another job: a late cancel of an old job must not end the next).
-    Ignore,
-    /// Roll back to the previous slot ([`Action::Rollback`]).
-    Rollback,
-}
-
-/// Job ids this device has finished, newest last: a start naming one again
-/// is a replayed or repeated command and is refused with
-/// [`ErrorCode::DuplicateJob`]. Seeded at boot from both slots' journals
-/// ([`Engine::recall_finished`]) and extended as jobs end.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Finished(heapless::Deque<JobId, FINISHED_JOBS>);
-
-/// How many finished job ids the engine remembers. A slot's journal holds
-/// one job, so two survive any reboot; the rest are from this boot.
-pub const FINISHED_JOBS: usize = 8;
-
-impl Finished {
-    /// Remembers `job` as finished (the oldest is forgotten when full).
-    pub fn remember(&mut self, job: &JobId) {
-        if self.contains(job) {
-            return;
-        }
-        if self.0.is_full() {
-            self.0.pop_front();
-        }
-        // Cannot fail: room was made above.
-        let _ = self.0.push_back(job.clone());
-    }
-
-    /// Whether `job` is one this device finished.
-    pub fn contains(&self, job: &JobId) -> bool {
-        self.0.iter().any(|j| j == job)
-    }
-}
-
-const BUSY: &str = "an update is in flight";
-
-/// What `cmd` means in `state`, given the jobs already `finished`. Pure: the
-/// table tests in `tests/engine.rs` cover every (state × command) pair.
-///
-/// | command | idle | updating job `j` |
-/// |---|---|---|
-/// | start of a finished job | refuse `duplicate_job` | refuse `duplicate_job` |
-/// | start of `j` itself (a redelivery) | — | ignore |
-/// | start | start | refuse `busy` |
-/// | cancel (no job, or `j`) | ignore | cancel |
-/// | cancel of another job | ignore | ignore |
-/// | rollback | rollback | refuse `busy` |
-pub fn decide(state: State<'_>, finished: &Finished, cmd: &Command) -> Decision {
-    match (cmd, state) {
-        (Command::Start(job), _) if job.job.as_ref().is_some_and(|j| finished.contains(j)) => {
-            Decision::Refuse(
-                ErrorCode::DuplicateJob,
-                "job already finished on this device",
-            )
-        }
-        (Command::Start(_), State::Idle) => Decision::Start,
-        // The same job again while it runs: MQTT delivers at least once
-        // (a broker resends an unacknowledged start after a reconnect), so
-        // this is the command already being carried out, not a second one.
-        (Command::Start(job), State::Updating { job: Some(current) })
-            if job.job.as_ref() == Some(current) =>
-        {
-            Decision::Ignore
-        }
-        (Command::Start(_), State::Updating { .. }) => Decision::Refuse(ErrorCode::Busy, BUSY),
-        (Command::Cancel { .. }, State::Idle) => Decision::Ignore,
-        (Command::Cancel { job: None }, State::Updating { .. }) => Decision::Cancel,
-        (Command::Cancel { job: Some(j) }, State::Updating { job: current }) => {
-            if current == Some(j) {
-                Decision::Cancel
-            } else {
-                Decision::Ignore
-            }
-        }
-        (Command::Rollback { .. }, State::Idle) => Decision::Rollback,
-        (Command::Rollback { .. }, State::Updating { .. }) => {
-            Decision::Refuse(ErrorCode::Busy, BUSY)
-        }
-    }
-}
-
 /// The actions of one step (never more than four).
 pub type Actions = Vec<Action, 4>;
 
@@ -356,7 +193,8 @@ struct Download {
     journal_started: bool,
     /// Announced size of the whole file, once known.
     total: Option<u32>,
-    /// Bytes received in the current fetch, counted from its first byte.
+    /// Where the current fetch is: awaiting its head, streaming its body, or
+    /// backing off before a retry.
     fetch: Fetch,
     deadline: Millis,
     last_data: Millis,
@@ -380,7 +218,7 @@ struct Download {
 
 /// The update engine. See the [module docs](self).
 pub struct Engine {
-    cfg: Config,
+    cfg: EngineConfig,
     layout: Layout,
     /// Where the retry jitter comes from.
     rng: XorShift32,
@@ -407,7 +245,7 @@ fn fail(code: ErrorCode, why: &str) -> Fail {
 
 impl Engine {
     /// An idle engine.
-    pub fn new(cfg: Config, layout: Layout) -> Self {
+    pub fn new(cfg: EngineConfig, layout: Layout) -> Self {
         Self {
             rng: XorShift32::new(cfg.seed),
             cfg,
@@ -420,7 +258,7 @@ impl Engine {
     }
 
     /// Raises or sets the `secure_version` floor images are checked
-    /// against ([`Config::secure_floor`]), e.g. after a trial confirmed an
+    /// against ([`EngineConfig::secure_floor`]), e.g. after a trial confirmed an
     /// image with a higher one.
     pub fn set_secure_floor(&mut self, floor: u32) {
         self.cfg.secure_floor = floor;
@@ -493,7 +331,7 @@ impl Engine {
     }
 
     /// The configuration the engine runs with.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &EngineConfig {
         &self.cfg
     }
 
@@ -863,82 +701,6 @@ impl Engine {
         self.verify_and_activate(flash, actions)
     }
 
-    fn verify_and_activate<F: MultiwriteNorFlash>(
-        &mut self,
-        flash: &mut F,
-        actions: &mut Actions,
-    ) -> Result<(), Fail> {
-        let dl = self.dl.as_mut().expect("verify without download");
-        let validator = core::mem::replace(&mut dl.validator, StreamValidator::new(None, 0));
-        // Structure and length only: the hash is checked once, from flash.
-        validator.finish_unchecked().map_err(image_fail)?;
-        // What counts is what is on flash, not what went past in RAM: read it
-        // back, as esp_image_verify does before esp_ota_set_boot_partition.
-        // Exactly the bytes downloaded: the image, then perhaps the 0xFF
-        // padding and signature sector of a signed file.
-        let info = image::validate_flash_file(flash, dl.slot.offset, dl.written, None)
-            .map_err(image_fail)?;
-        if info.chip != self.cfg.chip {
-            return Err(fail(ErrorCode::WrongChip, "image is for another chip"));
-        }
-        // A device that requires signatures asks its signers first: whatever
-        // else is wrong with a file no trusted key signed, the answer is
-        // `bad_signature`.
-        if self.cfg.trust.signed_only() {
-            // The sector is read back from flash like the image, into the
-            // page buffer, which is idle now that every page is written.
-            let sector = match (info.signature_sector(), info.padded_sha256) {
-                (Some(at), Some(_)) => {
-                    flash
-                        .read(dl.slot.offset + at, &mut self.page)
-                        .map_err(|_| {
-                            fail(ErrorCode::Flash, "flash read failed during verification")
-                        })?;
-                    Some(&self.page)
-                }
-                _ => None,
-            };
-            let digest = info.padded_sha256.unwrap_or_default();
-            let checked = signature::check(&self.cfg.trust, self.cfg.chip, sector, &digest);
-            self.page.fill(0xFF);
-            if let Err(why) = checked {
-                warn!("image refused: {}", why.reason());
-                return Err(fail(ErrorCode::BadSignature, why.reason()));
-            }
-        }
-        info.verify().map_err(image_fail)?;
-        if dl
-            .record
-            .sha256
-            .is_some_and(|want| want != info.file_sha256)
-        {
-            return Err(fail(
-                ErrorCode::HashMismatch,
-                "SHA-256 differs from the job's",
-            ));
-        }
-        // Journal first, then otadata: a cut between the two leaves an
-        // activated journal that the boot guard finishes activating.
-        let journal = dl.slot.journal();
-        journal
-            .set(flash, Flag::Activated)
-            .map_err(|_| fail(ErrorCode::Flash, "journal write failed"))?;
-        otadata::set_boot_slot(
-            flash,
-            self.layout.otadata,
-            dl.target,
-            self.layout.slots.len(),
-            OtaState::New,
-        )
-        .map_err(|_| fail(ErrorCode::Flash, "otadata write failed"))?;
-        info!("image verified; slot {} selected, rebooting", dl.target);
-        let ev = self.progress_event(Phase::Rebooting, None, "");
-        self.dl = None;
-        push(actions, Action::Publish(ev));
-        push(actions, Action::Reboot);
-        Ok(())
-    }
-
     fn on_tick(&mut self, now: Millis, actions: &mut Actions) -> Result<(), Fail> {
         let Some(dl) = self.dl.as_mut() else {
             return Ok(());
@@ -1039,60 +801,5 @@ impl Engine {
         self.fill = 0;
         push(actions, Action::StopFetch);
         push(actions, Action::Publish(ev));
-    }
-}
-
-/// The device's policy on an image, from its app descriptor (in the first
-/// page, so it is asked before anything is erased): `secure_version` not
-/// below `cfg.secure_floor` (no job can override that); the same project as
-/// the running firmware unless `allow_other_project`; a version not older
-/// than the running one ([`crate::version`] order) unless `allow_downgrade`.
-/// Versions that are not of semver form are not ordered.
-pub fn check_descriptor(
-    cfg: &Config,
-    desc: &AppDescriptor,
-    allow_downgrade: bool,
-    allow_other_project: bool,
-) -> Result<(), (ErrorCode, &'static str)> {
-    if desc.secure_version < cfg.secure_floor {
-        return Err((
-            ErrorCode::Downgrade,
-            "image secure_version is below the device's floor",
-        ));
-    }
-    if !allow_other_project
-        && !cfg.running_project.is_empty()
-        && desc.project_name != cfg.running_project
-    {
-        return Err((ErrorCode::WrongProject, "image belongs to another project"));
-    }
-    let older =
-        crate::version::compare(&desc.version, &cfg.running_version).is_some_and(|o| o.is_lt());
-    if older && !allow_downgrade {
-        return Err((
-            ErrorCode::Downgrade,
-            "image version is older than the running one",
-        ));
-    }
-    Ok(())
-}
-
-fn image_fail(e: ImageError) -> Fail {
-    match e {
-        ImageError::WrongChip { .. } => fail(ErrorCode::WrongChip, "image is for another chip"),
-        ImageError::TooLarge { .. } => fail(ErrorCode::TooLarge, "image exceeds the OTA slot"),
-        // The image's own length is the declared size when the server
-        // announced none: more data after it is an endless (or wrong) body.
-        ImageError::TrailingData { .. } => fail(
-            ErrorCode::SizeMismatch,
-            "server sent data past the end of the image",
-        ),
-        ImageError::Flash(_) => fail(ErrorCode::Flash, "flash read failed during verification"),
-        _ => {
-            let mut why = String::new();
-            // A message cut short is still the right message.
-            let _ = write!(why, "{e}");
-            Fail(ErrorCode::BadImage, why)
-        }
     }
 }

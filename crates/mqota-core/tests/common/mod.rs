@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use embedded_storage::nor_flash::MultiwriteNorFlash;
-use mqota_core::engine::{Action, Actions, Config, Engine, Event, Response};
+use mqota_core::engine::{Action, Actions, Engine, EngineConfig, Event, Response};
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::layout::Layout;
 use mqota_core::mock_flash::MockFlash;
@@ -72,7 +72,7 @@ pub fn padded(b: &[u8]) -> Vec<u8> {
 }
 
 pub fn rig_on<F: MultiwriteNorFlash>(flash: F, layout: Layout) -> Rig<F> {
-    let mut cfg = Config::new("dev-1", Chip::Esp32c3, "1.0.0");
+    let mut cfg = EngineConfig::new("dev-1", Chip::Esp32c3, "1.0.0");
     cfg.progress_interval_ms = 0;
     Rig {
         engine: Engine::new(cfg, layout.clone()),

@@ -13,12 +13,14 @@
 //!   connection dies without a DISCONNECT.
 //! * A non-zero keep-alive; the session sends PINGREQ after half of it passed
 //!   without traffic and gives up on the connection when the PINGRESP does
-//!   not arrive within the other half.
+//!   not arrive within the other half (the rule, apart from I/O and tested
+//!   with a fake clock: `keepalive.rs`).
 //! * Subscriptions are remembered and sent again when the broker answers a
 //!   reconnect without the old session (it restarted without persistence).
 //! * QoS 1 publications whose PUBACK has not arrived are kept (bounded, see
 //!   [`MAX_INFLIGHT`]) and sent again after a reconnect: as a DUP resend when
-//!   the broker kept the session, as a new message when it did not.
+//!   the broker kept the session, as a new message when it did not (the
+//!   queue, apart from I/O and tested with a fake clock: `inflight.rs`).
 //!
 //! # Incoming messages
 //!
@@ -66,6 +68,7 @@ use crate::conn::{KillSwitch, MqttConn};
 use crate::net::{ConnectError, Connector};
 use crate::platform::Link;
 use crate::tls::TlsFailure;
+use inflight::{Inflight, Outgoing};
 use keepalive::{KeepAliveDue, KeepAliveTimer};
 use mqota_core::backoff::Backoff;
 
@@ -319,14 +322,6 @@ pub struct Connected {
     pub session_present: bool,
 }
 
-/// A QoS 1 publication kept until its PUBACK arrives.
-struct Outgoing {
-    pid: Option<PacketIdentifier>,
-    topic: String<MAX_TOPIC_LEN>,
-    payload: Vec<u8, MAX_QOS1_PAYLOAD>,
-    retain: bool,
-}
-
 /// Acknowledgements observed while reading from the broker.
 #[derive(Clone, Copy)]
 enum Observed {
@@ -356,7 +351,7 @@ pub struct MqttSession<'a, C: Connector + 'a> {
     inbox: Deque<Message, INBOX_DEPTH>,
     dropped: u32,
     subscriptions: Vec<String<MAX_TOPIC_LEN>, MAX_SUBSCRIPTIONS>,
-    inflight: Vec<Outgoing, MAX_INFLIGHT>,
+    inflight: Inflight<PacketIdentifier>,
 }
 
 impl<'a, C: Connector + 'a> MqttSession<'a, C> {
@@ -365,6 +360,7 @@ impl<'a, C: Connector + 'a> MqttSession<'a, C> {
     pub fn new(net: &'a C, buffers: &'a mut MqttBuffers<'a>, mut config: MqttConfig<'a>) -> Self {
         config.keep_alive_secs = config.keep_alive_secs.max(1);
         let keep_alive = KeepAliveTimer::new(config.keep_alive_secs, Instant::now());
+        let inflight = Inflight::new(config.ack_timeout);
         let MqttBuffers { rx, kill } = buffers;
         Self {
             net,
@@ -379,7 +375,7 @@ impl<'a, C: Connector + 'a> MqttSession<'a, C> {
             inbox: Deque::new(),
             dropped: 0,
             subscriptions: Vec::new(),
-            inflight: Vec::new(),
+            inflight,
         }
     }
 
@@ -629,12 +625,7 @@ impl<'a, C: Connector + 'a> MqttSession<'a, C> {
                         }
                     }
                 }
-                let copy = Outgoing {
-                    pid: None,
-                    topic: bounded_string(topic)?,
-                    payload: Vec::from_slice(payload).map_err(|_| MqttError::TooLong)?,
-                    retain,
-                };
+                let copy = Outgoing::copy(topic, payload, retain)?;
                 let pid = self
                     .send_publish(name, payload, QoS::AtLeastOnce, retain, None)
                     .await?;
@@ -642,17 +633,17 @@ impl<'a, C: Connector + 'a> MqttSession<'a, C> {
                     return Err(self.fail(MqttError::Protocol).await);
                 };
                 // Cannot fail: the loop above made room.
-                let _ = self.inflight.push(Outgoing {
-                    pid: Some(pid),
-                    ..copy
-                });
+                let _ = self.inflight.sent(copy, pid, Instant::now());
                 self.await_puback(pid).await
             }
         }
     }
 
     async fn await_puback(&mut self, pid: PacketIdentifier) -> Result<Delivery, MqttError> {
-        let deadline = Instant::now() + self.config.ack_timeout;
+        let deadline = self
+            .inflight
+            .ack_deadline(pid)
+            .unwrap_or_else(|| Instant::now() + self.config.ack_timeout);
         loop {
             match self.pump(deadline).await? {
                 None => return Ok(Delivery::InFlight),
@@ -712,28 +703,21 @@ impl<'a, C: Connector + 'a> MqttSession<'a, C> {
     async fn resend_inflight(&mut self, session_present: bool) -> Result<(), MqttError> {
         // Oldest first, as MQTT's ordering rules for resends require.
         let mut i = 0;
-        while i < self.inflight.len() {
-            let (topic, payload, retain, pid) = {
-                let o = &self.inflight[i];
-                (o.topic.clone(), o.payload.clone(), o.retain, o.pid)
-            };
-            let name = topic_name(&topic)?;
-            // Without the old session the broker never saw these packet
-            // identifiers: they go out as new messages.
-            let resend = if session_present { pid } else { None };
+        while let Some(r) = self.inflight.resend(i, session_present) {
+            let name = topic_name(&r.topic)?;
             match self
-                .send_publish(name, &payload, QoS::AtLeastOnce, retain, resend)
+                .send_publish(name, &r.payload, QoS::AtLeastOnce, r.retain, r.pid)
                 .await
             {
                 Ok(new_pid) => {
-                    self.inflight[i].pid = new_pid;
+                    self.inflight.resent(i, new_pid, Instant::now());
                     i += 1;
                 }
                 Err(e @ (MqttError::ConnectionLost | MqttError::NotConnected)) => return Err(e),
                 Err(_) => {
                     // The client refused the resend (e.g. the broker had
                     // completed the handshake after all); nothing to retry.
-                    self.inflight.remove(i);
+                    self.inflight.drop_at(i);
                 }
             }
         }
@@ -974,11 +958,11 @@ impl<'a, C: Connector + 'a> MqttSession<'a, C> {
             }
             Event::Suback(s) => Observed::Suback(s.packet_identifier, s.reason_code.value()),
             Event::PublishAcknowledged(a) => {
-                self.forget_inflight(a.packet_identifier);
+                self.inflight.acknowledged(a.packet_identifier);
                 Observed::Puback(a.packet_identifier, Ok(()))
             }
             Event::PublishRejected(r) => {
-                self.forget_inflight(r.packet_identifier);
+                self.inflight.acknowledged(r.packet_identifier);
                 Observed::Puback(r.packet_identifier, Err(r.reason_code.value()))
             }
             Event::Pingresp => {
@@ -986,12 +970,6 @@ impl<'a, C: Connector + 'a> MqttSession<'a, C> {
                 Observed::Other
             }
             _ => Observed::Other,
-        }
-    }
-
-    fn forget_inflight(&mut self, pid: PacketIdentifier) {
-        if let Some(i) = self.inflight.iter().position(|o| o.pid == Some(pid)) {
-            self.inflight.remove(i);
         }
     }
 
@@ -1034,6 +1012,7 @@ fn error_kind<const P: usize>(e: &ClientError<'_, P>) -> MqttError {
     }
 }
 
+mod inflight;
 mod keepalive;
 #[cfg(test)]
 mod tests;
