@@ -650,6 +650,18 @@ async fn cancel_stops_a_download_a_second_start_is_busy_and_rollback_returns_to_
             ))
             .await
         );
+        // The same start again, as a broker redelivers it after a
+        // reconnect: it is the job in flight, not a second one, so no
+        // refusal; then another job's start, refused `busy`. Both go to the
+        // same topic in order, so once the refusal is in, the redelivered
+        // copy has been read too.
+        broker
+            .publish(
+                "device/dev-c/ota/start",
+                &job(&slow.url(), serde_json::json!({"job": "slow"})),
+                false,
+            )
+            .await;
         broker
             .publish(
                 "device/dev-c/ota/start",
@@ -664,6 +676,14 @@ async fn cancel_stops_a_download_a_second_start_is_busy_and_rollback_returns_to_
                     |p| p.job.as_deref() == Some("second") && p.error == Some(ErrorCode::Busy)
                 ))
             .await
+        );
+        let refused: Vec<_> = progress_of(&obs.all(), "dev-c")
+            .into_iter()
+            .filter(|p| p.job.as_deref() == Some("slow") && p.error.is_some())
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "the redelivered start was refused: {refused:?}"
         );
         broker.publish("device/dev-c/ota/cancel", b"", false).await;
         assert!(
