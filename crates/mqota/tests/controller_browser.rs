@@ -682,6 +682,36 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
     let shot = target_dir().join("page-browser.png");
     b.screenshot(&shot).await;
 
+    // For a screen reader, every control that can be reached has a name;
+    // for the keyboard, none is taken out of the tab order.
+    let unnamed = b
+        .js("return [...document.querySelectorAll('input, select, textarea, button')] \
+               .filter(e => e.getClientRects().length > 0) \
+               .filter(e => !((e.labels && e.labels.length) || e.getAttribute('aria-label') || \
+                              e.getAttribute('aria-labelledby') || e.textContent.trim() || e.title)) \
+               .map(e => e.outerHTML.slice(0, 80));")
+        .await;
+    assert_eq!(unnamed, json!([]), "controls without a name");
+    let untabbable = b
+        .js(
+            "return [...document.querySelectorAll('input, select, button, a[href]')] \
+               .filter(e => e.getClientRects().length > 0 && e.tabIndex < 0).map(e => e.id);",
+        )
+        .await;
+    assert_eq!(untabbable, json!([]), "controls the keyboard cannot reach");
+    // Tab from the search box lands on the state filter, as the eye reads.
+    b.click("#q").await;
+    b.post(
+        &format!("/element/{}/value", b.element("#q").await),
+        json!({"text": "\u{e004}"}),
+    )
+    .await;
+    assert_eq!(
+        b.js("return document.activeElement.id;").await,
+        "f-state",
+        "the next control after the search box"
+    );
+
     // Everything the page asked for came from serve itself.
     let own = format!("{}/", serve.http);
     let urls = b.requested_urls(&own).await;
