@@ -1,5 +1,5 @@
-//! Many virtual devices on a thread of their own: what `mqota demo`, the
-//! controller's tests and the browser tests run, through one type.
+//! Many virtual devices on a thread of their own: what `mqota demo`, `mqota
+//! sim`, the controller's tests and the browser tests run, through one type.
 //!
 //! The device runtime is `!Send` (it is the firmware's single-core code), so
 //! devices share one current-thread tokio runtime and `LocalSet` on a thread
@@ -12,7 +12,7 @@ use std::io;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::device::{spawn_task, BootRecord, VirtualConfig};
+use crate::device::{spawn_task, BootRecord, Handle, VirtualConfig};
 
 /// Each device's id and the boots it went through, oldest first.
 pub type Boots = Vec<(String, Vec<BootRecord>)>;
@@ -32,6 +32,16 @@ pub struct VirtualFleet {
 impl VirtualFleet {
     /// Starts one device per configuration, each from power-on.
     pub fn start(configs: Vec<VirtualConfig>) -> io::Result<Self> {
+        Self::start_with(configs, |_| {})
+    }
+
+    /// [`VirtualFleet::start`], then `on_start` with the devices' handles,
+    /// on the fleet's thread: there it may inject faults and spawn local
+    /// tasks that drive them (handles are `!Send`, like the devices).
+    pub fn start_with<F>(configs: Vec<VirtualConfig>, on_start: F) -> io::Result<Self>
+    where
+        F: FnOnce(Vec<Handle>) + Send + 'static,
+    {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -49,6 +59,7 @@ impl VirtualFleet {
                             (id, handle, task)
                         })
                         .collect();
+                    on_start(devices.iter().map(|(_, h, _)| h.clone()).collect());
                     // A dropped sender stops the fleet as a sent `()` does.
                     let _ = stopped.await;
                     for (_, handle, _) in &devices {

@@ -12,7 +12,8 @@ use mqota_core::partition::{PartitionTable, TABLE_MAX_LEN, TABLE_OFFSET};
 use mqota_core::protocol::Topics;
 use mqota_flash_sim::sweep::{sweep, Scenario, SweepConfig};
 use mqota_flash_sim::BootConfig;
-use mqota_virtual::device::{spawn, Handle, Password, VirtualConfig, FLASH_SIZE};
+use mqota_virtual::device::{Handle, Password, VirtualConfig, FLASH_SIZE};
+use mqota_virtual::fleet::VirtualFleet;
 use mqota_virtual::net::TlsFiles;
 
 /// Which ESP-IDF bootloader build a virtual device boots with.
@@ -364,39 +365,38 @@ fn run_devices(args: RunArgs) -> Result<()> {
     if let (Some(dir), true) = (&args.flash, args.devices > 1) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let count = configs.len();
+    let cut_power = args.cut_power_after_bytes;
+    let drop_link_every = args.drop_link_every;
+    let fleet = VirtualFleet::start_with(configs, move |handles| {
+        if let Some(n) = cut_power {
+            handles.iter().for_each(|h| h.cut_power_after_bytes(n));
+        }
+        if let Some(every) = drop_link_every {
+            tokio::task::spawn_local(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(every.max(1))).await;
+                    handles.iter().for_each(Handle::drop_link);
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    handles.iter().for_each(Handle::restore_link);
+                }
+            });
+        }
+    })
+    .context("starting the virtual devices")?;
+    eprintln!(
+        "{count} virtual device(s) on {}://{}:{} (Ctrl-C stops)",
+        if broker_tls { "mqtts" } else { "mqtt" },
+        broker.host,
+        broker.port
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let handles: Vec<Handle> = configs.into_iter().map(spawn).collect();
-        eprintln!(
-            "{} virtual device(s) on {}://{}:{} (Ctrl-C stops)",
-            handles.len(),
-            if broker_tls { "mqtts" } else { "mqtt" },
-            broker.host,
-            broker.port
-        );
-        if let Some(n) = args.cut_power_after_bytes {
-            handles.iter().for_each(|h| h.cut_power_after_bytes(n));
-        }
-        if let Some(every) = args.drop_link_every {
-            let hs = handles.clone();
-            tokio::task::spawn_local(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(every.max(1))).await;
-                    hs.iter().for_each(Handle::drop_link);
-                    tokio::time::sleep(Duration::from_secs(3)).await;
-                    hs.iter().for_each(Handle::restore_link);
-                }
-            });
-        }
-        let _ = tokio::signal::ctrl_c().await;
-        handles.iter().for_each(Handle::stop);
-        // Let the devices reach an await point and drop their connections.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    });
+    let _ = rt.block_on(tokio::signal::ctrl_c());
+    // Every device stops and drops its connections before this returns.
+    fleet.stop();
     Ok(())
 }
 
