@@ -20,7 +20,8 @@
 //!   rollout, from Mosquitto's own `$SYS/broker/publish/messages/*`
 //!   counters (published every second, so the window is ±1 s);
 //! - the CPU time each part used (the sims' split into coming online and
-//!   the rollout after it) and the load average at the end: on a shared
+//!   the rollout after it) and the load average as the rollout starts and
+//!   at its end: on a shared
 //!   machine the wall times depend on what else runs, the CPU times much
 //!   less.
 //!
@@ -265,6 +266,7 @@ fn fleet(args: &[String]) -> Result<()> {
     );
 
     // The rollout.
+    let load_at_start = load_average();
     let deploy_log_path = work.join("deploy.log");
     let mut deploy_log = std::fs::File::create(&deploy_log_path)?;
     let t_deploy = Instant::now();
@@ -381,6 +383,7 @@ fn fleet(args: &[String]) -> Result<()> {
   "sim_rss_kib_per_device": {{ "idle": {idle_per:.1}, "peak": {peak_per:.1} }},
   "mosquitto_peak_rss_kib": {mosquitto_hwm},
   "cpu_s": {{ "sims_start": {sim_cpu_online:.1}, "sims_rollout": {sims_rollout:.1}, "serve": {serve_cpu:.1}, "deploy": {deploy_cpu:.1}, "mosquitto": {mosquitto_cpu:.1} }},
+  "load_average_at_start": {load_at_start},
   "load_average_at_end": {load},
   "mqtt_publish_received": {received},
   "mqtt_publish_sent": {sent},
@@ -394,10 +397,7 @@ fn fleet(args: &[String]) -> Result<()> {
         dpm = done as f64 * 60.0 / rollout_s,
         deploy_ok = status.success(),
         sims_rollout = sim_cpu - sim_cpu_online,
-        load = std::fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-            .unwrap_or_else(|| "null".into()),
+        load = load_average(),
         idle_per = sim_idle as f64 / f64::from(opts.devices),
         peak_per = sim_hwm as f64 / f64::from(opts.devices),
         received = opt(received),
@@ -421,6 +421,15 @@ fn fleet(args: &[String]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The 1-minute load average (`/proc/loadavg`), as JSON: what else ran on
+/// the machine's cores.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "null".into())
 }
 
 /// When `deploy` printed that the deployment exists, and the broker's
