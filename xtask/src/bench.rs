@@ -21,9 +21,8 @@
 //!   counters (published every second, so the window is ±1 s);
 //! - the CPU time each part used (the sims' split into coming online and
 //!   the rollout after it) and the load average as the rollout starts and
-//!   at its end: on a shared
-//!   machine the wall times depend on what else runs, the CPU times much
-//!   less.
+//!   at its end: on a shared machine the wall times depend on what else
+//!   runs, the CPU times much less.
 //!
 //! The report is printed as JSON and written to `target/bench/fleet.json`.
 //!
