@@ -4,6 +4,9 @@
 
 #[cfg(test)]
 extern crate std;
+// The unit tests' clock: embassy-time's driver on the host.
+#[cfg(test)]
+use mqota_host_time as _;
 
 #[macro_use]
 mod fmt;

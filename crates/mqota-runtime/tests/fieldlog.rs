@@ -3,6 +3,9 @@
 //! stated erase budget, and a missing or garbled partition never stops the
 //! device.
 
+// The clock of the runtime's timers on the host.
+use mqota_host_time as _;
+
 use embassy_futures::block_on;
 use heapless::Vec;
 use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};

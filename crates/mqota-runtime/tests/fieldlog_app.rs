@@ -1,6 +1,9 @@
 //! The application's `mqota_runtime::log` reaches the field log through the
 //! device loop's flush (its own test binary: the queue is one per program).
 
+// The clock of the runtime's timers on the host.
+use mqota_host_time as _;
+
 use embassy_futures::block_on;
 use mqota_core::partition::{PartitionTable, DEFAULT_4MB_CSV, TABLE_OFFSET};
 use mqota_core::protocol::{LogLevel, LogsGet, Topics};

@@ -2,6 +2,9 @@
 //! secure_version floor survive reboots, and a power cut at any flash
 //! operation of a write leaves the old value or the new one, never less.
 
+// The clock of the runtime's timers on the host.
+use mqota_host_time as _;
+
 use embassy_futures::block_on;
 use mqota_flash_sim::SimFlash;
 use mqota_runtime::trust::TrustState;

@@ -240,6 +240,8 @@ struct Shared {
     /// Bytes the flash holds beyond the shared image, after the last
     /// write or erase.
     flash_bytes: Cell<usize>,
+    /// Notified whenever the power, the link or `stopped` changes: what
+    /// waits on one of them sleeps until then instead of polling.
     wake: Notify,
 }
 
@@ -286,11 +288,13 @@ impl Handle {
     pub fn drop_link(&self) {
         self.0.link_up.set(false);
         self.0.link_epoch.set(self.0.link_epoch.get() + 1);
+        self.0.wake.notify_waiters();
     }
 
     /// Bring the WiFi link back.
     pub fn restore_link(&self) {
         self.0.link_up.set(true);
+        self.0.wake.notify_waiters();
     }
 
     /// Stop the device (at its next await point).
@@ -332,6 +336,13 @@ impl Handle {
 
     pub(crate) fn link(&self) -> (bool, u64) {
         (self.0.link_up.get(), self.0.link_epoch.get())
+    }
+
+    /// Completes at the next change of the power, the link or a stop (for
+    /// a caller that checked them in the same poll: the executor is single
+    /// threaded, so no change slips in between).
+    pub(crate) async fn changed(&self) {
+        self.0.wake.notified().await;
     }
 }
 
@@ -726,10 +737,7 @@ pub async fn run_device(cfg: VirtualConfig, handle: Handle) -> std::io::Result<(
                 if !handle.powered() || handle.0.stopped.get() {
                     return;
                 }
-                tokio::select! {
-                    _ = handle.0.wake.notified() => {}
-                    _ = tokio::time::sleep(StdDuration::from_millis(100)) => {}
-                }
+                handle.changed().await;
             }
         };
         tokio::select! {

@@ -7,6 +7,9 @@
 //! server) for tests.
 #![deny(missing_docs)]
 
+// The devices' clock and timers: embassy-time's driver on the host.
+use mqota_host_time as _;
+
 pub mod device;
 pub mod fleet;
 pub mod net;

@@ -128,14 +128,17 @@ impl embedded_io_async::ErrorType for VirtualConn {
 impl embedded_io_async::Read for VirtualConn {
     async fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
         self.net.check(Some(self.epoch))?;
-        // Also wake up when the link or power goes while waiting for data.
+        // Also wake up when the link or power goes while waiting for data
+        // (the handle says when, rather than a timer asking every so often:
+        // thousands of idle devices in a process would spend their CPU on
+        // it).
         loop {
             tokio::select! {
                 r = embedded_io_async::Read::read(&mut self.inner, buf) => {
                     self.net.check(Some(self.epoch))?;
                     return r;
                 }
-                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
+                () = self.net.handle.changed() => {
                     self.net.check(Some(self.epoch))?;
                 }
             }
