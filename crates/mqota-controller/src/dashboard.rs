@@ -45,11 +45,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 
+use crate::catalogue::{resolve_firmware, FirmwareError};
 use crate::fleet::{Fleet, FleetEvent};
 use crate::http::{api_error, listings, AppState};
-use crate::rollout::{
-    self, resolve_firmware, Amount, FirmwareError, RolloutError, RolloutOptions, Selection,
-};
+use crate::rollout::{self, Amount, RolloutError, RolloutOptions, Selection};
 
 const PAGE: &str = include_str!("dashboard.html");
 const SCRIPT: &str = include_str!("dashboard.js");
@@ -657,18 +656,7 @@ async fn firmware_named(
         let list = listings(&d.app, headers, https)
             .await
             .map_err(|e| api_error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-        match list.iter().find(|f| f.name == spec) {
-            Some(f) => rollout::deployable(spec, f),
-            None => Err(FirmwareError::UnknownName {
-                name: spec.to_owned(),
-                known: list
-                    .iter()
-                    .filter(|f| f.valid)
-                    .map(|f| f.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }),
-        }
+        crate::catalogue::deployable_named(spec, &list)
     };
     firmware.map_err(|e| match e {
         e @ FirmwareError::Fetch { .. } => api_error(StatusCode::BAD_GATEWAY, e),
