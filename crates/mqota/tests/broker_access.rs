@@ -10,9 +10,9 @@ mod controller_support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, image, mqota, start_devices, Serve};
+use controller_support::{device_config, image, mqota, start_devices, status_json_in, Serve};
 use mqota_virtual::device::{Password, VirtualConfig};
-use mqota_virtual::testing::{free_port, Mosquitto};
+use mqota_virtual::testing::{free_port, wait_until, Mosquitto};
 use rumqttc::v5::mqttbytes::v5::{
     ConnectReturnCode, DisconnectReasonCode, Packet, PubAckReason, SubscribeReasonCode,
 };
@@ -154,29 +154,15 @@ async fn retained_with(o: MqttOptions, topic: &str) -> Vec<u8> {
     }
 }
 
-fn status(broker: &str, data: &Path) -> Vec<serde_json::Value> {
-    let (ok, out, err) = mqota(&[
-        "status",
-        "--json",
-        "--broker",
-        broker,
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
-    assert!(ok, "status failed: {err}");
-    serde_json::from_str(&out).unwrap()
-}
-
 fn wait_status(broker: &str, data: &Path, what: &str, ok: impl Fn(&[serde_json::Value]) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = status(broker, data);
-        if ok(&s) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never {what}: {s:#?}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(300));
+    wait_until(
+        what,
+        within,
+        every,
+        || status_json_in(broker, data),
+        |s| ok(s),
+    );
 }
 
 /// What an operator does after `mosquitto-conf` (the README says so): a
@@ -497,7 +483,7 @@ fn locked_down_fleet(door: Door) {
             .any(|v| v["device"] == "dev-a" && v["version"] == "1.1.0" && v["online"] == true)
     });
     // No forged status or will reached dev-b: on 1.0.0 and online.
-    let s = status(&broker, d);
+    let s = status_json_in(&broker, d);
     assert!(
         s.iter()
             .any(|v| v["device"] == "dev-b" && v["version"] == "1.0.0" && v["online"] == true),
@@ -1028,6 +1014,26 @@ async fn certificate_door(door: Door, port: u16, f: &CertFleet) {
     );
 }
 
+/// [`certificate_door`] through `door` on `port`; then the controller's own
+/// client, through the CLI, sees both devices, and the CLI refuses a wrong
+/// name and a missing CA.
+fn through_the_door(door: Door, port: u16, f: &CertFleet) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(certificate_door(door, port, f));
+    let s = status_over_tls(f, &format!("mqtts://localhost:{port}"));
+    for (id, version) in [("dev-a", "1.0.1"), ("dev-b", "1.0.0")] {
+        assert!(
+            s.iter()
+                .any(|v| v["device"] == id && v["version"] == version),
+            "{id} on {version}: {s:#?}"
+        );
+    }
+    cli_refuses_wrong_name_and_missing_ca(f, port);
+}
+
 /// `mqota status` over `mqtts://`, with the controller's certificate and
 /// the fleet CA from the data directory.
 fn status_over_tls(f: &CertFleet, broker: &str) -> Vec<serde_json::Value> {
@@ -1113,22 +1119,7 @@ fn mosquitto_in_certificate_mode_lets_in_only_the_fleet_and_holds_devices_to_the
     }
     let _m = Mosquitto::start_with_config(&conf_dir.path().join("mosquitto.conf"), port);
 
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(certificate_door(Door::Mosquitto, port, &f));
-
-    // The controller's own client, through the CLI: both devices seen.
-    let s = status_over_tls(&f, &format!("mqtts://localhost:{port}"));
-    for (id, version) in [("dev-a", "1.0.1"), ("dev-b", "1.0.0")] {
-        assert!(
-            s.iter()
-                .any(|v| v["device"] == id && v["version"] == version),
-            "{id} on {version}: {s:#?}"
-        );
-    }
-    cli_refuses_wrong_name_and_missing_ca(&f, port);
+    through_the_door(Door::Mosquitto, port, &f);
 }
 
 #[test]
@@ -1159,21 +1150,7 @@ fn the_embedded_brokers_tls_listener_takes_certificates_as_logins_and_serve_spea
         .expect("serve printed its mqtts listener");
     let port: u16 = mqtts.rsplit(':').next().unwrap().parse().unwrap();
 
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(certificate_door(Door::Embedded, port, &f));
-
-    let s = status_over_tls(&f, &format!("mqtts://localhost:{port}"));
-    for (id, version) in [("dev-a", "1.0.1"), ("dev-b", "1.0.0")] {
-        assert!(
-            s.iter()
-                .any(|v| v["device"] == id && v["version"] == version),
-            "{id} on {version}: {s:#?}"
-        );
-    }
-    cli_refuses_wrong_name_and_missing_ca(&f, port);
+    through_the_door(Door::Embedded, port, &f);
 
     // HTTPS: curl with the fleet CA gets the API and firmware URLs that say
     // https; without the CA (system roots), or in plain HTTP, it gets

@@ -11,7 +11,7 @@ mod controller_support;
 use std::time::{Duration, Instant};
 
 use controller_support::{
-    device_config, get_json, image, mqota, start_devices, status_json, Serve,
+    device_config, get_json, image, mqota, on_own_runtime, start_devices, status_json, Serve,
 };
 use mqota_virtual::testing::Mosquitto;
 
@@ -110,21 +110,13 @@ fn a_rolled_back_job_keeps_the_devices_last_log_records_and_the_summary_and_api_
     // reason for a device that is not there or not connected.
     let get = |path: &str| {
         let url = format!("{}{path}", serve.http);
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    let r = reqwest::get(url).await.unwrap();
-                    (
-                        r.status().as_u16(),
-                        r.json::<serde_json::Value>().await.unwrap(),
-                    )
-                })
+        on_own_runtime(async move {
+            let r = reqwest::get(url).await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
         })
-        .join()
-        .unwrap()
     };
     let (status, v) = get("/api/devices/fl-a/log?max=5");
     assert_eq!(status, 200, "{v:#}");

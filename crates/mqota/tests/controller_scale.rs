@@ -9,7 +9,7 @@ mod controller_support;
 
 use std::time::{Duration, Instant};
 
-use controller_support::{get_json, image, mqota, Serve, PROJECT};
+use controller_support::{get_json, image, mqota, on_own_runtime, Serve, PROJECT};
 use mqota_virtual::testing::{FileServer, Mosquitto};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
@@ -168,24 +168,16 @@ fn api_devices_lists_everyone(http: &str, n: usize) {
 /// `GET /api/fleet`'s completeness header and its gaps.
 fn fleet_completeness(http: &str) -> (String, String) {
     let url = format!("{http}/api/fleet");
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async {
-                let r = reqwest::get(url).await.unwrap();
-                let h = |name| {
-                    r.headers()
-                        .get(name)
-                        .map(|v| v.to_str().unwrap().to_owned())
-                        .unwrap_or_default()
-                };
-                (h("x-mqota-fleet-complete"), h("x-mqota-fleet-gaps"))
-            })
+    on_own_runtime(async move {
+        let r = reqwest::get(url).await.unwrap();
+        let h = |name| {
+            r.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        (h("x-mqota-fleet-complete"), h("x-mqota-fleet-gaps"))
     })
-    .join()
-    .unwrap()
 }
 
 /// Polls `GET /api/fleet` until it lists `n` devices with a status.
