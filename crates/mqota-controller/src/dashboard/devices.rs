@@ -19,7 +19,7 @@ use crate::http::api_error;
 /// [`FLEET_GAPS_HEADER`].
 pub const FLEET_COMPLETE_HEADER: &str = "x-mqota-fleet-complete";
 /// Response header of `GET /api/fleet`: why the picture may be incomplete
-/// (see [`Fleet::gaps`]), sentences joined by `; `.
+/// (see [`crate::fleet::Fleet::gaps`]), sentences joined by `; `.
 pub const FLEET_GAPS_HEADER: &str = "x-mqota-fleet-gaps";
 
 pub(super) async fn api_fleet(State(d): State<Dashboard>) -> Response {

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET /` | the page: fleet table (search, filters, sorting, pages), firmware with a deploy form, deployments; live through `/api/events`, polling the API only while that stream keeps failing |
 //! | `GET /dashboard.js` | its script |
-//! | `GET /api/events` | Server-Sent Events: a `snapshot` first, then numbered `change`, `deployments` and `gaps` events (see [`events`]) |
+//! | `GET /api/events` | Server-Sent Events: a `snapshot` first, then numbered `change`, `deployments` and `gaps` events (see `events.rs`) |
 //! | `GET /api/fleet` | `[{id, status, online, progress}]`: every retained status, availability and the latest progress event, live from the broker; header `x-mqota-fleet-complete: true` or `false` with the reasons in `x-mqota-fleet-gaps` (broker unreachable, replay cut, devices in the store without a retained status) |
 //! | `POST /api/deployments` | starts a staged rollout inside serve; `201 {id, version, devices, stages, current, no_https}`; `503` while the broker is unreachable |
 //! | `POST /api/deployments/preview` | the same body, nothing started: `200 {version, stages, devices: [{device, stage, from_version}], skipped: {current, offline, wrong_chip, other_project, downgrade, unsigned, no_https}, in_deployment, notes}`; `400` with the reason when no device would be touched |
@@ -30,9 +30,9 @@
 //! `deploy` does it, recorded in the same store, so `deploy --resume ID`
 //! can carry on a rollout whose serve was stopped.
 //!
-//! The modules: [`page`] the page and its script, [`devices`] the fleet,
-//! health, device-command and device-log routes, [`events`] the event
-//! stream, [`deploy`] deployment creation (create, preview, retry).
+//! The modules: `page` the page and its script, `devices` the fleet,
+//! health, device-command and device-log routes, `events` the event
+//! stream, `deploy` deployment creation (create, preview, retry).
 
 use std::sync::Arc;
 
