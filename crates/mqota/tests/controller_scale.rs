@@ -10,7 +10,7 @@ mod controller_support;
 use std::time::{Duration, Instant};
 
 use controller_support::{get_json, image, mqota, on_own_runtime, Serve, PROJECT};
-use mqota_virtual::testing::{FileServer, Mosquitto};
+use mqota_virtual::testing::{wait_until, FileServer, Mosquitto};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -148,21 +148,16 @@ fn api_devices(http: &str) -> Vec<String> {
 
 /// Polls `GET /api/devices` until it lists all `n` devices, each once.
 fn api_devices_lists_everyone(http: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ids = api_devices(http);
-        if ids.len() == n {
-            let unique: std::collections::BTreeSet<_> = ids.iter().collect();
-            assert_eq!(unique.len(), n, "a device listed twice");
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/api/devices lists {} of {n}",
-            ids.len()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(200));
+    let ids = wait_until(
+        &format!("all {n} in /api/devices (the number listed)"),
+        within,
+        every,
+        || api_devices(http),
+        |ids| ids.len() == n,
+    );
+    let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), n, "a device listed twice");
 }
 
 /// `GET /api/fleet`'s completeness header and its gaps.
@@ -182,21 +177,23 @@ fn fleet_completeness(http: &str) -> (String, String) {
 
 /// Polls `GET /api/fleet` until it lists `n` devices with a status.
 fn api_sees_everyone(http: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let seen = || {
         let fleet = get_json(&format!("{http}/api/fleet"));
-        let seen = fleet
+        fleet
             .as_array()
             .unwrap()
             .iter()
             .filter(|d| !d["status"].is_null() && d["online"] == true)
-            .count();
-        if seen == n {
-            break;
-        }
-        assert!(Instant::now() < deadline, "/api/fleet lists {seen} of {n}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+            .count()
+    };
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(200));
+    wait_until(
+        &format!("all {n} in /api/fleet (the number listed)"),
+        within,
+        every,
+        seen,
+        |&seen| seen == n,
+    );
 }
 
 #[test]
