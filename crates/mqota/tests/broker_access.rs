@@ -124,6 +124,31 @@ async fn answer(el: &mut EventLoop) -> Answer {
     }
 }
 
+/// dev-x, logged in, publishes `payload` on `topic`: the broker's answer.
+async fn publish_as_dev_x(
+    port: u16,
+    pw_x: &str,
+    topic: &str,
+    retain: bool,
+    payload: &[u8],
+) -> Answer {
+    let (c, mut el) = AsyncClient::new(options("dev-x", port, Some(("dev-x", pw_x))), 10);
+    connect(&mut el).await.expect("dev-x connects");
+    c.publish(topic, QoS::AtLeastOnce, retain, payload.to_vec())
+        .await
+        .unwrap();
+    answer(&mut el).await
+}
+
+/// How `door` refuses a device what its ACL does not allow: Mosquitto
+/// answers the packet with a refusal, the embedded broker disconnects.
+fn assert_refused(door: Door, a: Answer) {
+    match door {
+        Door::Mosquitto => assert_eq!(a, Answer::Refused),
+        Door::Embedded => assert_eq!(a, Answer::DisconnectedNotAuthorized),
+    }
+}
+
 /// The retained payload on `topic`, read with the controller's login.
 async fn retained(port: u16, controller_pw: &str, topic: &str) -> Vec<u8> {
     retained_with(
@@ -375,21 +400,9 @@ fn locked_down_fleet(door: Door) {
         }
 
         // dev-x, logged in, forges dev-b's retained status.
-        let (c, mut el) = AsyncClient::new(options("dev-x", port, Some(("dev-x", &pw_x))), 10);
-        connect(&mut el).await.expect("dev-x connects");
-        c.publish(
-            "device/dev-b/status",
-            QoS::AtLeastOnce,
-            true,
-            br#"{"device":"dev-b","version":"6.6.6"}"#.to_vec(),
-        )
-        .await
-        .unwrap();
-        let a = answer(&mut el).await;
-        match door {
-            Door::Mosquitto => assert_eq!(a, Answer::Refused),
-            Door::Embedded => assert_eq!(a, Answer::DisconnectedNotAuthorized),
-        }
+        let forged = br#"{"device":"dev-b","version":"6.6.6"}"#;
+        let a = publish_as_dev_x(port, &pw_x, "device/dev-b/status", true, forged).await;
+        assert_refused(door, a);
         assert_eq!(
             retained(port, &controller_pw, "device/dev-b/status").await,
             b_status,
@@ -397,21 +410,8 @@ fn locked_down_fleet(door: Door) {
         );
 
         // dev-x sends a command to itself (only the controller may).
-        let (c, mut el) = AsyncClient::new(options("dev-x", port, Some(("dev-x", &pw_x))), 10);
-        connect(&mut el).await.expect("dev-x connects");
-        c.publish(
-            "device/dev-x/ota/rollback",
-            QoS::AtLeastOnce,
-            false,
-            b"{}".to_vec(),
-        )
-        .await
-        .unwrap();
-        let a = answer(&mut el).await;
-        match door {
-            Door::Mosquitto => assert_eq!(a, Answer::Refused),
-            Door::Embedded => assert_eq!(a, Answer::DisconnectedNotAuthorized),
-        }
+        let a = publish_as_dev_x(port, &pw_x, "device/dev-x/ota/rollback", false, b"{}").await;
+        assert_refused(door, a);
 
         // dev-x subscribes to dev-b's commands, then to its own; the
         // controller sends dev-b a cancel and then dev-x one. dev-x must see
