@@ -673,6 +673,15 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The ids of every recorded device, in order: what
+    /// [`Store::devices`] lists, without reading their statuses.
+    pub fn device_ids(&self) -> Result<Vec<String>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c.prepare("SELECT id FROM devices ORDER BY id")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// One page of the devices in id order: at most `limit` whose ids sort
     /// after `after` (from the first without it), and whether more follow.
     /// A walk that passes each page's last id as the next `after` sees
@@ -1292,6 +1301,10 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!(h[1].data, v2);
         assert_eq!(s.devices().unwrap()[0].status, v2);
+        assert_eq!(
+            s.device_ids().unwrap(),
+            [s.devices().unwrap()[0].id.clone()]
+        );
     }
 
     #[test]

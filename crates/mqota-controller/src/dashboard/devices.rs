@@ -24,11 +24,10 @@ pub const FLEET_GAPS_HEADER: &str = "x-mqota-fleet-gaps";
 
 pub(super) async fn api_fleet(State(d): State<Dashboard>) -> Response {
     let store = d.app.store.clone();
-    let recorded = tokio::task::spawn_blocking(move || store.devices())
+    let recorded = tokio::task::spawn_blocking(move || store.device_ids())
         .await
         .ok()
         .and_then(Result::ok)
-        .map(|list| list.into_iter().map(|s| s.id).collect::<Vec<_>>())
         .unwrap_or_default();
     let gaps = d.fleet.gaps(&recorded);
     let mut resp = Json(d.fleet.devices()).into_response();

@@ -54,10 +54,7 @@ async fn overview(d: &Dashboard) -> (serde_json::Value, serde_json::Value) {
     let store = d.app.store.clone();
     let read = tokio::task::spawn_blocking(move || {
         let deployments = store.deployments().ok();
-        let recorded: Vec<String> = store
-            .devices()
-            .map(|l| l.into_iter().map(|s| s.id).collect())
-            .unwrap_or_default();
+        let recorded = store.device_ids().unwrap_or_default();
         (deployments, recorded)
     })
     .await;
@@ -84,16 +81,27 @@ async fn follow(
 ) {
     let mut seq = 1u64;
     let (mut deployments, mut gaps) = overview(&d).await;
-    let snapshot = |seq, deployments: &serde_json::Value, gaps: &serde_json::Value| {
-        sse(
-            "snapshot",
+    // Written straight to text: at 10,000 devices a JSON tree in between
+    // doubled the time to the first byte.
+    let snapshot = |seq: u64, deployments: &serde_json::Value, gaps: &serde_json::Value| {
+        #[derive(serde::Serialize)]
+        struct Snapshot<'a> {
+            devices: Vec<crate::fleet::DeviceView>,
+            deployments: &'a serde_json::Value,
+            gaps: &'a serde_json::Value,
+            seq: u64,
+        }
+        let data = serde_json::to_string(&Snapshot {
+            devices: d.fleet.devices(),
+            deployments,
+            gaps,
             seq,
-            serde_json::json!({
-                "devices": d.fleet.devices(),
-                "deployments": deployments,
-                "gaps": gaps,
-            }),
-        )
+        })
+        .unwrap_or_default();
+        Event::default()
+            .event("snapshot")
+            .id(seq.to_string())
+            .data(data)
     };
     if tx.send(snapshot(seq, &deployments, &gaps)).await.is_err() {
         return;

@@ -10,9 +10,20 @@
 
 const $ = (id) => document.getElementById(id);
 
+// Characters that would make text lie about itself on screen: bidi
+// overrides and isolates (which reorder what follows, so "gnp.exe" reads as
+// "exe.png") and other control characters. They are shown as escapes, the
+// way `mqota status` prints them in a terminal.
+const HIDDEN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+
+// `x` as text that shows every character it holds.
+function plain(x) {
+  return String(x).replace(HIDDEN, (c) => "\\u{" + c.codePointAt(0).toString(16) + "}");
+}
+
 function el(tag, text, cls) {
   const e = document.createElement(tag);
-  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (text !== undefined && text !== null) e.textContent = plain(text);
   if (cls) e.className = cls;
   return e;
 }
@@ -22,7 +33,7 @@ function row(cells) {
   for (const c of cells) {
     const td = document.createElement("td");
     if (c instanceof Node) td.appendChild(c);
-    else if (c !== undefined && c !== null) td.textContent = String(c);
+    else if (c !== undefined && c !== null) td.textContent = plain(c);
     tr.appendChild(td);
   }
   return tr;
@@ -63,6 +74,17 @@ const PHASE_WORDS = {
   rebooting: "rebooting", confirming: "confirming", done: "updated",
   failed: "failed", rolled_back: "rolled back", cancelled: "cancelled",
 };
+// Why a device last started, as its status says (`boot_reason`).
+const BOOT_WORDS = {
+  power_on: "power on",
+  software_reset: "software reset (an update or a rollback)",
+  watchdog: "watchdog reset",
+  panic: "panic",
+  brownout: "brownout (the supply dropped)",
+  deep_sleep: "wake from deep sleep",
+  unknown: "unknown reason",
+};
+
 const ERROR_WORDS = {
   bad_command: "the command was malformed",
   busy: "busy with another update",
@@ -189,11 +211,12 @@ function fleetRow(v) {
   open.title = "details and history of " + d.id;
   open.addEventListener("click", () => openDetail(d.id));
   const cells = [open, online, v.chip, v.project, v.version,
-    v.target ? el("span", v.target, "running") : null, phase, last, v.error ? el("span", v.error, "bad") : null, tick];
+    v.target ? el("span", v.target, "running") : null, phase, last, v.error ? el("span", v.error, "bad") : null,
+    s.signed_only ? el("span", "signed only", "pill good") : null, tick];
   cells.forEach((c, i) => {
     const td = document.createElement("td");
     if (c instanceof Node) td.appendChild(c);
-    else if (c) td.textContent = String(c);
+    else if (c) td.textContent = plain(c);
     if (i === 8) td.className = "err";
     tr.appendChild(td);
   });
@@ -318,7 +341,7 @@ async function deviceCommand(command, ids, status) {
     });
     const j = await r.json().catch(() => ({}));
     if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
-    status.textContent = command + " sent to " + j.sent.join(", ") + (command === "rollback" ? (j.sent.length === 1 ? ": it rolls back and reboots" : ": each rolls back and reboots") : "");
+    status.textContent = command + " sent to " + plain(j.sent.join(", ")) + (command === "rollback" ? (j.sent.length === 1 ? ": it rolls back and reboots" : ": each rolls back and reboots") : "");
     status.className = "good";
   } catch (e) {
     status.textContent = command + " not sent: " + e.message;
@@ -356,6 +379,8 @@ function historyLine(h) {
   if (h.kind === "status") {
     let t = "version " + x.version + ", " + x.state;
     if (x.last) t += "; last " + words(PHASE_WORDS, x.last.result) + (x.last.error ? ": " + words(ERROR_WORDS, x.last.error) : "");
+    // The boot trail: each status a device publishes after a boot says why.
+    if (x.boot_reason) t += "; booted: " + words(BOOT_WORDS, x.boot_reason);
     return t;
   }
   let t = words(PHASE_WORDS, x.phase);
@@ -413,7 +438,7 @@ $("detail-log-read").addEventListener("click", () => { if (detailId !== null) lo
 function renderDetail() {
   if (detailId === null) return;
   const d = devices.get(detailId);
-  $("detail-title").textContent = "Device " + detailId;
+  $("detail-title").textContent = "Device " + plain(detailId);
   const s = (d && d.status) || {};
   const p = d && d.progress;
   const fields = [
@@ -421,6 +446,10 @@ function renderDetail() {
     ["chip", s.chip], ["project", s.project], ["version", s.version],
     ["slot", s.slot !== undefined && s.slot !== null ? "ota_" + s.slot : s.version ? "factory" : null],
     ["state", s.state], ["https", s.https === undefined ? null : s.https ? "yes" : "no"],
+    ["last boot", s.boot_reason ? words(BOOT_WORDS, s.boot_reason) : null],
+    ["installs", s.signed_only === undefined ? null : s.signed_only ? "signed images only" : "any valid image"],
+    ["secure version", s.secure_version],
+    ["last job sequence", s.job_seq],
     ["updating to", targetOf.get(detailId)],
     ["job in flight", d && d.in_flight],
     ["latest progress", p ? historyLine({ kind: "progress", data: p }) : null],
@@ -456,6 +485,20 @@ function setStatus(text, cls) {
 
 let firmwareKey = "";
 
+// Who signed an image: the key digests of the signature blocks that
+// verify (whether a device trusts that key is the device's business).
+function signersCell(f) {
+  if (!f.signers || !f.signers.length) return el("span", "unsigned", "muted");
+  const box = el("span", "signed by ", "good");
+  f.signers.forEach((k, i) => {
+    if (i) box.appendChild(document.createTextNode(", "));
+    const c = el("code", k.slice(0, 12));
+    c.title = "key digest " + k;
+    box.appendChild(c);
+  });
+  return box;
+}
+
 function renderFirmware(list) {
   const body = $("firmware");
   body.replaceChildren();
@@ -467,6 +510,7 @@ function renderFirmware(list) {
       f.version,
       f.size.toLocaleString() + " B",
       el("code", f.sha256.slice(0, 12), "muted"),
+      signersCell(f),
       f.valid ? null : el("span", f.error, "bad"),
       deleteButton(f.name),
     ]));
@@ -523,11 +567,11 @@ async function upload(file) {
     });
     const j = await r.json().catch(() => ({}));
     if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
-    out.textContent = "added " + j.name + " (" + j.chip + " " + j.project + " " + j.version + ")";
+    out.textContent = plain("added " + j.name + " (" + j.chip + " " + j.project + " " + j.version + ")");
     out.className = "good";
     loadFirmware();
   } catch (e) {
-    out.textContent = "refused " + file.name + ": " + e.message;
+    out.textContent = plain("refused " + file.name + ": " + e.message);
     out.className = "bad";
   }
 }
@@ -695,14 +739,16 @@ function renderDeployment() {
   $("dep-title").textContent = "Deployment " + depId;
   $("dep-title").tabIndex = -1;
   if (!d) {
+    // Not (yet) in the list: show nothing of the deployment drawn before.
     $("dep-about").textContent = "not in the store (any more)";
+    for (const id of ["dep-state", "dep-counts", "dep-stages", "dep-devices"]) $(id).replaceChildren();
     return;
   }
   $("dep-state").replaceChildren(stateSpan(d.state === "running" && d.reason ? "stopping" : d.state));
   const o = d.options || {};
-  $("dep-about").textContent = d.firmware + " → " + d.version + " · created " + when(d.created_at) +
+  $("dep-about").textContent = plain(d.firmware + " → " + d.version) + " · created " + when(d.created_at) +
     " · canary " + (o.canary || 0) + " · timeout " + (o.timeout_s || "?") + " s" + (o.auto_rollback ? " · auto-rollback" : "");
-  $("dep-reason").textContent = d.reason || "";
+  $("dep-reason").textContent = plain(d.reason || "");
   $("dep-reason").hidden = !d.reason;
   const stopping = d.state === "running" && !!d.reason;
   $("dep-pause").disabled = d.state !== "running" || stopping;

@@ -43,8 +43,10 @@
 //! sent a job are skipped, jobs in flight are cancelled) through the store
 //! ([`Store::pause`], [`Store::resume`], [`Store::stop`]): the runner looks
 //! at the deployment's state while it waits and before each job it sends,
-//! so it obeys a command written by any process. What to do next is
-//! decided by [`crate::machine::next`], without I/O; [`run`] does the I/O.
+//! so it obeys a command written by any process. Everything is decided by
+//! a [`crate::machine::Rollout`], a state machine without I/O (events in,
+//! actions out); [`run`] feeds it what it reads (the operator's word, the
+//! devices' topics, the clock) and does what it answers.
 //!
 //! One deployment has one runner: [`run`] first claims the deployment in
 //! the store ([`crate::lease`]; [`RolloutError::Claimed`] when another
@@ -52,7 +54,7 @@
 //! every command it sends, stops ([`RolloutError::ClaimLost`]) if another
 //! process took it over meanwhile, and releases it when it returns.
 //!
-//! When a device's job fails or is rolled back ([`machine::wants_log`]),
+//! When a device's job fails or is rolled back ([`crate::machine::wants_log`]),
 //! the runner reads the device's last [`LOG_RECORDS`] log records over MQTT
 //! ([`crate::logs::fetch_last`]) in a task of its own, so the rollout never
 //! waits for a device to answer, and keeps them with the device's result
@@ -62,23 +64,18 @@
 //! connections. When the rollout is over, the reads still going get up to
 //! [`LOG_FETCH_LIMIT`] more to finish, so `deploy --wait` can show why.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 use mqota_core::fetch::is_https;
-#[cfg(test)]
-use mqota_core::protocol::Phase;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::fleet::{DeviceView, Fleet, FleetError, FleetEvent, StartCommand};
 use crate::lease::{self, Claim, Lease};
-// The tests of `result_of` (now in `machine`) stay with the rollout's.
-#[cfg(test)]
-use crate::machine::result_of;
-use crate::machine::{self, Awaiting, Course, Devices, Next, Wait, STOPPED_BY_OPERATOR};
+use crate::machine::{Action, Devices, Event, Report, Rollout};
 use crate::store::{
     Deployment, DeploymentDevice, DeploymentState, DeviceState, JobLog, Store, StoreError,
 };
@@ -355,8 +352,8 @@ pub trait Observer {
     fn progress(&mut self, _event: &mqota_core::protocol::Progress) {}
     /// A device's result is in.
     fn result(&mut self, _device: &str, _state: DeviceState, _error: Option<&str>) {}
-    /// The rollout stopped for failures (also when a resumed deployment
-    /// carries on stopping).
+    /// The rollout stops: for failures (also when a resumed deployment
+    /// carries on stopping), or by an operator's stop.
     fn stopped(&mut self, _reason: &str) {}
     /// An automatic rollback is about to be sent to `device`.
     fn rolling_back(&mut self, _device: &str) {}
@@ -756,7 +753,7 @@ impl LogFetches {
 
 /// Carries out (or resumes) deployment `id` until it ends, is paused (with
 /// nothing in flight) or is stopped, and returns it as stored then. The
-/// decisions are [`crate::machine::next`]'s; this runner does the I/O.
+/// decisions are [`crate::machine::Rollout`]'s; this runner does the I/O.
 pub async fn run(
     fleet: &Fleet,
     store: &Store,
@@ -826,6 +823,76 @@ fn keep(store: &Store, lease: &mut Lease) -> Result<(), RolloutError> {
     }
 }
 
+/// What one run of a deployment works with: its peers (broker, store,
+/// observer), the job it sends, and its claim and log reads. The runner's
+/// only part is I/O: it feeds the [`Rollout`] what it reads and does what
+/// the machine answers ([`Run::perform`]).
+struct Run<'a> {
+    fleet: &'a Fleet,
+    store: &'a Store,
+    id: &'a str,
+    command: StartCommand,
+    observer: &'a mut dyn Observer,
+    logs: &'a mut LogFetches,
+    lease: &'a mut Lease,
+}
+
+impl Run<'_> {
+    /// Does what the machine said, in order; `false` once it said
+    /// [`Action::End`].
+    async fn perform(&mut self, actions: Vec<Action>) -> Result<bool, RolloutError> {
+        let (fleet, store, id) = (self.fleet, self.store, self.id);
+        for action in actions {
+            match action {
+                Action::Start(d) => {
+                    keep(store, self.lease)?;
+                    fleet.start(&d, &self.command).await?;
+                }
+                Action::Cancel(d) => {
+                    keep(store, self.lease)?;
+                    fleet.cancel(&d, Some(id)).await?;
+                }
+                Action::Rollback(d) => {
+                    keep(store, self.lease)?;
+                    fleet.rollback(&d, Some(id)).await?;
+                }
+                Action::Record {
+                    device,
+                    state,
+                    error,
+                } => store.set_device_state(id, &device, state, error.as_deref())?,
+                Action::Deployment { state, reason } => {
+                    store.set_deployment_state(id, state, reason.as_deref())?
+                }
+                Action::ReadLog(d) => {
+                    let hint = fleet
+                        .device(&d)
+                        .and_then(|v| v.status.and_then(|st| st.log_newest));
+                    self.logs.start(&d, id, hint);
+                }
+                Action::Report(r) => match r {
+                    Report::Stage {
+                        index,
+                        count,
+                        members,
+                    } => self
+                        .observer
+                        .stage(index as usize, count as usize, &members),
+                    Report::Result {
+                        device,
+                        state,
+                        error,
+                    } => self.observer.result(&device, state, error.as_deref()),
+                    Report::Stopping(reason) => self.observer.stopped(&reason),
+                    Report::RollingBack(d) => self.observer.rolling_back(&d),
+                },
+                Action::End => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+}
+
 async fn steps(
     fleet: &Fleet,
     store: &Store,
@@ -844,7 +911,6 @@ async fn steps(
     store.set_runner(id, runner_name())?;
     let options: RolloutOptions = serde_json::from_value(dep.options.clone())
         .map_err(|e| RolloutError::Option(format!("stored options unreadable: {e}")))?;
-    let timeout = Duration::from_secs(options.timeout_s.into());
     let command = StartCommand {
         url: dep.url.clone(),
         version: Some(dep.version.clone()),
@@ -855,165 +921,92 @@ async fn steps(
         allow_downgrade: options.allow_downgrade,
         allow_other_project: options.allow_other_project,
     };
-    let mut states: Devices = dep
+    let devices: Devices = dep
         .devices
         .iter()
         .map(|d| (d.device.clone(), (d.stage, d.state)))
         .collect();
-    let stage_count = states.values().map(|(s, _)| *s + 1).max().unwrap_or(0);
+    let mut rollout = Rollout::new(
+        id,
+        &dep.version,
+        options,
+        devices,
+        dep.state,
+        dep.reason.clone(),
+    );
+    let mut run = Run {
+        fleet,
+        store,
+        id,
+        command,
+        observer,
+        logs,
+        lease,
+    };
     let mut events = fleet.events();
-    let mut course = Course::default();
+    let mut pending = VecDeque::from([Event::Operator(store.deployment_state(id)?.0)]);
+    let mut last_poll = Instant::now();
+    // Every waited-for device is looked at once per POLL (for its deadline,
+    // and for what a lagging channel skipped); in between only those an
+    // event named. A fleet of 10,000 sends thousands of events a second,
+    // and looking at every device on each would cost O(devices) per event.
+    let mut named: HashSet<String> = HashSet::new();
+    let mut last_sweep: Option<Instant> = None;
     loop {
-        keep(store, lease)?;
-        let (state, reason) = store.deployment_state(id)?;
-        if state == DeploymentState::Stopped {
-            // The stop skipped the pending devices in the store; take that
-            // picture (and any result written meanwhile) as it is.
-            for x in store.deployment(id)?.devices {
-                if let Some(entry) = states.get_mut(&x.device) {
-                    if entry.1 == DeviceState::Pending {
-                        entry.1 = x.state;
-                    }
-                }
+        keep(store, run.lease)?;
+        run.logs.harvest(store, id)?;
+        while let Some(event) = pending.pop_front() {
+            if !run.perform(rollout.handle(Instant::now(), event)).await? {
+                return Ok(());
+            }
+            if rollout.is_sending() && pending.is_empty() {
+                // A pause or stop is obeyed between two sends, so a large
+                // stage does not go out whole after it.
+                pending.push_back(Event::Operator(store.deployment_state(id)?.0));
             }
         }
-        match course.next(&states, &options, state, reason.as_deref()) {
-            Next::Stopped { cancel } => {
-                observer.stopped(STOPPED_BY_OPERATOR);
-                for d in cancel {
-                    fleet.cancel(&d, Some(id)).await?;
-                    store.set_device_state(
-                        id,
-                        &d,
-                        DeviceState::Cancelled,
-                        Some(STOPPED_BY_OPERATOR),
-                    )?;
-                    states.get_mut(&d).expect("a device of the deployment").1 =
-                        DeviceState::Cancelled;
-                    observer.result(&d, DeviceState::Cancelled, Some(STOPPED_BY_OPERATOR));
-                }
-                return Ok(());
-            }
-            Next::Paused => return Ok(()),
-            Next::Finish { state, reason } => {
-                store.set_deployment_state(id, state, reason.as_deref())?;
-                return Ok(());
-            }
-            Next::StopForFailures {
-                reason: why,
-                skip,
-                roll_back,
-                awaiting_rollback,
-            } => {
-                if reason.is_none() {
-                    // Durable before anything acts on it, so a resumed
-                    // controller finishes this stop instead of sending more
-                    // stages.
-                    store.set_deployment_state(id, DeploymentState::Running, Some(&why))?;
-                }
-                observer.stopped(&why);
-                for d in skip {
-                    store.set_device_state(
-                        id,
-                        &d,
-                        DeviceState::Skipped,
-                        Some("rollout stopped"),
-                    )?;
-                    states.get_mut(&d).expect("a device of the deployment").1 =
-                        DeviceState::Skipped;
-                }
-                let mut wait = Wait::new(Awaiting::Rollbacks);
-                for d in roll_back {
-                    keep(store, lease)?;
-                    observer.rolling_back(&d);
-                    // Marked before it goes out: a rollback is never sent
-                    // twice.
-                    store.set_device_state(id, &d, DeviceState::RollbackSent, None)?;
-                    states.get_mut(&d).expect("a device of the deployment").1 =
-                        DeviceState::RollbackSent;
-                    fleet.rollback(&d, Some(id)).await?;
-                    wait.add(d, Instant::now() + timeout);
-                }
-                for d in awaiting_rollback {
-                    wait.add(d, Instant::now() + timeout);
-                }
-                wait_for(
-                    fleet,
-                    store,
-                    id,
-                    &mut events,
-                    &mut wait,
-                    &mut states,
-                    observer,
-                    logs,
-                    lease,
-                )
-                .await?;
-                store.set_deployment_state(id, DeploymentState::Failed, Some(&why))?;
-                return Ok(());
-            }
-            Next::Wait { stage, devices } => {
-                if course.announce(stage) {
-                    let members: Vec<String> = states
-                        .iter()
-                        .filter(|(_, (s, _))| *s == stage)
-                        .map(|(d, _)| d.clone())
-                        .collect();
-                    observer.stage(stage as usize, stage_count as usize, &members);
-                }
-                // Resumed: the job's clock restarts, since when it was sent
-                // is not worth trusting across a controller restart.
-                let mut wait = Wait::new(Awaiting::Jobs);
-                for d in devices {
-                    wait.add(d, Instant::now() + timeout);
-                }
-                wait_for(
-                    fleet,
-                    store,
-                    id,
-                    &mut events,
-                    &mut wait,
-                    &mut states,
-                    observer,
-                    logs,
-                    lease,
-                )
-                .await?;
-            }
-            Next::Send {
-                stage,
-                members,
-                send,
-            } => {
-                if course.announce(stage) {
-                    observer.stage(stage as usize, stage_count as usize, &members);
-                }
-                let mut wait = Wait::new(Awaiting::Jobs);
-                for m in send {
-                    // A pause or stop is obeyed between two sends, so a
-                    // large stage does not go out whole after it.
-                    if store.deployment_state(id)?.0 != DeploymentState::Running {
-                        break;
+        // Events only wake us up and feed the observer; what a device said
+        // is read from the fleet's current view, so a lagging channel loses
+        // nothing.
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(FleetEvent::Progress(p)) => {
+                    if p.job.as_deref() == Some(id) && rollout.is_waiting(p.device.as_str()) {
+                        run.observer.progress(&p);
                     }
-                    keep(store, lease)?;
-                    fleet.start(&m, &command).await?;
-                    store.set_device_state(id, &m, DeviceState::Sent, None)?;
-                    states.get_mut(&m).expect("a device of the deployment").1 = DeviceState::Sent;
-                    wait.add(m, Instant::now() + timeout);
+                    named.insert(p.device.as_str().to_owned());
                 }
-                wait_for(
-                    fleet,
-                    store,
-                    id,
-                    &mut events,
-                    &mut wait,
-                    &mut states,
-                    observer,
-                    logs,
-                    lease,
-                )
-                .await?;
-            }
+                Ok(FleetEvent::Status(s)) => {
+                    named.insert(s.device.as_str().to_owned());
+                }
+                Ok(FleetEvent::Removed(d) | FleetEvent::Availability { id: d, .. }) => {
+                    named.insert(d);
+                }
+                Err(_) => last_sweep = None,
+            },
+            _ = tokio::time::sleep(POLL) => {}
+        }
+        // Events can come by the thousand per second; the store is asked at
+        // most once per POLL.
+        if last_poll.elapsed() >= POLL {
+            last_poll = Instant::now();
+            pending.push_back(Event::Operator(store.deployment_state(id)?.0));
+        }
+        let now = Instant::now();
+        let sweep = last_sweep.is_none_or(|t| now - t >= POLL);
+        let look: Vec<String> = if sweep {
+            last_sweep = Some(now);
+            named.clear();
+            rollout.waiting()
+        } else {
+            named.drain().filter(|d| rollout.is_waiting(d)).collect()
+        };
+        pending.extend(
+            look.iter()
+                .filter_map(|d| fleet.device(d).map(|v| Event::Device(Box::new(v)))),
+        );
+        if sweep {
+            pending.push_back(Event::Tick);
         }
     }
 }
@@ -1104,98 +1097,6 @@ pub fn spawn_runner(fleet: std::sync::Arc<Fleet>, store: std::sync::Arc<Store>) 
         })
         .expect("a thread can be started");
     Runner { tx }
-}
-
-/// Carries out `wait` ([`machine::Wait`]): feeds it what each device said
-/// and the clock until every device's wait has ended (or an operator's stop
-/// ends it), and does what each ending calls for: cancels a job given up
-/// on, records the result, starts reading the log of a failure, tells the
-/// observer.
-#[allow(clippy::too_many_arguments)]
-async fn wait_for(
-    fleet: &Fleet,
-    store: &Store,
-    id: &str,
-    events: &mut tokio::sync::broadcast::Receiver<FleetEvent>,
-    wait: &mut Wait<Instant>,
-    states: &mut Devices,
-    observer: &mut dyn Observer,
-    logs: &mut LogFetches,
-    lease: &mut Lease,
-) -> Result<(), RolloutError> {
-    let version = store.deployment(id)?.version;
-    let version = version.as_str();
-    let mut last_poll = Instant::now();
-    // Every waiting device is looked at once per POLL (for its deadline,
-    // and for what a lagging channel skipped); in between only those an
-    // event named. A fleet of 10,000 sends thousands of events a second,
-    // and looking at every device on each would cost O(devices) per event.
-    let mut named: HashSet<String> = HashSet::new();
-    let mut last_sweep: Option<Instant> = None;
-    while !wait.is_over() {
-        keep(store, lease)?;
-        logs.harvest(store, id)?;
-        // Events only wake us up and feed the observer; the results are read
-        // from the fleet's current view, so a lagging channel loses nothing.
-        tokio::select! {
-            ev = events.recv() => match ev {
-                Ok(FleetEvent::Progress(p)) => {
-                    if p.job.as_deref() == Some(id) && wait.is_waiting(p.device.as_str()) {
-                        observer.progress(&p);
-                    }
-                    named.insert(p.device.as_str().to_owned());
-                }
-                Ok(FleetEvent::Status(s)) => {
-                    named.insert(s.device.as_str().to_owned());
-                }
-                Ok(FleetEvent::Removed(d) | FleetEvent::Availability { id: d, .. }) => {
-                    named.insert(d);
-                }
-                Err(_) => last_sweep = None,
-            },
-            _ = tokio::time::sleep(POLL) => {}
-        }
-        // Events can come by the thousand per second; the store is asked at
-        // most once per POLL.
-        if wait.obeys_operator() && last_poll.elapsed() >= POLL {
-            last_poll = Instant::now();
-            if wait.ended_by(store.deployment_state(id)?.0) {
-                return Ok(());
-            }
-        }
-        let now = Instant::now();
-        let waiting: Vec<String> = if last_sweep.is_none_or(|t| now - t >= POLL) {
-            last_sweep = Some(now);
-            named.clear();
-            wait.waiting()
-        } else {
-            named.drain().filter(|d| wait.is_waiting(d)).collect()
-        };
-        for dev in waiting {
-            let said = fleet
-                .device(&dev)
-                .as_ref()
-                .and_then(|v| machine::result_of(v, id, version));
-            let Some(o) = wait.device(&dev, states[&dev].1, said, now) else {
-                continue;
-            };
-            if o.cancel {
-                // Stop a job that may still be running so it cannot
-                // finish after the rollout gave up on it.
-                fleet.cancel(&dev, Some(id)).await?;
-            }
-            store.set_device_state(id, &dev, o.state, o.error.as_deref())?;
-            if machine::wants_log(o.state) {
-                let hint = fleet
-                    .device(&dev)
-                    .and_then(|v| v.status.and_then(|st| st.log_newest));
-                logs.start(&dev, id, hint);
-            }
-            states.get_mut(&dev).expect("a device of the deployment").1 = o.state;
-            observer.result(&dev, o.state, o.error.as_deref());
-        }
-    }
-    Ok(())
 }
 
 pub use crate::catalogue::{deployable, resolve_firmware, resolve_firmware_as, FirmwareError};

@@ -1,6 +1,9 @@
 //! Tests of the rollout's pure parts: which devices a firmware may go to,
 //! how stages are cut, the failure threshold, and which statuses prove a result.
 use super::*;
+// `result_of` is the machine's; its tests against device views stay here.
+use crate::machine::result_of;
+use mqota_core::protocol::Phase;
 use mqota_core::protocol::Status;
 
 fn device(id: &str, version: &str, https: Option<bool>) -> DeviceView {

@@ -299,3 +299,55 @@ pub fn on_own_runtime<T: Send + 'static>(
     .join()
     .unwrap()
 }
+
+/// Publishes, at QoS 1 as devices do, a retained status (1.0.0) and
+/// `online` for `n` devices (`s-00000`, `s-00001`, …); returns once the
+/// broker acknowledged them all. Blocks: it runs a runtime of its own.
+pub fn publish_fleet(port: u16, n: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    rt.block_on(async {
+        let mut o = MqttOptions::new("fleet-publisher", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_outgoing_inflight_upper_limit(1000);
+        let (client, mut ev) = AsyncClient::new(o, 1024);
+        let acked = tokio::spawn(async move {
+            let mut left = 2 * n;
+            while left > 0 {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => left -= 1,
+                    Ok(_) => {}
+                    Err(e) => panic!("publisher lost the broker: {e}"),
+                }
+            }
+        });
+        for i in 0..n {
+            let id = format!("s-{i:05}");
+            let status = serde_json::to_vec(&serde_json::json!({
+                "device": id, "chip": "esp32c3", "project": PROJECT, "version": "1.0.0",
+                "slot": 0, "state": "valid", "last": null
+            }))
+            .unwrap();
+            let topic = format!("device/{id}/status");
+            client
+                .publish(topic, QoS::AtLeastOnce, true, status)
+                .await
+                .unwrap();
+            let topic = format!("device/{id}/availability");
+            client
+                .publish(topic, QoS::AtLeastOnce, true, "online")
+                .await
+                .unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(60), acked)
+            .await
+            .expect("the broker acknowledged every status")
+            .unwrap();
+        let _ = client.disconnect().await;
+    });
+}
