@@ -43,7 +43,7 @@ macro_rules! env_or {
     };
 }
 
-use mqota_core::broker_url::{parse_broker_url_tls, BrokerUrl};
+use mqota_core::broker_url::{parse_broker_url_tls, BrokerUrlParts};
 use mqota_core::protocol::envelope::JobKey;
 use mqota_core::signature::{parse_key_list, KeyDigest, MAX_BLOCKS};
 use mqota_runtime::DeviceConfig;
@@ -60,7 +60,7 @@ pub struct FirmwareConfig {
     /// WiFi passphrase; empty means an open network.
     pub wifi_password: &'static str,
     /// The broker: host, port and the URL's credentials.
-    pub broker: BrokerUrl<'static>,
+    pub broker: BrokerUrlParts<'static>,
     /// The URL was `mqtts://`: MQTT over TLS.
     pub broker_tls: bool,
     /// The fleet CA (PEM) pinned for `mqtts://` and `https://`; `None`: no
@@ -146,9 +146,9 @@ const JOB_KEY: Option<JobKey> = match env_or!("MQOTA_JOB_KEY", "").as_bytes() {
     },
 };
 
-const BROKER_TLS: (BrokerUrl<'static>, bool) =
+const BROKER_TLS: (BrokerUrlParts<'static>, bool) =
     broker(env_or!("MQOTA_BROKER_URL", "mqtt://broker:1883"));
-const BROKER: BrokerUrl<'static> = BROKER_TLS.0;
+const BROKER: BrokerUrlParts<'static> = BROKER_TLS.0;
 
 /// A PEM variable: unset or empty is `None`.
 const fn pem(value: Option<&'static str>) -> Option<&'static str> {
@@ -249,7 +249,7 @@ const fn secs_or(value: Option<&str>, default: embassy_time::Duration) -> u32 {
 }
 
 /// The broker URL and whether it is `mqtts://`, checked while compiling.
-const fn broker(url: &'static str) -> (BrokerUrl<'static>, bool) {
+const fn broker(url: &'static str) -> (BrokerUrlParts<'static>, bool) {
     let (broker, tls) = match parse_broker_url_tls(url) {
         Ok(parsed) => parsed,
         Err(_) => panic!("MQOTA_BROKER_URL must look like mqtt[s]://[user[:password]@]host[:port]"),

@@ -353,11 +353,9 @@ pub fn password_path(data_dir: &Path, name: &str) -> PathBuf {
     credentials_dir(data_dir).join(format!("{name}{PASSWORD_SUFFIX}"))
 }
 
-/// Writes `password` to `path`, readable by its owner only (mode 0600 from
-/// the start: the file is never readable by others, not even briefly). A
-/// directory it creates gets mode 0700.
-pub fn write_password_file(path: &Path, password: &Secret) -> std::io::Result<()> {
-    use std::io::Write as _;
+/// Creates the directory `path` is in, with its parents, if it is missing:
+/// mode 0700, its owner's only (one that exists is left as it is).
+pub(crate) fn create_private_parent(path: &Path) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
             let mut b = std::fs::DirBuilder::new();
@@ -367,6 +365,15 @@ pub fn write_password_file(path: &Path, password: &Secret) -> std::io::Result<()
             b.create(dir)?;
         }
     }
+    Ok(())
+}
+
+/// Writes `password` to `path`, readable by its owner only (mode 0600 from
+/// the start: the file is never readable by others, not even briefly). A
+/// directory it creates gets mode 0700.
+pub fn write_password_file(path: &Path, password: &Secret) -> std::io::Result<()> {
+    use std::io::Write as _;
+    create_private_parent(path)?;
     let _ = std::fs::remove_file(path);
     let mut o = std::fs::OpenOptions::new();
     o.write(true).create_new(true);

@@ -76,7 +76,6 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::catalogue::{Catalogue, FirmwareEntry};
 use crate::fleet::{DeviceView, Fleet, FleetEvent};
-use crate::http::FirmwareListing;
 use crate::rollout::{self, RolloutOptions, Selection};
 use crate::store::{DeviceState, Store};
 use crate::url::BrokerUrl;
@@ -1127,19 +1126,8 @@ impl BridgeState {
         let view = self.fleet.device(id);
         let image = install_target(view.as_ref(), &self.images, &running)?.clone();
         let base = self.cfg.public_url.clone().ok_or(Refusal::NoUrl)?;
-        let listing = FirmwareListing {
-            url: format!("{base}/firmware/{}", image.name),
-            valid: image.is_valid(),
-            name: image.name.clone(),
-            chip: image.chip.clone(),
-            project: image.project.clone(),
-            version: image.version.clone(),
-            size: image.size,
-            sha256: image.sha256.clone(),
-            error: image.error.clone(),
-            signers: image.signers.clone(),
-        };
-        let firmware = rollout::deployable(&image.name, &listing)
+        let listed = image.listed_under(&base);
+        let firmware = crate::catalogue::deployable(&listed.name, &listed)
             .map_err(|e| Refusal::Rollout(e.to_string()))?;
         let version = firmware.version.clone();
         let devices = self.fleet.devices();

@@ -9,7 +9,7 @@
 //! | `DELETE /api/devices/{id}` | forgets the device ([`forget_router`]): `200`, `404` unknown, `409` while it is online or in a deployment not over |
 //! | `GET /api/deployments`, `/api/deployments/{id}` | deployments with each device's result |
 //! | `POST /api/deployments/{id}/pause`, `/resume`, `/stop` | the operator's command ([`control_router`]); `200` with the deployment, `404` unknown, `409` when its state does not allow it |
-//! | `POST /api/firmware/{name}` | adds the body (the raw file, `Content-Type: application/octet-stream`) to the catalogue ([`catalogue_router`]): `201` with its entry; refused with `{"error"}` and `400` (name), `409` (name taken), `413` (larger than [`MAX_UPLOAD`]), `422` (not a valid app image, with the validator's reason) |
+//! | `POST /api/firmware/{name}` | adds the body (the raw file, `Content-Type: application/octet-stream`) to the catalogue ([`catalogue_router`]): `201` with its entry (as `GET /api/firmware` lists one, without `url`); refused with `{"error"}` and `400` (name), `409` (name taken), `413` (larger than [`MAX_UPLOAD`]), `422` (not a valid app image, with the validator's reason) |
 //! | `DELETE /api/firmware/{name}` | removes it: `200`, `404` unknown, `409` while a running or paused deployment uses it |
 //!
 //! `mqota serve` adds the page and the routes that need the broker
@@ -322,33 +322,6 @@ pub fn host_allowed(authority: &str, allowed: &[String]) -> bool {
         || allowed.contains(&host)
 }
 
-/// One catalogue entry as the API lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct FirmwareListing {
-    /// File name.
-    pub name: String,
-    /// Where devices download it.
-    pub url: String,
-    /// Chip, `null` if not a valid image.
-    pub chip: Option<String>,
-    /// Project name.
-    pub project: Option<String>,
-    /// Version.
-    pub version: Option<String>,
-    /// Size of the file on disk in bytes.
-    pub size: u64,
-    /// SHA-256 of the file, hex.
-    pub sha256: String,
-    /// Whether it is a valid image.
-    pub valid: bool,
-    /// Why not, if not.
-    pub error: Option<String>,
-    /// Key digests of the signature blocks that verify (empty: unsigned);
-    /// absent from older servers (unknown).
-    #[serde(default)]
-    pub signers: Option<Vec<String>>,
-}
-
 pub(crate) fn api_error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
     (
         status,
@@ -375,7 +348,7 @@ pub(crate) async fn listings(
     st: &Arc<AppState>,
     headers: &HeaderMap,
     https: bool,
-) -> Result<Vec<FirmwareListing>, String> {
+) -> Result<Vec<FirmwareEntry>, String> {
     let st2 = st.clone();
     let scanned = tokio::task::spawn_blocking(move || {
         let list = st2.catalogue.scan()?;
@@ -401,23 +374,12 @@ pub(crate) async fn listings(
             format!("{scheme}://{host}")
         }
     };
-    let out: Vec<FirmwareListing> = list
+    let out: Vec<FirmwareEntry> = list
         .into_iter()
         // Files that are not valid images are the operator's business
         // (`serve` says at start why it skips each), not the API's.
         .filter(FirmwareEntry::is_valid)
-        .map(|e| FirmwareListing {
-            url: format!("{base}/firmware/{}", e.name),
-            valid: e.is_valid(),
-            name: e.name,
-            chip: e.chip,
-            project: e.project,
-            version: e.version,
-            size: e.size,
-            sha256: e.sha256,
-            error: e.error,
-            signers: e.signers,
-        })
+        .map(|e| e.listed_under(&base))
         .collect();
     Ok(out)
 }

@@ -547,6 +547,7 @@ impl Store {
         let rows = st.query_map([], |r| {
             Ok(FirmwareEntry {
                 name: r.get(0)?,
+                url: None,
                 chip: r.get(1)?,
                 project: r.get(2)?,
                 version: r.get(3)?,

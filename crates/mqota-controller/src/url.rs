@@ -1,25 +1,24 @@
 //! Broker addresses: `mqtt://[user[:password]@]host[:port]` and
 //! `mqtts://…` (TLS, port 8883 unless given).
 //!
-//! Parsed by the core's [`parse_broker_url`], the one parser of this URL form
-//! in the project (the devices use it too); this module only owns the strings
-//! and says what is wrong in words an operator reads. For `mqtts://` it
-//! hands the core the same URL with the `mqtt://` scheme and remembers that
-//! the connection is TLS: how the broker is checked (the pinned CA, the
-//! client certificate) is not part of a URL and is set with
-//! [`BrokerUrl::with_tls`] (see [`crate::tls::mqtt_client`]).
+//! Parsed by the core's [`parse_broker_url_tls`], the one parser of this URL
+//! form in the project (the devices use it too, and its result,
+//! [`BrokerUrlParts`](mqota_core::broker_url::BrokerUrlParts), is what this
+//! type owns); this module only owns the strings and says what is wrong in
+//! words an operator reads. How a `mqtts://` connection checks the broker
+//! (the pinned CA, the client certificate) is not part of a URL and is set
+//! with [`BrokerUrl::with_tls`] (see [`crate::tls::mqtt_client`]).
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use mqota_core::broker_url::parse_broker_url;
-pub use mqota_core::broker_url::DEFAULT_MQTT_PORT;
+use mqota_core::broker_url::parse_broker_url_tls;
+pub use mqota_core::broker_url::{DEFAULT_MQTTS_PORT, DEFAULT_MQTT_PORT};
 
-/// The port of MQTT over TLS when a `mqtts://` URL names none.
-pub const DEFAULT_MQTTS_PORT: u16 = 8883;
-
-/// Where the broker is and how to log in.
+/// A broker URL on the host side: where the broker is, how to log in, and
+/// (for `mqtts://`) how to check it; the owned counterpart of the core's
+/// borrowed [`BrokerUrlParts`](mqota_core::broker_url::BrokerUrlParts).
 #[derive(Clone)]
 pub struct BrokerUrl {
     /// Host name or IP address (IPv6 without brackets).
@@ -113,18 +112,6 @@ impl BrokerUrl {
     }
 }
 
-/// Whether the authority part of a URL (after the scheme) names a port.
-fn has_port(rest: &str) -> bool {
-    let hostport = rest.trim_end_matches('/');
-    let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, h)| h);
-    match hostport.strip_prefix('[') {
-        Some(v6) => v6
-            .split_once(']')
-            .is_some_and(|(_, tail)| tail.starts_with(':')),
-        None => hostport.contains(':'),
-    }
-}
-
 impl FromStr for BrokerUrl {
     type Err = BrokerUrlError;
 
@@ -134,33 +121,17 @@ impl FromStr for BrokerUrl {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         use mqota_core::broker_url::BrokerUrlError as E;
         let trimmed = s.trim();
-        let tls_rest = trimmed
-            .get(..8)
-            .filter(|scheme| scheme.eq_ignore_ascii_case("mqtts://"))
-            .map(|_| &trimmed[8..]);
-        let plain;
-        let to_parse = match tls_rest {
-            Some(rest) => {
-                plain = format!("mqtt://{rest}");
-                plain.as_str()
-            }
-            None => s,
-        };
-        let u = parse_broker_url(to_parse).map_err(|e| match e {
+        let (u, secure) = parse_broker_url_tls(s).map_err(|e| match e {
             E::NoHost => BrokerUrlError::NoHost,
             E::Port => BrokerUrlError::Port(trimmed.to_owned()),
             _ => BrokerUrlError::Scheme(trimmed.to_owned()),
         })?;
-        let port = match tls_rest {
-            Some(rest) if !has_port(rest) => DEFAULT_MQTTS_PORT,
-            _ => u.port,
-        };
         Ok(BrokerUrl {
             host: u.host.to_owned(),
-            port,
+            port: u.port,
             username: u.username.map(str::to_owned),
             password: u.password.map(str::to_owned),
-            secure: tls_rest.is_some(),
+            secure,
             tls: None,
         })
     }

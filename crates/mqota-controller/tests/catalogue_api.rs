@@ -2,35 +2,23 @@
 //! `DELETE /api/firmware/{name}`), on a real socket, behind the same
 //! Host/Origin guard as in `serve`.
 
+mod support;
+
 use std::sync::Arc;
 
-use mqota_controller::catalogue::{Catalogue, MAX_UPLOAD};
-use mqota_controller::http::{catalogue_router, guard_hosts, router, AppState};
+use mqota_controller::catalogue::MAX_UPLOAD;
+use mqota_controller::http::{catalogue_router, guard_hosts, router};
 use mqota_controller::store::{Deployment, DeploymentState, Store};
-use mqota_core::image::{Chip, ImageBuilder};
 use reqwest::StatusCode;
 use serde_json::Value;
-
-fn image(version: &str, size: u32) -> Vec<u8> {
-    ImageBuilder::new(Chip::Esp32c3)
-        .version(version)
-        .project("fleet")
-        .size(size)
-        .build()
-        .unwrap()
-}
+use support::{app_state, image};
 
 #[tokio::test]
 async fn uploads_are_checked_as_app_images_and_a_file_in_use_cannot_be_deleted() {
     let fw = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(data.path()).unwrap());
-    let state = Arc::new(AppState {
-        catalogue: Catalogue::new(fw.path()),
-        store: store.clone(),
-        public_url: None,
-        remote_firmware: Default::default(),
-    });
+    let state = app_state(fw.path(), store.clone());
     let app = guard_hosts(
         router(state.clone()).merge(catalogue_router(state)),
         Vec::new(),

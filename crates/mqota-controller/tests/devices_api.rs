@@ -2,13 +2,15 @@
 //! largest page size, an `after` cursor, `next` on every page but the last,
 //! and JSON errors for a bad `limit`. Real store, real HTTP server.
 
+mod support;
+
 use std::sync::Arc;
 
-use mqota_controller::catalogue::Catalogue;
-use mqota_controller::http::{router, AppState, DEVICES_PAGE, DEVICES_PAGE_MAX};
+use mqota_controller::http::{router, DEVICES_PAGE, DEVICES_PAGE_MAX};
 use mqota_controller::server::{serve, HttpLimits};
 use mqota_controller::store::Store;
 use reqwest::StatusCode;
+use support::app_state;
 
 const FLEET: usize = 2_500;
 
@@ -28,12 +30,7 @@ impl Drop for Server {
 async fn start() -> Server {
     let (fw, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let store = Arc::new(Store::open(data.path()).unwrap());
-    let state = Arc::new(AppState {
-        catalogue: Catalogue::new(fw.path()),
-        store: store.clone(),
-        public_url: None,
-        remote_firmware: Default::default(),
-    });
+    let state = app_state(fw.path(), store.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let app = router(state);

@@ -3,25 +3,17 @@
 //! a directory holding what it should not, and clients that never finish a
 //! request, do not take it down.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mqota_controller::catalogue::Catalogue;
-use mqota_controller::http::{router, AppState};
+use mqota_controller::http::router;
 use mqota_controller::server::{serve as serve_limited, HttpLimits};
 use mqota_controller::store::Store;
-use mqota_core::image::{Chip, ImageBuilder};
 use reqwest::{header, StatusCode};
 use sha2::Digest;
-
-fn image(version: &str, size: u32) -> Vec<u8> {
-    ImageBuilder::new(Chip::Esp32c3)
-        .version(version)
-        .project("fleet")
-        .size(size)
-        .build()
-        .unwrap()
-}
+use support::{app_state, image};
 
 struct Server {
     base: String,
@@ -41,12 +33,7 @@ async fn serve(fw: &std::path::Path) -> Server {
 
 async fn serve_with(fw: &std::path::Path, limits: HttpLimits) -> Server {
     let data = tempfile::tempdir().unwrap();
-    let state = Arc::new(AppState {
-        catalogue: Catalogue::new(fw),
-        store: Arc::new(Store::open(data.path()).unwrap()),
-        public_url: None,
-        remote_firmware: Default::default(),
-    });
+    let state = app_state(fw, Arc::new(Store::open(data.path()).unwrap()));
     let app = router(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

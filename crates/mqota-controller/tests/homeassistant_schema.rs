@@ -234,6 +234,7 @@ fn progress(id: &str, job: &str, phase: &str, percent: u8) -> mqota_core::protoc
 fn image(name: &str, version: &str, signers: Option<Vec<String>>) -> FirmwareEntry {
     FirmwareEntry {
         name: name.to_owned(),
+        url: None,
         chip: Some("esp32c3".into()),
         project: Some("app".into()),
         version: Some(version.to_owned()),

@@ -12,8 +12,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use futures_util::StreamExt as _;
+use mqota_controller::catalogue::resolve_firmware;
 use mqota_controller::remote::RemoteFirmware;
-use mqota_controller::rollout::resolve_firmware;
 use mqota_core::protocol::MAX_FIRMWARE_SIZE;
 
 /// A server on 127.0.0.1 with the misbehaving routes; returns its port and

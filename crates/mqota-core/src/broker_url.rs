@@ -11,8 +11,10 @@ pub const DEFAULT_MQTT_PORT: u16 = 1883;
 /// The port MQTT brokers listen on with TLS (`mqtts://`).
 pub const DEFAULT_MQTTS_PORT: u16 = 8883;
 
-/// A broker address as the whole project writes it (firmware configuration,
-/// the virtual device, the CLI): `mqtt://[user[:password]@]host[:port]`.
+/// The parts of a broker URL (`mqtt://[user[:password]@]host[:port]`),
+/// borrowed from it: what the firmware's configuration holds. The host side
+/// keeps an owned URL with its TLS settings, `mqota_controller::url::BrokerUrl`,
+/// built from these parts.
 ///
 /// The parts borrow from the URL, so a URL compiled into the firmware is
 /// parsed once, at build time, by [`parse_broker_url`] in a `const`.
@@ -20,7 +22,7 @@ pub const DEFAULT_MQTTS_PORT: u16 = 8883;
 /// from the first `:` to the last `@`, so it may hold both characters.
 /// `Debug` shows whether there is a password, never the password.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct BrokerUrl<'a> {
+pub struct BrokerUrlParts<'a> {
     /// Host name or IP address (IPv6 without its brackets).
     pub host: &'a str,
     /// TCP port; [`DEFAULT_MQTT_PORT`] when the URL has none.
@@ -31,9 +33,9 @@ pub struct BrokerUrl<'a> {
     pub password: Option<&'a str>,
 }
 
-impl core::fmt::Debug for BrokerUrl<'_> {
+impl core::fmt::Debug for BrokerUrlParts<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("BrokerUrl")
+        f.debug_struct("BrokerUrlParts")
             .field("host", &self.host)
             .field("port", &self.port)
             .field("username", &self.username)
@@ -58,10 +60,10 @@ pub enum BrokerUrlError {
     Port,
 }
 
-/// Splits a broker URL into host, port and credentials; see [`BrokerUrl`].
+/// Splits a broker URL into host, port and credentials; see [`BrokerUrlParts`].
 /// A `const fn`, so that firmware configuration fails the build, not the
 /// device, when the URL is malformed.
-pub const fn parse_broker_url(url: &str) -> Result<BrokerUrl<'_>, BrokerUrlError> {
+pub const fn parse_broker_url(url: &str) -> Result<BrokerUrlParts<'_>, BrokerUrlError> {
     let s = url.trim_ascii().as_bytes();
     let rest = match strip_prefix_ci(s, b"mqtt://") {
         Some(r) => r,
@@ -79,7 +81,7 @@ pub const fn parse_broker_url(url: &str) -> Result<BrokerUrl<'_>, BrokerUrlError
 /// Like [`parse_broker_url`], for a device that speaks TLS: also takes
 /// `mqtts://` (port [`DEFAULT_MQTTS_PORT`] unless given) and says whether
 /// the URL asked for TLS.
-pub const fn parse_broker_url_tls(url: &str) -> Result<(BrokerUrl<'_>, bool), BrokerUrlError> {
+pub const fn parse_broker_url_tls(url: &str) -> Result<(BrokerUrlParts<'_>, bool), BrokerUrlError> {
     let s = url.trim_ascii().as_bytes();
     match strip_prefix_ci(s, b"mqtts://") {
         Some(rest) => match parse_authority(rest, DEFAULT_MQTTS_PORT) {
@@ -94,7 +96,10 @@ pub const fn parse_broker_url_tls(url: &str) -> Result<(BrokerUrl<'_>, bool), Br
 }
 
 /// `[user[:password]@]host[:port][/]`, after the scheme.
-const fn parse_authority(rest: &[u8], default_port: u16) -> Result<BrokerUrl<'_>, BrokerUrlError> {
+const fn parse_authority(
+    rest: &[u8],
+    default_port: u16,
+) -> Result<BrokerUrlParts<'_>, BrokerUrlError> {
     let mut rest = rest;
     while let [head @ .., b'/'] = rest {
         rest = head;
@@ -145,7 +150,7 @@ const fn parse_authority(rest: &[u8], default_port: u16) -> Result<BrokerUrl<'_>
     if host.is_empty() {
         return Err(BrokerUrlError::NoHost);
     }
-    Ok(BrokerUrl {
+    Ok(BrokerUrlParts {
         host: text(host),
         port,
         username,
@@ -267,13 +272,13 @@ mod tests {
 
     #[test]
     fn a_url_is_parsed_at_compile_time_in_a_const() {
-        const URL: BrokerUrl<'static> = match parse_broker_url("mqtt://u:p@h:2000") {
+        const URL: BrokerUrlParts<'static> = match parse_broker_url("mqtt://u:p@h:2000") {
             Ok(u) => u,
             Err(_) => panic!("bad URL"),
         };
         assert_eq!(
             URL,
-            BrokerUrl {
+            BrokerUrlParts {
                 host: "h",
                 port: 2000,
                 username: Some("u"),

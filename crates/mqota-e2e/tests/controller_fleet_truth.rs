@@ -9,7 +9,7 @@ use std::time::Duration;
 use mqota_controller::fleet::Fleet;
 use mqota_controller::url::BrokerUrl;
 use mqota_core::protocol::Phase;
-use mqota_virtual::testing::{publish_to, Mosquitto};
+use mqota_virtual::testing::{publish_to, wait_until_async, Mosquitto};
 
 fn progress(device: &str, phase: &str, percent: u8) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
@@ -28,11 +28,9 @@ fn status(device: &str, version: &str) -> Vec<u8> {
 }
 
 async fn wait(fleet: &Fleet, what: &str, check: impl Fn(&Fleet) -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check(fleet) {
-        assert!(tokio::time::Instant::now() < deadline, "never {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (within, every) = (Duration::from_secs(10), Duration::from_millis(20));
+    let read = || std::future::ready(check(fleet));
+    wait_until_async(what, within, every, read, |ok| *ok).await;
 }
 
 #[tokio::test]

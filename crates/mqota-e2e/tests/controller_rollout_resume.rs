@@ -14,7 +14,7 @@ use mqota_controller::store::{DeploymentState, DeviceState, Store};
 use mqota_controller::url::BrokerUrl;
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_virtual::device::{self, VirtualConfig};
-use mqota_virtual::testing::{observe_on, FileServer, Mosquitto};
+use mqota_virtual::testing::{observe_on, wait_until_async, FileServer, Mosquitto};
 use sha2::Digest;
 
 /// Dies (panics, which drops the rollout mid-flight as a killed process
@@ -45,9 +45,8 @@ fn device(id: &str, chip: Chip, port: u16) -> VirtualConfig {
 }
 
 async fn wait_fleet(fleet: &Fleet, what: &str, check: impl Fn(&BTreeMap<String, String>) -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let versions: BTreeMap<String, String> = fleet
+    let versions = || {
+        let online: BTreeMap<String, String> = fleet
             .devices()
             .into_iter()
             .filter_map(|d| {
@@ -55,15 +54,10 @@ async fn wait_fleet(fleet: &Fleet, what: &str, check: impl Fn(&BTreeMap<String, 
                 d.online.then(|| (d.id.clone(), s.version.to_string()))
             })
             .collect();
-        if check(&versions) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "fleet never {what}: {versions:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        std::future::ready(online)
+    };
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(200));
+    wait_until_async(&format!("the fleet {what}"), within, every, versions, check).await;
 }
 
 #[test]

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use mqota_controller::fleet::Fleet;
 use mqota_controller::rollout::{self, Firmware, RolloutOptions, Selection, Silent};
-use mqota_controller::store::{DeploymentState, DeviceState, Store};
+use mqota_controller::store::{Deployment, DeploymentState, DeviceState, Store};
 use mqota_controller::url::BrokerUrl;
-use mqota_virtual::testing::{observe_on, publish_to, Mosquitto};
+use mqota_virtual::testing::{observe_on, publish_to, wait_until_async, Mosquitto};
 
 fn progress(device: &str, job: &str, phase: &str, error: Option<&str>) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
@@ -31,11 +31,42 @@ fn status(device: &str, version: &str, last: serde_json::Value) -> Vec<u8> {
 }
 
 async fn until(what: &str, check: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "never {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (within, every) = (Duration::from_secs(10), Duration::from_millis(20));
+    wait_until_async(
+        what,
+        within,
+        every,
+        || std::future::ready(check()),
+        |ok| *ok,
+    )
+    .await;
+}
+
+/// Creates the deployment, runs it on this LocalSet and returns its id and
+/// its task once the first device's job has been sent.
+async fn start_and_send(
+    fleet: &Arc<Fleet>,
+    store: &Arc<Store>,
+    firmware: &Firmware,
+    selection: &Selection,
+    options: &RolloutOptions,
+) -> (
+    String,
+    tokio::task::JoinHandle<Result<Deployment, rollout::RolloutError>>,
+) {
+    let (dep, _) = rollout::create(store, &fleet.devices(), firmware, selection, options).unwrap();
+    let job = dep.id.clone();
+    let run = {
+        let (fleet, store, job) = (fleet.clone(), store.clone(), job.clone());
+        tokio::task::spawn_local(
+            async move { rollout::run(&fleet, &store, &job, &mut Silent).await },
+        )
+    };
+    until("the job was sent", || {
+        store.deployment(&job).unwrap().devices[0].state == DeviceState::Sent
+    })
+    .await;
+    (job, run)
 }
 
 // `rollout::run` holds a `dyn Observer`, which is not `Send`: run it on a
@@ -94,25 +125,8 @@ async fn forged_failures() {
         timeout_s: 60,
         ..RolloutOptions::default()
     };
-    let (dep, _) = rollout::create(
-        &store,
-        &fleet.devices(),
-        &firmware,
-        &Selection::Ids(vec!["v1".into()]),
-        &options,
-    )
-    .unwrap();
-    let job = dep.id.clone();
-    let run = {
-        let (fleet, store, job) = (fleet.clone(), store.clone(), job.clone());
-        tokio::task::spawn_local(
-            async move { rollout::run(&fleet, &store, &job, &mut Silent).await },
-        )
-    };
-    until("the job was sent", || {
-        store.deployment(&job).unwrap().devices[0].state == DeviceState::Sent
-    })
-    .await;
+    let selection = Selection::Ids(vec!["v1".into()]);
+    let (job, run) = start_and_send(&fleet, &store, &firmware, &selection, &options).await;
 
     // Forged failures for v1's job: on the shared copy, on v2's topic, and a
     // retained status on v2's topic claiming v1 failed.
@@ -222,25 +236,7 @@ async fn own_failure() {
         timeout_s: 60,
         ..RolloutOptions::default()
     };
-    let (dep, _) = rollout::create(
-        &store,
-        &fleet.devices(),
-        &firmware,
-        &Selection::All,
-        &options,
-    )
-    .unwrap();
-    let job = dep.id.clone();
-    let run = {
-        let (fleet, store, job) = (fleet.clone(), store.clone(), job.clone());
-        tokio::task::spawn_local(
-            async move { rollout::run(&fleet, &store, &job, &mut Silent).await },
-        )
-    };
-    until("the job was sent", || {
-        store.deployment(&job).unwrap().devices[0].state == DeviceState::Sent
-    })
-    .await;
+    let (job, run) = start_and_send(&fleet, &store, &firmware, &Selection::All, &options).await;
     // The device fails the job, then at once says something else (a busy
     // answer to another command): the failure is not lost.
     publish_to(

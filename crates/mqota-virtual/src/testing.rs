@@ -310,6 +310,58 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
+/// Waits on a condition, for tests that must not sleep a fixed time: calls
+/// `read` every `every` until `done` accepts what it returned, and returns
+/// that. Blocks the thread; in async code use [`wait_until_async`].
+///
+/// # Panics
+/// When `within` has passed and `done` still refuses: `never {what}`, with
+/// the last value read.
+pub fn wait_until<T: std::fmt::Debug>(
+    what: &str,
+    within: Duration,
+    every: Duration,
+    mut read: impl FnMut() -> T,
+    mut done: impl FnMut(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        let value = read();
+        if done(&value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {value:#?}");
+        std::thread::sleep(every);
+    }
+}
+
+/// [`wait_until`] for async code: `read` returns a future, and the wait
+/// between reads is a tokio sleep. A synchronous check goes in as
+/// `|| std::future::ready(check())`.
+///
+/// # Panics
+/// As [`wait_until`].
+pub async fn wait_until_async<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+    what: &str,
+    within: Duration,
+    every: Duration,
+    mut read: impl FnMut() -> F,
+    mut done: impl FnMut(&T) -> bool,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let value = read().await;
+        if done(&value) {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {what}: {value:#?}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// A static-file HTTP server (tower-http `ServeDir`, which answers `Range`
 /// with 206) on 127.0.0.1, stopped when dropped.
 pub struct FileServer {

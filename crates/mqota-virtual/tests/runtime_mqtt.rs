@@ -10,7 +10,7 @@ use mqota_runtime::{
     XorShift32, MQTT_RX_BUFFER,
 };
 use mqota_virtual::net::TokioNet;
-use mqota_virtual::testing::Mosquitto;
+use mqota_virtual::testing::{wait_until_async, Mosquitto};
 use tokio::sync::mpsc;
 
 const STATUS: &str = "mqota/dev-1/status";
@@ -212,15 +212,16 @@ async fn the_will_is_published_retained_when_the_connection_drops_abruptly() {
     assert!(!session.is_connected());
 
     // The broker replaces the retained "online" with the will.
-    let deadline = tokio::time::Instant::now() + StdDuration::from_secs(10);
-    loop {
-        let seen = broker.collect(STATUS, 1, StdDuration::from_secs(2)).await;
-        if seen.first().map(|r| r.payload.as_slice()) == Some(b"offline") {
-            assert!(seen[0].retained);
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no will: {seen:?}");
-    }
+    let read = || broker.collect(STATUS, 1, StdDuration::from_secs(2));
+    let seen = wait_until_async(
+        "the will",
+        StdDuration::from_secs(10),
+        StdDuration::ZERO,
+        read,
+        |seen| seen.first().map(|r| r.payload.as_slice()) == Some(b"offline"),
+    )
+    .await;
+    assert!(seen[0].retained);
 }
 
 #[tokio::test]
@@ -275,14 +276,9 @@ async fn a_link_drop_triggers_link_reconnect_and_mqtt_follows() {
             assert_eq!(link.reconnects.get(), 0);
 
             link.down.set(true);
-            let deadline = tokio::time::Instant::now() + StdDuration::from_secs(5);
-            while link.reconnects.get() == 0 {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "reconnect() never called"
-                );
-                tokio::time::sleep(StdDuration::from_millis(20)).await;
-            }
+            let (within, every) = (StdDuration::from_secs(5), StdDuration::from_millis(20));
+            let calls = || std::future::ready(link.reconnects.get());
+            wait_until_async("reconnect() called", within, every, calls, |n| *n > 0).await;
             assert_eq!(link.reconnects.get(), 1);
 
             // The old MQTT connection was cut without DISCONNECT ...

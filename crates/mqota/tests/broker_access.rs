@@ -10,9 +10,9 @@ mod controller_support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, image, mqota, start_devices, Serve};
+use controller_support::{device_config, image, mqota, start_devices, status_json_in, Serve};
 use mqota_virtual::device::{Password, VirtualConfig};
-use mqota_virtual::testing::{free_port, Mosquitto};
+use mqota_virtual::testing::{free_port, wait_until, Mosquitto};
 use rumqttc::v5::mqttbytes::v5::{
     ConnectReturnCode, DisconnectReasonCode, Packet, PubAckReason, SubscribeReasonCode,
 };
@@ -124,6 +124,31 @@ async fn answer(el: &mut EventLoop) -> Answer {
     }
 }
 
+/// dev-x, logged in, publishes `payload` on `topic`: the broker's answer.
+async fn publish_as_dev_x(
+    port: u16,
+    pw_x: &str,
+    topic: &str,
+    retain: bool,
+    payload: &[u8],
+) -> Answer {
+    let (c, mut el) = AsyncClient::new(options("dev-x", port, Some(("dev-x", pw_x))), 10);
+    connect(&mut el).await.expect("dev-x connects");
+    c.publish(topic, QoS::AtLeastOnce, retain, payload.to_vec())
+        .await
+        .unwrap();
+    answer(&mut el).await
+}
+
+/// How `door` refuses a device what its ACL does not allow: Mosquitto
+/// answers the packet with a refusal, the embedded broker disconnects.
+fn assert_refused(door: Door, a: Answer) {
+    match door {
+        Door::Mosquitto => assert_eq!(a, Answer::Refused),
+        Door::Embedded => assert_eq!(a, Answer::DisconnectedNotAuthorized),
+    }
+}
+
 /// The retained payload on `topic`, read with the controller's login.
 async fn retained(port: u16, controller_pw: &str, topic: &str) -> Vec<u8> {
     retained_with(
@@ -154,29 +179,15 @@ async fn retained_with(o: MqttOptions, topic: &str) -> Vec<u8> {
     }
 }
 
-fn status(broker: &str, data: &Path) -> Vec<serde_json::Value> {
-    let (ok, out, err) = mqota(&[
-        "status",
-        "--json",
-        "--broker",
-        broker,
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
-    assert!(ok, "status failed: {err}");
-    serde_json::from_str(&out).unwrap()
-}
-
 fn wait_status(broker: &str, data: &Path, what: &str, ok: impl Fn(&[serde_json::Value]) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = status(broker, data);
-        if ok(&s) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never {what}: {s:#?}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(300));
+    wait_until(
+        what,
+        within,
+        every,
+        || status_json_in(broker, data),
+        |s| ok(s),
+    );
 }
 
 /// What an operator does after `mosquitto-conf` (the README says so): a
@@ -389,21 +400,9 @@ fn locked_down_fleet(door: Door) {
         }
 
         // dev-x, logged in, forges dev-b's retained status.
-        let (c, mut el) = AsyncClient::new(options("dev-x", port, Some(("dev-x", &pw_x))), 10);
-        connect(&mut el).await.expect("dev-x connects");
-        c.publish(
-            "device/dev-b/status",
-            QoS::AtLeastOnce,
-            true,
-            br#"{"device":"dev-b","version":"6.6.6"}"#.to_vec(),
-        )
-        .await
-        .unwrap();
-        let a = answer(&mut el).await;
-        match door {
-            Door::Mosquitto => assert_eq!(a, Answer::Refused),
-            Door::Embedded => assert_eq!(a, Answer::DisconnectedNotAuthorized),
-        }
+        let forged = br#"{"device":"dev-b","version":"6.6.6"}"#;
+        let a = publish_as_dev_x(port, &pw_x, "device/dev-b/status", true, forged).await;
+        assert_refused(door, a);
         assert_eq!(
             retained(port, &controller_pw, "device/dev-b/status").await,
             b_status,
@@ -411,21 +410,8 @@ fn locked_down_fleet(door: Door) {
         );
 
         // dev-x sends a command to itself (only the controller may).
-        let (c, mut el) = AsyncClient::new(options("dev-x", port, Some(("dev-x", &pw_x))), 10);
-        connect(&mut el).await.expect("dev-x connects");
-        c.publish(
-            "device/dev-x/ota/rollback",
-            QoS::AtLeastOnce,
-            false,
-            b"{}".to_vec(),
-        )
-        .await
-        .unwrap();
-        let a = answer(&mut el).await;
-        match door {
-            Door::Mosquitto => assert_eq!(a, Answer::Refused),
-            Door::Embedded => assert_eq!(a, Answer::DisconnectedNotAuthorized),
-        }
+        let a = publish_as_dev_x(port, &pw_x, "device/dev-x/ota/rollback", false, b"{}").await;
+        assert_refused(door, a);
 
         // dev-x subscribes to dev-b's commands, then to its own; the
         // controller sends dev-b a cancel and then dev-x one. dev-x must see
@@ -497,7 +483,7 @@ fn locked_down_fleet(door: Door) {
             .any(|v| v["device"] == "dev-a" && v["version"] == "1.1.0" && v["online"] == true)
     });
     // No forged status or will reached dev-b: on 1.0.0 and online.
-    let s = status(&broker, d);
+    let s = status_json_in(&broker, d);
     assert!(
         s.iter()
             .any(|v| v["device"] == "dev-b" && v["version"] == "1.0.0" && v["online"] == true),
@@ -1028,6 +1014,26 @@ async fn certificate_door(door: Door, port: u16, f: &CertFleet) {
     );
 }
 
+/// [`certificate_door`] through `door` on `port`; then the controller's own
+/// client, through the CLI, sees both devices, and the CLI refuses a wrong
+/// name and a missing CA.
+fn through_the_door(door: Door, port: u16, f: &CertFleet) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(certificate_door(door, port, f));
+    let s = status_over_tls(f, &format!("mqtts://localhost:{port}"));
+    for (id, version) in [("dev-a", "1.0.1"), ("dev-b", "1.0.0")] {
+        assert!(
+            s.iter()
+                .any(|v| v["device"] == id && v["version"] == version),
+            "{id} on {version}: {s:#?}"
+        );
+    }
+    cli_refuses_wrong_name_and_missing_ca(f, port);
+}
+
 /// `mqota status` over `mqtts://`, with the controller's certificate and
 /// the fleet CA from the data directory.
 fn status_over_tls(f: &CertFleet, broker: &str) -> Vec<serde_json::Value> {
@@ -1113,22 +1119,7 @@ fn mosquitto_in_certificate_mode_lets_in_only_the_fleet_and_holds_devices_to_the
     }
     let _m = Mosquitto::start_with_config(&conf_dir.path().join("mosquitto.conf"), port);
 
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(certificate_door(Door::Mosquitto, port, &f));
-
-    // The controller's own client, through the CLI: both devices seen.
-    let s = status_over_tls(&f, &format!("mqtts://localhost:{port}"));
-    for (id, version) in [("dev-a", "1.0.1"), ("dev-b", "1.0.0")] {
-        assert!(
-            s.iter()
-                .any(|v| v["device"] == id && v["version"] == version),
-            "{id} on {version}: {s:#?}"
-        );
-    }
-    cli_refuses_wrong_name_and_missing_ca(&f, port);
+    through_the_door(Door::Mosquitto, port, &f);
 }
 
 #[test]
@@ -1159,21 +1150,7 @@ fn the_embedded_brokers_tls_listener_takes_certificates_as_logins_and_serve_spea
         .expect("serve printed its mqtts listener");
     let port: u16 = mqtts.rsplit(':').next().unwrap().parse().unwrap();
 
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(certificate_door(Door::Embedded, port, &f));
-
-    let s = status_over_tls(&f, &format!("mqtts://localhost:{port}"));
-    for (id, version) in [("dev-a", "1.0.1"), ("dev-b", "1.0.0")] {
-        assert!(
-            s.iter()
-                .any(|v| v["device"] == id && v["version"] == version),
-            "{id} on {version}: {s:#?}"
-        );
-    }
-    cli_refuses_wrong_name_and_missing_ca(&f, port);
+    through_the_door(Door::Embedded, port, &f);
 
     // HTTPS: curl with the fleet CA gets the API and firmware URLs that say
     // https; without the CA (system roots), or in plain HTTP, it gets

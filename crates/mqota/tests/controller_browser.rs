@@ -21,6 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use controller_support::{device_config, image, start_devices, Serve};
+use mqota_virtual::testing::wait_until_async;
 use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -76,17 +77,20 @@ async fn start_driver() -> Driver {
         child,
         url: format!("http://127.0.0.1:{port}"),
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = reqwest::get(format!("{}/status", driver.url)).await {
-            let v: Value = r.json().await.unwrap_or_default();
-            if v["value"]["ready"] == true {
-                return driver;
-            }
+    let status = format!("{}/status", driver.url);
+    let status = status.as_str();
+    let read = move || async move {
+        match reqwest::get(status).await {
+            Ok(r) => r.json::<Value>().await.unwrap_or_default(),
+            Err(_) => Value::Null,
         }
-        assert!(Instant::now() < deadline, "chromedriver never became ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    let (within, every) = (Duration::from_secs(20), Duration::from_millis(100));
+    wait_until_async("chromedriver ready", within, every, read, |v| {
+        v["value"]["ready"] == true
+    })
+    .await;
+    driver
 }
 
 /// One browser session.
@@ -242,15 +246,9 @@ impl Browser {
         script: &str,
         check: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let v = self.js(script).await;
-            if check(&v) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "the page never {what}: {v:#}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (within, every) = (Duration::from_secs(secs), Duration::from_millis(100));
+        let what = format!("the page {what}");
+        wait_until_async(&what, within, every, || self.js(script), |v| check(v)).await
     }
 
     async fn screenshot(&self, to: &std::path::Path) {
@@ -335,18 +333,12 @@ async fn wait_rows(
     secs: u64,
     check: impl Fn(&[Vec<String>]) -> bool,
 ) -> Vec<Vec<String>> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let rows: Vec<Vec<String>> = serde_json::from_value(b.js(ROWS).await).unwrap();
-        if check(&rows) {
-            return rows;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the page never {what}: {rows:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let read = move || async move {
+        serde_json::from_value::<Vec<Vec<String>>>(b.js(ROWS).await).unwrap()
+    };
+    let (within, every) = (Duration::from_secs(secs), Duration::from_millis(100));
+    let what = format!("the page {what}");
+    wait_until_async(&what, within, every, read, |rows| check(rows)).await
 }
 
 /// A firmware server that sends `image` to the first request at once (serve
@@ -584,22 +576,16 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
 
     // A device's details and history, opened from its row.
     b.click("#fleet tr[data-id='br-a'] button").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = b
-            .js("const d = document.getElementById('detail'); \
-                 return [d.hidden, d.textContent];")
-            .await;
-        let (hidden, text): (bool, String) = serde_json::from_value(v).unwrap();
-        if !hidden && text.contains("Device br-a") && text.contains("version 1.1.0, ") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no history of br-a shown: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    b.wait_for(
+        "showed the history of br-a",
+        10,
+        "const d = document.getElementById('detail'); return [d.hidden, d.textContent];",
+        |v| {
+            let (hidden, text): (bool, String) = serde_json::from_value(v.clone()).unwrap();
+            !hidden && text.contains("Device br-a") && text.contains("version 1.1.0, ")
+        },
+    )
+    .await;
 
     // A device that goes away is shown offline, and since when.
     let left_at = std::time::SystemTime::now()
@@ -750,21 +736,16 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
     // hand) gives way to polling the JSON API.
     b.js("for (let i = 0; i < 3; i++) stream.onerror(new Event('error'));")
         .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = b
-            .js("return [document.getElementById('status').textContent, stream === null];")
-            .await;
-        let (status, closed): (String, bool) = serde_json::from_value(v).unwrap();
-        if status.starts_with("polling") && closed {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never fell back to polling: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    b.wait_for(
+        "fell back to polling",
+        10,
+        "return [document.getElementById('status').textContent, stream === null];",
+        |v| {
+            let (status, closed): (String, bool) = serde_json::from_value(v.clone()).unwrap();
+            status.starts_with("polling") && closed
+        },
+    )
+    .await;
     wait_rows(&b, "kept the rows while polling", 5, |rows| rows.len() == 3).await;
 
     // Ten thousand devices (made up in the page) stay fast: one page of 100
@@ -1549,15 +1530,11 @@ async fn ten_thousand_devices_in_the_store_load_and_filter_in_the_page() {
         .await
         .unwrap();
     // serve has every one of them before the page is opened.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let h = controller_support::get_json(&format!("{}/api/health", serve.http));
-        if h["devices"] == n {
-            break;
-        }
-        assert!(Instant::now() < deadline, "serve never saw {n}: {h:#}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let health = format!("{}/api/health", serve.http);
+    let read = || std::future::ready(controller_support::get_json(&health));
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(200));
+    let what = format!("serve seeing {n}");
+    wait_until_async(&what, within, every, read, |h| h["devices"] == n).await;
     let driver = start_driver().await;
     let b = Browser::start(&driver).await;
     b.goto(&format!("{}/", serve.http)).await;

@@ -11,37 +11,11 @@ mod controller_support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, get_json, image, mqota, start_devices, Serve, MQOTA};
+use controller_support::{
+    count, device_config, get_json, image, mqota, post_json, start_devices, wait_deployment,
+    wait_status, Serve, MQOTA,
+};
 use mqota_virtual::testing::{Fault, FaultServer, Mosquitto};
-
-/// POSTs `body` as JSON to `url`; returns the status and the JSON answer.
-fn post(url: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
-    let url = url.to_owned();
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async {
-                let mut req = reqwest::Client::new().post(url);
-                if let Some(b) = body {
-                    req = req.json(&b);
-                }
-                let resp = req.send().await.unwrap();
-                let status = resp.status().as_u16();
-                (status, resp.json().await.unwrap_or(serde_json::Value::Null))
-            })
-    })
-    .join()
-    .unwrap()
-}
-
-fn count(d: &serde_json::Value, state: &str) -> usize {
-    d["devices"]
-        .as_array()
-        .map(|a| a.iter().filter(|x| x["state"] == state).count())
-        .unwrap_or(0)
-}
 
 #[test]
 fn a_deployment_has_one_runner_and_a_dead_runners_claim_is_taken_over_after_its_lease() {
@@ -59,18 +33,12 @@ fn a_deployment_has_one_runner_and_a_dead_runners_claim_is_taken_over_after_its_
     let port = broker.port();
     let ids = ["cl-0", "cl-1", "cl-2", "cl-3"];
     let devices = start_devices(ids.iter().map(|id| device_config(id, port)).collect());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (ok, out, _) = mqota(&["status", "--json", "--broker", &broker_url]);
-        let online = serde_json::from_str::<Vec<serde_json::Value>>(&out)
-            .map(|v| v.iter().filter(|d| d["online"] == true).count())
-            .unwrap_or(0);
-        if ok && online == ids.len() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "devices never came online");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_status(
+        &broker_url,
+        "the devices online",
+        Duration::from_secs(30),
+        |s| s.iter().filter(|d| d["online"] == true).count() == ids.len(),
+    );
 
     // The first runner: three devices in one stage, a lease of 8 s.
     let mut first = Command::new(MQOTA)
@@ -84,20 +52,10 @@ fn a_deployment_has_one_runner_and_a_dead_runners_claim_is_taken_over_after_its_
         .spawn()
         .unwrap();
     let holder = format!("deploy pid {}", first.id());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let id = loop {
-        let deps = get_json(&format!("{}/api/deployments", serve.http));
-        if let Some(d) = deps.as_array().and_then(|a| a.first()) {
-            if count(d, "sent") == 3 {
-                break d["id"].as_str().unwrap().to_owned();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the jobs never went out: {deps:#}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let sent = wait_deployment(&serve.http, "the jobs out", Duration::from_secs(30), |d| {
+        count(d, "sent") == 3
+    });
+    let id = sent["id"].as_str().unwrap().to_owned();
     let being_run = format!("deployment {id} is being run by {holder}");
 
     // A second process is refused, naming who runs it.
@@ -116,7 +74,7 @@ fn a_deployment_has_one_runner_and_a_dead_runners_claim_is_taken_over_after_its_
     assert!(!ok, "a second runner started:\n{out}\n{err}");
     assert!(err.contains(&being_run), "{err}");
     // So is serve, asked over its API.
-    let (code, body) = post(&format!("{}/api/deployments/{id}/resume", serve.http), None);
+    let (code, body) = post_json(&format!("{}/api/deployments/{id}/resume", serve.http), None);
     assert_eq!(code, 409, "{body:#}");
     assert!(
         body["error"].as_str().unwrap_or("").contains(&being_run),
@@ -141,7 +99,7 @@ fn a_deployment_has_one_runner_and_a_dead_runners_claim_is_taken_over_after_its_
     ]);
     assert!(!ok, "a second deployment took a busy device:\n{out}\n{err}");
     assert!(err.contains(&in_it), "{err}");
-    let (code, body) = post(
+    let (code, body) = post_json(
         &format!("{}/api/deployments", serve.http),
         Some(serde_json::json!({"firmware": "app-1.1.0.bin", "to": ["cl-3", "cl-1"]})),
     );
@@ -207,16 +165,12 @@ fn a_deploy_interrupted_with_ctrl_c_lets_the_next_runner_in_at_once() {
     // 64 KiB at 8 KiB/s: about 8 s of download.
     let slow = rt.block_on(FaultServer::start(img, Fault::Throttle(8 * 1024)));
     let devices = start_devices(vec![device_config("int-0", broker.port())]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, out, _) = mqota(&["status", "--json", "--broker", &broker_url]);
-        let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
-        if list.iter().any(|d| d["online"] == true) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the device never came online");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_status(
+        &broker_url,
+        "the device online",
+        Duration::from_secs(30),
+        |s| s.iter().any(|d| d["online"] == true),
+    );
     // A long lease: only a release lets the resume in quickly.
     let deploy = Command::new(MQOTA)
         .args(["deploy", &slow.url(), "--to", "int-0", "--wait"])
@@ -232,20 +186,10 @@ fn a_deploy_interrupted_with_ctrl_c_lets_the_next_runner_in_at_once() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let id = loop {
-        let deps = get_json(&format!("{}/api/deployments", serve.http));
-        if let Some(d) = deps.as_array().and_then(|a| a.first()) {
-            if count(d, "sent") == 1 {
-                break d["id"].as_str().unwrap().to_owned();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the job never went out: {deps:#}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let sent = wait_deployment(&serve.http, "the job out", Duration::from_secs(30), |d| {
+        count(d, "sent") == 1
+    });
+    let id = sent["id"].as_str().unwrap().to_owned();
     let kill = Command::new("kill")
         .args(["-INT", &deploy.id().to_string()])
         .status()

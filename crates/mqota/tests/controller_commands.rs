@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use controller_support::{
     device_config, get_json, image, mqota, start_devices, status_json, Serve, MQOTA,
 };
-use mqota_virtual::testing::{free_port, observe_on, publish_to, Fault, FaultServer, Mosquitto};
+use mqota_virtual::testing::{
+    free_port, observe_on, publish_to, wait_until, Fault, FaultServer, Mosquitto,
+};
 use sha2::Digest;
 
 fn device<'a>(list: &'a [serde_json::Value], id: &str) -> Option<&'a serde_json::Value> {
@@ -24,15 +26,8 @@ fn wait_status(
     what: &str,
     check: impl Fn(&[serde_json::Value]) -> bool,
 ) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = status_json(broker);
-        if check(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "never {what}: {s:#?}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(300));
+    wait_until(what, within, every, || status_json(broker), |s| check(s))
 }
 
 fn online_on(list: &[serde_json::Value], id: &str, version: &str) -> bool {
@@ -169,15 +164,11 @@ fn status_watch_and_rollback_show_and_undo_an_update_and_serve_remembers_the_fle
 }
 
 fn wait_api_devices(http: &str, check: impl Fn(&[serde_json::Value]) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = get_json(&format!("{http}/api/devices"));
-        if check(v["devices"].as_array().unwrap()) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "serve never recorded: {v:#}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (within, every) = (Duration::from_secs(30), Duration::from_millis(200));
+    let read = || get_json(&format!("{http}/api/devices"));
+    wait_until("recorded by serve", within, every, read, |v| {
+        check(v["devices"].as_array().unwrap())
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,9 +4,10 @@
 
 mod controller_support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use controller_support::{device_config, image, start_devices, Serve};
+use mqota_virtual::testing::wait_until_async;
 use reqwest::{header, StatusCode};
 use serde_json::{json, Value};
 
@@ -24,15 +25,8 @@ async fn get_json(url: &str) -> Value {
 
 /// Polls `url` until `check` holds, for at most 60 s.
 async fn wait_for(url: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = get_json(url).await;
-        if check(&v) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "never {what}: {v:#}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(250));
+    wait_until_async(what, within, every, || get_json(url), |v| check(v)).await
 }
 
 async fn post(serve: &Serve, body: &str) -> (StatusCode, String) {

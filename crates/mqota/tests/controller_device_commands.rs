@@ -6,50 +6,41 @@
 
 mod controller_support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use controller_support::{device_config, get_json, start_devices, Serve};
+use controller_support::{device_config, get_json, on_own_runtime, start_devices, Serve};
+use mqota_virtual::testing::wait_until;
 use serde_json::{json, Value};
 
 /// POSTs `body` (as `content_type`) to serve; returns the status and JSON.
 fn post(serve: &Serve, content_type: &str, body: String) -> (u16, Value) {
     let url = format!("{}/api/devices/commands", serve.http);
     let content_type = content_type.to_owned();
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async {
-                let r = reqwest::Client::new()
-                    .post(url)
-                    .header("content-type", content_type)
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
-                let status = r.status().as_u16();
-                (status, r.json().await.unwrap_or(Value::Null))
-            })
+    on_own_runtime(async move {
+        let r = reqwest::Client::new()
+            .post(url)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
     })
-    .join()
-    .unwrap()
 }
 
 /// Polls `/api/fleet` until device `id` satisfies `ok`, for at most 60 s.
 fn wait_device(serve: &Serve, id: &str, what: &str, ok: impl Fn(&Value) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let read = || {
         let fleet = get_json(&format!("{}/api/fleet", serve.http));
-        let found = fleet
+        fleet
             .as_array()
-            .and_then(|a| a.iter().find(|d| d["id"] == id).cloned());
-        if found.as_ref().is_some_and(&ok) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{id} never {what}: {found:#?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+            .and_then(|a| a.iter().find(|d| d["id"] == id).cloned())
+    };
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(200));
+    wait_until(&format!("{id} {what}"), within, every, read, |found| {
+        found.as_ref().is_some_and(&ok)
+    });
 }
 
 #[test]

@@ -11,9 +11,9 @@ mod controller_support;
 use std::time::{Duration, Instant};
 
 use controller_support::{
-    device_config, get_json, image, mqota, start_devices, status_json, Serve,
+    device_config, get_json, image, mqota, on_own_runtime, start_devices, status_json, Serve,
 };
-use mqota_virtual::testing::Mosquitto;
+use mqota_virtual::testing::{wait_until, Mosquitto};
 
 /// What the device runtime logs when a trial's health check fails.
 const WHY: &str = "trial failed: health check failed, rolling back";
@@ -32,17 +32,17 @@ fn a_rolled_back_job_keeps_the_devices_last_log_records_and_the_summary_and_api_
     let data_dir = data.path().to_str().unwrap().to_owned();
     let serve = Serve::start(fw.path(), data.path(), Some(&url));
     let devices = start_devices(vec![device_config("fl-a", broker.port())]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = status_json(&url);
-        if s.iter()
-            .any(|d| d["device"] == "fl-a" && d["online"] == true)
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "fl-a never came online: {s:#?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(200));
+    wait_until(
+        "fl-a online",
+        within,
+        every,
+        || status_json(&url),
+        |s| {
+            s.iter()
+                .any(|d| d["device"] == "fl-a" && d["online"] == true)
+        },
+    );
 
     let started = Instant::now();
     let (ok, out, err) = mqota(&[
@@ -110,21 +110,13 @@ fn a_rolled_back_job_keeps_the_devices_last_log_records_and_the_summary_and_api_
     // reason for a device that is not there or not connected.
     let get = |path: &str| {
         let url = format!("{}{path}", serve.http);
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    let r = reqwest::get(url).await.unwrap();
-                    (
-                        r.status().as_u16(),
-                        r.json::<serde_json::Value>().await.unwrap(),
-                    )
-                })
+        on_own_runtime(async move {
+            let r = reqwest::get(url).await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
         })
-        .join()
-        .unwrap()
     };
     let (status, v) = get("/api/devices/fl-a/log?max=5");
     assert_eq!(status, 200, "{v:#}");
@@ -134,20 +126,13 @@ fn a_rolled_back_job_keeps_the_devices_last_log_records_and_the_summary_and_api_
     let (status, v) = get("/api/devices/nobody/log");
     assert_eq!(status, 404, "{v:#}");
     drop(devices);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, v) = get("/api/devices/fl-a/log");
-        if status == 409 {
-            assert!(
-                v["error"].as_str().unwrap().contains("fl-a is offline"),
-                "{v:#}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never refused as offline: {status} {v:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (within, every) = (Duration::from_secs(30), Duration::from_millis(200));
+    let read = || get("/api/devices/fl-a/log");
+    let (_, v) = wait_until("refused as offline", within, every, read, |(status, _)| {
+        *status == 409
+    });
+    assert!(
+        v["error"].as_str().unwrap().contains("fl-a is offline"),
+        "{v:#}"
+    );
 }

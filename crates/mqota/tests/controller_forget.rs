@@ -8,10 +8,10 @@
 
 mod controller_support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use controller_support::{get_json, image, mqota, Serve};
-use mqota_virtual::testing::{publish_to, Mosquitto};
+use controller_support::{get_json, image, mqota, on_own_runtime, Serve};
+use mqota_virtual::testing::{publish_to, wait_until, Mosquitto};
 
 fn status(id: &str, version: &str) -> Vec<u8> {
     serde_json::json!({
@@ -25,37 +25,26 @@ fn status(id: &str, version: &str) -> Vec<u8> {
 /// Sends `method` to `url`; returns the status, a header and the JSON body.
 fn call(method: &str, url: &str, header: &str) -> (u16, Option<String>, serde_json::Value) {
     let (method, url, header) = (method.to_owned(), url.to_owned(), header.to_owned());
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async {
-                let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-                let resp = reqwest::Client::new().request(m, url).send().await.unwrap();
-                let code = resp.status().as_u16();
-                let h = resp
-                    .headers()
-                    .get(&header)
-                    .map(|v| v.to_str().unwrap().to_owned());
-                (
-                    code,
-                    h,
-                    resp.json().await.unwrap_or(serde_json::Value::Null),
-                )
-            })
+    on_own_runtime(async move {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = reqwest::Client::new().request(m, url).send().await.unwrap();
+        let code = resp.status().as_u16();
+        let h = resp
+            .headers()
+            .get(&header)
+            .map(|v| v.to_str().unwrap().to_owned());
+        (
+            code,
+            h,
+            resp.json().await.unwrap_or(serde_json::Value::Null),
+        )
     })
-    .join()
-    .unwrap()
 }
 
 /// Waits up to 30 s for `check`.
 fn until(what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(Instant::now() < deadline, "never: {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (within, every) = (Duration::from_secs(30), Duration::from_millis(200));
+    wait_until(what, within, every, check, |ok| *ok);
 }
 
 /// The ids of a list (`/api/fleet`) or of a page of one (`/api/devices`,

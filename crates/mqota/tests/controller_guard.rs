@@ -5,10 +5,10 @@
 
 mod controller_support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use controller_support::{mqota, Serve};
-use mqota_virtual::testing::{publish_to, Mosquitto};
+use mqota_virtual::testing::{publish_to, wait_until_async, Mosquitto};
 
 async fn get(url: &str, host: Option<&str>, origin: Option<&str>) -> reqwest::Response {
     let mut req = reqwest::Client::new().get(url);
@@ -66,44 +66,43 @@ async fn foreign_host_names_are_refused_and_an_unreachable_broker_is_said_and_bl
     assert_eq!(r.status(), 404, "downloads are not guarded");
 
     // Connected: complete picture.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = get(&fleet_url, None, None).await;
+    let fleet = fleet_url.as_str();
+    let read = move || async move {
+        let r = get(fleet, None, None).await;
         let complete = r.headers()["x-mqota-fleet-complete"]
             .to_str()
             .unwrap()
             .to_owned();
         let list: serde_json::Value = r.json().await.unwrap();
-        if complete == "true" && list.as_array().unwrap().len() == 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never complete: {complete} {list}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (complete, list)
+    };
+    let (within, every) = (Duration::from_secs(20), Duration::from_millis(100));
+    wait_until_async("complete", within, every, read, |(complete, list)| {
+        complete == "true" && list.as_array().unwrap().len() == 1
+    })
+    .await;
 
     // The broker goes away: the API says so, and deploys are refused.
     broker.kill();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = get(&fleet_url, None, None).await;
+    let read = move || async move {
+        let r = get(fleet, None, None).await;
         let gaps = r
             .headers()
             .get("x-mqota-fleet-gaps")
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default();
-        if gaps.contains("the broker is unreachable") {
-            assert_eq!(r.headers()["x-mqota-fleet-complete"], "false");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the API never said the broker is down"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (gaps, r.headers()["x-mqota-fleet-complete"].clone())
+    };
+    let (within, every) = (Duration::from_secs(30), Duration::from_millis(100));
+    let (_, complete) = wait_until_async(
+        "the API saying the broker is down",
+        within,
+        every,
+        read,
+        |(gaps, _)| gaps.contains("the broker is unreachable"),
+    )
+    .await;
+    assert_eq!(complete, "false");
     let r = reqwest::Client::new()
         .post(format!("{}/api/deployments", serve.http))
         .header("content-type", "application/json")

@@ -7,7 +7,10 @@ mod controller_support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, get_json, image, mqota, start_devices, Serve, MQOTA};
+use controller_support::{
+    count, device_config, get_json, image, mqota, post_json, start_devices, wait_deployment,
+    wait_status, Serve, MQOTA,
+};
 use mqota_virtual::fleet::VirtualFleet;
 use mqota_virtual::testing::Mosquitto;
 
@@ -33,18 +36,12 @@ fn setup(n: usize) -> Setup {
             .map(|i| device_config(&format!("op-{i}"), port))
             .collect(),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (ok, out, _) = mqota(&["status", "--json", "--broker", &broker_url]);
-        let online = serde_json::from_str::<Vec<serde_json::Value>>(&out)
-            .map(|v| v.iter().filter(|d| d["online"] == true).count())
-            .unwrap_or(0);
-        if ok && online == n {
-            break;
-        }
-        assert!(Instant::now() < deadline, "devices never came online");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_status(
+        &broker_url,
+        "the devices online",
+        Duration::from_secs(30),
+        |s| s.iter().filter(|d| d["online"] == true).count() == n,
+    );
     Setup {
         broker,
         broker_url,
@@ -98,30 +95,9 @@ impl Setup {
         what: &str,
         check: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let deps = get_json(&format!("{}/api/deployments", self.serve.http));
-            if let Some(d) = deps.as_array().and_then(|a| a.first()) {
-                if check(d) {
-                    return d.clone();
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "deployment never {what}: {deps:#}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let what = format!("the deployment {what}");
+        wait_deployment(&self.serve.http, &what, Duration::from_secs(90), check)
     }
-}
-
-fn count(d: &serde_json::Value, state: &str) -> usize {
-    d["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|x| x["state"] == state)
-        .count()
 }
 
 /// Waits for `child` to exit; returns (success, stdout, stderr).
@@ -142,28 +118,6 @@ fn wait_exit(mut child: Child, what: &str) -> (bool, String, String) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// POSTs to `url` with an optional JSON body; returns the status and the body.
-fn post(url: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
-    let url = url.to_owned();
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async {
-                let mut req = reqwest::Client::new().post(url);
-                if let Some(b) = body {
-                    req = req.json(&b);
-                }
-                let resp = req.send().await.unwrap();
-                let status = resp.status().as_u16();
-                (status, resp.json().await.unwrap_or(serde_json::Value::Null))
-            })
-    })
-    .join()
-    .unwrap()
 }
 
 #[test]
@@ -197,7 +151,7 @@ fn a_pause_from_the_cli_ends_a_deploy_wait_elsewhere_and_a_resume_over_the_api_f
     let (ok, _, err) = mqota(&["deploy", "--pause", &id, "--data-dir", s.data_dir()]);
     assert!(!ok && err.contains("is paused: cannot pause"), "{err}");
 
-    let (code, d) = post(
+    let (code, d) = post_json(
         &format!("{}/api/deployments/{id}/resume", s.serve.http),
         None,
     );
@@ -236,7 +190,7 @@ fn a_stop_ends_the_deployment_stopped_skipping_the_rest_and_is_final() {
     assert!(count(&d, "skipped") >= 2, "{d:#}");
 
     // Final: neither the API nor the CLI brings it back.
-    let (code, body) = post(
+    let (code, body) = post_json(
         &format!("{}/api/deployments/{id}/resume", s.serve.http),
         None,
     );
@@ -251,7 +205,7 @@ fn a_stop_ends_the_deployment_stopped_skipping_the_rest_and_is_final() {
         s.data_dir(),
     ]);
     assert!(!ok && err.contains("is stopped: cannot resume"), "{err}");
-    let (code, _) = post(&format!("{}/api/deployments/nope/stop", s.serve.http), None);
+    let (code, _) = post_json(&format!("{}/api/deployments/nope/stop", s.serve.http), None);
     assert_eq!(code, 404);
     drop(s.devices);
     drop(s.broker);
@@ -260,7 +214,7 @@ fn a_stop_ends_the_deployment_stopped_skipping_the_rest_and_is_final() {
 #[test]
 fn a_serve_killed_mid_rollout_resumes_the_rollouts_it_was_running_at_start() {
     let mut s = setup(6);
-    let (code, body) = post(
+    let (code, body) = post_json(
         &format!("{}/api/deployments", s.serve.http),
         Some(
             serde_json::json!({"firmware": "app-1.1.0.bin", "all": true, "canary": 1, "batch": "1"}),

@@ -7,7 +7,10 @@ mod controller_support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use controller_support::{device_config, get_json, image, mqota, start_devices, Serve, MQOTA};
+use controller_support::{
+    count, device_config, get_json, image, mqota, start_devices, wait_deployment, wait_status,
+    Serve, MQOTA,
+};
 use mqota_virtual::testing::Mosquitto;
 
 #[test]
@@ -30,18 +33,12 @@ fn a_controller_restarted_mid_rollout_still_knows_the_rollout_and_finishes_it() 
             })
             .collect(),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (ok, out, _) = mqota(&["status", "--json", "--broker", &broker_url]);
-        let n = serde_json::from_str::<Vec<serde_json::Value>>(&out)
-            .map(|v| v.len())
-            .unwrap_or(0);
-        if ok && n == 6 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "devices never came online");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_status(
+        &broker_url,
+        "the devices listed",
+        Duration::from_secs(30),
+        |s| s.len() == 6,
+    );
 
     // One device per stage, so the rollout is surely unfinished when the
     // first result is in.
@@ -67,24 +64,13 @@ fn a_controller_restarted_mid_rollout_still_knows_the_rollout_and_finishes_it() 
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let api = format!("{}/api/deployments", serve.http);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let id = loop {
-        let deps = get_json(&api);
-        if let Some(d) = deps.as_array().and_then(|a| a.first()) {
-            let done = d["devices"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|x| x["state"] == "done")
-                .count();
-            if done >= 1 {
-                break d["id"].as_str().unwrap().to_owned();
-            }
-        }
-        assert!(Instant::now() < deadline, "canary never finished: {deps:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let canary = wait_deployment(
+        &serve.http,
+        "the canary done",
+        Duration::from_secs(60),
+        |d| count(d, "done") >= 1,
+    );
+    let id = canary["id"].as_str().unwrap().to_owned();
     // The controller dies without a word, and so does serve.
     deploy.kill().unwrap();
     deploy.wait().unwrap();

@@ -4,9 +4,12 @@
 
 mod controller_support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use controller_support::{device_config, image, mqota, start_devices, status_json, Serve};
+use controller_support::{
+    device_config, get_json, image, mqota, start_devices, status_json, Serve,
+};
+use mqota_virtual::testing::wait_until;
 
 /// `n` devices whose flash files live in `dir`, so they keep their state
 /// across a restart: a reboot of the whole fleet.
@@ -23,16 +26,14 @@ fn fleet(n: usize, port: u16, dir: &std::path::Path) -> Vec<mqota_virtual::devic
 
 /// Waits until `n` devices are online and `check` holds for every one.
 fn wait_fleet(broker: &str, n: usize, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = status_json(broker);
-        let good = s.iter().filter(|d| d["online"] == true && check(d)).count();
-        if good == n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "fleet never {what}: {s:#?}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(500));
+    wait_until(
+        &format!("the fleet {what}"),
+        within,
+        every,
+        || status_json(broker),
+        |s| s.iter().filter(|d| d["online"] == true && check(d)).count() == n,
+    );
 }
 
 fn versions(broker: &str) -> Vec<String> {
@@ -89,8 +90,8 @@ fn a_staged_rollout_updates_twenty_devices_and_an_unhealthy_one_stops_after_the_
     });
 
     // serve recorded the deployment, each device's result and the history.
-    let deps: Vec<serde_json::Value> =
-        http_get::blocking_get(&format!("{}/api/deployments", serve.http));
+    let deps = get_json(&format!("{}/api/deployments", serve.http));
+    let deps = deps.as_array().unwrap();
     assert_eq!(deps.len(), 1);
     assert_eq!(deps[0]["state"], "succeeded");
     let stages: Vec<u64> = deps[0]["devices"]
@@ -141,20 +142,4 @@ fn a_staged_rollout_updates_twenty_devices_and_an_unhealthy_one_stops_after_the_
         d["version"] == "1.1.0"
     });
     assert!(versions(&serve.broker).iter().all(|v| v == "1.1.0"));
-}
-
-mod http_get {
-    /// A GET from a plain thread (the test is not async).
-    pub fn blocking_get<T: serde::de::DeserializeOwned + Send + 'static>(url: &str) -> T {
-        let url = url.to_owned();
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async { ::reqwest::get(url).await.unwrap().json().await.unwrap() })
-        })
-        .join()
-        .unwrap()
-    }
 }

@@ -9,8 +9,8 @@ mod controller_support;
 
 use std::time::{Duration, Instant};
 
-use controller_support::{get_json, image, mqota, publish_fleet, Serve};
-use mqota_virtual::testing::{FileServer, Mosquitto};
+use controller_support::{get_json, image, mqota, on_own_runtime, publish_fleet, Serve};
+use mqota_virtual::testing::{wait_until, FileServer, Mosquitto};
 
 fn fleet_size() -> usize {
     std::env::var("MQOTA_SCALE_DEVICES")
@@ -97,63 +97,52 @@ fn api_devices(http: &str) -> Vec<String> {
 
 /// Polls `GET /api/devices` until it lists all `n` devices, each once.
 fn api_devices_lists_everyone(http: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ids = api_devices(http);
-        if ids.len() == n {
-            let unique: std::collections::BTreeSet<_> = ids.iter().collect();
-            assert_eq!(unique.len(), n, "a device listed twice");
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/api/devices lists {} of {n}",
-            ids.len()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(200));
+    let ids = wait_until(
+        &format!("all {n} in /api/devices (the number listed)"),
+        within,
+        every,
+        || api_devices(http),
+        |ids| ids.len() == n,
+    );
+    let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), n, "a device listed twice");
 }
 
 /// `GET /api/fleet`'s completeness header and its gaps.
 fn fleet_completeness(http: &str) -> (String, String) {
     let url = format!("{http}/api/fleet");
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async {
-                let r = reqwest::get(url).await.unwrap();
-                let h = |name| {
-                    r.headers()
-                        .get(name)
-                        .map(|v| v.to_str().unwrap().to_owned())
-                        .unwrap_or_default()
-                };
-                (h("x-mqota-fleet-complete"), h("x-mqota-fleet-gaps"))
-            })
+    on_own_runtime(async move {
+        let r = reqwest::get(url).await.unwrap();
+        let h = |name| {
+            r.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        (h("x-mqota-fleet-complete"), h("x-mqota-fleet-gaps"))
     })
-    .join()
-    .unwrap()
 }
 
 /// Polls `GET /api/fleet` until it lists `n` devices with a status.
 fn api_sees_everyone(http: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let seen = || {
         let fleet = get_json(&format!("{http}/api/fleet"));
-        let seen = fleet
+        fleet
             .as_array()
             .unwrap()
             .iter()
             .filter(|d| !d["status"].is_null() && d["online"] == true)
-            .count();
-        if seen == n {
-            break;
-        }
-        assert!(Instant::now() < deadline, "/api/fleet lists {seen} of {n}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+            .count()
+    };
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(200));
+    wait_until(
+        &format!("all {n} in /api/fleet (the number listed)"),
+        within,
+        every,
+        seen,
+        |&seen| seen == n,
+    );
 }
 
 #[test]

@@ -2,7 +2,10 @@
 
 mod controller_support;
 
+use std::time::Duration;
+
 use controller_support::{image, Serve};
+use mqota_virtual::testing::wait_until_async;
 use reqwest::header;
 use reqwest::StatusCode;
 use sha2::Digest;
@@ -230,14 +233,12 @@ async fn serves_http_limits_are_set_by_its_flags() {
         String::from_utf8_lossy(&buf[..n])
     );
     drop(held);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if let Ok(r) = c.get(format!("{}/api/firmware", serve.http)).send().await {
-            if r.status() == StatusCode::OK {
-                break;
-            }
-        }
-        assert!(std::time::Instant::now() < deadline, "never served again");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let (c, url) = (&c, format!("{}/api/firmware", serve.http));
+    let url = url.as_str();
+    let read = move || async move { c.get(url).send().await.ok().map(|r| r.status()) };
+    let (within, every) = (Duration::from_secs(10), Duration::from_millis(100));
+    wait_until_async("served again", within, every, read, |s| {
+        *s == Some(StatusCode::OK)
+    })
+    .await;
 }

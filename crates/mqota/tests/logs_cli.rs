@@ -4,22 +4,22 @@
 
 mod controller_support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use controller_support::{device_config, image, mqota, start_devices};
-use mqota_virtual::testing::{publish_to, Fault, FaultServer, Mosquitto};
+use mqota_virtual::testing::{publish_to, wait_until, Fault, FaultServer, Mosquitto};
 
 /// Runs `mqota logs ARGS` until its output satisfies `check`.
 fn logs_until(args: &[&str], what: &str, check: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (ok, out, err) = mqota(args);
-        if ok && check(&out) {
-            return out;
-        }
-        assert!(Instant::now() < deadline, "never {what}: {out}\n{err}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(300));
+    let (_, out, _) = wait_until(
+        what,
+        within,
+        every,
+        || mqota(args),
+        |(ok, out, _)| *ok && check(out),
+    );
+    out
 }
 
 #[test]

@@ -10,9 +10,10 @@ mod controller_support;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use controller_support::{image, mqota, Serve, MQOTA};
+use controller_support::{image, mqota, status_json_in, Serve, MQOTA};
+use mqota_virtual::testing::wait_until;
 
 /// `mqota sim` for one device over `mqtts://localhost:PORT` with the
 /// certificates of `ca_dir` (a data directory's `ca/`); killed on drop.
@@ -57,21 +58,6 @@ impl Drop for Sim {
     }
 }
 
-/// `mqota status --json` over the broker's TLS listener, with the
-/// controller's certificate from `data`.
-fn status(broker: &str, data: &Path) -> Vec<serde_json::Value> {
-    let (ok, out, err) = mqota(&[
-        "status",
-        "--json",
-        "--broker",
-        broker,
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
-    assert!(ok, "status over {broker}: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
 /// Polls `status` until `ok` holds for the device `id`, for at most 60 s.
 fn wait_for(
     broker: &str,
@@ -80,15 +66,14 @@ fn wait_for(
     what: &str,
     ok: impl Fn(&serde_json::Value) -> bool,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = status(broker, data);
-        if s.iter().any(|d| d["device"] == id && ok(d)) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{id} never {what}: {s:#?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let (within, every) = (Duration::from_secs(60), Duration::from_millis(250));
+    wait_until(
+        &format!("{id} {what}"),
+        within,
+        every,
+        || status_json_in(broker, data),
+        |s| s.iter().any(|d| d["device"] == id && ok(d)),
+    );
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -249,7 +234,7 @@ fn secure_update(door: Door) {
     });
 
     // The stranger never reached the broker: no status, no availability.
-    let s = status(&broker, d);
+    let s = status_json_in(&broker, d);
     assert!(
         !s.iter().any(|x| x["device"] == "dev-stranger"),
         "a device with another CA's certificate got in: {s:#?}"

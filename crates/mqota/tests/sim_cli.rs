@@ -41,28 +41,10 @@ impl Broker {
 /// runs until Ctrl-C; that is this test failing, so it is stopped (by its
 /// pid) and reported instead of hanging the test run.
 fn sim(broker: &Broker, args: &[&str]) -> Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_mqota"))
-        .arg("sim")
-        .args(["--broker", &broker.url()])
-        .args(args)
-        .env_remove("MQOTA_BROKER")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run mqota");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(out) => out.expect("wait for mqota"),
-        Err(_) => {
-            let _ = Command::new("kill").arg(pid.to_string()).status();
-            panic!("mqota sim {args:?} started instead of refusing its input");
-        }
-    }
+    let url = broker.url();
+    let mut all = vec!["--broker", url.as_str()];
+    all.extend_from_slice(args);
+    sim_with(&all)
 }
 
 /// The one error line of a refused run; the broker saw nothing.

@@ -178,14 +178,7 @@ impl BrokerCommand {
                 // the certificate's would only show in Mosquitto's log.
                 mqota_controller::tls::broker_server(&cert, &key, &ca)
                     .context("the broker's certificate and key")?;
-                std::fs::create_dir_all(&out)
-                    .with_context(|| format!("creating {}", out.display()))?;
-                let out = out
-                    .canonicalize()
-                    .with_context(|| format!("resolving {}", out.display()))?;
-                let acl = mosquitto_acl(&s.prefix, CONTROLLER_USER).map_err(|e| {
-                    anyhow::anyhow!("bad prefix {:?}: {}", safe(&s.prefix), e.rule())
-                })?;
+                let (out, acl) = out_dir_and_acl(&out, &s.prefix)?;
                 let files = MosquittoTls {
                     cafile: out.join("ca.pem"),
                     certfile: out.join("server.pem"),
@@ -238,14 +231,7 @@ impl BrokerCommand {
                         password_path(&s.data_dir, CONTROLLER_USER).display()
                     );
                 }
-                std::fs::create_dir_all(&out)
-                    .with_context(|| format!("creating {}", out.display()))?;
-                let out = out
-                    .canonicalize()
-                    .with_context(|| format!("resolving {}", out.display()))?;
-                let acl = mosquitto_acl(&s.prefix, CONTROLLER_USER).map_err(|e| {
-                    anyhow::anyhow!("bad prefix {:?}: {}", safe(&s.prefix), e.rule())
-                })?;
+                let (out, acl) = out_dir_and_acl(&out, &s.prefix)?;
                 let identities = store.identities()?;
                 let passwords = out.join("passwords");
                 let acl_file = out.join("acl");
@@ -272,6 +258,19 @@ impl BrokerCommand {
             }
         }
     }
+}
+
+/// `out` created (with its parents) and made absolute, for Mosquitto's
+/// configuration to name its files by; and the ACL of a fleet under
+/// `prefix`.
+fn out_dir_and_acl(out: &Path, prefix: &str) -> Result<(PathBuf, String)> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let out = out
+        .canonicalize()
+        .with_context(|| format!("resolving {}", out.display()))?;
+    let acl = mosquitto_acl(prefix, CONTROLLER_USER)
+        .map_err(|e| anyhow::anyhow!("bad prefix {:?}: {}", safe(prefix), e.rule()))?;
+    Ok((out, acl))
 }
 
 /// Writes `text` to `path`: a new file gets mode 0600 (hashes and rules are

@@ -32,9 +32,8 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use mqota_controller::rollout::{
-    self, resolve_firmware_as, Amount, Observer, RolloutOptions, Selection,
-};
+use mqota_controller::catalogue::resolve_firmware_as;
+use mqota_controller::rollout::{self, Amount, Observer, RolloutOptions, Selection};
 use mqota_controller::store::{Deployment, DeploymentState, DeviceState, Store};
 use mqota_core::protocol::Progress;
 

@@ -1,7 +1,6 @@
 //! The small fleet commands: `status`, `watch`, `rollback`, `cancel`,
-//! `forget`. What
-//! they share with the other commands (broker, config file, logging) is in
-//! [`super::settings`].
+//! `forget`. What they share with the other commands (broker, config file,
+//! logging) is in [`super::settings`].
 
 use std::io::IsTerminal as _;
 use std::time::Duration;

@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use mqota_core::image::{Chip, ImageBuilder};
+use mqota_virtual::testing::wait_until;
 
 pub const MQOTA: &str = env!("CARGO_BIN_EXE_mqota");
 
@@ -196,21 +197,104 @@ pub fn start_devices(configs: Vec<mqota_virtual::device::VirtualConfig>) -> Virt
 
 /// `mqota status --json` against `broker`, parsed.
 pub fn status_json(broker: &str) -> Vec<serde_json::Value> {
-    let (ok, out, err) = mqota(&["status", "--json", "--broker", broker]);
-    assert!(ok, "status failed: {err}");
+    status_json_with(&["--broker", broker])
+}
+
+/// [`status_json`] with the settings of data directory `data` (its
+/// credentials, its fleet CA and controller certificate for `mqtts://`).
+pub fn status_json_in(broker: &str, data: &Path) -> Vec<serde_json::Value> {
+    status_json_with(&["--broker", broker, "--data-dir", data.to_str().unwrap()])
+}
+
+fn status_json_with(args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["status", "--json"];
+    all.extend_from_slice(args);
+    let (ok, out, err) = mqota(&all);
+    assert!(ok, "status {args:?} failed: {err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+}
+
+/// Polls `mqota status --json --broker BROKER` every 200 ms until `check`
+/// accepts the devices it lists (a run that fails lists none) and returns
+/// them; fails after `within` with `never {what}`.
+pub fn wait_status(
+    broker: &str,
+    what: &str,
+    within: Duration,
+    check: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let read = || {
+        let (ok, out, _) = mqota(&["status", "--json", "--broker", broker]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+        if ok {
+            list
+        } else {
+            Vec::new()
+        }
+    };
+    wait_until(what, within, Duration::from_millis(200), read, |s| check(s))
+}
+
+/// How many devices of a deployment (as `GET /api/deployments` lists it)
+/// are in `state`.
+pub fn count(deployment: &serde_json::Value, state: &str) -> usize {
+    deployment["devices"]
+        .as_array()
+        .expect("a deployment lists its devices")
+        .iter()
+        .filter(|x| x["state"] == state)
+        .count()
+}
+
+/// Polls serve's `GET /api/deployments` at `http` every 100 ms until
+/// `check` accepts the newest deployment, and returns it; fails after
+/// `within` with `never {what}`.
+pub fn wait_deployment(
+    http: &str,
+    what: &str,
+    within: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let read = || get_json(&format!("{http}/api/deployments"));
+    let deps = wait_until(what, within, Duration::from_millis(100), read, |deps| {
+        deps.as_array().and_then(|a| a.first()).is_some_and(&check)
+    });
+    deps[0].clone()
 }
 
 /// GETs `url` and parses the JSON body, from a synchronous test (a runtime of
 /// its own on a thread, so it also works inside another runtime).
 pub fn get_json(url: &str) -> serde_json::Value {
     let url = url.to_owned();
+    on_own_runtime(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+}
+
+/// POSTs to `url` with an optional JSON body, from a synchronous test;
+/// returns the status and the JSON answer (`null` if it is none).
+pub fn post_json(url: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+    let url = url.to_owned();
+    on_own_runtime(async move {
+        let mut req = reqwest::Client::new().post(url);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    })
+}
+
+/// Runs `task` on a runtime of its own on a thread of its own, so that a
+/// synchronous test can await, also from inside another runtime.
+pub fn on_own_runtime<T: Send + 'static>(
+    task: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
     std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
-            .block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
+            .block_on(task)
     })
     .join()
     .unwrap()

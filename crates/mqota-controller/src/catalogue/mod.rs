@@ -13,6 +13,9 @@
 //!   modification time), at most [`MAX_CACHED`] of them, and a file found
 //!   gone is forgotten at once: the firmware server answers `ETag` from the
 //!   cached SHA-256 without hashing the file on every request.
+//!
+//! Resolution ([`resolve_firmware`], [`deployable`]) turns what an operator
+//! names, a listed name or a URL, into the image a deployment installs.
 
 use std::collections::HashMap;
 use std::io::Read as _;
@@ -21,14 +24,31 @@ use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
 
 use mqota_core::image::validate_bytes;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// One file of the firmware directory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+mod resolve;
+pub use resolve::{
+    deployable, deployable_named, resolve_firmware, resolve_firmware_as, FirmwareError,
+};
+
+/// One image of the catalogue: a file of the firmware directory as read
+/// from it (or from the store's copy), and the same entry as the API lists
+/// it (`GET /api/firmware`, with its `url`) and a deployment resolves it
+/// ([`deployable`]).
+///
+/// Its JSON (see the `Serialize` impl) is the API's: `url` when known,
+/// `valid` (for [`FirmwareEntry::is_valid`]), never `mtime`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct FirmwareEntry {
     /// File name, also the last part of its URL.
     pub name: String,
+    /// Where devices download it: set once a server lists it
+    /// ([`FirmwareEntry::listed_under`]); `None` for a file read from the
+    /// directory or the store.
+    #[serde(default)]
+    pub url: Option<String>,
     /// Chip of the image, e.g. `esp32c3`; `None` if not a valid image.
     pub chip: Option<String>,
     /// `project_name` of the app descriptor.
@@ -43,10 +63,37 @@ pub struct FirmwareEntry {
     pub error: Option<String>,
     /// Key digests (hex, what a device trusts) of the Secure Boot V2
     /// signature blocks that verify against this image; empty: unsigned;
-    /// `None`: not known (an entry read back from the store).
+    /// `None`: not known (an entry read back from the store, or listed by
+    /// an older server).
+    #[serde(default)]
     pub signers: Option<Vec<String>>,
-    /// Modification time, Unix seconds.
+    /// Modification time, Unix seconds: with `size`, how the catalogue
+    /// knows a file unchanged. Not in the JSON (0 for an entry read from it).
+    #[serde(default)]
     pub mtime: i64,
+}
+
+impl Serialize for FirmwareEntry {
+    /// `{name, url, chip, project, version, size, sha256, valid, error,
+    /// signers}`, `url` only when known.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut out = s.serialize_struct("FirmwareEntry", 10)?;
+        out.serialize_field("name", &self.name)?;
+        match &self.url {
+            Some(url) => out.serialize_field("url", url)?,
+            None => out.skip_field("url")?,
+        }
+        out.serialize_field("chip", &self.chip)?;
+        out.serialize_field("project", &self.project)?;
+        out.serialize_field("version", &self.version)?;
+        out.serialize_field("size", &self.size)?;
+        out.serialize_field("sha256", &self.sha256)?;
+        out.serialize_field("valid", &self.is_valid())?;
+        out.serialize_field("error", &self.error)?;
+        out.serialize_field("signers", &self.signers)?;
+        out.end()
+    }
 }
 
 impl FirmwareEntry {
@@ -55,6 +102,7 @@ impl FirmwareEntry {
         let sha256 = hex::encode(Sha256::digest(bytes));
         let mut e = FirmwareEntry {
             name: name.to_owned(),
+            url: None,
             chip: None,
             project: None,
             version: None,
@@ -88,6 +136,14 @@ impl FirmwareEntry {
     /// Whether devices can be sent this file.
     pub fn is_valid(&self) -> bool {
         self.error.is_none()
+    }
+
+    /// This entry as a firmware server at `base` (e.g.
+    /// `http://host:8080`, no trailing `/`) lists it: downloaded from
+    /// `{base}/firmware/{name}`.
+    pub fn listed_under(mut self, base: &str) -> Self {
+        self.url = Some(format!("{base}/firmware/{}", self.name));
+        self
     }
 }
 
@@ -241,6 +297,7 @@ impl Catalogue {
             // Not read at all: no image a device accepts is this large.
             FirmwareEntry {
                 name: name.to_owned(),
+                url: None,
                 chip: None,
                 project: None,
                 version: None,
