@@ -1244,3 +1244,47 @@ fn the_embedded_brokers_tls_listener_takes_certificates_as_logins_and_serve_spea
     assert!(!ok, "a server of another CA was trusted");
     assert!(err.contains("/api/firmware"), "{err}");
 }
+
+/// Without `--data-dir` or a config file, the data directory is the user's
+/// (`$HOME/.local/share/mqota`, or under `XDG_DATA_HOME`); the config file
+/// is read from the user's config directory and can name another.
+#[test]
+fn the_data_and_config_directories_default_to_the_users_own() {
+    let home = tempfile::tempdir().unwrap();
+    let run = |id: &str, xdg: Option<&Path>| {
+        let mut c = std::process::Command::new(controller_support::MQOTA);
+        c.args(["device", "add", id])
+            .env("HOME", home.path())
+            .env_remove("MQOTA_CONFIG")
+            .env_remove("MQOTA_DATA_DIR")
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_DATA_HOME");
+        if let Some(x) = xdg {
+            c.env("XDG_DATA_HOME", x);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run("dev-a", None);
+    assert!(home
+        .path()
+        .join(".local/share/mqota/credentials/dev-a.password")
+        .is_file());
+    let xdg = home.path().join("xdg-data");
+    run("dev-b", Some(&xdg));
+    assert!(xdg.join("mqota/credentials/dev-b.password").is_file());
+    // The config file in ~/.config/mqota names the data directory.
+    let elsewhere = home.path().join("from-config");
+    std::fs::create_dir_all(home.path().join(".config/mqota")).unwrap();
+    std::fs::write(
+        home.path().join(".config/mqota/config.toml"),
+        format!("data_dir = {:?}\n", elsewhere.to_str().unwrap()),
+    )
+    .unwrap();
+    run("dev-c", None);
+    assert!(elsewhere.join("credentials/dev-c.password").is_file());
+}

@@ -780,6 +780,52 @@ async fn the_page_in_chromium_shows_the_fleet_live_deploys_filters_and_sees_a_de
     drop(fleet);
 }
 
+/// Picks `name` from the deploy form's catalogue choices (once offered)
+/// and the targets `mode` (`all`, `to`, `where`).
+async fn choose_firmware(b: &Browser, name: &str, mode: &str) {
+    b.wait_for(
+        &format!("offered {name}"),
+        10,
+        "return [...document.querySelectorAll('#d-firmware option')].map(o => o.value);",
+        |v| v.as_array().is_some_and(|a| a.iter().any(|o| o == name)),
+    )
+    .await;
+    b.js_with(
+        "document.getElementById('d-firmware').value = arguments[0]; \
+         document.getElementById('d-mode').value = arguments[1];",
+        json!([name, mode]),
+    )
+    .await;
+}
+
+/// Puts a firmware URL (a server of the test's own) among the deploy
+/// form's choices and picks it, with the targets `mode`.
+async fn choose_url_firmware(b: &Browser, url: &str, mode: &str) {
+    b.js_with(
+        "const s = document.getElementById('d-firmware'); \
+         const o = document.createElement('option'); \
+         o.value = arguments[0]; o.textContent = arguments[0]; \
+         s.appendChild(o); s.value = arguments[0]; \
+         document.getElementById('d-mode').value = arguments[1];",
+        json!([url, mode]),
+    )
+    .await;
+}
+
+/// The deployment listed first once it is none of `known`: the one the
+/// form just created.
+async fn newest_deployment(b: &Browser, what: &str, known: &[&str]) -> String {
+    let v = b
+        .wait_for(
+            what,
+            20,
+            "const r = document.querySelector('#deployments tr'); return r ? r.dataset.id : null;",
+            |v| v.as_str().is_some_and(|id| !known.contains(&id)),
+        )
+        .await;
+    v.as_str().unwrap().to_owned()
+}
+
 /// The deployment detail's counts, by state: `{"pending": 2, ...}`.
 const COUNTS: &str = "const o = {}; for (const li of document.querySelectorAll('#dep-counts li')) \
                       o[li.dataset.state] = Number(li.querySelector('b').textContent); \
@@ -847,15 +893,7 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
     // two), from the page's form; downloads are slow enough (about 2 s) to
     // pause in the first stage.
     let slow = slow_firmware(image("1.1.0", 1024 * 1024)).await;
-    b.js_with(
-        "const s = document.getElementById('d-firmware'); \
-         const o = document.createElement('option'); \
-         o.value = arguments[0]; o.textContent = arguments[0]; \
-         s.appendChild(o); s.value = arguments[0]; \
-         document.getElementById('d-mode').value = 'to';",
-        json!([slow]),
-    )
-    .await;
+    choose_url_firmware(&b, &slow, "to").await;
     b.type_into("#d-targets", &ids.join(",")).await;
     b.type_into("#d-canary", "1").await;
     b.type_into("#d-batch", "2").await;
@@ -934,28 +972,12 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
     // while the first downloads: that job is cancelled, the second device
     // never gets one, and `stopped` is the deployment's final state.
     let slow = slow_firmware(image("1.2.0", 1024 * 1024)).await;
-    b.js_with(
-        "const s = document.getElementById('d-firmware'); \
-         const o = document.createElement('option'); \
-         o.value = arguments[0]; o.textContent = arguments[0]; \
-         s.appendChild(o); s.value = arguments[0]; \
-         document.getElementById('d-mode').value = 'to';",
-        json!([slow]),
-    )
-    .await;
+    choose_url_firmware(&b, &slow, "to").await;
     b.type_into("#d-targets", "op-d,op-e").await;
     b.type_into("#d-canary", "0").await;
     b.type_into("#d-batch", "1").await;
     b.click("#deploy button[type=submit]").await;
-    let v = b
-        .wait_for(
-            "listed the deployment to stop",
-            20,
-            "const r = document.querySelector('#deployments tr'); return r ? r.dataset.id : null;",
-            |v| v.as_str().is_some_and(|id| id != dep),
-        )
-        .await;
-    let stopped = v.as_str().unwrap().to_owned();
+    let stopped = newest_deployment(&b, "listed the deployment to stop", &[&dep]).await;
     b.click(&format!("#deployments tr[data-id='{stopped}'] button"))
         .await;
     b.wait_for("showed op-d downloading", 20, COUNTS, |v| {
@@ -1056,34 +1078,17 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
 
     // The uploaded image, deployed from the page to all five at once: every
     // bar of the deployment reaches 100 % and every version changes.
-    b.wait_for(
-        "offered the uploaded image",
-        10,
-        "return [...document.querySelectorAll('#d-firmware option')].map(o => o.value);",
-        |v| {
-            v.as_array()
-                .is_some_and(|a| a.iter().any(|o| o == "app-1.3.0.bin"))
-        },
-    )
-    .await;
-    b.js(
-        "document.getElementById('d-firmware').value = 'app-1.3.0.bin'; \
-          document.getElementById('d-mode').value = 'all';",
-    )
-    .await;
+    choose_firmware(&b, "app-1.3.0.bin", "all").await;
     b.type_into("#d-targets", "").await;
     b.type_into("#d-canary", "0").await;
     b.type_into("#d-batch", "100%").await;
     b.click("#deploy button[type=submit]").await;
-    let v = b
-        .wait_for(
-            "listed the deployment of the upload first",
-            20,
-            "const r = document.querySelector('#deployments tr'); return r ? r.dataset.id : null;",
-            |v| v.as_str().is_some_and(|id| id != dep && id != stopped),
-        )
-        .await;
-    let all = v.as_str().unwrap().to_owned();
+    let all = newest_deployment(
+        &b,
+        "listed the deployment of the upload first",
+        &[&dep, &stopped],
+    )
+    .await;
     b.click(&format!("#deployments tr[data-id='{all}'] button"))
         .await;
     let v = b
@@ -1117,35 +1122,15 @@ async fn the_operator_pauses_and_resumes_a_rollout_uploads_firmware_and_reads_a_
         json!({ "text": file.to_str().unwrap() }),
     )
     .await;
-    b.wait_for(
-        "offered the unhealthy image",
-        10,
-        "return [...document.querySelectorAll('#d-firmware option')].map(o => o.value);",
-        |v| {
-            v.as_array()
-                .is_some_and(|a| a.iter().any(|o| o == "app-1.4.0+unhealthy.bin"))
-        },
-    )
-    .await;
-    b.js(
-        "document.getElementById('d-firmware').value = 'app-1.4.0+unhealthy.bin'; \
-          document.getElementById('d-mode').value = 'all';",
-    )
-    .await;
+    choose_firmware(&b, "app-1.4.0+unhealthy.bin", "all").await;
     b.type_into("#d-canary", "1").await;
     b.click("#deploy button[type=submit]").await;
-    let v = b
-        .wait_for(
-            "listed the unhealthy deployment first",
-            20,
-            "const r = document.querySelector('#deployments tr'); return r ? r.dataset.id : null;",
-            |v| {
-                v.as_str()
-                    .is_some_and(|id| id != dep && id != stopped && id != all)
-            },
-        )
-        .await;
-    let bad = v.as_str().unwrap().to_owned();
+    let bad = newest_deployment(
+        &b,
+        "listed the unhealthy deployment first",
+        &[&dep, &stopped, &all],
+    )
+    .await;
     b.click(&format!("#deployments tr[data-id='{bad}'] button"))
         .await;
     let v = b

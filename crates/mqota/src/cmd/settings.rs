@@ -5,7 +5,8 @@
 //! Defaults come, highest first, from the command line, the environment
 //! (`MQOTA_BROKER`, `MQOTA_PREFIX`, `MQOTA_DATA_DIR`, `MQOTA_SERVER`,
 //! `MQOTA_MQTT_USER`, `MQOTA_MQTT_PASSWORD`), the config file (`MQOTA_CONFIG`,
-//! else `~/.config/mqota/config.toml`) and built-in values:
+//! else `config.toml` in the user's config directory: `~/.config/mqota` on
+//! Linux, or `$XDG_CONFIG_HOME/mqota`) and built-in values:
 //!
 //! ```toml
 //! broker = "mqtt://broker.lan:1883"
@@ -72,12 +73,19 @@ pub struct ConfigFile {
     pub key: Option<PathBuf>,
 }
 
+/// mqota's own directories for this user (`~/.config/mqota`,
+/// `~/.local/share/mqota` on Linux, following `XDG_CONFIG_HOME` and
+/// `XDG_DATA_HOME`); None without a home directory.
+fn project_dirs() -> Option<directories::ProjectDirs> {
+    directories::ProjectDirs::from("", "", "mqota")
+}
+
 impl ConfigFile {
     fn load() -> Result<Self> {
         let (path, explicit) = match std::env::var_os("MQOTA_CONFIG") {
             Some(p) => (PathBuf::from(p), true),
-            None => match std::env::var_os("HOME") {
-                Some(h) => (PathBuf::from(h).join(".config/mqota/config.toml"), false),
+            None => match project_dirs() {
+                Some(d) => (d.config_dir().join("config.toml"), false),
                 None => return Ok(Self::default()),
             },
         };
@@ -216,11 +224,7 @@ impl Common {
             .or(file.prefix)
             .unwrap_or_else(|| mqota_core::protocol::DEFAULT_PREFIX.to_owned());
         let data_dir = self.data_dir.clone().or(file.data_dir).unwrap_or_else(|| {
-            std::env::var_os("XDG_DATA_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-                .unwrap_or_else(|| PathBuf::from("."))
-                .join("mqota")
+            project_dirs().map_or_else(|| PathBuf::from("mqota"), |d| d.data_dir().to_owned())
         });
         let server = std::env::var("MQOTA_SERVER").ok().or(file.server);
         let read = |path: &PathBuf, from: &str| {
