@@ -17,10 +17,11 @@
 #![no_main]
 
 use arbitrary::Unstructured;
-use embedded_storage::nor_flash::{ErrorType, NorFlash, ReadNorFlash};
+use embedded_storage::nor_flash::{ErrorType, MultiwriteNorFlash, NorFlash, ReadNorFlash};
 use libfuzzer_sys::fuzz_target;
 use mqota_core::bootguard::{self, Verdict};
-use mqota_core::engine::{Action, EngineConfig, Engine, Event, Response};
+use mqota_core::engine::{Action, Engine, EngineConfig, Event, Response};
+use mqota_core::fetch::FetchError;
 use mqota_core::image::{Chip, ImageBuilder};
 use mqota_core::journal::{RollbackReason, JOURNAL_SIZE};
 use mqota_core::layout::Layout;
@@ -120,6 +121,10 @@ impl ReadNorFlash for Guarded<'_> {
     }
 }
 
+/// The guard only watches where writes land; rewriting bits to 0 is as
+/// allowed as on the flash it wraps.
+impl MultiwriteNorFlash for Guarded<'_> {}
+
 impl NorFlash for Guarded<'_> {
     const WRITE_SIZE: usize = <SimFlash as NorFlash>::WRITE_SIZE;
     const ERASE_SIZE: usize = <SimFlash as NorFlash>::ERASE_SIZE;
@@ -185,7 +190,10 @@ impl Sim {
             fx,
             flash: fx.flash.clone(),
             bootloader,
-            engine: Engine::new(EngineConfig::new("fuzz", Chip::Esp32c3, OLD), layout.clone()),
+            engine: Engine::new(
+                EngineConfig::new("fuzz", Chip::Esp32c3, OLD),
+                layout.clone(),
+            ),
             layout,
             version: OLD,
             now: 0,
@@ -448,6 +456,8 @@ fn step(s: &mut Sim, u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
                 job: Some("fuzz".try_into().unwrap()),
                 timeout_s: u.arbitrary::<Option<u8>>()?.map(u32::from),
                 force: u.arbitrary()?,
+                allow_downgrade: u.arbitrary()?,
+                allow_other_project: u.arbitrary()?,
             };
             job.sha256 = match u.int_in_range(0..=2u8)? {
                 0 => None,
@@ -524,7 +534,7 @@ fn step(s: &mut Sim, u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
         }
         8 => {
             s.serving = None;
-            s.event(Event::FetchFailed("reset"));
+            s.event(Event::FetchFailed(FetchError::Connection));
         }
         9 => {
             s.now += u.int_in_range(0..=40_000u64)?;

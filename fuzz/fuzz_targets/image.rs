@@ -6,8 +6,7 @@
 use embedded_storage::nor_flash::{ErrorType, NorFlashErrorKind, ReadNorFlash};
 use libfuzzer_sys::fuzz_target;
 use mqota_core::image::{
-    validate_bytes, validate_flash, ImageError, ImageInfo, StreamValidator, HASH_LEN,
-    MAX_IMAGE_LEN,
+    validate_bytes, validate_flash, ImageError, ImageInfo, StreamValidator, HASH_LEN, MAX_IMAGE_LEN,
 };
 use sha2::{Digest, Sha256};
 
@@ -23,7 +22,10 @@ impl ReadNorFlash for WordFlash {
     fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), Self::Error> {
         let o = offset as usize;
         assert!(o % 4 == 0 && bytes.len() % 4 == 0, "misaligned read");
-        let src = self.0.get(o..o + bytes.len()).ok_or(NorFlashErrorKind::OutOfBounds)?;
+        let src = self
+            .0
+            .get(o..o + bytes.len())
+            .ok_or(NorFlashErrorKind::OutOfBounds)?;
         bytes.copy_from_slice(src);
         Ok(())
     }
@@ -73,7 +75,10 @@ fn check(img: &[u8], splits: &[u8]) -> Result<ImageInfo, ImageError> {
         bytes.extend_from_slice(img);
         bytes.resize(bytes.len().next_multiple_of(4), 0xFF);
         let mut flash = WordFlash(bytes);
-        assert_eq!(validate_flash(&mut flash, 4, img.len() as u32).as_ref(), Ok(info));
+        assert_eq!(
+            validate_flash(&mut flash, 4, img.len() as u32).as_ref(),
+            Ok(info)
+        );
     }
     whole
 }
@@ -82,7 +87,9 @@ fuzz_target!(|data: &[u8]| {
     // One control byte: low 3 bits give how many split bytes follow, bit 3
     // asks to repair the checksum and hash, so that the fuzzer also reaches
     // images that are structurally fine and fully valid.
-    let Some((&ctl, rest)) = data.split_first() else { return };
+    let Some((&ctl, rest)) = data.split_first() else {
+        return;
+    };
     let n = usize::from(ctl & 7) + 1;
     if rest.len() < n {
         return;

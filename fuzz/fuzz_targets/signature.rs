@@ -24,7 +24,10 @@ fuzz_target!(|data: &[u8]| {
     assert!(parsed.len() <= MAX_BLOCKS);
 
     // Nothing trusted: everything passes.
-    assert_eq!(check(&TrustPolicy::none(), Chip::Esp32c6, Some(&sector), &digest), Ok(()));
+    assert_eq!(
+        check(&TrustPolicy::none(), Chip::Esp32c6, Some(&sector), &digest),
+        Ok(())
+    );
 
     // Trust every key the sector names, so the CRC, digest and signature
     // paths all run.
@@ -38,13 +41,19 @@ fuzz_target!(|data: &[u8]| {
         let verdict = check(&policy, chip, Some(&sector), &digest);
         assert_eq!(verdict, check(&policy, chip, Some(&sector), &digest));
         match verdict {
-            Ok(()) => assert!(parsed.iter().flatten().any(|b| b.scheme().supported_on(chip)
-                && policy.keys().contains(&b.key_digest())
-                && b.crc_valid()
-                && b.image_digest() == digest)),
+            Ok(()) => assert!(parsed
+                .iter()
+                .flatten()
+                .any(|b| b.scheme().supported_on(chip)
+                    && policy.keys().contains(&b.key_digest())
+                    && b.crc_valid()
+                    && b.image_digest() == digest)),
             Err(Refusal::NoSignature) => assert!(parsed.is_empty()),
             Err(_) => assert!(!parsed.is_empty()),
         }
     }
-    assert_eq!(check(&policy, Chip::Esp32c3, None, &digest), Err(Refusal::NoSignature));
+    assert_eq!(
+        check(&policy, Chip::Esp32c3, None, &digest),
+        Err(Refusal::NoSignature)
+    );
 });

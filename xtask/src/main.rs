@@ -103,6 +103,26 @@ fn ci() -> Result<()> {
             "riscv32imc-unknown-none-elf",
         ],
     )?;
+    // The fuzz targets are their own workspace (cargo-fuzz builds them with
+    // nightly and sanitizers); checking them here on stable keeps them
+    // compiling against the core's API between fuzzing runs.
+    run(
+        &root,
+        "cargo",
+        &["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"],
+    )?;
+    run(
+        &root,
+        "cargo",
+        &[
+            "check",
+            "--manifest-path",
+            "fuzz/Cargo.toml",
+            "--bins",
+            "--target-dir",
+            "target",
+        ],
+    )?;
     run(&root, "cargo", &["test", "--workspace"])?;
     // The power-cut sweep over a whole update and over a failed trial, with
     // both bootloader builds; exits non-zero on any bricked, wrong or
