@@ -293,7 +293,20 @@ async fn a_broadcast_job_with_devices_updates_only_the_listed_ones(broker: TestB
         broker.publish("device/ota/start", &j, false).await;
         online(&obs, "b-1", "1.1.0").await;
         online(&obs, "b-3", "1.1.0").await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A marker: b-2 answers a log request only after it has read every
+        // command published before it (one publisher, one subscriber: the
+        // broker keeps their order), the job included.
+        broker
+            .publish("device/b-2/logs/get", br#"{"id":"marker"}"#, false)
+            .await;
+        assert!(
+            obs.wait_until(Duration::from_secs(10), |s| s
+                .iter()
+                .any(|m| m.topic == "device/b-2/logs"
+                    && String::from_utf8_lossy(&m.payload).contains("\"marker\"")))
+                .await,
+            "b-2 never answered the marker"
+        );
         assert!(is_online_on(&obs.all(), "b-2", "1.0.0"));
         assert!(
             progress_of(&obs.all(), "b-2").is_empty(),
@@ -695,7 +708,14 @@ async fn cancel_stops_a_download_a_second_start_is_busy_and_rollback_returns_to_
             .await
         );
         let sent_at_cancel = slow.bytes_sent();
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        // The device closed the download: the server's next write to it
+        // failed and ended the connection, with at most the throttled
+        // pieces (5,000 bytes) in flight around the close sent after.
+        assert!(
+            obs.wait_until(Duration::from_secs(5), |_| slow.open_connections() == 0)
+                .await,
+            "the download's connection stayed open after the cancel"
+        );
         assert!(
             slow.bytes_sent() <= sent_at_cancel + 10_000,
             "the download stopped"
@@ -1040,10 +1060,11 @@ async fn a_cancel_naming_another_job_does_not_disturb_the_download(broker: TestB
             .publish("device/dev-k/ota/cancel", br#"{"job":"other"}"#, false)
             .await;
         let at_cancel = slow.bytes_sent();
-        tokio::time::sleep(Duration::from_millis(1_000)).await;
         assert!(
-            slow.bytes_sent() >= at_cancel + 20_000,
-            "the download kept streaming: {} then {}",
+            obs.wait_until(Duration::from_secs(10), |_| slow.bytes_sent()
+                >= at_cancel + 20_000)
+                .await,
+            "the download did not keep streaming: {} then {}",
             at_cancel,
             slow.bytes_sent()
         );
