@@ -75,6 +75,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             eprintln!("usage: cargo xtask bench <pipeline|fleet>");
             eprintln!("  pipeline   what the update pipeline costs beyond the download (bench_pipeline example)");
             eprintln!("  fleet [--devices N] [--sims K] [--image-size BYTES] [--batch N|P% ({DEFAULT_BATCH})]");
+            eprintln!("        [--http-max-connections N (serve's default, 1024)]");
             eprintln!("             N virtual devices (1000) in K `mqota sim` processes (one per {DEVICES_PER_SIM})");
             eprintln!("             updated through one mqota controller and one Mosquitto");
             bail!("unknown or missing benchmark")
@@ -98,6 +99,8 @@ struct FleetOptions {
     sims: Option<u32>,
     image_size: u32,
     batch: String,
+    /// Passed to `serve --http-max-connections` when given.
+    http_max_connections: Option<u32>,
 }
 
 fn parse_fleet(args: &[String]) -> Result<FleetOptions> {
@@ -106,6 +109,7 @@ fn parse_fleet(args: &[String]) -> Result<FleetOptions> {
         sims: None,
         image_size: 256 * 1024,
         batch: DEFAULT_BATCH.into(),
+        http_max_connections: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -115,7 +119,13 @@ fn parse_fleet(args: &[String]) -> Result<FleetOptions> {
             "--sims" => o.sims = Some(value()?.parse().context("--sims")?),
             "--image-size" => o.image_size = value()?.parse().context("--image-size")?,
             "--batch" => o.batch = value()?.clone(),
-            other => bail!("unknown option {other:?} (--devices, --sims, --image-size, --batch)"),
+            "--http-max-connections" => {
+                o.http_max_connections =
+                    Some(value()?.parse().context("--http-max-connections")?)
+            }
+            other => bail!(
+                "unknown option {other:?} (--devices, --sims, --image-size, --batch, --http-max-connections)"
+            ),
         }
     }
     if o.devices == 0 {
@@ -236,6 +246,11 @@ fn fleet(args: &[String]) -> Result<()> {
             .arg(&data_dir)
             .args(["--http", &format!("127.0.0.1:{http_port}")])
             .args(["--broker", &broker])
+            .args(
+                opts.http_max_connections
+                    .map(|n| vec!["--http-max-connections".to_string(), n.to_string()])
+                    .unwrap_or_default(),
+            )
             .env("MQOTA_CONFIG", "/dev/null")
             .stdout(serve_log.try_clone()?)
             .stderr(serve_log),
@@ -366,6 +381,7 @@ fn fleet(args: &[String]) -> Result<()> {
   "devices": {devices},
   "image_bytes": {image_bytes},
   "batch": "{batch}",
+  "http_max_connections": {max_conn},
   "broker": "mosquitto",
   "cores": {cores},
   "devices_online_s": {startup_s:.2},
@@ -392,6 +408,7 @@ fn fleet(args: &[String]) -> Result<()> {
         devices = opts.devices,
         image_bytes = opts.image_size,
         batch = opts.batch,
+        max_conn = opts.http_max_connections.unwrap_or(1024),
         cores = std::thread::available_parallelism().map_or(0, |n| n.get()),
         dpm = done as f64 * 60.0 / rollout_s,
         deploy_ok = status.success(),

@@ -27,6 +27,12 @@
 //! kept survives a reconnect anyway, and every reconnect replays the
 //! retained statuses again. What the replay may still miss is reported by
 //! [`Fleet::gaps`].
+//!
+//! QoS 0 is not a promise of delivery, though: a controller that reads more
+//! slowly than a burst arrives (10,000 devices reporting at once) has
+//! messages dropped by Mosquitto like any slow client. A rollout therefore
+//! asks again, with [`Fleet::refresh`], for the retained status of every
+//! device it waits for that has been silent a while.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,7 +43,7 @@ use mqota_core::protocol::{
     parse_device_topic, DeviceTopic, ErrorCode, Progress, Status, TopicError, TopicKind, Topics,
     OFFLINE, ONLINE,
 };
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use serde::Serialize;
@@ -72,6 +78,10 @@ pub struct DeviceView {
     /// as the controller saw.
     pub in_flight: Option<String>,
 }
+
+/// Status topics per [`Fleet::refresh`] SUBSCRIBE: about 20 bytes each,
+/// so a packet stays a few KiB.
+const REFRESH_CHUNK: usize = 100;
 
 /// How many terminal progress events [`DeviceView::ended`] keeps.
 pub const ENDED_KEPT: usize = 16;
@@ -192,6 +202,9 @@ struct Link {
     replayed: AtomicU64,
     /// Subscriptions made (one per connect).
     subscribed: AtomicU64,
+    /// [`Fleet::refresh`] subscriptions not yet acknowledged: their SUBACKs
+    /// are not a (re)connect's.
+    refreshing: AtomicU64,
 }
 
 impl Fleet {
@@ -232,12 +245,22 @@ impl Fleet {
                 loop {
                     match ev.poll().await {
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            // A refresh sent on the lost connection is gone
+                            // with it; the renewed filters replay everything.
+                            link.refreshing.store(0, Ordering::Relaxed);
                             // A clean start loses subscriptions: renew them on
                             // every (re)connect. QoS 0: see the module docs.
                             for f in &filters {
                                 let _ = client.try_subscribe(f.clone(), QoS::AtMostOnce);
                             }
                         }
+                        Ok(Event::Incoming(Packet::SubAck(_)))
+                            if link
+                                .refreshing
+                                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                                    n.checked_sub(1)
+                                })
+                                .is_ok() => {}
                         Ok(Event::Incoming(Packet::SubAck(_))) => {
                             link.replayed.store(0, Ordering::Relaxed);
                             link.subscribed.fetch_add(1, Ordering::Relaxed);
@@ -530,6 +553,43 @@ impl Fleet {
             .await
             .map_err(|_| FleetError::Closed)?;
         self.sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Asks the broker for the retained statuses of `ids` again: one
+    /// SUBSCRIBE to their status topics, then an UNSUBSCRIBE of each. The
+    /// broker answers a subscription with the retained message of every
+    /// topic it matches, and serves one client's packets in order, so each
+    /// status comes back before the topic is let go; the fleet's view takes
+    /// it in as it takes in any status.
+    ///
+    /// For what a burst made the broker drop: Mosquitto drops messages for a
+    /// client that does not read as fast as they come ("Outgoing messages
+    /// are being dropped"), QoS 0 ones included, so a controller busy with
+    /// 10,000 devices can miss the final status of a few. Ids no device can
+    /// have are skipped.
+    pub async fn refresh(&self, ids: &[String]) -> Result<(), FleetError> {
+        let topics: Vec<String> = ids
+            .iter()
+            .filter_map(|id| Topics::new(&self.prefix, id).ok())
+            .map(|t| t.status().to_string())
+            .collect();
+        for chunk in topics.chunks(REFRESH_CHUNK) {
+            self.link.refreshing.fetch_add(1, Ordering::Relaxed);
+            let filters = chunk
+                .iter()
+                .map(|t| Filter::new(t.clone(), QoS::AtMostOnce));
+            self.client
+                .subscribe_many(filters)
+                .await
+                .map_err(|_| FleetError::Closed)?;
+            for t in chunk {
+                self.client
+                    .unsubscribe(t.clone())
+                    .await
+                    .map_err(|_| FleetError::Closed)?;
+            }
+        }
         Ok(())
     }
 

@@ -262,3 +262,162 @@ async fn own_failure() {
     assert_eq!(dep.devices[0].state, DeviceState::Failed);
     assert_eq!(dep.devices[0].error.as_deref(), Some("http_status"));
 }
+
+/// A TCP relay between the controller and the broker that can stop reading
+/// from the broker (`stall`), as a controller too busy to read does. Its
+/// broker-side socket has a small receive buffer, so the broker's own queue
+/// for the controller fills after a few hundred KiB rather than megabytes.
+struct StallingRelay {
+    port: u16,
+    stalled: tokio::sync::watch::Sender<bool>,
+}
+
+impl StallingRelay {
+    async fn start(broker: u16) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stalled, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.set_recv_buffer_size(4096).unwrap();
+                let upstream = socket
+                    .connect(([127, 0, 0, 1], broker).into())
+                    .await
+                    .unwrap();
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_broker, mut to_broker) = upstream.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_broker).await;
+                });
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    loop {
+                        if watch.wait_for(|s| !*s).await.is_err() {
+                            return;
+                        }
+                        match from_broker.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if to_client.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, stalled }
+    }
+
+    fn stall(&self, on: bool) {
+        self.stalled.send_replace(on);
+    }
+}
+
+/// Publishes `count` QoS 0 progress messages for a device nobody deploys to,
+/// in one `mosquitto_pub -l` (one line, one message).
+async fn flood(port: u16, count: usize) {
+    use tokio::io::AsyncWriteExt;
+    let line = format!("{}\n", "x".repeat(300));
+    let mut child = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-t", "device/flood/progress", "-q", "0", "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub (apt-get install mosquitto-clients)");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(line.repeat(count).as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    assert!(child.wait().await.unwrap().success());
+}
+
+// A controller that could not keep up during a burst, so that the broker
+// dropped the one status that ends a device's job, still sees the job end:
+// the rollout asks again for the status of a device silent too long.
+#[tokio::test]
+async fn a_final_status_the_broker_dropped_for_a_slow_controller_is_read_again() {
+    tokio::task::LocalSet::new()
+        .run_until(dropped_status())
+        .await;
+}
+
+async fn dropped_status() {
+    // Stock Mosquitto but for a small per-client queue, so that a stalled
+    // controller has messages dropped after a short flood.
+    let dir = tempfile::tempdir().unwrap();
+    let port = mqota_virtual::testing::free_port();
+    let config = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 10\n"
+        ),
+    )
+    .unwrap();
+    let broker = Mosquitto::start_with_config(&config, port);
+    publish_to(
+        port,
+        "device/v1/status",
+        &status("v1", "1.0.0", serde_json::Value::Null),
+        true,
+    )
+    .await;
+    publish_to(port, "device/v1/availability", b"online", true).await;
+
+    let relay = StallingRelay::start(port).await;
+    let url: BrokerUrl = format!("mqtt://127.0.0.1:{}", relay.port).parse().unwrap();
+    let fleet = Arc::new(Fleet::connect(&url, "device", "ctl-slow").await.unwrap());
+    until("saw v1", || fleet.device("v1").is_some_and(|d| d.online)).await;
+
+    let data = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(data.path()).unwrap());
+    let firmware = Firmware {
+        name: "app.bin".into(),
+        url: "http://127.0.0.1:9/app.bin".into(),
+        version: "1.1.0".into(),
+        sha256: "00".repeat(32),
+        size: 4096,
+        chip: Some("esp32c3".into()),
+        project: Some("fleet".into()),
+        signers: None,
+    };
+    let options = RolloutOptions {
+        timeout_s: 120,
+        ..RolloutOptions::default()
+    };
+    let selection = Selection::Ids(vec!["v1".into()]);
+    let (job, run) = start_and_send(&fleet, &store, &firmware, &selection, &options).await;
+
+    // The controller stops reading; a burst fills the broker's queue for it.
+    relay.stall(true);
+    flood(port, 20_000).await;
+    let dropping = "Outgoing messages are being dropped for client ctl-slow";
+    wait_until_async(
+        "the broker dropping messages for the stalled controller",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || std::future::ready(broker.log().contains(dropping)),
+        |yes| *yes,
+    )
+    .await;
+    // v1's job ends now, and the status saying so is dropped for it.
+    let last = serde_json::json!({"job": job, "result": "done", "error": null});
+    publish_to(port, "device/v1/status", &status("v1", "1.1.0", last), true).await;
+    // The controller reads again; the status it missed reaches it only by
+    // asking (without the rollout's re-read this waits out the timeout).
+    relay.stall(false);
+    let dep = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the rollout ended well before the job's 120 s timeout")
+        .unwrap()
+        .unwrap();
+    assert_eq!(dep.state, DeploymentState::Succeeded, "{dep:?}");
+    assert_eq!(dep.devices[0].state, DeviceState::Done);
+}

@@ -657,6 +657,12 @@ pub fn runner_name() -> &'static str {
 /// or stop (written by another process, or the API).
 const POLL: Duration = Duration::from_millis(250);
 
+/// How long a device the rollout waits for may stay silent before its
+/// retained status is asked for again: a device downloading reports every
+/// few seconds, one that finished says so once, and that once can be
+/// dropped by a broker busy with thousands of others (see [`Fleet::refresh`]).
+const REREAD: Duration = Duration::from_secs(10);
+
 /// Log records read from a device whose job failed.
 pub const LOG_RECORDS: u16 = 16;
 /// How long one log request waits for the device's answer (it is asked up
@@ -952,6 +958,10 @@ async fn steps(
     // and looking at every device on each would cost O(devices) per event.
     let mut named: HashSet<String> = HashSet::new();
     let mut last_sweep: Option<Instant> = None;
+    // When each device was last heard of (an event naming it, or the
+    // runner's asking again); a waited-for device silent for REREAD has
+    // its retained status asked for again ([`Fleet::refresh`]).
+    let mut heard: HashMap<String, Instant> = HashMap::new();
     loop {
         keep(store, run.lease)?;
         run.logs.harvest(store, id)?;
@@ -974,12 +984,15 @@ async fn steps(
                     if p.job.as_deref() == Some(id) && rollout.is_waiting(p.device.as_str()) {
                         run.observer.progress(&p);
                     }
+                    heard.insert(p.device.as_str().to_owned(), Instant::now());
                     named.insert(p.device.as_str().to_owned());
                 }
                 Ok(FleetEvent::Status(s)) => {
+                    heard.insert(s.device.as_str().to_owned(), Instant::now());
                     named.insert(s.device.as_str().to_owned());
                 }
                 Ok(FleetEvent::Removed(d) | FleetEvent::Availability { id: d, .. }) => {
+                    heard.insert(d.clone(), Instant::now());
                     named.insert(d);
                 }
                 Err(_) => last_sweep = None,
@@ -1007,6 +1020,19 @@ async fn steps(
         );
         if sweep {
             pending.push_back(Event::Tick);
+            let silent: Vec<String> = look
+                .iter()
+                .filter(|d| now - *heard.entry((*d).clone()).or_insert(now) >= REREAD)
+                .cloned()
+                .collect();
+            if !silent.is_empty() {
+                tracing::debug!(
+                    "{id}: {} waited-for device(s) silent for {REREAD:?}: reading their status again",
+                    silent.len()
+                );
+                fleet.refresh(&silent).await?;
+                heard.extend(silent.into_iter().map(|d| (d, now)));
+            }
         }
     }
 }
