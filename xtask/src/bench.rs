@@ -85,8 +85,9 @@ pub fn bench(args: &[String]) -> Result<()> {
 
 /// Devices per stage unless `--batch` says otherwise: what `serve` takes at
 /// once. It serves at most 1,024 connections and closes more on arrival (its
-/// defence against floods); a stage of 10,000 devices downloading together
-/// would see most of them refused until their retries ran out.
+/// defence against floods); in a stage of 10,000 devices downloading
+/// together some are refused until their retries run out, unless
+/// `--http-max-connections` raises the cap.
 const DEFAULT_BATCH: &str = "1000";
 
 /// Devices per `mqota sim` process unless `--sims` says otherwise: one
