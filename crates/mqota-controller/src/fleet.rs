@@ -45,6 +45,7 @@ use mqota_core::protocol::{
 };
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::EventLoop;
 use rumqttc::v5::{AsyncClient, Event};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
@@ -82,6 +83,11 @@ pub struct DeviceView {
 /// Status topics per [`Fleet::refresh`] SUBSCRIBE: about 20 bytes each,
 /// so a packet stays a few KiB.
 const REFRESH_CHUNK: usize = 100;
+
+/// Most devices one [`Fleet::refresh`] asks about: below stock
+/// Mosquitto's 1,000 queued messages per client, so the answers are not
+/// dropped in their turn.
+pub const REFRESH_MAX: usize = 500;
 
 /// How many terminal progress events [`DeviceView::ended`] keeps.
 pub const ENDED_KEPT: usize = 16;
@@ -191,6 +197,12 @@ pub struct Fleet {
     signer: Option<Arc<JobSigner>>,
     /// Ids seen without a status, and since when ([`Fleet::expire_ghosts`]).
     ghosts: Mutex<HashMap<String, std::time::Instant>>,
+    /// The MQTT client id; [`Fleet::refresh`]'s connections derive theirs.
+    client_id: String,
+    /// [`Fleet::refresh`] connections made, numbering their client ids.
+    refreshes: AtomicU64,
+    /// A [`Fleet::refresh`] connection is at work: one at a time.
+    refreshing: Arc<AtomicBool>,
 }
 
 /// The state of the broker connection, shared with the event loop.
@@ -202,9 +214,6 @@ struct Link {
     replayed: AtomicU64,
     /// Subscriptions made (one per connect).
     subscribed: AtomicU64,
-    /// [`Fleet::refresh`] subscriptions not yet acknowledged: their SUBACKs
-    /// are not a (re)connect's.
-    refreshing: AtomicU64,
 }
 
 impl Fleet {
@@ -245,22 +254,12 @@ impl Fleet {
                 loop {
                     match ev.poll().await {
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            // A refresh sent on the lost connection is gone
-                            // with it; the renewed filters replay everything.
-                            link.refreshing.store(0, Ordering::Relaxed);
                             // A clean start loses subscriptions: renew them on
                             // every (re)connect. QoS 0: see the module docs.
                             for f in &filters {
                                 let _ = client.try_subscribe(f.clone(), QoS::AtMostOnce);
                             }
                         }
-                        Ok(Event::Incoming(Packet::SubAck(_)))
-                            if link
-                                .refreshing
-                                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                                    n.checked_sub(1)
-                                })
-                                .is_ok() => {}
                         Ok(Event::Incoming(Packet::SubAck(_))) => {
                             link.replayed.store(0, Ordering::Relaxed);
                             link.subscribed.fetch_add(1, Ordering::Relaxed);
@@ -330,6 +329,9 @@ impl Fleet {
             task,
             signer: None,
             ghosts: Mutex::new(HashMap::new()),
+            client_id: client_id.to_owned(),
+            refreshes: AtomicU64::new(0),
+            refreshing: Arc::default(),
         })
     }
 
@@ -556,41 +558,57 @@ impl Fleet {
         Ok(())
     }
 
-    /// Asks the broker for the retained statuses of `ids` again: one
-    /// SUBSCRIBE to their status topics, then an UNSUBSCRIBE of each. The
-    /// broker answers a subscription with the retained message of every
-    /// topic it matches, and serves one client's packets in order, so each
-    /// status comes back before the topic is let go; the fleet's view takes
-    /// it in as it takes in any status.
+    /// Asks the broker for the retained statuses of `ids` again (at most
+    /// [`REFRESH_MAX`] of them, the first ones), in the background, unless
+    /// the previous refresh is still at work: then returns `false` and
+    /// asks nothing (the caller asks again later). In the background, a
+    /// second, short-lived connection subscribes to their status topics,
+    /// takes in the retained statuses the broker answers with as the
+    /// fleet's own subscription would, and disconnects once they stop
+    /// coming (300 ms without one, at most 5 s). Its own connection keeps
+    /// the fleet's packet ids and queue out of it, and needs no
+    /// UNSUBSCRIBE: a rollout asking about thousands of devices on the main
+    /// connection ran out of packet ids and lost it.
     ///
     /// For what a burst made the broker drop: Mosquitto drops messages for a
     /// client that does not read as fast as they come ("Outgoing messages
     /// are being dropped"), QoS 0 ones included, so a controller busy with
     /// 10,000 devices can miss the final status of a few. Ids no device can
-    /// have are skipped.
-    pub async fn refresh(&self, ids: &[String]) -> Result<(), FleetError> {
+    /// have are skipped. What the second connection cannot reach is only
+    /// logged: the next refresh asks again.
+    pub fn refresh(&self, ids: &[String]) -> bool {
         let topics: Vec<String> = ids
             .iter()
             .filter_map(|id| Topics::new(&self.prefix, id).ok())
             .map(|t| t.status().to_string())
+            .take(REFRESH_MAX)
             .collect();
-        for chunk in topics.chunks(REFRESH_CHUNK) {
-            self.link.refreshing.fetch_add(1, Ordering::Relaxed);
-            let filters = chunk
-                .iter()
-                .map(|t| Filter::new(t.clone(), QoS::AtMostOnce));
-            self.client
-                .subscribe_many(filters)
-                .await
-                .map_err(|_| FleetError::Closed)?;
-            for t in chunk {
-                self.client
-                    .unsubscribe(t.clone())
-                    .await
-                    .map_err(|_| FleetError::Closed)?;
-            }
+        if topics.is_empty() {
+            return true;
         }
-        Ok(())
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let busy = self.refreshing.clone();
+        let n = self.refreshes.fetch_add(1, Ordering::Relaxed);
+        let options = self
+            .url
+            .mqtt_options(format!("{}-reread-{n}", self.client_id));
+        let (client, ev) = AsyncClient::new(options, 16);
+        let (prefix, devices, events) = (
+            self.prefix.clone(),
+            self.devices.clone(),
+            self.events.clone(),
+        );
+        tokio::spawn(async move {
+            let asked = topics.len();
+            match reread(&client, ev, &topics, &prefix, &devices, &events).await {
+                Ok(got) => tracing::debug!("re-read {got} of {asked} device status(es)"),
+                Err(e) => tracing::warn!("re-reading {asked} device status(es): {e}"),
+            }
+            busy.store(false, Ordering::Release);
+        });
+        true
     }
 
     /// Waits until the broker acknowledged every command sent so far, at
@@ -687,6 +705,58 @@ fn job_fields(job: Option<&str>) -> serde_json::Map<String, serde_json::Value> {
         fields.insert("job".into(), j.into());
     }
     fields
+}
+
+/// [`Fleet::refresh`]'s connection: subscribes to `topics` and hands
+/// each status that comes to [`handle_publish`] until none has come for
+/// 300 ms after the SUBACK (at most 5 s), then disconnects. Returns how
+/// many statuses came.
+async fn reread(
+    client: &AsyncClient,
+    mut ev: EventLoop,
+    topics: &[String],
+    prefix: &str,
+    devices: &Devices,
+    events: &broadcast::Sender<FleetEvent>,
+) -> Result<usize, String> {
+    const QUIET: Duration = Duration::from_millis(300);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    for chunk in topics.chunks(REFRESH_CHUNK) {
+        let filters = chunk
+            .iter()
+            .map(|t| Filter::new(t.clone(), QoS::AtMostOnce));
+        client
+            .subscribe_many(filters)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let chunks = topics.len().div_ceil(REFRESH_CHUNK);
+    let (mut acked, mut got) = (0, 0);
+    loop {
+        let wait = if acked == chunks {
+            QUIET
+        } else {
+            deadline.saturating_duration_since(tokio::time::Instant::now())
+        };
+        match tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + wait), ev.poll())
+            .await
+        {
+            // Quiet after every SUBACK, or out of time: done.
+            Err(_) => break,
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => acked += 1,
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                got += 1;
+                let topic = String::from_utf8_lossy(&p.topic);
+                handle_publish(prefix, &topic, &p.payload, devices, events);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+        }
+    }
+    let _ = client.try_disconnect();
+    // Let the event loop write the DISCONNECT (bounded).
+    let _ = tokio::time::timeout(Duration::from_millis(200), ev.poll()).await;
+    Ok(got)
 }
 
 fn handle_publish(

@@ -73,7 +73,7 @@ use mqota_core::fetch::is_https;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::fleet::{DeviceView, Fleet, FleetError, FleetEvent, StartCommand};
+use crate::fleet::{DeviceView, Fleet, FleetError, FleetEvent, StartCommand, REFRESH_MAX};
 use crate::lease::{self, Claim, Lease};
 use crate::machine::{Action, Devices, Event, Report, Rollout};
 use crate::store::{
@@ -1026,12 +1026,15 @@ async fn steps(
                 .cloned()
                 .collect();
             if !silent.is_empty() {
-                tracing::debug!(
-                    "{id}: {} waited-for device(s) silent for {REREAD:?}: reading their status again",
-                    silent.len()
-                );
-                fleet.refresh(&silent).await?;
-                heard.extend(silent.into_iter().map(|d| (d, now)));
+                // The rest are asked about on the next sweeps.
+                let asked: Vec<String> = silent.into_iter().take(REFRESH_MAX).collect();
+                if fleet.refresh(&asked) {
+                    tracing::debug!(
+                        "{id}: {} waited-for device(s) silent for {REREAD:?}: reading their status again",
+                        asked.len()
+                    );
+                    heard.extend(asked.into_iter().map(|d| (d, now)));
+                }
             }
         }
     }
