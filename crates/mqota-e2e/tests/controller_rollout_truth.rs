@@ -30,6 +30,21 @@ fn status(device: &str, version: &str, last: serde_json::Value) -> Vec<u8> {
     .unwrap()
 }
 
+/// The image every rollout here deploys: 1.1.0 for the devices' chip and
+/// project, at a URL nobody serves (the devices' answers are forged).
+fn firmware() -> Firmware {
+    Firmware {
+        name: "app.bin".into(),
+        url: "http://127.0.0.1:9/app.bin".into(),
+        version: "1.1.0".into(),
+        sha256: "00".repeat(32),
+        size: 4096,
+        chip: Some("esp32c3".into()),
+        project: Some("fleet".into()),
+        signers: None,
+    }
+}
+
 async fn until(what: &str, check: impl Fn() -> bool) {
     let (within, every) = (Duration::from_secs(10), Duration::from_millis(20));
     wait_until_async(
@@ -110,16 +125,7 @@ async fn forged_failures() {
 
     let data = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(data.path()).unwrap());
-    let firmware = Firmware {
-        name: "app.bin".into(),
-        url: "http://127.0.0.1:9/app.bin".into(),
-        version: "1.1.0".into(),
-        sha256: "00".repeat(32),
-        size: 4096,
-        chip: Some("esp32c3".into()),
-        project: Some("fleet".into()),
-        signers: None,
-    };
+    let firmware = firmware();
     let options = RolloutOptions {
         auto_rollback: true,
         timeout_s: 60,
@@ -223,14 +229,9 @@ async fn own_failure() {
     let data = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(data.path()).unwrap());
     let firmware = Firmware {
-        name: "app.bin".into(),
-        url: "http://127.0.0.1:9/app.bin".into(),
-        version: "1.1.0".into(),
-        sha256: "00".repeat(32),
-        size: 4096,
         chip: None,
         project: None,
-        signers: None,
+        ..firmware()
     };
     let options = RolloutOptions {
         timeout_s: 60,
@@ -378,16 +379,7 @@ async fn dropped_status() {
 
     let data = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(data.path()).unwrap());
-    let firmware = Firmware {
-        name: "app.bin".into(),
-        url: "http://127.0.0.1:9/app.bin".into(),
-        version: "1.1.0".into(),
-        sha256: "00".repeat(32),
-        size: 4096,
-        chip: Some("esp32c3".into()),
-        project: Some("fleet".into()),
-        signers: None,
-    };
+    let firmware = firmware();
     let options = RolloutOptions {
         timeout_s: 120,
         ..RolloutOptions::default()
