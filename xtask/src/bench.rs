@@ -75,7 +75,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             eprintln!("usage: cargo xtask bench <pipeline|fleet>");
             eprintln!("  pipeline   what the update pipeline costs beyond the download (bench_pipeline example)");
             eprintln!("  fleet [--devices N] [--sims K] [--image-size BYTES] [--batch N|P% ({DEFAULT_BATCH})]");
-            eprintln!("        [--http-max-connections N (serve's default, 1024)]");
+            eprintln!("        [--http-max-connections N (serve's own default)]");
             eprintln!("             N virtual devices (1000) in K `mqota sim` processes (one per {DEVICES_PER_SIM})");
             eprintln!("             updated through one mqota controller and one Mosquitto");
             bail!("unknown or missing benchmark")
@@ -409,7 +409,10 @@ fn fleet(args: &[String]) -> Result<()> {
         devices = opts.devices,
         image_bytes = opts.image_size,
         batch = opts.batch,
-        max_conn = opts.http_max_connections.unwrap_or(1024),
+        // null: serve's own default.
+        max_conn = opts
+            .http_max_connections
+            .map_or_else(|| "null".to_owned(), |n| n.to_string()),
         cores = std::thread::available_parallelism().map_or(0, |n| n.get()),
         dpm = done as f64 * 60.0 / rollout_s,
         deploy_ok = status.success(),

@@ -733,14 +733,12 @@ async fn reread(
     let chunks = topics.len().div_ceil(REFRESH_CHUNK);
     let (mut acked, mut got) = (0, 0);
     loop {
-        let wait = if acked == chunks {
-            QUIET
+        let until = if acked == chunks {
+            deadline.min(tokio::time::Instant::now() + QUIET)
         } else {
-            deadline.saturating_duration_since(tokio::time::Instant::now())
+            deadline
         };
-        match tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + wait), ev.poll())
-            .await
-        {
+        match tokio::time::timeout_at(until, ev.poll()).await {
             // Quiet after every SUBACK, or out of time: done.
             Err(_) => break,
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => acked += 1,

@@ -30,6 +30,15 @@ fn status(device: &str, version: &str, last: serde_json::Value) -> Vec<u8> {
     .unwrap()
 }
 
+/// Device `id` as the broker keeps it: a retained status on 1.0.0 with no
+/// job behind it, and a retained `online`.
+async fn online_on_1_0_0(port: u16, id: &str) {
+    let topic = |leaf: &str| format!("device/{id}/{leaf}");
+    let fresh = status(id, "1.0.0", serde_json::Value::Null);
+    publish_to(port, &topic("status"), &fresh, true).await;
+    publish_to(port, &topic("availability"), b"online", true).await;
+}
+
 /// The image every rollout here deploys: 1.1.0 for the devices' chip and
 /// project, at a URL nobody serves (the devices' answers are forged).
 fn firmware() -> Firmware {
@@ -84,13 +93,15 @@ async fn start_and_send(
     (job, run)
 }
 
-// `rollout::run` holds a `dyn Observer`, which is not `Send`: run it on a
-// LocalSet, as serve does on its runner.
+/// Runs a test on a LocalSet: `rollout::run` holds a `dyn Observer`, which
+/// is not `Send`, so it runs there, as serve runs it on its runner.
+async fn on_local_set(test: impl std::future::Future<Output = ()>) {
+    tokio::task::LocalSet::new().run_until(test).await;
+}
+
 #[tokio::test]
 async fn forged_failures_and_a_bare_done_do_not_decide_a_rollout() {
-    tokio::task::LocalSet::new()
-        .run_until(forged_failures())
-        .await;
+    on_local_set(forged_failures()).await;
 }
 
 async fn forged_failures() {
@@ -98,14 +109,7 @@ async fn forged_failures() {
     let port = broker.port();
     let url: BrokerUrl = format!("mqtt://127.0.0.1:{port}").parse().unwrap();
     for id in ["v1", "v2"] {
-        publish_to(
-            port,
-            &format!("device/{id}/status"),
-            &status(id, "1.0.0", serde_json::Value::Null),
-            true,
-        )
-        .await;
-        publish_to(port, &format!("device/{id}/availability"), b"online", true).await;
+        online_on_1_0_0(port, id).await;
     }
     let fleet = Arc::new(
         Fleet::connect(&url, "device", "ctl-rollout-truth")
@@ -205,21 +209,14 @@ async fn forged_failures() {
 
 #[tokio::test]
 async fn the_device_own_failed_event_ends_its_job_even_after_later_events() {
-    tokio::task::LocalSet::new().run_until(own_failure()).await;
+    on_local_set(own_failure()).await;
 }
 
 async fn own_failure() {
     let broker = Mosquitto::start();
     let port = broker.port();
     let url: BrokerUrl = format!("mqtt://127.0.0.1:{port}").parse().unwrap();
-    publish_to(
-        port,
-        "device/v1/status",
-        &status("v1", "1.0.0", serde_json::Value::Null),
-        true,
-    )
-    .await;
-    publish_to(port, "device/v1/availability", b"online", true).await;
+    online_on_1_0_0(port, "v1").await;
     let fleet = Arc::new(
         Fleet::connect(&url, "device", "ctl-rollout-failed")
             .await
@@ -344,9 +341,7 @@ async fn flood(port: u16, count: usize) {
 // the rollout asks again for the status of a device silent too long.
 #[tokio::test]
 async fn a_final_status_the_broker_dropped_for_a_slow_controller_is_read_again() {
-    tokio::task::LocalSet::new()
-        .run_until(dropped_status())
-        .await;
+    on_local_set(dropped_status()).await;
 }
 
 async fn dropped_status() {
@@ -363,14 +358,7 @@ async fn dropped_status() {
     )
     .unwrap();
     let broker = Mosquitto::start_with_config(&config, port);
-    publish_to(
-        port,
-        "device/v1/status",
-        &status("v1", "1.0.0", serde_json::Value::Null),
-        true,
-    )
-    .await;
-    publish_to(port, "device/v1/availability", b"online", true).await;
+    online_on_1_0_0(port, "v1").await;
 
     let relay = StallingRelay::start(port).await;
     let url: BrokerUrl = format!("mqtt://127.0.0.1:{}", relay.port).parse().unwrap();

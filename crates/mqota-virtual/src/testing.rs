@@ -696,7 +696,7 @@ async fn send_counted(
 pub struct FaultServer {
     addr: SocketAddr,
     sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    open: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    connections: tokio_util::task::TaskTracker,
     requests: std::sync::Arc<std::sync::Mutex<Vec<Request>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -725,8 +725,8 @@ impl FaultServer {
         let file = std::sync::Arc::new(file);
         let dropped = std::sync::Arc::new(AtomicBool::new(false));
         let failures = std::sync::Arc::new(AtomicU64::new(0));
-        let open = std::sync::Arc::new(AtomicU64::new(0));
-        let (s, r, o) = (sent.clone(), requests.clone(), open.clone());
+        let connections = tokio_util::task::TaskTracker::new();
+        let (s, r, c) = (sent.clone(), requests.clone(), connections.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else {
@@ -739,12 +739,10 @@ impl FaultServer {
                     dropped.clone(),
                     failures.clone(),
                 );
-                let open = OpenConnection::new(o.clone());
-                tokio::spawn(async move {
+                // Tracked until the task ends, however it ends (the
+                // client closed, a fault, done).
+                c.spawn(async move {
                     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    // Counts the connection as open until this task ends,
-                    // however it ends (the client closed, a fault, done).
-                    let _open = open;
                     let mut req = Vec::new();
                     let mut buf = [0u8; 1024];
                     while !req.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -851,7 +849,7 @@ impl FaultServer {
         Self {
             addr,
             sent,
-            open,
+            connections,
             requests,
             task,
         }
@@ -859,8 +857,8 @@ impl FaultServer {
 
     /// Connections accepted and not yet ended: a client that closed its
     /// download shows here once the server's next write to it fails.
-    pub fn open_connections(&self) -> u64 {
-        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    pub fn open_connections(&self) -> usize {
+        self.connections.len()
     }
 
     /// The URL of the file.
@@ -886,22 +884,6 @@ impl FaultServer {
     /// Every request received, in order.
     pub fn requests(&self) -> Vec<Request> {
         self.requests.lock().expect("lock").clone()
-    }
-}
-
-/// One connection of a [`FaultServer`], counted while it lives.
-struct OpenConnection(std::sync::Arc<std::sync::atomic::AtomicU64>);
-
-impl OpenConnection {
-    fn new(count: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
-        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Self(count)
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -980,20 +980,19 @@ async fn steps(
         // nothing.
         tokio::select! {
             ev = events.recv() => match ev {
-                Ok(FleetEvent::Progress(p)) => {
-                    if p.job.as_deref() == Some(id) && rollout.is_waiting(p.device.as_str()) {
-                        run.observer.progress(&p);
-                    }
-                    heard.insert(p.device.as_str().to_owned(), Instant::now());
-                    named.insert(p.device.as_str().to_owned());
-                }
-                Ok(FleetEvent::Status(s)) => {
-                    heard.insert(s.device.as_str().to_owned(), Instant::now());
-                    named.insert(s.device.as_str().to_owned());
-                }
-                Ok(FleetEvent::Removed(d) | FleetEvent::Availability { id: d, .. }) => {
-                    heard.insert(d.clone(), Instant::now());
-                    named.insert(d);
+                Ok(event) => {
+                    let device = match event {
+                        FleetEvent::Progress(p) => {
+                            if p.job.as_deref() == Some(id) && rollout.is_waiting(p.device.as_str()) {
+                                run.observer.progress(&p);
+                            }
+                            p.device.as_str().to_owned()
+                        }
+                        FleetEvent::Status(s) => s.device.as_str().to_owned(),
+                        FleetEvent::Removed(d) | FleetEvent::Availability { id: d, .. } => d,
+                    };
+                    heard.insert(device.clone(), Instant::now());
+                    named.insert(device);
                 }
                 Err(_) => last_sweep = None,
             },
