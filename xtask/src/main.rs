@@ -65,9 +65,18 @@ fn run(dir: &Path, program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Prints the free space where the build writes, so a run that fills the
+/// disk says so before the compiler's "No space left on device".
+fn disk_report(root: &Path) {
+    eprintln!("$ df -h {}", root.display());
+    // Informational only: a machine without df still runs CI.
+    let _ = Command::new("df").arg("-h").arg(root).status();
+}
+
 fn ci() -> Result<()> {
     let root = root();
     prereq::ensure()?;
+    disk_report(&root);
     run(&root, "cargo", &["fmt", "--all", "--", "--check"])?;
     run(
         &root,
@@ -124,6 +133,7 @@ fn ci() -> Result<()> {
         ],
     )?;
     run(&root, "cargo", &["test", "--workspace"])?;
+    disk_report(&root);
     // The power-cut sweep over a whole update and over a failed trial, with
     // both bootloader builds; exits non-zero on any bricked, wrong or
     // unfinishable run.
@@ -153,5 +163,6 @@ fn ci() -> Result<()> {
     for chip in ["esp32c3", "esp32c6"] {
         firmware::firmware(&["--chip".to_string(), chip.to_string()])?;
     }
+    disk_report(&root);
     Ok(())
 }
