@@ -150,7 +150,6 @@ fn ci() -> Result<()> {
         run(&root.join("firmware"), "cargo", &["clean"])?;
     }
     run(&root, "cargo", &["test", "--workspace"])?;
-    disk_report(&root);
     // The power-cut sweep over a whole update and over a failed trial, with
     // both bootloader builds; exits non-zero on any bricked, wrong or
     // unfinishable run.
